@@ -1,0 +1,347 @@
+"""
+The tunnel client: for every mapping, a control channel kept up by
+L{ClientService}, a data channel per user, and a health probe of the local
+service.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+from twisted.application.internet import ClientService, TimerService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gotunnel import messages
+from gotunnel.config import ClientSettings, Mapping
+from gotunnel.control import MessageReceiver
+from gotunnel.relay import RelayEnd, setNoDelay, splice
+from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
+
+log = Logger()
+
+LOCAL_CONNECT_TIMEOUT = 10
+MISSED_PONGS_ALLOWED = 3
+
+
+def localEndpoint(reactor, host: str, port: int) -> IStreamClientEndpoint:
+    """
+    An endpoint for the local service; IP literals skip name resolution,
+    which keeps connection setup fast.
+    """
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=LOCAL_CONNECT_TIMEOUT)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=LOCAL_CONNECT_TIMEOUT)
+    return HostnameEndpoint(reactor, host, port, timeout=LOCAL_CONNECT_TIMEOUT)
+
+
+@implementer(IStreamClientEndpoint)
+class ReportingEndpoint:
+    """
+    The server's endpoint, printing C{[ERROR][1001]} when it cannot be
+    reached.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def connect(self, factory) -> defer.Deferred:
+        def failed(failure):
+            if not failure.check(defer.CancelledError):
+                reportError(SERVER_UNREACHABLE, failure.getErrorMessage())
+            return failure
+
+        return self.endpoint.connect(factory).addErrback(failed)
+
+
+class ControlChannel(MessageReceiver):
+    """
+    The client's side of a control channel: registers its mapping, sends
+    heartbeats, and asks for a data channel when the server says a user is
+    waiting.
+    """
+
+    registered = False
+    lastPong = 0.0
+
+    def __init__(self, tunnel: "TunnelService") -> None:
+        self.tunnel = tunnel
+        self.heartbeat = LoopingCall(self._ping)
+        self.heartbeat.clock = tunnel.reactor
+
+    def connectionMade(self) -> None:
+        setNoDelay(self.transport)
+        mapping, settings = self.tunnel.mapping, self.tunnel.settings
+        self.sendMessage(messages.Register(
+            local_port=mapping.local_port, remote_port=mapping.remote_port,
+            protocol="tcp", token=settings.token, name=settings.name))
+
+    def msg_register_resp(self, msg: messages.RegisterResp) -> None:
+        if self.registered:
+            self.protocolError("register_resp on a registered control channel")
+            return
+        if not msg.ok:
+            self.tunnel.registrationRefused(msg.reason)
+            self.transport.loseConnection()
+            return
+        self.registered = True
+        self.lastPong = self.tunnel.reactor.seconds()
+        self.heartbeat.start(self.tunnel.settings.heartbeat_interval, now=False)
+        self.tunnel.registered(self)
+
+    def _ping(self) -> None:
+        now = self.tunnel.reactor.seconds()
+        silence = now - self.lastPong
+        if silence > MISSED_PONGS_ALLOWED * self.tunnel.settings.heartbeat_interval:
+            log.warn("no pong from the server for {seconds:.0f} s; reconnecting", seconds=silence)
+            self.transport.abortConnection()
+            return
+        self.sendMessage(messages.Ping(time=int(now)))
+
+    def msg_pong(self, msg: messages.Pong) -> None:
+        self.lastPong = self.tunnel.reactor.seconds()
+
+    def msg_open_data_channel(self, msg: messages.OpenDataChannel) -> None:
+        if not self.registered:
+            self.protocolError("open_data_channel before register_resp")
+            return
+        self.tunnel.openDataChannel(msg)
+
+    def sendPortState(self, online: bool) -> None:
+        port = self.tunnel.mapping.remote_port
+        self.sendMessage(messages.OnlinePort(port=port) if online else messages.OfflinePort(port=port))
+
+    def connectionLost(self, reason=None) -> None:
+        if self.heartbeat.running:
+            self.heartbeat.stop()
+        self.tunnel.channelLost(self)
+
+
+class ControlChannelFactory(Factory):
+    noisy = False
+
+    def __init__(self, tunnel: "TunnelService") -> None:
+        self.tunnel = tunnel
+
+    def buildProtocol(self, addr) -> ControlChannel:
+        return ControlChannel(self.tunnel)
+
+
+class DataChannelClient(MessageReceiver, RelayEnd):
+    """
+    One data channel: says which user it is for, then, once the server
+    accepts it, is spliced to a new connection to the local service.
+    """
+
+    localConnecting: Optional[defer.Deferred] = None
+    lost = False
+
+    def __init__(self, tunnel: "TunnelService", request: messages.OpenDataChannel) -> None:
+        self.tunnel = tunnel
+        self.request = request
+
+    def connectionMade(self) -> None:
+        setNoDelay(self.transport)
+        mapping, settings = self.tunnel.mapping, self.tunnel.settings
+        self.sendMessage(messages.DataChannel(
+            local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
+            token=settings.token, name=settings.name, conn_id=self.request.conn_id))
+
+    def msg_register_resp(self, msg: messages.RegisterResp) -> None:
+        if not msg.ok:
+            log.warn("server refused a data channel: {reason}", reason=msg.reason)
+            self.transport.loseConnection()
+            return
+        self.switchToRaw()
+        self.holdReading()
+        self.localConnecting = self.tunnel.localEndpoint.connect(LocalServiceFactory(self))
+        self.localConnecting.addErrback(self._localFailed)
+
+    def _localFailed(self, failure) -> None:
+        self.localConnecting = None
+        if failure.check(defer.CancelledError):
+            return
+        log.warn("local service {host}:{port} is unreachable ({why}); closing the user's "
+                 "connection", host=self.tunnel.mapping.local_host,
+                 port=self.tunnel.mapping.local_port, why=failure.getErrorMessage())
+        self.transport.loseConnection()
+
+    def localConnected(self, local: "LocalServiceConnection") -> None:
+        self.localConnecting = None
+        if self.lost:
+            local.transport.loseConnection()
+            return
+        splice(self, local)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        self.relayReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if self._raw:
+            RelayEnd.readConnectionLost(self)
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost = True
+        if self.localConnecting is not None:
+            self.localConnecting.cancel()
+        self.relayConnectionLost()
+
+
+class DataChannelFactory(Factory):
+    noisy = False
+
+    def __init__(self, tunnel: "TunnelService", request: messages.OpenDataChannel) -> None:
+        self.tunnel = tunnel
+        self.request = request
+
+    def buildProtocol(self, addr) -> DataChannelClient:
+        return DataChannelClient(self.tunnel, self.request)
+
+
+class LocalServiceConnection(Protocol, RelayEnd):
+    """The tunnel's connection to the local service, spliced to its data channel."""
+
+    def __init__(self, dataChannel: DataChannelClient) -> None:
+        self.dataChannel = dataChannel
+
+    def connectionMade(self) -> None:
+        setNoDelay(self.transport)
+        self.dataChannel.localConnected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relayReceived(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.relayConnectionLost()
+
+
+class LocalServiceFactory(Factory):
+    noisy = False
+
+    def __init__(self, dataChannel: DataChannelClient) -> None:
+        self.dataChannel = dataChannel
+
+    def buildProtocol(self, addr) -> LocalServiceConnection:
+        return LocalServiceConnection(self.dataChannel)
+
+
+class _Probe(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
+class _ProbeFactory(Factory):
+    noisy = False
+    protocol = _Probe
+
+
+class TunnelService(MultiService):
+    """
+    One mapping kept published: a reconnecting control channel, and a
+    periodic probe of the local service that takes the public port offline
+    while the service is down.
+    """
+
+    channel: Optional[ControlChannel] = None
+    localUp = True
+    failedRegistrations = 0
+
+    def __init__(self, settings: ClientSettings, mapping: Mapping,
+                 serverEndpoint: IStreamClientEndpoint, reactor) -> None:
+        super().__init__()
+        self.settings = settings
+        self.mapping = mapping
+        self.reactor = reactor
+        self.serverEndpoint = serverEndpoint
+        self.localEndpoint = localEndpoint(reactor, mapping.local_host, mapping.local_port)
+        self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=settings.reconnect_max_delay,
+                                      factor=2.0, jitter=random.random)
+        self.connector = ClientService(ReportingEndpoint(serverEndpoint),
+                                       ControlChannelFactory(self),
+                                       retryPolicy=self._retryDelay, clock=reactor)
+        self.connector.setServiceParent(self)
+        probe = TimerService(settings.health_check_interval, self.probeLocalService)
+        probe.clock = reactor
+        probe.setServiceParent(self)
+
+    def _retryDelay(self, attempt: int) -> float:
+        # ClientService counts failed connects only; a connection whose
+        # registration was refused must back off too, not retry every second.
+        delay = self._backoff(attempt + self.failedRegistrations)
+        log.info("reconnecting {mapping} to the server in {delay:.1f} s",
+                 mapping=str(self.mapping), delay=delay)
+        return delay
+
+    def registered(self, channel: ControlChannel) -> None:
+        self.channel = channel
+        self.failedRegistrations = 0
+        log.info("registered {mapping} as {name}", mapping=str(self.mapping),
+                 name=self.settings.name)
+        if not self.localUp:
+            channel.sendPortState(False)
+
+    def registrationRefused(self, reason: str) -> None:
+        self.failedRegistrations += 1
+        if reason == "authentication failed":
+            reportError(AUTHENTICATION_FAILED)
+        else:
+            log.error("the server refused {mapping}: {reason}", mapping=str(self.mapping),
+                      reason=reason)
+
+    def channelLost(self, channel: ControlChannel) -> None:
+        if self.channel is channel:
+            self.channel = None
+            log.info("control channel for {mapping} lost", mapping=str(self.mapping))
+
+    def openDataChannel(self, request: messages.OpenDataChannel) -> None:
+        def failed(failure):
+            log.warn("cannot open a data channel to the server: {why}",
+                     why=failure.getErrorMessage())
+
+        self.serverEndpoint.connect(DataChannelFactory(self, request)).addErrback(failed)
+
+    def probeLocalService(self) -> defer.Deferred:
+        def answered(up: bool) -> None:
+            if up == self.localUp:
+                return
+            self.localUp = up
+            if up:
+                log.info("local service {mapping} is back; publishing it again",
+                         mapping=str(self.mapping))
+            else:
+                log.warn("local service {mapping} is down; taking its public port offline",
+                         mapping=str(self.mapping))
+            if self.channel is not None:
+                self.channel.sendPortState(up)
+
+        d = self.localEndpoint.connect(_ProbeFactory())
+        d.addCallbacks(lambda _: True, lambda _: False)
+        return d.addCallback(answered)
+
+
+class TunnelClientService(MultiService):
+    """The whole client: one L{TunnelService} per mapping."""
+
+    def __init__(self, settings: ClientSettings, reactor=None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.settings = settings
+        serverEndpoint = clientFromString(reactor, settings.server)
+        self.tunnels = [TunnelService(settings, mapping, serverEndpoint, reactor)
+                        for mapping in settings.mappings]
+        for tunnel in self.tunnels:
+            tunnel.setServiceParent(self)

@@ -1,0 +1,119 @@
+"""
+The framing every gotunnel connection starts with: 4-byte big-endian length,
+one JSON object per frame, dispatched to C{msg_<type>} methods.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+
+from gotunnel import messages
+from gotunnel.messages import Message, ProtocolError
+
+MAX_FRAME = 64 * 1024
+
+
+def describePeer(transport: object) -> str:
+    """
+    A short "host:port" for log lines about the far end of C{transport}.
+    """
+    try:
+        peer = transport.getPeer()  # type: ignore[attr-defined]
+    except Exception:
+        return "?"
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    if host is None:
+        return str(peer)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class MessageReceiver(Int32StringReceiver):
+    """
+    Turns frames into calls of C{msg_<type>(message)} and messages into
+    frames.  A frame that breaks the protocol is logged and closes this
+    connection, and only this one.
+
+    A subclass may call L{switchToRaw} from a handler: the frames stop there,
+    and every byte after the current frame goes to L{rawDataReceived}.
+    """
+
+    MAX_LENGTH = MAX_FRAME
+    log = Logger()
+    _raw = False
+    peerDescription = "?"
+
+    def makeConnection(self, transport) -> None:
+        self.peerDescription = describePeer(transport)
+        super().makeConnection(transport)
+
+    def sendMessage(self, message: Message) -> None:
+        self.sendString(messages.encode(message))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._raw:
+            self.rawDataReceived(data)
+            return
+        super().dataReceived(data)
+        if self._raw:
+            # We stopped the frame loop (see switchToRaw); what it left
+            # behind is the start of the raw stream.
+            self.paused = False
+            rest, self._unprocessed = self._unprocessed, b""
+            if rest:
+                self.rawDataReceived(rest)
+
+    def switchToRaw(self) -> None:
+        """
+        Stop reading frames: everything after the frame being handled is raw.
+        """
+        self._raw = True
+        # Int32StringReceiver's loop stops at the next frame boundary when
+        # paused is set; dataReceived above hands on the remainder.
+        self.paused = True
+
+    def rawDataReceived(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def stringReceived(self, body: bytes) -> None:
+        if self.transport is None or getattr(self.transport, "disconnecting", False):
+            return
+        try:
+            message = messages.parse(body)
+        except ProtocolError as e:
+            self.protocolError(str(e))
+            return
+        if message is None:
+            self.log.debug("ignoring a frame of unknown type from {peer}", peer=self.peerDescription)
+            return
+        handler = getattr(self, "msg_" + message.type, None)
+        if handler is None:
+            self.protocolError(f"unexpected {message.type} message")
+            return
+        handler(message)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.protocolError(f"frame of {length} bytes is over the limit of {self.MAX_LENGTH}")
+
+    def protocolError(self, why: str) -> None:
+        """
+        Log what was wrong and close this connection without waiting for
+        buffered output.
+        """
+        self.log.warn("protocol error from {peer}: {why}; closing the connection",
+                      peer=self.peerDescription, why=why)
+        self.paused = True
+        self._unprocessed = b""
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def fail(self, reason: str, logMessage: Optional[str] = None) -> None:
+        """
+        Answer C{register_resp} fail with C{reason} and close once it is sent.
+        """
+        self.sendMessage(messages.RegisterResp(status="fail", reason=reason))
+        self.paused = True
+        self._unprocessed = b""
+        self.transport.loseConnection()

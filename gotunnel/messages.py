@@ -1,0 +1,198 @@
+"""
+The messages of the gotunnel wire protocol (see docs/protocol.md).
+
+Each message is a frozen dataclass whose fields are named exactly as on the
+wire.  L{parse} turns one frame body into a message, or raises
+L{ProtocolError} with a sentence saying what was wrong; L{encode} turns a
+message into a frame body with the fields in the order the Go implementation
+writes them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field as _field, fields
+from typing import ClassVar, Optional, Union
+
+MAX_STRING = 1024
+"""The longest string field we accept: names and tokens are short."""
+
+
+class ProtocolError(Exception):
+    """
+    A frame broke the protocol.  The message says how, for a log line.
+    """
+
+
+@dataclass(frozen=True)
+class Register:
+    """client -> server, first frame of a control channel."""
+
+    type: ClassVar[str] = "register"
+    local_port: int = 0
+    remote_port: int = 0
+    protocol: str = "tcp"
+    token: str = _field(default="", repr=False)
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class RegisterResp:
+    """server -> client: the answer to C{register} and to C{data_channel}."""
+
+    type: ClassVar[str] = "register_resp"
+    status: str = "ok"
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class Ping:
+    """client -> server heartbeat."""
+
+    type: ClassVar[str] = "ping"
+    time: int = 0
+
+
+@dataclass(frozen=True)
+class Pong:
+    """server -> client: the answer to C{ping}."""
+
+    type: ClassVar[str] = "pong"
+    time: int = 0
+
+
+@dataclass(frozen=True)
+class OpenDataChannel:
+    """
+    server -> client: a user is waiting.  Go sends the whole C{register}
+    struct; C{conn_id} is our extension.
+    """
+
+    type: ClassVar[str] = "open_data_channel"
+    local_port: int = 0
+    remote_port: int = 0
+    protocol: str = ""
+    token: str = _field(default="", repr=False)
+    name: str = ""
+    conn_id: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DataChannel:
+    """client -> server, first frame of a data channel."""
+
+    type: ClassVar[str] = "data_channel"
+    local_port: int = 0
+    remote_port: int = 0
+    protocol: str = ""
+    token: str = _field(default="", repr=False)
+    name: str = ""
+    conn_id: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class OfflinePort:
+    """client -> server: the local service is down."""
+
+    type: ClassVar[str] = "offline_port"
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class OnlinePort:
+    """client -> server: the local service is back."""
+
+    type: ClassVar[str] = "online_port"
+    port: int = 0
+
+
+Message = Union[
+    Register, RegisterResp, Ping, Pong, OpenDataChannel, DataChannel,
+    OfflinePort, OnlinePort,
+]
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.type: cls
+    for cls in (
+        Register, RegisterResp, Ping, Pong, OpenDataChannel, DataChannel,
+        OfflinePort, OnlinePort,
+    )
+}
+
+_PORT_FIELDS = frozenset({"local_port", "remote_port", "port"})
+
+
+def _checkField(typeName: str, name: str, expected: type, value: object) -> None:
+    # bool is a subclass of int in Python but not a number in JSON.
+    if expected is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(f"{typeName}.{name} must be an integer, got {value!r:.40}")
+        if name in _PORT_FIELDS and not 0 <= value <= 65535:
+            raise ProtocolError(f"{typeName}.{name} must be a port from 0 to 65535, got {value}")
+        if name == "time" and not -(2**63) <= value < 2**63:
+            raise ProtocolError(f"{typeName}.time is out of range")
+    elif expected is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"{typeName}.{name} must be a string, got {value!r:.40}")
+        if len(value) > MAX_STRING:
+            raise ProtocolError(f"{typeName}.{name} is longer than {MAX_STRING} characters")
+
+
+def parse(body: bytes) -> Optional[Message]:
+    """
+    Decode one frame body.
+
+    @return: the message, or L{None} for a well-formed object of a type we do
+        not know (a newer peer's message, ignored for forward compatibility).
+    @raise ProtocolError: the body is not a JSON object, has no string
+        C{type}, or a known field has the wrong type or range.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("frame is not UTF-8") from None
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("frame is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame is a JSON {type(obj).__name__}, not an object")
+    typeName = obj.get("type")
+    if typeName is None:
+        raise ProtocolError("frame has no type")
+    if not isinstance(typeName, str):
+        raise ProtocolError("frame type is not a string")
+    cls = MESSAGE_TYPES.get(typeName)
+    if cls is None:
+        return None
+    values = {}
+    for field in fields(cls):
+        if field.name not in obj:
+            continue
+        value = obj[field.name]
+        if field.name == "conn_id" and value is None:
+            continue
+        expected = str if field.name == "conn_id" else field.type
+        expected = {"int": int, "str": str}.get(expected, expected)
+        _checkField(typeName, field.name, expected, value)
+        values[field.name] = value
+    return cls(**values)
+
+
+def encode(message: Message) -> bytes:
+    """
+    Encode a message as Go does: C{type} first, then every field in
+    declaration order, no spaces.  Optional extensions are left out when
+    unset, and C{register_resp.reason} when empty, as Go's omitempty does.
+    """
+    obj: dict[str, object] = {"type": message.type}
+    for field in fields(message):
+        value = getattr(message, field.name)
+        if value is None or (field.name == "reason" and not value):
+            continue
+        obj[field.name] = value
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,531 @@
+"""
+The tunnel server: one port where clients open control channels and data
+channels, and a public listener for every registered mapping.
+
+L{TunnelRegistry} owns the policy and the shared state (who holds which
+port, which users wait for a data channel); L{ServerChannel} only turns
+frames into calls on it.  L{TunnelServerService} owns the lifetime.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections import OrderedDict
+from typing import Optional
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet import defer, error
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from gotunnel import messages
+from gotunnel.config import ServerSettings
+from gotunnel.control import MessageReceiver
+from gotunnel.relay import RelayEnd, setNoDelay, splice
+
+log = Logger()
+
+
+class RegistrationRefused(Exception):
+    """The server will not do what a client asked; the message is the reason sent back."""
+
+
+def tokensMatch(given: str, expected: str) -> bool:
+    """Compare tokens in constant time."""
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def _whenFired(d: defer.Deferred) -> defer.Deferred:
+    """
+    A new Deferred that fires with None once C{d} has fired, leaving C{d}'s
+    own result alone for whoever else waits on it.
+    """
+    fired: defer.Deferred = defer.Deferred()
+
+    def fire(result):
+        fired.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return fired
+
+
+class PublicUser(Protocol, RelayEnd):
+    """
+    A user's connection to a public port.  It reads nothing until its data
+    channel arrives, so what the user sends early waits in the kernel.
+    """
+
+    conn_id: Optional[str] = None
+    connectedAt: float = 0.0
+    timeoutCall = None
+
+    def __init__(self, tunnel: "Tunnel") -> None:
+        self.tunnel = tunnel
+
+    def connectionMade(self) -> None:
+        setNoDelay(self.transport)
+        self.holdReading()
+        self.tunnel.userConnected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relayReceived(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.tunnel.userLost(self)
+        self.relayConnectionLost()
+
+
+class PublicUserFactory(Factory):
+    noisy = False
+
+    def __init__(self, tunnel: "Tunnel") -> None:
+        self.tunnel = tunnel
+
+    def buildProtocol(self, addr) -> PublicUser:
+        return PublicUser(self.tunnel)
+
+
+class Tunnel:
+    """
+    One registered mapping: its control channel, its public listener and
+    the users waiting for a data channel.
+    """
+
+    def __init__(self, registry: "TunnelRegistry", channel: "ServerChannel",
+                 register: messages.Register) -> None:
+        self.registry = registry
+        self.channel = channel
+        self.name = register.name
+        self.local_port = register.local_port
+        self.remote_port = register.remote_port
+        self.listener: Optional[IListeningPort] = None
+        self.waiting: OrderedDict[str, PublicUser] = OrderedDict()
+        self.lastSeen = registry.clock.seconds()
+        self.closed = False
+        self._stopping: defer.Deferred = defer.succeed(None)
+
+    def __repr__(self) -> str:
+        return f"<Tunnel {self.name!r} :{self.remote_port}>"
+
+    @property
+    def online(self) -> bool:
+        return self.listener is not None
+
+    def listen(self) -> defer.Deferred:
+        """
+        Start the public listener (after a stop still in progress).
+        """
+        endpoint = self.registry.publicEndpoint(self.remote_port)
+
+        def started(port: IListeningPort) -> None:
+            if self.closed or self.listener is not None:
+                port.stopListening()
+                return
+            self.listener = port
+            log.info("public port {remote_port} listening for {name}",
+                     remote_port=self.remote_port, name=self.name)
+
+        d = _whenFired(self._stopping)
+        d.addCallback(lambda _: endpoint.listen(PublicUserFactory(self)))
+        return d.addCallback(started)
+
+    def stopListening(self) -> defer.Deferred:
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            log.info("public port {remote_port} stopped", remote_port=self.remote_port)
+            stopping = defer.maybeDeferred(listener.stopListening)
+            self._stopping = stopping
+            return stopping
+        return self._stopping
+
+    def heartbeat(self) -> None:
+        self.lastSeen = self.registry.clock.seconds()
+
+    def userConnected(self, user: PublicUser) -> None:
+        clock = self.registry.clock
+        user.conn_id = secrets.token_hex(8)
+        user.connectedAt = clock.seconds()
+        user.timeoutCall = clock.callLater(
+            self.registry.settings.data_channel_timeout, self._userTimedOut, user)
+        self.waiting[user.conn_id] = user
+        self.registry.waitingUsers[user.conn_id] = user
+        self.channel.sendMessage(messages.OpenDataChannel(
+            local_port=self.local_port, conn_id=user.conn_id))
+
+    def _forget(self, user: PublicUser) -> None:
+        self.waiting.pop(user.conn_id, None)
+        self.registry.waitingUsers.pop(user.conn_id, None)
+        if user.timeoutCall is not None and user.timeoutCall.active():
+            user.timeoutCall.cancel()
+        user.timeoutCall = None
+
+    def userLost(self, user: PublicUser) -> None:
+        self._forget(user)
+
+    def _userTimedOut(self, user: PublicUser) -> None:
+        user.timeoutCall = None
+        log.warn("no data channel for a user of port {remote_port} within {timeout} s; "
+                 "closing the user's connection",
+                 remote_port=self.remote_port, timeout=self.registry.settings.data_channel_timeout)
+        self._forget(user)
+        user.transport.loseConnection()
+
+    def takeUser(self, conn_id: Optional[str]) -> Optional[PublicUser]:
+        """
+        The user a data channel is for: the one named by C{conn_id}, or, for
+        a peer that sends none, the one that has waited longest.
+        """
+        if conn_id is None:
+            if not self.waiting:
+                return None
+            conn_id = next(iter(self.waiting))
+        user = self.waiting.get(conn_id)
+        if user is not None:
+            self._forget(user)
+        return user
+
+    def close(self) -> defer.Deferred:
+        """
+        Stop publishing and close the users still waiting; connections
+        already spliced go on until either end closes them.
+        """
+        if self.closed:
+            return self._stopping
+        self.closed = True
+        self.registry.forget(self)
+        for user in list(self.waiting.values()):
+            self._forget(user)
+            user.transport.loseConnection()
+        return self.stopListening()
+
+
+class TunnelRegistry:
+    """
+    Which client holds which public port, and the policy for registering,
+    matching data channels, and dropping silent clients.
+    """
+
+    def __init__(self, settings: ServerSettings, reactor) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.tunnels: dict[int, Tunnel] = {}
+        self.waitingUsers: dict[str, PublicUser] = {}
+
+    def publicEndpoint(self, port: int):
+        interface = self.settings.public_interface
+        endpointType = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+        return endpointType(self.reactor, port, backlog=self.settings.public_backlog,
+                            interface=interface)
+
+    def checkToken(self, token: str) -> None:
+        if not tokensMatch(token, self.settings.token):
+            raise RegistrationRefused("authentication failed")
+
+    def register(self, channel: "ServerChannel", msg: messages.Register) -> defer.Deferred:
+        """
+        Publish C{msg.remote_port} for C{channel}.
+
+        @return: a Deferred that fires with the L{Tunnel}, or fails with
+            L{RegistrationRefused}.
+        """
+        try:
+            self.checkToken(msg.token)
+            if msg.protocol not in ("tcp", ""):
+                raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
+            if not 1 <= msg.remote_port <= 65535:
+                raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
+        except RegistrationRefused as e:
+            return defer.fail(e)
+        previous = self.tunnels.get(msg.remote_port)
+        if previous is not None:
+            if previous.name != msg.name:
+                return defer.fail(RegistrationRefused(
+                    f"remote port {msg.remote_port} is already taken by another client"))
+            log.info("client {name} registered port {remote_port} again; "
+                     "dropping its previous control channel",
+                     name=msg.name, remote_port=msg.remote_port)
+            previousStopped = previous.close()
+            previous.channel.transport.loseConnection()
+        tunnel = Tunnel(self, channel, msg)
+        if previous is not None:
+            tunnel._stopping = previousStopped
+        self.tunnels[msg.remote_port] = tunnel
+
+        def refused(failure):
+            failure.trap(error.CannotListenError)
+            tunnel.close()
+            reason = failure.value.socketError
+            raise RegistrationRefused(
+                f"cannot listen on port {msg.remote_port}: {reason}")
+
+        return tunnel.listen().addCallbacks(lambda _: tunnel, refused)
+
+    def forget(self, tunnel: Tunnel) -> None:
+        if self.tunnels.get(tunnel.remote_port) is tunnel:
+            del self.tunnels[tunnel.remote_port]
+
+    def attachDataChannel(self, msg: messages.DataChannel) -> PublicUser:
+        """
+        The waiting user a data channel belongs to.
+
+        @raise RegistrationRefused: bad token, or nobody is waiting for it.
+        """
+        self.checkToken(msg.token)
+        if msg.conn_id is not None:
+            user = self.waitingUsers.get(msg.conn_id)
+            if user is not None:
+                return user.tunnel.takeUser(msg.conn_id)
+            raise RegistrationRefused("no user is waiting for this data channel")
+        tunnel = self.tunnels.get(msg.remote_port)
+        user = tunnel.takeUser(None) if tunnel is not None else None
+        if user is None:
+            raise RegistrationRefused("no user is waiting for this data channel")
+        return user
+
+    def checkHeartbeats(self) -> None:
+        """Drop control channels that have been silent too long."""
+        deadline = self.clock.seconds() - self.settings.heartbeat_timeout
+        for tunnel in list(self.tunnels.values()):
+            if tunnel.lastSeen < deadline:
+                log.warn("heartbeat timeout: client {name} (port {remote_port}) sent nothing "
+                         "for {timeout} s; dropping it",
+                         name=tunnel.name, remote_port=tunnel.remote_port,
+                         timeout=self.settings.heartbeat_timeout)
+                tunnel.close()
+                tunnel.channel.transport.abortConnection()
+
+    def closeAll(self) -> defer.Deferred:
+        return defer.DeferredList([t.close() for t in list(self.tunnels.values())])
+
+
+class ServerChannel(MessageReceiver, RelayEnd):
+    """
+    A connection to the control port.  Its first frame makes it a control
+    channel (C{register}) or a data channel (C{data_channel}); a data
+    channel then carries raw bytes, spliced to its user.
+    """
+
+    tunnel: Optional[Tunnel] = None
+    role = "new"  # then "registering", "control", "data" or "refused"
+    firstFrameCall = None
+
+    def __init__(self, registry: TunnelRegistry) -> None:
+        self.registry = registry
+
+    def connectionMade(self) -> None:
+        setNoDelay(self.transport)
+        self.firstFrameCall = self.registry.clock.callLater(
+            self.registry.settings.first_frame_timeout, self._firstFrameTimedOut)
+
+    def _firstFrameTimedOut(self) -> None:
+        self.firstFrameCall = None
+        log.warn("{peer} sent no register or data_channel within {timeout} s; closing",
+                 peer=self.peerDescription, timeout=self.registry.settings.first_frame_timeout)
+        self.transport.abortConnection()
+
+    def _firstFrame(self, kind: str) -> bool:
+        if self.role != "new":
+            self.protocolError(f"{kind} on a connection that is already a {self.role} channel")
+            return False
+        if self.firstFrameCall is not None:
+            self.firstFrameCall.cancel()
+            self.firstFrameCall = None
+        return True
+
+    def _requireControl(self, kind: str) -> bool:
+        if self.role != "control":
+            self.protocolError(f"{kind} before a successful register")
+            return False
+        return True
+
+    def msg_register(self, msg: messages.Register) -> None:
+        if not self._firstFrame("register"):
+            return
+        self.role = "registering"
+        self.registry.register(self, msg).addCallbacks(
+            self._registered, self._refused, errbackArgs=(msg,))
+
+    def _registered(self, tunnel: Tunnel) -> None:
+        if self.role != "registering":
+            # The connection went away while the port was being opened.
+            tunnel.close()
+            return
+        self.role = "control"
+        self.tunnel = tunnel
+        self.sendMessage(messages.RegisterResp(status="ok"))
+        log.info("client {name} registered from {peer}: local port {local_port} -> "
+                 "public port {remote_port}", name=tunnel.name, peer=self.peerDescription,
+                 local_port=tunnel.local_port, remote_port=tunnel.remote_port)
+
+    def _refused(self, failure, msg: messages.Register) -> None:
+        failure.trap(RegistrationRefused)
+        if self.role != "registering":
+            return
+        self.role = "refused"
+        log.warn("refused registration of port {remote_port} by {name!r} from {peer}: {reason}",
+                 remote_port=msg.remote_port, name=msg.name, peer=self.peerDescription,
+                 reason=str(failure.value))
+        self.fail(str(failure.value))
+
+    def msg_ping(self, msg: messages.Ping) -> None:
+        if self._requireControl("ping"):
+            self.tunnel.heartbeat()
+            self.sendMessage(messages.Pong(time=int(self.registry.clock.seconds())))
+
+    def _portChange(self, msg, kind: str) -> Optional[Tunnel]:
+        if not self._requireControl(kind):
+            return None
+        self.tunnel.heartbeat()
+        if msg.port != self.tunnel.remote_port:
+            log.warn("{name} sent {kind} for port {port}, but its port is {remote_port}; ignored",
+                     name=self.tunnel.name, kind=kind, port=msg.port,
+                     remote_port=self.tunnel.remote_port)
+            return None
+        return self.tunnel
+
+    def msg_offline_port(self, msg: messages.OfflinePort) -> None:
+        tunnel = self._portChange(msg, "offline_port")
+        if tunnel is not None:
+            log.info("client {name} says its service is down; port {remote_port} offline",
+                     name=tunnel.name, remote_port=tunnel.remote_port)
+            tunnel.stopListening()
+
+    def msg_online_port(self, msg: messages.OnlinePort) -> None:
+        tunnel = self._portChange(msg, "online_port")
+        if tunnel is not None and not tunnel.online:
+            log.info("client {name} says its service is back; port {remote_port} online",
+                     name=tunnel.name, remote_port=tunnel.remote_port)
+
+            def failed(failure):
+                failure.trap(error.CannotListenError)
+                log.error("cannot listen on port {remote_port} again: {reason}",
+                          remote_port=tunnel.remote_port, reason=failure.value.socketError)
+
+            tunnel.listen().addErrback(failed)
+
+    def msg_data_channel(self, msg: messages.DataChannel) -> None:
+        if not self._firstFrame("data_channel"):
+            return
+        try:
+            user = self.registry.attachDataChannel(msg)
+        except RegistrationRefused as e:
+            self.role = "refused"
+            log.warn("refused a data channel from {peer} for port {remote_port}: {reason}",
+                     peer=self.peerDescription, remote_port=msg.remote_port, reason=str(e))
+            self.fail(str(e))
+            return
+        self.role = "data"
+        self.sendMessage(messages.RegisterResp(status="ok"))
+        self.switchToRaw()
+        log.debug("data channel for port {remote_port} ready in {ms:.1f} ms",
+                  remote_port=user.tunnel.remote_port,
+                  ms=(self.registry.clock.seconds() - user.connectedAt) * 1000)
+        splice(user, self)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        self.relayReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if self.role == "data":
+            RelayEnd.readConnectionLost(self)
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        if self.firstFrameCall is not None:
+            self.firstFrameCall.cancel()
+            self.firstFrameCall = None
+        role, self.role = self.role, "closed"
+        if role == "control":
+            log.info("client {name} gone; closing public port {remote_port}",
+                     name=self.tunnel.name, remote_port=self.tunnel.remote_port)
+            self.tunnel.close()
+        elif role == "data":
+            self.relayConnectionLost()
+
+
+class ServerChannelFactory(Factory):
+    noisy = False
+
+    def __init__(self, registry: TunnelRegistry) -> None:
+        self.registry = registry
+
+    def buildProtocol(self, addr) -> ServerChannel:
+        channel = ServerChannel(self.registry)
+        channel.factory = self
+        return channel
+
+
+class TunnelServerService(MultiService):
+    """
+    The whole server as one service: the control listener, the heartbeat
+    check, and on stop, every listener closed.
+
+    C{whenListening} fires with the control port's L{IListeningPort} once
+    it listens (tests and embedders read the bound address from it).
+    """
+
+    controlPort: Optional[IListeningPort] = None
+    _listenOutcome = None
+
+    def __init__(self, settings: ServerSettings, reactor=None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.settings = settings
+        self.registry = TunnelRegistry(settings, reactor)
+        self.controlEndpoint = serverFromString(reactor, settings.listen)
+        self._listenWaiters: list[defer.Deferred] = []
+        heartbeat = TimerService(settings.heartbeat_check_interval, self.registry.checkHeartbeats)
+        heartbeat.clock = reactor
+        heartbeat.setServiceParent(self)
+
+    def whenListening(self) -> defer.Deferred:
+        """
+        A Deferred that fires with the control port's L{IListeningPort} once
+        it listens, or fails if it cannot.
+        """
+        if self._listenOutcome is not None:
+            return defer.succeed(self._listenOutcome) if self.controlPort else defer.fail(
+                self._listenOutcome)
+        waiter: defer.Deferred = defer.Deferred()
+        self._listenWaiters.append(waiter)
+        return waiter
+
+    def startService(self) -> None:
+        super().startService()
+        listening = self.controlEndpoint.listen(ServerChannelFactory(self.registry))
+        listening.addCallbacks(self._listening, self._cannotListen)
+        if self.controlPort is None and self._listenOutcome is not None:
+            # Raised here so that twistd and the console scripts refuse to
+            # start, as StreamServerEndpointService does.
+            self._listenOutcome.raiseException()
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.controlPort = port
+        self._listenOutcome = port
+        address = port.getHost()
+        log.info("control channel listening on {host}:{port}",
+                 host=getattr(address, "host", "?"), port=getattr(address, "port", "?"))
+        waiters, self._listenWaiters = self._listenWaiters, []
+        for waiter in waiters:
+            waiter.callback(port)
+
+    def _cannotListen(self, failure) -> None:
+        self._listenOutcome = failure
+        waiters, self._listenWaiters = self._listenWaiters, []
+        for waiter in waiters:
+            waiter.errback(failure)
+
+    def stopService(self) -> defer.Deferred:
+        stopping = [self.registry.closeAll(), defer.maybeDeferred(super().stopService)]
+        port, self.controlPort = self.controlPort, None
+        if port is not None:
+            stopping.append(defer.maybeDeferred(port.stopListening))
+        return defer.DeferredList(stopping)
