@@ -62,8 +62,12 @@ def clientMain(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "demo":
+        from gotunnel.demo import main as demoMain
+
+        return demoMain(args[1:])
     if not args or args[0] not in ROLES:
-        sys.stderr.write("usage: python -m gotunnel {server|client} [options]\n")
+        sys.stderr.write("usage: python -m gotunnel {server|client|demo} [options]\n")
         return 2
     role = args.pop(0)
     return run(role, args, f"gotunnel {role}")

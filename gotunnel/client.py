@@ -25,7 +25,7 @@ from zope.interface import implementer
 from gotunnel import messages
 from gotunnel.config import ClientSettings, Mapping
 from gotunnel.control import MessageReceiver
-from gotunnel.relay import RelayEnd, setNoDelay, splice
+from gotunnel.relay import ConnectionSet, RelayEnd, setNoDelay, splice
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 
 log = Logger()
@@ -153,6 +153,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
+        self.tunnel.connections.add(self)
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
         self.sendMessage(messages.DataChannel(
             local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
@@ -195,6 +196,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def connectionLost(self, reason=None) -> None:
         self.lost = True
+        self.tunnel.connections.discard(self)
         if self.localConnecting is not None:
             self.localConnecting.cancel()
         self.relayConnectionLost()
@@ -219,12 +221,14 @@ class LocalServiceConnection(Protocol, RelayEnd):
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
+        self.dataChannel.tunnel.connections.add(self)
         self.dataChannel.localConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
 
     def connectionLost(self, reason=None) -> None:
+        self.dataChannel.tunnel.connections.discard(self)
         self.relayConnectionLost()
 
 
@@ -266,6 +270,8 @@ class TunnelService(MultiService):
         self.mapping = mapping
         self.reactor = reactor
         self.serverEndpoint = serverEndpoint
+        self.connections = ConnectionSet()
+        self._registrationWaiters: list[defer.Deferred] = []
         self.localEndpoint = localEndpoint(reactor, mapping.local_host, mapping.local_port)
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=settings.reconnect_max_delay,
                                       factor=2.0, jitter=random.random)
@@ -285,6 +291,17 @@ class TunnelService(MultiService):
                  mapping=str(self.mapping), delay=delay)
         return delay
 
+    def whenRegistered(self) -> defer.Deferred:
+        """
+        A Deferred that fires with the control channel once the server has
+        accepted this mapping (at once if it has already).
+        """
+        if self.channel is not None:
+            return defer.succeed(self.channel)
+        waiter: defer.Deferred = defer.Deferred()
+        self._registrationWaiters.append(waiter)
+        return waiter
+
     def registered(self, channel: ControlChannel) -> None:
         self.channel = channel
         self.failedRegistrations = 0
@@ -292,6 +309,9 @@ class TunnelService(MultiService):
                  name=self.settings.name)
         if not self.localUp:
             channel.sendPortState(False)
+        waiters, self._registrationWaiters = self._registrationWaiters, []
+        for waiter in waiters:
+            waiter.callback(channel)
 
     def registrationRefused(self, reason: str) -> None:
         self.failedRegistrations += 1
@@ -305,6 +325,14 @@ class TunnelService(MultiService):
         if self.channel is channel:
             self.channel = None
             log.info("control channel for {mapping} lost", mapping=str(self.mapping))
+
+    def stopService(self) -> defer.Deferred:
+        """
+        Stop reconnecting and probing, close the control channel, then close
+        the tunneled connections once their buffers are written.
+        """
+        stopped = defer.maybeDeferred(super().stopService)
+        return stopped.addCallback(lambda _: self.connections.closeAll())
 
     def openDataChannel(self, request: messages.OpenDataChannel) -> None:
         def failed(failure):

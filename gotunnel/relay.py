@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IHalfCloseableDescriptor, IHalfCloseableProtocol
 from zope.interface import implementer
 
@@ -116,3 +117,39 @@ def splice(a: RelayEnd, b: RelayEnd) -> None:
     b._flushHeld()
     a.transport.resumeProducing()
     b.transport.resumeProducing()
+
+
+class ConnectionSet:
+    """
+    The live connections a service owns, so that stopping it can close them
+    and wait until they are gone.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[object, list[Deferred]] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __iter__(self):
+        return iter(list(self._live))
+
+    def add(self, protocol: object) -> None:
+        self._live[protocol] = []
+
+    def discard(self, protocol: object) -> None:
+        for waiter in self._live.pop(protocol, ()):
+            waiter.callback(None)
+
+    def closeAll(self) -> Deferred:
+        """
+        Close every connection once what it has buffered is written; fires
+        when all are gone.
+        """
+        waiting = []
+        for protocol, waiters in list(self._live.items()):
+            waiter: Deferred = Deferred()
+            waiters.append(waiter)
+            waiting.append(waiter)
+            protocol.transport.loseConnection()
+        return DeferredList(waiting)

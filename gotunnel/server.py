@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from gotunnel import messages
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver
-from gotunnel.relay import RelayEnd, setNoDelay, splice
+from gotunnel.relay import ConnectionSet, RelayEnd, setNoDelay, splice
 
 log = Logger()
 
@@ -70,6 +70,7 @@ class PublicUser(Protocol, RelayEnd):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.holdReading()
+        self.tunnel.registry.connections.add(self)
         self.tunnel.userConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -77,6 +78,7 @@ class PublicUser(Protocol, RelayEnd):
 
     def connectionLost(self, reason=None) -> None:
         self.tunnel.userLost(self)
+        self.tunnel.registry.connections.discard(self)
         self.relayConnectionLost()
 
 
@@ -216,6 +218,7 @@ class TunnelRegistry:
         self.clock: IReactorTime = reactor
         self.tunnels: dict[int, Tunnel] = {}
         self.waitingUsers: dict[str, PublicUser] = {}
+        self.connections = ConnectionSet()
 
     def publicEndpoint(self, port: int):
         interface = self.settings.public_interface
@@ -301,7 +304,12 @@ class TunnelRegistry:
                 tunnel.channel.transport.abortConnection()
 
     def closeAll(self) -> defer.Deferred:
-        return defer.DeferredList([t.close() for t in list(self.tunnels.values())])
+        """
+        Stop every public listener, then close every connection once its
+        buffered bytes are written.
+        """
+        stopping = defer.DeferredList([t.close() for t in list(self.tunnels.values())])
+        return stopping.addCallback(lambda _: self.connections.closeAll())
 
 
 class ServerChannel(MessageReceiver, RelayEnd):
@@ -320,6 +328,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
+        self.registry.connections.add(self)
         self.firstFrameCall = self.registry.clock.callLater(
             self.registry.settings.first_frame_timeout, self._firstFrameTimedOut)
 
@@ -441,6 +450,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if self.firstFrameCall is not None:
             self.firstFrameCall.cancel()
             self.firstFrameCall = None
+        self.registry.connections.discard(self)
         role, self.role = self.role, "closed"
         if role == "control":
             log.info("client {name} gone; closing public port {remote_port}",
@@ -524,8 +534,13 @@ class TunnelServerService(MultiService):
             waiter.errback(failure)
 
     def stopService(self) -> defer.Deferred:
-        stopping = [self.registry.closeAll(), defer.maybeDeferred(super().stopService)]
+        """
+        Stop accepting (control and public ports), then close every
+        connection after its buffered bytes are written.
+        """
+        stopping = [defer.maybeDeferred(super().stopService)]
         port, self.controlPort = self.controlPort, None
         if port is not None:
             stopping.append(defer.maybeDeferred(port.stopListening))
-        return defer.DeferredList(stopping)
+        listenersClosed = defer.DeferredList(stopping)
+        return listenersClosed.addCallback(lambda _: self.registry.closeAll())
