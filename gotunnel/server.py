@@ -149,6 +149,12 @@ class Tunnel:
         self.lastSeen = self.registry.clock.seconds()
 
     def userConnected(self, user: PublicUser) -> None:
+        limit = self.registry.settings.max_waiting_users
+        if len(self.waiting) >= limit:
+            log.warn("{limit} users already wait for a data channel on port {remote_port}; "
+                     "closing a new one", limit=limit, remote_port=self.remote_port)
+            user.transport.loseConnection()
+            return
         clock = self.registry.clock
         user.conn_id = secrets.token_hex(8)
         user.connectedAt = clock.seconds()
@@ -219,6 +225,64 @@ class TunnelRegistry:
         self.tunnels: dict[int, Tunnel] = {}
         self.waitingUsers: dict[str, PublicUser] = {}
         self.connections = ConnectionSet()
+        # Connections that have not yet sent their first frame, per source
+        # address: strangers must not be able to hold all our descriptors.
+        self.pending: dict[str, int] = {}
+        # Addresses with a registered control channel: their data channels
+        # arrive in bursts and are not held to the per-source cap.
+        self.clientHosts: dict[str, int] = {}
+        self.authFailures: dict[str, tuple[int, float]] = {}
+
+    def admit(self, host: str) -> Optional[str]:
+        """
+        Count a new connection that has yet to say what it is; the reason to
+        refuse it, or None.
+        """
+        settings = self.settings
+        if sum(self.pending.values()) >= settings.max_pending_total:
+            return (f"{settings.max_pending_total} connections are already waiting "
+                    "for their first frame")
+        if host not in self.clientHosts and self.pending.get(host, 0) >= \
+                settings.max_pending_per_source:
+            return (f"{settings.max_pending_per_source} connections from this address are "
+                    "already waiting for their first frame")
+        self.pending[host] = self.pending.get(host, 0) + 1
+        return None
+
+    def release(self, host: str) -> None:
+        """A connection counted by L{admit} has sent its first frame, or gone."""
+        left = self.pending.get(host, 0) - 1
+        if left > 0:
+            self.pending[host] = left
+        else:
+            self.pending.pop(host, None)
+
+    def clientArrived(self, host: str) -> None:
+        self.clientHosts[host] = self.clientHosts.get(host, 0) + 1
+
+    def clientLeft(self, host: str) -> None:
+        left = self.clientHosts.get(host, 0) - 1
+        if left > 0:
+            self.clientHosts[host] = left
+        else:
+            self.clientHosts.pop(host, None)
+
+    def authenticationFailed(self, host: str) -> float:
+        """
+        Record a wrong token from C{host}; how long to wait before answering,
+        growing with each failure in a row so that guessing is slow.
+        """
+        now = self.clock.seconds()
+        count, last = self.authFailures.get(host, (0, now))
+        if now - last > 60:
+            count = 0
+        count += 1
+        if len(self.authFailures) >= 10000 and host not in self.authFailures:
+            self.authFailures.clear()
+        self.authFailures[host] = (count, now)
+        if count == 1:
+            return 0.0
+        return min(0.1 * 2 ** (count - 2), self.settings.auth_failure_delay_max)
 
     def publicEndpoint(self, port: int):
         interface = self.settings.public_interface
@@ -322,18 +386,61 @@ class ServerChannel(MessageReceiver, RelayEnd):
     tunnel: Optional[Tunnel] = None
     role = "new"  # then "registering", "control", "data" or "refused"
     firstFrameCall = None
+    refusalCall = None
+    pendingHost: Optional[str] = None
 
     def __init__(self, registry: TunnelRegistry) -> None:
         self.registry = registry
 
+    @property
+    def host(self) -> str:
+        return getattr(self.transport.getPeer(), "host", "?")
+
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.registry.connections.add(self)
+        refusal = self.registry.admit(self.host)
+        if refusal is not None:
+            log.warn("refusing a connection from {peer}: {why}",
+                     peer=self.peerDescription, why=refusal)
+            self.role = "refused"
+            self.transport.abortConnection()
+            return
+        self.pendingHost = self.host
         self.firstFrameCall = self.registry.clock.callLater(
             self.registry.settings.first_frame_timeout, self._firstFrameTimedOut)
 
+    def _releasePending(self) -> None:
+        if self.pendingHost is not None:
+            self.registry.release(self.pendingHost)
+            self.pendingHost = None
+        if self.firstFrameCall is not None:
+            self.firstFrameCall.cancel()
+            self.firstFrameCall = None
+
+    def refuse(self, reason: str) -> None:
+        """
+        Answer C{register_resp} fail and close; a wrong token is answered
+        after a delay that grows with the address's failures in a row.
+        """
+        self.role = "refused"
+        delay = 0.0
+        if reason == "authentication failed":
+            delay = self.registry.authenticationFailed(self.host)
+        if delay <= 0:
+            self.fail(reason)
+            return
+        self.paused = True
+        self.transport.pauseProducing()
+        self.refusalCall = self.registry.clock.callLater(delay, self._refuseNow, reason)
+
+    def _refuseNow(self, reason: str) -> None:
+        self.refusalCall = None
+        self.fail(reason)
+
     def _firstFrameTimedOut(self) -> None:
         self.firstFrameCall = None
+        self._releasePending()
         log.warn("{peer} sent no register or data_channel within {timeout} s; closing",
                  peer=self.peerDescription, timeout=self.registry.settings.first_frame_timeout)
         self.transport.abortConnection()
@@ -342,9 +449,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if self.role != "new":
             self.protocolError(f"{kind} on a connection that is already a {self.role} channel")
             return False
-        if self.firstFrameCall is not None:
-            self.firstFrameCall.cancel()
-            self.firstFrameCall = None
+        self._releasePending()
         return True
 
     def _requireControl(self, kind: str) -> bool:
@@ -367,6 +472,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
             return
         self.role = "control"
         self.tunnel = tunnel
+        self.registry.clientArrived(self.host)
         self.sendMessage(messages.RegisterResp(status="ok"))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
                  "public port {remote_port}", name=tunnel.name, peer=self.peerDescription,
@@ -376,11 +482,10 @@ class ServerChannel(MessageReceiver, RelayEnd):
         failure.trap(RegistrationRefused)
         if self.role != "registering":
             return
-        self.role = "refused"
         log.warn("refused registration of port {remote_port} by {name!r} from {peer}: {reason}",
                  remote_port=msg.remote_port, name=msg.name, peer=self.peerDescription,
                  reason=str(failure.value))
-        self.fail(str(failure.value))
+        self.refuse(str(failure.value))
 
     def msg_ping(self, msg: messages.Ping) -> None:
         if self._requireControl("ping"):
@@ -424,10 +529,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         try:
             user = self.registry.attachDataChannel(msg)
         except RegistrationRefused as e:
-            self.role = "refused"
             log.warn("refused a data channel from {peer} for port {remote_port}: {reason}",
                      peer=self.peerDescription, remote_port=msg.remote_port, reason=str(e))
-            self.fail(str(e))
+            self.refuse(str(e))
             return
         self.role = "data"
         self.sendMessage(messages.RegisterResp(status="ok"))
@@ -447,12 +551,14 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
-        if self.firstFrameCall is not None:
-            self.firstFrameCall.cancel()
-            self.firstFrameCall = None
+        self._releasePending()
+        if self.refusalCall is not None:
+            self.refusalCall.cancel()
+            self.refusalCall = None
         self.registry.connections.discard(self)
         role, self.role = self.role, "closed"
         if role == "control":
+            self.registry.clientLeft(self.host)
             log.info("client {name} gone; closing public port {remote_port}",
                      name=self.tunnel.name, remote_port=self.tunnel.remote_port)
             self.tunnel.close()
