@@ -10,6 +10,8 @@ from typing import Optional
 
 from twisted.logger import Logger
 
+from gotunnel.i18n import translation
+
 log = Logger()
 
 SERVER_UNREACHABLE = 1001
@@ -21,17 +23,18 @@ _DESCRIPTIONS = {
 }
 
 
-def formatError(code: int, detail: Optional[str] = None) -> str:
-    line = f"[ERROR][{code}] {_DESCRIPTIONS[code]}"
+def formatError(code: int, detail: Optional[str] = None, lang: str = "en") -> str:
+    """The Go client's line for error C{code}, in C{lang} ("en" or "zh")."""
+    line = f"[ERROR][{code}] {translation(lang).gettext(_DESCRIPTIONS[code])}"
     return f"{line}: {detail}" if detail else line
 
 
-def reportError(code: int, detail: Optional[str] = None) -> None:
+def reportError(code: int, detail: Optional[str] = None, lang: str = "en") -> None:
     """
     Print the Go-style line on the process's real standard error (twistd
     redirects C{sys.stderr} into the log) and log it too.
     """
-    line = formatError(code, detail)
+    line = formatError(code, detail, lang)
     stream = sys.__stderr__
     if stream is not None:
         stream.write(line + "\n")

@@ -536,7 +536,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.role = "data"
         self.sendMessage(messages.RegisterResp(status="ok"))
         self.switchToRaw()
-        log.debug("data channel for port {remote_port} ready in {ms:.1f} ms",
+        log.info("data channel for port {remote_port} ready in {ms:.1f} ms",
                   remote_port=user.tunnel.remote_port,
                   ms=(self.registry.clock.seconds() - user.connectedAt) * 1000)
         splice(user, self)
