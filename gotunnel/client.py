@@ -56,6 +56,9 @@ class ReportingEndpoint:
     def __init__(self, endpoint: IStreamClientEndpoint) -> None:
         self.endpoint = endpoint
 
+    def __repr__(self) -> str:
+        return f"<server endpoint {self.endpoint!r}>"
+
     def connect(self, factory) -> defer.Deferred:
         def failed(failure):
             if not failure.check(defer.CancelledError):
