@@ -265,6 +265,7 @@ class TunnelService(MultiService):
     channel: Optional[ControlChannel] = None
     localUp = True
     failedRegistrations = 0
+    stopping = False
 
     def __init__(self, settings: ClientSettings, mapping: Mapping,
                  serverEndpoint: IStreamClientEndpoint, reactor) -> None:
@@ -274,6 +275,7 @@ class TunnelService(MultiService):
         self.reactor = reactor
         self.serverEndpoint = serverEndpoint
         self.connections = ConnectionSet()
+        self._connecting: set[defer.Deferred] = set()
         self._registrationWaiters: list[defer.Deferred] = []
         self.localEndpoint = localEndpoint(reactor, mapping.local_host, mapping.local_port)
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=settings.reconnect_max_delay,
@@ -287,9 +289,11 @@ class TunnelService(MultiService):
         probe.setServiceParent(self)
 
     def _retryDelay(self, attempt: int) -> float:
-        # ClientService counts failed connects only; a connection whose
-        # registration was refused must back off too, not retry every second.
-        delay = self._backoff(attempt + self.failedRegistrations)
+        # ClientService counts failed connects only, and starts again from 1
+        # after every connect that succeeds; a control channel that ended
+        # without being registered (refused, or cut by the server) must back
+        # off too, not retry every second.
+        delay = self._backoff(attempt + max(self.failedRegistrations - 1, 0))
         log.info("reconnecting {mapping} to the server in {delay:.1f} s",
                  mapping=str(self.mapping), delay=delay)
         return delay
@@ -317,7 +321,6 @@ class TunnelService(MultiService):
             waiter.callback(channel)
 
     def registrationRefused(self, reason: str) -> None:
-        self.failedRegistrations += 1
         if reason == "authentication failed":
             reportError(AUTHENTICATION_FAILED)
         else:
@@ -325,6 +328,8 @@ class TunnelService(MultiService):
                       reason=reason)
 
     def channelLost(self, channel: ControlChannel) -> None:
+        if not channel.registered:
+            self.failedRegistrations += 1
         if self.channel is channel:
             self.channel = None
             log.info("control channel for {mapping} lost", mapping=str(self.mapping))
@@ -334,15 +339,28 @@ class TunnelService(MultiService):
         Stop reconnecting and probing, close the control channel, then close
         the tunneled connections once their buffers are written.
         """
+        self.stopping = True
+        for connecting in list(self._connecting):
+            connecting.cancel()
         stopped = defer.maybeDeferred(super().stopService)
         return stopped.addCallback(lambda _: self.connections.closeAll())
 
     def openDataChannel(self, request: messages.OpenDataChannel) -> None:
-        def failed(failure):
-            log.warn("cannot open a data channel to the server: {why}",
-                     why=failure.getErrorMessage())
+        if self.stopping:
+            return
 
-        self.serverEndpoint.connect(DataChannelFactory(self, request)).addErrback(failed)
+        def done(result):
+            self._connecting.discard(connecting)
+            return result
+
+        def failed(failure):
+            if not failure.check(defer.CancelledError):
+                log.warn("cannot open a data channel to the server: {why}",
+                         why=failure.getErrorMessage())
+
+        connecting = self.serverEndpoint.connect(DataChannelFactory(self, request))
+        self._connecting.add(connecting)
+        connecting.addBoth(done).addErrback(failed)
 
     def probeLocalService(self) -> defer.Deferred:
         def answered(up: bool) -> None:

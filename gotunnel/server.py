@@ -109,24 +109,29 @@ class Tunnel:
         self.waiting: OrderedDict[str, PublicUser] = OrderedDict()
         self.lastSeen = registry.clock.seconds()
         self.closed = False
+        # True from listen() until stopListening(): what the client last
+        # asked for, even while the listener is still starting or stopping.
+        self.online = False
+        # Bumped by every listen() and stopListening(), so that a listener
+        # which finishes starting after a later change of mind is closed.
+        self._generation = 0
         self._stopping: defer.Deferred = defer.succeed(None)
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
 
-    @property
-    def online(self) -> bool:
-        return self.listener is not None
-
     def listen(self) -> defer.Deferred:
         """
         Start the public listener (after a stop still in progress).
         """
+        self.online = True
+        self._generation += 1
+        generation = self._generation
         endpoint = self.registry.publicEndpoint(self.remote_port)
 
         def started(port: IListeningPort) -> None:
-            if self.closed or self.listener is not None:
-                port.stopListening()
+            if self.closed or generation != self._generation:
+                self.registry.trackStopping(defer.maybeDeferred(port.stopListening))
                 return
             self.listener = port
             log.info("public port {remote_port} listening for {name}",
@@ -137,13 +142,17 @@ class Tunnel:
         return d.addCallback(started)
 
     def stopListening(self) -> defer.Deferred:
+        """
+        Stop publishing; the Deferred fires once the port is closed.
+        """
+        self.online = False
+        self._generation += 1
         listener, self.listener = self.listener, None
         if listener is not None:
             log.info("public port {remote_port} stopped", remote_port=self.remote_port)
-            stopping = defer.maybeDeferred(listener.stopListening)
-            self._stopping = stopping
-            return stopping
-        return self._stopping
+            self._stopping = self.registry.trackStopping(
+                defer.maybeDeferred(listener.stopListening))
+        return _whenFired(self._stopping)
 
     def heartbeat(self) -> None:
         self.lastSeen = self.registry.clock.seconds()
@@ -203,7 +212,7 @@ class Tunnel:
         already spliced go on until either end closes them.
         """
         if self.closed:
-            return self._stopping
+            return _whenFired(self._stopping)
         self.closed = True
         self.registry.forget(self)
         for user in list(self.waiting.values()):
@@ -232,6 +241,20 @@ class TunnelRegistry:
         # arrive in bursts and are not held to the per-source cap.
         self.clientHosts: dict[str, int] = {}
         self.authFailures: dict[str, tuple[int, float]] = {}
+        self._stoppingListeners: set[defer.Deferred] = set()
+
+    def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
+        """
+        Remember a public listener that is closing, so that shutdown waits
+        for it; returns C{stopping}.
+        """
+        self._stoppingListeners.add(stopping)
+
+        def done(result):
+            self._stoppingListeners.discard(stopping)
+            return result
+
+        return stopping.addBoth(done)
 
     def admit(self, host: str) -> Optional[str]:
         """
@@ -372,7 +395,9 @@ class TunnelRegistry:
         Stop every public listener, then close every connection once its
         buffered bytes are written.
         """
-        stopping = defer.DeferredList([t.close() for t in list(self.tunnels.values())])
+        for tunnel in list(self.tunnels.values()):
+            tunnel.close()
+        stopping = defer.DeferredList([_whenFired(d) for d in list(self._stoppingListeners)])
         return stopping.addCallback(lambda _: self.connections.closeAll())
 
 

@@ -225,3 +225,540 @@ class Tunnel:
         client = self.startClient(targetPort, **kwargs)
         yield client.tunnels[0].whenRegistered()
         return client, client.tunnels[0].mapping.remote_port
+
+
+# ---------------------------------------------------------------------------
+# Waiting on events with a bound, watching logs and standard error, local
+# services that a test stops and starts again, and child processes.  Used by
+# test_e2e_lifecycle.py and test_twistd.py.
+
+import re  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from typing import Callable, Iterable  # noqa: E402
+
+from twisted.internet import error  # noqa: E402
+from twisted.internet.protocol import ProcessProtocol  # noqa: E402
+from twisted.logger import formatEvent, globalLogPublisher  # noqa: E402
+from twisted.python.failure import Failure  # noqa: E402
+
+
+def within(d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
+    """
+    C{d}, failed with a L{defer.TimeoutError} naming C{what} if it has not
+    fired within C{seconds}.
+    """
+
+    def timedOut(result, timeout):
+        if isinstance(result, Failure) and result.check(defer.CancelledError):
+            raise defer.TimeoutError(f"{what}: nothing within {timeout} s")
+        return result
+
+    return d.addTimeout(seconds, reactor, onTimeoutCancel=timedOut)
+
+
+@defer.inlineCallbacks
+def retryUntil(attempt: Callable[[], object], timeout: float, what: str,
+               interval: float = 0.05):
+    """
+    Call C{attempt} (which may return a Deferred) until its result is true,
+    pausing C{interval} between tries; fails after C{timeout} seconds.
+    Returns the true result.
+    """
+    deadline = reactor.seconds() + timeout
+    while True:
+        result = yield defer.maybeDeferred(attempt)
+        if result:
+            return result
+        if reactor.seconds() >= deadline:
+            raise defer.TimeoutError(f"{what}: not within {timeout} s")
+        yield deferLater(interval)
+
+
+def waitUntil(predicate: Callable[[], object], timeout: float, what: str,
+              interval: float = 0.02) -> defer.Deferred:
+    """Fires with C{predicate()} once it is true; fails after C{timeout} seconds."""
+    return retryUntil(predicate, timeout, what, interval)
+
+
+class Collector:
+    """
+    Items that arrive one by one (log events, lines), and Deferreds that
+    fire once enough of them match.
+    """
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self._waiters: list[tuple[Callable, int, defer.Deferred]] = []
+
+    def matching(self, predicate: Callable[[object], bool]) -> list:
+        return [item for item in self.items if predicate(item)]
+
+    def add(self, item) -> None:
+        self.items.append(item)
+        still = []
+        for predicate, count, waiter in self._waiters:
+            if waiter.called:
+                continue
+            found = self.matching(predicate)
+            if len(found) >= count:
+                waiter.callback(found)
+            else:
+                still.append((predicate, count, waiter))
+        self._waiters = still
+
+    def whenMatched(self, predicate: Callable[[object], bool], count: int = 1) -> defer.Deferred:
+        """Fires with the matching items once at least C{count} have arrived."""
+        found = self.matching(predicate)
+        if len(found) >= count:
+            return defer.succeed(found)
+        waiter: defer.Deferred = defer.Deferred()
+        self._waiters.append((predicate, count, waiter))
+        return waiter
+
+
+class LogWatcher(Collector):
+    """Every log event emitted while the test runs (the global publisher's)."""
+
+    def __init__(self, testCase) -> None:
+        super().__init__()
+        globalLogPublisher.addObserver(self.add)
+        testCase.addCleanup(globalLogPublisher.removeObserver, self.add)
+
+    @staticmethod
+    def formatted(prefix: str, **fields) -> Callable[[dict], bool]:
+        """A predicate: events whose format starts with C{prefix}, with these field values."""
+
+        def predicate(event: dict) -> bool:
+            if not (event.get("log_format") or "").startswith(prefix):
+                return False
+            return all(event.get(key) == value for key, value in fields.items())
+
+        return predicate
+
+    def text(self) -> str:
+        return "\n".join(formatEvent(event) for event in self.items)
+
+
+class StreamCapture(Collector):
+    """A text stream (for patching C{sys.__stderr__}) that collects whole lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            self.add(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def startsWith(prefix: str) -> Callable[[str], bool]:
+    return lambda line: line.startswith(prefix)
+
+
+class Target:
+    """
+    A local service a test can stop and start again on the same port, with
+    its connections closed on stop.
+    """
+
+    def __init__(self, testCase, protocol: type = Echo, port: int = 0) -> None:
+        self.factory = Factory.forProtocol(protocol)
+        self.factory.noisy = False
+        self.factory.tracker = ConnectionTracker()
+        self.listener = None
+        self.port = port
+        testCase.addCleanup(self.stop)
+
+    def start(self) -> "Target":
+        self.listener = reactor.listenTCP(self.port, self.factory, interface=HOST)
+        self.port = self.listener.getHost().port
+        return self
+
+    def stop(self) -> defer.Deferred:
+        """Stop listening and close every connection; fires once all are gone."""
+        listener, self.listener = self.listener, None
+        tracker, self.factory.tracker = self.factory.tracker, ConnectionTracker()
+        for p in tracker.protocols:
+            p.transport.loseConnection()
+        stopping = [defer.maybeDeferred(listener.stopListening)] if listener else []
+        return defer.DeferredList(stopping + tracker.lost)
+
+
+def startTarget(testCase, protocol: type = Echo, port: int = 0) -> Target:
+    """A listening L{Target} on 127.0.0.1 (C{port} 0: one the OS picks)."""
+    return Target(testCase, protocol, port).start()
+
+
+def connectionRefused(port: int) -> defer.Deferred:
+    """
+    Fires with True if a connection to 127.0.0.1:C{port} is refused, False
+    if it is accepted (it is then closed at once).
+    """
+    endpoint = TCP4ClientEndpoint(reactor, HOST, port, timeout=5)
+
+    def accepted(user: User) -> defer.Deferred:
+        user.transport.abortConnection()
+        return user.closed.addCallback(lambda _: False)
+
+    def failed(failure):
+        failure.trap(error.ConnectionRefusedError)
+        return True
+
+    return endpoint.connect(UserFactory()).addCallbacks(accepted, failed)
+
+
+def waitUntilRefused(port: int, timeout: float, what: str) -> defer.Deferred:
+    """Connect to C{port} again and again until a connection is refused."""
+    return retryUntil(lambda: connectionRefused(port), timeout, what)
+
+
+@defer.inlineCallbacks
+def echoedThrough(testCase, port: int, payload: bytes, timeout: float):
+    """
+    Connect a user to C{port}, send C{payload}, and return True if the same
+    bytes come back within C{timeout}; False if the connection is refused or
+    closed first.  The user is closed before returning.
+    """
+    try:
+        user = yield connectUser(testCase, port)
+    except error.ConnectionRefusedError:
+        return False
+    user.transport.write(payload)
+    try:
+        received = yield within(user.whenReceived(len(payload)), timeout,
+                                f"echo of {len(payload)} bytes through port {port}")
+    except (error.ConnectionDone, error.ConnectionLost):
+        return False
+    finally:
+        if not user.closed.called:
+            user.transport.abortConnection()
+        yield user.closed
+    return received == payload
+
+
+def venvScript(name: str) -> str:
+    """The path of a console script installed beside the running Python."""
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def temporaryDirectory(testCase) -> str:
+    """A new directory outside the repository, removed when the test ends."""
+    path = tempfile.mkdtemp(prefix="gotunnel-test-")
+    testCase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+class ChildProcess(ProcessProtocol):
+    """
+    A child process whose standard output and error are collected;
+    L{whenOutput} fires when a text (or regular expression) appears, and
+    C{ended} once the process has exited and its pipes are closed.
+    """
+
+    exitCode: Optional[int] = None
+    signal: Optional[int] = None
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self._output = {1: bytearray(), 2: bytearray()}
+        self._waiters: list[tuple[object, tuple[int, ...], defer.Deferred]] = []
+        self.ended: defer.Deferred = defer.Deferred()
+
+    @property
+    def stdout(self) -> str:
+        return self._output[1].decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self._output[2].decode("utf-8", "replace")
+
+    @property
+    def running(self) -> bool:
+        return not self.ended.called
+
+    def describe(self) -> str:
+        return (f"{' '.join(self.argv)}\n--- stdout ---\n{self.stdout}"
+                f"\n--- stderr ---\n{self.stderr}")
+
+    def _search(self, pattern, fds: Iterable[int]):
+        for fd in fds:
+            text = self._output[fd].decode("utf-8", "replace")
+            if isinstance(pattern, re.Pattern):
+                found = pattern.search(text)
+                if found:
+                    return found
+            elif pattern in text:
+                return text
+        return None
+
+    def whenOutput(self, pattern, fds: tuple[int, ...] = (1, 2)) -> defer.Deferred:
+        """
+        Fires once C{pattern} (a string, or a compiled regular expression) is
+        in the output on C{fds}: with the text, or the match.  Fails if the
+        process ends first.
+        """
+        found = self._search(pattern, fds)
+        if found is not None:
+            return defer.succeed(found)
+        if self.ended.called:
+            return defer.fail(AssertionError(
+                f"process ended without printing {pattern!r}:\n{self.describe()}"))
+        waiter: defer.Deferred = defer.Deferred()
+        self._waiters.append((pattern, fds, waiter))
+        return waiter
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self._output.setdefault(fd, bytearray()).extend(data)
+        still = []
+        for pattern, fds, waiter in self._waiters:
+            if waiter.called:
+                continue
+            found = self._search(pattern, fds) if fd in fds else None
+            if found is not None:
+                waiter.callback(found)
+            else:
+                still.append((pattern, fds, waiter))
+        self._waiters = still
+
+    def processEnded(self, reason) -> None:
+        self.exitCode = getattr(reason.value, "exitCode", None)
+        self.signal = getattr(reason.value, "signal", None)
+        waiters, self._waiters = self._waiters, []
+        for pattern, _, waiter in waiters:
+            if not waiter.called:
+                waiter.errback(AssertionError(
+                    f"process ended without printing {pattern!r}:\n{self.describe()}"))
+        self.ended.callback(self)
+
+    def sendSignal(self, name: str) -> None:
+        """Signal the process unless it has already exited."""
+        try:
+            self.transport.signalProcess(name)
+        except error.ProcessExitedAlready:
+            pass
+
+
+def spawn(testCase, argv: list[str], cwd: str, env: Optional[dict] = None,
+          endTimeout: float = 30.0) -> ChildProcess:
+    """
+    Start C{argv} in C{cwd} with unbuffered output and no standard input.
+    At cleanup a process still running is killed, and the test waits for it
+    to exit.
+    """
+    environment = dict(os.environ)
+    environment["PYTHONUNBUFFERED"] = "1"
+    environment.update(env or {})
+    child = ChildProcess(list(argv))
+    reactor.spawnProcess(child, argv[0], list(argv), env=environment, path=cwd)
+    child.transport.closeStdin()
+
+    def cleanup():
+        if child.running:
+            child.sendSignal("KILL")
+        return within(child.ended, endTimeout, f"{argv[0]} to exit after SIGKILL")
+
+    testCase.addCleanup(cleanup)
+    return child
+
+
+
+# ---------------------------------------------------------------------------
+# Raw bytes on the control port, a local service that streams without end,
+# and gotunnel's live objects counted.  Used by test_hostile.py,
+# test_faults.py and test_load.py.
+
+import gc  # noqa: E402
+import json  # noqa: E402
+
+from twisted.internet.interfaces import IPullProducer  # noqa: E402
+
+
+def frameOf(body: bytes) -> bytes:
+    """C{body} behind its 4-byte big-endian length, as on the wire."""
+    return len(body).to_bytes(4, "big") + body
+
+
+def jsonFrame(message: object) -> bytes:
+    """One control frame holding C{message} as compact JSON, as Go writes it."""
+    return frameOf(json.dumps(message, separators=(",", ":")).encode("utf-8"))
+
+
+class RawConnection(Protocol):
+    """
+    A connection that writes whatever a test gives it and collects what comes
+    back: the first C{rawAfter} complete frames (all, if None) decoded into
+    C{frames} (JSON objects, or the raw body if it is not JSON), the rest
+    into C{raw}.  C{closed} fires with the time the connection went away.
+    """
+
+    def __init__(self, rawAfter: Optional[int] = None) -> None:
+        self.rawAfter = rawAfter
+        self.frames = Collector()
+        self.raw = bytearray()
+        self._buffer = bytearray()
+        self._rawWaiters: list[tuple[int, defer.Deferred]] = []
+        self.closed: defer.Deferred = defer.Deferred()
+        self.reason = None
+
+    localPort = 0
+    """Our end's port: the server logs us as 127.0.0.1:localPort."""
+
+    def connectionMade(self) -> None:
+        self.localPort = self.transport.getHost().port
+
+    @property
+    def peerName(self) -> str:
+        """How the server names this connection in its log."""
+        return f"{HOST}:{self.localPort}"
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.rawAfter is not None and len(self.frames.items) >= self.rawAfter:
+            self._rawReceived(data)
+            return
+        self._buffer.extend(data)
+        while len(self._buffer) >= 4:
+            if self.rawAfter is not None and len(self.frames.items) >= self.rawAfter:
+                break
+            length = int.from_bytes(self._buffer[:4], "big")
+            if len(self._buffer) < 4 + length:
+                break
+            body = bytes(self._buffer[4:4 + length])
+            del self._buffer[:4 + length]
+            try:
+                self.frames.add(json.loads(body))
+            except ValueError:
+                self.frames.add(body)
+        if self.rawAfter is not None and len(self.frames.items) >= self.rawAfter and self._buffer:
+            rest, self._buffer = bytes(self._buffer), bytearray()
+            self._rawReceived(rest)
+
+    def _rawReceived(self, data: bytes) -> None:
+        self.raw.extend(data)
+        still = []
+        for size, waiter in self._rawWaiters:
+            if len(self.raw) >= size:
+                waiter.callback(bytes(self.raw))
+            else:
+                still.append((size, waiter))
+        self._rawWaiters = still
+
+    def whenRaw(self, size: int) -> defer.Deferred:
+        """Fires with the raw bytes once at least C{size} have arrived."""
+        if len(self.raw) >= size:
+            return defer.succeed(bytes(self.raw))
+        waiter: defer.Deferred = defer.Deferred()
+        self._rawWaiters.append((size, waiter))
+        return waiter
+
+    def whenFrame(self, predicate: Callable[[object], bool] = lambda f: True,
+                  count: int = 1) -> defer.Deferred:
+        """Fires with the matching frames once C{count} have arrived."""
+        return self.frames.whenMatched(predicate, count)
+
+    def connectionLost(self, reason=None) -> None:
+        self.reason = reason
+        waiters, self._rawWaiters = self._rawWaiters, []
+        for _, waiter in waiters:
+            waiter.errback(reason)
+        self.closed.callback(reactor.seconds())
+
+
+@defer.inlineCallbacks
+def connectRaw(testCase, port: int, send: bytes = b"", rawAfter: Optional[int] = None):
+    """
+    A L{RawConnection} to 127.0.0.1:C{port} that has written C{send}; it is
+    aborted, if still open, when the test ends.
+    """
+    raw = RawConnection(rawAfter)
+    endpoint = TCP4ClientEndpoint(reactor, HOST, port, timeout=10)
+    yield within(endpoint.connect(Factory.forProtocol(lambda: raw)), 15,
+                 f"a raw connection to port {port}")
+
+    def cleanup():
+        if not raw.closed.called:
+            raw.transport.abortConnection()
+        return raw.closed
+
+    testCase.addCleanup(cleanup)
+    if send:
+        raw.transport.write(send)
+    return raw
+
+
+def registerMessage(remote_port: int, name: str, token: str = TOKEN,
+                    local_port: int = 22, **fields) -> dict:
+    """A C{register} message as a Go client sends it."""
+    message = {"type": "register", "local_port": local_port, "remote_port": remote_port,
+               "protocol": "tcp", "token": token, "name": name}
+    message.update(fields)
+    return message
+
+
+def dataChannelMessage(remote_port: int, conn_id: Optional[str], token: str = TOKEN,
+                       name: str = "raw", local_port: int = 22) -> dict:
+    """A C{data_channel} message; C{conn_id} None leaves it out, as Go does."""
+    message = {"type": "data_channel", "local_port": local_port, "remote_port": remote_port,
+               "protocol": "", "token": token, "name": name}
+    if conn_id is not None:
+        message["conn_id"] = conn_id
+    return message
+
+
+@implementer(IPullProducer)
+class StreamOrEcho(Echo):
+    """
+    A local service that echoes, except on a connection whose first byte is
+    C{b"S"}: that one gets an endless stream of bytes (written as fast as
+    the connection drains, flow-controlled) until it closes.
+    """
+
+    chunk = bytes(range(256)) * 256
+    mode: Optional[bytes] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.mode is None and data:
+            self.mode, data = data[:1], data[1:]
+            if self.mode == b"S":
+                self.transport.registerProducer(self, False)
+            else:
+                data = self.mode + data
+        if self.mode != b"S" and data:
+            self.transport.write(data)
+
+    def resumeProducing(self) -> None:
+        if self.transport.disconnecting:
+            # A registered pull producer keeps loseConnection waiting.
+            self.transport.unregisterProducer()
+            return
+        self.transport.write(self.chunk)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def gotunnelObjects() -> dict[str, int]:
+    """
+    After a full garbage collection, how many instances of each gotunnel
+    class (protocols, tunnels, relay ends) are alive.
+    """
+    gc.collect()
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        cls = type(obj)
+        if cls.__module__.startswith("gotunnel."):
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def openFileDescriptors() -> int:
+    """How many file descriptors this process has open (Linux)."""
+    return len(os.listdir("/proc/self/fd"))

@@ -1,0 +1,263 @@
+"""
+The framing every connection starts with: frames however TCP cuts them,
+dispatch to msg_<type>, bad frames closing the connection, and the switch to
+raw bytes after a data channel's handshake.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.trial import unittest
+
+from gotunnel import messages
+from gotunnel.control import MAX_FRAME, MessageReceiver
+from gotunnel.messages import DataChannel, OfflinePort, Ping, Register
+
+# Frames from the Go capture (go-gotunnel-wire.json): a ping, and a ping and
+# an offline_port coalesced in one TCP segment.
+GO_PING = bytes.fromhex(
+    "000000217b2274797065223a2270696e67222c2274696d65223a313739353538303632357d")
+GO_COALESCED = bytes.fromhex(
+    "000000217b2274797065223a2270696e67222c2274696d65223a313739353538303632387d"
+    "000000247b2274797065223a226f66666c696e655f706f7274222c22706f7274223a33313030347d")
+
+
+def frame(body: bytes) -> bytes:
+    """C{body} with its 4-byte big-endian length in front."""
+    return struct.pack(">I", len(body)) + body
+
+
+PING = frame(b'{"type":"ping","time":7}')
+
+
+class Recorder(MessageReceiver):
+    """Records each message it is handed; knows ping, offline_port, register."""
+
+    def __init__(self) -> None:
+        self.received: list = []
+
+    def msg_ping(self, msg) -> None:
+        self.received.append(msg)
+
+    def msg_offline_port(self, msg) -> None:
+        self.received.append(msg)
+
+    def msg_register(self, msg) -> None:
+        self.received.append(msg)
+
+
+class Switcher(Recorder):
+    """Like a data channel: after C{data_channel}, everything is raw bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw: list[bytes] = []
+
+    def msg_data_channel(self, msg) -> None:
+        self.received.append(msg)
+        self.switchToRaw()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        self.raw.append(data)
+
+
+def connected(protocol: MessageReceiver) -> StringTransport:
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return transport
+
+
+class FramingTests(unittest.TestCase):
+    """Frames reach their handlers however the bytes are cut."""
+
+    def setUp(self):
+        self.protocol = Recorder()
+        self.transport = connected(self.protocol)
+
+    def test_byteByByte(self):
+        """Frames delivered one byte per read are all dispatched, in order."""
+        for i in range(len(GO_COALESCED)):
+            self.protocol.dataReceived(GO_COALESCED[i:i + 1])
+        self.assertEqual(self.protocol.received,
+                         [Ping(time=1795580628), OfflinePort(port=31004)])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_coalesced(self):
+        """Two frames in one read (as captured from Go) are both dispatched."""
+        self.protocol.dataReceived(GO_COALESCED)
+        self.assertEqual(self.protocol.received,
+                         [Ping(time=1795580628), OfflinePort(port=31004)])
+
+    def test_splitAcrossReads(self):
+        """A frame cut inside its length prefix and its body is read whole."""
+        data = GO_PING + PING
+        self.protocol.dataReceived(data[:2])
+        self.protocol.dataReceived(data[2:20])
+        self.assertEqual(self.protocol.received, [])
+        self.protocol.dataReceived(data[20:len(GO_PING) + 3])
+        self.assertEqual(self.protocol.received, [Ping(time=1795580625)])
+        self.protocol.dataReceived(data[len(GO_PING) + 3:])
+        self.assertEqual(self.protocol.received, [Ping(time=1795580625), Ping(time=7)])
+
+    def test_dispatchByType(self):
+        """Each frame goes to the handler named for its type, parsed."""
+        self.protocol.dataReceived(
+            frame(b'{"type":"register","local_port":22,"remote_port":10022,'
+                  b'"protocol":"tcp","token":"t","name":"c"}') + PING)
+        self.assertEqual(self.protocol.received, [
+            Register(local_port=22, remote_port=10022, protocol="tcp", token="t", name="c"),
+            Ping(time=7),
+        ])
+
+    def test_unknownTypeIgnored(self):
+        """
+        A frame of a type we do not know is skipped and the connection stays
+        open: the next frame is still dispatched.
+        """
+        self.protocol.dataReceived(frame(b'{"type":"open_udp_channel","port":53}') + PING)
+        self.assertEqual(self.protocol.received, [Ping(time=7)])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_frameOfMaxLength(self):
+        """A frame of exactly MAX_LENGTH bytes is accepted."""
+        head = b'{"type":"ping","time":3,"pad":"'
+        padded = head + b"x" * (MAX_FRAME - len(head) - 2) + b'"}'
+        self.assertEqual(len(padded), MAX_FRAME)
+        self.protocol.dataReceived(frame(padded))
+        self.assertEqual(self.protocol.received, [Ping(time=3)])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_sendMessage(self):
+        """sendMessage writes one length-prefixed frame of the encoded message."""
+        self.protocol.sendMessage(messages.Pong(time=1795580625))
+        self.assertEqual(self.transport.value(), bytes.fromhex(
+            "000000217b2274797065223a22706f6e67222c2274696d65223a313739353538303632357d"))
+
+
+class BadFrameTests(unittest.TestCase):
+    """
+    A frame that breaks the protocol aborts this connection, and nothing
+    after it is dispatched, in the same read or a later one.
+    """
+
+    def setUp(self):
+        self.protocol = Recorder()
+        self.transport = connected(self.protocol)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def assertClosedBy(self, badFrame: bytes, why: str) -> None:
+        """
+        C{badFrame} followed by a good frame aborts the connection, logs
+        C{why}, and dispatches nothing, then or later.
+        """
+        self.protocol.dataReceived(badFrame + PING)
+        self.protocol.dataReceived(PING)
+        self.assertEqual(self.protocol.received, [])
+        self.assertTrue(self.transport.disconnected, "connection not aborted")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.transport.value(), b"")
+        reasons = [e["why"] for e in self.events
+                   if e.get("log_format", "").startswith("protocol error from")]
+        self.assertEqual(len(reasons), 1, reasons)
+        self.assertIn(why, reasons[0])
+
+    def test_lengthOverLimit(self):
+        self.assertClosedBy(struct.pack(">I", MAX_FRAME + 1) + b"{" * 10,
+                            f"frame of {MAX_FRAME + 1} bytes is over the limit")
+
+    def test_lengthHuge(self):
+        """A 2 GiB length prefix closes at once, without waiting for the body."""
+        self.protocol.dataReceived(b"\x7f\xff\xff\xff")
+        self.assertTrue(self.transport.disconnected)
+        self.protocol.dataReceived(PING)
+        self.assertEqual(self.protocol.received, [])
+
+    def test_lengthHugeThenFrame(self):
+        self.assertClosedBy(b"\x7f\xff\xff\xff", "frame of 2147483647 bytes")
+
+    def test_lengthAllOnes(self):
+        self.assertClosedBy(b"\xff\xff\xff\xff", "frame of 4294967295 bytes")
+
+    def test_zeroLength(self):
+        self.assertClosedBy(b"\x00\x00\x00\x00", "not JSON")
+
+    def test_notJson(self):
+        self.assertClosedBy(frame(b"GET / HTTP/1.1"), "not JSON")
+
+    def test_notUtf8(self):
+        self.assertClosedBy(frame(b'{"type":"\xc3\x28"}'), "not UTF-8")
+
+    def test_jsonArray(self):
+        self.assertClosedBy(frame(b'[{"type":"ping"}]'), "not an object")
+
+    def test_noType(self):
+        self.assertClosedBy(frame(b'{"time":1}'), "no type")
+
+    def test_wrongFieldType(self):
+        self.assertClosedBy(frame(b'{"type":"ping","time":"now"}'), "ping.time")
+
+    def test_knownTypeWithoutHandler(self):
+        """A known message this side never receives (pong here) is an error."""
+        self.assertClosedBy(frame(b'{"type":"pong","time":1}'), "unexpected pong message")
+
+    def test_badFrameAfterGoodOnes(self):
+        """Frames before the bad one are dispatched; the bad one stops the rest."""
+        self.protocol.dataReceived(GO_PING + frame(b"nope") + PING)
+        self.assertEqual(self.protocol.received, [Ping(time=1795580625)])
+        self.assertTrue(self.transport.disconnected)
+
+
+class SwitchToRawTests(unittest.TestCase):
+    """After switchToRaw, bytes are raw, never frames."""
+
+    def setUp(self):
+        self.protocol = Switcher()
+        self.transport = connected(self.protocol)
+        self.handshake = frame(messages.encode(DataChannel(remote_port=10022, conn_id="c1")))
+
+    def test_restOfSameRead(self):
+        """
+        Bytes after the switching frame in the same read go to
+        rawDataReceived, even when they look like a frame.
+        """
+        self.protocol.dataReceived(self.handshake + PING + b"GET /")
+        self.assertEqual(self.protocol.received, [DataChannel(remote_port=10022,
+                                                              conn_id="c1")])
+        self.assertEqual(b"".join(self.protocol.raw), PING + b"GET /")
+
+    def test_laterReads(self):
+        """Later reads go to rawDataReceived whole, frame-shaped or not."""
+        self.protocol.dataReceived(self.handshake)
+        self.assertEqual(self.protocol.raw, [])
+        self.protocol.dataReceived(PING)
+        self.protocol.dataReceived(b"\xff\xff\xff\xff")
+        self.protocol.dataReceived(b"HTTP/1.0 200 OK\r\n")
+        self.assertEqual(self.protocol.raw, [PING, b"\xff\xff\xff\xff", b"HTTP/1.0 200 OK\r\n"])
+        self.assertEqual(len(self.protocol.received), 1)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_handshakeSplitThenRaw(self):
+        """A handshake cut across reads, with raw bytes behind its last piece."""
+        self.protocol.dataReceived(self.handshake[:3])
+        self.protocol.dataReceived(self.handshake[3:-1])
+        self.protocol.dataReceived(self.handshake[-1:] + b"\x00\x01")
+        self.protocol.dataReceived(b"\x02")
+        self.assertEqual(len(self.protocol.received), 1)
+        self.assertEqual(b"".join(self.protocol.raw), b"\x00\x01\x02")
+
+    def test_noEmptyRawRead(self):
+        """A handshake with nothing behind it hands on no empty raw read."""
+        self.protocol.dataReceived(self.handshake)
+        self.assertEqual(self.protocol.raw, [])
+
+    def test_framesBeforeSwitchStillDispatched(self):
+        """Frames ahead of the switching frame in the same read are dispatched."""
+        self.protocol.dataReceived(PING + self.handshake + b"raw")
+        self.assertEqual(self.protocol.received,
+                         [Ping(time=7), DataChannel(remote_port=10022, conn_id="c1")])
+        self.assertEqual(self.protocol.raw, [b"raw"])
