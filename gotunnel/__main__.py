@@ -10,12 +10,18 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from twisted.logger import (
-    FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner,
-    textFileLogObserver,
+    FilteringLogObserver, PredicateResult, globalLogBeginner, textFileLogObserver,
 )
 from twisted.python import usage
 
-from gotunnel import tap
+from gotunnel import logs, tap
+from gotunnel.config import ConfigError
+
+def _notOnStderr(event: dict) -> PredicateResult:
+    if event.get("log_namespace") == "gotunnel.report":
+        return PredicateResult.no
+    return PredicateResult.maybe
+
 
 ROLES: dict[str, tuple[type, Callable]] = {
     "server": (tap.ServerOptions, tap.makeServerService),
@@ -25,24 +31,32 @@ ROLES: dict[str, tuple[type, Callable]] = {
 
 def run(role: str, argv: Sequence[str], prog: str) -> int:
     """
-    Parse C{argv} for C{role}, start its service and run the reactor until
-    SIGINT or SIGTERM.  Bad options print one line and return 2.
+    Parse C{argv} (and config.yaml) for C{role}, start its service and run
+    the reactor until SIGINT or SIGTERM.  Bad options print one line (and a
+    hint to read --help), a bad config file one line; both return 2.
     """
     optionsType, makeService = ROLES[role]
     options = optionsType()
     try:
         options.parseOptions(list(argv))
+    except ConfigError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return 2
     except usage.UsageError as e:
         sys.stderr.write(f"{prog}: error: {e}\n{prog}: try '{prog} --help'\n")
         return 2
     from twisted.internet import reactor
 
+    settings = options.settings()
+    # Lines must reach a pipe (journald, tee) as they happen.
+    sys.stdout.reconfigure(line_buffering=True)
+    console = logs.leveledObserver(textFileLogObserver(sys.stdout), settings.log_level,
+                                   settings.log_lang)
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(textFileLogObserver(sys.stdout),
-                              [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])],
-        redirectStandardIO=False)
-    service = makeService(options)
+        # [ERROR] lines are already on stderr, in the Go format.
+        [FilteringLogObserver(console, [_notOnStderr])], redirectStandardIO=False)
     try:
+        service = makeService(options)
         service.startService()
     except Exception as e:
         sys.stderr.write(f"{prog}: error: cannot start: {e}\n")
@@ -62,12 +76,16 @@ def clientMain(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "certs":
+        from gotunnel.certs import main as certsMain
+
+        return certsMain(args[1:])
     if args and args[0] == "demo":
         from gotunnel.demo import main as demoMain
 
         return demoMain(args[1:])
     if not args or args[0] not in ROLES:
-        sys.stderr.write("usage: python -m gotunnel {server|client|demo} [options]\n")
+        sys.stderr.write("usage: python -m gotunnel {server|client|demo|certs} [options]\n")
         return 2
     role = args.pop(0)
     return run(role, args, f"gotunnel {role}")

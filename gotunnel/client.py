@@ -24,14 +24,13 @@ from zope.interface import implementer
 
 from gotunnel import messages
 from gotunnel.config import ClientSettings, Mapping
-from gotunnel.control import MessageReceiver
+from gotunnel.control import MessageReceiver, tlsFailure
 from gotunnel.relay import ConnectionSet, RelayEnd, setNoDelay, splice
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 
 log = Logger()
 
 LOCAL_CONNECT_TIMEOUT = 10
-MISSED_PONGS_ALLOWED = 3
 
 
 def localEndpoint(reactor, host: str, port: int) -> IStreamClientEndpoint:
@@ -53,8 +52,9 @@ class ReportingEndpoint:
     reached.
     """
 
-    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+    def __init__(self, endpoint: IStreamClientEndpoint, lang: str = "en") -> None:
         self.endpoint = endpoint
+        self.lang = lang
 
     def __repr__(self) -> str:
         return f"<server endpoint {self.endpoint!r}>"
@@ -62,7 +62,7 @@ class ReportingEndpoint:
     def connect(self, factory) -> defer.Deferred:
         def failed(failure):
             if not failure.check(defer.CancelledError):
-                reportError(SERVER_UNREACHABLE, failure.getErrorMessage())
+                reportError(SERVER_UNREACHABLE, failure.getErrorMessage(), self.lang)
             return failure
 
         return self.endpoint.connect(factory).addErrback(failed)
@@ -106,7 +106,7 @@ class ControlChannel(MessageReceiver):
     def _ping(self) -> None:
         now = self.tunnel.reactor.seconds()
         silence = now - self.lastPong
-        if silence > MISSED_PONGS_ALLOWED * self.tunnel.settings.heartbeat_interval:
+        if silence > self.tunnel.settings.server_timeout:
             log.warn("no pong from the server for {seconds:.0f} s; reconnecting", seconds=silence)
             self.transport.abortConnection()
             return
@@ -128,6 +128,9 @@ class ControlChannel(MessageReceiver):
     def connectionLost(self, reason=None) -> None:
         if self.heartbeat.running:
             self.heartbeat.stop()
+        why = tlsFailure(reason)
+        if why is not None and not self.registered:
+            reportError(SERVER_UNREACHABLE, why, self.tunnel.settings.log_lang)
         self.tunnel.channelLost(self)
 
 
@@ -280,7 +283,7 @@ class TunnelService(MultiService):
         self.localEndpoint = localEndpoint(reactor, mapping.local_host, mapping.local_port)
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=settings.reconnect_max_delay,
                                       factor=2.0, jitter=random.random)
-        self.connector = ClientService(ReportingEndpoint(serverEndpoint),
+        self.connector = ClientService(ReportingEndpoint(serverEndpoint, settings.log_lang),
                                        ControlChannelFactory(self),
                                        retryPolicy=self._retryDelay, clock=reactor)
         self.connector.setServiceParent(self)
@@ -322,7 +325,7 @@ class TunnelService(MultiService):
 
     def registrationRefused(self, reason: str) -> None:
         if reason == "authentication failed":
-            reportError(AUTHENTICATION_FAILED)
+            reportError(AUTHENTICATION_FAILED, lang=self.settings.log_lang)
         else:
             log.error("the server refused {mapping}: {reason}", mapping=str(self.mapping),
                       reason=reason)
@@ -343,7 +346,8 @@ class TunnelService(MultiService):
         for connecting in list(self._connecting):
             connecting.cancel()
         stopped = defer.maybeDeferred(super().stopService)
-        return stopped.addCallback(lambda _: self.connections.closeAll())
+        return stopped.addCallback(lambda _: self.connections.closeAll(
+            self.reactor, self.settings.shutdown_timeout))
 
     def openDataChannel(self, request: messages.OpenDataChannel) -> None:
         if self.stopping:

@@ -1,14 +1,28 @@
 """
-Settings of the server and the client: one typed object each, built from
-command-line options (and, in time, config.yaml) at the edge.
+Settings of the server and the client: one typed object each, built at the
+edge from config.yaml (the Go gotunnel's keys, plus a few of ours) and
+command-line options.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import socket
 from dataclasses import dataclass, field
+from difflib import get_close_matches
+from typing import Any, Callable, NoReturn, Optional
+
+import yaml
+from twisted.internet.endpoints import quoteStringArgument
+from twisted.python import usage
+
+from gotunnel.i18n import LANGUAGES
 
 DEFAULT_CONTROL_PORT = 17000
+DEFAULT_REMOTE_PORT = 10022
+CONFIG_FILE = "config.yaml"
+LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
 @dataclass
@@ -21,6 +35,15 @@ class ServerSettings:
     heartbeat_timeout: float = 30.0
     heartbeat_check_interval: float = 5.0
     first_frame_timeout: float = 10.0
+    max_pending_per_source: int = 16
+    max_pending_total: int = 1024
+    max_waiting_users: int = 4096
+    auth_failure_delay_max: float = 5.0
+    shutdown_timeout: float = 10.0
+    allow_ports: tuple[range, ...] = ()
+    """Remote ports clients may register; empty: any port."""
+    log_level: str = "info"
+    log_lang: str = "en"
 
 
 @dataclass(frozen=True)
@@ -45,6 +68,12 @@ class ClientSettings:
     heartbeat_interval: float = 10.0
     health_check_interval: float = 30.0
     reconnect_max_delay: float = 16.0
+    # A server that answers no ping for this long is taken for dead (the Go
+    # server's own timeout for a silent client).
+    server_timeout: float = 30.0
+    shutdown_timeout: float = 10.0
+    log_level: str = "info"
+    log_lang: str = "en"
 
 
 def parsePort(text: str, what: str) -> int:
@@ -80,3 +109,296 @@ def parseMapping(text: str) -> Mapping:
             f"bad mapping {text!r}: expected [LOCALHOST:]LOCALPORT:REMOTEPORT, e.g. 22:10022")
     return Mapping(host, parsePort(parts[0], f"local port in {text!r}"),
                    parsePort(parts[1], f"remote port in {text!r}"))
+
+
+def parseLogLevel(text: str, what: str = "the log level") -> str:
+    """
+    One of L{LOG_LEVELS}, in any case; Go's "warning" means "warn".
+    ValueError naming C{what} otherwise.
+    """
+    level = str(text).lower()
+    level = "warn" if level == "warning" else level
+    if level not in LOG_LEVELS:
+        raise ValueError(f"{what} must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return level
+
+
+def parseLogLang(text: str, what: str = "the log language") -> str:
+    """
+    One of the languages we have log messages in ("en", "zh"), in any case;
+    ValueError naming C{what} otherwise.
+    """
+    lang = str(text).lower()
+    if lang not in LANGUAGES:
+        raise ValueError(f"{what} must be one of {', '.join(LANGUAGES)}, got {text!r}")
+    return lang
+
+
+# ---------------------------------------------------------------------------
+# config.yaml
+
+
+class ConfigError(usage.UsageError):
+    """A config file that cannot be used: one sentence naming the file and the key."""
+
+
+def findConfigFile(path: Optional[str]) -> Optional[str]:
+    """
+    The config file to read: C{path} (from --config) if given, else
+    ./config.yaml if it exists, as the Go binaries do; else None.
+    """
+    if path is not None:
+        return path
+    return CONFIG_FILE if os.path.exists(CONFIG_FILE) else None
+
+
+@dataclass
+class ConfigFile:
+    """A parsed config file: its path, its values, and the text of each scalar."""
+
+    path: str
+    data: dict
+    texts: dict
+
+    def serverValues(self) -> dict[str, Any]:
+        """
+        The server: section as L{ServerSettings} fields; only the keys the
+        file sets.  L{ConfigError} for an unknown key or a bad value.
+        """
+        values = self._section("server", _SERVER_KEYS)
+        if "listen" in values:
+            values.pop("addr", None)
+        elif "addr" in values:
+            values["listen"] = values.pop("addr")
+        if "allow_ports" in values:
+            values["allow_ports"] = tuple(values["allow_ports"])
+        return values
+
+    def clientValues(self) -> dict[str, Any]:
+        """
+        The client: section as L{ClientSettings} fields; only the keys the
+        file sets.  local_ports with remote_port, and tunnels, become
+        C{mappings}.  L{ConfigError} for an unknown key or a bad value.
+        """
+        values = self._section("client", _CLIENT_KEYS)
+        if "server" in values:
+            values.pop("server_addr", None)
+        elif "server_addr" in values:
+            values["server"] = values.pop("server_addr")
+        localPorts = values.pop("local_ports", [])
+        remotePort = values.pop("remote_port", DEFAULT_REMOTE_PORT)
+        mappings = [Mapping("127.0.0.1", port, remotePort + i)
+                    for i, port in enumerate(localPorts)]
+        if mappings and mappings[-1].remote_port > 65535:
+            self._fail(f"client.local_ports has {len(mappings)} ports, published on "
+                       f"client.remote_port {remotePort} and the ports after it; "
+                       f"{mappings[-1].remote_port} is above 65535")
+        mappings += values.pop("tunnels", [])
+        remotePorts = [m.remote_port for m in mappings]
+        for port in remotePorts:
+            if remotePorts.count(port) > 1:
+                self._fail(f"remote port {port} is published twice "
+                           f"(client.local_ports, client.remote_port, client.tunnels)")
+        if mappings:
+            values["mappings"] = mappings
+        return values
+
+    def _section(self, name: str, keys: dict[str, Callable]) -> dict[str, Any]:
+        section = self.data.get(name)
+        texts = self.texts.get(name) if isinstance(self.texts, dict) else None
+        if section is None:
+            return {}
+        if not isinstance(section, dict):
+            self._fail(f"{name} must be a mapping of keys, got {section!r}")
+        values = {}
+        for key, value in section.items():
+            if key not in keys:
+                close = get_close_matches(str(key), keys, 1)
+                hint = f" (did you mean {name}.{close[0]}?)" if close else ""
+                self._fail(f"{name}.{key} is not a known key{hint}")
+            if value is None:
+                continue
+            text = texts.get(key) if isinstance(texts, dict) else None
+            try:
+                values[key] = keys[key](value, text, f"{name}.{key}")
+            except ValueError as e:
+                self._fail(str(e))
+        return values
+
+    def _fail(self, sentence: str) -> NoReturn:
+        raise ConfigError(f"{self.path}: {sentence}")
+
+
+def readConfigFile(path: str) -> ConfigFile:
+    """
+    Read and parse C{path}; L{ConfigError} if it cannot be read, is not
+    YAML, or has a top-level section other than server: and client:.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+    try:
+        data = yaml.safe_load(text)
+        # The same document with every scalar as the text it was written
+        # as: a token or name written 0123 or yes stays "0123" or "yes".
+        texts = yaml.load(text, Loader=yaml.BaseLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        data, texts = {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected server: and/or client: sections, got {data!r}")
+    for section in data:
+        if section not in ("server", "client"):
+            raise ConfigError(f"{path}: unknown section {section!r}; "
+                              f"expected server: and/or client:")
+    return ConfigFile(path, data, texts)
+
+
+# Each key's reader takes (value, the text it was written as, key name) and
+# returns the value for the settings, or raises ValueError naming the key.
+
+
+def _text(value: Any, text: Any, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, (list, dict)) and isinstance(text, str):
+        return text
+    raise ValueError(f"{name} must be text, got {value!r}")
+
+
+def _port(value: Any, text: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a port number from 1 to 65535, got {value!r}")
+    return parsePort(value, name)
+
+
+def _seconds(value: Any, text: Any, name: str) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{name} must be a number of seconds greater than 0, got {value!r}")
+    return float(value)
+
+
+def _logLevel(value: Any, text: Any, name: str) -> str:
+    return parseLogLevel(_text(value, text, name), name)
+
+
+def _logLang(value: Any, text: Any, name: str) -> str:
+    return parseLogLang(_text(value, text, name), name)
+
+
+def _hostAndPort(value: Any, text: Any, name: str) -> tuple[str, int]:
+    """HOST:PORT, [IPV6]:PORT or :PORT, as Go's net package writes addresses."""
+    address = _text(value, text, name)
+    host, colon, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        colon = ""
+    if not colon or not port.isdigit():
+        raise ValueError(f"{name} must be HOST:PORT (an IPv6 host in brackets, "
+                         f"[::1]:17000), got {address!r}")
+    return host, parsePort(port, f"the port in {name}")
+
+
+def _listenAddress(value: Any, text: Any, name: str) -> str:
+    host, port = _hostAndPort(value, text, name)
+    return f"tcp:{port}:interface={quoteStringArgument(host)}" if host else f"tcp:{port}"
+
+
+def _serverAddress(value: Any, text: Any, name: str) -> str:
+    host, port = _hostAndPort(value, text, name)
+    return f"tcp:{quoteStringArgument(host or '127.0.0.1')}:{port}"
+
+
+def _listOf(read: Callable) -> Callable:
+    """A reader of a list of items (or of one item alone) that C{read} reads."""
+
+    def readList(value: Any, text: Any, name: str) -> list:
+        if not isinstance(value, list):
+            value, text = [value], [text]
+        texts = text if isinstance(text, list) and len(text) == len(value) else [None] * len(value)
+        return [read(item, itemText, f"{name}[{i}]")
+                for i, (item, itemText) in enumerate(zip(value, texts))]
+
+    return readList
+
+
+def _portRange(value: Any, text: Any, name: str) -> range:
+    if isinstance(value, str) and "-" in value:
+        first, _, last = (part.strip() for part in value.partition("-"))
+        if first.isdigit() and last.isdigit():
+            low, high = parsePort(first, name), parsePort(last, name)
+            if low > high:
+                raise ValueError(f"{name} must be a range LOW-HIGH with LOW <= HIGH, "
+                                 f"got {value!r}")
+            return range(low, high + 1)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a port or a range like 10000-10100, got {value!r}")
+    port = parsePort(value, name)
+    return range(port, port + 1)
+
+
+_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port}
+
+
+def _tunnel(value: Any, text: Any, name: str) -> Mapping:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping with local_port and remote_port, "
+                         f"got {value!r}")
+    texts = text if isinstance(text, dict) else {}
+    fields = {"local_host": "127.0.0.1"}
+    for key, item in value.items():
+        if key not in _TUNNEL_KEYS:
+            raise ValueError(f"{name}.{key} is not a known key "
+                             f"(expected {', '.join(_TUNNEL_KEYS)})")
+        if item is not None:
+            fields[key] = _TUNNEL_KEYS[key](item, texts.get(key), f"{name}.{key}")
+    for key in ("local_port", "remote_port"):
+        if key not in fields:
+            raise ValueError(f"{name}.{key} is missing")
+    if not fields["local_host"]:
+        raise ValueError(f"{name}.local_host must not be empty")
+    return Mapping(**fields)
+
+
+_SERVER_KEYS: dict[str, Callable] = {
+    # The Go gotunnel's keys.
+    "addr": _listenAddress,
+    "token": _text,
+    "log_level": _logLevel,
+    "log_lang": _logLang,
+    # Ours.
+    "listen": _text,
+    "allow_ports": _listOf(_portRange),
+    "public_interface": _text,
+    "data_channel_timeout": _seconds,
+    "heartbeat_timeout": _seconds,
+}
+
+_CLIENT_KEYS: dict[str, Callable] = {
+    # The Go gotunnel's keys.
+    "name": _text,
+    "token": _text,
+    "server_addr": _serverAddress,
+    "local_ports": _listOf(_port),
+    "remote_port": _port,
+    "heartbeat_interval": _seconds,
+    "health_check_interval": _seconds,
+    "log_level": _logLevel,
+    "log_lang": _logLang,
+    # Ours.
+    "server": _text,
+    "tunnels": _listOf(_tunnel),
+}

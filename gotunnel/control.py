@@ -9,6 +9,7 @@ from typing import Optional
 
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
 
 from gotunnel import messages
 from gotunnel.messages import Message, ProtocolError
@@ -28,6 +29,21 @@ def describePeer(transport: object) -> str:
     if host is None:
         return str(peer)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def tlsFailure(reason: Optional[Failure]) -> Optional[str]:
+    """
+    What went wrong, if a connection ended because its TLS handshake or the
+    peer's certificate failed; None for any other ending.
+    """
+    if reason is None:
+        return None
+    from OpenSSL.SSL import Error as SSLError
+    from service_identity import VerificationError
+
+    if reason.check(SSLError, VerificationError):
+        return reason.getErrorMessage()
+    return None
 
 
 class MessageReceiver(Int32StringReceiver):

@@ -126,18 +126,24 @@ MESSAGE_TYPES: dict[str, type] = {
 _PORT_FIELDS = frozenset({"local_port", "remote_port", "port"})
 
 
+def _jsonType(value: object) -> str:
+    # Errors name the type, never the value: the value may be a token.
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def _checkField(typeName: str, name: str, expected: type, value: object) -> None:
     # bool is a subclass of int in Python but not a number in JSON.
     if expected is int:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ProtocolError(f"{typeName}.{name} must be an integer, got {value!r:.40}")
+            raise ProtocolError(f"{typeName}.{name} must be an integer, got a {_jsonType(value)}")
         if name in _PORT_FIELDS and not 0 <= value <= 65535:
             raise ProtocolError(f"{typeName}.{name} must be a port from 0 to 65535, got {value}")
         if name == "time" and not -(2**63) <= value < 2**63:
             raise ProtocolError(f"{typeName}.time is out of range")
     elif expected is str:
         if not isinstance(value, str):
-            raise ProtocolError(f"{typeName}.{name} must be a string, got {value!r:.40}")
+            raise ProtocolError(f"{typeName}.{name} must be a string, got a {_jsonType(value)}")
         if len(value) > MAX_STRING:
             raise ProtocolError(f"{typeName}.{name} is longer than {MAX_STRING} characters")
 

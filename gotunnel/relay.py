@@ -82,6 +82,10 @@ class RelayEnd:
         Send end-of-stream after what is buffered, where the transport can
         half-close; otherwise close it once the buffer has drained.
         """
+        # The other side has read its last byte: it must not stay our
+        # producer, or a full buffer draining would resume it instead of
+        # sending the end-of-stream (see FileDescriptor.doWrite).
+        self.transport.unregisterProducer()
         if IHalfCloseableDescriptor.providedBy(self.transport):
             self.transport.loseWriteConnection()
         else:
@@ -95,6 +99,9 @@ class RelayEnd:
         peer, self.peer = self.peer, None
         if peer is not None:
             peer.peer = None
+            # As in shutdownWrite: a dead producer would be resumed instead
+            # of the connection being closed once its buffer drains.
+            peer.transport.unregisterProducer()
             peer.transport.loseConnection()
 
     def _flushHeld(self) -> None:
@@ -141,10 +148,11 @@ class ConnectionSet:
         for waiter in self._live.pop(protocol, ()):
             waiter.callback(None)
 
-    def closeAll(self) -> Deferred:
+    def closeAll(self, clock, timeout: float) -> Deferred:
         """
-        Close every connection once what it has buffered is written; fires
-        when all are gone.
+        Close every connection once what it has buffered is written, and
+        abort those still open after C{timeout} seconds (a peer that stopped
+        reading must not keep us from stopping); fires when all are gone.
         """
         waiting = []
         for protocol, waiters in list(self._live.items()):
@@ -152,4 +160,19 @@ class ConnectionSet:
             waiters.append(waiter)
             waiting.append(waiter)
             protocol.transport.loseConnection()
-        return DeferredList(waiting)
+        if not waiting:
+            return DeferredList([])
+
+        def abortTheRest() -> None:
+            for protocol in list(self._live):
+                protocol.transport.abortConnection()
+
+        deadline = clock.callLater(timeout, abortTheRest)
+        allGone = DeferredList(waiting)
+
+        def gone(result):
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        return allGone.addBoth(gone)

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from gotunnel import messages
 from gotunnel.config import ServerSettings
-from gotunnel.control import MessageReceiver
+from gotunnel.control import MessageReceiver, tlsFailure
 from gotunnel.relay import ConnectionSet, RelayEnd, setNoDelay, splice
 
 log = Logger()
@@ -262,11 +262,15 @@ class TunnelRegistry:
         refuse it, or None.
         """
         settings = self.settings
+        if host in self.clientHosts:
+            # A registered client's data channels come in bursts; strangers'
+            # idle connections must not starve them.
+            self.pending[host] = self.pending.get(host, 0) + 1
+            return None
         if sum(self.pending.values()) >= settings.max_pending_total:
             return (f"{settings.max_pending_total} connections are already waiting "
                     "for their first frame")
-        if host not in self.clientHosts and self.pending.get(host, 0) >= \
-                settings.max_pending_per_source:
+        if self.pending.get(host, 0) >= settings.max_pending_per_source:
             return (f"{settings.max_pending_per_source} connections from this address are "
                     "already waiting for their first frame")
         self.pending[host] = self.pending.get(host, 0) + 1
@@ -330,6 +334,10 @@ class TunnelRegistry:
                 raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
             if not 1 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
+            allowed = self.settings.allow_ports
+            if allowed and not any(msg.remote_port in ports for ports in allowed):
+                raise RegistrationRefused(
+                    f"remote port {msg.remote_port} is not allowed on this server")
         except RegistrationRefused as e:
             return defer.fail(e)
         previous = self.tunnels.get(msg.remote_port)
@@ -398,7 +406,8 @@ class TunnelRegistry:
         for tunnel in list(self.tunnels.values()):
             tunnel.close()
         stopping = defer.DeferredList([_whenFired(d) for d in list(self._stoppingListeners)])
-        return stopping.addCallback(lambda _: self.connections.closeAll())
+        return stopping.addCallback(lambda _: self.connections.closeAll(
+            self.clock, self.settings.shutdown_timeout))
 
 
 class ServerChannel(MessageReceiver, RelayEnd):
@@ -436,9 +445,16 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.registry.settings.first_frame_timeout, self._firstFrameTimedOut)
 
     def _releasePending(self) -> None:
+        """
+        This connection is now a control or data channel, or gone: it no
+        longer counts against the caps on connections not yet accepted.
+        """
         if self.pendingHost is not None:
             self.registry.release(self.pendingHost)
             self.pendingHost = None
+        self._cancelFirstFrameTimeout()
+
+    def _cancelFirstFrameTimeout(self) -> None:
         if self.firstFrameCall is not None:
             self.firstFrameCall.cancel()
             self.firstFrameCall = None
@@ -474,7 +490,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if self.role != "new":
             self.protocolError(f"{kind} on a connection that is already a {self.role} channel")
             return False
-        self._releasePending()
+        # Still counted as pending until accepted: a connection held for a
+        # delayed refusal must stay under the caps.
+        self._cancelFirstFrameTimeout()
         return True
 
     def _requireControl(self, kind: str) -> bool:
@@ -497,6 +515,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
             return
         self.role = "control"
         self.tunnel = tunnel
+        self._releasePending()
         self.registry.clientArrived(self.host)
         self.sendMessage(messages.RegisterResp(status="ok"))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
@@ -559,6 +578,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.refuse(str(e))
             return
         self.role = "data"
+        self._releasePending()
         self.sendMessage(messages.RegisterResp(status="ok"))
         self.switchToRaw()
         log.info("data channel for port {remote_port} ready in {ms:.1f} ms",
@@ -576,6 +596,11 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
+        if self.role == "new":
+            why = tlsFailure(reason)
+            if why is not None:
+                log.warn("TLS handshake with {peer} failed: {why}",
+                         peer=self.peerDescription, why=why)
         self._releasePending()
         if self.refusalCall is not None:
             self.refusalCall.cancel()

@@ -1,15 +1,26 @@
 """
 Command-line options and makeService for both roles: the one code path
 behind the twistd plugins, the console scripts and C{python -m gotunnel}.
+
+Settings come from config.yaml (./config.yaml if it exists, or --config
+FILE), and options given on the command line override the file's keys.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Optional
+
 from twisted.application.service import IService
+from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.python import usage
 
+from gotunnel import logs
 from gotunnel.client import TunnelClientService
-from gotunnel.config import ClientSettings, ServerSettings, parseMapping
+from gotunnel.config import (
+    LOG_LEVELS, ClientSettings, ConfigError, ConfigFile, ServerSettings, findConfigFile,
+    parseLogLang, parseLogLevel, parseMapping, readConfigFile,
+)
+from gotunnel.i18n import LANGUAGES
 
 
 def _positive(text: str) -> float:
@@ -22,52 +33,171 @@ def _positive(text: str) -> float:
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
 
 
-class ServerOptions(usage.Options):
+def _logLevel(text: str) -> str:
+    return parseLogLevel(text, "--log-level")
+
+
+_logLevel.coerceDoc = f"One of {', '.join(LOG_LEVELS)}."  # type: ignore[attr-defined]
+
+
+def _logLang(text: str) -> str:
+    return parseLogLang(text, "--log-lang")
+
+
+_logLang.coerceDoc = f"One of {', '.join(LANGUAGES)}."  # type: ignore[attr-defined]
+
+_CONFIG_OPTION = [
+    "config", "c", None,
+    "Read settings from this YAML file (default: ./config.yaml, if it exists). "
+    "Options given here override its keys."]
+
+
+def _logOptions(role: str) -> list[list[Any]]:
+    return [
+        ["log-level", None, None,
+         f"Log events at this level and above (default: info; {role}.log_level)", _logLevel],
+        ["log-lang", None, None,
+         f"Language of log messages (default: en; {role}.log_lang)", _logLang],
+    ]
+
+
+def _endpointPort(endpoint: object) -> Optional[int]:
+    # Twisted's endpoints keep their port to themselves; look through
+    # wrappers (tls:) for the one that has it.
+    while endpoint is not None:
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int):
+            return port
+        endpoint = getattr(endpoint, "_wrappedEndpoint", None)
+    return None
+
+
+def checkEndpoint(description: str, kind: str, where: str) -> None:
+    """
+    Refuse, as a usage error naming C{where}, an endpoint string that
+    Twisted cannot parse or whose port is out of range, before anything
+    starts.  C{kind} is "server" (listen) or "client" (connect).
+    """
+    from twisted.internet import reactor
+
+    parse = serverFromString if kind == "server" else clientFromString
+    try:
+        endpoint = parse(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(
+            f"{where} {description!r} is not a usable endpoint: {e}") from None
+    port = _endpointPort(endpoint)
+    lowest = 0 if kind == "server" else 1
+    if port is not None and not lowest <= port <= 65535:
+        raise usage.UsageError(
+            f"{where} {description!r}: the port must be from {lowest} to 65535, got {port}")
+
+
+class _SettingsOptions(usage.Options):
+    """
+    Options that, with the config file's section for C{role}, make one
+    settings object: the file's values, then every option given here.
+    """
+
+    role: str
+    settingsType: Callable[..., Any]
+    fields: dict[str, str]
+    """Option name -> settings field, for the options that override the file."""
+
+    def fileValues(self, configFile: ConfigFile) -> dict[str, Any]:
+        raise NotImplementedError()
+
+    def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        """Raise L{usage.UsageError} if C{values} cannot make settings."""
+
+    def postOptions(self) -> None:
+        source = findConfigFile(self["config"])
+        values = self.fileValues(readConfigFile(source)) if source else {}
+        values.update((field, self[option]) for option, field in self.fields.items()
+                      if self[option] is not None)
+        if not values.get("token"):
+            if source:
+                raise ConfigError(f"{source}: {self.role}.token is missing "
+                                  f"(set it there or give --token TOKEN)")
+            raise usage.UsageError("a token is required: --token TOKEN")
+        self.check(values, source)
+        self._settings = self.settingsType(**values)
+        option, kind = self.endpointOption
+        checkEndpoint(getattr(self._settings, option), kind,
+                      f"--{option}" if self[option] is not None or not source
+                      else f"{source}: {self.role}.{option}")
+        logs.logThroughTwistd(self, self._settings.log_level, self._settings.log_lang)
+
+    def settings(self) -> Any:
+        """The L{ServerSettings} or L{ClientSettings} made from the file and the options."""
+        return self._settings
+
+
+class ServerOptions(_SettingsOptions):
     synopsis = "[options]"
     longdesc = ("Publish the services of gotunnel clients on this machine's ports. "
                 "Clients connect to the control endpoint.")
 
     optParameters = [
-        ["listen", "l", "tcp:17000",
+        _CONFIG_OPTION,
+        ["listen", "l", None,
          "Control endpoint clients connect to (a Twisted endpoint string, "
-         "e.g. tcp:17000 or ssl:17000:privateKey=key.pem:certKey=cert.pem)."],
-        ["token", "t", None, "Shared secret clients must present (required)."],
-        ["public-interface", None, "0.0.0.0",
-         "Address the public ports listen on (:: for IPv6 and IPv4)."],
-        ["data-timeout", None, 60.0,
-         "Seconds a user waits for the client's data channel before being closed.",
+         "e.g. tcp:17000 or ssl:17000:privateKey=key.pem:certKey=cert.pem) "
+         f"(default: {ServerSettings.listen}; server.listen or server.addr)."],
+        ["token", "t", None, "Shared secret clients must present (required; server.token)."],
+        ["public-interface", None, None,
+         "Address the public ports listen on (:: for IPv6 and IPv4) "
+         f"(default: {ServerSettings.public_interface}; server.public_interface)."],
+        ["data-timeout", None, None,
+         "Seconds a user waits for the client's data channel before being closed "
+         f"(default: {ServerSettings.data_channel_timeout:g}; server.data_channel_timeout)",
          _positive],
-        ["heartbeat-timeout", None, 30.0,
-         "Seconds of silence after which a client is dropped.", _positive],
-    ]
+        ["heartbeat-timeout", None, None,
+         "Seconds of silence after which a client is dropped "
+         f"(default: {ServerSettings.heartbeat_timeout:g}; server.heartbeat_timeout)",
+         _positive],
+    ] + _logOptions("server")
 
-    def postOptions(self) -> None:
-        if not self["token"]:
-            raise usage.UsageError("a token is required: --token TOKEN")
+    role = "server"
+    endpointOption = ("listen", "server")
+    settingsType = ServerSettings
+    fields = {"listen": "listen", "token": "token", "public-interface": "public_interface",
+              "data-timeout": "data_channel_timeout", "heartbeat-timeout": "heartbeat_timeout",
+              "log-level": "log_level", "log-lang": "log_lang"}
 
-    def settings(self) -> ServerSettings:
-        return ServerSettings(
-            listen=self["listen"], token=self["token"],
-            public_interface=self["public-interface"],
-            data_channel_timeout=self["data-timeout"],
-            heartbeat_timeout=self["heartbeat-timeout"])
+    def fileValues(self, configFile: ConfigFile) -> dict[str, Any]:
+        return configFile.serverValues()
 
 
-class ClientOptions(usage.Options):
+class ClientOptions(_SettingsOptions):
     synopsis = "[options] --map [LOCALHOST:]LOCALPORT:REMOTEPORT ..."
     longdesc = ("Publish local services through a gotunnel server. Each --map "
                 "makes LOCALHOST:LOCALPORT reachable on the server's REMOTEPORT.")
 
     optParameters = [
-        ["server", "s", "tcp:127.0.0.1:17000",
+        _CONFIG_OPTION,
+        ["server", "s", None,
          "The server's control endpoint (a Twisted endpoint string, e.g. "
-         "tcp:tunnel.example.com:17000 or tls:tunnel.example.com:17000)."],
-        ["token", "t", None, "Shared secret of the server (required)."],
-        ["name", "n", None, "This client's name (default: the host name)."],
-        ["heartbeat-interval", None, 10.0, "Seconds between pings.", _positive],
-        ["health-check-interval", None, 30.0,
-         "Seconds between probes of the local services.", _positive],
-    ]
+         "tcp:tunnel.example.com:17000 or tls:tunnel.example.com:17000) "
+         f"(default: {ClientSettings.server}; client.server or client.server_addr)."],
+        ["token", "t", None, "Shared secret of the server (required; client.token)."],
+        ["name", "n", None, "This client's name (default: the host name; client.name)."],
+        ["heartbeat-interval", None, None,
+         f"Seconds between pings (default: {ClientSettings.heartbeat_interval:g}; "
+         "client.heartbeat_interval)", _positive],
+        ["health-check-interval", None, None,
+         "Seconds between probes of the local services "
+         f"(default: {ClientSettings.health_check_interval:g}; "
+         "client.health_check_interval)", _positive],
+    ] + _logOptions("client")
+
+    role = "client"
+    endpointOption = ("server", "client")
+    settingsType = ClientSettings
+    fields = {"server": "server", "token": "token", "name": "name",
+              "heartbeat-interval": "heartbeat_interval",
+              "health-check-interval": "health_check_interval",
+              "log-level": "log_level", "log-lang": "log_lang"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,7 +206,7 @@ class ClientOptions(usage.Options):
     def opt_map(self, value: str) -> None:
         """
         A local service to publish: [LOCALHOST:]LOCALPORT:REMOTEPORT
-        (repeatable).
+        (repeatable; replaces the services of the config file).
         """
         try:
             self["map"].append(parseMapping(value))
@@ -85,24 +215,24 @@ class ClientOptions(usage.Options):
 
     opt_m = opt_map
 
-    def postOptions(self) -> None:
-        if not self["token"]:
-            raise usage.UsageError("a token is required: --token TOKEN")
-        if not self["map"]:
+    def fileValues(self, configFile: ConfigFile) -> dict[str, Any]:
+        return configFile.clientValues()
+
+    def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        if self["map"]:
+            values["mappings"] = list(self["map"])
+        if not values.get("mappings"):
+            if source:
+                raise ConfigError(
+                    f"{source}: nothing to publish: set client.local_ports (with "
+                    f"client.remote_port) or client.tunnels, or give --map")
             raise usage.UsageError(
                 "nothing to publish: give --map [LOCALHOST:]LOCALPORT:REMOTEPORT")
-        remotePorts = [m.remote_port for m in self["map"]]
+        remotePorts = [m.remote_port for m in values["mappings"]]
         if len(set(remotePorts)) != len(remotePorts):
             raise usage.UsageError("two --map options name the same remote port")
-
-    def settings(self) -> ClientSettings:
-        settings = ClientSettings(
-            server=self["server"], token=self["token"], mappings=list(self["map"]),
-            heartbeat_interval=self["heartbeat-interval"],
-            health_check_interval=self["health-check-interval"])
-        if self["name"]:
-            settings.name = self["name"]
-        return settings
+        if not values.get("name"):
+            values.pop("name", None)
 
 
 def makeServerService(options: ServerOptions, reactor=None) -> IService:

@@ -762,3 +762,210 @@ def gotunnelObjects() -> dict[str, int]:
 def openFileDescriptors() -> int:
     """How many file descriptors this process has open (Linux)."""
     return len(os.listdir("/proc/self/fd"))
+
+
+# ---------------------------------------------------------------------------
+# Local services whose connections a test can reach (a sink, a source that
+# writes under flow control, one that answers at end-of-stream), a web site
+# whose connections are closed at cleanup, and writing until the kernel has
+# the bytes.  Used by test_e2e_tunnel.py.
+
+from twisted.web.http import HTTPChannel  # noqa: E402
+from twisted.web.server import Site  # noqa: E402
+
+
+class ServiceConnection(User):
+    """
+    One connection to a L{LocalService}: a sink that collects what it reads,
+    like a L{User} (C{whenReceived}, C{readClosed} at end-of-stream, after
+    which it closes, C{closed} once gone).
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.service._connected(self)
+
+
+@implementer(IPullProducer)
+class Source(ServiceConnection):
+    """
+    Sends its factory's C{payload} on connect, C{chunkSize} bytes each time
+    the transport has drained, then closes.  L{whenFlushed} fires once a
+    given number of bytes has gone to the kernel.
+    """
+
+    chunkSize = 64 * 1024
+    sent = 0
+    flushed = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._flushWaiters: list[tuple[int, defer.Deferred]] = []
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.transport.registerProducer(self, False)
+
+    def whenFlushed(self, size: int) -> defer.Deferred:
+        """Fires with the count once at least C{size} bytes have gone to the kernel."""
+        if self.flushed >= size:
+            return defer.succeed(self.flushed)
+        waiter: defer.Deferred = defer.Deferred()
+        self._flushWaiters.append((size, waiter))
+        return waiter
+
+    def resumeProducing(self) -> None:
+        # Called when the transport's buffer is empty: all written so far
+        # is in the kernel.
+        self.flushed = self.sent
+        still = []
+        for size, waiter in self._flushWaiters:
+            if self.flushed >= size:
+                waiter.callback(self.flushed)
+            else:
+                still.append((size, waiter))
+        self._flushWaiters = still
+        payload = self.factory.payload
+        if self.transport.disconnecting or self.sent >= len(payload):
+            # A registered pull producer keeps loseConnection waiting.
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            return
+        chunk = payload[self.sent:self.sent + self.chunkSize]
+        self.sent += len(chunk)
+        self.transport.write(chunk)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class AnswerAtEnd(ServiceConnection):
+    """
+    Reads until end-of-stream, then writes its factory's C{answer(request)}
+    and closes: like a service that needs the whole request first.
+    """
+
+    def readConnectionLost(self) -> None:
+        self.readClosed.callback(self.data)
+        self.transport.write(self.factory.answer(self.data))
+        self.transport.loseConnection()
+
+
+class LocalService:
+    """
+    A local service on 127.0.0.1 serving C{protocol} (a L{ServiceConnection});
+    the test takes its connections in order of arrival with
+    L{nextConnection}.  It is stopped, with its connections closed, when the
+    test ends.  Keyword arguments become attributes of the factory.
+    """
+
+    def __init__(self, testCase, protocol: type = ServiceConnection, **attributes) -> None:
+        self.factory = Factory.forProtocol(protocol)
+        self.factory.noisy = False
+        self.factory.service = self
+        for name, value in attributes.items():
+            setattr(self.factory, name, value)
+        self.connections: list[ServiceConnection] = []
+        self._taken = 0
+        self._waiters: list[defer.Deferred] = []
+        self.listener = reactor.listenTCP(0, self.factory, interface=HOST)
+        self.port = self.listener.getHost().port
+        testCase.addCleanup(self.stop)
+
+    def _connected(self, connection: ServiceConnection) -> None:
+        self.connections.append(connection)
+        if self._waiters:
+            self._taken += 1
+            self._waiters.pop(0).callback(connection)
+
+    def nextConnection(self) -> defer.Deferred:
+        """Fires with the first connection not yet taken (once it arrives)."""
+        if self._taken < len(self.connections):
+            self._taken += 1
+            return defer.succeed(self.connections[self._taken - 1])
+        waiter: defer.Deferred = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def stop(self) -> defer.Deferred:
+        """Stop listening and close every connection; fires once all are gone."""
+        listener, self.listener = self.listener, None
+        stopping = [defer.maybeDeferred(listener.stopListening)] if listener else []
+        for connection in self.connections:
+            if not connection.closed.called:
+                connection.transport.loseConnection()
+        return defer.DeferredList(stopping + [c.closed for c in self.connections])
+
+
+def listenService(testCase, protocol: type = ServiceConnection, **attributes) -> LocalService:
+    """A L{LocalService} on a port the OS picks."""
+    return LocalService(testCase, protocol, **attributes)
+
+
+class _TrackedHTTPChannel(HTTPChannel):
+    """An HTTP/1.1 channel that its site closes, and waits for, at cleanup."""
+
+    def connectionMade(self) -> None:
+        self.gone: defer.Deferred = defer.Deferred()
+        self.factory.channels.append(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.gone.callback(None)
+
+
+def listenWeb(testCase, resource) -> int:
+    """
+    Serve C{resource} with twisted.web (HTTP/1.x) on 127.0.0.1; the site
+    stops, and its connections are closed, when the test ends.  Returns the
+    port.
+    """
+    site = Site(resource)
+    site.noisy = False
+    site.protocol = _TrackedHTTPChannel
+    site.channels = []
+    port = reactor.listenTCP(0, site, interface=HOST)
+
+    def cleanup():
+        for channel in site.channels:
+            if not channel.gone.called:
+                channel.transport.loseConnection()
+        return defer.DeferredList([defer.maybeDeferred(port.stopListening)] +
+                                  [channel.gone for channel in site.channels])
+
+    testCase.addCleanup(cleanup)
+    return port.getHost().port
+
+
+@implementer(IPullProducer)
+class _WriteThenDrain:
+    def __init__(self, transport, data: bytes) -> None:
+        self.transport = transport
+        self.data = data
+        self.drained: defer.Deferred = defer.Deferred()
+
+    def resumeProducing(self) -> None:
+        if self.data is not None:
+            # The first call, from registerProducer itself.
+            data, self.data = self.data, None
+            self.transport.write(data)
+            return
+        # The buffer is empty again: the kernel has every byte.
+        self.transport.unregisterProducer()
+        self.drained.callback(None)
+
+    def stopProducing(self) -> None:
+        if not self.drained.called:
+            self.drained.errback(error.ConnectionLost("closed before the bytes were written"))
+
+
+def writeAndDrain(transport, data: bytes) -> defer.Deferred:
+    """
+    Write C{data} to C{transport} (which must have no producer); fires once
+    the transport has handed all of it to the kernel.
+    """
+    writer = _WriteThenDrain(transport, data)
+    transport.registerProducer(writer, False)
+    return writer.drained
