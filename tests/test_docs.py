@@ -1,0 +1,99 @@
+"""
+The commands the README and docs/ show, run as written (with ports the OS
+picks instead of fixed ones): the walk-through with the console scripts and
+python3 -m http.server, and the embedding example under twistd -ny.
+"""
+
+import os
+import re
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.trial import unittest
+
+from tests.support import (
+    HOST, Tunnel, User, echoedThrough, freePort, listenTarget, spawn, temporaryDirectory,
+    venvScript, within,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT = 60
+TOKEN = "s3cret"
+
+
+@defer.inlineCallbacks
+def httpGet(port: int, path: str = "/") -> defer.Deferred:
+    """The whole answer to an HTTP/1.0 GET of C{path} on 127.0.0.1:C{port}."""
+    user = User()
+    yield connectProtocol(TCP4ClientEndpoint(reactor, HOST, port), user)
+    user.transport.write(f"GET {path} HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+    answer = yield within(user.closed, START_TIMEOUT, "the HTTP answer")
+    return answer
+
+
+class ReadmeWalkThroughTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_httpServerThroughTheTunnel(self):
+        """
+        README: gotunnel-server, python3 -m http.server bound to localhost,
+        gotunnel-client --map LOCAL:PUBLIC, then a GET on the public port.
+        """
+        directory = temporaryDirectory(self)
+        with open(os.path.join(directory, "hello.txt"), "w") as f:
+            f.write("hello through the tunnel\n")
+        control, web, public = freePort(), freePort(), freePort()
+        server = spawn(self, [venvScript("gotunnel-server"), "--token", TOKEN,
+                              "--listen", f"tcp:{control}:interface={HOST}",
+                              "--public-interface", HOST], directory)
+        page = spawn(self, [sys.executable, "-m", "http.server", str(web), "--bind", HOST],
+                     directory)
+        yield within(server.whenOutput("control channel listening"), START_TIMEOUT,
+                     "the server to listen")
+        yield within(page.whenOutput("Serving HTTP"), START_TIMEOUT, "http.server to start")
+        client = spawn(self, [venvScript("gotunnel-client"), "--server",
+                              f"tcp:{HOST}:{control}", "--token", TOKEN,
+                              "--map", f"{web}:{public}"], directory)
+        yield within(client.whenOutput("registered"), START_TIMEOUT, "the client to register")
+
+        answer = yield httpGet(public, "/hello.txt")
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer[:100])
+        self.assertTrue(answer.endswith(b"\r\n\r\nhello through the tunnel\n"), answer[-100:])
+
+        for child in (client, server, page):
+            child.sendSignal("TERM")
+            yield within(child.ended, START_TIMEOUT, f"{child.argv[0]} to stop")
+        for child in (client, server):
+            self.assertEqual(child.exitCode, 0, child.describe())
+            self.assertNotIn("Traceback", child.stdout + child.stderr)
+            self.assertNotIn(TOKEN, child.stdout + child.stderr)
+
+
+class EmbeddingExampleTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_tacFileServesATunnel(self):
+        """
+        docs/deployment.md: twistd -ny docs/examples/gotunnel.tac runs a
+        server that a client registers with and tunnels through.
+        """
+        directory = temporaryDirectory(self)
+        tac = os.path.join(REPO, "docs", "examples", "gotunnel.tac")
+        env = {"GOTUNNEL_TOKEN": TOKEN, "GOTUNNEL_LISTEN": f"tcp:0:interface={HOST}",
+               "GOTUNNEL_PUBLIC_INTERFACE": HOST}
+        twistd = spawn(self, [venvScript("twistd"), "-ny", tac, "--pidfile="], directory, env)
+        found = yield within(
+            twistd.whenOutput(re.compile(r"control channel listening on [\d.]+:(\d+)")),
+            START_TIMEOUT, "the embedded server to listen")
+
+        tunnel = Tunnel(self)
+        tunnel.controlPort = int(found.group(1))
+        target = listenTarget(self)
+        client, public = yield within(tunnel.publish(target, token=TOKEN), START_TIMEOUT,
+                                      "registration with the embedded server")
+        self.assertTrue((yield echoedThrough(self, public, os.urandom(65536), START_TIMEOUT)))
+        yield client.stopService()
+
+        twistd.sendSignal("TERM")
+        yield within(twistd.ended, START_TIMEOUT, "twistd to stop")
+        self.assertIn("Server Shut Down.", twistd.stdout, twistd.describe())
+        self.assertNotIn("Traceback", twistd.stdout + twistd.stderr)
