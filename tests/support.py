@@ -753,7 +753,8 @@ def gotunnelObjects() -> dict[str, int]:
     counts: dict[str, int] = {}
     for obj in gc.get_objects():
         cls = type(obj)
-        if cls.__module__.startswith("gotunnel."):
+        module = cls.__dict__.get("__module__")
+        if isinstance(module, str) and module.startswith("gotunnel."):
             name = f"{cls.__module__}.{cls.__qualname__}"
             counts[name] = counts.get(name, 0) + 1
     return counts
