@@ -97,3 +97,60 @@ class EmbeddingExampleTests(unittest.TestCase):
         yield within(twistd.ended, START_TIMEOUT, "twistd to stop")
         self.assertIn("Server Shut Down.", twistd.stdout, twistd.describe())
         self.assertNotIn("Traceback", twistd.stdout + twistd.stderr)
+
+
+QUICKSTART = os.path.join(REPO, "docs", "quickstart.md")
+
+
+def quickstartConfig(role: str) -> str:
+    """The C{config.yaml} block docs/quickstart.md gives for C{role}."""
+    with open(QUICKSTART) as f:
+        text = f.read()
+    blocks = re.findall(r"```yaml\n(# (\w+): config\.yaml\n.*?)```", text, re.S)
+    found = [block for block, blockRole in blocks if blockRole == role]
+    assert len(found) == 1, f"one {role} config.yaml in docs/quickstart.md, found {len(found)}"
+    return found[0]
+
+
+class QuickstartTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_configYamlOnBothMachines(self):
+        """
+        docs/quickstart.md: the server's and the client's config.yaml, each
+        read from the directory the console script runs in, publish the
+        local service; the log lines the page quotes appear.  Only the
+        addresses and ports are changed, to loopback and free ports.
+        """
+        control, public = freePort(), freePort()
+        target = listenTarget(self)
+        serverConfig = quickstartConfig("server").replace(
+            '"0.0.0.0:17000"', f'"{HOST}:{control}"')
+        serverConfig += f'  public_interface: "{HOST}"\n'
+        clientConfig = (quickstartConfig("client")
+                        .replace('"tunnel.example.com:17000"', f'"{HOST}:{control}"')
+                        .replace("[22]", f"[{target}]")
+                        .replace("10022", str(public)))
+        serverDirectory, clientDirectory = temporaryDirectory(self), temporaryDirectory(self)
+        for directory, config in ((serverDirectory, serverConfig),
+                                  (clientDirectory, clientConfig)):
+            with open(os.path.join(directory, "config.yaml"), "w") as f:
+                f.write(config)
+
+        server = spawn(self, [venvScript("gotunnel-server")], serverDirectory)
+        yield within(server.whenOutput(f"control channel listening on {HOST}:{control}"),
+                     START_TIMEOUT, "the server to listen")
+        client = spawn(self, [venvScript("gotunnel-client")], clientDirectory)
+        yield within(client.whenOutput(f"registered {HOST}:{target}->{public} as office-pc"),
+                     START_TIMEOUT, "the client to register")
+        yield within(server.whenOutput("client office-pc registered from "), START_TIMEOUT,
+                     "the server to log the registration")
+        yield within(server.whenOutput(f"public port {public} listening for office-pc"),
+                     START_TIMEOUT, "the server to log the public port")
+        self.assertTrue((yield echoedThrough(self, public, os.urandom(65536), START_TIMEOUT)))
+
+        for child in (client, server):
+            child.sendSignal("TERM")
+            yield within(child.ended, START_TIMEOUT, f"{child.argv[0]} to stop")
+            self.assertEqual(child.exitCode, 0, child.describe())
+            self.assertNotIn("Traceback", child.stdout + child.stderr)
+            self.assertNotIn("a-long-random-secret", child.stdout + child.stderr)
