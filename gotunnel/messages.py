@@ -157,6 +157,8 @@ def parse(body: bytes) -> Optional[Message]:
     @raise ProtocolError: the body is not a JSON object, has no string
         C{type}, or a known field has the wrong type or range.
     """
+    if not body:
+        raise ProtocolError("frame is empty")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:

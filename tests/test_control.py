@@ -184,7 +184,7 @@ class BadFrameTests(unittest.TestCase):
         self.assertClosedBy(b"\xff\xff\xff\xff", "frame of 4294967295 bytes")
 
     def test_zeroLength(self):
-        self.assertClosedBy(b"\x00\x00\x00\x00", "not JSON")
+        self.assertClosedBy(b"\x00\x00\x00\x00", "frame is empty")
 
     def test_notJson(self):
         self.assertClosedBy(frame(b"GET / HTTP/1.1"), "not JSON")

@@ -172,7 +172,7 @@ class BadFrameTests(ServerUnderAttack):
         return self.assertProtocolError(b"\xff\xff\xff\xff" + b"{}", "4294967295 bytes")
 
     def test_zeroLengthFrame(self):
-        return self.assertProtocolError(frameOf(b""), "not JSON")
+        return self.assertProtocolError(frameOf(b""), "frame is empty")
 
     def test_notUtf8(self):
         return self.assertProtocolError(frameOf(b'{"type":"\xff\xfe register"}'), "not UTF-8")

@@ -256,7 +256,9 @@ class BadBodyTests(unittest.TestCase):
 
     def test_notJson(self):
         self.assertRefused(b'{"type":"ping",', "not JSON")
-        self.assertRefused(b"", "not JSON")
+
+    def test_empty(self):
+        self.assertRefused(b"", "frame is empty")
 
     def test_deeplyNestedJson(self):
         """Nesting deep enough to exhaust the parser's recursion is just not JSON."""
