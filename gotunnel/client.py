@@ -14,15 +14,15 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import (
-    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString,
+    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gotunnel import messages
+from gotunnel import messages, tls
 from gotunnel.config import ClientSettings, Mapping
 from gotunnel.control import MessageReceiver, tlsFailure
 from gotunnel.relay import ConnectionSet, RelayEnd, setNoDelay, splice
@@ -31,6 +31,16 @@ from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportErr
 log = Logger()
 
 LOCAL_CONNECT_TIMEOUT = 10
+
+EARLY_LOCAL_CONNECTS = 8
+"""
+How many local connections a mapping makes at once ahead of the server's
+answer to their data channels.  Early connections take a round trip off a
+user's setup; past this many, a burst of users reaches the local service
+paced by the server's answers, as the Go client does, so that a service
+with a short accept queue is not flooded (Twisted's default is 50, Python's
+socketserver's 5).
+"""
 
 
 def localEndpoint(reactor, host: str, port: int) -> IStreamClientEndpoint:
@@ -68,6 +78,7 @@ class ReportingEndpoint:
         return self.endpoint.connect(factory).addErrback(failed)
 
 
+@implementer(IHandshakeListener)
 class ControlChannel(MessageReceiver):
     """
     The client's side of a control channel: registers its mapping, sends
@@ -77,6 +88,8 @@ class ControlChannel(MessageReceiver):
 
     registered = False
     lastPong = 0.0
+    handshakeDone = False
+    tlsMismatchHint = "the server speaks TLS? connect with --tls"
 
     def __init__(self, tunnel: "TunnelService") -> None:
         self.tunnel = tunnel
@@ -89,6 +102,9 @@ class ControlChannel(MessageReceiver):
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
             protocol="tcp", token=settings.token, name=settings.name))
+
+    def handshakeCompleted(self) -> None:
+        self.handshakeDone = True
 
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
         if self.registered:
@@ -129,6 +145,9 @@ class ControlChannel(MessageReceiver):
         if self.heartbeat.running:
             self.heartbeat.stop()
         why = tlsFailure(reason)
+        if why is None and ISSLTransport.providedBy(self.transport) and not self.handshakeDone:
+            why = ("the connection closed during the TLS handshake "
+                   "(is the server plain TCP? then connect without --tls)")
         if why is not None and not self.registered:
             reportError(SERVER_UNREACHABLE, why, self.tunnel.settings.log_lang)
         self.tunnel.channelLost(self)
@@ -146,12 +165,26 @@ class ControlChannelFactory(Factory):
 
 class DataChannelClient(MessageReceiver, RelayEnd):
     """
-    One data channel: says which user it is for, then, once the server
-    accepts it, is spliced to a new connection to the local service.
+    One data channel and its connection to the local service, opened
+    together when the server asks for a data channel: the data channel says
+    which user it is for, and once the server accepts it and the local
+    connection is up, the two are spliced.  Connecting to the local service
+    while the server answers takes a round trip off every user's setup.
+
+    Whichever side fails takes the other down with it: a local service that
+    refuses closes the data channel (and so the server closes the user), and
+    a data channel that fails or is refused closes the local connection.
+
+    Beyond L{EARLY_LOCAL_CONNECTS} such early connections at once, the local
+    connection waits for the server's answer instead.
     """
 
     localConnecting: Optional[defer.Deferred] = None
+    local: Optional["LocalServiceConnection"] = None
+    localFailed = False
     lost = False
+    early = False
+    """This channel holds one of its mapping's early local connections."""
 
     def __init__(self, tunnel: "TunnelService", request: messages.OpenDataChannel) -> None:
         self.tunnel = tunnel
@@ -164,6 +197,9 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         self.sendMessage(messages.DataChannel(
             local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
             token=settings.token, name=settings.name, conn_id=self.request.conn_id))
+        if self.localFailed:
+            # The server still learns which user this was for, and closes it.
+            self.transport.loseConnection()
 
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
         if not msg.ok:
@@ -171,25 +207,70 @@ class DataChannelClient(MessageReceiver, RelayEnd):
             self.transport.loseConnection()
             return
         self.switchToRaw()
-        self.holdReading()
-        self.localConnecting = self.tunnel.localEndpoint.connect(LocalServiceFactory(self))
-        self.localConnecting.addErrback(self._localFailed)
-
-    def _localFailed(self, failure) -> None:
-        self.localConnecting = None
-        if failure.check(defer.CancelledError):
+        if self.local is not None:
+            self._splice(self.local)
             return
-        log.warn("local service {host}:{port} is unreachable ({why}); closing the user's "
-                 "connection", host=self.tunnel.mapping.local_host,
-                 port=self.tunnel.mapping.local_port, why=failure.getErrorMessage())
-        self.transport.loseConnection()
+        self.holdReading()
+        if self.localConnecting is None:
+            self.connectLocal()
+
+    def connectLocal(self) -> None:
+        """Start the connection to the local service."""
+        self.localConnecting = self.tunnel.connectLocal(self)
+        self.localConnecting.addErrback(self._localUnreachable)
+
+    def _splice(self, local: "LocalServiceConnection") -> None:
+        self._earlyDone()
+        splice(self, local, zeroCopy=self.tunnel.settings.zero_copy)
+
+    def _earlyDone(self) -> None:
+        if self.early:
+            self.early = False
+            self.tunnel.earlyLocalConnections -= 1
+
+    def cannotConnect(self, failure):
+        """The data channel could not be made: the local connection goes too."""
+        self.lost = True
+        self._dropLocal()
+        return failure
 
     def localConnected(self, local: "LocalServiceConnection") -> None:
         self.localConnecting = None
         if self.lost:
             local.transport.loseConnection()
             return
-        splice(self, local)
+        self.local = local
+        if self._raw:
+            self._splice(local)
+
+    def _localUnreachable(self, failure) -> None:
+        self.localConnecting = None
+        if failure.check(defer.CancelledError):
+            return
+        log.warn("local service {host}:{port} is unreachable ({why}); closing the user's "
+                 "connection", host=self.tunnel.mapping.local_host,
+                 port=self.tunnel.mapping.local_port, why=failure.getErrorMessage())
+        self.localLost()
+
+    def localLost(self) -> None:
+        """
+        The local service refused, or closed before the splice: close the
+        data channel (at once if it is up, else right after its first frame).
+        """
+        self._earlyDone()
+        self.local = None
+        self.localFailed = True
+        if self.transport is not None and not self.lost:
+            self.transport.loseConnection()
+
+    def _dropLocal(self) -> None:
+        self._earlyDone()
+        connecting, self.localConnecting = self.localConnecting, None
+        if connecting is not None:
+            connecting.cancel()
+        local, self.local = self.local, None
+        if local is not None and self.peer is None:
+            local.transport.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
@@ -203,24 +284,25 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def connectionLost(self, reason=None) -> None:
         self.lost = True
         self.tunnel.connections.discard(self)
-        if self.localConnecting is not None:
-            self.localConnecting.cancel()
+        self._dropLocal()
         self.relayConnectionLost()
 
 
 class DataChannelFactory(Factory):
     noisy = False
 
-    def __init__(self, tunnel: "TunnelService", request: messages.OpenDataChannel) -> None:
-        self.tunnel = tunnel
-        self.request = request
+    def __init__(self, channel: DataChannelClient) -> None:
+        self.channel = channel
 
     def buildProtocol(self, addr) -> DataChannelClient:
-        return DataChannelClient(self.tunnel, self.request)
+        return self.channel
 
 
 class LocalServiceConnection(Protocol, RelayEnd):
-    """The tunnel's connection to the local service, spliced to its data channel."""
+    """
+    The tunnel's connection to the local service; it reads nothing until it
+    is spliced to its data channel.
+    """
 
     def __init__(self, dataChannel: DataChannelClient) -> None:
         self.dataChannel = dataChannel
@@ -228,6 +310,7 @@ class LocalServiceConnection(Protocol, RelayEnd):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.dataChannel.tunnel.connections.add(self)
+        self.holdReading()
         self.dataChannel.localConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -235,6 +318,12 @@ class LocalServiceConnection(Protocol, RelayEnd):
 
     def connectionLost(self, reason=None) -> None:
         self.dataChannel.tunnel.connections.discard(self)
+        if self.peer is None and self.dataChannel.local is self:
+            mapping = self.dataChannel.tunnel.mapping
+            log.warn("local service {host}:{port} closed a connection before the user's data "
+                     "channel was ready; closing the user's connection",
+                     host=mapping.local_host, port=mapping.local_port)
+            self.dataChannel.localLost()
         self.relayConnectionLost()
 
 
@@ -266,6 +355,8 @@ class TunnelService(MultiService):
     """
 
     channel: Optional[ControlChannel] = None
+    earlyLocalConnections = 0
+    """Local connections made ahead of the server's answer, not yet spliced."""
     localUp = True
     failedRegistrations = 0
     stopping = False
@@ -349,22 +440,40 @@ class TunnelService(MultiService):
         return stopped.addCallback(lambda _: self.connections.closeAll(
             self.reactor, self.settings.shutdown_timeout))
 
-    def openDataChannel(self, request: messages.OpenDataChannel) -> None:
-        if self.stopping:
-            return
+    def _track(self, connecting: defer.Deferred) -> defer.Deferred:
+        """Remember a connection attempt, so that stopping cancels it."""
+        self._connecting.add(connecting)
 
         def done(result):
             self._connecting.discard(connecting)
             return result
+
+        return connecting.addBoth(done)
+
+    def openDataChannel(self, request: messages.OpenDataChannel) -> None:
+        """
+        Connect a data channel to the server and, at the same time, a
+        connection to the local service (see L{DataChannelClient}).
+        """
+        if self.stopping:
+            return
 
         def failed(failure):
             if not failure.check(defer.CancelledError):
                 log.warn("cannot open a data channel to the server: {why}",
                          why=failure.getErrorMessage())
 
-        connecting = self.serverEndpoint.connect(DataChannelFactory(self, request))
-        self._connecting.add(connecting)
-        connecting.addBoth(done).addErrback(failed)
+        channel = DataChannelClient(self, request)
+        self._track(self.serverEndpoint.connect(DataChannelFactory(channel))).addErrback(
+            channel.cannotConnect).addErrback(failed)
+        if not channel.lost and self.earlyLocalConnections < EARLY_LOCAL_CONNECTS:
+            self.earlyLocalConnections += 1
+            channel.early = True
+            channel.connectLocal()
+
+    def connectLocal(self, channel: DataChannelClient) -> defer.Deferred:
+        """Connect to the local service for C{channel}."""
+        return self._track(self.localEndpoint.connect(LocalServiceFactory(channel)))
 
     def probeLocalService(self) -> defer.Deferred:
         def answered(up: bool) -> None:
@@ -393,7 +502,7 @@ class TunnelClientService(MultiService):
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
-        serverEndpoint = clientFromString(reactor, settings.server)
+        serverEndpoint = tls.clientEndpoint(reactor, settings)
         self.tunnels = [TunnelService(settings, mapping, serverEndpoint, reactor)
                         for mapping in settings.mappings]
         for tunnel in self.tunnels:

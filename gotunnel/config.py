@@ -31,6 +31,8 @@ class ServerSettings:
     token: str = ""
     public_interface: str = "0.0.0.0"
     public_backlog: int = 1024
+    control_backlog: int = 1024
+    """The control listener's, unless C{listen} sets backlog=: data channels come in bursts."""
     data_channel_timeout: float = 60.0
     heartbeat_timeout: float = 30.0
     heartbeat_check_interval: float = 5.0
@@ -42,8 +44,29 @@ class ServerSettings:
     shutdown_timeout: float = 10.0
     allow_ports: tuple[range, ...] = ()
     """Remote ports clients may register; empty: any port."""
+    clients: dict[str, "ClientPolicy"] = field(default_factory=dict)
+    """Clients with a token and limits of their own, by name."""
+    max_mappings_per_client: int = 16
+    """Mappings one client name may hold at once."""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    """With it, clients must present a certificate signed by this CA (mutual TLS)."""
+    zero_copy: bool = True
+    """Move spliced plain-TCP bytes with os.splice, where Linux has it."""
     log_level: str = "info"
     log_lang: str = "en"
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """What one client listed in server.clients may do."""
+
+    token: str
+    allow_ports: tuple[range, ...] = ()
+    """Empty: server.allow_ports applies."""
+    max_mappings: Optional[int] = None
+    """None: server.max_mappings_per_client applies."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,15 @@ class ClientSettings:
     # server's own timeout for a silent client).
     server_timeout: float = 30.0
     shutdown_timeout: float = 10.0
+    tls: bool = False
+    tls_ca: str = ""
+    """Empty: the system's trusted CAs."""
+    tls_server_name: str = ""
+    """Empty: the host of C{server}."""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    zero_copy: bool = True
+    """Move spliced plain-TCP bytes with os.splice, where Linux has it."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -288,6 +320,18 @@ def _seconds(value: Any, text: Any, name: str) -> float:
     return float(value)
 
 
+def _flag(value: Any, text: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _count(value: Any, text: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return value
+
+
 def _logLevel(value: Any, text: Any, name: str) -> str:
     return parseLogLevel(_text(value, text, name), name)
 
@@ -353,6 +397,42 @@ def _portRange(value: Any, text: Any, name: str) -> range:
 _TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port}
 
 
+
+def _portRanges(value: Any, text: Any, name: str) -> tuple[range, ...]:
+    return tuple(_listOf(_portRange)(value, text, name))
+
+
+_CLIENT_POLICY_KEYS: dict[str, Callable] = {
+    "token": _text, "allow_ports": _portRanges, "max_mappings": _count}
+
+
+def _clients(value: Any, text: Any, name: str) -> dict[str, ClientPolicy]:
+    """server.clients: NAME -> {token, allow_ports, max_mappings}."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must map client names to {{token: ..., allow_ports: ..., "
+                         f"max_mappings: ...}}, got {value!r}")
+    texts = text if isinstance(text, dict) and len(text) == len(value) else {}
+    clients = {}
+    for (client, entry), clientText in zip(value.items(), list(texts) or [None] * len(value)):
+        clientName = _text(client, clientText, f"a client name in {name}")
+        where = f"{name}.{clientName}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping with a token, got {entry!r}")
+        entryTexts = texts.get(clientText)
+        entryTexts = entryTexts if isinstance(entryTexts, dict) else {}
+        fields = {}
+        for key, item in entry.items():
+            if key not in _CLIENT_POLICY_KEYS:
+                raise ValueError(f"{where}.{key} is not a known key "
+                                 f"(expected {', '.join(_CLIENT_POLICY_KEYS)})")
+            if item is not None:
+                fields[key] = _CLIENT_POLICY_KEYS[key](item, entryTexts.get(key), f"{where}.{key}")
+        if not fields.get("token"):
+            raise ValueError(f"{where}.token is missing: every listed client needs its own token")
+        clients[clientName] = ClientPolicy(**fields)
+    return clients
+
+
 def _tunnel(value: Any, text: Any, name: str) -> Mapping:
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a mapping with local_port and remote_port, "
@@ -385,6 +465,12 @@ _SERVER_KEYS: dict[str, Callable] = {
     "public_interface": _text,
     "data_channel_timeout": _seconds,
     "heartbeat_timeout": _seconds,
+    "clients": _clients,
+    "max_mappings_per_client": _count,
+    "tls_cert": _text,
+    "tls_key": _text,
+    "tls_client_ca": _text,
+    "zero_copy": _flag,
 }
 
 _CLIENT_KEYS: dict[str, Callable] = {
@@ -401,4 +487,10 @@ _CLIENT_KEYS: dict[str, Callable] = {
     # Ours.
     "server": _text,
     "tunnels": _listOf(_tunnel),
+    "tls": _flag,
+    "tls_ca": _text,
+    "tls_server_name": _text,
+    "tls_client_cert": _text,
+    "tls_client_key": _text,
+    "zero_copy": _flag,
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
@@ -15,6 +16,29 @@ from gotunnel import messages
 from gotunnel.messages import Message, ProtocolError
 
 MAX_FRAME = 64 * 1024
+
+TLS_RECORD_TYPES = range(0x14, 0x18)
+"""change_cipher_spec, alert, handshake, application_data."""
+
+TLS_HINTS = (
+    ("wrong version number", "the peer sent something that is not TLS "
+                             "(a plain-TCP client talking to a TLS port?)"),
+    ("certificate verify failed", "the peer's certificate is not signed by a trusted CA "
+                                  "(check --ca or --tls-client-ca)"),
+    ("certificate required", "the server requires a client certificate "
+                             "(give --tls-client-cert and --tls-client-key)"),
+    ("peer did not return a certificate", "the client presented no certificate "
+                                          "(mutual TLS: --tls-client-cert)"),
+    ("unknown ca", "the server does not trust the CA of this client certificate"),
+    ("Mismatch(", "the server's certificate does not hold the name or address checked "
+                  "(give --server-name, or add it to the certificate)"),
+)
+"""OpenSSL's words for a failed handshake, and what they most likely mean."""
+
+
+def looksLikeTLS(length: int) -> bool:
+    """Whether a frame length is really the start of a TLS record: its type, then version 3.x."""
+    return (length >> 24) in TLS_RECORD_TYPES and (length >> 16) & 0xFF == 3
 
 
 def describePeer(transport: object) -> str:
@@ -42,8 +66,34 @@ def tlsFailure(reason: Optional[Failure]) -> Optional[str]:
     from service_identity import VerificationError
 
     if reason.check(SSLError, VerificationError):
-        return reason.getErrorMessage()
+        message = reason.getErrorMessage()
+        for words, hint in TLS_HINTS:
+            if words in message:
+                return f"{message}: {hint}"
+        return message
     return None
+
+
+def writeNow(transport: object, data: bytes) -> None:
+    """
+    Write C{data}, handing it to the kernel at once when it is a plain TCP
+    transport with nothing queued ahead: a frame that answers another then
+    leaves in this turn of the reactor, not the next one, and the peer can
+    act on it sooner.  Whatever is not sent at once (and anything on other
+    transports, TLS included) goes through C{transport.write} as usual;
+    errors show up there too.
+    """
+    # TLS is transport.TLS on a TCP connection after startTLS (ssl: endpoints):
+    # its bytes must go through the TLS layer.
+    if (isinstance(transport, tcp.Connection) and not transport.TLS
+            and transport.connected and not transport.disconnecting
+            and not transport._writeDisconnected
+            and not transport.dataBuffer and not transport._tempDataLen):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            data = data[sent:]
+    if data:
+        transport.write(data)  # type: ignore[attr-defined]
 
 
 class MessageReceiver(Int32StringReceiver):
@@ -57,6 +107,8 @@ class MessageReceiver(Int32StringReceiver):
     """
 
     MAX_LENGTH = MAX_FRAME
+    tlsMismatchHint = "TLS on one side of the connection only?"
+    """What a TLS record where a frame should be most likely means, on this side."""
     log = Logger()
     _raw = False
     peerDescription = "?"
@@ -66,7 +118,8 @@ class MessageReceiver(Int32StringReceiver):
         super().makeConnection(transport)
 
     def sendMessage(self, message: Message) -> None:
-        self.sendString(messages.encode(message))
+        body = messages.encode(message)
+        writeNow(self.transport, len(body).to_bytes(4, "big") + body)
 
     def dataReceived(self, data: bytes) -> None:
         if self._raw:
@@ -111,6 +164,10 @@ class MessageReceiver(Int32StringReceiver):
         handler(message)
 
     def lengthLimitExceeded(self, length: int) -> None:
+        if looksLikeTLS(length):
+            self.protocolError(f"sent TLS where a gotunnel frame was expected "
+                               f"({self.tlsMismatchHint})")
+            return
         self.protocolError(f"frame of {length} bytes is over the limit of {self.MAX_LENGTH}")
 
     def protocolError(self, why: str) -> None:

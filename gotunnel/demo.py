@@ -277,9 +277,12 @@ def main(argv: Sequence[str]) -> int:
 
     # Log lines must show up at once even when stdout is a pipe (| tee).
     sys.stdout.reconfigure(line_buffering=True)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    # Each user connection's "data channel ... ready" line is at debug level
+    # (cheap on a busy server); the demo shows it.
+    predicate.setLogLevelForNamespace("gotunnel.server", LogLevel.debug)
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(textFileLogObserver(sys.stdout),
-                              [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)])],
+        [FilteringLogObserver(textFileLogObserver(sys.stdout), [predicate])],
         redirectStandardIO=False)
     demo = Demo(reactor, options["port"], options["public-interface"])
     exitCode = 0

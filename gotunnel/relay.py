@@ -6,16 +6,22 @@ Each side is a L{RelayEnd}.  Until it is spliced, a side holds what it reads
 (and does not read further); once spliced, what one side reads is written to
 the other side's transport, and each transport is registered as the other's
 streaming producer, so a slow reader pauses the fast writer instead of
-filling our memory.
+filling our memory.  Where both sides are plain TCP on Linux, a
+L{SplicePump} moves the bytes in the kernel instead (see L{gotunnel.zerocopy}).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IHalfCloseableDescriptor, IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor, IHalfCloseableProtocol, ISSLTransport,
+)
 from zope.interface import implementer
+
+from gotunnel.zerocopy import SplicePump, twistedBuffered
 
 
 def setNoDelay(transport: object) -> None:
@@ -31,6 +37,37 @@ def setNoDelay(transport: object) -> None:
             pass
 
 
+def writeThrough(transport: object, data: bytes) -> None:
+    """
+    Write C{data} to C{transport}, sending at once what a plain TCP socket
+    takes when nothing waits before it.  Twisted's own write sends at the
+    reactor's next turn: an epoll round and two epoll_ctl calls per hop,
+    about a fifth of the round trip through the tunnel (gotunnelbench rtt,
+    zero copy off) and of the relay's CPU per byte.
+    """
+    if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
+            and not transport.disconnecting and not transport._writeDisconnecting
+            and not twistedBuffered(transport)):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent:
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
+
+
+def canHalfClose(transport: object) -> bool:
+    """
+    Whether C{transport} can send end-of-stream and go on reading.  A TLS
+    transport cannot, though it claims to: it copies the interfaces of the
+    TCP transport below it, whose loseWriteConnection would put a bare FIN
+    under the TLS stream and leave the TLS layer to close a socket that is
+    already gone (an AttributeError inside twisted.protocols.tls).
+    """
+    return (IHalfCloseableDescriptor.providedBy(transport)
+            and not ISSLTransport.providedBy(transport))
+
+
 @implementer(IHalfCloseableProtocol)
 class RelayEnd:
     """
@@ -41,6 +78,7 @@ class RelayEnd:
 
     transport: object
     peer: Optional["RelayEnd"] = None
+    pump: Optional[SplicePump] = None
     _held: Optional[list[bytes]] = None
     _readClosed = False
     _writeClosed = False
@@ -54,7 +92,11 @@ class RelayEnd:
 
     def relayReceived(self, data: bytes) -> None:
         peer = self.peer
-        if peer is not None:
+        if peer is not None and peer.pump is None:
+            writeThrough(peer.transport, data)
+        elif peer is not None:
+            # Only the read that made the splice gets here: Twisted's buffer
+            # goes out before the pump's pipe.
             peer.transport.write(data)
         elif self._held is None:
             self._held = [data]
@@ -67,6 +109,8 @@ class RelayEnd:
         keep the other direction open.
         """
         self._readClosed = True
+        if self.pump is not None:
+            self.pump.readEnded(self)
         if self.peer is not None:
             self.peer.shutdownWrite()
         if self._writeClosed:
@@ -86,8 +130,14 @@ class RelayEnd:
         # producer, or a full buffer draining would resume it instead of
         # sending the end-of-stream (see FileDescriptor.doWrite).
         self.transport.unregisterProducer()
-        if IHalfCloseableDescriptor.providedBy(self.transport):
+        if canHalfClose(self.transport):
             self.transport.loseWriteConnection()
+        elif ISSLTransport.providedBy(self.transport):
+            # Twisted's TLS answers a close_notify by closing both ways, so
+            # sending one would cut off the answer the far end still owes:
+            # the end-of-stream is not carried, and the connection closes
+            # when the other direction ends.
+            pass
         else:
             self.transport.loseConnection()
 
@@ -97,12 +147,31 @@ class RelayEnd:
         still holds.
         """
         peer, self.peer = self.peer, None
+        pump, self.pump = self.pump, None
+        if pump is not None:
+            pump.lost(self)
         if peer is not None:
             peer.peer = None
             # As in shutdownWrite: a dead producer would be resumed instead
             # of the connection being closed once its buffer drains.
             peer.transport.unregisterProducer()
             peer.transport.loseConnection()
+
+    def bufferedBytes(self) -> int:
+        """Bytes the relay holds for this side's connection, not yet written to it."""
+        held = twistedBuffered(self.transport) if hasattr(self.transport, "dataBuffer") else 0
+        if self.pump is not None:
+            held += self.pump.bufferedFor(self)
+        return held
+
+    def isBackedUp(self) -> bool:
+        """
+        This side's connection takes no more for now, and its peer is not
+        read until it does.
+        """
+        if self.pump is not None:
+            return self.pump.backedUp(self)
+        return bool(getattr(self.transport, "producerPaused", False))
 
     def _flushHeld(self) -> None:
         held, self._held = self._held, None
@@ -112,18 +181,24 @@ class RelayEnd:
             self.peer.shutdownWrite()
 
 
-def splice(a: RelayEnd, b: RelayEnd) -> None:
+def splice(a: RelayEnd, b: RelayEnd, zeroCopy: bool = False) -> None:
     """
     Join two connected sides: what either reads goes to the other, with
-    flow control both ways.
+    flow control both ways.  With C{zeroCopy}, and both sides plain TCP on
+    Linux, the kernel moves the bytes (after what the sides held).
     """
     a.peer, b.peer = b, a
-    a.transport.registerProducer(b.transport, True)
-    b.transport.registerProducer(a.transport, True)
+    pump = SplicePump.forEnds(a, b) if zeroCopy else None
+    if pump is None:
+        a.transport.registerProducer(b.transport, True)
+        b.transport.registerProducer(a.transport, True)
     a._flushHeld()
     b._flushHeld()
-    a.transport.resumeProducing()
-    b.transport.resumeProducing()
+    if pump is None:
+        a.transport.resumeProducing()
+        b.transport.resumeProducing()
+    else:
+        pump.start()
 
 
 class ConnectionSet:

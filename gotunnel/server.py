@@ -9,7 +9,9 @@ frames into calls on it.  L{TunnelServerService} owns the lifetime.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
+import re
 import secrets
 from collections import OrderedDict
 from typing import Optional
@@ -17,17 +19,36 @@ from typing import Optional
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer, error
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from gotunnel import messages
+from gotunnel import messages, tls
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, tlsFailure
 from gotunnel.relay import ConnectionSet, RelayEnd, setNoDelay, splice
 
 log = Logger()
+
+
+BACKLOG_ENDPOINTS = ("tcp", "tcp6", "ssl", "unix")
+"""The kinds of server endpoint string that take C{backlog=}."""
+
+
+def withBacklog(description: str, backlog: int) -> str:
+    """
+    The server endpoint string C{description} with C{backlog=} added, if it
+    is of a kind that takes one and does not set its own: Twisted's default
+    of 50 overflows when many users arrive at once, each bringing a data
+    channel to the control port.
+    """
+    kind, _, arguments = description.partition(":")
+    if kind not in BACKLOG_ENDPOINTS:
+        return description
+    if any(argument.startswith("backlog=") for argument in re.split(r"(?<!\\):", arguments)):
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 class RegistrationRefused(Exception):
@@ -165,7 +186,7 @@ class Tunnel:
             user.transport.loseConnection()
             return
         clock = self.registry.clock
-        user.conn_id = secrets.token_hex(8)
+        user.conn_id = self.registry.newConnectionId()
         user.connectedAt = clock.seconds()
         user.timeoutCall = clock.callLater(
             self.registry.settings.data_channel_timeout, self._userTimedOut, user)
@@ -317,9 +338,53 @@ class TunnelRegistry:
         return endpointType(self.reactor, port, backlog=self.settings.public_backlog,
                             interface=interface)
 
-    def checkToken(self, token: str) -> None:
-        if not tokensMatch(token, self.settings.token):
+    def authenticate(self, name: str, token: str, certificateName: Optional[str]) -> str:
+        """
+        The client's name once its token (and certificate, with mutual TLS)
+        is checked: a client listed in C{settings.clients} needs its own
+        token, any other the shared one, if the server has one.  With a
+        client certificate, its common name is the client's name.
+
+        @raise RegistrationRefused: why not.
+        """
+        if certificateName is not None:
+            if not name:
+                name = certificateName
+            elif name != certificateName:
+                raise RegistrationRefused(
+                    f"client name {name!r} is not the name in the client's certificate "
+                    f"({certificateName!r})")
+        client = self.settings.clients.get(name)
+        expected = client.token if client is not None else self.settings.token
+        if not expected or not tokensMatch(token, expected):
             raise RegistrationRefused("authentication failed")
+        return name
+
+    def checkLimits(self, name: str, remote_port: int) -> None:
+        """
+        Refuse a port outside what C{name} may publish, or one mapping too
+        many for C{name}.
+        """
+        client = self.settings.clients.get(name)
+        allowed = self.settings.allow_ports
+        if client is not None and client.allow_ports:
+            allowed = client.allow_ports
+        if allowed and not any(remote_port in ports for ports in allowed):
+            where = f"for client {name!r}" if client is not None and client.allow_ports \
+                else "on this server"
+            raise RegistrationRefused(f"remote port {remote_port} is not allowed {where}")
+        limit = self.settings.max_mappings_per_client
+        if client is not None and client.max_mappings is not None:
+            limit = client.max_mappings
+        held = sum(1 for tunnel in self.tunnels.values()
+                   if tunnel.name == name and tunnel.remote_port != remote_port)
+        if held >= limit:
+            raise RegistrationRefused(
+                f"too many mappings for client {name!r}: it may hold {limit} at once")
+
+    def ownsItsName(self, name: str) -> bool:
+        """Whether C{name} can be held by one client only: a listed one, or with mutual TLS."""
+        return name in self.settings.clients or bool(self.settings.tls_client_ca)
 
     def register(self, channel: "ServerChannel", msg: messages.Register) -> defer.Deferred:
         """
@@ -329,15 +394,14 @@ class TunnelRegistry:
             L{RegistrationRefused}.
         """
         try:
-            self.checkToken(msg.token)
+            name = self.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
+            if name != msg.name:
+                msg = dataclasses.replace(msg, name=name)
             if msg.protocol not in ("tcp", ""):
                 raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
             if not 1 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
-            allowed = self.settings.allow_ports
-            if allowed and not any(msg.remote_port in ports for ports in allowed):
-                raise RegistrationRefused(
-                    f"remote port {msg.remote_port} is not allowed on this server")
+            self.checkLimits(msg.name, msg.remote_port)
         except RegistrationRefused as e:
             return defer.fail(e)
         previous = self.tunnels.get(msg.remote_port)
@@ -364,23 +428,45 @@ class TunnelRegistry:
 
         return tunnel.listen().addCallbacks(lambda _: tunnel, refused)
 
+    def newConnectionId(self) -> str:
+        """
+        A conn_id for a user: unguessable, so that only the client asked
+        can name it in its data channel.
+        """
+        return secrets.token_hex(8)
+
     def forget(self, tunnel: Tunnel) -> None:
         if self.tunnels.get(tunnel.remote_port) is tunnel:
             del self.tunnels[tunnel.remote_port]
 
-    def attachDataChannel(self, msg: messages.DataChannel) -> PublicUser:
+    def attachDataChannel(self, msg: messages.DataChannel,
+                          certificateName: Optional[str] = None) -> PublicUser:
         """
-        The waiting user a data channel belongs to.
+        The waiting user a data channel belongs to.  C{certificateName}: the
+        common name of the client certificate the data channel came with.
 
-        @raise RegistrationRefused: bad token, or nobody is waiting for it.
+        @raise RegistrationRefused: bad token, a mapping of another client,
+            or nobody is waiting for it.
         """
-        self.checkToken(msg.token)
+        name = self.authenticate(msg.name, msg.token, certificateName)
+
+        def mine(tunnel: Tunnel) -> bool:
+            # A name that only one client can hold is checked; for the
+            # others (the shared token, Go clients) the token is enough.
+            if tunnel.name != name and self.ownsItsName(tunnel.name):
+                log.warn("a data channel of {name!r} asked for a user of {owner!r}",
+                         name=name, owner=tunnel.name)
+                return False
+            return True
+
         if msg.conn_id is not None:
             user = self.waitingUsers.get(msg.conn_id)
-            if user is not None:
+            if user is not None and mine(user.tunnel):
                 return user.tunnel.takeUser(msg.conn_id)
             raise RegistrationRefused("no user is waiting for this data channel")
         tunnel = self.tunnels.get(msg.remote_port)
+        if tunnel is not None and not mine(tunnel):
+            tunnel = None
         user = tunnel.takeUser(None) if tunnel is not None else None
         if user is None:
             raise RegistrationRefused("no user is waiting for this data channel")
@@ -419,6 +505,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
 
     tunnel: Optional[Tunnel] = None
     role = "new"  # then "registering", "control", "data" or "refused"
+    tlsMismatchHint = ("a TLS client talking to this plain-TCP port? give the server "
+                       "--tls-cert and --tls-key, or connect without TLS")
     firstFrameCall = None
     refusalCall = None
     pendingHost: Optional[str] = None
@@ -571,7 +659,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if not self._firstFrame("data_channel"):
             return
         try:
-            user = self.registry.attachDataChannel(msg)
+            user = self.registry.attachDataChannel(msg, tls.peerCommonName(self.transport))
         except RegistrationRefused as e:
             log.warn("refused a data channel from {peer} for port {remote_port}: {reason}",
                      peer=self.peerDescription, remote_port=msg.remote_port, reason=str(e))
@@ -581,10 +669,12 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self._releasePending()
         self.sendMessage(messages.RegisterResp(status="ok"))
         self.switchToRaw()
-        log.info("data channel for port {remote_port} ready in {ms:.1f} ms",
+        splice(user, self, zeroCopy=self.registry.settings.zero_copy)
+        # One line per user connection: at debug level, where the formatting
+        # and the write cost nothing unless asked for.
+        log.debug("data channel for port {remote_port} ready in {ms:.1f} ms",
                   remote_port=user.tunnel.remote_port,
                   ms=(self.registry.clock.seconds() - user.connectedAt) * 1000)
-        splice(user, self)
 
     def rawDataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
@@ -646,7 +736,9 @@ class TunnelServerService(MultiService):
             from twisted.internet import reactor
         self.settings = settings
         self.registry = TunnelRegistry(settings, reactor)
-        self.controlEndpoint = serverFromString(reactor, settings.listen)
+        listen = withBacklog(settings.listen, settings.control_backlog)
+        self.controlEndpoint = tls.serverEndpoint(
+            reactor, dataclasses.replace(settings, listen=listen))
         self._listenWaiters: list[defer.Deferred] = []
         heartbeat = TimerService(settings.heartbeat_check_interval, self.registry.checkHeartbeats)
         heartbeat.clock = reactor

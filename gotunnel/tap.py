@@ -14,7 +14,7 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.python import usage
 
-from gotunnel import logs
+from gotunnel import logs, tls
 from gotunnel.client import TunnelClientService
 from gotunnel.config import (
     LOG_LEVELS, ClientSettings, ConfigError, ConfigFile, ServerSettings, findConfigFile,
@@ -31,6 +31,16 @@ def _positive(text: str) -> float:
 
 
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
+
+
+def _atLeastOne(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+_atLeastOne.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
 
 
 def _logLevel(text: str) -> str:
@@ -50,6 +60,11 @@ _CONFIG_OPTION = [
     "config", "c", None,
     "Read settings from this YAML file (default: ./config.yaml, if it exists). "
     "Options given here override its keys."]
+
+_NO_ZERO_COPY = [
+    "no-zero-copy", None,
+    "Move relayed bytes through Python instead of with os.splice "
+    "(zero_copy: false in the config file)."]
 
 
 def _logOptions(role: str) -> list[list[Any]]:
@@ -107,15 +122,41 @@ class _SettingsOptions(usage.Options):
     def fileValues(self, configFile: ConfigFile) -> dict[str, Any]:
         raise NotImplementedError()
 
+    tlsOptions: dict[str, str] = {}
+    """Settings field -> option name, for the TLS settings."""
+
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
         """Raise L{usage.UsageError} if C{values} cannot make settings."""
+
+    def tokenRequired(self, values: dict[str, Any]) -> bool:
+        return True
+
+    def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
+        """Raise L{tls.TLSSettingsError} if the TLS settings cannot be used."""
+
+    def _checkTLS(self, source: Optional[str]) -> None:
+        # A TLS setting is named as it was given: --tls-cert, or
+        # server.tls_cert in the file (then named at the start of the line).
+        names = {field: f"--{option}" if self[option] or not source
+                 else f"{self.role}.{field}" for field, option in self.tlsOptions.items()}
+        fromFile = any(getattr(self._settings, field) and not name.startswith("--")
+                       for field, name in names.items())
+        option = self.endpointOption[0]
+        where = f"--{option}" if self[option] is not None or not source \
+            else f"{self.role}.{option}"
+        try:
+            self.checkTLS(self._settings, names, where)
+        except tls.TLSSettingsError as e:
+            raise ConfigError(f"{source}: {e}" if fromFile else str(e)) from None
 
     def postOptions(self) -> None:
         source = findConfigFile(self["config"])
         values = self.fileValues(readConfigFile(source)) if source else {}
         values.update((field, self[option]) for option, field in self.fields.items()
                       if self[option] is not None)
-        if not values.get("token"):
+        if self["no-zero-copy"]:
+            values["zero_copy"] = False
+        if not values.get("token") and self.tokenRequired(values):
             if source:
                 raise ConfigError(f"{source}: {self.role}.token is missing "
                                   f"(set it there or give --token TOKEN)")
@@ -126,6 +167,7 @@ class _SettingsOptions(usage.Options):
         checkEndpoint(getattr(self._settings, option), kind,
                       f"--{option}" if self[option] is not None or not source
                       else f"{source}: {self.role}.{option}")
+        self._checkTLS(source)
         logs.logThroughTwistd(self, self._settings.log_level, self._settings.log_lang)
 
     def settings(self) -> Any:
@@ -156,17 +198,41 @@ class ServerOptions(_SettingsOptions):
          "Seconds of silence after which a client is dropped "
          f"(default: {ServerSettings.heartbeat_timeout:g}; server.heartbeat_timeout)",
          _positive],
+        ["max-mappings-per-client", None, None,
+         "Mappings one client name may hold at once "
+         f"(default: {ServerSettings.max_mappings_per_client}; "
+         "server.max_mappings_per_client)", _atLeastOne],
+        ["tls-cert", None, None,
+         "Speak TLS on the control address, with this PEM certificate (and its chain) "
+         "(server.tls_cert; needs --tls-key)."],
+        ["tls-key", None, None, "The PEM private key of --tls-cert (server.tls_key)."],
+        ["tls-client-ca", None, None,
+         "Mutual TLS: require client certificates signed by the CA in this PEM file; "
+         "a certificate's common name must be the client's name (server.tls_client_ca)."],
     ] + _logOptions("server")
+    optFlags = [_NO_ZERO_COPY]
 
     role = "server"
     endpointOption = ("listen", "server")
     settingsType = ServerSettings
     fields = {"listen": "listen", "token": "token", "public-interface": "public_interface",
               "data-timeout": "data_channel_timeout", "heartbeat-timeout": "heartbeat_timeout",
+              "max-mappings-per-client": "max_mappings_per_client",
+              "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
               "log-level": "log_level", "log-lang": "log_lang"}
+    tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
+                  "tls_client_ca": "tls-client-ca"}
 
     def fileValues(self, configFile: ConfigFile) -> dict[str, Any]:
         return configFile.serverValues()
+
+    def tokenRequired(self, values: dict[str, Any]) -> bool:
+        # With server.clients, only listed clients may register unless a
+        # shared token is set too.
+        return not values.get("clients")
+
+    def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
+        tls.checkServerSettings(settings, names, where)
 
 
 class ClientOptions(_SettingsOptions):
@@ -189,7 +255,23 @@ class ClientOptions(_SettingsOptions):
          "Seconds between probes of the local services "
          f"(default: {ClientSettings.health_check_interval:g}; "
          "client.health_check_interval)", _positive],
+        ["ca", None, None,
+         "With --tls: trust the CA certificates in this PEM file "
+         "(default: the system's trusted CAs; client.tls_ca)."],
+        ["server-name", None, None,
+         "With --tls: the name the server's certificate must hold "
+         "(default: the host of --server; client.tls_server_name)."],
+        ["tls-client-cert", None, None,
+         "With --tls: present this PEM certificate to a server that asks for one "
+         "(mutual TLS; client.tls_client_cert; needs --tls-client-key)."],
+        ["tls-client-key", None, None,
+         "The PEM private key of --tls-client-cert (client.tls_client_key)."],
     ] + _logOptions("client")
+    optFlags = [
+        ["tls", None, "Connect with TLS and verify the server's certificate and name "
+                      "(client.tls)."],
+        _NO_ZERO_COPY,
+    ]
 
     role = "client"
     endpointOption = ("server", "client")
@@ -197,7 +279,11 @@ class ClientOptions(_SettingsOptions):
     fields = {"server": "server", "token": "token", "name": "name",
               "heartbeat-interval": "heartbeat_interval",
               "health-check-interval": "health_check_interval",
+              "ca": "tls_ca", "server-name": "tls_server_name",
+              "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
               "log-level": "log_level", "log-lang": "log_lang"}
+    tlsOptions = {"tls": "tls", "tls_ca": "ca", "tls_server_name": "server-name",
+                  "tls_client_cert": "tls-client-cert", "tls_client_key": "tls-client-key"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -218,7 +304,12 @@ class ClientOptions(_SettingsOptions):
     def fileValues(self, configFile: ConfigFile) -> dict[str, Any]:
         return configFile.clientValues()
 
+    def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
+        tls.checkClientSettings(settings, names, where, names["tls"])
+
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        if self["tls"]:
+            values["tls"] = True
         if self["map"]:
             values["mappings"] = list(self["map"])
         if not values.get("mappings"):
@@ -233,6 +324,9 @@ class ClientOptions(_SettingsOptions):
             raise usage.UsageError("two --map options name the same remote port")
         if not values.get("name"):
             values.pop("name", None)
+            if values.get("tls_client_cert"):
+                # With mutual TLS the server knows us by the certificate's name.
+                values["name"] = tls.certificateFileName(values["tls_client_cert"])
 
 
 def makeServerService(options: ServerOptions, reactor=None) -> IService:

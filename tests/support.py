@@ -17,6 +17,9 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+import gotunnel.client
+import gotunnel.server
+from gotunnel import relay
 from gotunnel.client import TunnelClientService
 from gotunnel.config import ClientSettings, Mapping, ServerSettings
 from gotunnel.server import TunnelServerService
@@ -178,18 +181,58 @@ def connectUser(testCase, port: int) -> defer.Deferred:
 
 
 class Tunnel:
-    """A server and a client in this process, ready to map ports."""
+    """
+    A server and a client in this process, ready to map ports.
 
-    def __init__(self, testCase) -> None:
+    With C{zeroCopy} True or False, both run with that C{zero_copy} setting,
+    and the test fails at cleanup unless every splice took that path (and,
+    zero copy on, the kernel moved bytes): so a test class run both ways
+    proves that it tested each path.
+    """
+
+    def __init__(self, testCase, zeroCopy: Optional[bool] = None) -> None:
         self.testCase = testCase
         self.server: Optional[TunnelServerService] = None
         self.controlPort: Optional[int] = None
+        self.zeroCopy = zeroCopy
+        self.splices = 0
+        self.pumped = 0
+        """How many splices were made, and how many of them with a pump."""
+        self.firstPumps: list[object] = []
+        """A few pumps, kept to read their byte counts (not all: a test of
+        leaks counts the objects left)."""
+        if zeroCopy is not None:
+            for module in (gotunnel.server, gotunnel.client):
+                testCase.patch(module, "splice", self._recordSplice)
+            testCase.addCleanup(self._checkSplices)
+
+    def _recordSplice(self, a, b, zeroCopy: bool = False) -> None:
+        relay.splice(a, b, zeroCopy)
+        self.splices += 1
+        if a.pump is not None:
+            self.pumped += 1
+            if len(self.firstPumps) < 3:
+                self.firstPumps.append(a.pump)
+
+    def _checkSplices(self) -> None:
+        if not self.zeroCopy:
+            self.testCase.assertEqual(self.pumped, 0, "zero copy is off, yet splice pumps ran")
+        elif self.splices:
+            self.testCase.assertEqual(self.pumped, self.splices,
+                                      "zero copy is on, yet a splice took the ordinary path")
+            self.testCase.assertGreater(sum(pump.moved for pump in self.firstPumps), 0,
+                                        "zero copy is on, yet os.splice moved no byte")
+
+    def settingOverrides(self, overrides: dict) -> dict:
+        if self.zeroCopy is not None:
+            overrides.setdefault("zero_copy", self.zeroCopy)
+        return overrides
 
     @defer.inlineCallbacks
     def startServer(self, **overrides):
         settings = ServerSettings(listen=f"tcp:{self.controlPort or 0}:interface={HOST}",
                                   token=TOKEN, public_interface=HOST)
-        for key, value in overrides.items():
+        for key, value in self.settingOverrides(overrides).items():
             setattr(settings, key, value)
         self.server = TunnelServerService(settings, reactor=reactor)
         self.server.startService()
@@ -209,7 +252,7 @@ class Tunnel:
         settings = ClientSettings(
             server=f"tcp:{HOST}:{self.controlPort}", token=token, name=name,
             mappings=[Mapping(HOST, targetPort, remotePort or freePort())])
-        for key, value in overrides.items():
+        for key, value in self.settingOverrides(overrides).items():
             setattr(settings, key, value)
         client = TunnelClientService(settings, reactor=reactor)
         client.startService()

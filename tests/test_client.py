@@ -23,8 +23,8 @@ from twisted.trial import unittest
 
 from gotunnel import report
 from gotunnel.client import (
-    ControlChannelFactory, DataChannelFactory, LocalServiceFactory, TunnelService,
-    _ProbeFactory,
+    EARLY_LOCAL_CONNECTS, ControlChannelFactory, DataChannelFactory, LocalServiceFactory,
+    TunnelService, _ProbeFactory,
 )
 from gotunnel.config import ClientSettings, Mapping
 
@@ -376,17 +376,44 @@ class DataChannelTests(ClientTestCase):
         self.assertIn(b'"conn_id":"a"', self.complete(first)[1].value())
         self.assertIn(b'"conn_id":"b"', self.complete(second)[1].value())
 
-    def test_acceptedConnectsLocal(self):
+    def test_openConnectsLocalAtOnce(self):
         """
-        register_resp ok on the data channel starts a connection to the
-        local service and holds the data channel's reading meanwhile.
+        open_data_channel starts the data channel and, right behind it, the
+        connection to the local service, without waiting for the server's
+        answer; register_resp ok while the local connection is still
+        being made holds the data channel's reading.
+        """
+        channel, _ = self.registered()
+        channel.dataReceived(jsonFrame(type="open_data_channel", local_port=8022,
+                                       conn_id="c1"))
+        [server] = self.serverAttempts(DataChannelFactory)
+        [local] = self.localAttempts()
+        self.assertLess(server, local)
+        protocol, transport = self.complete(server)
+        protocol.dataReceived(frame(OK))
+        self.assertEqual(transport.producerState, "paused")
+
+    def test_localConnectedFirstWaitsForServer(self):
+        """
+        A local connection made before the server accepts the data channel
+        reads nothing; register_resp ok splices the two, and bytes flow in
+        order both ways.
         """
         protocol, transport = self.dataChannel(jsonFrame(
             type="open_data_channel", local_port=8022, conn_id="c1"))
-        self.assertEqual(self.localAttempts(), [])
-        protocol.dataReceived(frame(OK))
-        self.assertEqual(len(self.localAttempts()), 1)
-        self.assertEqual(transport.producerState, "paused")
+        transport.clear()
+        [index] = self.localAttempts()
+        local, localTransport = self.complete(index)
+        self.assertEqual(localTransport.producerState, "paused")
+        self.assertIsNone(localTransport.producer)
+        protocol.dataReceived(frame(OK) + b"first ")
+        self.assertEqual(localTransport.producerState, "producing")
+        self.assertIs(localTransport.producer, transport)
+        self.assertIs(transport.producer, localTransport)
+        protocol.dataReceived(b"second")
+        self.assertEqual(localTransport.value(), b"first second")
+        local.dataReceived(b"answer")
+        self.assertEqual(transport.value(), b"answer")
 
     def test_rawBytesHeldUntilLocalConnected(self):
         """
@@ -422,14 +449,132 @@ class DataChannelTests(ClientTestCase):
         self.assertEqual(transport.value(), b"")
 
     def test_refusedDataChannel(self):
-        """A data channel the server refuses is closed; nothing connects locally."""
+        """
+        A data channel the server refuses is closed, and so is its local
+        connection when the data channel is gone; still connecting, that is
+        cancelled.
+        """
         protocol, transport = self.dataChannel(jsonFrame(
             type="open_data_channel", local_port=8022, conn_id="c1"))
         protocol.dataReceived(frame(
             b'{"type":"register_resp","status":"fail",'
             b'"reason":"no user is waiting for this data channel"}'))
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(self.localAttempts(), [])
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        [index] = self.localAttempts()
+        self.assertTrue(self.reactor.connectors[index].stoppedConnecting)
+
+    def test_refusedDataChannelClosesLocal(self):
+        """A refused data channel closes a local connection already made."""
+        protocol, transport = self.dataChannel(jsonFrame(
+            type="open_data_channel", local_port=8022, conn_id="c1"))
+        [index] = self.localAttempts()
+        local, localTransport = self.complete(index)
+        protocol.dataReceived(frame(
+            b'{"type":"register_resp","status":"fail","reason":"no"}'))
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(localTransport.disconnecting)
+        self.assertEqual(localTransport.value(), b"")
+
+    def test_serverUnreachableClosesLocal(self):
+        """
+        A data channel that cannot reach the server takes its local
+        connection down: cancelled while connecting, closed once made.
+        """
+        channel, _ = self.registered()
+        channel.dataReceived(jsonFrame(type="open_data_channel", local_port=8022, conn_id="a")
+                             + jsonFrame(type="open_data_channel", local_port=8022,
+                                         conn_id="b"))
+        first, second = self.serverAttempts(DataChannelFactory)
+        localFirst, localSecond = self.localAttempts()
+        self.refuse(first)
+        self.assertTrue(self.reactor.connectors[localFirst].stoppedConnecting)
+        _, localTransport = self.complete(localSecond)
+        self.refuse(second)
+        self.assertTrue(localTransport.disconnecting)
+        self.assertFalse(self.reactor.connectors[localSecond].stoppedConnecting)
+
+    def test_localRefusedClosesDataChannelAtOnce(self):
+        """
+        A local service that refuses closes the data channel at once, even
+        before the server has answered it: the server then closes the user.
+        """
+        protocol, transport = self.dataChannel(jsonFrame(
+            type="open_data_channel", local_port=8022, conn_id="c1"))
+        [index] = self.localAttempts()
+        self.refuse(index)
+        self.assertTrue(transport.disconnecting)
+
+    def test_localRefusedBeforeDataChannelUp(self):
+        """
+        A local service that refuses before the data channel is connected:
+        the data channel still says which user it is for, so that the server
+        closes that user now rather than after its timeout, then closes.
+        """
+        channel, _ = self.registered()
+        channel.dataReceived(jsonFrame(type="open_data_channel", local_port=8022,
+                                       conn_id="c1"))
+        [server] = self.serverAttempts(DataChannelFactory)
+        [local] = self.localAttempts()
+        self.refuse(local)
+        _, transport = self.complete(server)
+        self.assertIn(b'"conn_id":"c1"', transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_localClosedBeforeSplice(self):
+        """A local connection lost before the splice closes its data channel."""
+        protocol, transport = self.dataChannel(jsonFrame(
+            type="open_data_channel", local_port=8022, conn_id="c1"))
+        [index] = self.localAttempts()
+        local, _ = self.complete(index)
+        local.connectionLost(Failure(error.ConnectionLost()))
+        self.assertTrue(transport.disconnecting)
+        protocol.dataReceived(frame(OK) + b"nowhere")
+        self.assertEqual(transport.value().count(b"data_channel"), 1)
+
+    def test_lostClosesLocalConnected(self):
+        """A data channel lost before the splice closes its local connection."""
+        protocol, _ = self.dataChannel(jsonFrame(
+            type="open_data_channel", local_port=8022, conn_id="c1"))
+        [index] = self.localAttempts()
+        _, localTransport = self.complete(index)
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(localTransport.disconnecting)
+
+    def test_earlyLocalConnectionsCapped(self):
+        """
+        Past EARLY_LOCAL_CONNECTS local connections ahead of the server's
+        answer, a data channel's local connection waits for register_resp;
+        a splice, or a failure, frees its place for the next one.
+        """
+        channel, _ = self.registered()
+        burst = EARLY_LOCAL_CONNECTS + 2
+        channel.dataReceived(b"".join(
+            jsonFrame(type="open_data_channel", local_port=8022, conn_id=f"c{n}")
+            for n in range(burst)))
+        servers = self.serverAttempts(DataChannelFactory)
+        self.assertEqual(len(servers), burst)
+        self.assertEqual(len(self.localAttempts()), EARLY_LOCAL_CONNECTS)
+        channels = [self.complete(index) for index in servers]
+
+        late, lateTransport = channels[-1]
+        late.dataReceived(frame(OK))
+        [*early, lateLocal] = self.localAttempts()
+        self.assertEqual(len(early), EARLY_LOCAL_CONNECTS)
+        self.assertEqual(lateTransport.producerState, "paused")
+        _, lateLocalTransport = self.complete(lateLocal)
+        self.assertIs(lateLocalTransport.producer, lateTransport)
+
+        first, _ = channels[0]
+        self.complete(early[0])
+        first.dataReceived(frame(OK))
+        self.refuse(early[1])
+        channel.dataReceived(jsonFrame(type="open_data_channel", local_port=8022, conn_id="d1")
+                             + jsonFrame(type="open_data_channel", local_port=8022,
+                                         conn_id="d2")
+                             + jsonFrame(type="open_data_channel", local_port=8022,
+                                         conn_id="d3"))
+        self.assertEqual(len(self.localAttempts()), EARLY_LOCAL_CONNECTS + 1 + 2)
 
     def test_lostWhileConnectingLocal(self):
         """A data channel lost before the local connection is made cancels that connect."""

@@ -641,3 +641,27 @@ class EndpointCheckTests(ConfigTestCase):
             "server:\n  token: t\n  listen: 'ssl:17443:privateKey=/nonexistent/k.pem'\n")
         self.assertIn("server.listen", str(error))
         self.assertIn("/nonexistent/k.pem", str(error))
+
+
+class ZeroCopyOptionTests(ConfigTestCase):
+    """zero_copy in the file, --no-zero-copy on the command line; on by default."""
+
+    def test_onByDefault(self):
+        self.assertTrue(self.server("server:\n  token: t\n").zero_copy)
+        self.assertTrue(self.client("client:\n  token: t\n  local_ports: [22]\n").zero_copy)
+
+    def test_offInTheFile(self):
+        self.assertFalse(self.server("server:\n  token: t\n  zero_copy: false\n").zero_copy)
+        self.assertFalse(self.client(
+            "client:\n  token: t\n  local_ports: [22]\n  zero_copy: false\n").zero_copy)
+
+    def test_offOnTheCommandLine(self):
+        """--no-zero-copy overrides the file's zero_copy: true."""
+        self.assertFalse(self.server("server:\n  token: t\n  zero_copy: true\n",
+                                     "--no-zero-copy").zero_copy)
+        self.assertFalse(self.client("client:\n  token: t\n  local_ports: [22]\n",
+                                     "--no-zero-copy").zero_copy)
+
+    def test_notAFlag(self):
+        self.assertConfigError("server", "server:\n  token: t\n  zero_copy: 'maybe'\n",
+                               "server.zero_copy must be true or false")

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import struct
 
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from gotunnel import messages
-from gotunnel.control import MAX_FRAME, MessageReceiver
+from gotunnel.control import MAX_FRAME, MessageReceiver, writeNow
 from gotunnel.messages import DataChannel, OfflinePort, Ping, Register
+
+from tests.support import HOST, User, UserFactory
 
 # Frames from the Go capture (go-gotunnel-wire.json): a ping, and a ping and
 # an offline_port coalesced in one TCP segment.
@@ -261,3 +266,67 @@ class SwitchToRawTests(unittest.TestCase):
         self.assertEqual(self.protocol.received,
                          [Ping(time=7), DataChannel(remote_port=10022, conn_id="c1")])
         self.assertEqual(self.protocol.raw, [b"raw"])
+
+
+class WriteNowTests(unittest.TestCase):
+    """
+    L{writeNow} over a real loopback connection: a frame goes to the kernel
+    in the call when nothing is queued, and never overtakes queued bytes.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        accepted: defer.Deferred = defer.Deferred()
+
+        class Accepting(User):
+            def connectionMade(self) -> None:
+                accepted.callback(self)
+
+        factory = UserFactory()
+        factory.protocol = Accepting
+        port = reactor.listenTCP(0, factory, interface=HOST)
+        self.addCleanup(port.stopListening)
+        self.sender = yield TCP4ClientEndpoint(reactor, HOST, port.getHost().port).connect(
+            Factory.forProtocol(Protocol))
+        self.receiver = yield accepted
+
+        def close():
+            self.sender.transport.abortConnection()
+            return self.receiver.closed
+
+        self.addCleanup(close)
+
+    def queued(self) -> int:
+        transport = self.sender.transport
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+    @defer.inlineCallbacks
+    def test_sentInTheCall(self):
+        """With nothing queued, the bytes are in the kernel when writeNow returns."""
+        writeNow(self.sender.transport, PING)
+        self.assertEqual(self.queued(), 0)
+        received = yield self.receiver.whenReceived(len(PING))
+        self.assertEqual(received, PING)
+
+    @defer.inlineCallbacks
+    def test_queuedBytesFirst(self):
+        """Bytes already queued by write() go first; writeNow's wait behind them."""
+        self.sender.transport.write(b"first ")
+        writeNow(self.sender.transport, b"second")
+        self.assertEqual(self.queued(), len(b"first second"))
+        received = yield self.receiver.whenReceived(len(b"first second"))
+        self.assertEqual(received, b"first second")
+
+    def test_tlsGoesThroughWrite(self):
+        """On a TCP connection that has started TLS, the bytes go to write(), never raw."""
+        written: list[bytes] = []
+        self.patch(self.sender.transport, "TLS", True)
+        self.patch(self.sender.transport, "write", written.append)
+        writeNow(self.sender.transport, PING)
+        self.assertEqual(written, [PING])
+
+    def test_otherTransports(self):
+        """A transport that is not a TCP connection is written to as usual."""
+        transport = StringTransport()
+        writeNow(transport, PING)
+        self.assertEqual(transport.value(), PING)

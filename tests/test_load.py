@@ -157,10 +157,12 @@ class EchoUser(Protocol):
 
 class LoadTests(unittest.TestCase):
     timeout = 300
+    zeroCopy = True
+    """Which relay path every splice takes; the class runs again with it off."""
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.tunnel = Tunnel(self)
+        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy)
         self.server = yield self.tunnel.startServer()
         self.target = listenLiveEcho(self)
         self.client, self.public = yield within(
@@ -256,3 +258,9 @@ class LoadTests(unittest.TestCase):
                  for name, count in objectsAfter.items()
                  if count > objectsBefore.get(name, 0) + 10}
         self.assertEqual(grown, {}, "gotunnel objects (before, after) that grew")
+
+
+class LoadTestsWithoutZeroCopy(LoadTests):
+    """The same load on the relay's ordinary path (zero copy off)."""
+
+    zeroCopy = False

@@ -15,13 +15,15 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from gotunnel.config import ServerSettings
-from gotunnel.server import PublicUser, ServerChannelFactory, TunnelRegistry
+from gotunnel.server import (
+    PublicUser, ServerChannelFactory, TunnelRegistry, TunnelServerService, withBacklog,
+)
 
 TOKEN = "s3cret-Token-0xC0FFEE"
 WRONG_TOKEN = "s3cret-Token-0xBADBAD"
@@ -680,3 +682,54 @@ class SecretTests(ServerTestCase):
                 {k: v for k, v in event.items() if not k.startswith("log_")})
             self.assertNotIn(TOKEN, text)
             self.assertNotIn(WRONG_TOKEN, text)
+
+
+class SetupPathTests(ServerTestCase):
+    def test_readyLoggedAtDebug(self):
+        """
+        Each data channel's setup time is logged once, at debug level: a
+        line per user connection must cost nothing at the default level.
+        """
+        self.registered()
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.connectUser()
+        self.reactor.advance(0.0025)
+        self.connect().send(dataChannel("conn-1"))
+        [ready] = events
+        self.assertEqual(ready["log_level"], LogLevel.debug)
+        self.assertEqual(formatEvent(ready), "data channel for port 10022 ready in 2.5 ms")
+
+
+class ControlBacklogTests(unittest.TestCase):
+    """The control listener's accept queue holds a burst of data channels."""
+
+    def listenWith(self, **settings) -> int:
+        reactor = MemoryReactorClock()
+        service = TunnelServerService(ServerSettings(token=TOKEN, **settings), reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [(_, _, backlog, _)] = reactor.tcpServers
+        return backlog
+
+    def test_defaultBacklog(self):
+        """Without backlog= in the endpoint string the control port gets 1024, not 50."""
+        self.assertEqual(self.listenWith(listen="tcp:17000:interface=127.0.0.1"), 1024)
+        self.assertEqual(self.listenWith(listen="tcp:0", control_backlog=4096), 4096)
+
+    def test_ownBacklogKept(self):
+        """A backlog= the endpoint string sets is kept."""
+        self.assertEqual(self.listenWith(listen="tcp:0:backlog=64:interface=127.0.0.1"), 64)
+
+    def test_withBacklog(self):
+        """Only endpoint kinds that take a backlog get one; escaped colons are no separators."""
+        self.assertEqual(withBacklog("tcp:17000", 1024), "tcp:17000:backlog=1024")
+        self.assertEqual(withBacklog("tcp6:0:interface=\\:\\:1", 8),
+                         "tcp6:0:interface=\\:\\:1:backlog=8")
+        self.assertEqual(withBacklog("unix:/run/gotunnel.sock", 8),
+                         "unix:/run/gotunnel.sock:backlog=8")
+        self.assertEqual(withBacklog("ssl:17000:backlog=9:privateKey=k.pem", 8),
+                         "ssl:17000:backlog=9:privateKey=k.pem")
+        self.assertEqual(withBacklog("systemd:domain=INET:index=0", 8),
+                         "systemd:domain=INET:index=0")

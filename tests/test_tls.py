@@ -236,31 +236,65 @@ class TLSFailureReportTests(TLSTestCase):
 # docs/tls.md, as a person runs it.
 
 
-def documentedCommands() -> list[str]:
-    """The lines of the ```sh blocks of docs/tls.md, in order."""
+DAEMONS = ("gotunnel-server", "gotunnel-client")
+
+
+def documentedCommands(scenario: str = "") -> list[str]:
+    """
+    The lines of the ```sh blocks of docs/tls.md, in order.  A block whose
+    info string names a scenario (```sh mutual-tls) replaces the server and
+    client of the untagged blocks: the scenario runs the untagged blocks'
+    other commands, then its own block.
+    """
     with open(DOCS, encoding="utf-8") as f:
         text = f.read()
-    blocks = re.findall(r"^```sh\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
-    return [line for block in blocks for line in block.splitlines() if line.strip()]
+    blocks = re.findall(r"^```sh(?: ([\w-]+))?\n(.*?)^```", text,
+                        flags=re.MULTILINE | re.DOTALL)
+    lines = []
+    for tag, block in blocks:
+        for line in block.splitlines():
+            if not line.strip():
+                continue
+            if tag == scenario or (not tag and not line.startswith(DAEMONS)):
+                lines.append(line)
+    return lines
 
 
 class DocumentedCommandsTests(unittest.TestCase):
     timeout = 120
 
-    @defer.inlineCallbacks
+    def test_scenarios(self):
+        """Each scenario of docs/tls.md has one server and one client, and a test below."""
+        for scenario in ("", "mutual-tls", "endpoint-strings"):
+            daemons = [line.split()[0] for line in documentedCommands(scenario)
+                       if line.startswith(DAEMONS)]
+            self.assertEqual(sorted(daemons), sorted(DAEMONS), scenario)
+
     def test_documentedCommands(self):
         """
         Every command of docs/tls.md, in a temporary directory, with the
         ports made free ones: the certificates are made, the server listens
         with TLS, the client registers, and 256 KiB go through and back.
         """
+        return self.runScenario("")
+
+    def test_mutualTLSCommands(self):
+        """The same with the commands of the mutual TLS section."""
+        return self.runScenario("mutual-tls")
+
+    def test_endpointStringCommands(self):
+        """The same with the commands of the endpoint strings section."""
+        return self.runScenario("endpoint-strings")
+
+    @defer.inlineCallbacks
+    def runScenario(self, scenario: str):
         cwd = temporaryDirectory(self)
         target = listenTarget(self)
         ports = {"17000": freePort(), "10080": freePort(), "8000": target}
         programs = {"python": sys.executable, "gotunnel-server": venvScript("gotunnel-server"),
                     "gotunnel-client": venvScript("gotunnel-client")}
         children = {}
-        for line in documentedCommands():
+        for line in documentedCommands(scenario):
             line = re.sub(r"\b(17000|10080|8000)\b", lambda m: str(ports[m.group(1)]), line)
             argv = shlex.split(line)
             if argv[0] in ("gotunnel-server", "gotunnel-client"):

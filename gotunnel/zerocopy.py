@@ -1,0 +1,315 @@
+"""
+Zero-copy splicing: once two plain TCP connections on Linux are spliced,
+their bytes go from one socket into a pipe and from the pipe into the other
+socket with C{os.splice}, and never through Python.
+
+The Twisted transports stay what the reactor watches (epoll keeps one
+object per descriptor): a L{SplicePump} only takes over their C{doRead} and
+C{doWrite}.  A read moves bytes into a pipe instead of calling
+C{dataReceived}, and a write drains the pipe after what Twisted itself still
+holds.  End-of-stream, errors and every close go on through the transports
+as before (C{readConnectionLost}, C{loseWriteConnection}, C{loseConnection},
+C{abortConnection}, C{connectionLost}), so the protocols see the events of
+the ordinary path, each connection's C{connectionLost} exactly once.
+
+Flow control is the pipe: a side is read only while the pipe towards the
+other side is empty, so each direction holds at most one pipe's worth of
+bytes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import Optional
+
+from twisted.internet import main, tcp
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IReactorFDSet, ISSLTransport
+from twisted.logger import Logger
+
+log = Logger()
+
+FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+READ_SIZE = 1 << 20
+"""The most one splice from a socket asks for; the pipe's room limits it too."""
+
+PIPE_SIZE = 1 << 20
+"""The size asked of a pipe that fills up (Linux allows 1 MiB to anyone by
+default); a pipe starts at the kernel's default (64 KiB), so that idle and
+interactive connections do not hold big pipes."""
+
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+
+
+def usable(transport: object) -> bool:
+    """
+    Whether C{transport} is a connected, plain TCP socket that a
+    L{SplicePump} can move bytes for.
+    """
+    return (hasattr(os, "splice")
+            and isinstance(transport, tcp.Connection)
+            and not ISSLTransport.providedBy(transport)
+            and not getattr(transport, "TLS", False)
+            and IReactorFDSet.providedBy(transport.reactor)
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnecting)
+
+
+def twistedBuffered(transport: FileDescriptor) -> int:
+    """How many bytes C{transport}'s own write buffer still holds."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+class Direction:
+    """
+    Bytes from C{source}'s socket, through a pipe, to C{sink}'s socket.
+
+    @ivar pending: bytes in the pipe.
+    @ivar moved: bytes written to the sink so far.
+    @ivar ended: the source will be read no more (end-of-stream, or gone).
+    """
+
+    pipe: Optional[tuple[int, int]] = None
+    capacity = 0
+    grown = False
+    pending = 0
+    moved = 0
+    ended = False
+    dropped = False
+
+    def __init__(self, source: "Side", sink: "Side") -> None:
+        self.source = source
+        self.sink = sink
+
+    def openPipe(self) -> None:
+        self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.capacity = fcntl.fcntl(self.pipe[1], F_GETPIPE_SZ)
+
+    def grow(self) -> None:
+        """The pipe filled up: ask for a bigger one, where the kernel allows it."""
+        self.grown = True
+        try:
+            self.capacity = fcntl.fcntl(self.pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            # Over the user's pipe quota: the size it has still works.
+            pass
+
+    def close(self) -> None:
+        pipe, self.pipe = self.pipe, None
+        if pipe is not None:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def mayRead(self) -> bool:
+        """
+        The source may be read now: the pipe is empty, the sink has no bytes
+        of its own to write first, and both connections go on.
+        """
+        source, sink = self.source.transport, self.sink.transport
+        return (not self.ended and not self.pending and not self.dropped
+                and source.connected and not source.disconnecting
+                and sink.connected and not sink.disconnecting
+                and not sink._writeDisconnecting and not twistedBuffered(sink))
+
+    def resume(self) -> None:
+        """Read the source again if it may be read."""
+        if self.mayRead():
+            self.source.transport.startReading()
+
+    def flush(self) -> Optional[OSError]:
+        """
+        Write what the pipe holds to the sink, until it is empty or the
+        sink's socket is full; the error if the sink's socket is broken.
+        """
+        sinkFd = self.sink.fd
+        readEnd = self.pipe[0]
+        while self.pending:
+            try:
+                n = os.splice(readEnd, sinkFd, self.pending, flags=FLAGS)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                return e
+            self.pending -= n
+            self.moved += n
+        if self.ended:
+            self.close()
+        return None
+
+    def end(self) -> None:
+        """The source will send nothing more."""
+        self.ended = True
+        if not self.pending:
+            self.close()
+
+    def drop(self) -> None:
+        """The sink is gone: what the pipe holds goes nowhere."""
+        self.dropped = True
+        self.ended = True
+        self.pending = 0
+        self.close()
+
+
+class Side:
+    """
+    One spliced connection: the C{doRead} and C{doWrite} its transport runs
+    while the pump owns it.
+    """
+
+    outgoing: Direction
+    incoming: Direction
+    broken: Optional[OSError] = None
+
+    def __init__(self, end: object) -> None:
+        self.transport = end.transport
+        self.fd = self.transport.fileno()
+
+    def take(self) -> None:
+        transport = self.transport
+        transport.doRead = self.doRead
+        transport.doWrite = self.doWrite
+
+    def release(self) -> None:
+        """Give the transport its own methods back (unless an abort replaced ours)."""
+        attributes = self.transport.__dict__
+        for name, ours in (("doRead", self.doRead), ("doWrite", self.doWrite)):
+            if attributes.get(name) == ours:
+                del attributes[name]
+
+    def doRead(self):
+        """
+        Splice what the socket has into the pipe towards the other side and
+        on into its socket.  End-of-stream and errors are returned to the
+        reactor, as C{tcp.Connection.doRead} returns them.
+        """
+        out = self.outgoing
+        if not out.mayRead():
+            self.transport.stopReading()
+            return None
+        if out.pipe is None:
+            try:
+                out.openPipe()
+            except OSError as e:
+                log.warn("cannot make a pipe to splice a connection ({why}); closing it",
+                         why=os.strerror(e.errno))
+                return main.CONNECTION_LOST
+        try:
+            n = os.splice(self.fd, out.pipe[1], READ_SIZE, flags=FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            out.end()
+            return main.CONNECTION_DONE
+        out.pending = n
+        if n >= out.capacity // 2 and not out.grown:
+            out.grow()
+        sink = out.sink
+        broken = out.flush()
+        if broken is not None:
+            # The other socket is broken: its own doWrite reports it, so
+            # that the reactor closes that connection, not this one.
+            sink.broken = broken
+        if out.pending:
+            self.transport.stopReading()
+            sink.transport.startWriting()
+        return None
+
+    def doWrite(self):
+        """
+        Write what Twisted's buffer holds, then what the pipe towards this
+        socket holds; then let Twisted finish a pending half-close or close.
+        """
+        if self.broken is not None:
+            return main.CONNECTION_LOST
+        incoming = self.incoming
+        transport = self.transport
+        if incoming.pending:
+            broken = incoming.flush()
+            if broken is not None:
+                return main.CONNECTION_LOST
+            if incoming.pending:
+                return None
+        if (twistedBuffered(transport) or transport.disconnecting
+                or transport._writeDisconnecting):
+            why = type(transport).doWrite(transport)
+            if why is None:
+                incoming.resume()
+            return why
+        transport.stopWriting()
+        incoming.resume()
+        return None
+
+
+class SplicePump:
+    """
+    Moves the bytes of two spliced L{RelayEnd}s with C{os.splice}, both
+    ways, from L{start} until both connections are lost.
+    """
+
+    def __init__(self, a: object, b: object) -> None:
+        self.sides = {a: Side(a), b: Side(b)}
+        sideA, sideB = self.sides[a], self.sides[b]
+        sideA.outgoing = sideB.incoming = Direction(sideA, sideB)
+        sideB.outgoing = sideA.incoming = Direction(sideB, sideA)
+
+    @classmethod
+    def forEnds(cls, a: object, b: object) -> Optional["SplicePump"]:
+        """A pump for C{a} and C{b}, or None if either is not plain TCP."""
+        if usable(a.transport) and usable(b.transport):
+            return cls(a, b)
+        return None
+
+    @property
+    def moved(self) -> int:
+        """Bytes moved so far, both ways."""
+        return sum(side.outgoing.moved for side in self.sides.values())
+
+    def start(self) -> None:
+        """
+        Take over both transports and start reading, each side once the
+        other has written what Twisted holds for it.
+        """
+        for end, side in self.sides.items():
+            end.pump = self
+            side.take()
+            if end._readClosed:
+                side.outgoing.end()
+        for side in self.sides.values():
+            side.outgoing.resume()
+
+    def readEnded(self, end: object) -> None:
+        """C{end}'s connection will send nothing more."""
+        side = self.sides.get(end)
+        if side is not None:
+            side.outgoing.end()
+
+    def lost(self, end: object) -> None:
+        """
+        C{end}'s connection is gone: what the pipe from it holds still goes
+        to the other side (which is closing), what the pipe to it holds is
+        dropped.
+        """
+        side = self.sides.get(end)
+        if side is None:
+            return
+        side.release()
+        side.outgoing.end()
+        side.incoming.drop()
+
+    def bufferedFor(self, end: object) -> int:
+        """Bytes waiting in the pipe towards C{end}."""
+        side = self.sides.get(end)
+        return side.incoming.pending if side is not None else 0
+
+    def backedUp(self, end: object) -> bool:
+        """
+        C{end}'s socket takes no more for now: bytes wait in the pipe to it,
+        and the other side is not being read.
+        """
+        side = self.sides.get(end)
+        return side is not None and side.incoming.pending > 0

@@ -1,0 +1,342 @@
+"""
+Who may register what, on a real server over loopback: clients listed in
+server.clients with a token, allowed ports and a mapping limit of their own,
+the shared token for every other name (or for none), data channels held to
+the same tokens, and server.max_mappings_per_client.  Also the config keys
+and options that set all this.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from typing import Optional
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from gotunnel import certs
+from gotunnel.config import ClientPolicy, ConfigError, readConfigFile
+from gotunnel.tap import ClientOptions, ServerOptions
+from tests.support import (
+    HOST, TOKEN, LogWatcher, Tunnel, connectRaw, connectUser, dataChannelMessage, freePort,
+    jsonFrame, listenTarget, registerMessage, temporaryDirectory, waitUntil, within,
+)
+from tests.test_tls import makeCertificates
+
+ALICE_TOKEN = "alice-own-secret"
+OK = {"type": "register_resp", "status": "ok"}
+
+
+def failed(reason: str) -> dict:
+    return {"type": "register_resp", "status": "fail", "reason": reason}
+
+
+class AccessTestCase(unittest.TestCase):
+    """A server where alice has a token of her own; everyone else uses the shared one."""
+
+    timeout = 60
+    alice = ClientPolicy(token=ALICE_TOKEN)
+    overrides: dict = {}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.logs = LogWatcher(self)
+        self.tunnel = Tunnel(self)
+        self.server = yield self.tunnel.startServer(clients={"alice": self.alice},
+                                                    **self.overrides)
+
+    @defer.inlineCallbacks
+    def register(self, name: str, token: str, remote_port: Optional[int] = None):
+        """A raw control channel that sent C{register}; (raw, its answer, remote_port)."""
+        remote_port = remote_port or freePort()
+        raw = yield connectRaw(self, self.tunnel.controlPort,
+                               jsonFrame(registerMessage(remote_port, name, token=token)))
+        [answer] = yield within(raw.whenFrame(), 15, f"the answer to {name}'s register")
+        return raw, answer, remote_port
+
+    @defer.inlineCallbacks
+    def assertRegisters(self, name: str, token: str, remote_port: Optional[int] = None):
+        raw, answer, remote_port = yield self.register(name, token, remote_port)
+        self.assertEqual(answer, OK)
+        return raw, remote_port
+
+    @defer.inlineCallbacks
+    def assertRefused(self, name: str, token: str, reason: str,
+                      remote_port: Optional[int] = None):
+        """
+        C{register} is answered fail with C{reason}, the connection closed, and
+        the refusal logged with our address and without any token.
+        """
+        raw, answer, remote_port = yield self.register(name, token, remote_port)
+        self.assertEqual(answer, failed(reason))
+        yield within(raw.closed, 15, "the server to close the refused connection")
+        [event] = yield within(self.logs.whenMatched(LogWatcher.formatted(
+            "refused registration", peer=raw.peerName)), 5, "the refusal's log line")
+        self.assertEqual(event["reason"], reason)
+        for secret in (TOKEN, ALICE_TOKEN):
+            self.assertNotIn(secret, self.logs.text())
+
+
+class TokenTests(AccessTestCase):
+    def test_ownTokenAccepted(self):
+        return self.assertRegisters("alice", ALICE_TOKEN)
+
+    def test_sharedTokenRefusedForListedName(self):
+        return self.assertRefused("alice", TOKEN, "authentication failed")
+
+    def test_wrongTokenRefused(self):
+        return self.assertRefused("alice", "guess", "authentication failed")
+
+    @defer.inlineCallbacks
+    def test_sharedTokenForOtherNames(self):
+        """A name not listed registers with the shared token, not with alice's."""
+        yield self.assertRegisters("bob", TOKEN)
+        yield self.assertRefused("carol", ALICE_TOKEN, "authentication failed")
+
+    @defer.inlineCallbacks
+    def test_clientWithOwnToken(self):
+        """Our client, named alice with her token: registered, and its data channels attach."""
+        target = listenTarget(self)
+        client, public = yield within(self.tunnel.publish(
+            target, name="alice", token=ALICE_TOKEN), 15, "alice's registration")
+        user = yield connectUser(self, public)
+        user.transport.write(b"through alice's data channel")
+        received = yield within(user.whenReceived(28), 15, "the echo")
+        self.assertEqual(received, b"through alice's data channel")
+
+
+class NoSharedTokenTests(AccessTestCase):
+    """server.token empty with server.clients: only listed clients may register."""
+
+    overrides = {"token": ""}
+
+    @defer.inlineCallbacks
+    def test_onlyListedClients(self):
+        yield self.assertRefused("bob", "", "authentication failed")
+        yield self.assertRefused("bob", TOKEN, "authentication failed")
+        yield self.assertRegisters("alice", ALICE_TOKEN)
+
+
+class DataChannelTokenTests(AccessTestCase):
+    @defer.inlineCallbacks
+    def test_dataChannelNeedsTheMappingsOwnToken(self):
+        """
+        A user of alice's port waits for a data channel; one with the shared
+        token, a wrong token, or bob's name cannot take the user; alice's own
+        token can, and the user's bytes flow through it.
+        """
+        control, public = yield self.assertRegisters("alice", ALICE_TOKEN)
+        user = yield connectUser(self, public)
+        [request] = yield within(control.whenFrame(
+            lambda f: f.get("type") == "open_data_channel"), 15, "open_data_channel")
+        conn_id = request["conn_id"]
+
+        attempts = [
+            (dataChannelMessage(public, conn_id, token=TOKEN, name="alice"),
+             "authentication failed"),
+            (dataChannelMessage(public, conn_id, token="guess", name="alice"),
+             "authentication failed"),
+            (dataChannelMessage(public, conn_id, token=TOKEN, name="bob"),
+             "no user is waiting for this data channel"),
+            (dataChannelMessage(public, None, token=TOKEN, name="bob"),
+             "no user is waiting for this data channel"),
+        ]
+        for message, reason in attempts:
+            raw = yield connectRaw(self, self.tunnel.controlPort, jsonFrame(message))
+            [answer] = yield within(raw.whenFrame(), 15, "the data channel's answer")
+            self.assertEqual(answer, failed(reason), message)
+            yield within(raw.closed, 15, "the refused data channel to close")
+        self.assertIn(conn_id, self.server.registry.waitingUsers)
+
+        data = yield connectRaw(self, self.tunnel.controlPort, jsonFrame(
+            dataChannelMessage(public, conn_id, token=ALICE_TOKEN, name="alice")), rawAfter=1)
+        [answer] = yield within(data.whenFrame(), 15, "the data channel's answer")
+        self.assertEqual(answer, OK)
+        user.transport.write(b"hello alice")
+        received = yield within(data.whenRaw(11), 15, "the user's bytes")
+        self.assertEqual(received, b"hello alice")
+
+
+class PortTests(AccessTestCase):
+    """alice may use one port of her own; everyone else the server's allow_ports."""
+
+    def setUp(self):
+        self.alicePort, self.serverPort = freePort(), freePort()
+        self.alice = ClientPolicy(token=ALICE_TOKEN,
+                                  allow_ports=(range(self.alicePort, self.alicePort + 1),))
+        self.overrides = {"allow_ports": (range(self.serverPort, self.serverPort + 1),)}
+        return super().setUp()
+
+    @defer.inlineCallbacks
+    def test_allowPortsPerClient(self):
+        yield self.assertRefused(
+            "alice", ALICE_TOKEN,
+            f"remote port {self.serverPort} is not allowed for client 'alice'",
+            self.serverPort)
+        yield self.assertRefused(
+            "bob", TOKEN, f"remote port {self.alicePort} is not allowed on this server",
+            self.alicePort)
+        yield self.assertRegisters("alice", ALICE_TOKEN, self.alicePort)
+        yield self.assertRegisters("bob", TOKEN, self.serverPort)
+
+
+class MappingLimitTests(AccessTestCase):
+    """alice may hold 2 mappings; any other name 1 (server.max_mappings_per_client)."""
+
+    alice = ClientPolicy(token=ALICE_TOKEN, max_mappings=2)
+    overrides = {"max_mappings_per_client": 1}
+
+    @defer.inlineCallbacks
+    def test_perClientLimit(self):
+        first, firstPort = yield self.assertRegisters("alice", ALICE_TOKEN)
+        yield self.assertRegisters("alice", ALICE_TOKEN)
+        yield self.assertRefused("alice", ALICE_TOKEN,
+                                 "too many mappings for client 'alice': it may hold 2 at once")
+        # Registering a port it holds again replaces that mapping.
+        yield self.assertRegisters("alice", ALICE_TOKEN, firstPort)
+        yield within(first.closed, 15, "the replaced control channel to close")
+        replacement = self.server.registry.tunnels[firstPort].channel
+        replacement.transport.loseConnection()
+        yield waitUntil(lambda: firstPort not in self.server.registry.tunnels, 15,
+                        "the mapping to go")
+        yield self.assertRegisters("alice", ALICE_TOKEN)
+
+    @defer.inlineCallbacks
+    def test_serverWideLimit(self):
+        yield self.assertRegisters("bob", TOKEN)
+        yield self.assertRefused("bob", TOKEN,
+                                 "too many mappings for client 'bob': it may hold 1 at once")
+        yield self.assertRegisters("carol", TOKEN)
+
+
+# ---------------------------------------------------------------------------
+# Config keys and options
+
+
+class ConfigFileTestCase(unittest.TestCase):
+    def setUp(self):
+        self.directory = temporaryDirectory(self)
+
+    def write(self, text: str) -> str:
+        path = os.path.join(self.directory, "config.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+
+class AccessConfigTests(ConfigFileTestCase):
+
+    def test_serverKeys(self):
+        """server.clients, max_mappings_per_client and the TLS keys, read from a file."""
+        makeCertificates(self.directory, "--ip", HOST)
+        path = self.write(f"""\
+            server:
+              clients:
+                alice: {{token: 0123, allow_ports: "20000-20010", max_mappings: 4}}
+                bob: {{token: "b"}}
+              max_mappings_per_client: 3
+              tls_cert: {self.directory}/{certs.SERVER_CERT}
+              tls_key: {self.directory}/{certs.SERVER_KEY}
+              tls_client_ca: {self.directory}/{certs.CA_CERT}
+            """)
+        options = ServerOptions()
+        options.parseOptions(["--config", path])
+        settings = options.settings()
+        self.assertEqual(settings.clients, {
+            "alice": ClientPolicy(token="0123", allow_ports=(range(20000, 20011),),
+                                  max_mappings=4),
+            "bob": ClientPolicy(token="b")})
+        self.assertEqual(settings.token, "")
+        self.assertEqual(settings.max_mappings_per_client, 3)
+        self.assertEqual(settings.tls_cert, f"{self.directory}/{certs.SERVER_CERT}")
+        self.assertEqual(settings.tls_client_ca, f"{self.directory}/{certs.CA_CERT}")
+
+    def test_maxMappingsOption(self):
+        path = self.write("server:\n  token: t\n  max_mappings_per_client: 3\n")
+        options = ServerOptions()
+        options.parseOptions(["--config", path, "--max-mappings-per-client", "5"])
+        self.assertEqual(options.settings().max_mappings_per_client, 5)
+
+    def test_clientKeys(self):
+        makeCertificates(self.directory, "--ip", HOST)
+        path = self.write(f"""\
+            client:
+              token: t
+              local_ports: 22
+              tls: true
+              tls_ca: {self.directory}/{certs.CA_CERT}
+              tls_server_name: tunnel.example.com
+            """)
+        options = ClientOptions()
+        options.parseOptions(["--config", path])
+        settings = options.settings()
+        self.assertTrue(settings.tls)
+        self.assertEqual(settings.tls_ca, f"{self.directory}/{certs.CA_CERT}")
+        self.assertEqual(settings.tls_server_name, "tunnel.example.com")
+
+    def assertConfigError(self, role: str, text: str, line: str) -> None:
+        path = self.write(text)
+        options = ServerOptions() if role == "server" else ClientOptions()
+        with self.assertRaises(ConfigError) as caught:
+            options.parseOptions(["--config", path])
+        self.assertEqual(str(caught.exception), f"{path}: {line}")
+
+    def test_clientWithoutToken(self):
+        self.assertConfigError(
+            "server", "server:\n  clients:\n    alice: {allow_ports: 22}\n",
+            "server.clients.alice.token is missing: every listed client needs its own token")
+
+    def test_clientUnknownKey(self):
+        self.assertConfigError(
+            "server", "server:\n  clients:\n    alice: {token: a, ports: 22}\n",
+            "server.clients.alice.ports is not a known key "
+            "(expected token, allow_ports, max_mappings)")
+
+    def test_maxMappingsAtLeastOne(self):
+        self.assertConfigError(
+            "server", "server:\n  token: t\n  max_mappings_per_client: 0\n",
+            "server.max_mappings_per_client must be a whole number of at least 1, got 0")
+
+    def test_tlsFlag(self):
+        self.assertConfigError(
+            "client", "client:\n  token: t\n  local_ports: 22\n  tls: maybe\n",
+            "client.tls must be true or false, got 'maybe'")
+
+    def test_noTokenAndNoClients(self):
+        self.assertConfigError("server", "server:\n  max_mappings_per_client: 2\n",
+                               "server.token is missing (set it there or give --token TOKEN)")
+
+
+def documentedYAML(document: str, heading: str) -> str:
+    """The first ```yaml block after C{heading} in docs/C{document}."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", document)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return text.split(f"\n{heading}\n", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+class DocumentedExamplesTests(ConfigFileTestCase):
+    """The YAML examples of docs/configuration.md#clients and docs/tls.md read as they say."""
+
+    def test_clientsExample(self):
+        path = self.write(documentedYAML("configuration.md", "## Clients"))
+        options = ServerOptions()
+        options.parseOptions(["--config", path])
+        settings = options.settings()
+        self.assertEqual(settings.token, "shared-secret")
+        self.assertEqual(settings.clients, {
+            "alice": ClientPolicy(token="alice-secret", allow_ports=(range(20000, 20011),),
+                                  max_mappings=4),
+            "bob": ClientPolicy(token="bob-secret")})
+
+    def test_tlsExample(self):
+        configFile = readConfigFile(self.write(documentedYAML("tls.md", "## In config.yaml")))
+        server, client = configFile.serverValues(), configFile.clientValues()
+        self.assertEqual((server["tls_cert"], server["tls_key"], server["tls_client_ca"]),
+                         ("/etc/gotunnel/server.pem", "/etc/gotunnel/server.key",
+                          "/etc/gotunnel/ca.pem"))
+        self.assertEqual((client["tls"], client["tls_ca"], client["tls_client_cert"],
+                          client["tls_client_key"], client["name"]),
+                         (True, "/etc/gotunnel/ca.pem", "/etc/gotunnel/client-alice.pem",
+                          "/etc/gotunnel/client-alice.key", "alice"))

@@ -1,0 +1,476 @@
+"""
+The zero-copy relay path (gotunnel.zerocopy) on its own, over loopback: two
+connections, each accepted by a L{RelayEnd}, spliced with C{zeroCopy} on;
+outside each, a peer that writes and collects.  Bytes are checked both
+ways, half-closes each way, closes and resets of either side, a slow
+reader, bytes held before the splice, and the fallback for transports that
+are not plain TCP.
+
+Every wait is on an event, bounded by L{within}; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import datetime, timezone
+from ipaddress import ip_address
+
+from twisted.internet import defer, reactor, ssl, task
+from twisted.internet.endpoints import (
+    SSL4ClientEndpoint, SSL4ServerEndpoint, TCP4ClientEndpoint, TCP4ServerEndpoint,
+)
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from gotunnel import certs, zerocopy
+from gotunnel.relay import RelayEnd, splice
+
+from tests.support import HOST, randomBytes, waitUntil, within
+
+MiB = 1024 * 1024
+WAIT = 30
+
+
+class End(Protocol, RelayEnd):
+    """A relay end as the server and client make them: it holds until spliced."""
+
+    def __init__(self) -> None:
+        self.lostCount = 0
+        self.gone: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.holdReading()
+        self.factory.accepted.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relayReceived(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.lostCount += 1
+        self.relayConnectionLost()
+        if not self.gone.called:
+            self.gone.callback(None)
+
+
+@implementer(IHalfCloseableProtocol)
+class Outside(Protocol):
+    """
+    A peer outside the relay: collects what it reads (C{ended} fires with it
+    at end-of-stream, C{closed} once the connection is gone) and closes at
+    end-of-stream, unless C{keepOpen} is set.
+    """
+
+    keepOpen = False
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.ended: defer.Deferred = defer.Deferred()
+        self.closed: defer.Deferred = defer.Deferred()
+        self._waiters: list[tuple[int, defer.Deferred]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        still = []
+        for size, waiter in self._waiters:
+            if len(self.received) >= size:
+                waiter.callback(bytes(self.received))
+            else:
+                still.append((size, waiter))
+        self._waiters = still
+
+    def whenReceived(self, size: int) -> defer.Deferred:
+        if len(self.received) >= size:
+            return defer.succeed(bytes(self.received))
+        waiter: defer.Deferred = defer.Deferred()
+        self._waiters.append((size, waiter))
+        return waiter
+
+    def readConnectionLost(self) -> None:
+        self.ended.callback(bytes(self.received))
+        if not self.keepOpen:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason=None) -> None:
+        if not self.ended.called:
+            self.ended.callback(bytes(self.received))
+        for _, waiter in self._waiters:
+            waiter.errback(reason)
+        self._waiters = []
+        self.closed.callback(bytes(self.received))
+
+
+@implementer(IPullProducer)
+class Sender:
+    """Writes C{data} to C{transport} a chunk at a time as it drains."""
+
+    chunk = 256 * 1024
+
+    def __init__(self, transport, data: bytes) -> None:
+        self.transport = transport
+        self.data = memoryview(data)
+        self.sent = 0
+        self.done: defer.Deferred = defer.Deferred()
+        transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self.sent >= len(self.data):
+            self.transport.unregisterProducer()
+            if not self.done.called:
+                self.done.callback(self.sent)
+            return
+        chunk = self.data[self.sent:self.sent + self.chunk]
+        self.sent += len(chunk)
+        self.transport.write(bytes(chunk))
+
+    def stopProducing(self) -> None:
+        if not self.done.called:
+            self.done.callback(self.sent)
+
+
+class Pair:
+    """One loopback connection: the outside peer and the relay end that accepted it."""
+
+    def __init__(self, outside: Outside, end: End) -> None:
+        self.outside = outside
+        self.end = end
+
+
+@defer.inlineCallbacks
+def connectedPair(testCase, serverEndpoint=None, clientEndpointFor=None):
+    """
+    A listener accepting one L{End}, and an L{Outside} connected to it;
+    both closed (and the listener stopped) at cleanup.
+    """
+    factory = Factory.forProtocol(End)
+    factory.noisy = False
+    factory.accepted = defer.Deferred()
+    endpoint = serverEndpoint or TCP4ServerEndpoint(reactor, 0, interface=HOST)
+    port = yield endpoint.listen(factory)
+    testCase.addCleanup(port.stopListening)
+    outside = Outside()
+    address = port.getHost()
+    client = (clientEndpointFor(address.port) if clientEndpointFor
+              else TCP4ClientEndpoint(reactor, HOST, address.port))
+    yield client.connect(Factory.forProtocol(lambda: outside))
+    end = yield within(factory.accepted, WAIT, "the relay end to be accepted")
+
+    def cleanup():
+        if not outside.closed.called:
+            outside.transport.abortConnection()
+        if not end.gone.called:
+            end.transport.abortConnection()
+        return defer.DeferredList([outside.closed, end.gone])
+
+    testCase.addCleanup(cleanup)
+    return Pair(outside, end)
+
+
+class ZeroCopyTestCase(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.recordPipes()
+        self.a = yield connectedPair(self)
+        self.b = yield connectedPair(self)
+
+    def recordPipes(self) -> None:
+        """
+        Remember every pipe a pump opens, and check at the very end, after
+        every cleanup, that none is still open.  (Sockets are the
+        transports', closed by their connectionLost; trial's janitor fails
+        the test if a reactor registration is left.)
+        """
+        self.pipes: list[str] = []
+        openPipe = zerocopy.Direction.openPipe
+
+        def recording(direction):
+            openPipe(direction)
+            self.pipes.append(f"pipe:[{os.fstat(direction.pipe[0]).st_ino}]")
+
+        self.patch(zerocopy.Direction, "openPipe", recording)
+        self.addCleanup(self.assertPipesClosed)
+
+    def assertPipesClosed(self) -> None:
+        open = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                open.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        self.assertEqual([pipe for pipe in self.pipes if pipe in open], [],
+                         "pipes left open")
+
+    def splice(self, zeroCopy: bool = True, expectPump: bool = True):
+        splice(self.a.end, self.b.end, zeroCopy=zeroCopy)
+        self.pump = self.a.end.pump
+        if expectPump:
+            self.assertIsNotNone(self.pump, "plain TCP on Linux should take the splice path")
+            self.assertIs(self.b.end.pump, self.pump)
+
+    @defer.inlineCallbacks
+    def assertBothGoneOnce(self):
+        """Both relay ends are closed, each connectionLost called exactly once."""
+        yield within(defer.gatherResults([self.a.end.gone, self.b.end.gone]), WAIT,
+                     "both relay ends to be closed")
+        yield within(defer.gatherResults([self.a.outside.closed, self.b.outside.closed]),
+                     WAIT, "both outside peers to be closed")
+        self.assertEqual((self.a.end.lostCount, self.b.end.lostCount), (1, 1))
+        self.assertIsNone(self.a.end.pump)
+        self.assertIsNone(self.b.end.pump)
+        for end in (self.a.end, self.b.end):
+            for name in ("doRead", "doWrite"):
+                method = vars(end.transport).get(name)
+                self.assertFalse(isinstance(getattr(method, "__self__", None), zerocopy.Side),
+                                 f"the pump kept its {name}")
+
+
+class PayloadTests(ZeroCopyTestCase):
+    @defer.inlineCallbacks
+    def test_randomPayloadsBothWays(self):
+        """
+        4 MiB of random bytes each way at once arrive whole and in order, and
+        the kernel moved every one of them.
+        """
+        self.splice()
+        toB, toA = randomBytes(4 * MiB), randomBytes(4 * MiB)
+        Sender(self.a.outside.transport, toB)
+        Sender(self.b.outside.transport, toA)
+        gotB, gotA = yield within(defer.gatherResults([
+            self.b.outside.whenReceived(len(toB)), self.a.outside.whenReceived(len(toA))]),
+            WAIT, "4 MiB each way")
+        self.assertEqual(hashlib.sha256(gotB).digest(), hashlib.sha256(toB).digest())
+        self.assertEqual(hashlib.sha256(gotA).digest(), hashlib.sha256(toA).digest())
+        self.assertEqual(self.pump.moved, len(toA) + len(toB))
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
+    def test_manySmallWrites(self):
+        """Small writes, answered one at a time, each arrive as written."""
+        self.splice()
+        for n in range(50):
+            message = randomBytes(1 + n * 7)
+            before = len(self.b.outside.received)
+            self.a.outside.transport.write(message)
+            got = yield within(self.b.outside.whenReceived(before + len(message)), WAIT,
+                               f"message {n}")
+            self.assertEqual(got[before:], message)
+            self.b.outside.transport.write(message[::-1])
+            got = yield within(self.a.outside.whenReceived(before + len(message)), WAIT,
+                               f"answer {n}")
+            self.assertEqual(got[before:], message[::-1])
+        self.b.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
+    def test_heldBytesGoFirst(self):
+        """
+        Bytes a side held before the splice, and bytes still in a
+        transport's own write buffer, reach the far end before anything the
+        pump moves, in order.
+        """
+        held = randomBytes(64 * 1024)
+        buffered = randomBytes(2 * MiB)
+        later = randomBytes(MiB)
+        self.a.end.relayReceived(held)
+        self.b.end.transport.write(buffered)
+        self.a.outside.transport.write(later)
+        self.splice()
+        got = yield within(self.b.outside.whenReceived(len(buffered + held + later)), WAIT,
+                           "the buffered, held and later bytes")
+        self.assertEqual(got, buffered + held + later)
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+
+class HalfCloseTests(ZeroCopyTestCase):
+    @defer.inlineCallbacks
+    def assertHalfClose(self, first: Pair, second: Pair):
+        """
+        C{first}'s peer sends and shuts down its write side: C{second}'s
+        peer gets the bytes then end-of-stream, and can still answer; its
+        own end-of-stream closes everything.
+        """
+        self.splice()
+        second.outside.keepOpen = True
+        request, answer = randomBytes(MiB), randomBytes(3 * MiB)
+        first.outside.transport.write(request)
+        first.outside.transport.loseWriteConnection()
+        got = yield within(second.outside.ended, WAIT, "the request and its end")
+        self.assertEqual(got, request)
+        self.assertFalse(first.end.gone.called)
+        Sender(second.outside.transport, answer).done.addCallback(
+            lambda _: second.outside.transport.loseWriteConnection())
+        got = yield within(first.outside.ended, WAIT, "the answer and its end")
+        self.assertEqual(got, answer)
+        first.outside.transport.loseConnection()
+        second.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+        self.assertEqual(self.pump.moved, len(request) + len(answer))
+
+    def test_halfCloseFromA(self):
+        return self.assertHalfClose(self.a, self.b)
+
+    def test_halfCloseFromB(self):
+        return self.assertHalfClose(self.b, self.a)
+
+
+class ClosingTests(ZeroCopyTestCase):
+    @defer.inlineCallbacks
+    def assertCloseAfterSending(self, first: Pair, second: Pair):
+        """C{first}'s peer sends and closes at once: the other gets every byte, then the close."""
+        self.splice()
+        payload = randomBytes(2 * MiB)
+        first.outside.transport.write(payload)
+        first.outside.transport.loseConnection()
+        got = yield within(second.outside.ended, WAIT, "the bytes and the close")
+        self.assertEqual(got, payload)
+        yield self.assertBothGoneOnce()
+
+    def test_closeAfterSendingFromA(self):
+        return self.assertCloseAfterSending(self.a, self.b)
+
+    def test_closeAfterSendingFromB(self):
+        return self.assertCloseAfterSending(self.b, self.a)
+
+    @defer.inlineCallbacks
+    def assertResetMidStream(self, reset: Pair, other: Pair):
+        """
+        C{reset}'s peer resets its connection while the other streams to
+        it: both connections close, nothing is left half-open.
+        """
+        self.splice()
+        Sender(other.outside.transport, randomBytes(64 * MiB))
+        yield within(reset.outside.whenReceived(MiB), WAIT, "the stream to flow")
+        reset.outside.transport.abortConnection()
+        yield self.assertBothGoneOnce()
+
+    def test_resetOfA(self):
+        return self.assertResetMidStream(self.a, self.b)
+
+    def test_resetOfB(self):
+        return self.assertResetMidStream(self.b, self.a)
+
+    @defer.inlineCallbacks
+    def test_relayEndAborted(self):
+        """
+        One relay end's transport is aborted by its owner (as a cut or a
+        shutdown does): the pump lets go, and both sides close once.
+        """
+        self.splice()
+        Sender(self.a.outside.transport, randomBytes(64 * MiB))
+        yield within(self.b.outside.whenReceived(MiB), WAIT, "the stream to flow")
+        self.b.end.transport.abortConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
+    def test_relayEndLosesConnection(self):
+        """
+        loseConnection on a relay end's transport (as a service stopping
+        does) closes it after the bytes the pump holds for it are written.
+        """
+        self.splice()
+        payload = randomBytes(8 * MiB)
+        self.b.outside.transport.pauseProducing()
+        Sender(self.a.outside.transport, payload)
+        yield waitUntil(self.b.end.isBackedUp, WAIT, "the pipe to B to fill")
+        self.b.end.transport.loseConnection()
+        self.a.end.transport.loseConnection()
+        self.b.outside.transport.resumeProducing()
+        got = yield within(self.b.outside.closed, WAIT, "the bytes and the close")
+        self.assertEqual(got, payload[:len(got)])
+        self.assertGreater(len(got), 0)
+        yield self.assertBothGoneOnce()
+
+
+class FlowControlTests(ZeroCopyTestCase):
+    @defer.inlineCallbacks
+    def test_slowReaderPausesTheWriter(self):
+        """
+        B's peer stops reading while A's sends 32 MiB: the pump stops
+        reading A once the pipe to B is full, holding at most a pipe's
+        worth; when B reads again, every byte arrives in order.
+        """
+        self.splice()
+        payload = randomBytes(32 * MiB)
+        self.b.outside.transport.pauseProducing()
+        sender = Sender(self.a.outside.transport, payload)
+        sampler = task.LoopingCall(self.sampleHeld)
+        self.held = 0
+        sampler.start(0.001)
+        self.addCleanup(lambda: sampler.running and sampler.stop())
+        yield waitUntil(
+            lambda: self.b.end.isBackedUp() and self.a.end.transport not in reactor.getReaders(),
+            WAIT, "the pump to stop reading A while B is full")
+        self.assertLessEqual(self.heldNow(), zerocopy.PIPE_SIZE)
+        self.assertLess(sender.sent, len(payload))
+        self.b.outside.transport.resumeProducing()
+        got = yield within(self.b.outside.whenReceived(len(payload)), WAIT, "all 32 MiB")
+        self.assertEqual(hashlib.sha256(got).digest(), hashlib.sha256(payload).digest())
+        sampler.stop()
+        self.assertLessEqual(self.held, zerocopy.PIPE_SIZE)
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    def heldNow(self) -> int:
+        return self.a.end.bufferedBytes() + self.b.end.bufferedBytes()
+
+    def sampleHeld(self) -> None:
+        self.held = max(self.held, self.heldNow())
+
+
+class FallbackTests(unittest.TestCase):
+    def test_notTCP(self):
+        """Transports that are not sockets take the ordinary path."""
+        a, b = End(), End()
+        a.factory = b.factory = Factory()
+        a.factory.accepted = defer.Deferred()
+        a.makeConnection(StringTransport())
+        a.factory.accepted = defer.Deferred()
+        b.makeConnection(StringTransport())
+        self.assertFalse(zerocopy.usable(a.transport))
+        splice(a, b, zeroCopy=True)
+        self.assertIsNone(a.pump)
+        self.assertIs(a.transport.producer, b.transport)
+        a.dataReceived(b"through Python")
+        self.assertEqual(b.transport.value(), b"through Python")
+
+
+class TLSFallbackTests(ZeroCopyTestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        now = datetime.now(timezone.utc)
+        ca = certs.makeCA("zero copy test CA", now)
+        issued = certs.makeServer(ca, ["localhost"], [ip_address(HOST)], now)
+        server = ssl.PrivateCertificate.loadPEM(
+            certs.certificatePEM(issued.certificate) + certs.keyPEM(issued.key))
+        self.recordPipes()
+        self.a = yield connectedPair(
+            self, SSL4ServerEndpoint(reactor, 0, server.options(), interface=HOST),
+            lambda port: SSL4ClientEndpoint(reactor, HOST, port, ssl.CertificateOptions()))
+        self.b = yield connectedPair(self)
+
+    @defer.inlineCallbacks
+    def test_tlsSideTakesTheOrdinaryPath(self):
+        """A TLS connection spliced to a TCP one: no pump, bytes intact both ways."""
+        self.assertFalse(zerocopy.usable(self.a.end.transport))
+        self.assertTrue(zerocopy.usable(self.b.end.transport))
+        self.splice(zeroCopy=True, expectPump=False)
+        self.assertIsNone(self.pump)
+        toB, toA = randomBytes(MiB), randomBytes(MiB)
+        Sender(self.a.outside.transport, toB)
+        Sender(self.b.outside.transport, toA)
+        got = yield within(defer.gatherResults([
+            self.b.outside.whenReceived(len(toB)), self.a.outside.whenReceived(len(toA))]),
+            WAIT, "1 MiB each way")
+        self.assertEqual(got, [toB, toA])
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
