@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from gotunnel import messages
 from gotunnel.messages import Message, ProtocolError
+from gotunnel.writes import writeThrough
 
 MAX_FRAME = 64 * 1024
 
@@ -74,28 +74,6 @@ def tlsFailure(reason: Optional[Failure]) -> Optional[str]:
     return None
 
 
-def writeNow(transport: object, data: bytes) -> None:
-    """
-    Write C{data}, handing it to the kernel at once when it is a plain TCP
-    transport with nothing queued ahead: a frame that answers another then
-    leaves in this turn of the reactor, not the next one, and the peer can
-    act on it sooner.  Whatever is not sent at once (and anything on other
-    transports, TLS included) goes through C{transport.write} as usual;
-    errors show up there too.
-    """
-    # TLS is transport.TLS on a TCP connection after startTLS (ssl: endpoints):
-    # its bytes must go through the TLS layer.
-    if (isinstance(transport, tcp.Connection) and not transport.TLS
-            and transport.connected and not transport.disconnecting
-            and not transport._writeDisconnected
-            and not transport.dataBuffer and not transport._tempDataLen):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:
-            data = data[sent:]
-    if data:
-        transport.write(data)  # type: ignore[attr-defined]
-
-
 class MessageReceiver(Int32StringReceiver):
     """
     Turns frames into calls of C{msg_<type>(message)} and messages into
@@ -119,7 +97,7 @@ class MessageReceiver(Int32StringReceiver):
 
     def sendMessage(self, message: Message) -> None:
         body = messages.encode(message)
-        writeNow(self.transport, len(body).to_bytes(4, "big") + body)
+        writeThrough(self.transport, len(body).to_bytes(4, "big") + body)
 
     def dataReceived(self, data: bytes) -> None:
         if self._raw:

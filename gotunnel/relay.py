@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IHalfCloseableDescriptor, IHalfCloseableProtocol, ISSLTransport,
 )
 from zope.interface import implementer
 
-from gotunnel.zerocopy import SplicePump, twistedBuffered
+from gotunnel.writes import twistedBuffered, writeThrough
+from gotunnel.zerocopy import SplicePump
 
 
 def setNoDelay(transport: object) -> None:
@@ -35,25 +35,6 @@ def setNoDelay(transport: object) -> None:
             setTcpNoDelay(True)
         except OSError:
             pass
-
-
-def writeThrough(transport: object, data: bytes) -> None:
-    """
-    Write C{data} to C{transport}, sending at once what a plain TCP socket
-    takes when nothing waits before it.  Twisted's own write sends at the
-    reactor's next turn: an epoll round and two epoll_ctl calls per hop,
-    about a fifth of the round trip through the tunnel (gotunnelbench rtt,
-    zero copy off) and of the relay's CPU per byte.
-    """
-    if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport._writeDisconnecting
-            and not twistedBuffered(transport)):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent:
-            if sent == len(data):
-                return
-            data = data[sent:]
-    transport.write(data)
 
 
 def canHalfClose(transport: object) -> bool:

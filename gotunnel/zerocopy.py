@@ -24,9 +24,10 @@ import os
 from typing import Optional
 
 from twisted.internet import main, tcp
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorFDSet, ISSLTransport
 from twisted.logger import Logger
+
+from gotunnel.writes import twistedBuffered
 
 log = Logger()
 
@@ -56,11 +57,6 @@ def usable(transport: object) -> bool:
             and transport.connected
             and not transport.disconnecting
             and not transport._writeDisconnecting)
-
-
-def twistedBuffered(transport: FileDescriptor) -> int:
-    """How many bytes C{transport}'s own write buffer still holds."""
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 class Direction:

@@ -787,6 +787,13 @@ class StreamOrEcho(Echo):
         pass
 
 
+def isStreamPrefix(data: bytes) -> bool:
+    """C{data} is a prefix of L{StreamOrEcho}'s endless stream."""
+    chunk = StreamOrEcho.chunk
+    whole, rest = divmod(len(data), len(chunk))
+    return data == chunk * whole + chunk[:rest]
+
+
 def gotunnelObjects() -> dict[str, int]:
     """
     After a full garbage collection, how many instances of each gotunnel

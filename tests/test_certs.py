@@ -14,7 +14,6 @@ import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec

@@ -12,7 +12,6 @@ import random
 import struct
 import sys
 
-import pytest
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint

@@ -16,7 +16,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from gotunnel import messages
-from gotunnel.control import MAX_FRAME, MessageReceiver, writeNow
+from gotunnel.control import MAX_FRAME, MessageReceiver
+from gotunnel.writes import writeThrough
 from gotunnel.messages import DataChannel, OfflinePort, Ping, Register
 
 from tests.support import HOST, User, UserFactory
@@ -270,7 +271,7 @@ class SwitchToRawTests(unittest.TestCase):
 
 class WriteNowTests(unittest.TestCase):
     """
-    L{writeNow} over a real loopback connection: a frame goes to the kernel
+    L{writeThrough} over a real loopback connection: a frame goes to the kernel
     in the call when nothing is queued, and never overtakes queued bytes.
     """
 
@@ -302,17 +303,17 @@ class WriteNowTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_sentInTheCall(self):
-        """With nothing queued, the bytes are in the kernel when writeNow returns."""
-        writeNow(self.sender.transport, PING)
+        """With nothing queued, the bytes are in the kernel when writeThrough returns."""
+        writeThrough(self.sender.transport, PING)
         self.assertEqual(self.queued(), 0)
         received = yield self.receiver.whenReceived(len(PING))
         self.assertEqual(received, PING)
 
     @defer.inlineCallbacks
     def test_queuedBytesFirst(self):
-        """Bytes already queued by write() go first; writeNow's wait behind them."""
+        """Bytes already queued by write() go first; writeThrough's wait behind them."""
         self.sender.transport.write(b"first ")
-        writeNow(self.sender.transport, b"second")
+        writeThrough(self.sender.transport, b"second")
         self.assertEqual(self.queued(), len(b"first second"))
         received = yield self.receiver.whenReceived(len(b"first second"))
         self.assertEqual(received, b"first second")
@@ -322,11 +323,11 @@ class WriteNowTests(unittest.TestCase):
         written: list[bytes] = []
         self.patch(self.sender.transport, "TLS", True)
         self.patch(self.sender.transport, "write", written.append)
-        writeNow(self.sender.transport, PING)
+        writeThrough(self.sender.transport, PING)
         self.assertEqual(written, [PING])
 
     def test_otherTransports(self):
         """A transport that is not a TCP connection is written to as usual."""
         transport = StringTransport()
-        writeNow(transport, PING)
+        writeThrough(transport, PING)
         self.assertEqual(transport.value(), PING)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory

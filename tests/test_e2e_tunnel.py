@@ -21,6 +21,7 @@ from gotunnel.config import Mapping
 from gotunnel.relay import RelayEnd
 from gotunnel.server import PublicUser
 from tests.support import (
+    isStreamPrefix,
     HOST, AnswerAtEnd, Banner, ServiceConnection, Source, StreamOrEcho, Tunnel, connectUser,
     freePort, listenService, listenTarget, listenWeb, randomBytes, startTarget, waitUntil,
     within, writeAndDrain,
@@ -42,13 +43,6 @@ def assertSameBytes(testCase, got: bytes, expected: bytes, what: str) -> None:
                  min(len(got), len(expected)))
     testCase.fail(f"{what}: {len(got)} bytes where {len(expected)} were expected, "
                   f"first difference at offset {where}")
-
-
-def isStreamPrefix(data: bytes) -> bool:
-    """C{data} is a prefix of L{StreamOrEcho}'s endless stream."""
-    chunk = StreamOrEcho.chunk
-    whole, rest = divmod(len(data), len(chunk))
-    return data == chunk * whole + chunk[:rest]
 
 
 class TunnelDataTests(unittest.TestCase):

@@ -13,7 +13,6 @@ import re
 import signal
 from typing import Optional
 
-import pytest
 
 from twisted.internet import defer, error, reactor
 from twisted.trial import unittest
@@ -22,6 +21,7 @@ from gotunnel.client import DataChannelClient, LocalServiceConnection
 from gotunnel.server import PublicUser, ServerChannel
 
 from tests.support import (
+    isStreamPrefix,
     HOST, TOKEN, LogWatcher, StreamOrEcho, Tunnel, connectRaw, connectUser, connectionRefused,
     echoedThrough, freePort, jsonFrame, randomBytes, registerMessage, retryUntil, spawn,
     startTarget, temporaryDirectory, venvScript, waitUntil, waitUntilRefused, within,
@@ -33,13 +33,6 @@ LISTENING = re.compile(r"control channel listening on 127\.0\.0\.1:(\d+)")
 START_TIMEOUT = 60
 EXIT_TIMEOUT = 30
 STREAM_START = 256 * 1024
-
-
-def isStreamPrefix(data: bytes) -> bool:
-    """C{data} is a prefix of L{StreamOrEcho}'s endless stream."""
-    chunk = StreamOrEcho.chunk
-    whole, rest = divmod(len(data), len(chunk))
-    return data == chunk * whole + chunk[:rest]
 
 
 class FaultTestCase(unittest.TestCase):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 
-import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from twisted.internet import defer, reactor
@@ -152,9 +151,9 @@ class ServerUnderAttack(unittest.TestCase):
         yield within(channel.closed, 15, "the data channel to close after the user")
 
     def assertTokenNeverLogged(self, token: str) -> None:
-        for event in self.logs.items:
-            self.assertNotIn(token, formatEvent(event))
-            for key, value in event.items():
+        for logged in self.logs.items:
+            self.assertNotIn(token, formatEvent(logged))
+            for key, value in logged.items():
                 self.assertNotIn(token, repr(value), f"the token is in the log field {key}")
 
 

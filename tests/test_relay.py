@@ -1,5 +1,5 @@
 """
-relay.writeThrough: what the relay writes goes to a plain TCP socket at
+writes.writeThrough: what the relay writes goes to a plain TCP socket at
 once, not at the reactor's next turn, and never ahead of bytes Twisted
 still holds.  And end-of-stream: half-close where the transport can.
 """
@@ -15,8 +15,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel.relay import RelayEnd, canHalfClose, writeThrough
-from gotunnel.zerocopy import twistedBuffered
+from gotunnel.relay import RelayEnd, canHalfClose
+from gotunnel.writes import twistedBuffered, writeThrough
 
 from tests.support import randomBytes, within
 from tests.test_zerocopy import connectedPair

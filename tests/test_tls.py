@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 from cryptography import x509
 from twisted.internet import defer
 from twisted.internet.endpoints import quoteStringArgument

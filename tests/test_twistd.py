@@ -11,7 +11,6 @@ import re
 import secrets
 import signal
 
-import pytest
 from twisted.internet import defer
 from twisted.trial import unittest
 
