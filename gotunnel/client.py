@@ -13,8 +13,9 @@ from twisted.application.internet import ClientService, TimerService, backoffPol
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import (
-    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
+    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString, wrapClientTLS,
 )
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -53,6 +54,43 @@ def localEndpoint(reactor, host: str, port: int) -> IStreamClientEndpoint:
     if isIPv6Address(host):
         return TCP6ClientEndpoint(reactor, host, port, timeout=LOCAL_CONNECT_TIMEOUT)
     return HostnameEndpoint(reactor, host, port, timeout=LOCAL_CONNECT_TIMEOUT)
+
+
+class ServerEndpoints:
+    """
+    Where the client connects: control channels to C{settings.server}, its
+    host name looked up again on every reconnect, and data channels to the
+    address their control channel reached, so that no user's connection
+    waits for a name lookup (the Go client looks the name up for each).
+    Both with the same TLS settings.
+    """
+
+    def __init__(self, reactor, settings: ClientSettings) -> None:
+        self.reactor = reactor
+        named = clientFromString(reactor, settings.server)
+        host = tls.endpointHost(named)
+        self.options = tls.clientOptions(settings, host) if settings.tls else None
+        self.control = self._withTLS(named)
+        # A tcp: string is a TCP4ClientEndpoint; a name in it is resolved by
+        # the reactor on every connect.
+        self.pinnable = (isinstance(named, TCP4ClientEndpoint) and bool(host)
+                         and not isIPAddress(host))
+        self.timeout = getattr(named, "_timeout", 30)
+
+    def _withTLS(self, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:
+        if self.options is None:
+            return endpoint
+        return wrapClientTLS(self.options, endpoint)
+
+    def dataChannel(self, reached: object) -> Optional[IStreamClientEndpoint]:
+        """
+        The endpoint of a data channel whose control channel reached
+        C{reached}, or None where that is the control channel's own.
+        """
+        if self.pinnable and isinstance(reached, IPv4Address) and reached.type == "TCP":
+            return self._withTLS(TCP4ClientEndpoint(self.reactor, reached.host, reached.port,
+                                                    timeout=self.timeout))
+        return None
 
 
 @implementer(IStreamClientEndpoint)
@@ -362,12 +400,19 @@ class TunnelService(MultiService):
     stopping = False
 
     def __init__(self, settings: ClientSettings, mapping: Mapping,
-                 serverEndpoint: IStreamClientEndpoint, reactor) -> None:
+                 serverEndpoint: IStreamClientEndpoint, reactor,
+                 dataChannelEndpoint=None) -> None:
+        """
+        @param dataChannelEndpoint: given the address the control channel
+            reached, the endpoint for a data channel, or None for
+            C{serverEndpoint} (see L{ServerEndpoints.dataChannel}).
+        """
         super().__init__()
         self.settings = settings
         self.mapping = mapping
         self.reactor = reactor
         self.serverEndpoint = serverEndpoint
+        self.dataChannelEndpoint = dataChannelEndpoint
         self.connections = ConnectionSet()
         self._connecting: set[defer.Deferred] = set()
         self._registrationWaiters: list[defer.Deferred] = []
@@ -463,8 +508,13 @@ class TunnelService(MultiService):
                 log.warn("cannot open a data channel to the server: {why}",
                          why=failure.getErrorMessage())
 
+        endpoint = None
+        if self.dataChannelEndpoint is not None and self.channel is not None:
+            endpoint = self.dataChannelEndpoint(self.channel.transport.getPeer())
+        if endpoint is None:
+            endpoint = self.serverEndpoint
         channel = DataChannelClient(self, request)
-        self._track(self.serverEndpoint.connect(DataChannelFactory(channel))).addErrback(
+        self._track(endpoint.connect(DataChannelFactory(channel))).addErrback(
             channel.cannotConnect).addErrback(failed)
         if not channel.lost and self.earlyLocalConnections < EARLY_LOCAL_CONNECTS:
             self.earlyLocalConnections += 1
@@ -502,8 +552,9 @@ class TunnelClientService(MultiService):
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
-        serverEndpoint = tls.clientEndpoint(reactor, settings)
-        self.tunnels = [TunnelService(settings, mapping, serverEndpoint, reactor)
+        endpoints = ServerEndpoints(reactor, settings)
+        self.tunnels = [TunnelService(settings, mapping, endpoints.control, reactor,
+                                      endpoints.dataChannel)
                         for mapping in settings.mappings]
         for tunnel in self.tunnels:
             tunnel.setServiceParent(self)

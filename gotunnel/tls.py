@@ -3,8 +3,8 @@ TLS from the friendly settings: the server's certificate, key and client CA
 (C{--tls-cert}, C{--tls-key}, C{--tls-client-ca}), the client's C{--tls},
 C{--ca}, C{--server-name} and client certificate.  PEM files are read and
 checked when the options are parsed, and read again into the context
-factories that wrap the control endpoint when the service is made; the same
-wrapped endpoint carries every data channel.
+factories when the service is made (the client's data channels use the
+same TLS options as its control channel: L{gotunnel.client.ServerEndpoints}).
 
 Endpoint strings (C{ssl:}, C{tls:}) keep working without any of this.
 """
@@ -18,10 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet import ssl
-from twisted.internet.endpoints import clientFromString, serverFromString, wrapClientTLS
-from twisted.internet.interfaces import (
-    IStreamClientEndpoint, IStreamServerEndpoint, ISSLTransport,
-)
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
@@ -274,14 +272,3 @@ def checkClientSettings(settings: ClientSettings, names: dict[str, str] = CLIENT
     from twisted.internet import reactor
 
     clientOptions(settings, endpointHost(clientFromString(reactor, settings.server)), names)
-
-
-def clientEndpoint(reactor, settings: ClientSettings) -> IStreamClientEndpoint:
-    """
-    The server's endpoint for control and data channels alike:
-    C{settings.server}, wrapped in TLS if C{settings.tls}.
-    """
-    endpoint = clientFromString(reactor, settings.server)
-    if not settings.tls:
-        return endpoint
-    return wrapClientTLS(clientOptions(settings, endpointHost(endpoint)), endpoint)

@@ -2,17 +2,27 @@
 A user's connection setup over real loopback sockets: the client connects
 to its local service while the server answers the data channel, and
 whichever of the two fails takes the other down, leaving nothing open.
+Data channels go to the address the control channel reached.
 
 Every wait is on an event, bounded by L{within}; nothing sleeps.
 """
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
+from gotunnel.client import ServerEndpoints
+from gotunnel.config import ClientSettings, Mapping
 from gotunnel.server import ServerChannel
-from tests.support import Tunnel, connectUser, listenService, waitUntil, within
+from tests.support import (
+    Tunnel, connectUser, echoedThrough, listenService, listenTarget, randomBytes, waitUntil,
+    within,
+)
 
 WAIT = 30
 """Seconds any one step may take, even on a loaded machine."""
@@ -129,3 +139,66 @@ class ParallelSetupTests(unittest.TestCase):
         data = yield within(user.closed, WAIT, "the user to be closed")
         self.assertEqual(data, b"")
         yield self.assertOnlyControlLeft()
+
+
+class DataChannelAddressTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_dataChannelsSkipTheNameLookup(self):
+        """
+        A server given by name: the control channel looks the name up, and
+        each data channel connects to the address the control channel
+        reached, with no lookup of its own; the bytes go through.
+        """
+        lookups: list[str] = []
+        resolve = reactor.resolve
+
+        def countingResolve(name, *args, **kwargs):
+            lookups.append(name)
+            return resolve(name, *args, **kwargs)
+
+        self.patch(reactor, "resolve", countingResolve)
+        tunnel = Tunnel(self)
+        yield tunnel.startServer()
+        target = listenTarget(self)
+        client, public = yield within(
+            tunnel.publish(target, server=f"tcp:localhost:{tunnel.controlPort}",
+                           health_check_interval=3600),
+            WAIT, "the client to register through the name localhost")
+        self.assertEqual(lookups, ["localhost"])
+        for _ in range(3):
+            payload = randomBytes(4096)
+            self.assertTrue((yield echoedThrough(self, public, payload, WAIT)))
+        self.assertEqual(lookups, ["localhost"])
+
+
+class ServerEndpointsTests(unittest.TestCase):
+    """L{ServerEndpoints} on a memory reactor: which endpoint each channel gets."""
+
+    def endpoints(self, server: str, **tlsSettings) -> ServerEndpoints:
+        settings = ClientSettings(server=server, token="t", name="n",
+                                  mappings=[Mapping("127.0.0.1", 22, 10022)])
+        for key, value in tlsSettings.items():
+            setattr(settings, key, value)
+        return ServerEndpoints(MemoryReactorClock(), settings)
+
+    def test_nameIsPinnedToTheAddressReached(self):
+        endpoints = self.endpoints("tcp:tunnel.example.com:17000")
+        data = endpoints.dataChannel(IPv4Address("TCP", "192.0.2.7", 17000))
+        self.assertIsInstance(data, TCP4ClientEndpoint)
+        data.connect(Factory.forProtocol(Protocol))
+        [(host, port, _, timeout, _)] = endpoints.reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("192.0.2.7", 17000, 30))
+
+    def test_addressIsKept(self):
+        """An IP address needs no lookup: data channels use the control's endpoint."""
+        endpoints = self.endpoints("tcp:192.0.2.7:17000")
+        self.assertIsNone(endpoints.dataChannel(IPv4Address("TCP", "192.0.2.7", 17000)))
+
+    def test_otherEndpointsAreKept(self):
+        """An endpoint string of another kind, or an address that is not TCP, is left alone."""
+        endpoints = self.endpoints("unix:/tmp/gotunnel.sock")
+        self.assertIsNone(endpoints.dataChannel(IPv4Address("TCP", "192.0.2.7", 17000)))
+        endpoints = self.endpoints("tcp:tunnel.example.com:17000")
+        self.assertIsNone(endpoints.dataChannel(None))

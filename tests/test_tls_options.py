@@ -141,6 +141,32 @@ class FriendlyTLSTests(FriendlyTLSTestCase):
             f"registration with {SERVER_NAME} verified")
 
     @defer.inlineCallbacks
+    def test_serverByNameDataChannelsVerified(self):
+        """
+        A server given by name (localhost) with --server-name: data channels
+        go to the address the control channel reached, and are TLS verified
+        against the same name.
+        """
+        yield self.startServer()
+        client, public = yield within(self.tunnel.publish(
+            self.target, **self.tlsClient(
+                server=f"tcp:localhost:{self.tunnel.controlPort}",
+                tls_server_name=SERVER_NAME)), 15, "registration through localhost")
+        payload = randomBytes(65536)
+        user = yield connectUser(self, public)
+        user.transport.write(payload)
+        self.assertEqual((yield within(user.whenReceived(len(payload)), 30, "the echo")),
+                         payload)
+        with open(self.path(certs.SERVER_CERT), "rb") as f:
+            serverCertificate = x509.load_pem_x509_certificate(f.read())
+        [dataChannel] = [c for c in client.tunnels[0].connections
+                         if isinstance(c, DataChannelClient)]
+        self.assertTrue(ISSLTransport.providedBy(dataChannel.transport))
+        self.assertEqual(dataChannel.transport.getPeer().host, HOST)
+        self.assertEqual(dataChannel.transport.getPeerCertificate().to_cryptography(),
+                         serverCertificate)
+
+    @defer.inlineCallbacks
     def test_wrongCARefused(self):
         """
         A client that trusts another CA never registers; it says why on
