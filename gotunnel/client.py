@@ -60,9 +60,11 @@ class ServerEndpoints:
     """
     Where the client connects: control channels to C{settings.server}, its
     host name looked up again on every reconnect, and data channels to the
-    address their control channel reached, so that no user's connection
-    waits for a name lookup (the Go client looks the name up for each).
-    Both with the same TLS settings.
+    address their control channel reached.  A name with several addresses
+    (round-robin DNS in front of several servers) must not send a data
+    channel to a server other than the one that asked for it, and no user's
+    connection waits for a name lookup (the Go client looks the name up for
+    each).  Both with the same TLS settings.
     """
 
     def __init__(self, reactor, settings: ClientSettings) -> None:
