@@ -69,11 +69,12 @@ class LiveEcho(Protocol):
         self.factory.live.discard(self)
 
 
-def listenLiveEcho(testCase) -> Factory:
+def listenLiveEcho(testCase, backlog: int = 50) -> Factory:
+    """A L{LiveEcho} service with an accept queue of C{backlog}, closed at cleanup."""
     factory = Factory.forProtocol(LiveEcho)
     factory.noisy = False
     factory.live = set()
-    port = reactor.listenTCP(0, factory, interface=HOST)
+    port = reactor.listenTCP(0, factory, backlog=backlog, interface=HOST)
     factory.port = port.getHost().port
 
     @defer.inlineCallbacks

@@ -22,7 +22,7 @@ from twisted.trial import unittest
 from gotunnel.server import ServerChannel
 
 from tests.support import HOST, Tunnel, waitUntil, within
-from tests.test_load import HashingUser, LiveEcho
+from tests.test_load import HashingUser, listenLiveEcho
 
 USERS = 1000
 SIZE = 64 * 1024
@@ -49,25 +49,6 @@ def raiseOpenFileLimit(testCase, needed: int) -> None:
     testCase.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def listenEcho(testCase) -> Factory:
-    """An echo service with an accept queue for a thousand connections at once."""
-    factory = Factory.forProtocol(LiveEcho)
-    factory.noisy = False
-    factory.live = set()
-    port = reactor.listenTCP(0, factory, backlog=BACKLOG, interface=HOST)
-    factory.port = port.getHost().port
-
-    @defer.inlineCallbacks
-    def cleanup():
-        yield port.stopListening()
-        for protocol in list(factory.live):
-            protocol.transport.abortConnection()
-        yield waitUntil(lambda: not factory.live, 10, "the echo service's connections to close")
-
-    testCase.addCleanup(cleanup)
-    return factory
-
-
 class ThousandUsersTests(unittest.TestCase):
     timeout = 120
 
@@ -76,7 +57,7 @@ class ThousandUsersTests(unittest.TestCase):
         raiseOpenFileLimit(self, USERS * DESCRIPTORS_PER_USER + 256)
         self.tunnel = Tunnel(self)
         self.server = yield self.tunnel.startServer()
-        self.target = listenEcho(self)
+        self.target = listenLiveEcho(self, backlog=BACKLOG)
         self.client, self.public = yield within(
             self.tunnel.publish(self.target.port, health_check_interval=3600), 15,
             "registration")

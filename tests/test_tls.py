@@ -76,6 +76,27 @@ def tlsServer(host: str, port: int, trust: str) -> str:
     return endpoint
 
 
+def assertChannelsAreTLS(testCase, client, server, certificatePath: str) -> None:
+    """
+    C{client}'s control channel and its one data channel, and the server's
+    ends of both, are TLS, and the client saw the certificate in
+    C{certificatePath} on each.
+    """
+    with open(certificatePath, "rb") as f:
+        serverCertificate = x509.load_pem_x509_certificate(f.read())
+    control = client.tunnels[0].channel
+    [dataChannel] = [c for c in client.tunnels[0].connections
+                     if isinstance(c, DataChannelClient)]
+    for channel in (control, dataChannel):
+        testCase.assertTrue(ISSLTransport.providedBy(channel.transport))
+        testCase.assertEqual(channel.transport.getPeerCertificate().to_cryptography(),
+                             serverCertificate)
+    roles = {c.role: c for c in server.registry.connections if hasattr(c, "role")}
+    testCase.assertEqual(sorted(roles), ["control", "data"])
+    for channel in roles.values():
+        testCase.assertTrue(ISSLTransport.providedBy(channel.transport))
+
+
 class TLSTestCase(unittest.TestCase):
     """A CA, a server certificate for tunnel.example.com and 127.0.0.1, and a local service."""
 
@@ -140,20 +161,8 @@ class TLSTunnelTests(TLSTestCase):
         received = yield within(user.whenReceived(len(payload)), 30, "the echo of 1 MiB")
         self.assertEqual(received, payload)
 
-        with open(os.path.join(self.certificates, certs.SERVER_CERT), "rb") as f:
-            serverCertificate = x509.load_pem_x509_certificate(f.read())
-        control = client.tunnels[0].channel
-        [dataChannel] = [c for c in client.tunnels[0].connections
-                         if isinstance(c, DataChannelClient)]
-        for channel in (control, dataChannel):
-            self.assertTrue(ISSLTransport.providedBy(channel.transport))
-            self.assertEqual(channel.transport.getPeerCertificate().to_cryptography(),
-                             serverCertificate)
-        roles = {c.role: c for c in self.tunnel.server.registry.connections
-                 if hasattr(c, "role")}
-        self.assertEqual(sorted(roles), ["control", "data"])
-        for channel in roles.values():
-            self.assertTrue(ISSLTransport.providedBy(channel.transport))
+        assertChannelsAreTLS(self, client, self.tunnel.server,
+                             os.path.join(self.certificates, certs.SERVER_CERT))
 
     @defer.inlineCallbacks
     def test_serverNameVerified(self):

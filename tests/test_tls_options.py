@@ -29,7 +29,9 @@ from tests.support import (
     connectionRefused, dataChannelMessage, freePort, jsonFrame, listenTarget, randomBytes,
     registerMessage, temporaryDirectory, venvScript, within,
 )
-from tests.test_tls import SERVER_NAME, UNREACHABLE_PREFIX, makeCertificates, sslListen
+from tests.test_tls import (
+    SERVER_NAME, UNREACHABLE_PREFIX, assertChannelsAreTLS, makeCertificates, sslListen,
+)
 
 SERVER_SCRIPT = venvScript("gotunnel-server")
 CLIENT_SCRIPT = venvScript("gotunnel-client")
@@ -117,20 +119,7 @@ class FriendlyTLSTests(FriendlyTLSTestCase):
         received = yield within(user.whenReceived(len(payload)), 30, "the echo of 1 MiB")
         self.assertEqual(received, payload)
 
-        with open(self.path(certs.SERVER_CERT), "rb") as f:
-            serverCertificate = x509.load_pem_x509_certificate(f.read())
-        control = client.tunnels[0].channel
-        [dataChannel] = [c for c in client.tunnels[0].connections
-                         if isinstance(c, DataChannelClient)]
-        for channel in (control, dataChannel):
-            self.assertTrue(ISSLTransport.providedBy(channel.transport))
-            self.assertEqual(channel.transport.getPeerCertificate().to_cryptography(),
-                             serverCertificate)
-        roles = {c.role: c for c in self.tunnel.server.registry.connections
-                 if hasattr(c, "role")}
-        self.assertEqual(sorted(roles), ["control", "data"])
-        for channel in roles.values():
-            self.assertTrue(ISSLTransport.providedBy(channel.transport))
+        assertChannelsAreTLS(self, client, self.tunnel.server, self.path(certs.SERVER_CERT))
 
     @defer.inlineCallbacks
     def test_serverNameChecked(self):
