@@ -185,13 +185,6 @@ class Side:
         if not out.mayRead():
             self.transport.stopReading()
             return None
-        if out.pipe is None:
-            try:
-                out.openPipe()
-            except OSError as e:
-                log.warn("cannot make a pipe to splice a connection ({why}); closing it",
-                         why=os.strerror(e.errno))
-                return main.CONNECTION_LOST
         try:
             n = os.splice(self.fd, out.pipe[1], READ_SIZE, flags=FLAGS)
         except BlockingIOError:
@@ -255,10 +248,33 @@ class SplicePump:
 
     @classmethod
     def forEnds(cls, a: object, b: object) -> Optional["SplicePump"]:
-        """A pump for C{a} and C{b}, or None if either is not plain TCP."""
-        if usable(a.transport) and usable(b.transport):
-            return cls(a, b)
-        return None
+        """
+        A pump for C{a} and C{b}, with its pipes; None if either is not
+        plain TCP, or if the pipes cannot be made, so that the connection
+        takes the ordinary path instead.
+        """
+        if not (usable(a.transport) and usable(b.transport)):
+            return None
+        pump = cls(a, b)
+        try:
+            pump.openPipes()
+        except OSError as e:
+            pump.closePipes()
+            log.warn("cannot make a pipe to splice a connection ({why}); "
+                     "relaying it without zero copy", why=os.strerror(e.errno))
+            return None
+        return pump
+
+    def openPipes(self) -> None:
+        # Made before the pump takes over, not at the first read: a pipe
+        # that cannot be made (out of descriptors) then costs the
+        # connection its zero copy, not its life.
+        for side in self.sides.values():
+            side.outgoing.openPipe()
+
+    def closePipes(self) -> None:
+        for side in self.sides.values():
+            side.outgoing.close()
 
     @property
     def moved(self) -> int:

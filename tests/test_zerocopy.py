@@ -11,6 +11,7 @@ Every wait is on an event, bounded by L{within}; nothing sleeps.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from datetime import datetime, timezone
@@ -29,7 +30,7 @@ from zope.interface import implementer
 from gotunnel import certs, zerocopy
 from gotunnel.relay import RelayEnd, splice
 
-from tests.support import HOST, randomBytes, waitUntil, within
+from tests.support import HOST, LogWatcher, randomBytes, waitUntil, within
 
 MiB = 1024 * 1024
 WAIT = 30
@@ -442,6 +443,59 @@ class FallbackTests(unittest.TestCase):
         self.assertIs(a.transport.producer, b.transport)
         a.dataReceived(b"through Python")
         self.assertEqual(b.transport.value(), b"through Python")
+
+
+class PipeFailureTests(ZeroCopyTestCase):
+    """
+    A pump whose pipes cannot be made (the process is out of descriptors)
+    leaves the connection to the ordinary path, which carries it whole.
+    """
+
+    def failPipe(self, number: int) -> None:
+        """Make the C{number}th pipe asked for (counting from 1) fail with EMFILE."""
+        openPipe = zerocopy.Direction.openPipe
+        asked = []
+
+        def failing(direction):
+            asked.append(direction)
+            if len(asked) == number:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            openPipe(direction)
+
+        self.patch(zerocopy.Direction, "openPipe", failing)
+
+    @defer.inlineCallbacks
+    def assertOrdinaryPathCarriesBoth(self):
+        logs = LogWatcher(self)
+        self.splice(zeroCopy=True, expectPump=False)
+        self.assertIsNone(self.pump)
+        self.assertIsNone(self.b.end.pump)
+        self.assertEqual(
+            [event["why"] for event in logs.matching(
+                LogWatcher.formatted("cannot make a pipe to splice"))],
+            [os.strerror(errno.EMFILE)])
+        toB, toA = randomBytes(MiB), randomBytes(MiB)
+        Sender(self.a.outside.transport, toB)
+        Sender(self.b.outside.transport, toA)
+        got = yield within(defer.gatherResults([
+            self.b.outside.whenReceived(len(toB)), self.a.outside.whenReceived(len(toA))]),
+            WAIT, "1 MiB each way without zero copy")
+        self.assertEqual(got, [toB, toA])
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    def test_firstPipeFails(self):
+        """No pipe at all: the relay goes on through Python."""
+        self.failPipe(1)
+        return self.assertOrdinaryPathCarriesBoth()
+
+    def test_secondPipeFails(self):
+        """
+        One pipe made, the other not: the one made is closed (checked at
+        cleanup) and the relay goes on through Python.
+        """
+        self.failPipe(2)
+        return self.assertOrdinaryPathCarriesBoth()
 
 
 class TLSFallbackTests(ZeroCopyTestCase):
