@@ -12,9 +12,10 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
-from gotunnel import logs, tls
+from gotunnel import logs, rlimits, tls
 from gotunnel.client import TunnelClientService
 from gotunnel.config import (
     LOG_LEVELS, ClientSettings, ConfigError, ConfigFile, ServerSettings, findConfigFile,
@@ -329,11 +330,24 @@ class ClientOptions(_SettingsOptions):
                 values["name"] = tls.certificateFileName(values["tls_client_cert"])
 
 
+log = Logger()
+
+
+def _raiseOpenFileLimit() -> None:
+    # In makeService, not in the services: a program that embeds them owns
+    # its process's limits.
+    before, after = rlimits.raiseOpenFileLimit()
+    if after > before:
+        log.info("open-file limit raised from {before} to {after}", before=before, after=after)
+
+
 def makeServerService(options: ServerOptions, reactor=None) -> IService:
     from gotunnel.server import TunnelServerService
 
+    _raiseOpenFileLimit()
     return TunnelServerService(options.settings(), reactor=reactor)
 
 
 def makeClientService(options: ClientOptions, reactor=None) -> IService:
+    _raiseOpenFileLimit()
     return TunnelClientService(options.settings(), reactor=reactor)

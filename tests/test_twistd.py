@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -24,6 +25,7 @@ SERVER_SCRIPT = venvScript("gotunnel-server")
 CLIENT_SCRIPT = venvScript("gotunnel-client")
 
 LISTENING = re.compile(r"control channel listening on 127\.0\.0\.1:(\d+)")
+RAISED = re.compile(r"open-file limit raised from (\d+) to (\d+)")
 AUTH_FAILED_LINE = "[ERROR][1002] Authentication failed, please check token"
 START_TIMEOUT = 60
 EXIT_TIMEOUT = 30
@@ -121,6 +123,31 @@ class TwistdPluginTests(ProcessTestCase):
         self.assertTrue((yield connectionRefused(public)))
         self.assertNoSecret(token, server, client)
         self.assertEqual(os.listdir(self.cwd), [])
+
+
+class OpenFileLimitTests(ProcessTestCase):
+    @defer.inlineCallbacks
+    def test_serverRaisesItsOpenFileLimit(self):
+        """
+        twistd started with a soft limit of 256 open files (the server would
+        run out at about 40 zero-copy connections) raises it and says so.
+        """
+        lowered = ("import os, resource, sys; "
+                   "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+                   "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+                   "os.execv(sys.argv[1], sys.argv[1:])")
+        server = self.spawn(sys.executable, "-c", lowered, TWISTD, "-n", "--pidfile=",
+                            "gotunnel-server", "--listen", "tcp:0:interface=127.0.0.1",
+                            "--token", newToken("secret"))
+        raised = yield within(server.whenOutput(RAISED, (1,)), START_TIMEOUT,
+                              "the server's 'open-file limit raised' line")
+        yield within(server.whenOutput(LISTENING, (1,)), START_TIMEOUT,
+                     "the server's 'listening' line")
+        self.assertEqual(raised.group(1), "256")
+        with open(f"/proc/{server.transport.pid}/limits") as limits:
+            soft = next(line for line in limits if line.startswith("Max open files")).split()[3]
+        self.assertEqual(soft, raised.group(2))
+        self.assertGreater(int(soft), 256)
 
 
 class ConsoleScriptUsageTests(ProcessTestCase):
