@@ -22,12 +22,12 @@ def raiseOpenFileLimit(wanted: int = WANTED) -> tuple[int, int]:
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (OSError, ValueError):
-            # Some sandboxes refuse even a raise within the hard limit: the
-            # process goes on with what it has.
-            return soft, soft
-        return soft, target
-    return soft, soft
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        # Some sandboxes refuse even a raise within the hard limit: the
+        # process goes on with what it has.
+        return soft, soft
+    return soft, target

@@ -23,6 +23,8 @@ from gotunnel.config import (
 )
 from gotunnel.i18n import LANGUAGES
 
+log = Logger()
+
 
 def _positive(text: str) -> float:
     value = float(text)
@@ -328,9 +330,6 @@ class ClientOptions(_SettingsOptions):
             if values.get("tls_client_cert"):
                 # With mutual TLS the server knows us by the certificate's name.
                 values["name"] = tls.certificateFileName(values["tls_client_cert"])
-
-
-log = Logger()
 
 
 def _raiseOpenFileLimit() -> None:

@@ -30,8 +30,8 @@ class RaiseOpenFileLimitTests(unittest.TestCase):
         """Wanting more than the hard limit raises the soft limit to the hard one."""
         if self.hard == resource.RLIM_INFINITY:
             raise unittest.SkipTest("no hard limit on open files here")
-        self.lowerSoftLimit(min(256, self.hard))
         before = min(256, self.hard)
+        self.lowerSoftLimit(before)
         self.assertEqual(raiseOpenFileLimit(self.hard + 1000), (before, self.hard))
         self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (self.hard, self.hard))
 
