@@ -43,6 +43,13 @@ with a short accept queue is not flooded (Twisted's default is 50, Python's
 socketserver's 5).
 """
 
+POOL_REFILL_DELAY = 1.0
+"""
+Seconds before a pooled data channel that closed unused is replaced: the
+server closed it or could not be reached, and asking again at once would
+only repeat that.
+"""
+
 
 def localEndpoint(reactor, host: str, port: int) -> IStreamClientEndpoint:
     """
@@ -157,7 +164,8 @@ class ControlChannel(MessageReceiver):
         self.registered = True
         self.lastPong = self.tunnel.reactor.seconds()
         self.heartbeat.start(self.tunnel.settings.heartbeat_interval, now=False)
-        self.tunnel.registered(self)
+        # A Go server sends no pool: it gets no pooled data channels.
+        self.tunnel.registered(self, serverPool=msg.pool or 0)
 
     def _ping(self) -> None:
         now = self.tunnel.reactor.seconds()
@@ -211,6 +219,11 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     connection is up, the two are spliced.  Connecting to the local service
     while the server answers takes a round trip off every user's setup.
 
+    A pooled data channel (C{request} None) is opened ahead of any user and
+    waits at the server; the server's answer comes with the next user, and
+    only then is the local service connected to (a service sees no idle
+    connections of ours).
+
     Whichever side fails takes the other down with it: a local service that
     refuses closes the data channel (and so the server closes the user), and
     a data channel that fails or is refused closes the local connection.
@@ -226,26 +239,42 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     early = False
     """This channel holds one of its mapping's early local connections."""
 
-    def __init__(self, tunnel: "TunnelService", request: messages.OpenDataChannel) -> None:
+    def __init__(self, tunnel: "TunnelService",
+                 request: Optional[messages.OpenDataChannel]) -> None:
         self.tunnel = tunnel
         self.request = request
+
+    @property
+    def pooled(self) -> bool:
+        return self.request is None
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.tunnel.connections.add(self)
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
+        if self.pooled:
+            ask = {"pooled": True}
+        else:
+            ask = {"conn_id": self.request.conn_id}
         self.sendMessage(messages.DataChannel(
             local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
-            token=settings.token, name=settings.name, conn_id=self.request.conn_id))
+            token=settings.token, name=settings.name, **ask))
         if self.localFailed:
             # The server still learns which user this was for, and closes it.
             self.transport.loseConnection()
 
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
+        if self._raw:
+            self.protocolError("a second register_resp on a data channel")
+            return
         if not msg.ok:
             log.warn("server refused a data channel: {reason}", reason=msg.reason)
+            if self.pooled:
+                self.tunnel.poolRefused(self)
             self.transport.loseConnection()
             return
+        if self.pooled:
+            self.tunnel.pooledChannelTaken(self)
         self.switchToRaw()
         if self.local is not None:
             self._splice(self.local)
@@ -324,6 +353,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def connectionLost(self, reason=None) -> None:
         self.lost = True
         self.tunnel.connections.discard(self)
+        if self.pooled and not self._raw:
+            self.tunnel.pooledChannelLost(self)
         self._dropLocal()
         self.relayConnectionLost()
 
@@ -397,6 +428,9 @@ class TunnelService(MultiService):
     channel: Optional[ControlChannel] = None
     earlyLocalConnections = 0
     """Local connections made ahead of the server's answer, not yet spliced."""
+    poolSize = 0
+    """Pooled data channels to keep open: ours and the server's limit, the lesser."""
+    refillCall = None
     localUp = True
     failedRegistrations = 0
     stopping = False
@@ -416,6 +450,8 @@ class TunnelService(MultiService):
         self.serverEndpoint = serverEndpoint
         self.dataChannelEndpoint = dataChannelEndpoint
         self.connections = ConnectionSet()
+        self.pool: set[DataChannelClient] = set()
+        """Pooled data channels opened or opening, not yet handed a user."""
         self._connecting: set[defer.Deferred] = set()
         self._registrationWaiters: list[defer.Deferred] = []
         self.localEndpoint = localEndpoint(reactor, mapping.local_host, mapping.local_port)
@@ -450,13 +486,15 @@ class TunnelService(MultiService):
         self._registrationWaiters.append(waiter)
         return waiter
 
-    def registered(self, channel: ControlChannel) -> None:
+    def registered(self, channel: ControlChannel, serverPool: int = 0) -> None:
         self.channel = channel
         self.failedRegistrations = 0
         log.info("registered {mapping} as {name}", mapping=str(self.mapping),
                  name=self.settings.name)
         if not self.localUp:
             channel.sendPortState(False)
+        self.poolSize = min(self.settings.pool_count, serverPool)
+        self.fillPool()
         waiters, self._registrationWaiters = self._registrationWaiters, []
         for waiter in waiters:
             waiter.callback(channel)
@@ -474,6 +512,46 @@ class TunnelService(MultiService):
         if self.channel is channel:
             self.channel = None
             log.info("control channel for {mapping} lost", mapping=str(self.mapping))
+            # The server closes its end of the pool with the control channel.
+            self.emptyPool()
+
+    def fillPool(self) -> None:
+        """Open pooled data channels until the pool holds L{poolSize}."""
+        if self.refillCall is not None and self.refillCall.active():
+            self.refillCall.cancel()
+        self.refillCall = None
+        while self.channel is not None and not self.stopping and len(self.pool) < self.poolSize:
+            channel = DataChannelClient(self, None)
+            self.pool.add(channel)
+            self._connectDataChannel(channel)
+
+    def emptyPool(self) -> None:
+        """Close the pooled data channels not yet handed a user."""
+        self.poolSize = 0
+        if self.refillCall is not None and self.refillCall.active():
+            self.refillCall.cancel()
+        self.refillCall = None
+        pool, self.pool = self.pool, set()
+        for channel in pool:
+            if channel.transport is not None:
+                channel.transport.loseConnection()
+
+    def pooledChannelTaken(self, channel: DataChannelClient) -> None:
+        """The server handed C{channel} a user: a new one takes its place."""
+        self.pool.discard(channel)
+        self.fillPool()
+
+    def pooledChannelLost(self, channel: DataChannelClient) -> None:
+        if channel not in self.pool:
+            return
+        self.pool.discard(channel)
+        if self.refillCall is None and self.channel is not None and not self.stopping:
+            self.refillCall = self.reactor.callLater(POOL_REFILL_DELAY, self.fillPool)
+
+    def poolRefused(self, channel: DataChannelClient) -> None:
+        """The server will not pool for us: stop asking until we register again."""
+        self.pool.discard(channel)
+        self.poolSize = 0
 
     def stopService(self) -> defer.Deferred:
         """
@@ -481,6 +559,7 @@ class TunnelService(MultiService):
         the tunneled connections once their buffers are written.
         """
         self.stopping = True
+        self.emptyPool()
         for connecting in list(self._connecting):
             connecting.cancel()
         stopped = defer.maybeDeferred(super().stopService)
@@ -504,8 +583,17 @@ class TunnelService(MultiService):
         """
         if self.stopping:
             return
+        channel = DataChannelClient(self, request)
+        self._connectDataChannel(channel)
+        if not channel.lost and self.earlyLocalConnections < EARLY_LOCAL_CONNECTS:
+            self.earlyLocalConnections += 1
+            channel.early = True
+            channel.connectLocal()
 
+    def _connectDataChannel(self, channel: DataChannelClient) -> None:
         def failed(failure):
+            if channel.pooled:
+                self.pooledChannelLost(channel)
             if not failure.check(defer.CancelledError):
                 log.warn("cannot open a data channel to the server: {why}",
                          why=failure.getErrorMessage())
@@ -515,13 +603,8 @@ class TunnelService(MultiService):
             endpoint = self.dataChannelEndpoint(self.channel.transport.getPeer())
         if endpoint is None:
             endpoint = self.serverEndpoint
-        channel = DataChannelClient(self, request)
         self._track(endpoint.connect(DataChannelFactory(channel))).addErrback(
             channel.cannotConnect).addErrback(failed)
-        if not channel.lost and self.earlyLocalConnections < EARLY_LOCAL_CONNECTS:
-            self.earlyLocalConnections += 1
-            channel.early = True
-            channel.connectLocal()
 
     def connectLocal(self, channel: DataChannelClient) -> defer.Deferred:
         """Connect to the local service for C{channel}."""

@@ -48,6 +48,8 @@ class ServerSettings:
     """Clients with a token and limits of their own, by name."""
     max_mappings_per_client: int = 16
     """Mappings one client name may hold at once."""
+    max_pool_count: int = 8
+    """Data channels a mapping's client may open ahead of its users (0: none)."""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -104,6 +106,9 @@ class ClientSettings:
     tls_client_key: str = ""
     zero_copy: bool = True
     """Move spliced plain-TCP bytes with os.splice, where Linux has it."""
+    pool_count: int = 4
+    """Data channels per mapping opened ahead of users, so that a user's
+    connection need not wait for one (at most what the server allows)."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -332,6 +337,12 @@ def _count(value: Any, text: Any, name: str) -> int:
     return value
 
 
+def _countOrZero(value: Any, text: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a whole number of at least 0, got {value!r}")
+    return value
+
+
 def _logLevel(value: Any, text: Any, name: str) -> str:
     return parseLogLevel(_text(value, text, name), name)
 
@@ -467,6 +478,7 @@ _SERVER_KEYS: dict[str, Callable] = {
     "heartbeat_timeout": _seconds,
     "clients": _clients,
     "max_mappings_per_client": _count,
+    "max_pool_count": _countOrZero,
     "tls_cert": _text,
     "tls_key": _text,
     "tls_client_ca": _text,
@@ -493,4 +505,5 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "tls_client_cert": _text,
     "tls_client_key": _text,
     "zero_copy": _flag,
+    "pool_count": _countOrZero,
 }

@@ -43,6 +43,9 @@ class RegisterResp:
     type: ClassVar[str] = "register_resp"
     status: str = "ok"
     reason: str = ""
+    pool: Optional[int] = None
+    """ext, in the answer to C{register}: how many pooled data channels the
+    server keeps for the mapping (see L{DataChannel.pooled})."""
 
     @property
     def ok(self) -> bool:
@@ -92,6 +95,9 @@ class DataChannel:
     token: str = _field(default="", repr=False)
     name: str = ""
     conn_id: Optional[str] = None
+    pooled: Optional[bool] = None
+    """ext: opened ahead of any user, to wait at the server for the next one;
+    the server's C{register_resp} comes when it hands the channel a user."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,12 @@ MESSAGE_TYPES: dict[str, type] = {
 
 _PORT_FIELDS = frozenset({"local_port", "remote_port", "port"})
 
+_EXTENSION_TYPES: dict[str, type] = {"conn_id": str, "pool": int, "pooled": bool}
+"""Our optional fields, absent (or null) from a Go peer's frames."""
+
+MAX_POOL = 1024
+"""The largest C{register_resp.pool} we accept."""
+
 
 def _jsonType(value: object) -> str:
     # Errors name the type, never the value: the value may be a token.
@@ -141,6 +153,11 @@ def _checkField(typeName: str, name: str, expected: type, value: object) -> None
             raise ProtocolError(f"{typeName}.{name} must be a port from 0 to 65535, got {value}")
         if name == "time" and not -(2**63) <= value < 2**63:
             raise ProtocolError(f"{typeName}.time is out of range")
+        if name == "pool" and not 0 <= value <= MAX_POOL:
+            raise ProtocolError(f"{typeName}.pool must be from 0 to {MAX_POOL}, got {value}")
+    elif expected is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{typeName}.{name} must be true or false, got a {_jsonType(value)}")
     elif expected is str:
         if not isinstance(value, str):
             raise ProtocolError(f"{typeName}.{name} must be a string, got a {_jsonType(value)}")
@@ -182,10 +199,11 @@ def parse(body: bytes) -> Optional[Message]:
         if field.name not in obj:
             continue
         value = obj[field.name]
-        if field.name == "conn_id" and value is None:
+        expected = _EXTENSION_TYPES.get(field.name)
+        if expected is not None and value is None:
             continue
-        expected = str if field.name == "conn_id" else field.type
-        expected = {"int": int, "str": str}.get(expected, expected)
+        if expected is None:
+            expected = {"int": int, "str": str}[field.type]
         _checkField(typeName, field.name, expected, value)
         values[field.name] = value
     return cls(**values)

@@ -115,8 +115,9 @@ class PublicUserFactory(Factory):
 
 class Tunnel:
     """
-    One registered mapping: its control channel, its public listener and
-    the users waiting for a data channel.
+    One registered mapping: its control channel, its public listener, the
+    users waiting for a data channel, and the data channels waiting for a
+    user (the client's pool, see L{messages.DataChannel.pooled}).
     """
 
     def __init__(self, registry: "TunnelRegistry", channel: "ServerChannel",
@@ -128,6 +129,7 @@ class Tunnel:
         self.remote_port = register.remote_port
         self.listener: Optional[IListeningPort] = None
         self.waiting: OrderedDict[str, PublicUser] = OrderedDict()
+        self.pool: OrderedDict[ServerChannel, None] = OrderedDict()
         self.lastSeen = registry.clock.seconds()
         self.closed = False
         # True from listen() until stopListening(): what the client last
@@ -179,15 +181,19 @@ class Tunnel:
         self.lastSeen = self.registry.clock.seconds()
 
     def userConnected(self, user: PublicUser) -> None:
+        clock = self.registry.clock
+        user.connectedAt = clock.seconds()
+        while self.pool:
+            channel, _ = self.pool.popitem(last=False)
+            if channel.attachUser(user):
+                return
         limit = self.registry.settings.max_waiting_users
         if len(self.waiting) >= limit:
             log.warn("{limit} users already wait for a data channel on port {remote_port}; "
                      "closing a new one", limit=limit, remote_port=self.remote_port)
             user.transport.loseConnection()
             return
-        clock = self.registry.clock
         user.conn_id = self.registry.newConnectionId()
-        user.connectedAt = clock.seconds()
         user.timeoutCall = clock.callLater(
             self.registry.settings.data_channel_timeout, self._userTimedOut, user)
         self.waiting[user.conn_id] = user
@@ -227,10 +233,28 @@ class Tunnel:
             self._forget(user)
         return user
 
+    def addPooled(self, channel: "ServerChannel") -> None:
+        """
+        Keep a data channel for the next user.
+
+        @raise RegistrationRefused: the pool is full, or this server keeps none.
+        """
+        limit = self.registry.settings.max_pool_count
+        if not limit:
+            raise RegistrationRefused("this server keeps no pooled data channels")
+        if len(self.pool) >= limit:
+            raise RegistrationRefused(
+                f"the pool of port {self.remote_port} already holds {limit} data channels")
+        self.pool[channel] = None
+
+    def pooledLost(self, channel: "ServerChannel") -> None:
+        self.pool.pop(channel, None)
+
     def close(self) -> defer.Deferred:
         """
-        Stop publishing and close the users still waiting; connections
-        already spliced go on until either end closes them.
+        Stop publishing and close the users still waiting and the pooled
+        data channels; connections already spliced go on until either end
+        closes them.
         """
         if self.closed:
             return _whenFired(self._stopping)
@@ -239,6 +263,9 @@ class Tunnel:
         for user in list(self.waiting.values()):
             self._forget(user)
             user.transport.loseConnection()
+        pool, self.pool = self.pool, OrderedDict()
+        for channel in pool:
+            channel.transport.loseConnection()
         return self.stopListening()
 
 
@@ -439,14 +466,11 @@ class TunnelRegistry:
         if self.tunnels.get(tunnel.remote_port) is tunnel:
             del self.tunnels[tunnel.remote_port]
 
-    def attachDataChannel(self, msg: messages.DataChannel,
-                          certificateName: Optional[str] = None) -> PublicUser:
+    def _dataChannelOwner(self, msg: messages.DataChannel,
+                          certificateName: Optional[str]):
         """
-        The waiting user a data channel belongs to.  C{certificateName}: the
-        common name of the client certificate the data channel came with.
-
-        @raise RegistrationRefused: bad token, a mapping of another client,
-            or nobody is waiting for it.
+        Check a data channel's credentials; return a test of whether a
+        tunnel is one this data channel may serve.
         """
         name = self.authenticate(msg.name, msg.token, certificateName)
 
@@ -459,6 +483,18 @@ class TunnelRegistry:
                 return False
             return True
 
+        return mine
+
+    def attachDataChannel(self, msg: messages.DataChannel,
+                          certificateName: Optional[str] = None) -> PublicUser:
+        """
+        The waiting user a data channel belongs to.  C{certificateName}: the
+        common name of the client certificate the data channel came with.
+
+        @raise RegistrationRefused: bad token, a mapping of another client,
+            or nobody is waiting for it.
+        """
+        mine = self._dataChannelOwner(msg, certificateName)
         if msg.conn_id is not None:
             user = self.waitingUsers.get(msg.conn_id)
             if user is not None and mine(user.tunnel):
@@ -471,6 +507,22 @@ class TunnelRegistry:
         if user is None:
             raise RegistrationRefused("no user is waiting for this data channel")
         return user
+
+    def poolDataChannel(self, channel: "ServerChannel", msg: messages.DataChannel,
+                        certificateName: Optional[str] = None) -> Tunnel:
+        """
+        Keep C{channel}, a data channel opened ahead of any user, in the
+        pool of the mapping it names.
+
+        @raise RegistrationRefused: bad token, no such mapping (or one of
+            another client), or its pool is full.
+        """
+        mine = self._dataChannelOwner(msg, certificateName)
+        tunnel = self.tunnels.get(msg.remote_port)
+        if tunnel is None or not mine(tunnel):
+            raise RegistrationRefused(f"no mapping of port {msg.remote_port} to pool for")
+        tunnel.addPooled(channel)
+        return tunnel
 
     def checkHeartbeats(self) -> None:
         """Drop control channels that have been silent too long."""
@@ -504,7 +556,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
     """
 
     tunnel: Optional[Tunnel] = None
-    role = "new"  # then "registering", "control", "data" or "refused"
+    role = "new"  # then "registering", "control", "pooled", "data" or "refused"
     tlsMismatchHint = ("a TLS client talking to this plain-TCP port? give the server "
                        "--tls-cert and --tls-key, or connect without TLS")
     firstFrameCall = None
@@ -605,7 +657,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.tunnel = tunnel
         self._releasePending()
         self.registry.clientArrived(self.host)
-        self.sendMessage(messages.RegisterResp(status="ok"))
+        self.sendMessage(messages.RegisterResp(
+            status="ok", pool=self.registry.settings.max_pool_count or None))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
                  "public port {remote_port}", name=tunnel.name, peer=self.peerDescription,
                  local_port=tunnel.local_port, remote_port=tunnel.remote_port)
@@ -658,17 +711,49 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def msg_data_channel(self, msg: messages.DataChannel) -> None:
         if not self._firstFrame("data_channel"):
             return
+        certificateName = tls.peerCommonName(self.transport)
         try:
-            user = self.registry.attachDataChannel(msg, tls.peerCommonName(self.transport))
+            if msg.pooled:
+                self.tunnel = self.registry.poolDataChannel(self, msg, certificateName)
+            else:
+                user = self.registry.attachDataChannel(msg, certificateName)
         except RegistrationRefused as e:
             log.warn("refused a data channel from {peer} for port {remote_port}: {reason}",
                      peer=self.peerDescription, remote_port=msg.remote_port, reason=str(e))
             self.refuse(str(e))
             return
-        self.role = "data"
         self._releasePending()
+        if msg.pooled:
+            # Read on while idle: a pooled channel that closes must leave
+            # the pool at once, not when a user is handed to it.
+            self.role = "pooled"
+            return
+        self.role = "data"
         self.sendMessage(messages.RegisterResp(status="ok"))
         self.switchToRaw()
+        self._spliceTo(user)
+
+    def attachUser(self, user: PublicUser) -> bool:
+        """
+        This pooled data channel now serves C{user}; False if it broke the
+        protocol (and is closed) instead.
+        """
+        if self.transport.disconnecting:
+            return False
+        if self._unprocessed:
+            # The client sends nothing on a pooled channel before our
+            # answer: these bytes would be neither a frame nor the user's.
+            self.protocolError("bytes on a pooled data channel before a user was handed to it")
+            return False
+        self.role = "data"
+        self.sendMessage(messages.RegisterResp(status="ok"))
+        # Outside a frame handler, so switchToRaw's pause is not needed:
+        # every byte from now on is raw.
+        self._raw = True
+        self._spliceTo(user)
+        return True
+
+    def _spliceTo(self, user: PublicUser) -> None:
         splice(user, self, zeroCopy=self.registry.settings.zero_copy)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.
@@ -684,6 +769,12 @@ class ServerChannel(MessageReceiver, RelayEnd):
             RelayEnd.readConnectionLost(self)
         else:
             self.transport.loseConnection()
+
+    def stringReceived(self, body: bytes) -> None:
+        if self.role == "pooled":
+            self.protocolError("a frame on a pooled data channel")
+            return
+        super().stringReceived(body)
 
     def connectionLost(self, reason=None) -> None:
         if self.role == "new":
@@ -702,6 +793,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
             log.info("client {name} gone; closing public port {remote_port}",
                      name=self.tunnel.name, remote_port=self.tunnel.remote_port)
             self.tunnel.close()
+        elif role == "pooled":
+            self.tunnel.pooledLost(self)
         elif role == "data":
             self.relayConnectionLost()
 

@@ -46,6 +46,16 @@ def _atLeastOne(text: str) -> int:
 _atLeastOne.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
 
 
+def _atLeastZero(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be at least 0")
+    return value
+
+
+_atLeastZero.coerceDoc = "A whole number, at least 0."  # type: ignore[attr-defined]
+
+
 def _logLevel(text: str) -> str:
     return parseLogLevel(text, "--log-level")
 
@@ -205,6 +215,10 @@ class ServerOptions(_SettingsOptions):
          "Mappings one client name may hold at once "
          f"(default: {ServerSettings.max_mappings_per_client}; "
          "server.max_mappings_per_client)", _atLeastOne],
+        ["max-pool-count", None, None,
+         "Data channels a client may open ahead of its users, per mapping; 0 turns "
+         f"pooling off (default: {ServerSettings.max_pool_count}; server.max_pool_count)",
+         _atLeastZero],
         ["tls-cert", None, None,
          "Speak TLS on the control address, with this PEM certificate (and its chain) "
          "(server.tls_cert; needs --tls-key)."],
@@ -221,6 +235,7 @@ class ServerOptions(_SettingsOptions):
     fields = {"listen": "listen", "token": "token", "public-interface": "public_interface",
               "data-timeout": "data_channel_timeout", "heartbeat-timeout": "heartbeat_timeout",
               "max-mappings-per-client": "max_mappings_per_client",
+              "max-pool-count": "max_pool_count",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
               "log-level": "log_level", "log-lang": "log_lang"}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
@@ -258,6 +273,10 @@ class ClientOptions(_SettingsOptions):
          "Seconds between probes of the local services "
          f"(default: {ClientSettings.health_check_interval:g}; "
          "client.health_check_interval)", _positive],
+        ["pool-count", None, None,
+         "Data channels per mapping kept open ahead of users, so that a new connection "
+         "does not wait for one; at most what the server allows, 0 for none "
+         f"(default: {ClientSettings.pool_count}; client.pool_count)", _atLeastZero],
         ["ca", None, None,
          "With --tls: trust the CA certificates in this PEM file "
          "(default: the system's trusted CAs; client.tls_ca)."],
@@ -282,6 +301,7 @@ class ClientOptions(_SettingsOptions):
     fields = {"server": "server", "token": "token", "name": "name",
               "heartbeat-interval": "heartbeat_interval",
               "health-check-interval": "health_check_interval",
+              "pool-count": "pool_count",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
               "log-level": "log_level", "log-lang": "log_lang"}

@@ -28,6 +28,10 @@ HOST = "127.0.0.1"
 TOKEN = "test-token"
 
 
+REGISTERED = {"type": "register_resp", "status": "ok", "pool": ServerSettings.max_pool_count}
+"""Our server's answer to a register it accepts: ok, and the data channels it pools."""
+
+
 def freePort() -> int:
     """A TCP port on 127.0.0.1 that the OS says is free now."""
     with socket.socket() as s:
@@ -188,10 +192,26 @@ class Tunnel:
     and the test fails at cleanup unless every splice took that path (and,
     zero copy on, the kernel moved bytes): so a test class run both ways
     proves that it tested each path.
+
+    Clients keep C{pool} pooled data channels (none by default, so that a
+    test sees the data channels its users ask for); with a pool, the test
+    fails at cleanup unless some user was served by a pooled channel.
     """
 
-    def __init__(self, testCase, zeroCopy: Optional[bool] = None) -> None:
+    def __init__(self, testCase, zeroCopy: Optional[bool] = None, pool: int = 0) -> None:
         self.testCase = testCase
+        self.pool = pool
+        self.pooledUsers = 0
+        if pool:
+            attachUser = gotunnel.server.ServerChannel.attachUser
+
+            def countingAttachUser(channel, user):
+                attached = attachUser(channel, user)
+                self.pooledUsers += attached
+                return attached
+
+            testCase.patch(gotunnel.server.ServerChannel, "attachUser", countingAttachUser)
+            testCase.addCleanup(self._checkPooled)
         self.server: Optional[TunnelServerService] = None
         self.controlPort: Optional[int] = None
         self.zeroCopy = zeroCopy
@@ -223,6 +243,10 @@ class Tunnel:
             self.testCase.assertGreater(sum(pump.moved for pump in self.firstPumps), 0,
                                         "zero copy is on, yet os.splice moved no byte")
 
+    def _checkPooled(self) -> None:
+        self.testCase.assertGreater(self.pooledUsers, 0,
+                                    "clients keep a pool, yet no user got a pooled data channel")
+
     def settingOverrides(self, overrides: dict) -> dict:
         if self.zeroCopy is not None:
             overrides.setdefault("zero_copy", self.zeroCopy)
@@ -251,7 +275,8 @@ class Tunnel:
         """Start a client that maps 127.0.0.1:targetPort to remotePort."""
         settings = ClientSettings(
             server=f"tcp:{HOST}:{self.controlPort}", token=token, name=name,
-            mappings=[Mapping(HOST, targetPort, remotePort or freePort())])
+            mappings=[Mapping(HOST, targetPort, remotePort or freePort())],
+            pool_count=self.pool)
         for key, value in self.settingOverrides(overrides).items():
             setattr(settings, key, value)
         client = TunnelClientService(settings, reactor=reactor)

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from gotunnel import certs
-from gotunnel.config import ClientPolicy, ConfigError, readConfigFile
+from gotunnel.config import ClientPolicy, ConfigError, ServerSettings, readConfigFile
 from gotunnel.tap import ClientOptions, ServerOptions
 from tests.support import (
     HOST, TOKEN, LogWatcher, Tunnel, connectRaw, connectUser, dataChannelMessage, freePort,
@@ -26,6 +26,7 @@ from tests.test_tls import makeCertificates
 
 ALICE_TOKEN = "alice-own-secret"
 OK = {"type": "register_resp", "status": "ok"}
+REGISTERED = dict(OK, pool=ServerSettings.max_pool_count)
 
 
 def failed(reason: str) -> dict:
@@ -58,7 +59,7 @@ class AccessTestCase(unittest.TestCase):
     @defer.inlineCallbacks
     def assertRegisters(self, name: str, token: str, remote_port: Optional[int] = None):
         raw, answer, remote_port = yield self.register(name, token, remote_port)
-        self.assertEqual(answer, OK)
+        self.assertEqual(answer, REGISTERED)
         return raw, remote_port
 
     @defer.inlineCallbacks

@@ -19,6 +19,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.trial import unittest
 
 from tests.support import (
+    REGISTERED,
     HOST, TOKEN, Collector, LogWatcher, StreamCapture, Tunnel, connectUser, connectionRefused,
     echoedThrough, freePort, listenTarget, randomBytes, retryUntil, startTarget, startsWith,
     waitUntil, waitUntilRefused, within,
@@ -284,7 +285,7 @@ class HeartbeatTests(LifecycleTestCase):
         public = freePort()
         began = reactor.seconds()
         control = yield connectRawControl(self, self.tunnel.controlPort, public, "silent")
-        self.assertEqual(control.frames.items, [{"type": "register_resp", "status": "ok"}])
+        self.assertEqual(control.frames.items, [REGISTERED])
         self.assertIn(public, self.server.registry.tunnels)
 
         droppedAt = yield within(control.closed, 30, "the server to drop the silent channel")
@@ -368,7 +369,7 @@ class PortStateTests(LifecycleTestCase):
         server = yield self.tunnel.startServer()
         public = freePort()
         control = yield connectRawControl(self, self.tunnel.controlPort, public, "flappy")
-        self.assertEqual(control.frames.items, [{"type": "register_resp", "status": "ok"}])
+        self.assertEqual(control.frames.items, [REGISTERED])
 
         def isPong(f):
             return f["type"] == "pong"

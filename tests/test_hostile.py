@@ -25,6 +25,7 @@ from gotunnel.config import ServerSettings
 from gotunnel.server import PublicUser, ServerChannel, TunnelRegistry
 
 from tests.support import (
+    REGISTERED,
     HOST, TOKEN, LogWatcher, Tunnel, connectRaw, connectUser, connectionRefused,
     dataChannelMessage, echoedThrough, freePort, frameOf, jsonFrame, listenTarget, randomBytes,
     registerMessage, waitUntil, within,
@@ -131,7 +132,7 @@ class ServerUnderAttack(unittest.TestCase):
         public = freePort()
         raw = yield connectRaw(self, self.controlPort, jsonFrame(registerMessage(public, name)))
         [resp] = yield within(raw.whenFrame(), 15, "register_resp")
-        self.assertEqual(resp, {"type": "register_resp", "status": "ok"})
+        self.assertEqual(resp, REGISTERED)
         return raw, public
 
     @defer.inlineCallbacks
@@ -865,7 +866,7 @@ class ServerChannelPropertyTests(unittest.TestCase):
             event("users connected")
         # Another address registers while the hostile connections live...
         self.assertEqual(harness.goodRegister(GOOD_PORT, "192.0.2.10"),
-                         [{"type": "register_resp", "status": "ok"}])
+                         [REGISTERED])
         harness.closeAll()
         registry = harness.registry
         self.assertEqual(registry.tunnels, {})
@@ -876,7 +877,7 @@ class ServerChannelPropertyTests(unittest.TestCase):
         self.assertEqual(harness.clock.getDelayedCalls(), [])
         # ... and, once they are gone, the same address does too.
         self.assertEqual(harness.goodRegister(FUZZ_PORTS[0], FUZZ_HOST),
-                         [{"type": "register_resp", "status": "ok"}])
+                         [REGISTERED])
         self.assertEqual(self.failures, [])
 
     @FUZZ_SETTINGS
@@ -950,7 +951,7 @@ class PendingTotalTests(unittest.TestCase):
         harness = Harness()
         harness.settings.max_pending_total = 4
         self.assertEqual(harness.goodRegister(GOOD_PORT, FUZZ_HOST),
-                         [{"type": "register_resp", "status": "ok"}])
+                         [REGISTERED])
         for _ in range(4):
             harness.connect("192.0.2.1")
         self.assertEqual(harness.registry.pending, {"192.0.2.1": 4})

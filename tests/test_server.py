@@ -31,6 +31,8 @@ PUBLIC_INTERFACE = "203.0.113.5"
 NOW = 1795580625
 
 OK = b'{"type":"register_resp","status":"ok"}'
+REGISTERED = b'{"type":"register_resp","status":"ok","pool":8}'
+"""The answer to register: ok, and the pool of data channels the server keeps."""
 
 
 def frame(body: bytes) -> bytes:
@@ -160,7 +162,7 @@ class ServerTestCase(unittest.TestCase):
         """A control channel the server has accepted for C{remote_port}."""
         control = self.connect()
         control.send(register(remote_port=remote_port, name=name))
-        self.assertEqual(control.sent(), frame(OK))
+        self.assertEqual(control.sent(), frame(REGISTERED))
         return control
 
     def listeners(self, port: int) -> list[FakePort]:
@@ -187,7 +189,7 @@ class RegistrationTests(ServerTestCase):
         """
         control = self.connect()
         control.send(register(remote_port=10022))
-        self.assertEqual(control.sent(), frame(OK))
+        self.assertEqual(control.sent(), frame(REGISTERED))
         self.assertFalse(control.transport.disconnecting)
         [(port, factory, backlog, interface)] = self.reactor.tcpServers
         self.assertEqual((port, backlog, interface), (10022, 1024, PUBLIC_INTERFACE))
@@ -204,7 +206,7 @@ class RegistrationTests(ServerTestCase):
             "33313030332c2272656d6f74655f706f7274223a33313030342c2270726f746f636f6c22"
             "3a22746370222c22746f6b656e223a2264656d6f2d746f6b656e222c226e616d65223a22"
             "64656d6f2d636c69656e74227d"))
-        self.assertEqual(control.sent(), frame(OK))
+        self.assertEqual(control.sent(), frame(REGISTERED))
         self.assertEqual([p.port for p in self.listening(31004)], [31004])
 
     def test_badToken(self):

@@ -25,6 +25,7 @@ from gotunnel.client import DataChannelClient
 from gotunnel.config import ClientSettings, ServerSettings
 from gotunnel.tap import ClientOptions
 from tests.support import (
+    REGISTERED,
     HOST, LogWatcher, RawConnection, StreamCapture, Tunnel, connectRaw, connectUser,
     connectionRefused, dataChannelMessage, freePort, jsonFrame, listenTarget, randomBytes,
     registerMessage, temporaryDirectory, venvScript, within,
@@ -292,7 +293,7 @@ class MutualTLSTests(FriendlyTLSTestCase):
         public = freePort()
         control = yield self.connectRawTLS(alice, jsonFrame(registerMessage(public, "alice")))
         [answer] = yield within(control.whenFrame(), 15, "register_resp")
-        self.assertEqual(answer, {"type": "register_resp", "status": "ok"})
+        self.assertEqual(answer, REGISTERED)
         user = yield connectUser(self, public)
         [request] = yield within(control.whenFrame(
             lambda f: f.get("type") == "open_data_channel"), 15, "open_data_channel")
