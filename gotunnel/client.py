@@ -251,6 +251,10 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.tunnel.connections.add(self)
+        if self.pooled and self not in self.tunnel.pool:
+            # The pool was emptied (control channel lost) while we connected.
+            self.transport.loseConnection()
+            return
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
         if self.pooled:
             ask = {"pooled": True}
@@ -273,8 +277,6 @@ class DataChannelClient(MessageReceiver, RelayEnd):
                 self.tunnel.poolRefused(self)
             self.transport.loseConnection()
             return
-        if self.pooled:
-            self.tunnel.pooledChannelTaken(self)
         self.switchToRaw()
         if self.local is not None:
             self._splice(self.local)
@@ -291,6 +293,14 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def _splice(self, local: "LocalServiceConnection") -> None:
         self._earlyDone()
         splice(self, local, zeroCopy=self.tunnel.settings.zero_copy)
+        self._leavePool()
+
+    def _leavePool(self) -> None:
+        # Once the user's connection is set up, not when the server hands
+        # this channel a user: the replacement must not hold up the local
+        # connection in the reactor's next turns.
+        if self.pooled:
+            self.tunnel.pooledChannelUsed(self)
 
     def _earlyDone(self) -> None:
         if self.early:
@@ -355,6 +365,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         self.tunnel.connections.discard(self)
         if self.pooled and not self._raw:
             self.tunnel.pooledChannelLost(self)
+        elif self.peer is None:
+            self._leavePool()
         self._dropLocal()
         self.relayConnectionLost()
 
@@ -536,17 +548,18 @@ class TunnelService(MultiService):
             if channel.transport is not None:
                 channel.transport.loseConnection()
 
-    def pooledChannelTaken(self, channel: DataChannelClient) -> None:
+    def pooledChannelUsed(self, channel: DataChannelClient) -> None:
         """The server handed C{channel} a user: a new one takes its place."""
-        self.pool.discard(channel)
-        self.fillPool()
+        if channel in self.pool:
+            self.pool.discard(channel)
+            self.fillPool()
 
     def pooledChannelLost(self, channel: DataChannelClient) -> None:
-        if channel not in self.pool:
-            return
-        self.pool.discard(channel)
-        if self.refillCall is None and self.channel is not None and not self.stopping:
-            self.refillCall = self.reactor.callLater(POOL_REFILL_DELAY, self.fillPool)
+        """C{channel} closed, or could not connect, before the server used it."""
+        if channel in self.pool:
+            self.pool.discard(channel)
+            if self.refillCall is None and self.channel is not None and not self.stopping:
+                self.refillCall = self.reactor.callLater(POOL_REFILL_DELAY, self.fillPool)
 
     def poolRefused(self, channel: DataChannelClient) -> None:
         """The server will not pool for us: stop asking until we register again."""

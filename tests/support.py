@@ -292,7 +292,15 @@ class Tunnel:
         """
         client = self.startClient(targetPort, **kwargs)
         yield client.tunnels[0].whenRegistered()
-        return client, client.tunnels[0].mapping.remote_port
+        remotePort = client.tunnels[0].mapping.remote_port
+        if self.pool and self.server is not None:
+            # Users of the test then find the pool full, as they would a
+            # client that has been up for a moment.
+            size = min(self.pool, self.server.settings.max_pool_count)
+            yield waitUntil(
+                lambda: len(getattr(self.server.registry.tunnels.get(remotePort), "pool", ()))
+                >= size, 30, "the client's pooled data channels to reach the server")
+        return client, remotePort
 
 
 # ---------------------------------------------------------------------------

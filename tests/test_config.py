@@ -665,3 +665,32 @@ class ZeroCopyOptionTests(ConfigTestCase):
     def test_notAFlag(self):
         self.assertConfigError("server", "server:\n  token: t\n  zero_copy: 'maybe'\n",
                                "server.zero_copy must be true or false")
+
+
+class PoolOptionTests(ConfigTestCase):
+    """client.pool_count / --pool-count and server.max_pool_count / --max-pool-count."""
+
+    def test_defaults(self):
+        self.assertEqual(self.server("server:\n  token: t\n").max_pool_count, 8)
+        self.assertEqual(self.client("client:\n  token: t\n  local_ports: [22]\n").pool_count, 4)
+
+    def test_inTheFile(self):
+        self.assertEqual(self.server("server:\n  token: t\n  max_pool_count: 0\n").max_pool_count, 0)
+        self.assertEqual(self.client(
+            "client:\n  token: t\n  local_ports: [22]\n  pool_count: 16\n").pool_count, 16)
+
+    def test_commandLineWins(self):
+        self.assertEqual(self.server("server:\n  token: t\n  max_pool_count: 2\n",
+                                     "--max-pool-count", "5").max_pool_count, 5)
+        self.assertEqual(self.client("client:\n  token: t\n  local_ports: [22]\n  pool_count: 2\n",
+                                     "--pool-count", "0").pool_count, 0)
+
+    def test_negativeRefused(self):
+        self.assertConfigError("server", "server:\n  token: t\n  max_pool_count: -1\n",
+                               "server.max_pool_count must be a whole number of at least 0")
+        self.assertConfigError("client", "client:\n  token: t\n  local_ports: [22]\n"
+                               "  pool_count: 'four'\n",
+                               "client.pool_count must be a whole number of at least 0")
+        with self.assertRaises(usage.UsageError) as caught:
+            self.client("client:\n  token: t\n  local_ports: [22]\n", "--pool-count", "-1")
+        self.assertIn("must be at least 0", str(caught.exception))

@@ -48,11 +48,12 @@ def assertSameBytes(testCase, got: bytes, expected: bytes, what: str) -> None:
 class TunnelDataTests(unittest.TestCase):
     timeout = 120
     zeroCopy = True
+    pool = 0
     """Which relay path every splice takes; each class runs again with it off."""
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy)
+        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=self.pool)
         yield self.tunnel.startServer()
         self.target = listenTarget(self)
         self.client, self.public = yield self.tunnel.publish(self.target)
@@ -98,11 +99,12 @@ class ServiceTestCase(unittest.TestCase):
 
     timeout = 120
     zeroCopy = True
+    pool = 0
     """Which relay path every splice takes; each class runs again with it off."""
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy)
+        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=self.pool)
         yield self.tunnel.startServer()
 
     @defer.inlineCallbacks
@@ -603,3 +605,30 @@ class ClosingTestsWithoutZeroCopy(ClosingTests):
 
 class TwoMappingsTestsWithoutZeroCopy(TwoMappingsTests):
     zeroCopy = False
+
+
+# And again with pooled data channels: users served by channels opened ahead
+# of them, on both relay paths.  (EarlyBytesTests hold a data channel the
+# server asked for; a pooled one is there before the user.)
+
+
+class TunnelDataTestsWithPool(TunnelDataTests):
+    pool = 2
+
+
+class TransferTestsWithPool(TransferTests):
+    pool = 2
+
+
+class ClosingTestsWithPool(ClosingTests):
+    pool = 2
+
+
+class HTTPTestsWithPoolWithoutZeroCopy(HTTPTests):
+    zeroCopy = False
+    pool = 2
+
+
+class ClosingTestsWithPoolWithoutZeroCopy(ClosingTests):
+    zeroCopy = False
+    pool = 2

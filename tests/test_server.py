@@ -21,6 +21,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from gotunnel.config import ServerSettings
+from gotunnel.messages import RegisterResp, encode
 from gotunnel.server import (
     PublicUser, ServerChannelFactory, TunnelRegistry, TunnelServerService, withBacklog,
 )
@@ -162,7 +163,8 @@ class ServerTestCase(unittest.TestCase):
         """A control channel the server has accepted for C{remote_port}."""
         control = self.connect()
         control.send(register(remote_port=remote_port, name=name))
-        self.assertEqual(control.sent(), frame(REGISTERED))
+        pool = self.settings.max_pool_count or None
+        self.assertEqual(control.sent(), frame(encode(RegisterResp(status="ok", pool=pool))))
         return control
 
     def listeners(self, port: int) -> list[FakePort]:

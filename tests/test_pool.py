@@ -1,0 +1,411 @@
+"""
+Pooled data channels: the client opens them ahead of its users, the server
+keeps them per mapping and hands each new user one at once.  The server
+offers a pool in its answer to register; a Go server offers none and gets
+none, and a Go client never sends one.
+
+Unit tests on memory reactors for each side, then the whole path over
+loopback sockets (bytes verified, with and without zero copy).
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from gotunnel import messages
+from gotunnel.client import POOL_REFILL_DELAY, DataChannelFactory
+from gotunnel.config import ClientPolicy
+from tests import test_client as client
+from tests import test_server as server
+from tests.support import Tunnel, echoedThrough, listenTarget, randomBytes, waitUntil, within
+
+WAIT = 30
+"""Seconds any one step over real sockets may take, even on a loaded machine."""
+
+
+def decoded(data: bytes) -> list[dict]:
+    """The JSON bodies of the frames in C{data}."""
+    bodies = []
+    while data:
+        length = int.from_bytes(data[:4], "big")
+        bodies.append(json.loads(data[4:4 + length]))
+        data = data[4 + length:]
+    return bodies
+
+
+def pooledDataChannel(remote_port: int = 10022, token: str = server.TOKEN) -> bytes:
+    return server.jsonFrame(type="data_channel", local_port=22, remote_port=remote_port,
+                            protocol="", token=token, name="edge-1", pooled=True)
+
+
+class PoolMessageTests(unittest.TestCase):
+    def test_fieldsOnTheWire(self):
+        """
+        pool goes at the end of register_resp and pooled at the end of
+        data_channel, each left out when unset, as Go leaves out nothing it
+        knows of.
+        """
+        self.assertEqual(messages.encode(messages.RegisterResp(status="ok", pool=8)),
+                         b'{"type":"register_resp","status":"ok","pool":8}')
+        self.assertEqual(messages.encode(messages.RegisterResp(status="ok")),
+                         b'{"type":"register_resp","status":"ok"}')
+        self.assertEqual(
+            messages.encode(messages.DataChannel(local_port=22, remote_port=10022, token="t",
+                                                 name="n", pooled=True)),
+            b'{"type":"data_channel","local_port":22,"remote_port":10022,"protocol":"",'
+            b'"token":"t","name":"n","pooled":true}')
+
+    def test_absentOrNullIsUnset(self):
+        """A Go peer's frames, without the fields or with null, parse as unset."""
+        for body in (b'{"type":"register_resp","status":"ok"}',
+                     b'{"type":"register_resp","status":"ok","pool":null}'):
+            self.assertIsNone(messages.parse(body).pool)
+        self.assertIsNone(messages.parse(b'{"type":"data_channel","pooled":null}').pooled)
+
+    def test_wrongTypesRefused(self):
+        """pool must be a whole number in range, pooled a boolean."""
+        for body, why in (
+                (b'{"type":"register_resp","pool":"8"}', "register_resp.pool must be an integer"),
+                (b'{"type":"register_resp","pool":true}', "register_resp.pool must be an integer"),
+                (b'{"type":"register_resp","pool":-1}', "register_resp.pool must be from 0"),
+                (b'{"type":"register_resp","pool":1025}', "register_resp.pool must be from 0"),
+                (b'{"type":"data_channel","pooled":1}', "data_channel.pooled must be true or false"),
+                (b'{"type":"data_channel","pooled":"yes"}',
+                 "data_channel.pooled must be true or false")):
+            with self.assertRaises(messages.ProtocolError) as caught:
+                messages.parse(body)
+            self.assertTrue(str(caught.exception).startswith(why), (body, str(caught.exception)))
+
+
+class ServerPoolTests(server.ServerTestCase):
+    def pooled(self, remote_port: int = 10022) -> server.Connection:
+        """A pooled data channel the server has taken into the pool."""
+        data = self.connect()
+        data.send(pooledDataChannel(remote_port))
+        self.assertEqual(data.sent(), b"")
+        self.assertFalse(data.transport.disconnecting)
+        return data
+
+    def test_registerOffersThePool(self):
+        """The answer to register says how many data channels the server pools."""
+        control = self.connect()
+        control.send(server.register())
+        self.assertEqual(decoded(control.sent()),
+                         [{"type": "register_resp", "status": "ok", "pool": 8}])
+
+    def test_noPoolAnswersAsGo(self):
+        """With max_pool_count 0 the answer to register is the Go server's, byte for byte."""
+        self.settings.max_pool_count = 0
+        control = self.connect()
+        control.send(server.register())
+        self.assertEqual(control.sent(), server.frame(server.OK))
+
+    def test_userTakesAPooledChannel(self):
+        """
+        A user arriving while a pooled channel waits gets it at once: the
+        answer goes on the pooled channel, nothing on the control channel,
+        and bytes flow both ways, the user's early ones first.
+        """
+        control = self.registered()
+        data = self.pooled()
+        user = self.connectUser()
+        self.assertEqual(control.sent(), b"")
+        user.protocol.dataReceived(b"early ")
+        self.assertEqual(data.sent(), server.frame(server.OK) + b"early ")
+        data.send(b"banner")
+        self.assertEqual(user.transport.value(), b"banner")
+        self.assertEqual(self.registry.tunnels[10022].pool, {})
+        self.assertEqual(data.channel.role, "data")
+
+    def test_firstInFirstOut(self):
+        """Pooled channels are handed out in the order they came."""
+        self.registered()
+        first, second = self.pooled(), self.pooled()
+        self.connectUser()
+        self.assertEqual(first.sent(), server.frame(server.OK))
+        self.assertEqual(second.sent(), b"")
+
+    def test_emptyPoolFallsBackToAsking(self):
+        """Once the pool is used up, the next user is announced with open_data_channel."""
+        control = self.registered()
+        self.pooled()
+        self.connectUser()
+        self.connectUser()
+        self.assertEqual(control.sent(), server.openDataChannel("conn-1"))
+
+    def test_poolIsBounded(self):
+        """A pooled channel over max_pool_count is refused with a reason; the pool keeps its own."""
+        self.settings.max_pool_count = 2
+        self.registered()
+        self.pooled()
+        self.pooled()
+        extra = self.connect()
+        extra.send(pooledDataChannel())
+        self.assertEqual(extra.sent(), server.fail(
+            "the pool of port 10022 already holds 2 data channels"))
+        self.assertTrue(extra.transport.disconnecting)
+        self.assertEqual(len(self.registry.tunnels[10022].pool), 2)
+
+    def test_serverWithoutPoolRefuses(self):
+        """With max_pool_count 0 a pooled channel is refused, saying so."""
+        self.settings.max_pool_count = 0
+        self.registered()
+        data = self.connect()
+        data.send(pooledDataChannel())
+        self.assertEqual(data.sent(), server.fail("this server keeps no pooled data channels"))
+
+    def test_unknownPortRefused(self):
+        """A pooled channel for a port nobody registered is refused."""
+        self.registered()
+        data = self.connect()
+        data.send(pooledDataChannel(remote_port=10023))
+        self.assertEqual(data.sent(), server.fail("no mapping of port 10023 to pool for"))
+
+    def test_wrongTokenRefused(self):
+        """A pooled channel with a wrong token is refused as any data channel is, and never pooled."""
+        self.registered()
+        data = self.connect()
+        data.send(pooledDataChannel(token=server.WRONG_TOKEN))
+        self.reactor.advance(self.settings.auth_failure_delay_max)
+        self.assertEqual(data.sent(), server.fail("authentication failed"))
+        self.assertEqual(self.registry.tunnels[10022].pool, {})
+
+    def test_closedChannelLeavesThePool(self):
+        """A pooled channel that closes leaves the pool: the next user is announced instead."""
+        control = self.registered()
+        data = self.pooled()
+        data.lose()
+        self.assertEqual(self.registry.tunnels[10022].pool, {})
+        self.connectUser()
+        self.assertEqual(control.sent(), server.openDataChannel("conn-1"))
+
+    def test_frameOnAPooledChannel(self):
+        """Any frame on a pooled channel is a protocol error: it is closed and leaves the pool."""
+        self.registered()
+        data = self.pooled()
+        data.send(server.jsonFrame(type="ping", time=1))
+        self.assertTrue(data.transport.disconnecting)
+        data.lose()
+        self.assertEqual(self.registry.tunnels[10022].pool, {})
+
+    def test_partialFrameIsNotHandedAUser(self):
+        """
+        A pooled channel holding the start of a frame is closed when a user
+        comes, and the user gets the next pooled channel.
+        """
+        self.registered()
+        broken, good = self.pooled(), self.pooled()
+        broken.send(b"\x00\x00\x00\x10{")
+        self.connectUser()
+        self.assertEqual(broken.sent(), b"")
+        self.assertTrue(broken.transport.disconnecting)
+        self.assertEqual(good.sent(), server.frame(server.OK))
+
+    def test_controlLostClosesThePool(self):
+        """When the control channel goes, so do its pooled channels."""
+        control = self.registered()
+        first, second = self.pooled(), self.pooled()
+        control.lose()
+        self.assertTrue(first.transport.disconnecting)
+        self.assertTrue(second.transport.disconnecting)
+
+    def test_otherClientsMappingRefused(self):
+        """With listed clients, a pooled channel may only join its own client's pool."""
+        self.settings.clients = {
+            "alice": ClientPolicy(token="alice-token"),
+            "bob": ClientPolicy(token="bob-token")}
+        control = self.connect()
+        control.send(server.register(token="alice-token", name="alice"))
+        data = self.connect()
+        data.send(server.jsonFrame(type="data_channel", local_port=22, remote_port=10022,
+                                   protocol="", token="bob-token", name="bob", pooled=True))
+        self.assertEqual(data.sent(), server.fail("no mapping of port 10022 to pool for"))
+
+
+class ClientPoolTests(client.ClientTestCase):
+    def registeredWithPool(self, pool: int = 8):
+        """A control channel whose server offers C{pool}; its transport cleared."""
+        channel, transport = self.control()
+        channel.dataReceived(client.jsonFrame(type="register_resp", status="ok", pool=pool))
+        transport.clear()
+        return channel, transport
+
+    def test_poolOpened(self):
+        """
+        A server offering a pool gets pool_count data channels at once, each
+        saying pooled and naming no user; no local connection is made.
+        """
+        self.registeredWithPool()
+        attempts = self.serverAttempts(DataChannelFactory)
+        self.assertEqual(len(attempts), self.settings.pool_count)
+        _, transport = self.complete(attempts[0])
+        self.assertEqual(transport.value(), client.frame(
+            b'{"type":"data_channel","local_port":8022,"remote_port":10022,"protocol":"",'
+            b'"token":"s3cret-Token-0xC0FFEE","name":"edge-1","pooled":true}'))
+        self.assertEqual(self.localAttempts(), [])
+
+    def test_serverLimitHeld(self):
+        """The client keeps no more than the server offers."""
+        self.registeredWithPool(pool=2)
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 2)
+
+    def test_goServerGetsNone(self):
+        """A server whose answer has no pool (the Go server) gets no pooled channels."""
+        self.registered()
+        self.assertEqual(self.serverAttempts(DataChannelFactory), [])
+
+    def test_poolCountZero(self):
+        """pool_count 0 turns pooling off."""
+        self.settings.pool_count = 0
+        self.registeredWithPool()
+        self.assertEqual(self.serverAttempts(DataChannelFactory), [])
+
+    def test_usedChannelIsReplaced(self):
+        """
+        The server's answer on a pooled channel hands it a user: the local
+        service is connected to, the user's bytes wait for it, and once the
+        two are spliced a new pooled channel takes the used one's place.
+        """
+        self.registeredWithPool(pool=1)
+        [index] = self.serverAttempts(DataChannelFactory)
+        protocol, transport = self.complete(index)
+        transport.clear()
+        protocol.dataReceived(client.frame(client.OK) + b"GET /")
+        self.assertEqual(transport.producerState, "paused")
+        [local] = self.localAttempts()
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 1)
+        _, localTransport = self.complete(local)
+        self.assertEqual(localTransport.value(), b"GET /")
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 2)
+
+    def test_refusedStopsPooling(self):
+        """A server that refuses a pooled channel is not asked for more until the next register."""
+        self.registeredWithPool(pool=1)
+        [index] = self.serverAttempts(DataChannelFactory)
+        protocol, transport = self.complete(index)
+        protocol.dataReceived(client.jsonFrame(type="register_resp", status="fail",
+                                               reason="this server keeps no pooled data channels"))
+        protocol.connectionLost(None)
+        self.reactor.advance(POOL_REFILL_DELAY * 10)
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 1)
+
+    def test_idleChannelLostIsReplacedLater(self):
+        """A pooled channel that closes unused is replaced after POOL_REFILL_DELAY, not at once."""
+        self.registeredWithPool(pool=1)
+        [index] = self.serverAttempts(DataChannelFactory)
+        protocol, _ = self.complete(index)
+        protocol.connectionLost(None)
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 1)
+        self.reactor.advance(POOL_REFILL_DELAY)
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 2)
+
+    def test_unreachableIsRetriedLater(self):
+        """A pooled channel that cannot connect is tried again after POOL_REFILL_DELAY."""
+        self.registeredWithPool(pool=1)
+        [index] = self.serverAttempts(DataChannelFactory)
+        self.refuse(index)
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 1)
+        self.reactor.advance(POOL_REFILL_DELAY)
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 2)
+
+    def test_controlLostClosesThePool(self):
+        """
+        The control channel lost, the pool is closed (the server closes its
+        end too), a channel still connecting is closed once it connects,
+        and nothing is reopened.
+        """
+        channel, _ = self.registeredWithPool(pool=2)
+        first, connecting = self.serverAttempts(DataChannelFactory)
+        _, transport = self.complete(first)
+        channel.connectionLost(None)
+        self.assertTrue(transport.disconnecting)
+        _, late = self.complete(connecting)
+        self.assertEqual(late.value(), b"")
+        self.assertTrue(late.disconnecting)
+        self.reactor.advance(POOL_REFILL_DELAY * 10)
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 2)
+
+    def test_stopClosesThePool(self):
+        """Stopping the service closes the idle pooled channels."""
+        self.service.startService()
+        self.registeredWithPool(pool=1)
+        [index] = self.serverAttempts(DataChannelFactory)
+        _, transport = self.complete(index)
+        self.service.stopService()
+        self.assertTrue(transport.disconnecting)
+
+
+class PooledTunnelTests(unittest.TestCase):
+    """Real server and client in this process, over loopback, with a pool."""
+
+    timeout = 120
+    zeroCopy = True
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=2)
+        self.server = yield self.tunnel.startServer()
+        self.client, self.public = yield within(
+            self.tunnel.publish(listenTarget(self), health_check_interval=3600), WAIT,
+            "the server to publish the mapping")
+        self.serverTunnel = self.server.registry.tunnels[self.public]
+        yield waitUntil(lambda: len(self.serverTunnel.pool) == 2, WAIT,
+                        "the client's two pooled data channels to reach the server")
+
+    @defer.inlineCallbacks
+    def test_sequentialUsersServedFromThePool(self):
+        """
+        Users one after another each get a pooled channel (nothing is asked
+        on the control channel), and each one's bytes come back intact; the
+        pool is full again afterwards.
+        """
+        control = self.serverTunnel.channel
+        announced = []
+        original = control.sendMessage
+        self.patch(control, "sendMessage", lambda m: (announced.append(m), original(m)))
+        for size in (1, 1000, 256 * 1024):
+            echoed = yield echoedThrough(self, self.public, randomBytes(size), WAIT)
+            self.assertTrue(echoed, f"{size} bytes through a pooled channel")
+            yield waitUntil(lambda: len(self.serverTunnel.pool) == 2, WAIT,
+                            "the pool to be refilled")
+        self.assertEqual([m for m in announced if isinstance(m, messages.OpenDataChannel)], [])
+        self.assertEqual(self.tunnel.pooledUsers, 3)
+
+    @defer.inlineCallbacks
+    def test_burstBeyondThePool(self):
+        """
+        More users at once than the pool holds: the first get pooled
+        channels, the rest are asked for, and every user's bytes come back
+        intact.
+        """
+        payloads = [randomBytes(4096 + i) for i in range(12)]
+        echoed = yield within(defer.gatherResults(
+            [echoedThrough(self, self.public, p, WAIT) for p in payloads]), WAIT,
+            "every user's echo")
+        self.assertEqual(echoed, [True] * len(payloads))
+        self.assertGreaterEqual(self.tunnel.pooledUsers, 2)
+
+    @defer.inlineCallbacks
+    def test_serverRestartEmptiesThePool(self):
+        """
+        Restarting the server closes the old pool; the client registers
+        again, fills a new pool, and users are served from it.
+        """
+        yield self.server.stopService()
+        self.server = yield self.tunnel.startServer()
+        mapping = self.client.tunnels[0]
+        yield waitUntil(lambda: self.public in self.server.registry.tunnels
+                        and len(self.server.registry.tunnels[self.public].pool) == 2,
+                        WAIT, "the client to register again and fill a new pool")
+        self.assertLessEqual(len(mapping.pool), 2)
+        before = self.tunnel.pooledUsers
+        echoed = yield echoedThrough(self, self.public, randomBytes(10000), WAIT)
+        self.assertTrue(echoed)
+        self.assertEqual(self.tunnel.pooledUsers, before + 1)
+
+
+class PooledTunnelTestsWithoutZeroCopy(PooledTunnelTests):
+    zeroCopy = False
