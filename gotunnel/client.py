@@ -26,7 +26,7 @@ from zope.interface import implementer
 from gotunnel import messages, tls
 from gotunnel.config import ClientSettings, Mapping
 from gotunnel.control import MessageReceiver, tlsFailure
-from gotunnel.relay import ConnectionSet, RelayEnd, setNoDelay, splice
+from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 
 log = Logger()
@@ -257,6 +257,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
             return
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
         if self.pooled:
+            setKeepAlive(self.transport)
             ask = {"pooled": True}
         else:
             ask = {"conn_id": self.request.conn_id}

@@ -12,6 +12,7 @@ L{SplicePump} moves the bytes in the kernel instead (see L{gotunnel.zerocopy}).
 
 from __future__ import annotations
 
+import socket
 from typing import Optional
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -35,6 +36,31 @@ def setNoDelay(transport: object) -> None:
             setTcpNoDelay(True)
         except OSError:
             pass
+
+
+IDLE_KEEPALIVE = 30
+"""Seconds of silence before L{setKeepAlive}'s probes start."""
+
+
+def setKeepAlive(transport: object, idle: int = IDLE_KEEPALIVE) -> None:
+    """
+    Probe the peer after C{idle} seconds of silence, and give up after three
+    unanswered probes C{idle} / 3 seconds apart, where the transport is TCP:
+    a connection that waits idle (a pooled data channel) must not be found
+    dead only when it is handed a user, after a NAT or firewall dropped it.
+    """
+    handle = getattr(transport, "socket", None)
+    setTcpKeepAlive = getattr(transport, "setTcpKeepAlive", None)
+    if handle is None or setTcpKeepAlive is None:
+        return
+    try:
+        setTcpKeepAlive(True)
+        for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", max(idle // 3, 1)),
+                              ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except OSError:
+        pass
 
 
 def canHalfClose(transport: object) -> bool:

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from gotunnel import messages, tls
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, tlsFailure
-from gotunnel.relay import ConnectionSet, RelayEnd, setNoDelay, splice
+from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 
 log = Logger()
 
@@ -727,6 +727,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
             # Read on while idle: a pooled channel that closes must leave
             # the pool at once, not when a user is handed to it.
             self.role = "pooled"
+            setKeepAlive(self.transport)
             return
         self.role = "data"
         self.sendMessage(messages.RegisterResp(status="ok"))

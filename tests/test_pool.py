@@ -11,6 +11,7 @@ loopback sockets (bytes verified, with and without zero copy).
 from __future__ import annotations
 
 import json
+import socket
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -18,6 +19,7 @@ from twisted.trial import unittest
 from gotunnel import messages
 from gotunnel.client import POOL_REFILL_DELAY, DataChannelFactory
 from gotunnel.config import ClientPolicy
+from gotunnel.relay import IDLE_KEEPALIVE
 from tests import test_client as client
 from tests import test_server as server
 from tests.support import Tunnel, echoedThrough, listenTarget, randomBytes, waitUntil, within
@@ -373,6 +375,24 @@ class PooledTunnelTests(unittest.TestCase):
                             "the pool to be refilled")
         self.assertEqual([m for m in announced if isinstance(m, messages.OpenDataChannel)], [])
         self.assertEqual(self.tunnel.pooledUsers, 3)
+
+    @defer.inlineCallbacks
+    def test_keepAliveWhileIdle(self):
+        """
+        Both ends of an idle pooled channel probe the other after 30 s of
+        silence: a NAT that dropped it is found out before a user is
+        handed a dead connection.  The channels still serve users.
+        """
+        ends = [channel.transport.getHandle() for channel in self.serverTunnel.pool]
+        ends += [channel.transport.getHandle() for channel in self.client.tunnels[0].pool]
+        self.assertEqual(len(ends), 4)
+        for end in ends:
+            self.assertEqual(end.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+            self.assertEqual(end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                             IDLE_KEEPALIVE)
+            self.assertEqual(end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), 3)
+        echoed = yield echoedThrough(self, self.public, randomBytes(100), WAIT)
+        self.assertTrue(echoed)
 
     @defer.inlineCallbacks
     def test_burstBeyondThePool(self):
