@@ -36,24 +36,20 @@ def _positive(text: str) -> float:
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
 
 
-def _atLeastOne(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+def _atLeast(minimum: int) -> Callable[[str], int]:
+    """An option's coerce function: a whole number of at least C{minimum}."""
+    def coerce(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+
+    coerce.coerceDoc = f"A whole number, at least {minimum}."  # type: ignore[attr-defined]
+    return coerce
 
 
-_atLeastOne.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
-
-
-def _atLeastZero(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("must be at least 0")
-    return value
-
-
-_atLeastZero.coerceDoc = "A whole number, at least 0."  # type: ignore[attr-defined]
+_atLeastOne = _atLeast(1)
+_atLeastZero = _atLeast(0)
 
 
 def _logLevel(text: str) -> str:
