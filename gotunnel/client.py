@@ -269,15 +269,14 @@ class DataChannelClient(MessageReceiver, RelayEnd):
             self.transport.loseConnection()
 
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
-        if self._raw:
-            self.protocolError("a second register_resp on a data channel")
-            return
         if not msg.ok:
             log.warn("server refused a data channel: {reason}", reason=msg.reason)
             if self.pooled:
                 self.tunnel.poolRefused(self)
             self.transport.loseConnection()
             return
+        if self.pooled:
+            self.tunnel.pooledChannelTaken(self)
         self.switchToRaw()
         if self.local is not None:
             self._splice(self.local)
@@ -294,14 +293,14 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def _splice(self, local: "LocalServiceConnection") -> None:
         self._earlyDone()
         splice(self, local, zeroCopy=self.tunnel.settings.zero_copy)
-        self._leavePool()
+        self._replaceInPool()
 
-    def _leavePool(self) -> None:
-        # Once the user's connection is set up, not when the server hands
-        # this channel a user: the replacement must not hold up the local
-        # connection in the reactor's next turns.
+    def _replaceInPool(self) -> None:
+        # The replacement is opened once the user's connection is set up, not
+        # when the server hands this channel a user: its connect would go
+        # ahead of the local connection's.
         if self.pooled:
-            self.tunnel.pooledChannelUsed(self)
+            self.tunnel.fillPool()
 
     def _earlyDone(self) -> None:
         if self.early:
@@ -367,7 +366,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         if self.pooled and not self._raw:
             self.tunnel.pooledChannelLost(self)
         elif self.peer is None:
-            self._leavePool()
+            self._replaceInPool()
         self._dropLocal()
         self.relayConnectionLost()
 
@@ -549,11 +548,12 @@ class TunnelService(MultiService):
             if channel.transport is not None:
                 channel.transport.loseConnection()
 
-    def pooledChannelUsed(self, channel: DataChannelClient) -> None:
-        """The server handed C{channel} a user: a new one takes its place."""
-        if channel in self.pool:
-            self.pool.discard(channel)
-            self.fillPool()
+    def pooledChannelTaken(self, channel: DataChannelClient) -> None:
+        """
+        The server handed C{channel} a user: it is the user's now, and stays
+        open if the control channel goes.  L{fillPool} replaces it.
+        """
+        self.pool.discard(channel)
 
     def pooledChannelLost(self, channel: DataChannelClient) -> None:
         """C{channel} closed, or could not connect, before the server used it."""

@@ -14,7 +14,7 @@ import hmac
 import re
 import secrets
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -467,7 +467,7 @@ class TunnelRegistry:
             del self.tunnels[tunnel.remote_port]
 
     def _dataChannelOwner(self, msg: messages.DataChannel,
-                          certificateName: Optional[str]):
+                          certificateName: Optional[str]) -> Callable[[Tunnel], bool]:
         """
         Check a data channel's credentials; return a test of whether a
         tunnel is one this data channel may serve.

@@ -330,6 +330,24 @@ class ClientPoolTests(client.ClientTestCase):
         self.reactor.advance(POOL_REFILL_DELAY * 10)
         self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 2)
 
+    def test_takenChannelOutlivesTheControlChannel(self):
+        """
+        A pooled channel the server has handed a user is the user's: losing
+        the control channel while its local connection is made does not
+        close it, as it does not close any other user's connection.
+        """
+        channel, _ = self.registeredWithPool(pool=1)
+        [index] = self.serverAttempts(DataChannelFactory)
+        protocol, transport = self.complete(index)
+        transport.clear()
+        protocol.dataReceived(client.frame(client.OK) + b"hello")
+        channel.connectionLost(None)
+        self.assertFalse(transport.disconnecting)
+        [local] = self.localAttempts()
+        _, localTransport = self.complete(local)
+        self.assertEqual(localTransport.value(), b"hello")
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 1)
+
     def test_stopClosesThePool(self):
         """Stopping the service closes the idle pooled channels."""
         self.service.startService()
