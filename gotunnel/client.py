@@ -251,16 +251,16 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.tunnel.connections.add(self)
-        if self.pooled and self not in self.tunnel.pool:
-            # The pool was emptied (control channel lost) while we connected.
-            self.transport.loseConnection()
-            return
-        mapping, settings = self.tunnel.mapping, self.tunnel.settings
         if self.pooled:
+            if self not in self.tunnel.pool:
+                # The pool was emptied (control channel lost) while we connected.
+                self.transport.loseConnection()
+                return
             setKeepAlive(self.transport)
             ask = {"pooled": True}
         else:
             ask = {"conn_id": self.request.conn_id}
+        mapping, settings = self.tunnel.mapping, self.tunnel.settings
         self.sendMessage(messages.DataChannel(
             local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
             token=settings.token, name=settings.name, **ask))
@@ -527,11 +527,14 @@ class TunnelService(MultiService):
             # The server closes its end of the pool with the control channel.
             self.emptyPool()
 
-    def fillPool(self) -> None:
-        """Open pooled data channels until the pool holds L{poolSize}."""
+    def _cancelRefill(self) -> None:
         if self.refillCall is not None and self.refillCall.active():
             self.refillCall.cancel()
         self.refillCall = None
+
+    def fillPool(self) -> None:
+        """Open pooled data channels until the pool holds L{poolSize}."""
+        self._cancelRefill()
         while self.channel is not None and not self.stopping and len(self.pool) < self.poolSize:
             channel = DataChannelClient(self, None)
             self.pool.add(channel)
@@ -540,9 +543,7 @@ class TunnelService(MultiService):
     def emptyPool(self) -> None:
         """Close the pooled data channels not yet handed a user."""
         self.poolSize = 0
-        if self.refillCall is not None and self.refillCall.active():
-            self.refillCall.cancel()
-        self.refillCall = None
+        self._cancelRefill()
         pool, self.pool = self.pool, set()
         for channel in pool:
             if channel.transport is not None:

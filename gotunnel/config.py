@@ -331,16 +331,19 @@ def _flag(value: Any, text: Any, name: str) -> bool:
     return value
 
 
-def _count(value: Any, text: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
-    return value
+def _wholeNumber(minimum: int) -> Callable[[Any, Any, str], int]:
+    """A key's check: a whole number of at least C{minimum}."""
+    def check(value: Any, text: Any, name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be a whole number of at least {minimum}, "
+                             f"got {value!r}")
+        return value
+
+    return check
 
 
-def _countOrZero(value: Any, text: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a whole number of at least 0, got {value!r}")
-    return value
+_count = _wholeNumber(1)
+_countOrZero = _wholeNumber(0)
 
 
 def _logLevel(value: Any, text: Any, name: str) -> str:
