@@ -292,7 +292,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def _splice(self, local: "LocalServiceConnection") -> None:
         self._earlyDone()
-        splice(self, local, zeroCopy=self.tunnel.settings.zero_copy)
+        splice(self, local, zeroCopy=self.tunnel.settings.zero_copy,
+               spliceThread=self.tunnel.settings.splice_thread)
         self._replaceInPool()
 
     def _replaceInPool(self) -> None:

@@ -56,6 +56,8 @@ class ServerSettings:
     """With it, clients must present a certificate signed by this CA (mutual TLS)."""
     zero_copy: bool = True
     """Move spliced plain-TCP bytes with os.splice, where Linux has it."""
+    splice_thread: bool = True
+    """Run those splices on a thread of their own while connections are steady."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -106,6 +108,8 @@ class ClientSettings:
     tls_client_key: str = ""
     zero_copy: bool = True
     """Move spliced plain-TCP bytes with os.splice, where Linux has it."""
+    splice_thread: bool = True
+    """Run those splices on a thread of their own while connections are steady."""
     pool_count: int = 4
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""
@@ -486,6 +490,7 @@ _SERVER_KEYS: dict[str, Callable] = {
     "tls_key": _text,
     "tls_client_ca": _text,
     "zero_copy": _flag,
+    "splice_thread": _flag,
 }
 
 _CLIENT_KEYS: dict[str, Callable] = {
@@ -508,5 +513,6 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "tls_client_cert": _text,
     "tls_client_key": _text,
     "zero_copy": _flag,
+    "splice_thread": _flag,
     "pool_count": _countOrZero,
 }

@@ -755,7 +755,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         return True
 
     def _spliceTo(self, user: PublicUser) -> None:
-        splice(user, self, zeroCopy=self.registry.settings.zero_copy)
+        splice(user, self, zeroCopy=self.registry.settings.zero_copy,
+               spliceThread=self.registry.settings.splice_thread)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.
         log.debug("data channel for port {remote_port} ready in {ms:.1f} ms",

@@ -75,6 +75,11 @@ _NO_ZERO_COPY = [
     "Move relayed bytes through Python instead of with os.splice "
     "(zero_copy: false in the config file)."]
 
+_NO_SPLICE_THREAD = [
+    "no-splice-thread", None,
+    "Run the splices in the reactor's thread instead of a thread of their own "
+    "(splice_thread: false in the config file)."]
+
 
 def _logOptions(role: str) -> list[list[Any]]:
     return [
@@ -165,6 +170,8 @@ class _SettingsOptions(usage.Options):
                       if self[option] is not None)
         if self["no-zero-copy"]:
             values["zero_copy"] = False
+        if self["no-splice-thread"]:
+            values["splice_thread"] = False
         if not values.get("token") and self.tokenRequired(values):
             if source:
                 raise ConfigError(f"{source}: {self.role}.token is missing "
@@ -223,7 +230,7 @@ class ServerOptions(_SettingsOptions):
          "Mutual TLS: require client certificates signed by the CA in this PEM file; "
          "a certificate's common name must be the client's name (server.tls_client_ca)."],
     ] + _logOptions("server")
-    optFlags = [_NO_ZERO_COPY]
+    optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD]
 
     role = "server"
     endpointOption = ("listen", "server")
@@ -289,6 +296,7 @@ class ClientOptions(_SettingsOptions):
         ["tls", None, "Connect with TLS and verify the server's certificate and name "
                       "(client.tls)."],
         _NO_ZERO_COPY,
+        _NO_SPLICE_THREAD,
     ]
 
     role = "client"

@@ -15,18 +15,25 @@ the ordinary path, each connection's C{connectionLost} exactly once.
 Flow control is the pipe: a side is read only while the pipe towards the
 other side is empty, so each direction holds at most one pipe's worth of
 bytes.
+
+Given a L{SpliceThread}, a pump whose connections are in their steady state
+moves its bytes there instead of in the reactor (see
+L{gotunnel.splicethread}), with the same pipes and the same rules.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from typing import Optional
 
 from twisted.internet import main, tcp
 from twisted.internet.interfaces import IReactorFDSet, ISSLTransport
 from twisted.logger import Logger
 
+from gotunnel import splicethread
+from gotunnel.splicethread import READABLE, WRITABLE
 from gotunnel.writes import twistedBuffered
 
 log = Logger()
@@ -115,6 +122,27 @@ class Direction:
         if self.mayRead():
             self.source.transport.startReading()
 
+    def fill(self) -> int:
+        """
+        Splice what the source's socket has into the empty pipe: the bytes
+        moved, 0 at end-of-stream; BlockingIOError if there are none yet,
+        another OSError if the socket is broken.
+        """
+        n = os.splice(self.source.fd, self.pipe[1], READ_SIZE, flags=FLAGS)
+        if n:
+            self.pending = n
+            if n >= self.capacity // 2 and not self.grown:
+                self.grow()
+        return n
+
+    def forward(self) -> None:
+        """Write what L{fill} read on to the sink; a broken sink is its own to report."""
+        broken = self.flush()
+        if broken is not None:
+            # Its own doWrite reports it, so that the reactor closes that
+            # connection, not the source.
+            self.sink.broken = broken
+
     def flush(self) -> Optional[OSError]:
         """
         Write what the pipe holds to the sink, until it is empty or the
@@ -158,8 +186,13 @@ class Side:
     outgoing: Direction
     incoming: Direction
     broken: Optional[OSError] = None
+    readFailed = False
+    """Reading the socket failed in the splice thread: the reactor's doRead says so."""
+    mask = 0
+    """The events the splice thread waits for on this socket."""
 
-    def __init__(self, end: object) -> None:
+    def __init__(self, pump: "SplicePump", end: object) -> None:
+        self.pump = pump
         self.transport = end.transport
         self.fd = self.transport.fileno()
 
@@ -181,12 +214,14 @@ class Side:
         on into its socket.  End-of-stream and errors are returned to the
         reactor, as C{tcp.Connection.doRead} returns them.
         """
+        if self.readFailed:
+            return main.CONNECTION_LOST
         out = self.outgoing
         if not out.mayRead():
             self.transport.stopReading()
             return None
         try:
-            n = os.splice(self.fd, out.pipe[1], READ_SIZE, flags=FLAGS)
+            n = out.fill()
         except BlockingIOError:
             return None
         except OSError:
@@ -194,18 +229,12 @@ class Side:
         if not n:
             out.end()
             return main.CONNECTION_DONE
-        out.pending = n
-        if n >= out.capacity // 2 and not out.grown:
-            out.grow()
-        sink = out.sink
-        broken = out.flush()
-        if broken is not None:
-            # The other socket is broken: its own doWrite reports it, so
-            # that the reactor closes that connection, not this one.
-            sink.broken = broken
+        out.forward()
         if out.pending:
             self.transport.stopReading()
-            sink.transport.startWriting()
+            out.sink.transport.startWriting()
+        else:
+            self.pump.settle()
         return None
 
     def doWrite(self):
@@ -228,34 +257,89 @@ class Side:
             why = type(transport).doWrite(transport)
             if why is None:
                 incoming.resume()
+                self.pump.settle()
             return why
         transport.stopWriting()
         incoming.resume()
+        self.pump.settle()
         return None
+
+    def wantedEvents(self) -> int:
+        """What the splice thread waits for: room in the pipe out, bytes in the pipe in."""
+        return ((0 if self.outgoing.pending else READABLE)
+                | (WRITABLE if self.incoming.pending else 0))
+
+    def moveInThread(self, readable: int, writable: int) -> bool:
+        """
+        In the splice thread: write what the pipe towards this socket holds,
+        read what the socket has on into the other; False if anything but
+        bytes came (end-of-stream, an error), for the reactor to handle.
+        """
+        incoming = self.incoming
+        if writable and incoming.pending:
+            broken = incoming.flush()
+            if broken is not None:
+                self.broken = broken
+                return False
+        out = self.outgoing
+        if readable and not out.pending:
+            try:
+                n = out.fill()
+            except BlockingIOError:
+                return True
+            except OSError:
+                self.readFailed = True
+                return False
+            if not n:
+                # Left unread for the reactor, whose doRead reads it again.
+                return False
+            out.forward()
+            return out.sink.broken is None
+        return True
+
+
+GUARDED = ("write", "writeSequence", "loseConnection", "loseWriteConnection",
+           "abortConnection", "startReading", "startWriting", "stopReading", "stopWriting",
+           "pauseProducing", "resumeProducing", "stopProducing")
+"""The transport methods that take a pump back from the splice thread before they run."""
 
 
 class SplicePump:
     """
     Moves the bytes of two spliced L{RelayEnd}s with C{os.splice}, both
-    ways, from L{start} until both connections are lost.
+    ways, from L{start} until both connections are lost: in the reactor,
+    or in C{thread} while both connections are steady.
+
+    @ivar inThread: the splice thread holds the pump (under C{lock}).
+    @ivar handOffs: how many times the pump went to the splice thread.
     """
 
-    def __init__(self, a: object, b: object) -> None:
-        self.sides = {a: Side(a), b: Side(b)}
+    inThread = False
+    handOffs = 0
+
+    def __init__(self, a: object, b: object, thread: object = None) -> None:
+        self.sides = {a: Side(self, a), b: Side(self, b)}
         sideA, sideB = self.sides[a], self.sides[b]
         sideA.outgoing = sideB.incoming = Direction(sideA, sideB)
         sideB.outgoing = sideA.incoming = Direction(sideB, sideA)
+        self.thread = thread
+        self.lock = threading.Lock()
+        self._guards: list[tuple[object, str, object]] = []
 
     @classmethod
-    def forEnds(cls, a: object, b: object) -> Optional["SplicePump"]:
+    def forEnds(cls, a: object, b: object, threaded: bool = False) -> Optional["SplicePump"]:
         """
-        A pump for C{a} and C{b}, with its pipes; None if either is not
-        plain TCP, or if the pipes cannot be made, so that the connection
-        takes the ordinary path instead.
+        A pump for C{a} and C{b}, with its pipes (and, C{threaded}, the
+        reactor's splice thread); None if either is not plain TCP, or if
+        the pipes cannot be made, so that the connection takes the ordinary
+        path instead.
         """
         if not (usable(a.transport) and usable(b.transport)):
             return None
-        pump = cls(a, b)
+        thread = None
+        if threaded and splicethread.available():
+            thread = splicethread.forReactor(a.transport.reactor)
+        pump = cls(a, b, thread)
         try:
             pump.openPipes()
         except OSError as e:
@@ -291,8 +375,97 @@ class SplicePump:
             side.take()
             if end._readClosed:
                 side.outgoing.end()
+        # Not handed to the splice thread yet: the protocol that spliced may
+        # still pass on bytes it read past its last frame, which must go out
+        # before any the pump moves.  The first read or write settles it.
         for side in self.sides.values():
             side.outgoing.resume()
+
+    def steady(self) -> bool:
+        """
+        Both connections are open both ways, with nothing in Twisted's
+        buffers and no event for the reactor to handle: the splice thread
+        can move their bytes.
+        """
+        for side in self.sides.values():
+            transport = side.transport
+            if (side.outgoing.ended or side.incoming.dropped or side.broken is not None
+                    or side.readFailed or not transport.connected or transport.disconnecting
+                    or transport._writeDisconnecting or twistedBuffered(transport)
+                    or transport.producer is not None):
+                return False
+        return True
+
+    def settle(self) -> None:
+        """Hand the pump to the splice thread, if it has one and is steady."""
+        if self.thread is not None and not self._guards and self.steady():
+            self.handOff()
+
+    def handOff(self) -> None:
+        """
+        Take both transports off the reactor and give their sockets to the
+        splice thread; until L{reclaim}, any of the L{GUARDED} methods
+        called on either takes them back first.
+        """
+        for side in self.sides.values():
+            side.transport.stopReading()
+            side.transport.stopWriting()
+        for side in self.sides.values():
+            self._guard(side.transport)
+        with self.lock:
+            try:
+                self.inThread = True
+                self.thread.adopt(self)
+            except OSError as e:
+                # Out of epoll watches: this pump stays with the reactor.
+                self.inThread = False
+                self.thread.release(self)
+                self.thread = None
+                log.warn("cannot hand a connection to the splice thread ({why}); "
+                         "the reactor splices it", why=os.strerror(e.errno))
+        if self.thread is None:
+            self._unguard()
+            self._resume()
+        else:
+            self.handOffs += 1
+
+    def reclaim(self) -> None:
+        """
+        In the reactor: take the pump back from the splice thread (which
+        gave it back, or is made to let go), and go on in the reactor.
+        """
+        with self.lock:
+            if self.inThread:
+                self.inThread = False
+                self.thread.release(self)
+        if self._guards:
+            self._unguard()
+            self._resume()
+
+    def _resume(self) -> None:
+        """Watch both transports in the reactor again, as the pipes' state asks."""
+        for side in self.sides.values():
+            if side.incoming.pending or side.broken is not None:
+                side.transport.startWriting()
+        for side in self.sides.values():
+            side.outgoing.resume()
+            if side.readFailed:
+                side.transport.startReading()
+
+    def _guard(self, transport) -> None:
+        for name in GUARDED:
+            def reclaimFirst(*args, _name=name, **kwargs):
+                self.reclaim()
+                return getattr(transport, _name)(*args, **kwargs)
+
+            transport.__dict__[name] = reclaimFirst
+            self._guards.append((transport, name, reclaimFirst))
+
+    def _unguard(self) -> None:
+        guards, self._guards = self._guards, []
+        for transport, name, guard in guards:
+            if transport.__dict__.get(name) is guard:
+                del transport.__dict__[name]
 
     def readEnded(self, end: object) -> None:
         """C{end}'s connection will send nothing more."""
@@ -309,6 +482,13 @@ class SplicePump:
         side = self.sides.get(end)
         if side is None:
             return
+        if self._guards:
+            # Lost by a path that called no guarded method.
+            with self.lock:
+                if self.inThread:
+                    self.inThread = False
+                    self.thread.release(self)
+            self._unguard()
         side.release()
         side.outgoing.end()
         side.incoming.drop()

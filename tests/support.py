@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 import gotunnel.client
 import gotunnel.server
-from gotunnel import relay
+from gotunnel import relay, zerocopy
 from gotunnel.client import TunnelClientService
 from gotunnel.config import ClientSettings, Mapping, ServerSettings
 from gotunnel.server import TunnelServerService
@@ -191,14 +191,17 @@ class Tunnel:
     With C{zeroCopy} True or False, both run with that C{zero_copy} setting,
     and the test fails at cleanup unless every splice took that path (and,
     zero copy on, the kernel moved bytes): so a test class run both ways
-    proves that it tested each path.
+    proves that it tested each path.  Zero copy on, C{spliceThread} True or
+    False sets C{splice_thread} the same way: on, the test fails unless
+    some pump went to the splice thread; off, if any did.
 
     Clients keep C{pool} pooled data channels (none by default, so that a
     test sees the data channels its users ask for); with a pool, the test
     fails at cleanup unless some user was served by a pooled channel.
     """
 
-    def __init__(self, testCase, zeroCopy: Optional[bool] = None, pool: int = 0) -> None:
+    def __init__(self, testCase, zeroCopy: Optional[bool] = None, pool: int = 0,
+                 spliceThread: Optional[bool] = None) -> None:
         self.testCase = testCase
         self.pool = pool
         self.pooledUsers = 0
@@ -221,13 +224,25 @@ class Tunnel:
         self.firstPumps: list[object] = []
         """A few pumps, kept to read their byte counts (not all: a test of
         leaks counts the objects left)."""
+        self.spliceThread = spliceThread
+        self.handOffs = 0
+        """How many times a pump went to the splice thread."""
         if zeroCopy is not None:
             for module in (gotunnel.server, gotunnel.client):
                 testCase.patch(module, "splice", self._recordSplice)
             testCase.addCleanup(self._checkSplices)
+        if spliceThread is not None:
+            handOff = zerocopy.SplicePump.handOff
 
-    def _recordSplice(self, a, b, zeroCopy: bool = False) -> None:
-        relay.splice(a, b, zeroCopy)
+            def countingHandOff(pump):
+                handOff(pump)
+                self.handOffs += pump.thread is not None
+
+            testCase.patch(zerocopy.SplicePump, "handOff", countingHandOff)
+            testCase.addCleanup(self._checkHandOffs)
+
+    def _recordSplice(self, a, b, zeroCopy: bool = False, spliceThread: bool = False) -> None:
+        relay.splice(a, b, zeroCopy, spliceThread)
         self.splices += 1
         if a.pump is not None:
             self.pumped += 1
@@ -243,6 +258,14 @@ class Tunnel:
             self.testCase.assertGreater(sum(pump.moved for pump in self.firstPumps), 0,
                                         "zero copy is on, yet os.splice moved no byte")
 
+    def _checkHandOffs(self) -> None:
+        if self.spliceThread and self.pumped:
+            self.testCase.assertGreater(self.handOffs, 0,
+                                        "the splice thread is on, yet no pump went to it")
+        elif not self.spliceThread:
+            self.testCase.assertEqual(self.handOffs, 0,
+                                      "the splice thread is off, yet a pump went to it")
+
     def _checkPooled(self) -> None:
         self.testCase.assertGreater(self.pooledUsers, 0,
                                     "clients keep a pool, yet no user got a pooled data channel")
@@ -250,6 +273,8 @@ class Tunnel:
     def settingOverrides(self, overrides: dict) -> dict:
         if self.zeroCopy is not None:
             overrides.setdefault("zero_copy", self.zeroCopy)
+        if self.spliceThread is not None:
+            overrides.setdefault("splice_thread", self.spliceThread)
         return overrides
 
     @defer.inlineCallbacks

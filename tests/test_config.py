@@ -646,25 +646,37 @@ class EndpointCheckTests(ConfigTestCase):
 class ZeroCopyOptionTests(ConfigTestCase):
     """zero_copy in the file, --no-zero-copy on the command line; on by default."""
 
+    key = "zero_copy"
+    option = "--no-zero-copy"
+
+    def setting(self, role: str, keys: str = "", *arguments: str) -> bool:
+        text = {"server": "server:\n  token: t\n",
+                "client": "client:\n  token: t\n  local_ports: [22]\n"}[role] + keys
+        return getattr(getattr(self, role)(text, *arguments), self.key)
+
     def test_onByDefault(self):
-        self.assertTrue(self.server("server:\n  token: t\n").zero_copy)
-        self.assertTrue(self.client("client:\n  token: t\n  local_ports: [22]\n").zero_copy)
+        self.assertTrue(self.setting("server"))
+        self.assertTrue(self.setting("client"))
 
     def test_offInTheFile(self):
-        self.assertFalse(self.server("server:\n  token: t\n  zero_copy: false\n").zero_copy)
-        self.assertFalse(self.client(
-            "client:\n  token: t\n  local_ports: [22]\n  zero_copy: false\n").zero_copy)
+        self.assertFalse(self.setting("server", f"  {self.key}: false\n"))
+        self.assertFalse(self.setting("client", f"  {self.key}: false\n"))
 
     def test_offOnTheCommandLine(self):
-        """--no-zero-copy overrides the file's zero_copy: true."""
-        self.assertFalse(self.server("server:\n  token: t\n  zero_copy: true\n",
-                                     "--no-zero-copy").zero_copy)
-        self.assertFalse(self.client("client:\n  token: t\n  local_ports: [22]\n",
-                                     "--no-zero-copy").zero_copy)
+        """The option overrides the file's true."""
+        self.assertFalse(self.setting("server", f"  {self.key}: true\n", self.option))
+        self.assertFalse(self.setting("client", f"  {self.key}: true\n", self.option))
 
     def test_notAFlag(self):
-        self.assertConfigError("server", "server:\n  token: t\n  zero_copy: 'maybe'\n",
-                               "server.zero_copy must be true or false")
+        self.assertConfigError("server", f"server:\n  token: t\n  {self.key}: 'maybe'\n",
+                               f"server.{self.key} must be true or false")
+
+
+class SpliceThreadOptionTests(ZeroCopyOptionTests):
+    """splice_thread in the file, --no-splice-thread on the command line; on by default."""
+
+    key = "splice_thread"
+    option = "--no-splice-thread"
 
 
 class PoolOptionTests(ConfigTestCase):

@@ -48,12 +48,14 @@ def assertSameBytes(testCase, got: bytes, expected: bytes, what: str) -> None:
 class TunnelDataTests(unittest.TestCase):
     timeout = 120
     zeroCopy = True
+    spliceThread = True
     pool = 0
     """Which relay path every splice takes; each class runs again with it off."""
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=self.pool)
+        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=self.pool,
+                             spliceThread=self.spliceThread)
         yield self.tunnel.startServer()
         self.target = listenTarget(self)
         self.client, self.public = yield self.tunnel.publish(self.target)
@@ -99,12 +101,14 @@ class ServiceTestCase(unittest.TestCase):
 
     timeout = 120
     zeroCopy = True
+    spliceThread = True
     pool = 0
     """Which relay path every splice takes; each class runs again with it off."""
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=self.pool)
+        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=self.pool,
+                             spliceThread=self.spliceThread)
         yield self.tunnel.startServer()
 
     @defer.inlineCallbacks
@@ -605,6 +609,33 @@ class ClosingTestsWithoutZeroCopy(ClosingTests):
 
 class TwoMappingsTestsWithoutZeroCopy(TwoMappingsTests):
     zeroCopy = False
+
+
+# Again with zero copy in the reactor's own thread: no splice thread.
+
+
+class TunnelDataTestsSplicedInReactor(TunnelDataTests):
+    spliceThread = False
+
+
+class HTTPTestsSplicedInReactor(HTTPTests):
+    spliceThread = False
+
+
+class TransferTestsSplicedInReactor(TransferTests):
+    spliceThread = False
+
+
+class EarlyBytesTestsSplicedInReactor(EarlyBytesTests):
+    spliceThread = False
+
+
+class ClosingTestsSplicedInReactor(ClosingTests):
+    spliceThread = False
+
+
+class TwoMappingsTestsSplicedInReactor(TwoMappingsTests):
+    spliceThread = False
 
 
 # And again with pooled data channels: users served by channels opened ahead

@@ -39,10 +39,11 @@ class FaultTestCase(unittest.TestCase):
     timeout = 120
     zeroCopy: Optional[bool] = None
     """The relay path every splice in this process takes (None: not checked)."""
+    spliceThread = True
 
     def setUp(self):
         self.logs = LogWatcher(self)
-        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy)
+        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, spliceThread=self.spliceThread)
         self.cwd = temporaryDirectory(self)
 
     @defer.inlineCallbacks
@@ -442,3 +443,14 @@ class LocalServiceTestsWithoutZeroCopy(LocalServiceTests):
 
 class DataChannelCutTestsWithoutZeroCopy(DataChannelCutTests):
     zeroCopy = False
+
+
+# And with zero copy in the reactor's own thread (no splice thread).
+
+
+class LocalServiceTestsSplicedInReactor(LocalServiceTests):
+    spliceThread = False
+
+
+class DataChannelCutTestsSplicedInReactor(DataChannelCutTests):
+    spliceThread = False

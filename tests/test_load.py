@@ -159,11 +159,12 @@ class EchoUser(Protocol):
 class LoadTests(unittest.TestCase):
     timeout = 300
     zeroCopy = True
+    spliceThread = True
     """Which relay path every splice takes; the class runs again with it off."""
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy)
+        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, spliceThread=self.spliceThread)
         self.server = yield self.tunnel.startServer()
         self.target = listenLiveEcho(self)
         self.client, self.public = yield within(
@@ -265,3 +266,9 @@ class LoadTestsWithoutZeroCopy(LoadTests):
     """The same load on the relay's ordinary path (zero copy off)."""
 
     zeroCopy = False
+
+
+class LoadTestsSplicedInReactor(LoadTests):
+    """The same load with zero copy in the reactor's thread (no splice thread)."""
+
+    spliceThread = False

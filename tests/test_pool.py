@@ -363,10 +363,12 @@ class PooledTunnelTests(unittest.TestCase):
 
     timeout = 120
     zeroCopy = True
+    spliceThread = True
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=2)
+        self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=2,
+                             spliceThread=self.spliceThread)
         self.server = yield self.tunnel.startServer()
         self.client, self.public = yield within(
             self.tunnel.publish(listenTarget(self), health_check_interval=3600), WAIT,
@@ -447,3 +449,7 @@ class PooledTunnelTests(unittest.TestCase):
 
 class PooledTunnelTestsWithoutZeroCopy(PooledTunnelTests):
     zeroCopy = False
+
+
+class PooledTunnelTestsSplicedInReactor(PooledTunnelTests):
+    spliceThread = False

@@ -6,6 +6,9 @@ ways, half-closes each way, closes and resets of either side, a slow
 reader, bytes held before the splice, and the fallback for transports that
 are not plain TCP.
 
+Each of those runs twice: with the pump in the reactor's thread, and
+handed to the splice thread (gotunnel.splicethread) while it is steady.
+
 Every wait is on an event, bounded by L{within}; nothing sleeps.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import select
 from datetime import datetime, timezone
 from ipaddress import ip_address
 
@@ -175,6 +179,7 @@ def connectedPair(testCase, serverEndpoint=None, clientEndpointFor=None):
 
 class ZeroCopyTestCase(unittest.TestCase):
     timeout = 120
+    spliceThread = False
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -210,11 +215,18 @@ class ZeroCopyTestCase(unittest.TestCase):
                          "pipes left open")
 
     def splice(self, zeroCopy: bool = True, expectPump: bool = True):
-        splice(self.a.end, self.b.end, zeroCopy=zeroCopy)
+        splice(self.a.end, self.b.end, zeroCopy=zeroCopy, spliceThread=self.spliceThread)
         self.pump = self.a.end.pump
         if expectPump:
             self.assertIsNotNone(self.pump, "plain TCP on Linux should take the splice path")
             self.assertIs(self.b.end.pump, self.pump)
+            self.assertEqual(self.pump.thread is not None, self.spliceThread)
+
+    def reads(self, end) -> bool:
+        """Whether the pump reads C{end}'s socket now, in the reactor or in the splice thread."""
+        if self.pump.inThread:
+            return bool(self.pump.sides[end].mask & select.EPOLLIN)
+        return end.transport in reactor.getReaders()
 
     @defer.inlineCallbacks
     def assertBothGoneOnce(self):
@@ -231,6 +243,10 @@ class ZeroCopyTestCase(unittest.TestCase):
                 method = vars(end.transport).get(name)
                 self.assertFalse(isinstance(getattr(method, "__self__", None), zerocopy.Side),
                                  f"the pump kept its {name}")
+            self.assertEqual([name for name in zerocopy.GUARDED
+                              if "SplicePump._guard" in getattr(vars(end.transport).get(name),
+                                                                "__qualname__", "")],
+                             [], "the pump left guards on a transport")
 
 
 class PayloadTests(ZeroCopyTestCase):
@@ -288,6 +304,28 @@ class PayloadTests(ZeroCopyTestCase):
         got = yield within(self.b.outside.whenReceived(len(buffered + held + later)), WAIT,
                            "the buffered, held and later bytes")
         self.assertEqual(got, buffered + held + later)
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+
+    @defer.inlineCallbacks
+    def test_bytesPassedOnAfterTheSpliceGoFirst(self):
+        """
+        Bytes the spliced protocol passes on after the splice (what it read
+        past its last frame) reach the far end before the bytes waiting in
+        its socket, which the pump moves.
+        """
+        later = randomBytes(64 * 1024)
+        self.a.outside.transport.write(later)
+        fd = self.a.end.transport.fileno()
+        yield waitUntil(lambda: select.select([fd], [], [], 0)[0], WAIT,
+                        "the later bytes to wait in A's socket")
+        self.splice()
+        # The splice thread would read A's socket at once, ahead of these.
+        self.assertFalse(self.pump.inThread, "handed to the splice thread before its first event")
+        self.a.end.relayReceived(b"past the last frame")
+        got = yield within(self.b.outside.whenReceived(19 + len(later)), WAIT, "every byte")
+        self.assertEqual(got, b"past the last frame" + later)
         self.a.outside.transport.loseConnection()
         yield self.assertBothGoneOnce()
 
@@ -409,7 +447,7 @@ class FlowControlTests(ZeroCopyTestCase):
         sampler.start(0.001)
         self.addCleanup(lambda: sampler.running and sampler.stop())
         yield waitUntil(
-            lambda: self.b.end.isBackedUp() and self.a.end.transport not in reactor.getReaders(),
+            lambda: self.b.end.isBackedUp() and not self.reads(self.a.end),
             WAIT, "the pump to stop reading A while B is full")
         self.assertLessEqual(self.heldNow(), zerocopy.PIPE_SIZE)
         self.assertLess(sender.sent, len(payload))
@@ -526,5 +564,124 @@ class TLSFallbackTests(ZeroCopyTestCase):
             self.b.outside.whenReceived(len(toB)), self.a.outside.whenReceived(len(toA))]),
             WAIT, "1 MiB each way")
         self.assertEqual(got, [toB, toA])
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+
+# The same tests with the pump handed to the splice thread.
+
+
+class PayloadTestsInSpliceThread(PayloadTests):
+    spliceThread = True
+
+
+class HalfCloseTestsInSpliceThread(HalfCloseTests):
+    spliceThread = True
+
+
+class ClosingTestsInSpliceThread(ClosingTests):
+    spliceThread = True
+
+
+class FlowControlTestsInSpliceThread(FlowControlTests):
+    spliceThread = True
+
+
+class SpliceThreadTests(ZeroCopyTestCase):
+    """How a pump goes to the splice thread and comes back."""
+
+    spliceThread = True
+
+    @defer.inlineCallbacks
+    def assertCarries(self, size: int = 256 * 1024):
+        toB, toA = randomBytes(size), randomBytes(size)
+        before = (len(self.b.outside.received), len(self.a.outside.received))
+        Sender(self.a.outside.transport, toB)
+        Sender(self.b.outside.transport, toA)
+        got = yield within(defer.gatherResults([
+            self.b.outside.whenReceived(before[0] + size),
+            self.a.outside.whenReceived(before[1] + size)]), WAIT, "bytes both ways")
+        self.assertEqual([got[0][before[0]:], got[1][before[1]:]], [toB, toA])
+
+    @defer.inlineCallbacks
+    def test_writeTakesThePumpBack(self):
+        """
+        A write to a transport the splice thread holds takes the pump back
+        to the reactor first; the bytes follow what the pipe held, and once
+        they are written the pump goes to the thread again.
+        """
+        self.splice()
+        self.assertFalse(self.pump.inThread, "handed to the thread before its first event")
+        yield self.assertCarries()
+        self.assertTrue(self.pump.inThread)
+        self.a.end.transport.write(b"from the reactor")
+        self.assertFalse(self.pump.inThread)
+        got = yield within(self.a.outside.whenReceived(256 * 1024 + 16), WAIT,
+                           "the reactor's write")
+        self.assertEqual(got[-16:], b"from the reactor")
+        yield waitUntil(lambda: self.pump.inThread, WAIT, "the pump to go back to the thread")
+        self.assertEqual(self.pump.handOffs, 2)
+        yield self.assertCarries()
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
+    def test_loseConnectionWhileInThread(self):
+        """The reactor closing a connection the thread holds closes both, each once."""
+        self.splice()
+        yield self.assertCarries()
+        self.assertTrue(self.pump.inThread)
+        self.a.end.transport.loseConnection()
+        self.assertFalse(self.pump.inThread)
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
+    def test_abortWhileInThread(self):
+        """An abort of a connection the thread holds: both closed, each once."""
+        self.splice()
+        yield self.assertCarries()
+        self.assertTrue(self.pump.inThread)
+        self.b.end.transport.abortConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
+    def test_failureInTheThreadIsLoggedAndTheReactorGoesOn(self):
+        """
+        An exception in the splice thread is logged in the reactor, which
+        takes the pump back and carries every byte.
+        """
+        logs = LogWatcher(self)
+        moveInThread = zerocopy.Side.moveInThread
+        failed = []
+
+        def failingOnce(side, readable, writable):
+            if not failed:
+                failed.append(side)
+                raise RuntimeError("a bug in the splice thread")
+            return moveInThread(side, readable, writable)
+
+        self.patch(zerocopy.Side, "moveInThread", failingOnce)
+        self.splice()
+        yield self.assertCarries(MiB)
+        self.assertEqual(len(failed), 1)
+        self.assertEqual(len(logs.matching(LogWatcher.formatted("the splice thread failed"))),
+                         1)
+        self.flushLoggedErrors(RuntimeError)
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
+    def test_heldBytesFirstThenThread(self):
+        """
+        Bytes held before the splice keep the pump in the reactor until
+        Twisted has written them; then it goes to the thread.
+        """
+        self.a.end.relayReceived(b"early")
+        self.splice()
+        self.assertFalse(self.pump.inThread)
+        got = yield within(self.b.outside.whenReceived(5), WAIT, "the early bytes")
+        self.assertEqual(got, b"early")
+        yield waitUntil(lambda: self.pump.inThread, WAIT, "the pump to go to the thread")
+        yield self.assertCarries()
         self.a.outside.transport.loseConnection()
         yield self.assertBothGoneOnce()
