@@ -87,31 +87,31 @@ class SpliceThread:
         stopRead = self._stopRead
         while True:
             for fd, events in poll():
-                if fd == stopRead:
+                side = sides.get(fd)
+                if side is not None:
+                    self._step(side, events)
+                elif fd == stopRead:
                     self.epoll.close()
                     os.close(self._stopRead)
                     os.close(self._stopWrite)
                     return
-                side = sides.get(fd)
-                if side is not None:
-                    self._step(side, events)
 
     def _step(self, side, events: int) -> None:
         pump = side.pump
         with pump.lock:
             # An event polled before the reactor took the pump back, or
             # for a descriptor number the reactor has since reused.
-            if pump.thread is not self or not pump.inThread:
+            if not pump.inThread:
                 return
             try:
-                steady = (not events & HUNG_UP
-                          and side.moveInThread(events & READABLE, events & WRITABLE))
-                if steady:
-                    for each in pump.sides.values():
-                        wanted = each.wantedEvents()
-                        if wanted != each.mask:
-                            each.mask = wanted
-                            self.epoll.modify(each.fd, wanted)
+                if side.moveInThread(events):
+                    if pump.eventsChanged:
+                        pump.eventsChanged = False
+                        for each in pump.sides.values():
+                            wanted = each.wantedEvents()
+                            if wanted != each.mask:
+                                each.mask = wanted
+                                self.epoll.modify(each.fd, wanted)
                     return
                 failure: Optional[Failure] = None
             except Exception:

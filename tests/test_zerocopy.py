@@ -37,6 +37,7 @@ from gotunnel.relay import RelayEnd, splice
 from tests.support import HOST, LogWatcher, randomBytes, waitUntil, within
 
 MiB = 1024 * 1024
+HAND_OFF_AFTER = zerocopy.HAND_OFF_AFTER
 WAIT = 30
 
 
@@ -183,6 +184,10 @@ class ZeroCopyTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
+        if self.spliceThread:
+            # Every pump to the thread at its first event, so that these
+            # tests run the thread's path, not the reactor's first reads.
+            self.patch(zerocopy, "HAND_OFF_AFTER", 1)
         self.recordPipes()
         self.a = yield connectedPair(self)
         self.b = yield connectedPair(self)
@@ -626,6 +631,27 @@ class SpliceThreadTests(ZeroCopyTestCase):
         yield self.assertBothGoneOnce()
 
     @defer.inlineCallbacks
+    def test_shortExchangesStayInTheReactor(self):
+        """
+        A pump goes to the thread only after HAND_OFF_AFTER reads in the
+        reactor: a request and its answer never pay for the hand-off.
+        """
+        self.patch(zerocopy, "HAND_OFF_AFTER", HAND_OFF_AFTER)
+        self.splice()
+        for n in range(HAND_OFF_AFTER - 1):
+            before = len(self.b.outside.received)
+            self.a.outside.transport.write(b"%d" % n)
+            yield within(self.b.outside.whenReceived(before + len(b"%d" % n)), WAIT,
+                         f"message {n}")
+        self.assertLess(self.pump.reactorReads, HAND_OFF_AFTER)
+        self.assertEqual(self.pump.handOffs, 0)
+        yield self.assertCarries()
+        self.assertGreaterEqual(self.pump.reactorReads, HAND_OFF_AFTER)
+        self.assertTrue(self.pump.inThread)
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
     def test_loseConnectionWhileInThread(self):
         """The reactor closing a connection the thread holds closes both, each once."""
         self.splice()
@@ -654,11 +680,11 @@ class SpliceThreadTests(ZeroCopyTestCase):
         moveInThread = zerocopy.Side.moveInThread
         failed = []
 
-        def failingOnce(side, readable, writable):
+        def failingOnce(side, events):
             if not failed:
                 failed.append(side)
                 raise RuntimeError("a bug in the splice thread")
-            return moveInThread(side, readable, writable)
+            return moveInThread(side, events)
 
         self.patch(zerocopy.Side, "moveInThread", failingOnce)
         self.splice()
@@ -681,7 +707,7 @@ class SpliceThreadTests(ZeroCopyTestCase):
         self.assertFalse(self.pump.inThread)
         got = yield within(self.b.outside.whenReceived(5), WAIT, "the early bytes")
         self.assertEqual(got, b"early")
-        yield waitUntil(lambda: self.pump.inThread, WAIT, "the pump to go to the thread")
         yield self.assertCarries()
+        self.assertTrue(self.pump.inThread)
         self.a.outside.transport.loseConnection()
         yield self.assertBothGoneOnce()
