@@ -116,8 +116,7 @@ class SpliceThread:
                 failure: Optional[Failure] = None
             except Exception:
                 failure = Failure()
-            pump.inThread = False
-            self.release(pump)
+            pump.leaveThread()
         if failure is not None:
             self.reactor.callFromThread(
                 log.failure, "the splice thread failed on a connection; "

@@ -39,7 +39,6 @@ from gotunnel.writes import twistedBuffered
 log = Logger()
 
 FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-splice = getattr(os, "splice", None)
 READ_SIZE = 1 << 20
 """The most one splice from a socket asks for; the pipe's room limits it too."""
 
@@ -89,7 +88,7 @@ class Direction:
         self.sink = sink
 
     def openPipe(self) -> None:
-        self.pipe = self.readEnd, self.writeEnd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.capacity = fcntl.fcntl(self.pipe[1], F_GETPIPE_SZ)
 
     def grow(self) -> None:
@@ -297,7 +296,7 @@ class Side:
             if out.pending:
                 return True
             try:
-                n = splice(self.fd, out.writeEnd, READ_SIZE, None, None, FLAGS)
+                n = out.fill()
             except BlockingIOError:
                 return True
             except OSError:
@@ -306,19 +305,10 @@ class Side:
             if not n:
                 # Left unread for the reactor, whose doRead reads it again.
                 return False
-            try:
-                written = splice(out.readEnd, out.sink.fd, n, None, None, FLAGS)
-            except BlockingIOError:
-                written = 0
-            except OSError as e:
-                out.pending = n
-                out.sink.broken = e
+            out.forward()
+            if out.sink.broken is not None:
                 return False
-            out.moved += written
-            if written < n:
-                out.pending = n - written
-                if n >= out.capacity // 2 and not out.grown:
-                    out.grow()
+            if out.pending:
                 self.pump.eventsChanged = True
         return True
 
@@ -459,8 +449,7 @@ class SplicePump:
                 self.thread.adopt(self)
             except OSError as e:
                 # Out of epoll watches: this pump stays with the reactor.
-                self.inThread = False
-                self.thread.release(self)
+                self.leaveThread()
                 self.thread = None
                 log.warn("cannot hand a connection to the splice thread ({why}); "
                          "the reactor splices it", why=os.strerror(e.errno))
@@ -476,12 +465,16 @@ class SplicePump:
         gave it back, or is made to let go), and go on in the reactor.
         """
         with self.lock:
-            if self.inThread:
-                self.inThread = False
-                self.thread.release(self)
+            self.leaveThread()
         if self._guards:
             self._unguard()
             self._resume()
+
+    def leaveThread(self) -> None:
+        """The splice thread lets go of the pump (C{lock} held by the caller)."""
+        if self.inThread:
+            self.inThread = False
+            self.thread.release(self)
 
     def _resume(self) -> None:
         """Watch both transports in the reactor again, as the pipes' state asks."""
@@ -526,9 +519,7 @@ class SplicePump:
         if self._guards:
             # Lost by a path that called no guarded method.
             with self.lock:
-                if self.inThread:
-                    self.inThread = False
-                    self.thread.release(self)
+                self.leaveThread()
             self._unguard()
         side.release()
         side.outgoing.end()
