@@ -292,8 +292,9 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def _splice(self, local: "LocalServiceConnection") -> None:
         self._earlyDone()
-        splice(self, local, zeroCopy=self.tunnel.settings.zero_copy,
-               spliceThread=self.tunnel.settings.splice_thread)
+        settings = self.tunnel.settings
+        splice(self, local, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
+               busyPoll=settings.busy_poll / 1e6)
         self._replaceInPool()
 
     def _replaceInPool(self) -> None:

@@ -23,6 +23,10 @@ DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
 CONFIG_FILE = "config.yaml"
 LOG_LEVELS = ("debug", "info", "warn", "error")
+DEFAULT_BUSY_POLL = 100
+"""Microseconds the splice thread polls for a connection's next bytes: more
+than a round trip through a service on the same machine usually takes."""
+MAX_BUSY_POLL = 10_000
 
 
 @dataclass
@@ -58,6 +62,9 @@ class ServerSettings:
     """Move spliced plain-TCP bytes with os.splice, where Linux has it."""
     splice_thread: bool = True
     """Run those splices on a thread of their own while connections are steady."""
+    busy_poll: int = DEFAULT_BUSY_POLL
+    """Microseconds that thread polls for a connection's next bytes before
+    it sleeps (0: never)."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -110,6 +117,9 @@ class ClientSettings:
     """Move spliced plain-TCP bytes with os.splice, where Linux has it."""
     splice_thread: bool = True
     """Run those splices on a thread of their own while connections are steady."""
+    busy_poll: int = DEFAULT_BUSY_POLL
+    """Microseconds that thread polls for a connection's next bytes before
+    it sleeps (0: never)."""
     pool_count: int = 4
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""
@@ -335,12 +345,14 @@ def _flag(value: Any, text: Any, name: str) -> bool:
     return value
 
 
-def _wholeNumber(minimum: int) -> Callable[[Any, Any, str], int]:
-    """A key's check: a whole number of at least C{minimum}."""
+def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[Any, Any, str], int]:
+    """A key's check: a whole number of at least C{minimum} (and at most C{maximum})."""
+    bounds = f"of at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
     def check(value: Any, text: Any, name: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be a whole number of at least {minimum}, "
-                             f"got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+                or (maximum is not None and value > maximum)):
+            raise ValueError(f"{name} must be a whole number {bounds}, got {value!r}")
         return value
 
     return check
@@ -348,6 +360,7 @@ def _wholeNumber(minimum: int) -> Callable[[Any, Any, str], int]:
 
 _count = _wholeNumber(1)
 _countOrZero = _wholeNumber(0)
+_busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
 
 
 def _logLevel(value: Any, text: Any, name: str) -> str:
@@ -491,6 +504,7 @@ _SERVER_KEYS: dict[str, Callable] = {
     "tls_client_ca": _text,
     "zero_copy": _flag,
     "splice_thread": _flag,
+    "busy_poll": _busyPoll,
 }
 
 _CLIENT_KEYS: dict[str, Callable] = {
@@ -514,5 +528,6 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "tls_client_key": _text,
     "zero_copy": _flag,
     "splice_thread": _flag,
+    "busy_poll": _busyPoll,
     "pool_count": _countOrZero,
 }

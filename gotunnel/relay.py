@@ -188,16 +188,18 @@ class RelayEnd:
             self.peer.shutdownWrite()
 
 
-def splice(a: RelayEnd, b: RelayEnd, zeroCopy: bool = False, spliceThread: bool = False) -> None:
+def splice(a: RelayEnd, b: RelayEnd, zeroCopy: bool = False, spliceThread: bool = False,
+           busyPoll: float = 0.0) -> None:
     """
     Join two connected sides: what either reads goes to the other, with
     flow control both ways.  With C{zeroCopy}, and both sides plain TCP on
     Linux, the kernel moves the bytes (after what the sides held); with
     C{spliceThread} too, the process's splice thread runs those moves while
-    the connections are steady.
+    the connections are steady, and polls for up to C{busyPoll} seconds
+    for their next bytes before it sleeps.
     """
     a.peer, b.peer = b, a
-    pump = SplicePump.forEnds(a, b, spliceThread) if zeroCopy else None
+    pump = SplicePump.forEnds(a, b, spliceThread, busyPoll) if zeroCopy else None
     if pump is None:
         a.transport.registerProducer(b.transport, True)
         b.transport.registerProducer(a.transport, True)

@@ -755,8 +755,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         return True
 
     def _spliceTo(self, user: PublicUser) -> None:
-        splice(user, self, zeroCopy=self.registry.settings.zero_copy,
-               spliceThread=self.registry.settings.splice_thread)
+        settings = self.registry.settings
+        splice(user, self, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
+               busyPoll=settings.busy_poll / 1e6)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.
         log.debug("data channel for port {remote_port} ready in {ms:.1f} ms",

@@ -18,7 +18,8 @@ from twisted.python import usage
 from gotunnel import logs, rlimits, tls
 from gotunnel.client import TunnelClientService
 from gotunnel.config import (
-    LOG_LEVELS, ClientSettings, ConfigError, ConfigFile, ServerSettings, findConfigFile,
+    LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
+    findConfigFile,
     parseLogLang, parseLogLevel, parseMapping, readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
@@ -36,20 +37,23 @@ def _positive(text: str) -> float:
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
 
 
-def _atLeast(minimum: int) -> Callable[[str], int]:
-    """An option's coerce function: a whole number of at least C{minimum}."""
+def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
+    """An option's coerce function: a whole number of at least C{minimum} (and at most C{maximum})."""
+    bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
     def coerce(text: str) -> int:
         value = int(text)
-        if value < minimum:
-            raise ValueError(f"must be at least {minimum}")
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"must be {bounds}")
         return value
 
-    coerce.coerceDoc = f"A whole number, at least {minimum}."  # type: ignore[attr-defined]
+    coerce.coerceDoc = f"A whole number, {bounds}."  # type: ignore[attr-defined]
     return coerce
 
 
-_atLeastOne = _atLeast(1)
-_atLeastZero = _atLeast(0)
+_atLeastOne = _wholeNumber(1)
+_atLeastZero = _wholeNumber(0)
+_busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
 
 
 def _logLevel(text: str) -> str:
@@ -79,6 +83,13 @@ _NO_SPLICE_THREAD = [
     "no-splice-thread", None,
     "Run the splices in the reactor's thread instead of a thread of their own "
     "(splice_thread: false in the config file)."]
+
+
+def _busyPollOption(role: str, settingsType: type) -> list[Any]:
+    return ["busy-poll", None, None,
+            "Microseconds the splice thread polls for a connection's next bytes before it "
+            "sleeps, while they come that fast; 0 never polls "
+            f"(default: {settingsType.busy_poll}; {role}.busy_poll)", _busyPoll]
 
 
 def _logOptions(role: str) -> list[list[Any]]:
@@ -229,6 +240,7 @@ class ServerOptions(_SettingsOptions):
         ["tls-client-ca", None, None,
          "Mutual TLS: require client certificates signed by the CA in this PEM file; "
          "a certificate's common name must be the client's name (server.tls_client_ca)."],
+        _busyPollOption("server", ServerSettings),
     ] + _logOptions("server")
     optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD]
 
@@ -238,7 +250,7 @@ class ServerOptions(_SettingsOptions):
     fields = {"listen": "listen", "token": "token", "public-interface": "public_interface",
               "data-timeout": "data_channel_timeout", "heartbeat-timeout": "heartbeat_timeout",
               "max-mappings-per-client": "max_mappings_per_client",
-              "max-pool-count": "max_pool_count",
+              "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
               "log-level": "log_level", "log-lang": "log_lang"}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
@@ -291,6 +303,7 @@ class ClientOptions(_SettingsOptions):
          "(mutual TLS; client.tls_client_cert; needs --tls-client-key)."],
         ["tls-client-key", None, None,
          "The PEM private key of --tls-client-cert (client.tls_client_key)."],
+        _busyPollOption("client", ClientSettings),
     ] + _logOptions("client")
     optFlags = [
         ["tls", None, "Connect with TLS and verify the server's certificate and name "
@@ -305,7 +318,7 @@ class ClientOptions(_SettingsOptions):
     fields = {"server": "server", "token": "token", "name": "name",
               "heartbeat-interval": "heartbeat_interval",
               "health-check-interval": "health_check_interval",
-              "pool-count": "pool_count",
+              "pool-count": "pool_count", "busy-poll": "busy_poll",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
               "log-level": "log_level", "log-lang": "log_lang"}

@@ -336,6 +336,8 @@ class SplicePump:
 
     @ivar inThread: the splice thread holds the pump (under C{lock}).
     @ivar handOffs: how many times the pump went to the splice thread.
+    @ivar busyPoll: seconds the splice thread polls for this pump's next
+        bytes before it sleeps (see L{splicethread.BusyPoll}).
     """
 
     inThread = False
@@ -344,20 +346,24 @@ class SplicePump:
     eventsChanged = False
     """The splice thread must wait for other events on the pump's sockets."""
 
-    def __init__(self, a: object, b: object, thread: object = None) -> None:
+    def __init__(self, a: object, b: object, thread: object = None,
+                 busyPoll: float = 0.0) -> None:
         self.sides = {a: Side(self, a), b: Side(self, b)}
         sideA, sideB = self.sides[a], self.sides[b]
         sideA.outgoing = sideB.incoming = Direction(sideA, sideB)
         sideB.outgoing = sideA.incoming = Direction(sideB, sideA)
         self.thread = thread
+        self.busyPoll = busyPoll
         self.lock = threading.Lock()
         self._guards: list[tuple[object, str, object]] = []
 
     @classmethod
-    def forEnds(cls, a: object, b: object, threaded: bool = False) -> Optional["SplicePump"]:
+    def forEnds(cls, a: object, b: object, threaded: bool = False,
+                busyPoll: float = 0.0) -> Optional["SplicePump"]:
         """
         A pump for C{a} and C{b}, with its pipes (and, C{threaded}, the
-        reactor's splice thread); None if either is not plain TCP, or if
+        reactor's splice thread, polling for C{busyPoll} seconds between
+        the pump's events); None if either is not plain TCP, or if
         the pipes cannot be made, so that the connection takes the ordinary
         path instead.
         """
@@ -366,7 +372,7 @@ class SplicePump:
         thread = None
         if threaded and splicethread.available():
             thread = splicethread.forReactor(a.transport.reactor)
-        pump = cls(a, b, thread)
+        pump = cls(a, b, thread, busyPoll)
         try:
             pump.openPipes()
         except OSError as e:

@@ -221,6 +221,8 @@ class Tunnel:
         self.splices = 0
         self.pumped = 0
         """How many splices were made, and how many of them with a pump."""
+        self.busyPolls: set[float] = set()
+        """The busy-poll budgets splices were given, in seconds."""
         self.firstPumps: list[object] = []
         """A few pumps, kept to read their byte counts (not all: a test of
         leaks counts the objects left)."""
@@ -245,9 +247,11 @@ class Tunnel:
             testCase.patch(zerocopy.SplicePump, "handOff", countingHandOff)
             testCase.addCleanup(self._checkHandOffs)
 
-    def _recordSplice(self, a, b, zeroCopy: bool = False, spliceThread: bool = False) -> None:
-        relay.splice(a, b, zeroCopy, spliceThread)
+    def _recordSplice(self, a, b, zeroCopy: bool = False, spliceThread: bool = False,
+                      busyPoll: float = 0.0) -> None:
+        relay.splice(a, b, zeroCopy, spliceThread, busyPoll)
         self.splices += 1
+        self.busyPolls.add(busyPoll)
         if a.pump is not None:
             self.pumped += 1
             if len(self.firstPumps) < 3:

@@ -706,3 +706,34 @@ class PoolOptionTests(ConfigTestCase):
         with self.assertRaises(usage.UsageError) as caught:
             self.client("client:\n  token: t\n  local_ports: [22]\n", "--pool-count", "-1")
         self.assertIn("must be at least 0", str(caught.exception))
+
+
+class BusyPollOptionTests(ConfigTestCase):
+    """server.busy_poll and client.busy_poll / --busy-poll: microseconds, 0 to 10000."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_defaults(self):
+        self.assertEqual(self.server("server:\n  token: t\n").busy_poll, 100)
+        self.assertEqual(self.client(self.CLIENT).busy_poll, 100)
+
+    def test_inTheFile(self):
+        self.assertEqual(self.server("server:\n  token: t\n  busy_poll: 0\n").busy_poll, 0)
+        self.assertEqual(self.client(self.CLIENT + "  busy_poll: 250\n").busy_poll, 250)
+
+    def test_commandLineWins(self):
+        self.assertEqual(self.server("server:\n  token: t\n  busy_poll: 50\n",
+                                     "--busy-poll", "0").busy_poll, 0)
+        self.assertEqual(self.client(self.CLIENT + "  busy_poll: 0\n",
+                                     "--busy-poll", "10000").busy_poll, 10000)
+
+    def test_outOfRangeRefused(self):
+        for value in ("-1", "10001", "0.5", "'fast'"):
+            self.assertConfigError("server", f"server:\n  token: t\n  busy_poll: {value}\n",
+                                   "server.busy_poll must be a whole number from 0 to 10000")
+        self.assertConfigError("client", self.CLIENT + "  busy_poll: true\n",
+                               "client.busy_poll must be a whole number from 0 to 10000")
+        for value in ("-1", "10001"):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.client(self.CLIENT, "--busy-poll", value)
+            self.assertIn("must be from 0 to 10000", str(caught.exception))

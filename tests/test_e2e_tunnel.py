@@ -96,6 +96,30 @@ class TunnelDataTests(unittest.TestCase):
             assertSameBytes(self, data, payload, f"all user {i} received")
 
 
+class BusyPollSettingTests(unittest.TestCase):
+    """server.busy_poll and client.busy_poll reach the splices of each side."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_eachSideSplicesWithItsOwnBudget(self):
+        tunnel = Tunnel(self, zeroCopy=True, spliceThread=True)
+        yield tunnel.startServer(busy_poll=300)
+        target = listenTarget(self)
+        _, public = yield tunnel.publish(target, busy_poll=700)
+        user = yield connectUser(self, public)
+        sent = b""
+        for n in range(20):
+            message = b"round %d;" % n
+            sent += message
+            user.transport.write(message)
+            received = yield within(user.whenReceived(len(sent)), WAIT, f"echo {n}")
+            self.assertEqual(received, sent)
+        self.assertEqual(tunnel.busyPolls, {300e-6, 700e-6})
+        user.transport.loseConnection()
+        yield within(user.closed, WAIT, "the user to close")
+
+
 class ServiceTestCase(unittest.TestCase):
     """A server in this process; each test publishes the services it needs."""
 

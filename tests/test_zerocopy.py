@@ -181,6 +181,7 @@ def connectedPair(testCase, serverEndpoint=None, clientEndpointFor=None):
 class ZeroCopyTestCase(unittest.TestCase):
     timeout = 120
     spliceThread = False
+    busyPoll = 0.0
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -220,7 +221,8 @@ class ZeroCopyTestCase(unittest.TestCase):
                          "pipes left open")
 
     def splice(self, zeroCopy: bool = True, expectPump: bool = True):
-        splice(self.a.end, self.b.end, zeroCopy=zeroCopy, spliceThread=self.spliceThread)
+        splice(self.a.end, self.b.end, zeroCopy=zeroCopy, spliceThread=self.spliceThread,
+               busyPoll=self.busyPoll)
         self.pump = self.a.end.pump
         if expectPump:
             self.assertIsNotNone(self.pump, "plain TCP on Linux should take the splice path")
@@ -592,6 +594,25 @@ class FlowControlTestsInSpliceThread(FlowControlTests):
     spliceThread = True
 
 
+# And with the splice thread polling between events, as it does by default
+# in the server and the client (the classes above have it sleep at once).
+
+
+class PayloadTestsBusyPolling(PayloadTests):
+    spliceThread = True
+    busyPoll = 100e-6
+
+
+class HalfCloseTestsBusyPolling(HalfCloseTests):
+    spliceThread = True
+    busyPoll = 100e-6
+
+
+class FlowControlTestsBusyPolling(FlowControlTests):
+    spliceThread = True
+    busyPoll = 100e-6
+
+
 class SpliceThreadTests(ZeroCopyTestCase):
     """How a pump goes to the splice thread and comes back."""
 
@@ -627,6 +648,54 @@ class SpliceThreadTests(ZeroCopyTestCase):
         yield waitUntil(lambda: self.pump.inThread, WAIT, "the pump to go back to the thread")
         self.assertEqual(self.pump.handOffs, 2)
         yield self.assertCarries()
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
+    def pingPong(self, rounds: int) -> defer.Deferred:
+        """C{rounds} messages from A's side, each answered from B's side before the next."""
+        for n in range(rounds):
+            message = b"ping %d" % n
+            before = (len(self.b.outside.received), len(self.a.outside.received))
+            self.a.outside.transport.write(message)
+            got = yield within(self.b.outside.whenReceived(before[0] + len(message)), WAIT,
+                               f"ping {n}")
+            self.assertEqual(got[before[0]:], message)
+            self.b.outside.transport.write(message.upper())
+            got = yield within(self.a.outside.whenReceived(before[1] + len(message)), WAIT,
+                               f"pong {n}")
+            self.assertEqual(got[before[1]:], message.upper())
+
+    @defer.inlineCallbacks
+    def test_answersCaughtWhilePolling(self):
+        """
+        With a budget, the thread polls between the events of a ping-pong
+        and catches answers without sleeping; every byte still arrives in
+        order.  (A budget of 0.2 s: the answer crosses this process's reactor,
+        which may wait for the GIL.)
+        """
+        self.busyPoll = 0.2
+        self.splice()
+        waiting = self.pump.thread.waiting
+        yield self.pingPong(2)
+        self.assertTrue(self.pump.inThread)
+        before = waiting.caught
+        yield self.pingPong(10)
+        self.assertTrue(self.pump.inThread)
+        self.assertGreater(waiting.caught, before)
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
+    def test_noBudgetNoPolling(self):
+        """With a budget of 0 the thread sleeps between every event of a ping-pong."""
+        self.splice()
+        waiting = self.pump.thread.waiting
+        yield self.pingPong(2)
+        self.assertTrue(self.pump.inThread)
+        before = waiting.caught
+        yield self.pingPong(10)
+        self.assertEqual(waiting.caught, before)
         self.a.outside.transport.loseConnection()
         yield self.assertBothGoneOnce()
 
