@@ -23,9 +23,9 @@ DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
 CONFIG_FILE = "config.yaml"
 LOG_LEVELS = ("debug", "info", "warn", "error")
-DEFAULT_BUSY_POLL = 100
-"""Microseconds the splice thread polls for a connection's next bytes: more
-than a round trip through a service on the same machine usually takes."""
+DEFAULT_BUSY_POLL = 250
+"""Microseconds the splice thread polls for a socket's answer: longer than a
+service on the same machine, or a hop on a local network, takes to answer."""
 MAX_BUSY_POLL = 10_000
 
 
@@ -63,8 +63,8 @@ class ServerSettings:
     splice_thread: bool = True
     """Run those splices on a thread of their own while connections are steady."""
     busy_poll: int = DEFAULT_BUSY_POLL
-    """Microseconds that thread polls for a connection's next bytes before
-    it sleeps (0: never)."""
+    """Microseconds that thread polls for a socket's answer before it sleeps
+    (0: never)."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -118,8 +118,8 @@ class ClientSettings:
     splice_thread: bool = True
     """Run those splices on a thread of their own while connections are steady."""
     busy_poll: int = DEFAULT_BUSY_POLL
-    """Microseconds that thread polls for a connection's next bytes before
-    it sleeps (0: never)."""
+    """Microseconds that thread polls for a socket's answer before it sleeps
+    (0: never)."""
     pool_count: int = 4
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""

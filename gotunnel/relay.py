@@ -196,7 +196,7 @@ def splice(a: RelayEnd, b: RelayEnd, zeroCopy: bool = False, spliceThread: bool 
     Linux, the kernel moves the bytes (after what the sides held); with
     C{spliceThread} too, the process's splice thread runs those moves while
     the connections are steady, and polls for up to C{busyPoll} seconds
-    for their next bytes before it sleeps.
+    for a socket's answer before it sleeps.
     """
     a.peer, b.peer = b, a
     pump = SplicePump.forEnds(a, b, spliceThread, busyPoll) if zeroCopy else None

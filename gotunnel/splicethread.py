@@ -18,14 +18,14 @@ back first (see L{SplicePump.handOff}), under the pump's lock: the thread
 never touches a descriptor that the reactor is about to close.
 
 Between events the thread may poll for a moment before it sleeps
-(L{BusyPoll}): on a virtual machine, waking a sleeping thread costs about
+(L{BusyPoll}), where a socket is expected to answer that soon
+(L{pollBudget}): on a virtual machine, waking a sleeping thread costs about
 as much as a hop's splices, and a round trip through the tunnel pays for
 six such wake-ups (socat's pays for four).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import select
 import threading
@@ -45,26 +45,17 @@ HUNG_UP = select.EPOLLERR | select.EPOLLHUP
 class BusyPoll:
     """
     How the splice thread waits for its next events: polling for up to a
-    budget before it sleeps, when the last events came within that budget.
+    budget before it sleeps.  Events that come while it polls cost no
+    wake-up; a budget that runs out costs that much CPU, so the thread asks
+    for one only where an answer is expected that soon (L{pollBudget}).
+    Between two polls it yields its CPU, so that polling takes no time from
+    other work: only time that would be idle.
 
-    A connection that just moved bytes often gets an answer soon (a request
-    and its reply, an echo, the acknowledgement of a protocol's own), and an
-    answer that comes while the thread polls costs no wake-up.  One that
-    comes later costs the budget in CPU, so the thread polls only while the
-    gaps between events are short: after a gap longer than the budget it
-    sleeps at once, until it sees a short gap again.  Idle connections, and
-    the server's side of a tunnel that crosses the internet, where the gap
-    is a network round trip, never make it poll.
-
-    Between two polls the thread yields its CPU, so that polling takes no
-    time from other work: only time that would be idle.
-
-    @ivar lastGap: seconds from the end of the last events' handling to the
-        next events.
+    @ivar wokeAt: when the last events were found.
     @ivar caught: how many times events came while the thread polled.
     """
 
-    lastGap = math.inf
+    wokeAt = 0.0
     caught = 0
 
     def __init__(self, poll: Callable[..., list],
@@ -75,17 +66,11 @@ class BusyPoll:
         self.yieldCPU = yieldCPU
 
     def wait(self, budget: float) -> list:
-        """
-        The next events: polled for up to C{budget} seconds first if the
-        last ones came within it, then waited for as long as it takes.
-        """
-        if not budget:
-            return self.poll()
+        """The next events: polled for up to C{budget} seconds, then slept for."""
         clock, poll = self.clock, self.poll
-        start = clock()
         ready = None
-        if self.lastGap <= budget:
-            until = start + budget
+        if budget:
+            until = clock() + budget
             ready = poll(0)
             while not ready and clock() < until:
                 self.yieldCPU()
@@ -94,8 +79,32 @@ class BusyPoll:
                 self.caught += 1
         if not ready:
             ready = poll()
-        self.lastGap = clock() - start
+        self.wokeAt = clock()
         return ready
+
+
+def pollBudget(side, now: float) -> float:
+    """
+    C{side}'s socket was found readable at C{now}, and its bytes go on to
+    the other socket of its pump: the seconds to poll for that socket's
+    answer.  That is the pump's C{busyPoll} if the other socket answered
+    its last bytes within it, else 0.
+
+    The answer to one socket's bytes comes from the other: a request, then
+    its reply; an echo; a protocol's acknowledgement.  Each socket's last
+    answer time is kept apart, because the two differ: a local service
+    answers the client in microseconds, while the user's next request may
+    come a network round trip or a person's keystroke later.  Idle
+    connections, one-way streams and the server's side of a tunnel across
+    the internet answer slower than any budget, and cost no polling.
+    """
+    if side.writtenAt:
+        side.answerGap = now - side.writtenAt
+        side.writtenAt = 0.0
+    other = side.outgoing.sink
+    other.writtenAt = now
+    budget = side.pump.busyPoll
+    return budget if other.answerGap <= budget else 0.0
 
 
 def available() -> bool:
@@ -147,20 +156,21 @@ class SpliceThread:
             pass
 
     def _run(self) -> None:
-        wait = self.waiting.wait
+        waiting = self.waiting
         sides = self.sides
         stopRead = self._stopRead
         budget = 0.0
         while True:
-            ready = wait(budget)
-            # The next wait polls for as long as the pumps whose bytes
-            # just moved ask (the longest of their budgets).
+            ready = waiting.wait(budget)
+            now = waiting.wokeAt
             budget = 0.0
             for fd, events in ready:
                 side = sides.get(fd)
                 if side is not None:
-                    if side.pump.busyPoll > budget:
-                        budget = side.pump.busyPoll
+                    if events & READABLE:
+                        expected = pollBudget(side, now)
+                        if expected > budget:
+                            budget = expected
                     self._step(side, events)
                 elif fd == stopRead:
                     self.epoll.close()

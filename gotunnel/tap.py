@@ -87,8 +87,8 @@ _NO_SPLICE_THREAD = [
 
 def _busyPollOption(role: str, settingsType: type) -> list[Any]:
     return ["busy-poll", None, None,
-            "Microseconds the splice thread polls for a connection's next bytes before it "
-            "sleeps, while they come that fast; 0 never polls "
+            "Microseconds the splice thread polls for a socket's answer before it sleeps, "
+            "for sockets that answered that fast the last time; 0 never polls "
             f"(default: {settingsType.busy_poll}; {role}.busy_poll)", _busyPoll]
 
 

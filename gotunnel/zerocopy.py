@@ -24,6 +24,7 @@ L{gotunnel.splicethread}), with the same pipes and the same rules.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import threading
 from typing import Optional
@@ -190,6 +191,11 @@ class Side:
     """Reading the socket failed in the splice thread: the reactor's doRead says so."""
     mask = 0
     """The events the splice thread waits for on this socket."""
+    writtenAt = 0.0
+    """When the splice thread last passed bytes on to this socket that it
+    has not answered yet (0: none)."""
+    answerGap = math.inf
+    """Seconds this socket took to answer the last bytes passed on to it."""
 
     def __init__(self, pump: "SplicePump", end: object) -> None:
         self.pump = pump
@@ -336,8 +342,8 @@ class SplicePump:
 
     @ivar inThread: the splice thread holds the pump (under C{lock}).
     @ivar handOffs: how many times the pump went to the splice thread.
-    @ivar busyPoll: seconds the splice thread polls for this pump's next
-        bytes before it sleeps (see L{splicethread.BusyPoll}).
+    @ivar busyPoll: seconds the splice thread polls for an answer from
+        either socket before it sleeps (see L{splicethread.pollBudget}).
     """
 
     inThread = False
@@ -362,8 +368,8 @@ class SplicePump:
                 busyPoll: float = 0.0) -> Optional["SplicePump"]:
         """
         A pump for C{a} and C{b}, with its pipes (and, C{threaded}, the
-        reactor's splice thread, polling for C{busyPoll} seconds between
-        the pump's events); None if either is not plain TCP, or if
+        reactor's splice thread, polling for up to C{busyPoll} seconds for
+        an answer); None if either is not plain TCP, or if
         the pipes cannot be made, so that the connection takes the ordinary
         path instead.
         """

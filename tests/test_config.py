@@ -714,8 +714,8 @@ class BusyPollOptionTests(ConfigTestCase):
     CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
 
     def test_defaults(self):
-        self.assertEqual(self.server("server:\n  token: t\n").busy_poll, 100)
-        self.assertEqual(self.client(self.CLIENT).busy_poll, 100)
+        self.assertEqual(self.server("server:\n  token: t\n").busy_poll, 250)
+        self.assertEqual(self.client(self.CLIENT).busy_poll, 250)
 
     def test_inTheFile(self):
         self.assertEqual(self.server("server:\n  token: t\n  busy_poll: 0\n").busy_poll, 0)

@@ -1,18 +1,20 @@
 """
-How the splice thread waits for its events (gotunnel.splicethread.BusyPoll),
-on a scripted clock and epoll: when it polls before it sleeps, for how long,
-and when it stops polling.  The thread itself, moving bytes, is tested over
+How the splice thread waits for its events (gotunnel.splicethread): how it
+polls before it sleeps, on a scripted clock and epoll (BusyPoll), and for
+which answers it polls (pollBudget).  The thread itself, moving bytes, is tested over
 loopback in test_zerocopy (SpliceThreadTests and the ...InSpliceThread
 classes).
 """
 
 from __future__ import annotations
 
+import math
 import select
+from types import SimpleNamespace
 
 from twisted.trial import unittest
 
-from gotunnel.splicethread import BusyPoll
+from gotunnel.splicethread import BusyPoll, pollBudget
 
 US = 1e-6
 BUDGET = 100 * US
@@ -72,84 +74,111 @@ class BusyPollTests(unittest.TestCase):
     def wait(self, arrivesIn: float, budget: float = BUDGET) -> list:
         calls = self.epoll.waitFor(self.waiting, arrivesIn, budget)
         self.assertEqual(self.epoll.assertEvents, [EVENT])
+        self.assertEqual(self.waiting.wokeAt, self.epoll.now)
         return calls
 
     def test_noBudgetSleepsAtOnce(self):
-        """With a budget of 0 every wait sleeps until its events, however close they were."""
-        for _ in range(3):
-            self.assertEqual(self.wait(5 * US, budget=0), [None])
+        """With a budget of 0 a wait sleeps until its events, however close they are."""
+        self.assertEqual(self.wait(5 * US, budget=0), [None])
         self.assertEqual(self.epoll.yields, 0)
         self.assertEqual(self.waiting.caught, 0)
 
-    def test_firstWaitSleeps(self):
-        """With no gap seen yet there is nothing to poll for: the first wait sleeps."""
-        self.assertEqual(self.wait(5 * US), [None])
-        self.assertAlmostEqual(self.waiting.lastGap, 5 * US)
-
-    def test_eventsSoonAfterAShortGapArePolledFor(self):
+    def test_eventsWithinTheBudgetArePolledFor(self):
         """
-        After events that came within the budget, the next ones are polled
-        for, with the CPU yielded between polls, and never slept for.
+        Events that come within the budget are polled for, with the CPU
+        yielded between polls, and never slept for.
         """
-        self.wait(5 * US)
         calls = self.wait(20 * US)
-        self.assertNotIn(None, calls)
         self.assertEqual(set(calls), {0})
         self.assertGreaterEqual(len(calls), 10)
         self.assertEqual(self.epoll.yields, len(calls) - 1)
         self.assertEqual(self.waiting.caught, 1)
-        self.assertLessEqual(abs(self.waiting.lastGap - 20 * US), 2 * US)
 
     def test_pollingStopsAtTheBudget(self):
-        """
-        Events that do not come within the budget are polled for until it
-        is spent, then slept for.
-        """
-        self.wait(5 * US)
-        start = self.epoll.now
+        """Events that do not come within the budget are polled for until it is spent, then slept for."""
         calls = self.wait(1.0)
         self.assertEqual(calls[-1], None)
         self.assertEqual(set(calls[:-1]), {0})
-        polled = len(calls) - 1
-        # One poll and one yield per step of 1 us, for the 100 us budget.
-        self.assertGreaterEqual(polled, 45)
-        self.assertLessEqual(polled, 55)
+        # One poll and one yield per microsecond of the 100 us budget.
+        self.assertGreaterEqual(len(calls) - 1, 45)
+        self.assertLessEqual(len(calls) - 1, 55)
         self.assertEqual(self.waiting.caught, 0)
-        self.assertAlmostEqual(self.epoll.now - start, 1.0)
-
-    def test_noPollingAfterALongGap(self):
-        """
-        After a gap longer than the budget the thread sleeps at once: slow
-        or idle connections cost no polling.
-        """
-        self.wait(5 * US)
-        self.wait(1.0)
-        for _ in range(3):
-            self.assertEqual(self.wait(2.0), [None])
-        self.assertEqual(self.waiting.caught, 0)
-
-    def test_aShortGapStartsPollingAgain(self):
-        """A sleep that ended within the budget makes the next wait poll again."""
-        self.wait(5 * US)
-        self.wait(1.0)
-        self.assertEqual(self.wait(30 * US), [None])
-        calls = self.wait(30 * US)
-        self.assertNotIn(None, calls)
-        self.assertEqual(self.waiting.caught, 1)
+        self.assertAlmostEqual(self.epoll.now, 1.0)
 
     def test_eventsAlreadyThereCostOnePoll(self):
-        """Events that are already there when a polling wait starts: one poll, no yield."""
-        self.wait(5 * US)
+        """Events already there when a polling wait starts: one poll, no yield."""
         self.assertEqual(self.wait(0), [0])
         self.assertEqual(self.epoll.yields, 0)
         self.assertEqual(self.waiting.caught, 1)
 
-    def test_theBudgetIsEachWaitsOwn(self):
+
+class FakeSide:
+    """What pollBudget reads and writes of a zerocopy.Side."""
+
+    writtenAt = 0.0
+    answerGap = math.inf
+
+    def __init__(self, pump, name: str) -> None:
+        self.pump = pump
+        self.name = name
+
+
+def fakePump(budget: float = BUDGET):
+    """Two L{FakeSide}s of a pump that polls for C{budget}, each the other's sink."""
+    pump = SimpleNamespace(busyPoll=budget)
+    a, b = FakeSide(pump, "a"), FakeSide(pump, "b")
+    a.outgoing = SimpleNamespace(sink=b)
+    b.outgoing = SimpleNamespace(sink=a)
+    return a, b
+
+
+class PollBudgetTests(unittest.TestCase):
+    """Which answers the thread polls for: the sockets' own answer times."""
+
+    def test_noAnswerSeenYet(self):
+        """Bytes to a socket that has never answered: nothing to poll for."""
+        a, b = fakePump()
+        self.assertEqual(pollBudget(a, 1.0), 0.0)
+        self.assertEqual(b.writtenAt, 1.0)
+
+    def test_aQuickAnswerIsPolledForNextTime(self):
         """
-        A gap is short or long by the budget of the wait at hand: the same
-        50 us gap is polled for with 100 us and slept for with 20 us.
+        A socket that answered within the budget is polled for when the
+        next bytes go to it; one that took longer is not.
         """
-        self.wait(50 * US, budget=100 * US)
-        self.assertEqual(self.wait(50 * US, budget=20 * US)[-1], None)
-        self.wait(10 * US, budget=20 * US)
-        self.assertNotIn(None, self.wait(50 * US, budget=100 * US))
+        a, b = fakePump()
+        pollBudget(a, 1.0)
+        pollBudget(b, 1.0 + 30 * US)
+        self.assertAlmostEqual(b.answerGap, 30 * US)
+        self.assertEqual(pollBudget(a, 2.0), BUDGET)
+        pollBudget(b, 2.0 + 300 * US)
+        self.assertEqual(pollBudget(a, 3.0), 0.0)
+
+    def test_eachSocketHasItsOwnAnswerTime(self):
+        """
+        A ping-pong whose service answers in 30 us and whose user takes
+        1 ms for the next request: the thread polls after a request, for
+        the service's answer, and sleeps after the answer, until the user's
+        next request.
+        """
+        user, service = fakePump()
+        now, budgets = 0.0, []
+        for _ in range(5):
+            budgets.append(("request", pollBudget(user, now)))
+            now += 30 * US
+            budgets.append(("answer", pollBudget(service, now)))
+            now += 1e-3
+        self.assertEqual(budgets[-4:], [("request", BUDGET), ("answer", 0.0)] * 2)
+
+    def test_unansweredStreams(self):
+        """A one-way stream: the sink never answers, and the thread never polls."""
+        source, sink = fakePump()
+        self.assertEqual([pollBudget(source, n * US) for n in range(10)], [0.0] * 10)
+        self.assertEqual(sink.answerGap, math.inf)
+
+    def test_noBudget(self):
+        """A pump whose budget is 0 is never polled for, however quick its answers."""
+        a, b = fakePump(budget=0.0)
+        for n in range(5):
+            self.assertEqual(pollBudget(a, n * 1e-3), 0.0)
+            self.assertEqual(pollBudget(b, n * 1e-3 + US), 0.0)
