@@ -19,8 +19,7 @@ from gotunnel import logs, rlimits, tls
 from gotunnel.client import TunnelClientService
 from gotunnel.config import (
     LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
-    findConfigFile,
-    parseLogLang, parseLogLevel, parseMapping, readConfigFile,
+    findConfigFile, parseLogLang, parseLogLevel, parseMapping, readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
 
@@ -38,7 +37,7 @@ _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
 
 
 def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
-    """An option's coerce function: a whole number of at least C{minimum} (and at most C{maximum})."""
+    """An option's coerce function: a whole number from C{minimum} (to C{maximum})."""
     bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
 
     def coerce(text: str) -> int:

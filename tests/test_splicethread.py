@@ -28,6 +28,7 @@ class ScriptedEpoll:
     C{step} seconds; a poll that waits jumps to the next arrival.
 
     @ivar calls: the timeout of each poll (None: waits as long as it takes).
+    @ivar returned: the events the last L{waitFor} returned.
     """
 
     def __init__(self, step: float = 1 * US) -> None:
@@ -62,7 +63,7 @@ class ScriptedEpoll:
         """The polls of one C{waiting.wait(budget)}, for events C{arrivesIn} seconds away."""
         self.calls = []
         self.arriveIn(arrivesIn)
-        self.assertEvents = waiting.wait(budget)
+        self.returned = waiting.wait(budget)
         return self.calls
 
 
@@ -73,7 +74,7 @@ class BusyPollTests(unittest.TestCase):
 
     def wait(self, arrivesIn: float, budget: float = BUDGET) -> list:
         calls = self.epoll.waitFor(self.waiting, arrivesIn, budget)
-        self.assertEqual(self.epoll.assertEvents, [EVENT])
+        self.assertEqual(self.epoll.returned, [EVENT])
         self.assertEqual(self.waiting.wokeAt, self.epoll.now)
         return calls
 
@@ -95,7 +96,10 @@ class BusyPollTests(unittest.TestCase):
         self.assertEqual(self.waiting.caught, 1)
 
     def test_pollingStopsAtTheBudget(self):
-        """Events that do not come within the budget are polled for until it is spent, then slept for."""
+        """
+        Events that do not come within the budget are polled for until it
+        is spent, then slept for.
+        """
         calls = self.wait(1.0)
         self.assertEqual(calls[-1], None)
         self.assertEqual(set(calls[:-1]), {0})

@@ -667,6 +667,25 @@ class SpliceThreadTests(ZeroCopyTestCase):
             self.assertEqual(got[before[1]:], message.upper())
 
     @defer.inlineCallbacks
+    def caughtInPingPong(self, busyPoll: float) -> defer.Deferred:
+        """
+        How many events the thread caught while polling, with C{busyPoll},
+        in a ping-pong of 10 rounds (after 2 that teach it the answer times);
+        then both connections are closed.
+        """
+        self.busyPoll = busyPoll
+        self.splice()
+        waiting = self.pump.thread.waiting
+        yield self.pingPong(2)
+        self.assertTrue(self.pump.inThread)
+        before = waiting.caught
+        yield self.pingPong(10)
+        self.assertTrue(self.pump.inThread)
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+        return waiting.caught - before
+
+    @defer.inlineCallbacks
     def test_answersCaughtWhilePolling(self):
         """
         With a budget, the thread polls between the events of a ping-pong
@@ -674,30 +693,14 @@ class SpliceThreadTests(ZeroCopyTestCase):
         order.  (A budget of 0.2 s: the answer crosses this process's reactor,
         which may wait for the GIL.)
         """
-        self.busyPoll = 0.2
-        self.splice()
-        waiting = self.pump.thread.waiting
-        yield self.pingPong(2)
-        self.assertTrue(self.pump.inThread)
-        before = waiting.caught
-        yield self.pingPong(10)
-        self.assertTrue(self.pump.inThread)
-        self.assertGreater(waiting.caught, before)
-        self.a.outside.transport.loseConnection()
-        yield self.assertBothGoneOnce()
+        caught = yield self.caughtInPingPong(0.2)
+        self.assertGreater(caught, 0)
 
     @defer.inlineCallbacks
     def test_noBudgetNoPolling(self):
         """With a budget of 0 the thread sleeps between every event of a ping-pong."""
-        self.splice()
-        waiting = self.pump.thread.waiting
-        yield self.pingPong(2)
-        self.assertTrue(self.pump.inThread)
-        before = waiting.caught
-        yield self.pingPong(10)
-        self.assertEqual(waiting.caught, before)
-        self.a.outside.transport.loseConnection()
-        yield self.assertBothGoneOnce()
+        caught = yield self.caughtInPingPong(0.0)
+        self.assertEqual(caught, 0)
 
     @defer.inlineCallbacks
     def test_shortExchangesStayInTheReactor(self):
