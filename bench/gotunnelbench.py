@@ -60,7 +60,7 @@ HOST = "127.0.0.1"
 SELF = os.path.abspath(__file__)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROFILES = ("direct", "socat", "gotunnel")
-WORKLOADS = ("throughput", "setup", "rtt", "concurrency", "idle", "slow-reader")
+WORKLOADS = ("throughput", "setup", "rtt", "setup-busy", "concurrency", "idle", "slow-reader")
 READY_SECONDS = 30.0        # a profile must forward within this
 TARGET_LIFETIME = 3 * 3600  # the target process gives up on its own after this
 CHUNK = 256 * 1024
@@ -588,6 +588,28 @@ class Bench:
         return {"p50_us": percentile(got["us"], 50), "p99_us": percentile(got["us"], 99),
                 "failures": n - len(got["us"]), "errors": got["errors"]}
 
+    def setupBusy(self, relay: Relay) -> dict:
+        """
+        Setup latency while another connection ping-pongs through the same
+        relay: what a connection that keeps the splice thread polling costs
+        the reactor's new connections, and the ping-pong's own round trip.
+        """
+        pinger = self.procs.start("load-rtt", [sys.executable, SELF, "_load", json.dumps(
+            {"mode": "rtt", "port": relay.public, "n": 10 ** 9, "seconds": 120,
+             "untilStdinCloses": True})], pipes=True)
+        try:
+            readLine(pinger, 30)        # connected, and past its warm-up
+            setup = self.setup(relay)
+            out, _ = pinger.communicate(timeout=30)     # closes its stdin: it stops
+            rtt = json.loads(out.decode().strip().splitlines()[-1])
+        except (subprocess.TimeoutExpired, ValueError, IndexError):
+            raise BenchError(f"the ping-pong beside setup failed: {logTail(pinger)}") from None
+        finally:
+            self.procs.stop(pinger)
+        setup["pingpong_p50_us"] = percentile(rtt["us"], 50)
+        setup["failures"] += sum(rtt["errors"].values())
+        return setup
+
     def concurrency(self, relay: Relay) -> dict:
         c = self.args.concurrency
         got = self.load({"mode": "concurrency", "port": relay.public, "n": c, "seconds": 60}, 90)
@@ -676,6 +698,12 @@ TABLES: dict[str, tuple[Callable[[argparse.Namespace, bool], str], list]] = {
     "rtt": (
         lambda a, _: f"round trip: {a.rtt_rounds} ping-pongs of 32 bytes on one connection",
         [("p50_us", "p50 us", "{:.0f}", True), ("p99_us", "p99 us", "{:.0f}", True),
+         ("failures", "failures", "{:.0f}", False)]),
+    "setup-busy": (
+        lambda a, _: f"setup latency next to a ping-pong: {a.setup_conns} sequential "
+                     "connections while another connection ping-pongs 32 bytes",
+        [("p50_ms", "setup p50 ms", "{:.3f}", True), ("p99_ms", "setup p99 ms", "{:.3f}", True),
+         ("pingpong_p50_us", "ping-pong p50 us", "{:.0f}", True),
          ("failures", "failures", "{:.0f}", False)]),
     "concurrency": (
         lambda a, _: f"concurrency: {a.concurrency} connections at once, each echoing 64 KiB",
@@ -843,7 +871,8 @@ def main(argv: list[str]) -> int:
         for rep in range(args.repeat):
             for workload in args.workloads:
                 port, probe = bench.target(workload)
-                measure = getattr(bench, {"slow-reader": "slowReader"}.get(workload, workload))
+                measure = getattr(bench, {"slow-reader": "slowReader",
+                                          "setup-busy": "setupBusy"}.get(workload, workload))
                 shift = rep % len(profiles)
                 for profile in profiles[shift:] + profiles[:shift]:
                     if time.monotonic() - started > 60 * args.max_minutes:
@@ -1019,16 +1048,27 @@ def loadSetup(spec: dict) -> dict:
 
 
 def loadRtt(spec: dict) -> dict:
-    """N ping-pongs of 32 bytes on one connection: us per round trip."""
+    """
+    N ping-pongs of 32 bytes on one connection: us per round trip.  With
+    C{untilStdinCloses}, it says "ready" after its warm-up and goes on
+    until its standard input closes (or its time is up).
+    """
     us, errors = [], {}
     deadline = time.monotonic() + spec["seconds"]
     payload = os.urandom(32)
+    untilStdinCloses = spec.get("untilStdinCloses", False)
     try:
         with connect(spec["port"], 5.0) as s:
             for i in range(100 + spec["n"]):    # 100 to warm up
                 if time.monotonic() > deadline:
-                    errors["time limit"] = 100 + spec["n"] - i
+                    if not untilStdinCloses:
+                        errors["time limit"] = 100 + spec["n"] - i
                     break
+                if untilStdinCloses and i >= 100:
+                    if i == 100:
+                        print("ready", flush=True)
+                    if select.select([sys.stdin], [], [], 0)[0]:
+                        break
                 start = time.perf_counter()
                 s.sendall(payload)
                 if recvExactly(s, 32) != payload:
