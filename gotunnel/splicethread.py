@@ -167,7 +167,8 @@ class SpliceThread:
             for fd, events in ready:
                 side = sides.get(fd)
                 if side is not None:
-                    if events & READABLE:
+                    # Answer times are kept only for pumps that poll.
+                    if events & READABLE and side.pump.busyPoll:
                         expected = pollBudget(side, now)
                         if expected > budget:
                             budget = expected
