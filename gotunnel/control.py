@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 from gotunnel import messages
 from gotunnel.messages import Message, ProtocolError
-from gotunnel.writes import writeThrough
+from gotunnel.sameturn import writeThrough
 
 MAX_FRAME = 64 * 1024
 
@@ -95,9 +95,13 @@ class MessageReceiver(Int32StringReceiver):
         self.peerDescription = describePeer(transport)
         super().makeConnection(transport)
 
-    def sendMessage(self, message: Message) -> None:
+    def sendMessage(self, message: Message, rawAfter: bytes = b"") -> None:
+        """
+        Send C{message} as one frame, and C{rawAfter}, stream bytes that
+        follow it, in the same write.
+        """
         body = messages.encode(message)
-        writeThrough(self.transport, len(body).to_bytes(4, "big") + body)
+        writeThrough(self.transport, len(body).to_bytes(4, "big") + body + rawAfter)
 
     def dataReceived(self, data: bytes) -> None:
         if self._raw:
@@ -123,6 +127,11 @@ class MessageReceiver(Int32StringReceiver):
 
     def rawDataReceived(self, data: bytes) -> None:
         raise NotImplementedError
+
+    def passingOnLastRead(self) -> bool:
+        # Set by switchToRaw inside a frame handler; dataReceived clears it
+        # once it has handed on what followed the frame.
+        return self._raw and self.paused
 
     def stringReceived(self, body: bytes) -> None:
         if self.transport is None or getattr(self.transport, "disconnecting", False):

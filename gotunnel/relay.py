@@ -21,7 +21,7 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
-from gotunnel.writes import twistedBuffered, writeThrough
+from gotunnel.sameturn import twistedBuffered, writeThrough
 from gotunnel.zerocopy import SplicePump
 
 
@@ -96,6 +96,15 @@ class RelayEnd:
         keeps what the far end sends in the kernel's buffers.
         """
         self.transport.pauseProducing()
+
+    def passingOnLastRead(self) -> bool:
+        """
+        Whether this side's protocol is still inside the read that made the
+        splice, with bytes of that read yet to pass on (L{relayReceived}):
+        they go first, so the pump leaves the socket until the reactor's
+        next turn.
+        """
+        return False
 
     def relayReceived(self, data: bytes) -> None:
         peer = self.peer
@@ -183,7 +192,10 @@ class RelayEnd:
     def _flushHeld(self) -> None:
         held, self._held = self._held, None
         if held:
-            self.peer.transport.writeSequence(held)
+            # At once: these are usually a connection's first bytes, read
+            # behind the data channel's handshake, and the service answers
+            # nothing until it has them.
+            writeThrough(self.peer.transport, b"".join(held))
         if self._readClosed:
             self.peer.shutdownWrite()
 

@@ -28,6 +28,7 @@ from gotunnel import messages, tls
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, tlsFailure
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
+from gotunnel.sameturn import readWaiting
 
 log = Logger()
 
@@ -730,7 +731,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
             setKeepAlive(self.transport)
             return
         self.role = "data"
-        self.sendMessage(messages.RegisterResp(status="ok"))
+        self._answer(user, ours=msg.conn_id is not None)
         self.switchToRaw()
         self._spliceTo(user)
 
@@ -747,12 +748,24 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.protocolError("bytes on a pooled data channel before a user was handed to it")
             return False
         self.role = "data"
-        self.sendMessage(messages.RegisterResp(status="ok"))
+        # Only our client pools data channels.
+        self._answer(user, ours=True)
         # Outside a frame handler, so switchToRaw's pause is not needed:
         # every byte from now on is raw.
         self._raw = True
         self._spliceTo(user)
         return True
+
+    def _answer(self, user: PublicUser, ours: bool) -> None:
+        """
+        Accept this data channel for C{user}.  To our own client, what the
+        user has sent so far goes in the same segment as the answer: the
+        client reads both at once, and a request that came with its
+        connection reaches the service a wake-up sooner.  A Go client gets
+        the answer alone, as the Go server sends it.
+        """
+        early = readWaiting(user.transport) if ours else b""
+        self.sendMessage(messages.RegisterResp(status="ok"), rawAfter=early)
 
     def _spliceTo(self, user: PublicUser) -> None:
         settings = self.registry.settings

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 
 from gotunnel import splicethread
 from gotunnel.splicethread import HUNG_UP, READABLE, WRITABLE
-from gotunnel.writes import twistedBuffered
+from gotunnel.sameturn import twistedBuffered
 
 log = Logger()
 
@@ -222,28 +222,56 @@ class Side:
         """
         if self.readFailed:
             return main.CONNECTION_LOST
-        out = self.outgoing
-        if not out.mayRead():
+        if not self.outgoing.mayRead():
             self.transport.stopReading()
             return None
         try:
-            n = out.fill()
+            n = self._move()
         except BlockingIOError:
             return None
         except OSError:
             return main.CONNECTION_LOST
         if not n:
-            out.end()
+            self.outgoing.end()
             return main.CONNECTION_DONE
-        out.forward()
-        if out.pending:
-            self.transport.stopReading()
-            out.sink.transport.startWriting()
-        else:
-            pump = self.pump
-            pump.reactorReads += 1
-            pump.settle()
         return None
+
+    def readWaiting(self) -> None:
+        """
+        Move on at once what the socket already holds, as L{doRead} would
+        at the reactor's next poll.  A connection's first bytes usually
+        arrive while it is being spliced, and that poll would put them
+        behind whatever else is ready.
+        """
+        if self.readFailed or not self.outgoing.mayRead():
+            return
+        try:
+            self._move()
+        except BlockingIOError:
+            pass
+        except OSError:
+            # The socket is readable once broken, so the reactor calls
+            # doRead, which reports it.
+            self.readFailed = True
+        # An end-of-stream stays in the socket, for doRead to read again.
+
+    def _move(self) -> int:
+        """
+        Splice what the socket has on towards the other side: the bytes
+        read, 0 at end-of-stream; L{Direction.fill}'s errors.
+        """
+        out = self.outgoing
+        n = out.fill()
+        if n:
+            out.forward()
+            if out.pending:
+                self.transport.stopReading()
+                out.sink.transport.startWriting()
+            else:
+                pump = self.pump
+                pump.reactorReads += 1
+                pump.settle()
+        return n
 
     def doWrite(self):
         """
@@ -419,6 +447,12 @@ class SplicePump:
         # before any the pump moves.  The first read or write settles it.
         for side in self.sides.values():
             side.outgoing.resume()
+        for end, side in self.sides.items():
+            if self.inThread:
+                # The first read handed the pump over: the thread reads now.
+                break
+            if not end.passingOnLastRead():
+                side.readWaiting()
 
     def steady(self) -> bool:
         """

@@ -229,6 +229,9 @@ class Tunnel:
         self.spliceThread = spliceThread
         self.handOffs = 0
         """How many times a pump went to the splice thread."""
+        self.handOffExpected = True
+        """With the splice thread on, whether some pump must go to it: a test
+        whose connections are never steady while spliced clears it."""
         if zeroCopy is not None:
             for module in (gotunnel.server, gotunnel.client):
                 testCase.patch(module, "splice", self._recordSplice)
@@ -267,7 +270,7 @@ class Tunnel:
                                         "zero copy is on, yet os.splice moved no byte")
 
     def _checkHandOffs(self) -> None:
-        if self.spliceThread and self.pumped:
+        if self.spliceThread and self.pumped and self.handOffExpected:
             self.testCase.assertGreater(self.handOffs, 0,
                                         "the splice thread is on, yet no pump went to it")
         elif not self.spliceThread:

@@ -1,12 +1,17 @@
 """
 The framing every connection starts with: frames however TCP cuts them,
 dispatch to msg_<type>, bad frames closing the connection, and the switch to
-raw bytes after a data channel's handshake.
+raw bytes after a data channel's handshake; and reading and writing a socket in the
+same turn of the reactor (gotunnel.sameturn).
 """
 
 from __future__ import annotations
 
+import fcntl
+import select
 import struct
+import termios
+from typing import Optional
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -17,10 +22,12 @@ from twisted.trial import unittest
 
 from gotunnel import messages
 from gotunnel.control import MAX_FRAME, MessageReceiver
-from gotunnel.writes import writeThrough
 from gotunnel.messages import DataChannel, OfflinePort, Ping, Register
+from gotunnel.sameturn import readWaiting, writeThrough
 
-from tests.support import HOST, User, UserFactory
+from tests.support import HOST, User, UserFactory, waitUntil, within
+
+WAIT = 30
 
 # Frames from the Go capture (go-gotunnel-wire.json): a ping, and a ping and
 # an offline_port coalesced in one TCP segment.
@@ -62,9 +69,12 @@ class Switcher(Recorder):
         super().__init__()
         self.raw: list[bytes] = []
 
+    passingOnInHandler: Optional[bool] = None
+
     def msg_data_channel(self, msg) -> None:
         self.received.append(msg)
         self.switchToRaw()
+        self.passingOnInHandler = self.passingOnLastRead()
 
     def rawDataReceived(self, data: bytes) -> None:
         self.raw.append(data)
@@ -141,6 +151,14 @@ class FramingTests(unittest.TestCase):
         self.protocol.sendMessage(messages.Pong(time=1795580625))
         self.assertEqual(self.transport.value(), bytes.fromhex(
             "000000217b2274797065223a22706f6e67222c2274696d65223a313739353538303632357d"))
+
+    def test_sendMessageWithRawBytesAfter(self):
+        """Raw bytes given to sendMessage follow the frame, in the same write."""
+        writes = []
+        self.transport.write = writes.append
+        self.protocol.sendMessage(messages.RegisterResp(status="ok"), rawAfter=b"GET / HTTP/1.1")
+        self.assertEqual(writes, [bytes.fromhex("00000026") + b'{"type":"register_resp","status":"ok"}'
+                                  + b"GET / HTTP/1.1"])
 
 
 class BadFrameTests(unittest.TestCase):
@@ -261,6 +279,18 @@ class SwitchToRawTests(unittest.TestCase):
         self.protocol.dataReceived(self.handshake)
         self.assertEqual(self.protocol.raw, [])
 
+    def test_passingOnLastReadUntilTheRestIsHandedOn(self):
+        """
+        Inside the switching frame's handler, the rest of the read is still
+        to be handed on (a splice made there must not read the socket
+        ahead of it); once dataReceived has handed it on, nothing is.
+        """
+        self.assertFalse(self.protocol.passingOnLastRead())
+        self.protocol.dataReceived(self.handshake + b"raw")
+        self.assertIs(self.protocol.passingOnInHandler, True)
+        self.assertFalse(self.protocol.passingOnLastRead())
+        self.assertEqual(self.protocol.raw, [b"raw"])
+
     def test_framesBeforeSwitchStillDispatched(self):
         """Frames ahead of the switching frame in the same read are dispatched."""
         self.protocol.dataReceived(PING + self.handshake + b"raw")
@@ -269,11 +299,8 @@ class SwitchToRawTests(unittest.TestCase):
         self.assertEqual(self.protocol.raw, [b"raw"])
 
 
-class WriteNowTests(unittest.TestCase):
-    """
-    L{writeThrough} over a real loopback connection: a frame goes to the kernel
-    in the call when nothing is queued, and never overtakes queued bytes.
-    """
+class LoopbackPairTestCase(unittest.TestCase):
+    """A sender and a receiving L{User}, connected over loopback."""
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -296,6 +323,13 @@ class WriteNowTests(unittest.TestCase):
             return self.receiver.closed
 
         self.addCleanup(close)
+
+
+class WriteNowTests(LoopbackPairTestCase):
+    """
+    L{writeThrough} over a real loopback connection: a frame goes to the kernel
+    in the call when nothing is queued, and never overtakes queued bytes.
+    """
 
     def queued(self) -> int:
         transport = self.sender.transport
@@ -331,3 +365,64 @@ class WriteNowTests(unittest.TestCase):
         transport = StringTransport()
         writeThrough(transport, PING)
         self.assertEqual(transport.value(), PING)
+
+
+class ReadWaitingTests(LoopbackPairTestCase):
+    """
+    L{readWaiting} over a real loopback connection: what the socket holds,
+    taken in the call, even while its transport does not read.
+    """
+
+    def setUp(self):
+        d = super().setUp()
+
+        def paused(_):
+            self.receiver.transport.pauseProducing()
+            # Reading again, the receiver sees the sender's close at cleanup.
+            self.addCleanup(self.receiver.transport.resumeProducing)
+
+        return d.addCallback(paused)
+
+    def waiting(self) -> int:
+        return struct.unpack("i", fcntl.ioctl(self.receiver.transport.fileno(), termios.FIONREAD,
+                                              b"\0\0\0\0"))[0]
+
+    @defer.inlineCallbacks
+    def test_takenWhilePaused(self):
+        """Bytes waiting in a paused transport's socket are returned, not delivered."""
+        writeThrough(self.sender.transport, b"sent with the connection")
+        yield waitUntil(lambda: self.waiting() == 24, WAIT, "the bytes to wait in the socket")
+        self.assertEqual(readWaiting(self.receiver.transport), b"sent with the connection")
+        self.assertEqual(self.waiting(), 0)
+        self.assertEqual(self.receiver.received, [])
+
+    def test_nothingWaiting(self):
+        """An empty socket gives b"" at once."""
+        self.assertEqual(readWaiting(self.receiver.transport), b"")
+
+    @defer.inlineCallbacks
+    def test_endOfStreamLeftForTheReactor(self):
+        """
+        At end-of-stream it gives b"", and the reactor still reads the
+        end-of-stream once the transport reads again.
+        """
+        fd = self.receiver.transport.fileno()
+        self.sender.transport.loseConnection()
+        yield waitUntil(lambda: select.select([fd], [], [], 0)[0], WAIT,
+                        "the end-of-stream to reach the socket")
+        self.assertEqual(readWaiting(self.receiver.transport), b"")
+        self.receiver.transport.resumeProducing()
+        yield within(self.receiver.closed, WAIT, "the reactor to see the end-of-stream")
+
+    @defer.inlineCallbacks
+    def test_tlsNeverReadRaw(self):
+        """On a TCP connection that has started TLS, the socket's bytes are left alone."""
+        writeThrough(self.sender.transport, PING)
+        yield waitUntil(lambda: self.waiting() == len(PING), WAIT, "the bytes to wait")
+        self.patch(self.receiver.transport, "TLS", True)
+        self.assertEqual(readWaiting(self.receiver.transport), b"")
+        self.assertEqual(self.waiting(), len(PING))
+
+    def test_otherTransports(self):
+        """A transport that is not a TCP connection gives b""."""
+        self.assertEqual(readWaiting(StringTransport()), b"")

@@ -16,6 +16,7 @@ import socket
 from twisted.internet import defer
 from twisted.trial import unittest
 
+import gotunnel.server
 from gotunnel import messages
 from gotunnel.client import POOL_REFILL_DELAY, DataChannelFactory
 from gotunnel.config import ClientPolicy
@@ -121,6 +122,20 @@ class ServerPoolTests(server.ServerTestCase):
         self.assertEqual(user.transport.value(), b"banner")
         self.assertEqual(self.registry.tunnels[10022].pool, {})
         self.assertEqual(data.channel.role, "data")
+
+    def test_answerCarriesWhatTheUserSent(self):
+        """
+        A user handed a pooled channel: what its socket already holds goes
+        to the client in the same write as the answer.
+        """
+        self.registered()
+        data = self.pooled()
+        writes: list[bytes] = []
+        write = data.transport.write
+        self.patch(data.transport, "write", lambda b: (writes.append(b), write(b)))
+        self.patch(gotunnel.server, "readWaiting", lambda transport: b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.connectUser()
+        self.assertEqual(writes, [server.frame(server.OK) + b"SSH-2.0-OpenSSH_9.2\r\n"])
 
     def test_firstInFirstOut(self):
         """Pooled channels are handed out in the order they came."""

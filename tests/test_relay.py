@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from gotunnel.relay import RelayEnd, canHalfClose
-from gotunnel.writes import twistedBuffered, writeThrough
+from gotunnel.sameturn import twistedBuffered, writeThrough
 
 from tests.support import randomBytes, within
 from tests.test_zerocopy import connectedPair

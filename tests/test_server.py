@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
+import gotunnel.server
 from gotunnel.config import ServerSettings
 from gotunnel.messages import RegisterResp, encode
 from gotunnel.server import (
@@ -515,6 +516,45 @@ class DataChannelTests(ServerTestCase):
         self.assertEqual(data.sent(), bytes.fromhex(
             "000000267b2274797065223a2272656769737465725f72657370222c22737461747573223a"
             "226f6b227d") + request)
+
+    def writesTo(self, connection: Connection) -> list[bytes]:
+        """Each write() made to C{connection}'s transport from now on."""
+        writes: list[bytes] = []
+        write = connection.transport.write
+        self.patch(connection.transport, "write", lambda data: (writes.append(data), write(data)))
+        return writes
+
+    def test_answerCarriesWhatTheUserSent(self):
+        """
+        To our client (a data_channel with conn_id), what the user's socket
+        already holds goes in the same write as the answer, read from the
+        socket whether or not the user's transport reads.
+        """
+        self.registered()
+        user = self.connectUser()
+        held = {user.transport: b"GET / HTTP/1.1\r\n"}
+        self.patch(gotunnel.server, "readWaiting", lambda transport: held.pop(transport, b""))
+        data = self.connect()
+        writes = self.writesTo(data)
+        data.send(dataChannel("conn-1"))
+        self.assertEqual(writes, [frame(OK) + b"GET / HTTP/1.1\r\n"])
+
+    def test_answerAloneToGo(self):
+        """
+        To a Go client (no conn_id) the answer goes alone, as the Go server
+        sends it, and the user's bytes follow it.
+        """
+        self.registered()
+        user = self.connectUser()
+        asked = []
+        self.patch(gotunnel.server, "readWaiting", lambda transport: (asked.append(transport), b"x")[1])
+        data = self.connect()
+        writes = self.writesTo(data)
+        data.send(dataChannel())
+        self.assertEqual(asked, [])
+        self.assertEqual(writes, [frame(OK)])
+        user.protocol.dataReceived(b"GET /")
+        self.assertEqual(data.sent(), frame(OK) + b"GET /")
 
     def test_withoutConnIdOldestUserFirst(self):
         """A data_channel without conn_id (a Go client) takes the user who waited longest."""

@@ -15,9 +15,12 @@ Every wait is on an event, bounded by L{within}; nothing sleeps.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import select
+import struct
+import termios
 from datetime import datetime, timezone
 from ipaddress import ip_address
 
@@ -33,6 +36,7 @@ from zope.interface import implementer
 
 from gotunnel import certs, zerocopy
 from gotunnel.relay import RelayEnd, splice
+from gotunnel.sameturn import twistedBuffered
 
 from tests.support import HOST, LogWatcher, randomBytes, waitUntil, within
 
@@ -41,8 +45,19 @@ HAND_OFF_AFTER = zerocopy.HAND_OFF_AFTER
 WAIT = 30
 
 
+def waitingIn(fd: int) -> int:
+    """Bytes received on socket C{fd} and not yet read."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 class End(Protocol, RelayEnd):
-    """A relay end as the server and client make them: it holds until spliced."""
+    """
+    A relay end as the server and client make them: it holds until spliced.
+    With C{stillPassingOn} set, it says it is inside the read that made the
+    splice, as a data channel is inside its answer's frame.
+    """
+
+    stillPassingOn = False
 
     def __init__(self) -> None:
         self.lostCount = 0
@@ -54,6 +69,9 @@ class End(Protocol, RelayEnd):
 
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
+
+    def passingOnLastRead(self) -> bool:
+        return self.stillPassingOn
 
     def connectionLost(self, reason=None) -> None:
         self.lostCount += 1
@@ -295,6 +313,22 @@ class PayloadTests(ZeroCopyTestCase):
         yield self.assertBothGoneOnce()
 
     @defer.inlineCallbacks
+    def test_heldBytesSentInTheSplice(self):
+        """
+        Bytes a side held before the splice (the first bytes of a user's
+        connection, read with the data channel's answer) go to the kernel
+        in the splice call, not at the reactor's next turn.
+        """
+        held = b"GET / HTTP/1.1\r\n\r\n"
+        self.a.end.relayReceived(held)
+        self.splice()
+        self.assertEqual(twistedBuffered(self.b.end.transport), 0)
+        got = yield within(self.b.outside.whenReceived(len(held)), WAIT, "the held bytes")
+        self.assertEqual(got, held)
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
     def test_heldBytesGoFirst(self):
         """
         Bytes a side held before the splice, and bytes still in a
@@ -316,6 +350,26 @@ class PayloadTests(ZeroCopyTestCase):
 
 
     @defer.inlineCallbacks
+    def test_bytesWaitingAtTheSpliceMoveAtOnce(self):
+        """
+        What a side's socket already holds when it is spliced is moved on by
+        splice() itself, not a reactor turn later behind other events, and
+        the stream goes on from there.
+        """
+        first, later = randomBytes(16 * 1024), randomBytes(MiB)
+        self.a.outside.transport.write(first)
+        fd = self.a.end.transport.fileno()
+        yield waitUntil(lambda: waitingIn(fd) == len(first), WAIT,
+                        "the first bytes to wait in A's socket")
+        self.splice()
+        self.assertEqual(self.pump.moved, len(first))
+        self.a.outside.transport.write(later)
+        got = yield within(self.b.outside.whenReceived(len(first + later)), WAIT, "every byte")
+        self.assertEqual(got, first + later)
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
     def test_bytesPassedOnAfterTheSpliceGoFirst(self):
         """
         Bytes the spliced protocol passes on after the splice (what it read
@@ -327,10 +381,13 @@ class PayloadTests(ZeroCopyTestCase):
         fd = self.a.end.transport.fileno()
         yield waitUntil(lambda: select.select([fd], [], [], 0)[0], WAIT,
                         "the later bytes to wait in A's socket")
+        self.a.end.stillPassingOn = True
         self.splice()
         # The splice thread would read A's socket at once, ahead of these.
         self.assertFalse(self.pump.inThread, "handed to the splice thread before its first event")
+        self.assertEqual(self.pump.moved, 0, "read the socket ahead of the bytes passed on")
         self.a.end.relayReceived(b"past the last frame")
+        self.a.end.stillPassingOn = False
         got = yield within(self.b.outside.whenReceived(19 + len(later)), WAIT, "every byte")
         self.assertEqual(got, b"past the last frame" + later)
         self.a.outside.transport.loseConnection()
@@ -720,6 +777,32 @@ class SpliceThreadTests(ZeroCopyTestCase):
         yield self.assertCarries()
         self.assertGreaterEqual(self.pump.reactorReads, HAND_OFF_AFTER)
         self.assertTrue(self.pump.inThread)
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
+    def test_handedOffBySpliceItself(self):
+        """
+        Bytes waiting on both sides at the splice: the first side's read
+        hands the pump to the thread (HAND_OFF_AFTER is 1 here), and the
+        reactor leaves the other side to the thread; both streams arrive.
+        """
+        toB, toA = randomBytes(16 * 1024), randomBytes(16 * 1024)
+        self.a.outside.transport.write(toB)
+        self.b.outside.transport.write(toA)
+        for side, size in ((self.a.end, len(toB)), (self.b.end, len(toA))):
+            fd = side.transport.fileno()
+            yield waitUntil(lambda: waitingIn(fd) == size, WAIT, "the bytes to wait")
+        read = []
+        readWaiting = zerocopy.Side.readWaiting
+        self.patch(zerocopy.Side, "readWaiting", lambda side: (read.append(side),
+                                                             readWaiting(side)))
+        self.splice()
+        self.assertTrue(self.pump.inThread)
+        self.assertEqual(len(read), 1, "the reactor read a side the thread holds")
+        gotB = yield within(self.b.outside.whenReceived(len(toB)), WAIT, "A's bytes at B")
+        gotA = yield within(self.a.outside.whenReceived(len(toA)), WAIT, "B's bytes at A")
+        self.assertEqual((gotB, gotA), (toB, toA))
         self.a.outside.transport.loseConnection()
         yield self.assertBothGoneOnce()
 
