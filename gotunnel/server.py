@@ -91,7 +91,6 @@ class PublicUser(Protocol, RelayEnd):
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
-        self.holdReading()
         self.tunnel.registry.connections.add(self)
         self.tunnel.userConnected(self)
 
@@ -188,6 +187,9 @@ class Tunnel:
             channel, _ = self.pool.popitem(last=False)
             if channel.attachUser(user):
                 return
+        # Not before: a user spliced at once would stop reading only to
+        # start again.
+        user.holdReading()
         limit = self.registry.settings.max_waiting_users
         if len(self.waiting) >= limit:
             log.warn("{limit} users already wait for a data channel on port {remote_port}; "
