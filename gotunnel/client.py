@@ -395,8 +395,13 @@ class LocalServiceConnection(Protocol, RelayEnd):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.dataChannel.tunnel.connections.add(self)
-        self.holdReading()
         self.dataChannel.localConnected(self)
+        if self.peer is None:
+            # Not spliced yet (the server has not answered): what the
+            # service says first waits in the kernel.  Not before, or a
+            # connection spliced at once would stop reading only to start
+            # again.
+            self.holdReading()
 
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)

@@ -48,8 +48,13 @@ PIPE_SIZE = 1 << 20
 default); a pipe starts at the kernel's default (64 KiB), so that idle and
 interactive connections do not hold big pipes."""
 
+GROW_AFTER = 32 * 1024
+"""A read this big asks for the bigger pipe: half the kernel's default
+pipe, which a stream fills and a request and its answer seldom do.  (A
+pipe cut down by the user's pipe quota never sees such a read, and keeps
+the size it has.)"""
+
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 def usable(transport: object) -> bool:
@@ -77,7 +82,6 @@ class Direction:
     """
 
     pipe: Optional[tuple[int, int]] = None
-    capacity = 0
     grown = False
     pending = 0
     moved = 0
@@ -90,13 +94,12 @@ class Direction:
 
     def openPipe(self) -> None:
         self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.capacity = fcntl.fcntl(self.pipe[1], F_GETPIPE_SZ)
 
     def grow(self) -> None:
         """The pipe filled up: ask for a bigger one, where the kernel allows it."""
         self.grown = True
         try:
-            self.capacity = fcntl.fcntl(self.pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
+            fcntl.fcntl(self.pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             # Over the user's pipe quota: the size it has still works.
             pass
@@ -132,7 +135,7 @@ class Direction:
         n = os.splice(self.source.fd, self.pipe[1], READ_SIZE, flags=FLAGS)
         if n:
             self.pending = n
-            if n >= self.capacity // 2 and not self.grown:
+            if n >= GROW_AFTER and not self.grown:
                 self.grow()
         return n
 

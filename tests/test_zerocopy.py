@@ -313,6 +313,28 @@ class PayloadTests(ZeroCopyTestCase):
         yield self.assertBothGoneOnce()
 
     @defer.inlineCallbacks
+    def test_pipeGrowsForAStreamOnly(self):
+        """
+        A request and its answer leave both pipes at the kernel's default
+        size; a stream asks for PIPE_SIZE on its own direction.
+        """
+        self.splice()
+        aToB, bToA = self.pump.sides[self.a.end].outgoing, self.pump.sides[self.b.end].outgoing
+        request, answer = randomBytes(2000), randomBytes(30 * 1024)
+        self.a.outside.transport.write(request)
+        yield within(self.b.outside.whenReceived(len(request)), WAIT, "the request")
+        self.b.outside.transport.write(answer)
+        yield within(self.a.outside.whenReceived(len(answer)), WAIT, "the answer")
+        self.assertEqual((aToB.grown, bToA.grown), (False, False))
+        stream = randomBytes(4 * MiB)
+        self.a.outside.transport.write(stream)
+        got = yield within(self.b.outside.whenReceived(len(request + stream)), WAIT, "the stream")
+        self.assertEqual(got, request + stream)
+        self.assertEqual((aToB.grown, bToA.grown), (True, False))
+        self.a.outside.transport.loseConnection()
+        yield self.assertBothGoneOnce()
+
+    @defer.inlineCallbacks
     def test_heldBytesSentInTheSplice(self):
         """
         Bytes a side held before the splice (the first bytes of a user's
