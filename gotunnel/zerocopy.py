@@ -438,16 +438,19 @@ class SplicePump:
     def start(self) -> None:
         """
         Take over both transports and start reading, each side once the
-        other has written what Twisted holds for it.
+        other has written what Twisted holds for it; move on at once what a
+        side's socket already holds, unless its protocol still has bytes
+        of its last read to pass on.
         """
         for end, side in self.sides.items():
             end.pump = self
             side.take()
             if end._readClosed:
                 side.outgoing.end()
-        # Not handed to the splice thread yet: the protocol that spliced may
-        # still pass on bytes it read past its last frame, which must go out
-        # before any the pump moves.  The first read or write settles it.
+        # Not handed to the splice thread here: the protocol that spliced
+        # may still pass on bytes it read past its last frame, which must go
+        # out before any the pump moves.  The first read or write settles it
+        # (and a read here is one only where nothing is left to pass on).
         for side in self.sides.values():
             side.outgoing.resume()
         for end, side in self.sides.items():
