@@ -344,10 +344,13 @@ class Tunnel:
 # services that a test stops and starts again, and child processes.  Used by
 # test_e2e_lifecycle.py and test_twistd.py.
 
+import fcntl  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import termios  # noqa: E402
 from typing import Callable, Iterable  # noqa: E402
 
 from twisted.internet import error  # noqa: E402
@@ -392,6 +395,11 @@ def waitUntil(predicate: Callable[[], object], timeout: float, what: str,
               interval: float = 0.02) -> defer.Deferred:
     """Fires with C{predicate()} once it is true; fails after C{timeout} seconds."""
     return retryUntil(predicate, timeout, what, interval)
+
+
+def waitingIn(fd: int) -> int:
+    """Bytes received on socket C{fd} and not yet read."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 class Collector:

@@ -7,10 +7,8 @@ same turn of the reactor (gotunnel.sameturn).
 
 from __future__ import annotations
 
-import fcntl
 import select
 import struct
-import termios
 from typing import Optional
 
 from twisted.internet import defer, reactor
@@ -25,7 +23,7 @@ from gotunnel.control import MAX_FRAME, MessageReceiver
 from gotunnel.messages import DataChannel, OfflinePort, Ping, Register
 from gotunnel.sameturn import readWaiting, writeThrough
 
-from tests.support import HOST, User, UserFactory, waitUntil, within
+from tests.support import HOST, User, UserFactory, waitingIn, waitUntil, within
 
 WAIT = 30
 
@@ -384,8 +382,7 @@ class ReadWaitingTests(LoopbackPairTestCase):
         return d.addCallback(paused)
 
     def waiting(self) -> int:
-        return struct.unpack("i", fcntl.ioctl(self.receiver.transport.fileno(), termios.FIONREAD,
-                                              b"\0\0\0\0"))[0]
+        return waitingIn(self.receiver.transport.fileno())
 
     @defer.inlineCallbacks
     def test_takenWhilePaused(self):

@@ -15,12 +15,9 @@ Every wait is on an event, bounded by L{within}; nothing sleeps.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import select
-import struct
-import termios
 from datetime import datetime, timezone
 from ipaddress import ip_address
 
@@ -38,16 +35,11 @@ from gotunnel import certs, zerocopy
 from gotunnel.relay import RelayEnd, splice
 from gotunnel.sameturn import twistedBuffered
 
-from tests.support import HOST, LogWatcher, randomBytes, waitUntil, within
+from tests.support import HOST, LogWatcher, randomBytes, waitingIn, waitUntil, within
 
 MiB = 1024 * 1024
 HAND_OFF_AFTER = zerocopy.HAND_OFF_AFTER
 WAIT = 30
-
-
-def waitingIn(fd: int) -> int:
-    """Bytes received on socket C{fd} and not yet read."""
-    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 class End(Protocol, RelayEnd):
