@@ -96,7 +96,7 @@ class Direction:
         self.pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def grow(self) -> None:
-        """The pipe filled up: ask for a bigger one, where the kernel allows it."""
+        """A read of a stream's size came: ask for a bigger pipe, where the kernel allows it."""
         self.grown = True
         try:
             fcntl.fcntl(self.pipe[1], F_SETPIPE_SZ, PIPE_SIZE)
