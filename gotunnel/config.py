@@ -158,6 +158,11 @@ def parseMapping(text: str) -> Mapping:
     if len(parts) != 2 or not host:
         raise ValueError(
             f"bad mapping {text!r}: expected [LOCALHOST:]LOCALPORT:REMOTEPORT, e.g. 22:10022")
+    if host.isdigit():
+        # 8000:18000:1 is a port too many, not a host named "8000".
+        raise ValueError(
+            f"bad mapping {text!r}: the host {host!r} is a number; expected "
+            f"[LOCALHOST:]LOCALPORT:REMOTEPORT, e.g. 22:10022 or 192.168.1.5:22:10022")
     return Mapping(host, parsePort(parts[0], f"local port in {text!r}"),
                    parsePort(parts[1], f"remote port in {text!r}"))
 

@@ -643,6 +643,22 @@ class EndpointCheckTests(ConfigTestCase):
         self.assertIn("/nonexistent/k.pem", str(error))
 
 
+class MapOptionTests(unittest.TestCase):
+    def test_hostMadeOfDigitsRefused(self):
+        """A host made only of digits is a port too many: a usage error naming it."""
+        with self.assertRaises(usage.UsageError) as caught:
+            ClientOptions().parseOptions(["--token", "t", "--map", "8000:18000:1"])
+        self.assertIn("the host '8000' is a number", str(caught.exception))
+
+    def test_hostsAccepted(self):
+        options = ClientOptions()
+        options.parseOptions(["--token", "t", "--map", "10.0.0.5:22:10022",
+                              "--map", "[::1]:80:10080", "--map", "db1:5432:15432"])
+        self.assertEqual(options.settings().mappings, [
+            Mapping("10.0.0.5", 22, 10022), Mapping("::1", 80, 10080),
+            Mapping("db1", 5432, 15432)])
+
+
 class ZeroCopyOptionTests(ConfigTestCase):
     """zero_copy in the file, --no-zero-copy on the command line; on by default."""
 

@@ -187,6 +187,11 @@ class ConsoleScriptUsageTests(ProcessTestCase):
     def test_clientBadMap(self):
         return self.assertUsageError([CLIENT_SCRIPT, "--token", "t", "--map", "abc"], "'abc'")
 
+    def test_clientMapHostIsANumber(self):
+        """8000:18000:1 is a port too many, not host "8000" (issue 16)."""
+        return self.assertUsageError(
+            [CLIENT_SCRIPT, "--token", "t", "--map", "8000:18000:1"], "'8000' is a number")
+
     def test_clientRemotePortOutOfRange(self):
         return self.assertUsageError(
             [CLIENT_SCRIPT, "--token", "t", "--map", "22:70000"], "70000")
