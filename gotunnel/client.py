@@ -13,7 +13,7 @@ from twisted.application.internet import ClientService, TimerService, backoffPol
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString, wrapClientTLS,
 )
@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gotunnel import messages, tls
-from gotunnel.config import ClientSettings, Mapping
+from gotunnel.config import ClientSettings, Mapping, clientEndpointString
 from gotunnel.control import MessageReceiver, tlsFailure
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
@@ -76,15 +76,18 @@ class ServerEndpoints:
 
     def __init__(self, reactor, settings: ClientSettings) -> None:
         self.reactor = reactor
-        named = clientFromString(reactor, settings.server)
+        named = clientFromString(reactor, clientEndpointString(settings.server))
         host = tls.endpointHost(named)
         self.options = tls.clientOptions(settings, host) if settings.tls else None
-        self.control = self._withTLS(named)
-        # A tcp: string is a TCP4ClientEndpoint; a name in it is resolved by
-        # the reactor on every connect.
-        self.pinnable = (isinstance(named, TCP4ClientEndpoint) and bool(host)
-                         and not isIPAddress(host))
         self.timeout = getattr(named, "_timeout", 30)
+        # A tcp: string is a TCP4ClientEndpoint, which looks a name up for
+        # IPv4 only: a name is looked up for both families on every connect.
+        self.pinnable = (isinstance(named, TCP4ClientEndpoint) and bool(host)
+                         and not isIPAddress(host) and not isIPv6Address(host))
+        if self.pinnable:
+            named = HostnameEndpoint(reactor, host, named._port, timeout=self.timeout,
+                                     bindAddress=named._bindAddress)
+        self.control = self._withTLS(named)
 
     def _withTLS(self, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:
         if self.options is None:
@@ -96,8 +99,13 @@ class ServerEndpoints:
         The endpoint of a data channel whose control channel reached
         C{reached}, or None where that is the control channel's own.
         """
-        if self.pinnable and isinstance(reached, IPv4Address) and reached.type == "TCP":
+        if not self.pinnable or getattr(reached, "type", None) != "TCP":
+            return None
+        if isinstance(reached, IPv4Address):
             return self._withTLS(TCP4ClientEndpoint(self.reactor, reached.host, reached.port,
+                                                    timeout=self.timeout))
+        if isinstance(reached, IPv6Address):
+            return self._withTLS(TCP6ClientEndpoint(self.reactor, reached.host, reached.port,
                                                     timeout=self.timeout))
         return None
 

@@ -167,6 +167,19 @@ def parseMapping(text: str) -> Mapping:
                    parsePort(parts[1], f"remote port in {text!r}"))
 
 
+def clientEndpointString(description: str) -> str:
+    """
+    C{description} with an IPv6 host in brackets after tcp: (C{tcp:[::1]:17000})
+    written as Twisted's endpoint strings spell it (C{tcp:\\:\\:1:17000}); any
+    other string unchanged, for Twisted's parser to take or refuse.
+    """
+    scheme, _, rest = description.partition(":")
+    end = rest.find("]")
+    if scheme != "tcp" or not rest.startswith("[") or rest[end + 1:end + 2] not in ("", ":"):
+        return description
+    return f"tcp:{quoteStringArgument(rest[1:end])}{rest[end + 1:]}"
+
+
 def parseLogLevel(text: str, what: str = "the log level") -> str:
     """
     One of L{LOG_LEVELS}, in any case; Go's "warning" means "warn".

@@ -19,6 +19,7 @@ from gotunnel import logs, rlimits, tls
 from gotunnel.client import TunnelClientService
 from gotunnel.config import (
     LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
+    clientEndpointString,
     findConfigFile, parseLogLang, parseLogLevel, parseMapping, readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
@@ -276,7 +277,7 @@ class ClientOptions(_SettingsOptions):
         _CONFIG_OPTION,
         ["server", "s", None,
          "The server's control endpoint (a Twisted endpoint string, e.g. "
-         "tcp:tunnel.example.com:17000 or tls:tunnel.example.com:17000) "
+         "tcp:tunnel.example.com:17000, tcp:[::1]:17000 or tls:tunnel.example.com:17000) "
          f"(default: {ClientSettings.server}; client.server or client.server_addr)."],
         ["token", "t", None, "Shared secret of the server (required; client.token)."],
         ["name", "n", None, "This client's name (default: the host name; client.name)."],
@@ -349,6 +350,8 @@ class ClientOptions(_SettingsOptions):
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
         if self["tls"]:
             values["tls"] = True
+        if values.get("server"):
+            values["server"] = clientEndpointString(values["server"])
         if self["map"]:
             values["mappings"] = list(self["map"])
         if not values.get("mappings"):
