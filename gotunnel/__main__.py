@@ -29,21 +29,23 @@ ROLES: dict[str, tuple[type, Callable]] = {
 }
 
 
-def run(role: str, argv: Sequence[str], prog: str) -> int:
+def run(role: str, argv: Sequence[str], prog: str, usageName: Optional[str] = None) -> int:
     """
     Parse C{argv} (and config.yaml) for C{role}, start its service and run
     the reactor until SIGINT or SIGTERM.  Bad options print one line (and a
     hint to read --help), a bad config file one line; both return 2.
+    C{usageName} is how --help spells the command (default: C{prog}).
     """
     optionsType, makeService = ROLES[role]
     options = optionsType()
+    options.prog = usageName or prog
     try:
         options.parseOptions(list(argv))
     except ConfigError as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         return 2
     except usage.UsageError as e:
-        sys.stderr.write(f"{prog}: error: {e}\n{prog}: try '{prog} --help'\n")
+        sys.stderr.write(f"{prog}: error: {e}\n{prog}: try '{options.prog} --help'\n")
         return 2
     from twisted.internet import reactor
 
@@ -74,6 +76,28 @@ def clientMain(argv: Optional[Sequence[str]] = None) -> int:
     return run("client", sys.argv[1:] if argv is None else argv, "gotunnel-client")
 
 
+USAGE = "Usage: python -m gotunnel {server|client|demo|certs} [options]"
+
+HELP = f"""{USAGE}
+
+A reverse TCP tunnel, wire-compatible with the Go gotunnel.
+
+Commands:
+  server   publish the services of gotunnel clients on this machine's ports
+           (the same as gotunnel-server)
+  client   publish local services through a gotunnel server
+           (the same as gotunnel-client)
+  demo     a server, a client and a small web page on this machine, to try it
+  certs    make a CA, a server certificate and client certificates for TLS
+
+'python -m gotunnel COMMAND --help' lists a command's options.
+
+Examples:
+  python -m gotunnel server --token s3cret
+  python -m gotunnel client --server tcp:tunnel.example.com:17000 --token s3cret --map 22:10022
+"""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "certs":
@@ -84,11 +108,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from gotunnel.demo import main as demoMain
 
         return demoMain(args[1:])
+    if args and args[0] in ("--help", "-h"):
+        sys.stdout.write(HELP)
+        return 0
+    if args and args[0] == "--version":
+        sys.stdout.write(tap.versionText() + "\n")
+        return 0
     if not args or args[0] not in ROLES:
-        sys.stderr.write("usage: python -m gotunnel {server|client|demo|certs} [options]\n")
+        sys.stderr.write(f"{USAGE}\ntry 'python -m gotunnel --help'\n")
         return 2
     role = args.pop(0)
-    return run(role, args, f"gotunnel {role}")
+    return run(role, args, f"gotunnel {role}", f"python -m gotunnel {role}")
 
 
 if __name__ == "__main__":

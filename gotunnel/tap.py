@@ -8,14 +8,20 @@ FILE), and options given on the command line override the file's keys.
 
 from __future__ import annotations
 
+import os
+import platform
+import sys
+import textwrap
 from typing import Any, Callable, Optional
+
+import twisted
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from gotunnel import logs, rlimits, tls
+from gotunnel import __version__, logs, rlimits, tls
 from gotunnel.client import TunnelClientService
 from gotunnel.config import (
     LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
@@ -133,6 +139,12 @@ def checkEndpoint(description: str, kind: str, where: str) -> None:
             f"{where} {description!r}: the port must be from {lowest} to 65535, got {port}")
 
 
+def versionText() -> str:
+    """What --version prints: gotunnel's version, then Twisted's and Python's."""
+    return (f"gotunnel {__version__}\nTwisted {twisted.__version__}\n"
+            f"Python {platform.python_version()}")
+
+
 class _SettingsOptions(usage.Options):
     """
     Options that, with the config file's section for C{role}, make one
@@ -143,6 +155,56 @@ class _SettingsOptions(usage.Options):
     settingsType: Callable[..., Any]
     fields: dict[str, str]
     """Option name -> settings field, for the options that override the file."""
+    firstOptions: tuple[str, ...]
+    """The options a person needs first, in the order --help lists them."""
+    examples: tuple[str, ...]
+    """Command lines --help ends with, after the program's name."""
+    prog: Optional[str] = None
+    """The console script's name, for the usage line; None: gotunnel-ROLE."""
+
+    def getSynopsis(self) -> str:
+        if self.parent is not None:
+            # twistd's own line: "Usage: twistd [options] gotunnel-server [options]".
+            return super().getSynopsis()
+        return f"Usage: {self._program()} {self.synopsis}"
+
+    def _program(self) -> str:
+        if self.parent is not None:
+            return f"twistd -n {self.parent.subCommand}"
+        return self.prog or f"gotunnel-{self.role}"
+
+    def getUsage(self, width: Optional[int] = None) -> str:
+        """
+        The options a person needs first, then the others, then examples;
+        each option as Twisted's own usage text writes it.
+        """
+        width = width or int(os.environ.get("COLUMNS", "80"))
+        shortNames = {long: short for short, long in self.synonyms.items()
+                      if short != long and len(short) == 1}
+        first: list[dict] = []
+        others: list[dict] = []
+        for opt in self.longOpt:
+            name = opt.rstrip("=")
+            entry = {"long": name, "short": shortNames.get(name), "doc": self.docs[name],
+                     "optType": "parameter" if opt.endswith("=") else "flag",
+                     "dispatch": self._dispatch.get(name)}
+            (first if name in self.firstOptions else others).append(entry)
+        # Twisted's layout sorts by short name, or else long name: one chunk
+        # per option, put back in the order of firstOptions.
+        chunks = dict(zip((entry["long"] for entry in sorted(
+            first, key=lambda entry: entry["short"] or entry["long"])),
+            usage.docMakeChunks(first, width)))
+        firstText = "".join(chunks[name] for name in self.firstOptions if name in chunks)
+        description = "\n".join(textwrap.wrap(self.longdesc, width))
+        examples = "\n".join(f"  {self._program()} {example}" for example in self.examples)
+        return (f"\n{description}\n\nOptions to start with:\n{firstText}\n"
+                f"Other options:\n{''.join(usage.docMakeChunks(others, width))}\n"
+                f"Examples:\n{examples}")
+
+    def opt_version(self) -> None:
+        """Display gotunnel's, Twisted's and Python's versions and exit."""
+        print(versionText())
+        sys.exit(0)
 
     def fileValues(self, configFile: ConfigFile) -> dict[str, Any]:
         raise NotImplementedError()
@@ -245,6 +307,9 @@ class ServerOptions(_SettingsOptions):
     optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD]
 
     role = "server"
+    firstOptions = ("token", "listen", "config")
+    examples = ("--token s3cret",
+                "--listen tcp:17000 --token s3cret --tls-cert server.pem --tls-key server.key")
     endpointOption = ("listen", "server")
     settingsType = ServerSettings
     fields = {"listen": "listen", "token": "token", "public-interface": "public_interface",
@@ -313,6 +378,9 @@ class ClientOptions(_SettingsOptions):
     ]
 
     role = "client"
+    firstOptions = ("token", "server", "map", "config")
+    examples = ("--server tcp:tunnel.example.com:17000 --token s3cret --map 22:10022",
+                "--config /etc/gotunnel/config.yaml")
     endpointOption = ("server", "client")
     settingsType = ClientSettings
     fields = {"server": "server", "token": "token", "name": "name",
