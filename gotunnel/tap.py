@@ -18,6 +18,7 @@ import twisted
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -447,10 +448,32 @@ def _raiseOpenFileLimit() -> None:
         log.info("open-file limit raised from {before} to {after}", before=before, after=after)
 
 
+def _cannotListenOnOneLine(options: usage.Options) -> None:
+    """
+    Under twistd, a control port that cannot be listened on (busy, or not
+    ours to take) ends twistd with the 39-line traceback of its own start-up:
+    say it in one line instead, as the console scripts do.  twistd has
+    already removed its pidfile and told a waiting parent; the exit status
+    stays 1.
+    """
+    if getattr(options, "parent", None) is None:
+        return
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback) -> None:
+        if isinstance(value, CannotListenError):
+            log.critical("cannot start: {why}", why=str(value))
+        else:
+            previous(kind, value, traceback)
+
+    sys.excepthook = excepthook
+
+
 def makeServerService(options: ServerOptions, reactor=None) -> IService:
     from gotunnel.server import TunnelServerService
 
     _raiseOpenFileLimit()
+    _cannotListenOnOneLine(options)
     return TunnelServerService(options.settings(), reactor=reactor)
 
 
