@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -344,13 +345,25 @@ def _text(value: Any, text: Any, name: str) -> str:
     raise ValueError(f"{name} must be text, got {value!r}")
 
 
+def _number(value: Any) -> Any:
+    """
+    A number written in quotes ("10022", "2.5") as the number, as Go's viper
+    reads it; any other value unchanged.
+    """
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+        return float(value) if "." in value else int(value)
+    return value
+
+
 def _port(value: Any, text: Any, name: str) -> int:
+    value = _number(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be a port number from 1 to 65535, got {value!r}")
     return parsePort(value, name)
 
 
 def _seconds(value: Any, text: Any, name: str) -> float:
+    value = _number(value)
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not math.isfinite(value) or value <= 0):
         raise ValueError(f"{name} must be a number of seconds greater than 0, got {value!r}")
@@ -368,6 +381,7 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[Any, 
     bounds = f"of at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
 
     def check(value: Any, text: Any, name: str) -> int:
+        value = _number(value)
         if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
                 or (maximum is not None and value > maximum)):
             raise ValueError(f"{name} must be a whole number {bounds}, got {value!r}")

@@ -406,7 +406,8 @@ class BadConfigTests(ConfigTestCase):
 
     def test_wrongTypes(self):
         for role, text, key in [
-                ("client", "client:\n  token: t\n  remote_port: '10022'\n", "client.remote_port"),
+                ("client", "client:\n  token: t\n  remote_port: 'ssh'\n", "client.remote_port"),
+                ("client", "client:\n  token: t\n  remote_port: '-1'\n", "client.remote_port"),
                 ("client", "client:\n  token: t\n  local_ports: [ssh]\n", "client.local_ports[0]"),
                 ("client", "client:\n  token: t\n  local_ports: 22\n  heartbeat_interval: fast\n",
                  "client.heartbeat_interval"),
@@ -641,6 +642,53 @@ class EndpointCheckTests(ConfigTestCase):
             "server:\n  token: t\n  listen: 'ssl:17443:privateKey=/nonexistent/k.pem'\n")
         self.assertIn("server.listen", str(error))
         self.assertIn("/nonexistent/k.pem", str(error))
+
+
+class QuotedNumberTests(ConfigTestCase):
+    """A number in quotes is the number, for every key that takes one, as Go's viper reads it."""
+
+    def test_client(self):
+        settings = self.client("""\
+            client:
+              token: t
+              local_ports: ["22", "80"]
+              remote_port: "10022"
+              heartbeat_interval: "10"
+              health_check_interval: "2.5"
+              pool_count: "0"
+              busy_poll: "100"
+              tunnels:
+                - {local_port: "5432", remote_port: "15432"}
+            """)
+        self.assertEqual(settings.mappings, [Mapping("127.0.0.1", 22, 10022),
+                                             Mapping("127.0.0.1", 80, 10023),
+                                             Mapping("127.0.0.1", 5432, 15432)])
+        self.assertEqual((settings.heartbeat_interval, settings.health_check_interval,
+                          settings.pool_count, settings.busy_poll), (10.0, 2.5, 0, 100))
+
+    def test_server(self):
+        settings = self.server("""\
+            server:
+              token: t
+              allow_ports: ["22", "10000-10100"]
+              max_mappings_per_client: "4"
+              max_pool_count: "2"
+              busy_poll: "0"
+              data_channel_timeout: "60"
+              clients:
+                alice: {token: a, max_mappings: "3"}
+            """)
+        self.assertEqual((settings.max_mappings_per_client, settings.max_pool_count,
+                          settings.busy_poll, settings.data_channel_timeout,
+                          settings.clients["alice"].max_mappings), (4, 2, 0, 60.0, 3))
+        self.assertEqual(settings.allow_ports, (range(22, 23), range(10000, 10101)))
+
+    def test_outOfRangeStillRefused(self):
+        self.assertConfigError("client", "client:\n  token: t\n  local_ports: 22\n"
+                               "  remote_port: '70000'\n",
+                               "client.remote_port must be from 1 to 65535, got 70000")
+        self.assertConfigError("server", "server:\n  token: t\n  max_pool_count: '1.5'\n",
+                               "server.max_pool_count must be a whole number")
 
 
 class MapOptionTests(unittest.TestCase):
