@@ -274,7 +274,14 @@ class DocumentedExampleTests(ConfigTestCase):
     def test_server(self):
         self.assertEqual(self.server(self.example()), ServerSettings(
             listen="tcp:17000:interface=0.0.0.0", token="a-long-random-secret",
-            allow_ports=(range(22, 23), range(10000, 10101))))
+            allow_ports=(range(22, 23), range(10000, 10101), range(15432, 15433))))
+
+    def test_serverAllowsTheClient(self):
+        """The example's server accepts every port the example's client asks for."""
+        allowed = self.server(self.example()).allow_ports
+        for mapping in self.client(self.example()).mappings:
+            self.assertTrue(any(mapping.remote_port in ports for ports in allowed),
+                            f"the example's server.allow_ports refuses {mapping}")
 
     def test_client(self):
         self.assertEqual(self.client(self.example()), ClientSettings(
