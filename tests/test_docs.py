@@ -99,6 +99,50 @@ class EmbeddingExampleTests(unittest.TestCase):
         self.assertNotIn("Traceback", twistd.stdout + twistd.stderr)
 
 
+def readmeTwistdCommands() -> list[str]:
+    """The command lines of README's section on twistd."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## Running under twistd", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+class ReadmeTwistdTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_serverAndClientInOneDirectory(self):
+        """
+        README: the twistd server and client, run as written from one
+        directory (the server's address and the ports made local and
+        free), both run, and the client's service is reached.
+        """
+        directory = temporaryDirectory(self)
+        control, public = freePort(), freePort()
+        target = listenTarget(self)
+        children = []
+        for line in readmeTwistdCommands():
+            line = (line.replace("tcp:17000", f"tcp:{control}:interface={HOST}")
+                    .replace("tunnel.example.com:17000", f"{HOST}:{control}")
+                    .replace("22:10022", f"{target}:{public}"))
+            argv = line.split()
+            self.assertEqual(argv[0], ".venv/bin/twistd", line)
+            argv[0] = venvScript("twistd")
+            children.append(spawn(self, argv, directory))
+            if len(children) == 1:
+                yield within(children[0].whenOutput("control channel listening"),
+                             START_TIMEOUT, "the server to listen")
+        server, client = children
+        yield within(client.whenOutput(f"registered {HOST}:{target}->{public}"), START_TIMEOUT,
+                     "the client to register")
+        self.assertTrue((yield echoedThrough(self, public, os.urandom(65536), START_TIMEOUT)))
+        for child in children:
+            child.sendSignal("TERM")
+            yield within(child.ended, START_TIMEOUT, "twistd to stop")
+            self.assertIn("Server Shut Down.", child.stdout, child.describe())
+            self.assertNotIn("Traceback", child.stdout + child.stderr, child.describe())
+        # Each removed its own pidfile.
+        self.assertEqual(os.listdir(directory), [])
+
+
 QUICKSTART = os.path.join(REPO, "docs", "quickstart.md")
 
 

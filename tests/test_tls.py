@@ -244,7 +244,7 @@ class TLSFailureReportTests(TLSTestCase):
 # docs/tls.md, as a person runs it.
 
 
-DAEMONS = ("gotunnel-server", "gotunnel-client")
+DAEMONS = (".venv/bin/gotunnel-server", ".venv/bin/gotunnel-client")
 
 
 def documentedCommands(scenario: str = "") -> list[str]:
@@ -299,25 +299,26 @@ class DocumentedCommandsTests(unittest.TestCase):
         cwd = temporaryDirectory(self)
         target = listenTarget(self)
         ports = {"17000": freePort(), "10080": freePort(), "8000": target}
-        programs = {"python": sys.executable, "gotunnel-server": venvScript("gotunnel-server"),
-                    "gotunnel-client": venvScript("gotunnel-client")}
+        programs = {".venv/bin/python": sys.executable,
+                    ".venv/bin/gotunnel-server": venvScript("gotunnel-server"),
+                    ".venv/bin/gotunnel-client": venvScript("gotunnel-client")}
         children = {}
         for line in documentedCommands(scenario):
             line = re.sub(r"\b(17000|10080|8000)\b", lambda m: str(ports[m.group(1)]), line)
             argv = shlex.split(line)
-            if argv[0] in ("gotunnel-server", "gotunnel-client"):
+            if argv[0] in DAEMONS:
                 children[argv[0]] = spawn(self, [programs[argv[0]]] + argv[1:], cwd)
                 continue
-            if argv[0] == "python":
-                argv[0] = programs["python"]
+            if argv[0] == ".venv/bin/python":
+                argv[0] = programs[argv[0]]
             else:
                 argv = ["sh", "-c", line]
             done = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL,
                                   capture_output=True, text=True, timeout=60)
             self.assertEqual(done.returncode, 0, f"{line}\n{done.stdout}\n{done.stderr}")
-        self.assertEqual(sorted(children), ["gotunnel-client", "gotunnel-server"])
+        self.assertEqual(sorted(children), sorted(DAEMONS))
 
-        client = children["gotunnel-client"]
+        client = children[".venv/bin/gotunnel-client"]
         yield within(client.whenOutput(f"registered 127.0.0.1:{target}->{ports['10080']}", (1,)),
                      60, f"the client's 'registered' line:\n{client.describe()}")
         payload = randomBytes(256 * 1024)
