@@ -36,6 +36,16 @@ TLS_HINTS = (
 """OpenSSL's words for a failed handshake, and what they most likely mean."""
 
 
+HTTP_REQUEST_STARTS = frozenset((b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI",
+                                 b"PATC", b"CONN", b"TRAC", b"PRI "))
+"""The first four bytes of an HTTP request (PRI: HTTP/2's preface), read as a frame length."""
+
+HTTP_REQUEST = ("sent an HTTP request: this is gotunnel's control port; "
+                "an HTTP client should use a public port")
+HTTP_RESPONSE = ("answered in HTTP: that is a web server, not gotunnel's control port "
+                 "(check --server)")
+
+
 def looksLikeTLS(length: int) -> bool:
     """Whether a frame length is really the start of a TLS record: its type, then version 3.x."""
     return (length >> 24) in TLS_RECORD_TYPES and (length >> 16) & 0xFF == 3
@@ -89,6 +99,8 @@ class MessageReceiver(Int32StringReceiver):
     """What a TLS record where a frame should be most likely means, on this side."""
     log = Logger()
     _raw = False
+    _framed = False
+    """Whether a frame has come; before one, HTTP is told from a long frame."""
     peerDescription = "?"
 
     def makeConnection(self, transport) -> None:
@@ -134,6 +146,7 @@ class MessageReceiver(Int32StringReceiver):
         return self._raw and self.paused
 
     def stringReceived(self, body: bytes) -> None:
+        self._framed = True
         if self.transport is None or getattr(self.transport, "disconnecting", False):
             return
         try:
@@ -151,6 +164,14 @@ class MessageReceiver(Int32StringReceiver):
         handler(message)
 
     def lengthLimitExceeded(self, length: int) -> None:
+        start = length.to_bytes(4, "big")
+        if not self._framed and start in HTTP_REQUEST_STARTS:
+            # A browser or curl aimed at the control port.
+            self.protocolError(HTTP_REQUEST)
+            return
+        if not self._framed and start == b"HTTP":
+            self.protocolError(HTTP_RESPONSE)
+            return
         if looksLikeTLS(length):
             self.protocolError(f"sent TLS where a gotunnel frame was expected "
                                f"({self.tlsMismatchHint})")

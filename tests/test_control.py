@@ -205,6 +205,30 @@ class BadFrameTests(unittest.TestCase):
     def test_lengthAllOnes(self):
         self.assertClosedBy(b"\xff\xff\xff\xff", "frame of 4294967295 bytes")
 
+    def test_httpRequest(self):
+        """A browser or curl aimed at the control port is told apart from a long frame."""
+        for method in (b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH",
+                       b"CONNECT", b"TRACE"):
+            self.setUp()
+            self.assertClosedBy(method + b" / HTTP/1.1\r\nHost: 127.0.0.1:17000\r\n\r\n",
+                                "sent an HTTP request: this is gotunnel's control port; "
+                                "an HTTP client should use a public port")
+
+    def test_http2Preface(self):
+        self.assertClosedBy(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "sent an HTTP request")
+
+    def test_httpResponse(self):
+        """A client whose --server is a web server is told so."""
+        self.assertClosedBy(b"HTTP/1.1 400 Bad Request\r\n\r\n",
+                            "answered in HTTP: that is a web server, not gotunnel's control port")
+
+    def test_httpAfterAFrame(self):
+        """After a frame, the same bytes are only a frame over the limit."""
+        self.protocol.dataReceived(PING)
+        self.protocol.received.clear()
+        self.assertClosedBy(b"GET / HTTP/1.1\r\n\r\n",
+                            "frame of 1195725856 bytes is over the limit")
+
     def test_zeroLength(self):
         self.assertClosedBy(b"\x00\x00\x00\x00", "frame is empty")
 
