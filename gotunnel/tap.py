@@ -15,7 +15,6 @@ import textwrap
 from typing import Any, Callable, Optional
 
 import twisted
-
 from twisted.application.service import IService
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError
@@ -26,8 +25,8 @@ from gotunnel import __version__, logs, rlimits, tls
 from gotunnel.client import TunnelClientService
 from gotunnel.config import (
     LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
-    clientEndpointString,
-    findConfigFile, parseLogLang, parseLogLevel, parseMapping, readConfigFile,
+    clientEndpointString, findConfigFile, parseLogLang, parseLogLevel, parseMapping,
+    readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
 

@@ -39,7 +39,8 @@ class BusyControlPortTests(unittest.TestCase):
         self.assertIn(f"{prefix}cannot start: Couldn't listen on {HOST}:{self.port}", said[0])
 
     def test_consoleScript(self):
-        result = self.runToExit(venvScript("gotunnel-server"), "--token", "t", "--listen", self.listen)
+        result = self.runToExit(venvScript("gotunnel-server"), "--token", "t",
+                                "--listen", self.listen)
         self.assertOneLine(result, "gotunnel-server: error: ")
 
     def test_twistd(self):

@@ -12,9 +12,11 @@ from __future__ import annotations
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from gotunnel.client import ServerEndpoints
 from gotunnel.config import ClientSettings, Mapping
@@ -152,13 +154,16 @@ class DataChannelAddressTests(unittest.TestCase):
         reached, with no lookup of its own; the bytes go through.
         """
         lookups: list[str] = []
-        resolve = reactor.resolve
+        resolver = reactor.nameResolver
 
-        def countingResolve(name, *args, **kwargs):
-            lookups.append(name)
-            return resolve(name, *args, **kwargs)
+        @implementer(IHostnameResolver)
+        class CountingResolver:
+            def resolveHostName(self, receiver, hostName, *args, **kwargs):
+                lookups.append(hostName)
+                return resolver.resolveHostName(receiver, hostName, *args, **kwargs)
 
-        self.patch(reactor, "resolve", countingResolve)
+        reactor.installNameResolver(CountingResolver())
+        self.addCleanup(reactor.installNameResolver, resolver)
         tunnel = Tunnel(self)
         yield tunnel.startServer()
         target = listenTarget(self)
