@@ -136,6 +136,7 @@ class ControlChannel(MessageReceiver):
     registered = False
     lastPong = 0.0
     handshakeDone = False
+    registerTimeout = None
     tlsMismatchHint = "the server speaks TLS? connect with --tls"
 
     def __init__(self, tunnel: "TunnelService") -> None:
@@ -149,11 +150,28 @@ class ControlChannel(MessageReceiver):
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
             protocol="tcp", token=settings.token, name=settings.name))
+        # A server that never answers (hung, or not a gotunnel server) would
+        # otherwise hold this mapping unpublished, silently, for good.
+        self.registerTimeout = self.tunnel.reactor.callLater(
+            settings.register_timeout, self._registerTimedOut)
+
+    def _registerTimedOut(self) -> None:
+        self.registerTimeout = None
+        log.warn("the server did not answer the registration of {mapping} within {seconds:g} s; "
+                 "closing the control channel", mapping=str(self.tunnel.mapping),
+                 seconds=self.tunnel.settings.register_timeout)
+        self.transport.abortConnection()
+
+    def _cancelRegisterTimeout(self) -> None:
+        if self.registerTimeout is not None and self.registerTimeout.active():
+            self.registerTimeout.cancel()
+        self.registerTimeout = None
 
     def handshakeCompleted(self) -> None:
         self.handshakeDone = True
 
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
+        self._cancelRegisterTimeout()
         if self.registered:
             self.protocolError("register_resp on a registered control channel")
             return
@@ -190,6 +208,7 @@ class ControlChannel(MessageReceiver):
         self.sendMessage(messages.OnlinePort(port=port) if online else messages.OfflinePort(port=port))
 
     def connectionLost(self, reason=None) -> None:
+        self._cancelRegisterTimeout()
         if self.heartbeat.running:
             self.heartbeat.stop()
         why = tlsFailure(reason)

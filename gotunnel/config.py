@@ -105,6 +105,9 @@ class ClientSettings:
     # A server that answers no ping for this long is taken for dead (the Go
     # server's own timeout for a silent client).
     server_timeout: float = 30.0
+    register_timeout: float = 10.0
+    """Seconds to wait for the server's answer to register (and to each
+    data channel asked for by a user) before giving up on that connection."""
     shutdown_timeout: float = 10.0
     tls: bool = False
     tls_ca: str = ""
@@ -530,4 +533,5 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
     "pool_count": _countOrZero,
+    "register_timeout": _seconds,
 }

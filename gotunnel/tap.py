@@ -302,6 +302,11 @@ class ClientOptions(_SettingsOptions):
          "(mutual TLS; client.tls_client_cert; needs --tls-client-key)."],
         ["tls-client-key", None, None,
          "The PEM private key of --tls-client-cert (client.tls_client_key)."],
+        ["register-timeout", None, None,
+         "Seconds to wait for the server's answer to register, and to each data channel, "
+         "before closing that connection (and, for register, connecting again) "
+         f"(default: {ClientSettings.register_timeout:g}; client.register_timeout)",
+         _positive],
         _busyPollOption("client", ClientSettings),
     ] + _logOptions("client")
     optFlags = [
@@ -318,6 +323,7 @@ class ClientOptions(_SettingsOptions):
               "heartbeat-interval": "heartbeat_interval",
               "health-check-interval": "health_check_interval",
               "pool-count": "pool_count", "busy-poll": "busy_poll",
+              "register-timeout": "register_timeout",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
               "log-level": "log_level", "log-lang": "log_lang"}

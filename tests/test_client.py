@@ -224,6 +224,7 @@ class HeartbeatTests(ClientTestCase):
 
     def test_noPingBeforeRegistered(self):
         """No ping goes out while register_resp is awaited."""
+        self.settings.register_timeout = 120
         _, transport = self.control()
         transport.clear()
         self.reactor.advance(60)
@@ -349,6 +350,42 @@ class ReconnectTests(ClientTestCase):
             protocol = self.complete(index)[0]
             protocol.connectionLost(Failure(error.ConnectionDone()))
             index = self.assertNextAttemptAfter(delay)
+
+    def test_unansweredRegisterTimesOut(self):
+        """
+        A server that accepts the control channel and never answers
+        register: after register_timeout (10 s) the channel is aborted with
+        a warning, and connecting again backs off like any other failed
+        registration.
+        """
+        events = self.logged()
+        self.service.startService()
+        [index] = self.serverAttempts()
+        for delay in (1, 2, 4):
+            protocol, transport = self.complete(index)
+            self.reactor.advance(9.9)
+            self.assertFalse(transport.disconnected)
+            self.reactor.advance(0.1)
+            self.assertTrue(transport.disconnected)
+            protocol.connectionLost(Failure(error.ConnectionAborted()))
+            index = self.assertNextAttemptAfter(delay)
+        warnings = [formatEvent(e) for e in events
+                    if e.get("log_format", "").startswith("the server did not answer")]
+        self.assertEqual(warnings, ["the server did not answer the registration of "
+                                    "127.0.0.1:8022->10022 within 10 s; closing the control "
+                                    "channel"] * 3)
+
+    def test_registerTimeoutSetting(self):
+        """register_timeout sets the wait; an answer in time cancels it."""
+        self.settings.register_timeout = 2.5
+        self.service.startService()
+        [index] = self.serverAttempts()
+        protocol, transport = self.complete(index)
+        self.reactor.advance(2.4)
+        protocol.dataReceived(frame(OK))
+        self.reactor.advance(30)
+        self.assertFalse(transport.disconnected)
+        self.assertIsNotNone(self.service.channel)
 
 
 class DataChannelTests(ClientTestCase):

@@ -737,3 +737,25 @@ class BusyPollOptionTests(ConfigTestCase):
             with self.assertRaises(usage.UsageError) as caught:
                 self.client(self.CLIENT, "--busy-poll", value)
             self.assertIn("must be from 0 to 10000", str(caught.exception))
+
+
+class RegisterTimeoutOptionTests(ConfigTestCase):
+    """client.register_timeout / --register-timeout: seconds, 10 by default."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_default(self):
+        self.assertEqual(self.client(self.CLIENT).register_timeout, 10.0)
+
+    def test_inTheFileAndCommandLine(self):
+        self.assertEqual(self.client(self.CLIENT + "  register_timeout: 3\n").register_timeout,
+                         3.0)
+        self.assertEqual(self.client(self.CLIENT + "  register_timeout: 3\n",
+                                     "--register-timeout", "0.5").register_timeout, 0.5)
+
+    def test_notPositiveRefused(self):
+        self.assertConfigError("client", self.CLIENT + "  register_timeout: 0\n",
+                               "client.register_timeout must be a number of seconds greater "
+                               "than 0")
+        with self.assertRaises(usage.UsageError):
+            self.client(self.CLIENT, "--register-timeout", "-1")
