@@ -7,6 +7,7 @@ service.
 from __future__ import annotations
 
 import random
+from collections import deque
 from typing import Optional
 
 from twisted.application.internet import ClientService, TimerService, backoffPolicy
@@ -42,6 +43,17 @@ paced by the server's answers, as the Go client does, so that a service
 with a short accept queue is not flooded (Twisted's default is 50, Python's
 socketserver's 5).
 """
+
+MAX_WAITING_DATA_CHANNEL_REQUESTS = 4096
+"""
+The server's requests for a data channel a mapping keeps waiting while
+C{max_pending_data_channels} are being opened; more are dropped.  A request
+is a few dozen bytes: this many cost well under a megabyte, and serve a
+burst of users as large as our server lets wait on one port.
+"""
+
+DROPPED_REQUESTS_LOG_INTERVAL = 10.0
+"""Seconds between two lines about requests for a data channel dropped."""
 
 POOL_REFILL_DELAY = 1.0
 """
@@ -255,6 +267,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     local: Optional["LocalServiceConnection"] = None
     localFailed = False
     lost = False
+    answerTimeout = None
     early = False
     """This channel holds one of its mapping's early local connections."""
 
@@ -283,11 +296,30 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         self.sendMessage(messages.DataChannel(
             local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
             token=settings.token, name=settings.name, **ask))
+        if not self.pooled:
+            # A pooled channel waits for a user as long as the server likes;
+            # a user's is answered at once by a server that works.
+            self.answerTimeout = self.tunnel.reactor.callLater(
+                settings.register_timeout, self._unanswered)
         if self.localFailed:
             # The server still learns which user this was for, and closes it.
             self.transport.loseConnection()
 
+    def _unanswered(self) -> None:
+        self.answerTimeout = None
+        log.warn("the server did not answer a data channel for {mapping} within {seconds:g} s; "
+                 "closing it", mapping=str(self.tunnel.mapping),
+                 seconds=self.tunnel.settings.register_timeout)
+        self.transport.abortConnection()
+
+    def _answered(self) -> None:
+        if self.answerTimeout is not None and self.answerTimeout.active():
+            self.answerTimeout.cancel()
+        self.answerTimeout = None
+        self.tunnel.dataChannelAnswered(self)
+
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
+        self._answered()
         if not msg.ok:
             log.warn("server refused a data channel: {reason}", reason=msg.reason)
             if self.pooled:
@@ -331,6 +363,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def cannotConnect(self, failure):
         """The data channel could not be made: the local connection goes too."""
         self.lost = True
+        self.tunnel.dataChannelAnswered(self)
         self._dropLocal()
         return failure
 
@@ -383,6 +416,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def connectionLost(self, reason=None) -> None:
         self.lost = True
+        self._answered()
         self.tunnel.connections.discard(self)
         if self.pooled and not self._raw:
             self.tunnel.pooledChannelLost(self)
@@ -472,6 +506,11 @@ class TunnelService(MultiService):
     localUp = True
     failedRegistrations = 0
     stopping = False
+    droppedRequests = 0
+    """Requests for a data channel dropped since the service started."""
+    _droppedUnlogged = 0
+    _droppedLogCall = None
+    _openingWaiting = False
 
     def __init__(self, settings: ClientSettings, mapping: Mapping,
                  serverEndpoint: IStreamClientEndpoint, reactor,
@@ -492,6 +531,10 @@ class TunnelService(MultiService):
         """Pooled data channels opened or opening, not yet handed a user."""
         self._connecting: set[defer.Deferred] = set()
         self._registrationWaiters: list[defer.Deferred] = []
+        self.opening: set[DataChannelClient] = set()
+        """Data channels opened for users, not yet answered by the server."""
+        self.waitingRequests: deque[messages.OpenDataChannel] = deque()
+        """Requests for a data channel waiting for one of L{opening} to end."""
         self.localEndpoint = localEndpoint(reactor, mapping.local_host, mapping.local_port)
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=settings.reconnect_max_delay,
                                       factor=2.0, jitter=random.random)
@@ -550,8 +593,10 @@ class TunnelService(MultiService):
         if self.channel is channel:
             self.channel = None
             log.info("control channel for {mapping} lost", mapping=str(self.mapping))
-            # The server closes its end of the pool with the control channel.
+            # The server closes its end of the pool with the control channel,
+            # and the users it asked data channels for.
             self.emptyPool()
+            self.waitingRequests.clear()
 
     def _cancelRefill(self) -> None:
         if self.refillCall is not None and self.refillCall.active():
@@ -601,6 +646,9 @@ class TunnelService(MultiService):
         """
         self.stopping = True
         self.emptyPool()
+        self.waitingRequests.clear()
+        if self._droppedLogCall is not None and self._droppedLogCall.active():
+            self._droppedLogCall.cancel()
         for connecting in list(self._connecting):
             connecting.cancel()
         stopped = defer.maybeDeferred(super().stopService)
@@ -620,11 +668,61 @@ class TunnelService(MultiService):
     def openDataChannel(self, request: messages.OpenDataChannel) -> None:
         """
         Connect a data channel to the server and, at the same time, a
-        connection to the local service (see L{DataChannelClient}).
+        connection to the local service (see L{DataChannelClient}); or, with
+        C{max_pending_data_channels} unanswered already, wait for one of
+        them to end, so that a server sending requests without end (hostile
+        or broken) holds a bounded number of our descriptors.
         """
         if self.stopping:
             return
+        if len(self.opening) >= self.settings.max_pending_data_channels:
+            if len(self.waitingRequests) < MAX_WAITING_DATA_CHANNEL_REQUESTS:
+                self.waitingRequests.append(request)
+            else:
+                self._dropRequest()
+            return
+        self._open(request)
+
+    def dataChannelAnswered(self, channel: DataChannelClient) -> None:
+        """C{channel} was answered, or failed: a waiting request may go."""
+        if channel not in self.opening:
+            return
+        self.opening.discard(channel)
+        if self._openingWaiting:
+            # A connect that failed at once, inside the loop below.
+            return
+        self._openingWaiting = True
+        try:
+            while (self.waitingRequests and not self.stopping
+                   and len(self.opening) < self.settings.max_pending_data_channels):
+                self._open(self.waitingRequests.popleft())
+        finally:
+            self._openingWaiting = False
+
+    def _dropRequest(self) -> None:
+        self.droppedRequests += 1
+        self._droppedUnlogged += 1
+        if self._droppedLogCall is None:
+            self._logDropped()
+
+    def _logDropped(self) -> None:
+        # One line at the first drop, then at most one per interval: a flood
+        # of requests must not become a flood of lines.
+        count, self._droppedUnlogged = self._droppedUnlogged, 0
+        if not count:
+            self._droppedLogCall = None
+            return
+        log.warn("dropped {count} requests for a data channel for {mapping} ({total} in all): "
+                 "{opening} data channels are being opened and {waiting} requests wait; the "
+                 "server closes those users when it stops waiting for their data channels",
+                 count=count, total=self.droppedRequests, mapping=str(self.mapping),
+                 opening=len(self.opening), waiting=len(self.waitingRequests))
+        self._droppedLogCall = self.reactor.callLater(DROPPED_REQUESTS_LOG_INTERVAL,
+                                                      self._logDropped)
+
+    def _open(self, request: messages.OpenDataChannel) -> None:
         channel = DataChannelClient(self, request)
+        self.opening.add(channel)
         self._connectDataChannel(channel)
         if not channel.lost and self.earlyLocalConnections < EARLY_LOCAL_CONNECTS:
             self.earlyLocalConnections += 1

@@ -108,6 +108,9 @@ class ClientSettings:
     register_timeout: float = 10.0
     """Seconds to wait for the server's answer to register (and to each
     data channel asked for by a user) before giving up on that connection."""
+    max_pending_data_channels: int = 256
+    """Data channels per mapping opened for users and not yet answered by
+    the server; the server's further requests wait (see client.py)."""
     shutdown_timeout: float = 10.0
     tls: bool = False
     tls_ca: str = ""
@@ -534,4 +537,5 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "busy_poll": _busyPoll,
     "pool_count": _countOrZero,
     "register_timeout": _seconds,
+    "max_pending_data_channels": _count,
 }

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gotunnel import logs, rlimits, tls
-from gotunnel.client import TunnelClientService
+from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
     LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
     findConfigFile, parseLogLang, parseLogLevel, parseMapping, readConfigFile,
@@ -307,6 +307,12 @@ class ClientOptions(_SettingsOptions):
          "before closing that connection (and, for register, connecting again) "
          f"(default: {ClientSettings.register_timeout:g}; client.register_timeout)",
          _positive],
+        ["max-pending-data-channels", None, None,
+         "Data channels per mapping being opened for users at once; the server's further "
+         f"requests wait their turn (up to {MAX_WAITING_DATA_CHANNEL_REQUESTS}, then they are "
+         "dropped) "
+         f"(default: {ClientSettings.max_pending_data_channels}; "
+         "client.max_pending_data_channels)", _atLeastOne],
         _busyPollOption("client", ClientSettings),
     ] + _logOptions("client")
     optFlags = [
@@ -324,6 +330,7 @@ class ClientOptions(_SettingsOptions):
               "health-check-interval": "health_check_interval",
               "pool-count": "pool_count", "busy-poll": "busy_poll",
               "register-timeout": "register_timeout",
+              "max-pending-data-channels": "max_pending_data_channels",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
               "log-level": "log_level", "log-lang": "log_lang"}

@@ -20,7 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from gotunnel import report
+from gotunnel import client, report
 from gotunnel.client import (
     EARLY_LOCAL_CONNECTS, ControlChannelFactory, DataChannelFactory, LocalServiceFactory,
     TunnelService, _ProbeFactory,
@@ -632,6 +632,129 @@ class DataChannelTests(ClientTestCase):
         self.assertTrue(any(e.get("log_format", "").startswith("cannot open a data channel")
                             for e in events))
         self.assertFalse(transport.disconnecting)
+
+
+class PendingDataChannelTests(ClientTestCase):
+    """
+    A server that asks for data channels without end, or never answers
+    them: max_pending_data_channels at once, the rest wait (to a limit,
+    then are dropped), and each unanswered one times out.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.settings.max_pending_data_channels = 3
+        self.channel, _ = self.registered()
+
+    def ask(self, *connIds: str) -> None:
+        self.channel.dataReceived(b"".join(
+            jsonFrame(type="open_data_channel", local_port=8022, conn_id=c) for c in connIds))
+
+    def asked(self) -> list[bytes]:
+        """The conn_id of each data channel connect, in order, completing them."""
+        found = []
+        for index in self.serverAttempts(DataChannelFactory):
+            _, _, factory, _, _ = self.reactor.tcpClients[index]
+            found.append(innermost(factory).channel.request.conn_id)
+        return found
+
+    def test_capHoldsTheRestInOrder(self):
+        """
+        Past the cap no data channel connects; each answer, connect failure
+        or close lets the next waiting request go, first come first served.
+        """
+        self.ask(*(f"c{n}" for n in range(6)))
+        self.assertEqual(self.asked(), ["c0", "c1", "c2"])
+        attempts = self.serverAttempts(DataChannelFactory)
+        first, _ = self.complete(attempts[0])
+        first.dataReceived(frame(OK))
+        self.assertEqual(self.asked(), ["c0", "c1", "c2", "c3"])
+        self.refuse(attempts[1])
+        self.assertEqual(self.asked(), ["c0", "c1", "c2", "c3", "c4"])
+        third, _ = self.complete(attempts[2])
+        third.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.asked(), ["c0", "c1", "c2", "c3", "c4", "c5"])
+        self.assertEqual(len(self.service.opening), 3)
+        self.assertEqual(self.service.droppedRequests, 0)
+
+    def test_unansweredDataChannelTimesOut(self):
+        """
+        A data channel the server accepts and never answers is aborted
+        after register_timeout with a warning; its place goes to the next
+        request.
+        """
+        events = self.logged()
+        self.ask("c0", "c1", "c2", "c3")
+        [index, *_] = self.serverAttempts(DataChannelFactory)
+        protocol, transport = self.complete(index)
+        self.reactor.advance(9.9)
+        self.assertFalse(transport.disconnected)
+        self.reactor.advance(0.1)
+        self.assertTrue(transport.disconnected)
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+        self.assertEqual(self.asked(), ["c0", "c1", "c2", "c3"])
+        self.assertEqual(
+            [formatEvent(e) for e in events
+             if e.get("log_format", "").startswith("the server did not answer a data")],
+            ["the server did not answer a data channel for 127.0.0.1:8022->10022 within 10 s; "
+             "closing it"])
+
+    def test_answeredInTimeStaysOpen(self):
+        """register_resp ok cancels the timeout; the spliced channel stays open."""
+        self.ask("c0")
+        protocol, transport = self.complete(self.serverAttempts(DataChannelFactory)[0])
+        protocol.dataReceived(frame(OK))
+        self.reactor.advance(60)
+        self.assertFalse(transport.disconnected)
+        self.assertEqual(self.service.opening, set())
+
+    def test_pooledChannelsWaitUntimed(self):
+        """A pooled data channel waits for a user as long as the server likes."""
+        self.channel.connectionLost(Failure(error.ConnectionDone()))
+        channel, _ = self.control()
+        channel.dataReceived(frame(b'{"type":"register_resp","status":"ok","pool":1}'))
+        [index] = self.serverAttempts(DataChannelFactory)
+        _, transport = self.complete(index)
+        self.reactor.advance(60)
+        self.assertFalse(transport.disconnected)
+
+    def test_beyondTheWaitingLimitDropped(self):
+        """
+        Requests past the waiting limit are dropped and counted, with one
+        line at once and then at most one per 10 s.
+        """
+        self.patch(client, "MAX_WAITING_DATA_CHANNEL_REQUESTS", 2)
+        events = self.logged()
+
+        def lines():
+            return [formatEvent(e) for e in events
+                    if e.get("log_format", "").startswith("dropped {count}")]
+
+        self.ask(*(f"c{n}" for n in range(6)))
+        self.assertEqual(self.service.droppedRequests, 1)
+        self.assertEqual(lines(), [
+            "dropped 1 requests for a data channel for 127.0.0.1:8022->10022 (1 in all): "
+            "3 data channels are being opened and 2 requests wait; the server closes those "
+            "users when it stops waiting for their data channels"])
+        self.ask(*(f"d{n}" for n in range(500)))
+        self.assertEqual(len(lines()), 1)
+        self.reactor.advance(client.DROPPED_REQUESTS_LOG_INTERVAL)
+        self.assertEqual(self.service.droppedRequests, 501)
+        self.assertEqual(len(lines()), 2)
+        self.assertIn("dropped 500 requests", lines()[1])
+        self.assertIn("(501 in all)", lines()[1])
+        self.reactor.advance(client.DROPPED_REQUESTS_LOG_INTERVAL)
+        self.assertEqual(len(lines()), 2)
+        self.assertEqual(len(self.service.waitingRequests), 2)
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 3)
+
+    def test_controlChannelLostForgetsWaiting(self):
+        """The server forgets its users with the control channel; so do we."""
+        self.ask(*(f"c{n}" for n in range(5)))
+        self.channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.service.waitingRequests), 0)
+        self.refuse(self.serverAttempts(DataChannelFactory)[0])
+        self.assertEqual(self.asked(), ["c0", "c1", "c2"])
 
 
 class GoPeerTests(ClientTestCase):

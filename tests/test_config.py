@@ -759,3 +759,26 @@ class RegisterTimeoutOptionTests(ConfigTestCase):
                                "than 0")
         with self.assertRaises(usage.UsageError):
             self.client(self.CLIENT, "--register-timeout", "-1")
+
+
+class PendingDataChannelsOptionTests(ConfigTestCase):
+    """client.max_pending_data_channels / --max-pending-data-channels: 256 by default."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_default(self):
+        self.assertEqual(self.client(self.CLIENT).max_pending_data_channels, 256)
+
+    def test_inTheFileAndCommandLine(self):
+        self.assertEqual(self.client(self.CLIENT + "  max_pending_data_channels: 8\n")
+                         .max_pending_data_channels, 8)
+        self.assertEqual(self.client(self.CLIENT + "  max_pending_data_channels: 8\n",
+                                     "--max-pending-data-channels", "1")
+                         .max_pending_data_channels, 1)
+
+    def test_zeroRefused(self):
+        self.assertConfigError("client", self.CLIENT + "  max_pending_data_channels: 0\n",
+                               "client.max_pending_data_channels must be a whole number of "
+                               "at least 1")
+        with self.assertRaises(usage.UsageError):
+            self.client(self.CLIENT, "--max-pending-data-channels", "0")
