@@ -63,7 +63,8 @@ def run(role: str, argv: Sequence[str], prog: str) -> int:
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 0
+    # A client that gave up on a refusal says which (--exit-on-refusal).
+    return getattr(service, "exitStatus", None) or 0
 
 
 def serverMain(argv: Optional[Sequence[str]] = None) -> int:

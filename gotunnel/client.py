@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.application.internet import ClientService, TimerService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import (
@@ -27,6 +27,7 @@ from zope.interface import implementer
 from gotunnel import messages, tls
 from gotunnel.config import ClientSettings, Mapping
 from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.refusals import LastingRefusal, lastingRefusal
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 
@@ -511,6 +512,8 @@ class TunnelService(MultiService):
     _droppedUnlogged = 0
     _droppedLogCall = None
     _openingWaiting = False
+    _refused: Optional[tuple[str, LastingRefusal]] = None
+    """The last refusal, if asking again will not change it, until the retry is logged."""
 
     def __init__(self, settings: ClientSettings, mapping: Mapping,
                  serverEndpoint: IStreamClientEndpoint, reactor,
@@ -552,8 +555,15 @@ class TunnelService(MultiService):
         # without being registered (refused, or cut by the server) must back
         # off too, not retry every second.
         delay = self._backoff(attempt + max(self.failedRegistrations - 1, 0))
-        log.info("reconnecting {mapping} to the server in {delay:.1f} s",
-                 mapping=str(self.mapping), delay=delay)
+        refused, self._refused = self._refused, None
+        if refused is not None:
+            reason, lasting = refused
+            log.error("the server refused {mapping}: {reason}; will retry in {delay:.1f} s; "
+                      "this will not change until {until}", mapping=str(self.mapping),
+                      reason=reason, delay=delay, until=lasting.until)
+        else:
+            log.info("reconnecting {mapping} to the server in {delay:.1f} s",
+                     mapping=str(self.mapping), delay=delay)
         return delay
 
     def whenRegistered(self) -> defer.Deferred:
@@ -583,9 +593,19 @@ class TunnelService(MultiService):
     def registrationRefused(self, reason: str) -> None:
         if reason == "authentication failed":
             reportError(AUTHENTICATION_FAILED, lang=self.settings.log_lang)
-        else:
+        lasting = lastingRefusal(reason)
+        if lasting is None:
             log.error("the server refused {mapping}: {reason}", mapping=str(self.mapping),
                       reason=reason)
+        elif self.settings.exit_on_refusal and self.parent is not None:
+            log.error("the server refused {mapping}: {reason}; exiting with status {status} "
+                      "(exit_on_refusal), as this will not change until {until}",
+                      mapping=str(self.mapping), reason=reason, status=lasting.exit_status,
+                      until=lasting.until)
+            self.parent.exit(lasting.exit_status)
+        else:
+            # Said with the delay, once the reconnection is scheduled.
+            self._refused = (reason, lasting)
 
     def channelLost(self, channel: ControlChannel) -> None:
         if not channel.registered:
@@ -771,10 +791,16 @@ class TunnelService(MultiService):
 class TunnelClientService(MultiService):
     """The whole client: one L{TunnelService} per mapping."""
 
+    exitStatus: Optional[int] = None
+    """Set when the client gave up (C{exit_on_refusal}): the process's exit status."""
+    whenExiting: Optional[Callable[[int], None]] = None
+    """Told the exit status before the reactor is stopped (see tap.py, for twistd)."""
+
     def __init__(self, settings: ClientSettings, reactor=None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
+        self.reactor = reactor
         self.settings = settings
         endpoints = ServerEndpoints(reactor, settings)
         self.tunnels = [TunnelService(settings, mapping, endpoints.control, reactor,
@@ -782,3 +808,15 @@ class TunnelClientService(MultiService):
                         for mapping in settings.mappings]
         for tunnel in self.tunnels:
             tunnel.setServiceParent(self)
+
+    def exit(self, status: int) -> None:
+        """Stop the reactor, for the process to exit with C{status}."""
+        if self.exitStatus is not None:
+            return
+        self.exitStatus = status
+        if self.whenExiting is not None:
+            self.whenExiting(status)
+        try:
+            self.reactor.stop()
+        except error.ReactorNotRunning:
+            pass

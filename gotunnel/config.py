@@ -111,6 +111,9 @@ class ClientSettings:
     max_pending_data_channels: int = 256
     """Data channels per mapping opened for users and not yet answered by
     the server; the server's further requests wait (see client.py)."""
+    exit_on_refusal: bool = False
+    """Exit (see refusals.py for the status) on a refusal that asking
+    again will not change, instead of asking again."""
     shutdown_timeout: float = 10.0
     tls: bool = False
     tls_ca: str = ""
@@ -538,4 +541,5 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "pool_count": _countOrZero,
     "register_timeout": _seconds,
     "max_pending_data_channels": _count,
+    "exit_on_refusal": _flag,
 }

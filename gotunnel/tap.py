@@ -8,6 +8,9 @@ FILE), and options given on the command line override the file's keys.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 from typing import Any, Callable, Optional
 
 from twisted.application.service import IService
@@ -318,6 +321,10 @@ class ClientOptions(_SettingsOptions):
     optFlags = [
         ["tls", None, "Connect with TLS and verify the server's certificate and name "
                       "(client.tls)."],
+        ["exit-on-refusal", None,
+         "Exit when the server refuses a mapping for a reason that asking again will not "
+         "change (wrong token 3, port not allowed 4, port taken by another client 5, port "
+         "busy on the server 6) instead of asking again (client.exit_on_refusal)."],
         _NO_ZERO_COPY,
         _NO_SPLICE_THREAD,
     ]
@@ -362,6 +369,8 @@ class ClientOptions(_SettingsOptions):
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
         if self["tls"]:
             values["tls"] = True
+        if self["exit-on-refusal"]:
+            values["exit_on_refusal"] = True
         if self["map"]:
             values["mappings"] = list(self["map"])
         if not values.get("mappings"):
@@ -396,6 +405,28 @@ def makeServerService(options: ServerOptions, reactor=None) -> IService:
     return TunnelServerService(options.settings(), reactor=reactor)
 
 
+def _exitStatusAfterTwistd(status: int) -> None:
+    """
+    Make the process exit with C{status} once twistd is done: twistd
+    returns 0 when its reactor stops, whatever stopped it.  At exit, it has
+    removed its pidfile and written its last log line.
+    """
+
+    def exit() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+        os._exit(status)
+
+    atexit.register(exit)
+
+
 def makeClientService(options: ClientOptions, reactor=None) -> IService:
     _raiseOpenFileLimit()
-    return TunnelClientService(options.settings(), reactor=reactor)
+    service = TunnelClientService(options.settings(), reactor=reactor)
+    if getattr(options, "parent", None) is not None:
+        service.whenExiting = _exitStatusAfterTwistd
+    return service

@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from gotunnel import client, report
 from gotunnel.client import (
     EARLY_LOCAL_CONNECTS, ControlChannelFactory, DataChannelFactory, LocalServiceFactory,
-    TunnelService, _ProbeFactory,
+    TunnelClientService, TunnelService, _ProbeFactory,
 )
 from gotunnel.config import ClientSettings, Mapping
 
@@ -181,17 +181,17 @@ class RegisterTests(ClientTestCase):
         self.assertIsNone(self.service.channel)
 
     def test_otherRefusalLogged(self):
-        """Another refusal is logged with its reason, and not printed as 1002."""
+        """Another refusal is logged with its reason at once, and not printed as 1002."""
         events = self.logged()
         channel, transport = self.control()
         channel.dataReceived(frame(
             b'{"type":"register_resp","status":"fail",'
-            b'"reason":"remote port 10022 is already taken by another client"}'))
+            b'"reason":"the server is restarting"}'))
         self.assertEqual(self.stderr.getvalue(), "")
         self.assertTrue(transport.disconnecting)
         reasons = [e.get("reason") for e in events
                    if e.get("log_format", "").startswith("the server refused")]
-        self.assertEqual(reasons, ["remote port 10022 is already taken by another client"])
+        self.assertEqual(reasons, ["the server is restarting"])
 
     def test_secondRegisterRespCloses(self):
         """A register_resp on a registered channel is a protocol error."""
@@ -386,6 +386,95 @@ class ReconnectTests(ClientTestCase):
         self.reactor.advance(30)
         self.assertFalse(transport.disconnected)
         self.assertIsNotNone(self.service.channel)
+
+
+class LastingRefusalTests(ClientTestCase):
+    """
+    Refusals that asking again will not change: the retry line says so and
+    names what must change; with exit_on_refusal the client stops the
+    reactor with a status per kind of refusal.
+    """
+
+    TAKEN = (b'{"type":"register_resp","status":"fail",'
+             b'"reason":"remote port 10022 is already taken by another client"}')
+
+    def refusedLines(self, events: list[dict]) -> list[str]:
+        return [formatEvent(e) for e in events
+                if e.get("log_format", "").startswith("the server refused")]
+
+    def refuseOnce(self, answer: bytes) -> None:
+        [*_, index] = self.serverAttempts()
+        protocol, _ = self.complete(index)
+        protocol.dataReceived(frame(answer))
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+
+    def test_retryLineSaysItWillNotChange(self):
+        events = self.logged()
+        self.service.startService()
+        self.refuseOnce(self.TAKEN)
+        self.assertEqual(self.refusedLines(events), [
+            "the server refused 127.0.0.1:8022->10022: remote port 10022 is already taken by "
+            "another client; will retry in 1.5 s; this will not change until the other client "
+            "releases port 10022 or this one asks for another remote port"])
+        self.reactor.advance(1.5)
+        self.refuseOnce(AUTH_FAILED)
+        self.assertEqual(self.stderr.getvalue(), AUTH_LINE)
+        self.assertEqual(self.refusedLines(events)[1:], [
+            "the server refused 127.0.0.1:8022->10022: authentication failed; will retry in "
+            "2.5 s; this will not change until the client's token is the server's "
+            "(client.token, --token)"])
+
+    def clientService(self, **settings) -> TunnelClientService:
+        settings = ClientSettings(server="tcp:%s:%d" % SERVER, token=self.token, name=self.name,
+                                  mappings=[self.mapping], **settings)
+        service = TunnelClientService(settings, reactor=self.reactor)
+        self.reactor.running = True
+        service.startService()
+        return service
+
+    def test_exitOnRefusal(self):
+        """
+        With exit_on_refusal, each kind of lasting refusal stops the
+        reactor with its own exit status; a wrong token still prints
+        [ERROR][1002] first.
+        """
+        for reason, status in [
+                (b"authentication failed", 3),
+                (b"remote port 10022 is not allowed on this server", 4),
+                (b"too many mappings for client 'edge-1': it may hold 1 at once", 4),
+                (b"remote port 10022 is already taken by another client", 5),
+                (b"cannot listen on port 10022: [Errno 98] Address already in use", 6)]:
+            self.reactor = MemoryReactorClock()
+            events = self.logged()
+            service = self.clientService(exit_on_refusal=True)
+            self.refuseOnce(b'{"type":"register_resp","status":"fail","reason":"%s"}' % reason)
+            self.assertTrue(self.reactor.hasStopped, reason)
+            self.assertEqual(service.exitStatus, status)
+            [line] = self.refusedLines(events)
+            self.assertIn(f"; exiting with status {status} (exit_on_refusal), as this will not "
+                          "change until ", line)
+        self.assertEqual(self.stderr.getvalue(), AUTH_LINE)
+
+    def test_exitStatusToldFirst(self):
+        """whenExiting (twistd's hook) hears the status before the reactor stops."""
+        service = self.clientService(exit_on_refusal=True)
+        heard = []
+        service.whenExiting = lambda status: heard.append((status, self.reactor.hasStopped))
+        self.refuseOnce(self.TAKEN)
+        self.assertEqual(heard, [(5, False)])
+
+    def test_noExitWithoutTheOption(self):
+        service = self.clientService()
+        self.refuseOnce(AUTH_FAILED)
+        self.assertFalse(self.reactor.hasStopped)
+        self.assertIsNone(service.exitStatus)
+
+    def test_noExitOnARefusalThatMayPass(self):
+        service = self.clientService(exit_on_refusal=True)
+        self.refuseOnce(b'{"type":"register_resp","status":"fail",'
+                        b'"reason":"the server is restarting"}')
+        self.assertFalse(self.reactor.hasStopped)
+        self.assertIsNone(service.exitStatus)
 
 
 class DataChannelTests(ClientTestCase):

@@ -782,3 +782,20 @@ class PendingDataChannelsOptionTests(ConfigTestCase):
                                "at least 1")
         with self.assertRaises(usage.UsageError):
             self.client(self.CLIENT, "--max-pending-data-channels", "0")
+
+
+class ExitOnRefusalOptionTests(ConfigTestCase):
+    """client.exit_on_refusal / --exit-on-refusal: off by default."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_offByDefault(self):
+        self.assertFalse(self.client(self.CLIENT).exit_on_refusal)
+
+    def test_inTheFileOrOnTheCommandLine(self):
+        self.assertTrue(self.client(self.CLIENT + "  exit_on_refusal: true\n").exit_on_refusal)
+        self.assertTrue(self.client(self.CLIENT, "--exit-on-refusal").exit_on_refusal)
+
+    def test_notAFlag(self):
+        self.assertConfigError("client", self.CLIENT + "  exit_on_refusal: 'yes please'\n",
+                               "client.exit_on_refusal must be true or false")
