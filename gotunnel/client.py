@@ -27,7 +27,7 @@ from zope.interface import implementer
 from gotunnel import messages, tls
 from gotunnel.config import ClientSettings, Mapping
 from gotunnel.control import MessageReceiver, tlsFailure
-from gotunnel.refusals import LastingRefusal, lastingRefusal
+from gotunnel.refusals import lastingRefusal
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 
@@ -512,8 +512,8 @@ class TunnelService(MultiService):
     _droppedUnlogged = 0
     _droppedLogCall = None
     _openingWaiting = False
-    _refused: Optional[tuple[str, LastingRefusal]] = None
-    """The last refusal, if asking again will not change it, until the retry is logged."""
+    _refusalDelay: Optional[float] = None
+    """The delay before asking again after a refusal, told as the refusal is logged."""
 
     def __init__(self, settings: ClientSettings, mapping: Mapping,
                  serverEndpoint: IStreamClientEndpoint, reactor,
@@ -554,16 +554,11 @@ class TunnelService(MultiService):
         # after every connect that succeeds; a control channel that ended
         # without being registered (refused, or cut by the server) must back
         # off too, not retry every second.
-        delay = self._backoff(attempt + max(self.failedRegistrations - 1, 0))
-        refused, self._refused = self._refused, None
-        if refused is not None:
-            reason, lasting = refused
-            log.error("the server refused {mapping}: {reason}; will retry in {delay:.1f} s; "
-                      "this will not change until {until}", mapping=str(self.mapping),
-                      reason=reason, delay=delay, until=lasting.until)
-        else:
-            log.info("reconnecting {mapping} to the server in {delay:.1f} s",
-                     mapping=str(self.mapping), delay=delay)
+        delay, self._refusalDelay = self._refusalDelay, None
+        if delay is None:
+            delay = self._backoff(attempt + max(self.failedRegistrations - 1, 0))
+        log.info("reconnecting {mapping} to the server in {delay:.1f} s",
+                 mapping=str(self.mapping), delay=delay)
         return delay
 
     def whenRegistered(self) -> defer.Deferred:
@@ -604,8 +599,13 @@ class TunnelService(MultiService):
                       until=lasting.until)
             self.parent.exit(lasting.exit_status)
         else:
-            # Said with the delay, once the reconnection is scheduled.
-            self._refused = (reason, lasting)
+            # The delay _retryDelay will be asked for: attempt 1 (the
+            # connection was made), with this refusal one more failed
+            # registration.
+            self._refusalDelay = self._backoff(1 + self.failedRegistrations)
+            log.error("the server refused {mapping}: {reason}; will retry in {delay:.1f} s; "
+                      "this will not change until {until}", mapping=str(self.mapping),
+                      reason=reason, delay=self._refusalDelay, until=lasting.until)
 
     def channelLost(self, channel: ControlChannel) -> None:
         if not channel.registered:

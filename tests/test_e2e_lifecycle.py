@@ -143,9 +143,12 @@ class AuthenticationTests(LifecycleTestCase):
         client = self.tunnel.startClient(target, token="wrong-token", reconnect_max_delay=16)
         public = client.tunnels[0].mapping.remote_port
 
-        # Each refusal is followed by a retry scheduled after a delay.
-        retries = yield within(self.logs.whenMatched(LogWatcher.formatted("reconnecting"), 2),
-                               30, "two retries after authentication failures")
+        # Each refusal is followed by a retry scheduled after a delay, and
+        # the line says a retry will not help.
+        retries = yield within(self.logs.whenMatched(LogWatcher.formatted(
+            "the server refused {mapping}: {reason}; will retry in {delay:.1f} s; this will "
+            "not change until", reason="authentication failed"), 2),
+            30, "two retries after authentication failures")
         window = reactor.seconds() - started
         self.assertEqual(self.stderr.items, [AUTH_FAILED_LINE] * 2)
 
