@@ -115,16 +115,34 @@ class ServerEndpoints:
         return None
 
 
+def serverAddress(endpoint: object) -> Optional[str]:
+    """
+    HOST:PORT (an IPv6 host in brackets) that a client endpoint connects
+    to, for a person to read; None where Twisted's endpoint does not tell.
+    """
+    while endpoint is not None:
+        host = getattr(endpoint, "_hostText", None) or getattr(endpoint, "_host", None)
+        port = getattr(endpoint, "_port", None)
+        if isinstance(host, bytes):
+            host = host.decode("ascii", "replace")
+        if host and isinstance(port, int):
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        endpoint = getattr(endpoint, "_wrappedEndpoint", None)
+    return None
+
+
 @implementer(IStreamClientEndpoint)
 class ReportingEndpoint:
     """
-    The server's endpoint, printing C{[ERROR][1001]} when it cannot be
-    reached.
+    The server's endpoint, printing C{[ERROR][1001]} with the server's
+    address when it cannot be reached.
     """
 
-    def __init__(self, endpoint: IStreamClientEndpoint, lang: str = "en") -> None:
+    def __init__(self, endpoint: IStreamClientEndpoint, lang: str = "en", clock=None) -> None:
         self.endpoint = endpoint
         self.lang = lang
+        self.address = serverAddress(endpoint)
+        self.clock = clock
 
     def __repr__(self) -> str:
         return f"<server endpoint {self.endpoint!r}>"
@@ -132,7 +150,8 @@ class ReportingEndpoint:
     def connect(self, factory) -> defer.Deferred:
         def failed(failure):
             if not failure.check(defer.CancelledError):
-                reportError(SERVER_UNREACHABLE, failure.getErrorMessage(), self.lang)
+                reportError(SERVER_UNREACHABLE, failure.getErrorMessage(), self.lang,
+                            self.address, self.clock.seconds() if self.clock else None)
             return failure
 
         return self.endpoint.connect(factory).addErrback(failed)
@@ -229,7 +248,7 @@ class ControlChannel(MessageReceiver):
             why = ("the connection closed during the TLS handshake "
                    "(is the server plain TCP? then connect without --tls)")
         if why is not None and not self.registered:
-            reportError(SERVER_UNREACHABLE, why, self.tunnel.settings.log_lang)
+            self.tunnel.reportUnreachable(why)
         self.tunnel.channelLost(self)
 
 
@@ -541,7 +560,8 @@ class TunnelService(MultiService):
         self.localEndpoint = localEndpoint(reactor, mapping.local_host, mapping.local_port)
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=settings.reconnect_max_delay,
                                       factor=2.0, jitter=random.random)
-        self.connector = ClientService(ReportingEndpoint(serverEndpoint, settings.log_lang),
+        self.reportingEndpoint = ReportingEndpoint(serverEndpoint, settings.log_lang, reactor)
+        self.connector = ClientService(self.reportingEndpoint,
                                        ControlChannelFactory(self),
                                        retryPolicy=self._retryDelay, clock=reactor)
         self.connector.setServiceParent(self)
@@ -587,7 +607,8 @@ class TunnelService(MultiService):
 
     def registrationRefused(self, reason: str) -> None:
         if reason == "authentication failed":
-            reportError(AUTHENTICATION_FAILED, lang=self.settings.log_lang)
+            reportError(AUTHENTICATION_FAILED, lang=self.settings.log_lang,
+                        when=self.reactor.seconds())
         lasting = lastingRefusal(reason)
         if lasting is None:
             log.error("the server refused {mapping}: {reason}", mapping=str(self.mapping),
@@ -606,6 +627,11 @@ class TunnelService(MultiService):
             log.error("the server refused {mapping}: {reason}; will retry in {delay:.1f} s; "
                       "this will not change until {until}", mapping=str(self.mapping),
                       reason=reason, delay=self._refusalDelay, until=lasting.until)
+
+    def reportUnreachable(self, why: str) -> None:
+        """Print C{[ERROR][1001]} with the server's address and C{why}."""
+        reportError(SERVER_UNREACHABLE, why, self.settings.log_lang,
+                    self.reportingEndpoint.address, self.reactor.seconds())
 
     def channelLost(self, channel: ControlChannel) -> None:
         if not channel.registered:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import struct
 import sys
 
@@ -16,14 +17,14 @@ from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent, formatTime, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from gotunnel import client, report
 from gotunnel.client import (
     EARLY_LOCAL_CONNECTS, ControlChannelFactory, DataChannelFactory, LocalServiceFactory,
-    TunnelClientService, TunnelService, _ProbeFactory,
+    TunnelClientService, TunnelService, _ProbeFactory, serverAddress,
 )
 from gotunnel.config import ClientSettings, Mapping
 
@@ -35,6 +36,7 @@ JITTER = 0.5
 AUTH_FAILED = b'{"type":"register_resp","status":"fail","reason":"authentication failed"}'
 OK = b'{"type":"register_resp","status":"ok"}'
 AUTH_LINE = "[ERROR][1002] Authentication failed, please check token\n"
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ", re.MULTILINE)
 
 # From the Go capture (go-gotunnel-wire.json).
 GO_REGISTER = bytes.fromhex(
@@ -147,6 +149,12 @@ class ClientTestCase(unittest.TestCase):
         [index] = self.serverAttempts(DataChannelFactory)
         return self.complete(index)
 
+    def unstamped(self) -> str:
+        """Standard error with each line's time taken off (every line must have one)."""
+        text = self.stderr.getvalue()
+        self.assertEqual(len(STAMP.findall(text)), text.count("\n"), text)
+        return STAMP.sub("", text)
+
     def logged(self) -> list[dict]:
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
@@ -176,7 +184,7 @@ class RegisterTests(ClientTestCase):
         """
         channel, transport = self.control()
         channel.dataReceived(frame(AUTH_FAILED))
-        self.assertEqual(self.stderr.getvalue(), AUTH_LINE)
+        self.assertEqual(self.stderr.getvalue(), f"{formatTime(START)} {AUTH_LINE}")
         self.assertTrue(transport.disconnecting)
         self.assertIsNone(self.service.channel)
 
@@ -294,9 +302,9 @@ class ReconnectTests(ClientTestCase):
         for delay in (1, 2, 4, 8, 16, 16):
             self.refuse(index)
             index = self.assertNextAttemptAfter(delay)
-        self.assertEqual(self.stderr.getvalue().splitlines(),
-                         [report.formatError(report.SERVER_UNREACHABLE,
-                                             "Connection was refused by other side.")] * 6)
+        self.assertEqual(self.unstamped().splitlines(),
+                         ["[ERROR][1001] Failed to connect to server 198.51.100.7:17000: "
+                          "Connection was refused by other side."] * 6)
 
     def test_authFailuresBackOff(self):
         """
@@ -312,7 +320,7 @@ class ReconnectTests(ClientTestCase):
             self.assertTrue(transport.disconnecting)
             protocol.connectionLost(Failure(error.ConnectionDone()))
             index = self.assertNextAttemptAfter(delay)
-        self.assertEqual(self.stderr.getvalue(), AUTH_LINE * 6)
+        self.assertEqual(self.unstamped(), AUTH_LINE * 6)
 
     def test_registeredResetsBackOff(self):
         """After a successful registration, a lost channel is retried after 1 s again."""
@@ -416,13 +424,20 @@ class LastingRefusalTests(ClientTestCase):
             "the server refused 127.0.0.1:8022->10022: remote port 10022 is already taken by "
             "another client; will retry in 1.5 s; this will not change until the other client "
             "releases port 10022 or this one asks for another remote port"])
-        self.reactor.advance(1.5)
+        self.reactor.advance(1.4)
+        self.assertEqual(len(self.serverAttempts()), 1)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.serverAttempts()), 2)
         self.refuseOnce(AUTH_FAILED)
-        self.assertEqual(self.stderr.getvalue(), AUTH_LINE)
+        self.assertEqual(self.unstamped(), AUTH_LINE)
         self.assertEqual(self.refusedLines(events)[1:], [
             "the server refused 127.0.0.1:8022->10022: authentication failed; will retry in "
             "2.5 s; this will not change until the client's token is the server's "
             "(client.token, --token)"])
+        self.reactor.advance(2.4)
+        self.assertEqual(len(self.serverAttempts()), 2)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.serverAttempts()), 3)
 
     def clientService(self, **settings) -> TunnelClientService:
         settings = ClientSettings(server="tcp:%s:%d" % SERVER, token=self.token, name=self.name,
@@ -453,7 +468,7 @@ class LastingRefusalTests(ClientTestCase):
             [line] = self.refusedLines(events)
             self.assertIn(f"; exiting with status {status} (exit_on_refusal), as this will not "
                           "change until ", line)
-        self.assertEqual(self.stderr.getvalue(), AUTH_LINE)
+        self.assertEqual(self.unstamped(), AUTH_LINE)
 
     def test_exitStatusToldFirst(self):
         """whenExiting (twistd's hook) hears the status before the reactor stops."""
@@ -957,11 +972,18 @@ class SecretTests(ClientTestCase):
 
 class ReportTests(unittest.TestCase):
     def test_formatServerUnreachable(self):
-        """Error 1001 reads as the Go client's line, with the detail after a colon."""
+        """
+        Error 1001 reads as the Go client's line, with the server's address
+        after the description and the detail after a colon.
+        """
         self.assertEqual(report.formatError(1001, "Connection refused"),
                          "[ERROR][1001] Failed to connect to server: Connection refused")
         self.assertEqual(report.formatError(1001),
                          "[ERROR][1001] Failed to connect to server")
+        self.assertEqual(report.formatError(1001, "Connection refused",
+                                            address="127.0.0.1:17000"),
+                         "[ERROR][1001] Failed to connect to server 127.0.0.1:17000: "
+                         "Connection refused")
 
     def test_formatAuthenticationFailed(self):
         """Error 1002 reads as the Go client's line."""
@@ -972,6 +994,28 @@ class ReportTests(unittest.TestCase):
         """reportError writes one line on the process's real standard error."""
         stream = io.StringIO()
         self.patch(sys, "__stderr__", stream)
-        report.reportError(report.SERVER_UNREACHABLE, "timeout")
-        self.assertEqual(stream.getvalue(),
-                         "[ERROR][1001] Failed to connect to server: timeout\n")
+        report.reportError(report.SERVER_UNREACHABLE, "timeout", address="[::1]:17000",
+                           when=START)
+        self.assertEqual(stream.getvalue(), f"{formatTime(START)} [ERROR][1001] Failed to "
+                         "connect to server [::1]:17000: timeout\n")
+
+    def test_reportStampedNow(self):
+        """Without a time given, the line has the current time, as the log has."""
+        stream = io.StringIO()
+        self.patch(sys, "__stderr__", stream)
+        self.patch(report.time, "time", lambda: START + 0.75)
+        report.reportError(report.AUTHENTICATION_FAILED)
+        self.assertEqual(stream.getvalue(), f"{formatTime(START)} {AUTH_LINE}")
+
+    def test_serverAddress(self):
+        """The address in 1001: the endpoint's host and port, through a TLS wrapper."""
+        from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+
+        reactor = MemoryReactorClock()
+        self.assertEqual(serverAddress(clientFromString(reactor, "tcp:127.0.0.1:17000")),
+                         "127.0.0.1:17000")
+        self.assertEqual(serverAddress(clientFromString(reactor, "tls:tunnel.example:17001")),
+                         "tunnel.example:17001")
+        self.assertEqual(serverAddress(HostnameEndpoint(reactor, "::1", 17002)),
+                         "[::1]:17002")
+        self.assertIsNone(serverAddress(object()))

@@ -26,7 +26,7 @@ from tests.support import (
 )
 
 AUTH_FAILED_LINE = "[ERROR][1002] Authentication failed, please check token"
-UNREACHABLE_PREFIX = "[ERROR][1001] Failed to connect to server: "
+UNREACHABLE_PREFIX = "[ERROR][1001] Failed to connect to server"
 
 
 @defer.inlineCallbacks
@@ -177,8 +177,9 @@ class UnreachableServerTests(LifecycleTestCase):
         client = self.tunnel.startClient(target)
         [line] = yield within(self.stderr.whenMatched(startsWith("[ERROR]")), 15,
                               "an error report")
-        self.assertTrue(line.startswith(UNREACHABLE_PREFIX), line)
-        self.assertIn("refused", line[len(UNREACHABLE_PREFIX):].lower())
+        prefix = f"{UNREACHABLE_PREFIX} 127.0.0.1:{self.tunnel.controlPort}: "
+        self.assertTrue(line.startswith(prefix), line)
+        self.assertIn("refused", line[len(prefix):].lower())
         self.assertIsNone(client.tunnels[0].channel)
 
 

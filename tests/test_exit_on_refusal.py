@@ -19,7 +19,8 @@ TWISTD = venvScript("twistd")
 SERVER_SCRIPT = venvScript("gotunnel-server")
 CLIENT_SCRIPT = venvScript("gotunnel-client")
 LISTENING = re.compile(r"control channel listening on 127\.0\.0\.1:(\d+)")
-AUTH_FAILED = re.compile(r"^(?:\S+ )?\[ERROR\]\[1002\] Authentication failed, please check token$",
+AUTH_FAILED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} "
+                         r"\[ERROR\]\[1002\] Authentication failed, please check token$",
                          re.MULTILINE)
 START_TIMEOUT = 60
 EXIT_TIMEOUT = 60
