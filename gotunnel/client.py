@@ -169,6 +169,7 @@ class ControlChannel(MessageReceiver):
     lastPong = 0.0
     handshakeDone = False
     registerTimeout = None
+    timedOut = False
     tlsMismatchHint = "the server speaks TLS? connect with --tls"
 
     def __init__(self, tunnel: "TunnelService") -> None:
@@ -189,6 +190,7 @@ class ControlChannel(MessageReceiver):
 
     def _registerTimedOut(self) -> None:
         self.registerTimeout = None
+        self.timedOut = True
         log.warn("the server did not answer the registration of {mapping} within {seconds:g} s; "
                  "closing the control channel", mapping=str(self.tunnel.mapping),
                  seconds=self.tunnel.settings.register_timeout)
@@ -244,7 +246,10 @@ class ControlChannel(MessageReceiver):
         if self.heartbeat.running:
             self.heartbeat.stop()
         why = tlsFailure(reason)
-        if why is None and ISSLTransport.providedBy(self.transport) and not self.handshakeDone:
+        # A handshake we cut short on the timeout says nothing about the
+        # server speaking plain TCP; the timeout's line has said why.
+        if (why is None and ISSLTransport.providedBy(self.transport) and not self.handshakeDone
+                and not self.timedOut):
             why = ("the connection closed during the TLS handshake "
                    "(is the server plain TCP? then connect without --tls)")
         if why is not None and not self.registered:
@@ -613,7 +618,7 @@ class TunnelService(MultiService):
         if lasting is None:
             log.error("the server refused {mapping}: {reason}", mapping=str(self.mapping),
                       reason=reason)
-        elif self.settings.exit_on_refusal and self.parent is not None:
+        elif self.settings.exit_on_refusal and isinstance(self.parent, TunnelClientService):
             log.error("the server refused {mapping}: {reason}; exiting with status {status} "
                       "(exit_on_refusal), as this will not change until {until}",
                       mapping=str(self.mapping), reason=reason, status=lasting.exit_status,

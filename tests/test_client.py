@@ -15,11 +15,13 @@ import sys
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, formatTime, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from zope.interface import directlyProvides
 
 from gotunnel import client, report
 from gotunnel.client import (
@@ -382,6 +384,20 @@ class ReconnectTests(ClientTestCase):
         self.assertEqual(warnings, ["the server did not answer the registration of "
                                     "127.0.0.1:8022->10022 within 10 s; closing the control "
                                     "channel"] * 3)
+
+    def test_registerTimeoutInTLSHandshakeNotBlamedOnPlainServer(self):
+        """
+        A TLS handshake the server never finishes ends with the timeout's
+        line only, not with 1001's hint that the server speaks plain TCP.
+        """
+        channel = ControlChannelFactory(self.service).buildProtocol(None)
+        transport = StringTransport()
+        directlyProvides(transport, ISSLTransport)
+        channel.makeConnection(transport)
+        self.reactor.advance(10)
+        self.assertTrue(transport.disconnected)
+        channel.connectionLost(Failure(error.ConnectionAborted()))
+        self.assertEqual(self.stderr.getvalue(), "")
 
     def test_registerTimeoutSetting(self):
         """register_timeout sets the wait; an answer in time cancels it."""
