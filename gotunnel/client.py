@@ -700,6 +700,7 @@ class TunnelService(MultiService):
         self.waitingRequests.clear()
         if self._droppedLogCall is not None and self._droppedLogCall.active():
             self._droppedLogCall.cancel()
+        self._droppedLogCall = None
         for connecting in list(self._connecting):
             connecting.cancel()
         stopped = defer.maybeDeferred(super().stopService)

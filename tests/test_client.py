@@ -868,6 +868,17 @@ class PendingDataChannelTests(ClientTestCase):
         self.assertEqual(len(self.service.waitingRequests), 2)
         self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 3)
 
+    def test_stopForgetsWaitingAndTheNextDropLine(self):
+        """Stopping leaves no request waiting and no drop line to come."""
+        self.patch(client, "MAX_WAITING_DATA_CHANNEL_REQUESTS", 1)
+        self.ask(*(f"c{n}" for n in range(6)))
+        call = self.service._droppedLogCall
+        self.assertTrue(call.active())
+        self.service.startService()
+        self.service.stopService()
+        self.assertFalse(call.active())
+        self.assertEqual(len(self.service.waitingRequests), 0)
+
     def test_controlChannelLostForgetsWaiting(self):
         """The server forgets its users with the control channel; so do we."""
         self.ask(*(f"c{n}" for n in range(5)))
