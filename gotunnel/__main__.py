@@ -65,7 +65,8 @@ def run(role: str, argv: Sequence[str], prog: str, usageName: Optional[str] = No
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 0
+    # A client that gave up on a refusal says which (--exit-on-refusal).
+    return getattr(service, "exitStatus", None) or 0
 
 
 def serverMain(argv: Optional[Sequence[str]] = None) -> int:

@@ -106,6 +106,15 @@ class ClientSettings:
     # A server that answers no ping for this long is taken for dead (the Go
     # server's own timeout for a silent client).
     server_timeout: float = 30.0
+    register_timeout: float = 10.0
+    """Seconds to wait for the server's answer to register (and to each
+    data channel asked for by a user) before giving up on that connection."""
+    max_pending_data_channels: int = 256
+    """Data channels per mapping opened for users and not yet answered by
+    the server; the server's further requests wait (see client.py)."""
+    exit_on_refusal: bool = False
+    """Exit (see refusals.py for the status) on a refusal that asking
+    again will not change, instead of asking again."""
     shutdown_timeout: float = 10.0
     tls: bool = False
     tls_ca: str = ""
@@ -562,4 +571,7 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
     "pool_count": _countOrZero,
+    "register_timeout": _seconds,
+    "max_pending_data_channels": _count,
+    "exit_on_refusal": _flag,
 }

@@ -8,6 +8,7 @@ FILE), and options given on the command line override the file's keys.
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import sys
@@ -22,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gotunnel import __version__, logs, rlimits, tls
-from gotunnel.client import TunnelClientService
+from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
     LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
     clientEndpointString, findConfigFile, parseLogLang, parseLogLevel, parseMapping,
@@ -368,11 +369,26 @@ class ClientOptions(_SettingsOptions):
          "(mutual TLS; client.tls_client_cert; needs --tls-client-key)."],
         ["tls-client-key", None, None,
          "The PEM private key of --tls-client-cert (client.tls_client_key)."],
+        ["register-timeout", None, None,
+         "Seconds to wait for the server's answer to register, and to each data channel, "
+         "before closing that connection (and, for register, connecting again) "
+         f"(default: {ClientSettings.register_timeout:g}; client.register_timeout)",
+         _positive],
+        ["max-pending-data-channels", None, None,
+         "Data channels per mapping being opened for users at once; the server's further "
+         f"requests wait their turn (up to {MAX_WAITING_DATA_CHANNEL_REQUESTS}, then they are "
+         "dropped) "
+         f"(default: {ClientSettings.max_pending_data_channels}; "
+         "client.max_pending_data_channels)", _atLeastOne],
         _busyPollOption("client", ClientSettings),
     ] + _logOptions("client")
     optFlags = [
         ["tls", None, "Connect with TLS and verify the server's certificate and name "
                       "(client.tls)."],
+        ["exit-on-refusal", None,
+         "Exit when the server refuses a mapping for a reason that asking again will not "
+         "change (wrong token 3, port not allowed 4, port taken by another client 5, port "
+         "busy on the server 6) instead of asking again (client.exit_on_refusal)."],
         _NO_ZERO_COPY,
         _NO_SPLICE_THREAD,
     ]
@@ -387,6 +403,8 @@ class ClientOptions(_SettingsOptions):
               "heartbeat-interval": "heartbeat_interval",
               "health-check-interval": "health_check_interval",
               "pool-count": "pool_count", "busy-poll": "busy_poll",
+              "register-timeout": "register_timeout",
+              "max-pending-data-channels": "max_pending_data_channels",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
               "log-level": "log_level", "log-lang": "log_lang"}
@@ -420,6 +438,8 @@ class ClientOptions(_SettingsOptions):
             values["tls"] = True
         if values.get("server"):
             values["server"] = clientEndpointString(values["server"])
+        if self["exit-on-refusal"]:
+            values["exit_on_refusal"] = True
         if self["map"]:
             values["mappings"] = list(self["map"])
         if not values.get("mappings"):
@@ -476,6 +496,28 @@ def makeServerService(options: ServerOptions, reactor=None) -> IService:
     return TunnelServerService(options.settings(), reactor=reactor)
 
 
+def _exitStatusAfterTwistd(status: int) -> None:
+    """
+    Make the process exit with C{status} once twistd is done: twistd
+    returns 0 when its reactor stops, whatever stopped it.  At exit, it has
+    removed its pidfile and written its last log line.
+    """
+
+    def exit() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+        os._exit(status)
+
+    atexit.register(exit)
+
+
 def makeClientService(options: ClientOptions, reactor=None) -> IService:
     _raiseOpenFileLimit()
-    return TunnelClientService(options.settings(), reactor=reactor)
+    service = TunnelClientService(options.settings(), reactor=reactor)
+    if getattr(options, "parent", None) is not None:
+        service.whenExiting = _exitStatusAfterTwistd
+    return service

@@ -808,3 +808,65 @@ class BusyPollOptionTests(ConfigTestCase):
             with self.assertRaises(usage.UsageError) as caught:
                 self.client(self.CLIENT, "--busy-poll", value)
             self.assertIn("must be from 0 to 10000", str(caught.exception))
+
+
+class RegisterTimeoutOptionTests(ConfigTestCase):
+    """client.register_timeout / --register-timeout: seconds, 10 by default."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_default(self):
+        self.assertEqual(self.client(self.CLIENT).register_timeout, 10.0)
+
+    def test_inTheFileAndCommandLine(self):
+        self.assertEqual(self.client(self.CLIENT + "  register_timeout: 3\n").register_timeout,
+                         3.0)
+        self.assertEqual(self.client(self.CLIENT + "  register_timeout: 3\n",
+                                     "--register-timeout", "0.5").register_timeout, 0.5)
+
+    def test_notPositiveRefused(self):
+        self.assertConfigError("client", self.CLIENT + "  register_timeout: 0\n",
+                               "client.register_timeout must be a number of seconds greater "
+                               "than 0")
+        with self.assertRaises(usage.UsageError):
+            self.client(self.CLIENT, "--register-timeout", "-1")
+
+
+class PendingDataChannelsOptionTests(ConfigTestCase):
+    """client.max_pending_data_channels / --max-pending-data-channels: 256 by default."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_default(self):
+        self.assertEqual(self.client(self.CLIENT).max_pending_data_channels, 256)
+
+    def test_inTheFileAndCommandLine(self):
+        self.assertEqual(self.client(self.CLIENT + "  max_pending_data_channels: 8\n")
+                         .max_pending_data_channels, 8)
+        self.assertEqual(self.client(self.CLIENT + "  max_pending_data_channels: 8\n",
+                                     "--max-pending-data-channels", "1")
+                         .max_pending_data_channels, 1)
+
+    def test_zeroRefused(self):
+        self.assertConfigError("client", self.CLIENT + "  max_pending_data_channels: 0\n",
+                               "client.max_pending_data_channels must be a whole number of "
+                               "at least 1")
+        with self.assertRaises(usage.UsageError):
+            self.client(self.CLIENT, "--max-pending-data-channels", "0")
+
+
+class ExitOnRefusalOptionTests(ConfigTestCase):
+    """client.exit_on_refusal / --exit-on-refusal: off by default."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_offByDefault(self):
+        self.assertFalse(self.client(self.CLIENT).exit_on_refusal)
+
+    def test_inTheFileOrOnTheCommandLine(self):
+        self.assertTrue(self.client(self.CLIENT + "  exit_on_refusal: true\n").exit_on_refusal)
+        self.assertTrue(self.client(self.CLIENT, "--exit-on-refusal").exit_on_refusal)
+
+    def test_notAFlag(self):
+        self.assertConfigError("client", self.CLIENT + "  exit_on_refusal: 'yes please'\n",
+                               "client.exit_on_refusal must be true or false")

@@ -26,7 +26,7 @@ from tests.support import (
 )
 
 AUTH_FAILED_LINE = "[ERROR][1002] Authentication failed, please check token"
-UNREACHABLE_PREFIX = "[ERROR][1001] Failed to connect to server: "
+UNREACHABLE_PREFIX = "[ERROR][1001] Failed to connect to server"
 
 
 @defer.inlineCallbacks
@@ -143,9 +143,12 @@ class AuthenticationTests(LifecycleTestCase):
         client = self.tunnel.startClient(target, token="wrong-token", reconnect_max_delay=16)
         public = client.tunnels[0].mapping.remote_port
 
-        # Each refusal is followed by a retry scheduled after a delay.
-        retries = yield within(self.logs.whenMatched(LogWatcher.formatted("reconnecting"), 2),
-                               30, "two retries after authentication failures")
+        # Each refusal is followed by a retry scheduled after a delay, and
+        # the line says a retry will not help.
+        retries = yield within(self.logs.whenMatched(LogWatcher.formatted(
+            "the server refused {mapping}: {reason}; will retry in {delay:.1f} s; this will "
+            "not change until", reason="authentication failed"), 2),
+            30, "two retries after authentication failures")
         window = reactor.seconds() - started
         self.assertEqual(self.stderr.items, [AUTH_FAILED_LINE] * 2)
 
@@ -174,8 +177,9 @@ class UnreachableServerTests(LifecycleTestCase):
         client = self.tunnel.startClient(target)
         [line] = yield within(self.stderr.whenMatched(startsWith("[ERROR]")), 15,
                               "an error report")
-        self.assertTrue(line.startswith(UNREACHABLE_PREFIX), line)
-        self.assertIn("refused", line[len(UNREACHABLE_PREFIX):].lower())
+        prefix = f"{UNREACHABLE_PREFIX} 127.0.0.1:{self.tunnel.controlPort}: "
+        self.assertTrue(line.startswith(prefix), line)
+        self.assertIn("refused", line[len(prefix):].lower())
         self.assertIsNone(client.tunnels[0].channel)
 
 
