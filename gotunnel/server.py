@@ -395,14 +395,8 @@ class TunnelRegistry:
         Refuse a port outside what C{name} may publish, or one mapping too
         many for C{name}.
         """
+        self.checkPort(name, remote_port)
         client = self.settings.clients.get(name)
-        allowed = self.settings.allow_ports
-        if client is not None and client.allow_ports:
-            allowed = client.allow_ports
-        if allowed and not any(remote_port in ports for ports in allowed):
-            where = f"for client {name!r}" if client is not None and client.allow_ports \
-                else "on this server"
-            raise RegistrationRefused(f"remote port {remote_port} is not allowed {where}")
         limit = self.settings.max_mappings_per_client
         if client is not None and client.max_mappings is not None:
             limit = client.max_mappings
@@ -411,6 +405,17 @@ class TunnelRegistry:
         if held >= limit:
             raise RegistrationRefused(
                 f"too many mappings for client {name!r}: it may hold {limit} at once")
+
+    def checkPort(self, name: str, remote_port: int) -> None:
+        """Refuse a port outside what C{name} may publish."""
+        client = self.settings.clients.get(name)
+        allowed = self.settings.allow_ports
+        if client is not None and client.allow_ports:
+            allowed = client.allow_ports
+        if allowed and not any(remote_port in ports for ports in allowed):
+            where = f"for client {name!r}" if client is not None and client.allow_ports \
+                else "on this server"
+            raise RegistrationRefused(f"remote port {remote_port} is not allowed {where}")
 
     def ownsItsName(self, name: str) -> bool:
         """Whether C{name} can be held by one client only: a listed one, or with mutual TLS."""
@@ -469,20 +474,36 @@ class TunnelRegistry:
         if self.tunnels.get(tunnel.remote_port) is tunnel:
             del self.tunnels[tunnel.remote_port]
 
+    def holderOf(self, name: str) -> Optional[str]:
+        """
+        Who holds what is registered under C{name}: the name itself when
+        only one client can hold it (see L{ownsItsName}), or None for the
+        shared token, which every holder of it shares.
+        """
+        return name if self.ownsItsName(name) else None
+
     def _dataChannelOwner(self, msg: messages.DataChannel,
                           certificateName: Optional[str]) -> Callable[[Tunnel], bool]:
         """
         Check a data channel's credentials; return a test of whether a
-        tunnel is one this data channel may serve.
+        tunnel is one this data channel may serve: one registered by the
+        same holder (L{holderOf}), on a port that holder may publish.
         """
         name = self.authenticate(msg.name, msg.token, certificateName)
+        holder = self.holderOf(name)
 
         def mine(tunnel: Tunnel) -> bool:
-            # A name that only one client can hold is checked; for the
-            # others (the shared token, Go clients) the token is enough.
-            if tunnel.name != name and self.ownsItsName(tunnel.name):
+            # A shared-token mapping is served by the shared token whatever
+            # the name (a Go client's data channel is matched by token
+            # alone); a listed client's token is not the shared one.
+            if self.holderOf(tunnel.name) != holder:
                 log.warn("a data channel of {name!r} asked for a user of {owner!r}",
                          name=name, owner=tunnel.name)
+                return False
+            try:
+                self.checkPort(name, tunnel.remote_port)
+            except RegistrationRefused as e:
+                log.warn("a data channel of {name!r}: {reason}", name=name, reason=str(e))
                 return False
             return True
 
