@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from gotunnel import messages, tls
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.leases import PortLease, PortLeases
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
 
@@ -293,6 +294,7 @@ class TunnelRegistry:
         self.clientHosts: dict[str, int] = {}
         self.authFailures: dict[str, tuple[int, float]] = {}
         self._stoppingListeners: set[defer.Deferred] = set()
+        self.leases = PortLeases(self.clock, settings.port_lease)
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -396,15 +398,19 @@ class TunnelRegistry:
         many for C{name}.
         """
         self.checkPort(name, remote_port)
-        client = self.settings.clients.get(name)
-        limit = self.settings.max_mappings_per_client
-        if client is not None and client.max_mappings is not None:
-            limit = client.max_mappings
+        limit = self.mappingLimit(name)
         held = sum(1 for tunnel in self.tunnels.values()
                    if tunnel.name == name and tunnel.remote_port != remote_port)
         if held >= limit:
             raise RegistrationRefused(
                 f"too many mappings for client {name!r}: it may hold {limit} at once")
+
+    def mappingLimit(self, name: str) -> int:
+        """How many mappings C{name} may hold at once."""
+        client = self.settings.clients.get(name)
+        if client is not None and client.max_mappings is not None:
+            return client.max_mappings
+        return self.settings.max_mappings_per_client
 
     def checkPort(self, name: str, remote_port: int) -> None:
         """Refuse a port outside what C{name} may publish."""
@@ -437,6 +443,7 @@ class TunnelRegistry:
             if not 1 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
             self.checkLimits(msg.name, msg.remote_port)
+            lease = self._takeLease(msg.name, msg.remote_port)
         except RegistrationRefused as e:
             return defer.fail(e)
         previous = self.tunnels.get(msg.remote_port)
@@ -452,6 +459,8 @@ class TunnelRegistry:
         tunnel = Tunnel(self, channel, msg)
         if previous is not None:
             tunnel._stopping = previousStopped
+        elif lease is not None:
+            tunnel._stopping = lease.stopped
         self.tunnels[msg.remote_port] = tunnel
 
         def refused(failure):
@@ -462,6 +471,42 @@ class TunnelRegistry:
                 f"cannot listen on port {msg.remote_port}: {reason}")
 
         return tunnel.listen().addCallbacks(lambda _: tunnel, refused)
+
+    def _takeLease(self, name: str, remote_port: int) -> Optional[PortLease]:
+        """
+        The lease on C{remote_port}, ended, if C{name} holds it: C{name} is
+        back.  Also ends C{name}'s oldest leases on other ports past what
+        it may hold at once, so that leases stay within its mapping limit.
+
+        @raise RegistrationRefused: another name holds the lease.
+        """
+        lease = self.leases.get(remote_port)
+        if lease is not None and lease.name != name:
+            raise RegistrationRefused(
+                f"remote port {remote_port} is reserved for the client that had it, "
+                f"for {self.leases.remaining(lease):.0f} s more")
+        held = sum(1 for tunnel in self.tunnels.values()
+                   if tunnel.name == name and tunnel.remote_port != remote_port)
+        others = [other for other in self.leases.heldBy(name) if other is not lease]
+        for other in others[:max(held + len(others) + 1 - self.mappingLimit(name), 0)]:
+            self.leases.end(other.remote_port)
+            log.info("lease of public port {remote_port} for {name} ended: {name} "
+                     "registered another port", remote_port=other.remote_port, name=name)
+        if lease is not None:
+            self.leases.end(remote_port)
+            log.info("client {name} is back: public port {remote_port} is its again",
+                     name=name, remote_port=remote_port)
+        return lease
+
+    def clientDropped(self, tunnel: Tunnel) -> None:
+        """
+        C{tunnel}'s control channel went away without its mapping being
+        replaced or the server stopping: close it, and hold its port for
+        the same client for C{settings.port_lease} seconds.
+        """
+        if tunnel.closed:
+            return
+        self.leases.start(tunnel.name, tunnel.remote_port, tunnel.close())
 
     def newConnectionId(self) -> str:
         """
@@ -557,7 +602,7 @@ class TunnelRegistry:
                          "for {timeout} s; dropping it",
                          name=tunnel.name, remote_port=tunnel.remote_port,
                          timeout=self.settings.heartbeat_timeout)
-                tunnel.close()
+                self.clientDropped(tunnel)
                 tunnel.channel.transport.abortConnection()
 
     def closeAll(self) -> defer.Deferred:
@@ -565,6 +610,7 @@ class TunnelRegistry:
         Stop every public listener, then close every connection once its
         buffered bytes are written.
         """
+        self.leases.clear()
         for tunnel in list(self.tunnels.values()):
             tunnel.close()
         stopping = defer.DeferredList([_whenFired(d) for d in list(self._stoppingListeners)])
@@ -831,7 +877,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.registry.clientLeft(self.host)
             log.info("client {name} gone; closing public port {remote_port}",
                      name=self.tunnel.name, remote_port=self.tunnel.remote_port)
-            self.tunnel.close()
+            self.registry.clientDropped(self.tunnel)
         elif role == "pooled":
             self.tunnel.pooledLost(self)
         elif role == "data":

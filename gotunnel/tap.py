@@ -8,6 +8,7 @@ FILE), and options given on the command line override the file's keys.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 from twisted.application.service import IService
@@ -34,6 +35,16 @@ def _positive(text: str) -> float:
 
 
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
+
+
+def _secondsOrZero(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
+_secondsOrZero.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
 
 
 def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
@@ -224,6 +235,10 @@ class ServerOptions(_SettingsOptions):
          "Seconds of silence after which a client is dropped "
          f"(default: {ServerSettings.heartbeat_timeout:g}; server.heartbeat_timeout)",
          _positive],
+        ["port-lease", None, None,
+         "Seconds a client whose control channel went keeps its public ports reserved "
+         "for it; 0 frees them at once "
+         f"(default: {ServerSettings.port_lease:g}; server.port_lease)", _secondsOrZero],
         ["max-mappings-per-client", None, None,
          "Mappings one client name may hold at once "
          f"(default: {ServerSettings.max_mappings_per_client}; "
@@ -248,6 +263,7 @@ class ServerOptions(_SettingsOptions):
     settingsType = ServerSettings
     fields = {"listen": "listen", "token": "token", "public-interface": "public_interface",
               "data-timeout": "data_channel_timeout", "heartbeat-timeout": "heartbeat_timeout",
+              "port-lease": "port_lease",
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
