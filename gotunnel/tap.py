@@ -279,6 +279,20 @@ class ServerOptions(_SettingsOptions):
         # shared token is set too.
         return not values.get("clients")
 
+    def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        # A listed name is its own only if nobody else holds its token: not
+        # every holder of the shared token, nor another listed client.
+        owners: dict[str, str] = {}
+        if values.get("token"):
+            owners[values["token"]] = "the shared server.token"
+        for name, policy in values.get("clients", {}).items():
+            other = owners.setdefault(policy.token, f"server.clients.{name}.token")
+            if other != f"server.clients.{name}.token":
+                problem = (f"server.clients.{name}.token is the same as {other}: whoever "
+                           f"holds that could register as {name!r}; give {name!r} a token "
+                           "of its own")
+                raise ConfigError(f"{source}: {problem}" if source else problem)
+
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
         tls.checkServerSettings(settings, names, where)
 

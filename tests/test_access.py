@@ -275,6 +275,41 @@ class DataChannelOwnershipTests(AccessTestCase):
             public, None, token=ALICE_TOKEN, name="alice"))
 
 
+
+class NameTests(AccessTestCase):
+    """
+    A listed name is its client's: a holder of the shared token can take
+    neither the name nor its ports, live or under lease.  Names under the
+    shared token are anybody's who holds it.
+    """
+
+    @defer.inlineCallbacks
+    def test_sharedTokenCannotTakeAListedClientsPort(self):
+        alice, public = yield self.assertRegisters("alice", ALICE_TOKEN)
+        yield self.assertRefused("bob", TOKEN,
+                                 f"remote port {public} is already taken by another client",
+                                 public)
+        yield self.assertRefused("alice", TOKEN, "authentication failed", public)
+        alice.transport.abortConnection()
+        yield waitUntil(lambda: self.server.registry.leases.get(public), 15,
+                        "alice's port to be leased")
+        _, answer, _ = yield self.register("bob", TOKEN, public)
+        self.assertEqual(answer["status"], "fail")
+        self.assertTrue(answer["reason"].startswith(
+            f"remote port {public} is reserved for the client that had it, for "), answer)
+        yield self.assertRefused("alice", TOKEN, "authentication failed", public)
+        yield self.assertRegisters("alice", ALICE_TOKEN, public)
+
+    @defer.inlineCallbacks
+    def test_sharedNameIsAnyHolders(self):
+        """
+        A name under the shared token is not owned: another holder of the
+        shared token using it takes its port over, as a reconnect would.
+        """
+        first, public = yield self.assertRegisters("office", TOKEN)
+        yield self.assertRegisters("office", TOKEN, public)
+        yield within(first.closed, 15, "the first holder's control channel to close")
+
 class PortTests(AccessTestCase):
     """alice may use one port of her own; everyone else the server's allow_ports."""
 
@@ -457,3 +492,47 @@ class DocumentedExamplesTests(ConfigFileTestCase):
                           client["tls_client_key"], client["name"]),
                          (True, "/etc/gotunnel/ca.pem", "/etc/gotunnel/client-alice.pem",
                           "/etc/gotunnel/client-alice.key", "alice"))
+
+
+class SharedTokenNameTests(ConfigFileTestCase):
+    """A listed client's token must be its own: not the shared token, not another's."""
+
+    def assertRefused(self, text: str, message: str, *args: str) -> None:
+        path = self.write(text)
+        with self.assertRaises(ConfigError) as caught:
+            ServerOptions().parseOptions(["--config", path, *args])
+        self.assertEqual(str(caught.exception), f"{path}: {message}")
+
+    def test_sharedTokenAsAClientsToken(self):
+        self.assertRefused(
+            """\
+            server:
+              token: "same-secret"
+              clients:
+                alice: {token: "same-secret"}
+            """,
+            "server.clients.alice.token is the same as the shared server.token: whoever "
+            "holds that could register as 'alice'; give 'alice' a token of its own")
+
+    def test_sharedTokenFromTheCommandLine(self):
+        self.assertRefused(
+            """\
+            server:
+              clients:
+                alice: {token: "same-secret"}
+            """,
+            "server.clients.alice.token is the same as the shared server.token: whoever "
+            "holds that could register as 'alice'; give 'alice' a token of its own",
+            "--token", "same-secret")
+
+    def test_twoClientsWithOneToken(self):
+        self.assertRefused(
+            """\
+            server:
+              token: "shared"
+              clients:
+                alice: {token: "one-secret"}
+                bob: {token: "one-secret"}
+            """,
+            "server.clients.bob.token is the same as server.clients.alice.token: whoever "
+            "holds that could register as 'bob'; give 'bob' a token of its own")
