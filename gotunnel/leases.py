@@ -11,7 +11,6 @@ descriptor.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional
 
 from twisted.internet import defer
@@ -40,10 +39,9 @@ class PortLeases:
     same token (or certificate) as before, see L{TunnelRegistry.authenticate}.
     """
 
-    def __init__(self, clock: IReactorTime, duration: float) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        self.duration = duration
-        self._leases: OrderedDict[int, PortLease] = OrderedDict()
+        self._leases: dict[int, PortLease] = {}
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -55,30 +53,30 @@ class PortLeases:
         """Seconds until C{lease} ends."""
         return max(lease.expiry.getTime() - self.clock.seconds(), 0.0)
 
-    def start(self, name: str, remote_port: int, stopped: defer.Deferred) -> None:
+    def start(self, name: str, remote_port: int, stopped: defer.Deferred,
+              duration: float) -> None:
         """
         Hold C{remote_port} for C{name}, whose listener C{stopped} is
-        closing; nothing if leases are off.
+        closing, for C{duration} seconds; nothing if that is 0.
         """
-        if self.duration <= 0:
+        if duration <= 0:
             return
         self.end(remote_port)
-        expiry = self.clock.callLater(self.duration, self._expired, remote_port)
+        expiry = self.clock.callLater(duration, self._expired, remote_port)
         self._leases[remote_port] = PortLease(name, remote_port, expiry, stopped)
         log.info("public port {remote_port} reserved for {name} for {seconds:g} s",
-                 remote_port=remote_port, name=name, seconds=self.duration)
+                 remote_port=remote_port, name=name, seconds=duration)
 
     def _expired(self, remote_port: int) -> None:
         lease = self._leases.pop(remote_port)
         log.info("lease of public port {remote_port} for {name} expired; the port is free",
                  remote_port=remote_port, name=lease.name)
 
-    def end(self, remote_port: int) -> Optional[PortLease]:
-        """End the lease of C{remote_port}, if any, and return it."""
+    def end(self, remote_port: int) -> None:
+        """End the lease of C{remote_port}, if any."""
         lease = self._leases.pop(remote_port, None)
         if lease is not None and lease.expiry.active():
             lease.expiry.cancel()
-        return lease
 
     def heldBy(self, name: str) -> list[PortLease]:
         """The leases of C{name}, oldest first."""

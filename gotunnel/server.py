@@ -294,7 +294,7 @@ class TunnelRegistry:
         self.clientHosts: dict[str, int] = {}
         self.authFailures: dict[str, tuple[int, float]] = {}
         self._stoppingListeners: set[defer.Deferred] = set()
-        self.leases = PortLeases(self.clock, settings.port_lease)
+        self.leases = PortLeases(self.clock)
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -506,7 +506,8 @@ class TunnelRegistry:
         """
         if tunnel.closed:
             return
-        self.leases.start(tunnel.name, tunnel.remote_port, tunnel.close())
+        self.leases.start(tunnel.name, tunnel.remote_port, tunnel.close(),
+                          self.settings.port_lease)
 
     def newConnectionId(self) -> str:
         """

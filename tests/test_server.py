@@ -769,8 +769,6 @@ class PortLeaseTests(ServerTestCase):
     def test_zeroTurnsLeasesOff(self):
         """port_lease 0: the port is free as soon as the client is gone."""
         self.settings.port_lease = 0
-        self.registry = TunnelRegistry(self.settings, reactor=self.reactor)
-        self.factory = ServerChannelFactory(self.registry)
         self.registered().lose()
         self.registered(name="edge-2")
 
