@@ -291,7 +291,8 @@ class ServerOptions(_SettingsOptions):
                 problem = (f"server.clients.{name}.token is the same as {other}: whoever "
                            f"holds that could register as {name!r}; give {name!r} a token "
                            "of its own")
-                raise ConfigError(f"{source}: {problem}" if source else problem)
+                # server.clients is read from a file only.
+                raise ConfigError(f"{source}: {problem}")
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
         tls.checkServerSettings(settings, names, where)

@@ -754,6 +754,7 @@ class PortLeaseTests(ServerTestCase):
         control = self.registered()
         self.reactor.advance(self.settings.heartbeat_timeout + 1)
         self.registry.checkHeartbeats()
+        self.assertIsNotNone(self.registry.leases.get(10022))
         control.lose()
         self.assertIn(b"is reserved for the client that had it", self.refused("edge-2"))
         self.registered()
