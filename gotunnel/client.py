@@ -63,6 +63,16 @@ server closed it or could not be reached, and asking again at once would
 only repeat that.
 """
 
+POOL_REFUSALS_IN_A_ROW = 3
+"""
+Pooled data channels the server refuses in a row (none handed a user in
+between) before the client stops pooling until it registers again.  One
+refusal may be of the moment (the pool full while the server has yet to see
+a channel close, a mapping being replaced); the same refusal again and
+again is one that will repeat (a server that keeps no pool, a token it
+refuses), and asking on would only load it.
+"""
+
 
 def localEndpoint(reactor, host: str, port: int) -> IStreamClientEndpoint:
     """
@@ -536,6 +546,8 @@ class TunnelService(MultiService):
     poolSize = 0
     """Pooled data channels to keep open: ours and the server's limit, the lesser."""
     refillCall = None
+    poolRefusals = 0
+    """Pooled data channels refused in a row since one was handed a user."""
     localUp = True
     failedRegistrations = 0
     stopping = False
@@ -613,6 +625,7 @@ class TunnelService(MultiService):
         if not self.localUp:
             channel.sendPortState(False)
         self.poolSize = min(self.settings.pool_count, serverPool)
+        self.poolRefusals = 0
         self.fillPool()
         waiters, self._registrationWaiters = self._registrationWaiters, []
         for waiter in waiters:
@@ -685,6 +698,7 @@ class TunnelService(MultiService):
         open if the control channel goes.  L{fillPool} replaces it.
         """
         self.pool.discard(channel)
+        self.poolRefusals = 0
 
     def pooledChannelLost(self, channel: DataChannelClient) -> None:
         """C{channel} closed, or could not connect, before the server used it."""
@@ -694,9 +708,22 @@ class TunnelService(MultiService):
                 self.refillCall = self.reactor.callLater(POOL_REFILL_DELAY, self.fillPool)
 
     def poolRefused(self, channel: DataChannelClient) -> None:
-        """The server will not pool for us: stop asking until we register again."""
+        """
+        The server refused C{channel}: replace it later, as a channel lost
+        unused; after L{POOL_REFUSALS_IN_A_ROW} refusals in a row, stop
+        pooling until we register again.
+        """
+        self.poolRefusals += 1
+        if self.poolRefusals < POOL_REFUSALS_IN_A_ROW:
+            self.pooledChannelLost(channel)
+            return
         self.pool.discard(channel)
+        if self.poolSize:
+            log.warn("the server refused {count} pooled data channels in a row; {mapping} "
+                     "opens data channels only when asked until it registers again",
+                     count=self.poolRefusals, mapping=str(self.mapping))
         self.poolSize = 0
+        self._cancelRefill()
 
     def stopService(self) -> defer.Deferred:
         """

@@ -40,6 +40,8 @@ class ServerSettings:
     """The control listener's, unless C{listen} sets backlog=: data channels come in bursts."""
     data_channel_timeout: float = 60.0
     heartbeat_timeout: float = 30.0
+    port_lease: float = 30.0
+    """Seconds a dropped client's public ports stay reserved for it (0: not at all)."""
     heartbeat_check_interval: float = 5.0
     first_frame_timeout: float = 10.0
     max_pending_per_source: int = 16
@@ -379,6 +381,13 @@ def _seconds(value: Any, text: Any, name: str) -> float:
     return float(value)
 
 
+def _secondsOrZero(value: Any, text: Any, name: str) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be a number of seconds, 0 or more, got {value!r}")
+    return float(value)
+
+
 def _flag(value: Any, text: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -537,6 +546,7 @@ _SERVER_KEYS: dict[str, Callable] = {
     "public_interface": _text,
     "data_channel_timeout": _seconds,
     "heartbeat_timeout": _seconds,
+    "port_lease": _secondsOrZero,
     "clients": _clients,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,

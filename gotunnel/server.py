@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from gotunnel import messages, tls
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.leases import PortLease, PortLeases
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
 
@@ -293,6 +294,7 @@ class TunnelRegistry:
         self.clientHosts: dict[str, int] = {}
         self.authFailures: dict[str, tuple[int, float]] = {}
         self._stoppingListeners: set[defer.Deferred] = set()
+        self.leases = PortLeases(self.clock)
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -395,6 +397,23 @@ class TunnelRegistry:
         Refuse a port outside what C{name} may publish, or one mapping too
         many for C{name}.
         """
+        self.checkPort(name, remote_port)
+        limit = self.mappingLimit(name)
+        held = sum(1 for tunnel in self.tunnels.values()
+                   if tunnel.name == name and tunnel.remote_port != remote_port)
+        if held >= limit:
+            raise RegistrationRefused(
+                f"too many mappings for client {name!r}: it may hold {limit} at once")
+
+    def mappingLimit(self, name: str) -> int:
+        """How many mappings C{name} may hold at once."""
+        client = self.settings.clients.get(name)
+        if client is not None and client.max_mappings is not None:
+            return client.max_mappings
+        return self.settings.max_mappings_per_client
+
+    def checkPort(self, name: str, remote_port: int) -> None:
+        """Refuse a port outside what C{name} may publish."""
         client = self.settings.clients.get(name)
         allowed = self.settings.allow_ports
         if client is not None and client.allow_ports:
@@ -403,14 +422,6 @@ class TunnelRegistry:
             where = f"for client {name!r}" if client is not None and client.allow_ports \
                 else "on this server"
             raise RegistrationRefused(f"remote port {remote_port} is not allowed {where}")
-        limit = self.settings.max_mappings_per_client
-        if client is not None and client.max_mappings is not None:
-            limit = client.max_mappings
-        held = sum(1 for tunnel in self.tunnels.values()
-                   if tunnel.name == name and tunnel.remote_port != remote_port)
-        if held >= limit:
-            raise RegistrationRefused(
-                f"too many mappings for client {name!r}: it may hold {limit} at once")
 
     def ownsItsName(self, name: str) -> bool:
         """Whether C{name} can be held by one client only: a listed one, or with mutual TLS."""
@@ -432,6 +443,7 @@ class TunnelRegistry:
             if not 1 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
             self.checkLimits(msg.name, msg.remote_port)
+            lease = self._takeLease(msg.name, msg.remote_port)
         except RegistrationRefused as e:
             return defer.fail(e)
         previous = self.tunnels.get(msg.remote_port)
@@ -447,6 +459,8 @@ class TunnelRegistry:
         tunnel = Tunnel(self, channel, msg)
         if previous is not None:
             tunnel._stopping = previousStopped
+        elif lease is not None:
+            tunnel._stopping = lease.stopped
         self.tunnels[msg.remote_port] = tunnel
 
         def refused(failure):
@@ -457,6 +471,43 @@ class TunnelRegistry:
                 f"cannot listen on port {msg.remote_port}: {reason}")
 
         return tunnel.listen().addCallbacks(lambda _: tunnel, refused)
+
+    def _takeLease(self, name: str, remote_port: int) -> Optional[PortLease]:
+        """
+        The lease on C{remote_port}, ended, if C{name} holds it: C{name} is
+        back.  Also ends C{name}'s oldest leases on other ports past what
+        it may hold at once, so that leases stay within its mapping limit.
+
+        @raise RegistrationRefused: another name holds the lease.
+        """
+        lease = self.leases.get(remote_port)
+        if lease is not None and lease.name != name:
+            raise RegistrationRefused(
+                f"remote port {remote_port} is reserved for the client that had it, "
+                f"for {self.leases.remaining(lease):.0f} s more")
+        held = sum(1 for tunnel in self.tunnels.values()
+                   if tunnel.name == name and tunnel.remote_port != remote_port)
+        others = [other for other in self.leases.heldBy(name) if other is not lease]
+        for other in others[:max(held + len(others) + 1 - self.mappingLimit(name), 0)]:
+            self.leases.end(other.remote_port)
+            log.info("lease of public port {remote_port} for {name} ended: {name} "
+                     "registered another port", remote_port=other.remote_port, name=name)
+        if lease is not None:
+            self.leases.end(remote_port)
+            log.info("client {name} is back: public port {remote_port} is its again",
+                     name=name, remote_port=remote_port)
+        return lease
+
+    def clientDropped(self, tunnel: Tunnel) -> None:
+        """
+        C{tunnel}'s control channel went away without its mapping being
+        replaced or the server stopping: close it, and hold its port for
+        the same client for C{settings.port_lease} seconds.
+        """
+        if tunnel.closed:
+            return
+        self.leases.start(tunnel.name, tunnel.remote_port, tunnel.close(),
+                          self.settings.port_lease)
 
     def newConnectionId(self) -> str:
         """
@@ -469,20 +520,36 @@ class TunnelRegistry:
         if self.tunnels.get(tunnel.remote_port) is tunnel:
             del self.tunnels[tunnel.remote_port]
 
+    def holderOf(self, name: str) -> Optional[str]:
+        """
+        Who holds what is registered under C{name}: the name itself when
+        only one client can hold it (see L{ownsItsName}), or None for the
+        shared token, which every holder of it shares.
+        """
+        return name if self.ownsItsName(name) else None
+
     def _dataChannelOwner(self, msg: messages.DataChannel,
                           certificateName: Optional[str]) -> Callable[[Tunnel], bool]:
         """
         Check a data channel's credentials; return a test of whether a
-        tunnel is one this data channel may serve.
+        tunnel is one this data channel may serve: one registered by the
+        same holder (L{holderOf}), on a port that holder may publish.
         """
         name = self.authenticate(msg.name, msg.token, certificateName)
+        holder = self.holderOf(name)
 
         def mine(tunnel: Tunnel) -> bool:
-            # A name that only one client can hold is checked; for the
-            # others (the shared token, Go clients) the token is enough.
-            if tunnel.name != name and self.ownsItsName(tunnel.name):
+            # A shared-token mapping is served by the shared token whatever
+            # the name (a Go client's data channel is matched by token
+            # alone); a listed client's token is not the shared one.
+            if self.holderOf(tunnel.name) != holder:
                 log.warn("a data channel of {name!r} asked for a user of {owner!r}",
                          name=name, owner=tunnel.name)
+                return False
+            try:
+                self.checkPort(name, tunnel.remote_port)
+            except RegistrationRefused as e:
+                log.warn("a data channel of {name!r}: {reason}", name=name, reason=str(e))
                 return False
             return True
 
@@ -536,7 +603,7 @@ class TunnelRegistry:
                          "for {timeout} s; dropping it",
                          name=tunnel.name, remote_port=tunnel.remote_port,
                          timeout=self.settings.heartbeat_timeout)
-                tunnel.close()
+                self.clientDropped(tunnel)
                 tunnel.channel.transport.abortConnection()
 
     def closeAll(self) -> defer.Deferred:
@@ -544,6 +611,7 @@ class TunnelRegistry:
         Stop every public listener, then close every connection once its
         buffered bytes are written.
         """
+        self.leases.clear()
         for tunnel in list(self.tunnels.values()):
             tunnel.close()
         stopping = defer.DeferredList([_whenFired(d) for d in list(self._stoppingListeners)])
@@ -810,7 +878,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.registry.clientLeft(self.host)
             log.info("client {name} gone; closing public port {remote_port}",
                      name=self.tunnel.name, remote_port=self.tunnel.remote_port)
-            self.tunnel.close()
+            self.registry.clientDropped(self.tunnel)
         elif role == "pooled":
             self.tunnel.pooledLost(self)
         elif role == "data":

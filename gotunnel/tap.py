@@ -9,6 +9,7 @@ FILE), and options given on the command line override the file's keys.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import platform
 import sys
@@ -42,6 +43,16 @@ def _positive(text: str) -> float:
 
 
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
+
+
+def _secondsOrZero(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
+_secondsOrZero.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
 
 
 def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
@@ -288,6 +299,10 @@ class ServerOptions(_SettingsOptions):
          "Seconds of silence after which a client is dropped "
          f"(default: {ServerSettings.heartbeat_timeout:g}; server.heartbeat_timeout)",
          _positive],
+        ["port-lease", None, None,
+         "Seconds a client whose control channel went keeps its public ports reserved "
+         "for it; 0 frees them at once "
+         f"(default: {ServerSettings.port_lease:g}; server.port_lease)", _secondsOrZero],
         ["max-mappings-per-client", None, None,
          "Mappings one client name may hold at once "
          f"(default: {ServerSettings.max_mappings_per_client}; "
@@ -315,6 +330,7 @@ class ServerOptions(_SettingsOptions):
     settingsType = ServerSettings
     fields = {"listen": "listen", "token": "token", "public-interface": "public_interface",
               "data-timeout": "data_channel_timeout", "heartbeat-timeout": "heartbeat_timeout",
+              "port-lease": "port_lease",
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
@@ -329,6 +345,21 @@ class ServerOptions(_SettingsOptions):
         # With server.clients, only listed clients may register unless a
         # shared token is set too.
         return not values.get("clients")
+
+    def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        # A listed name is its own only if nobody else holds its token: not
+        # every holder of the shared token, nor another listed client.
+        owners: dict[str, str] = {}
+        if values.get("token"):
+            owners[values["token"]] = "the shared server.token"
+        for name, policy in values.get("clients", {}).items():
+            other = owners.setdefault(policy.token, f"server.clients.{name}.token")
+            if other != f"server.clients.{name}.token":
+                problem = (f"server.clients.{name}.token is the same as {other}: whoever "
+                           f"holds that could register as {name!r}; give {name!r} a token "
+                           "of its own")
+                # server.clients is read from a file only.
+                raise ConfigError(f"{source}: {problem}")
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
         tls.checkServerSettings(settings, names, where)

@@ -870,3 +870,26 @@ class ExitOnRefusalOptionTests(ConfigTestCase):
     def test_notAFlag(self):
         self.assertConfigError("client", self.CLIENT + "  exit_on_refusal: 'yes please'\n",
                                "client.exit_on_refusal must be true or false")
+
+class PortLeaseOptionTests(ConfigTestCase):
+    """server.port_lease / --port-lease: seconds, 0 (off) or more; 30 by default."""
+
+    def test_default(self):
+        self.assertEqual(self.server("server:\n  token: t\n").port_lease, 30.0)
+
+    def test_inTheFile(self):
+        self.assertEqual(self.server("server:\n  token: t\n  port_lease: 0\n").port_lease, 0.0)
+        self.assertEqual(self.server("server:\n  token: t\n  port_lease: 2.5\n").port_lease, 2.5)
+
+    def test_commandLineWins(self):
+        self.assertEqual(self.server("server:\n  token: t\n  port_lease: 60\n",
+                                     "--port-lease", "0").port_lease, 0.0)
+
+    def test_badValuesRefused(self):
+        for value in ("-1", "'soon'", "true", ".inf"):
+            self.assertConfigError("server", f"server:\n  token: t\n  port_lease: {value}\n",
+                                   "server.port_lease must be a number of seconds, 0 or more")
+        for value in ("-1", "nan", "inf"):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.server("server:\n  token: t\n", "--port-lease", value)
+            self.assertIn("must be a number of seconds, 0 or more", str(caught.exception))
