@@ -23,6 +23,8 @@ DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
 CONFIG_FILE = "config.yaml"
 LOG_LEVELS = ("debug", "info", "warn", "error")
+CONNECTION_LOG_LEVELS = ("info", "debug", "off")
+"""Where the line about each ended user connection goes (connection_log)."""
 DEFAULT_BUSY_POLL = 250
 """Microseconds the splice thread polls for a socket's answer: longer than a
 service on the same machine, or a hop on a local network, takes to answer."""
@@ -65,6 +67,8 @@ class ServerSettings:
     busy_poll: int = DEFAULT_BUSY_POLL
     """Microseconds that thread polls for a socket's answer before it sleeps
     (0: never)."""
+    connection_log: str = "info"
+    """The level of the line logged for each user connection that ends, or "off"."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -123,6 +127,8 @@ class ClientSettings:
     pool_count: int = 4
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""
+    connection_log: str = "info"
+    """The level of the line logged for each user connection that ends, or "off"."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -172,6 +178,18 @@ def parseLogLevel(text: str, what: str = "the log level") -> str:
     if level not in LOG_LEVELS:
         raise ValueError(f"{what} must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
     return level
+
+
+def parseConnectionLog(text: str, what: str = "the connection log") -> str:
+    """
+    One of L{CONNECTION_LOG_LEVELS}, in any case; ValueError naming C{what}
+    otherwise.
+    """
+    setting = str(text).lower()
+    if setting not in CONNECTION_LOG_LEVELS:
+        raise ValueError(f"{what} must be one of {', '.join(CONNECTION_LOG_LEVELS)}, "
+                         f"got {text!r}")
+    return setting
 
 
 def parseLogLang(text: str, what: str = "the log language") -> str:
@@ -371,6 +389,13 @@ def _logLang(value: Any, text: Any, name: str) -> str:
     return parseLogLang(_text(value, text, name), name)
 
 
+def _connectionLog(value: Any, text: Any, name: str) -> str:
+    # YAML reads a bare off as false.
+    if value is False:
+        return "off"
+    return parseConnectionLog(_text(value, text, name), name)
+
+
 def _hostAndPort(value: Any, text: Any, name: str) -> tuple[str, int]:
     """HOST:PORT, [IPV6]:PORT or :PORT, as Go's net package writes addresses."""
     address = _text(value, text, name)
@@ -505,6 +530,7 @@ _SERVER_KEYS: dict[str, Callable] = {
     "zero_copy": _flag,
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
+    "connection_log": _connectionLog,
 }
 
 _CLIENT_KEYS: dict[str, Callable] = {
@@ -530,4 +556,5 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
     "pool_count": _countOrZero,
+    "connection_log": _connectionLog,
 }

@@ -18,8 +18,9 @@ from twisted.python import usage
 from gotunnel import logs, rlimits, tls
 from gotunnel.client import TunnelClientService
 from gotunnel.config import (
-    LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
-    findConfigFile, parseLogLang, parseLogLevel, parseMapping, readConfigFile,
+    CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile,
+    ServerSettings, findConfigFile, parseConnectionLog, parseLogLang, parseLogLevel, parseMapping,
+    readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
 
@@ -68,6 +69,14 @@ def _logLang(text: str) -> str:
 
 _logLang.coerceDoc = f"One of {', '.join(LANGUAGES)}."  # type: ignore[attr-defined]
 
+
+def _connectionLog(text: str) -> str:
+    return parseConnectionLog(text, "--connection-log")
+
+
+_connectionLog.coerceDoc = (  # type: ignore[attr-defined]
+    f"One of {', '.join(CONNECTION_LOG_LEVELS)}.")
+
 _CONFIG_OPTION = [
     "config", "c", None,
     "Read settings from this YAML file (default: ./config.yaml, if it exists). "
@@ -97,6 +106,10 @@ def _logOptions(role: str) -> list[list[Any]]:
          f"Log events at this level and above (default: info; {role}.log_level)", _logLevel],
         ["log-lang", None, None,
          f"Language of log messages (default: en; {role}.log_lang)", _logLang],
+        ["connection-log", None, None,
+         "The level of the line logged for each user connection that ends, with its bytes, "
+         f"duration and how it ended, or off (default: info; {role}.connection_log)",
+         _connectionLog],
     ]
 
 
@@ -251,7 +264,8 @@ class ServerOptions(_SettingsOptions):
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
-              "log-level": "log_level", "log-lang": "log_lang"}
+              "log-level": "log_level", "log-lang": "log_lang",
+              "connection-log": "connection_log"}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
                   "tls_client_ca": "tls-client-ca"}
 
@@ -320,7 +334,8 @@ class ClientOptions(_SettingsOptions):
               "pool-count": "pool_count", "busy-poll": "busy_poll",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
-              "log-level": "log_level", "log-lang": "log_lang"}
+              "log-level": "log_level", "log-lang": "log_lang",
+              "connection-log": "connection_log"}
     tlsOptions = {"tls": "tls", "tls_ca": "ca", "tls_server_name": "server-name",
                   "tls_client_cert": "tls-client-cert", "tls_client_key": "tls-client-key"}
 
