@@ -133,7 +133,7 @@ class PortStats:
         self.bytesOut = 0
         self.setup = Histogram()
         self.holders = 0
-        """Tunnels registered with these totals now (not to be folded while any are)."""
+        """Tunnels and live users counting on these totals now (not folded while any do)."""
 
     def fold(self, other: "PortStats") -> None:
         """Add C{other}'s totals to these."""
@@ -184,7 +184,7 @@ class ServerStats:
         return stats
 
     def release(self, stats: PortStats) -> None:
-        """A tunnel holding C{stats} is gone."""
+        """A tunnel holding C{stats} is closed."""
         stats.holders -= 1
 
     def _foldOne(self) -> bool:
@@ -204,6 +204,7 @@ class ServerStats:
         user.userId = f"u{next(self._userIds)}"
         self.users[user.userId] = user
         user.tunnel.stats.opened += 1
+        user.tunnel.stats.holders += 1
 
     def userRefused(self, user, why: str) -> None:
         """C{user} is closed before it reached the service, for C{why}."""
@@ -227,6 +228,7 @@ class ServerStats:
         bytesIn, bytesOut = userBytes(user, final=True)
         stats.bytesIn += bytesIn
         stats.bytesOut += bytesOut
+        stats.holders -= 1
         if self.logLevel is not None:
             log.emit(self.logLevel,
                      "connection {conn} from {user} to {client} port {remote_port} -> local port "
@@ -236,16 +238,6 @@ class ServerStats:
                      remote_port=tunnel.remote_port, local_port=tunnel.local_port,
                      how=user.endedBy, seconds=self.clock.seconds() - user.connectedAt,
                      bytes_in=bytesIn, bytes_out=bytesOut)
-
-    def liveBytes(self, stats: PortStats) -> tuple[int, int]:
-        """The bytes in and out of C{stats}'s port so far, live connections included."""
-        bytesIn, bytesOut = stats.bytesIn, stats.bytesOut
-        for user in self.users.values():
-            if user.tunnel.stats is stats:
-                userIn, userOut = userBytes(user)
-                bytesIn += userIn
-                bytesOut += userOut
-        return bytesIn, bytesOut
 
 
 def userBytes(user, final: bool = False) -> tuple[int, int]:

@@ -69,6 +69,11 @@ class ServerSettings:
     (0: never)."""
     connection_log: str = "info"
     """The level of the line logged for each user connection that ends, or "off"."""
+    admin: str = ""
+    """The admin endpoint's server endpoint string (API, metrics, dashboard); empty: none."""
+    admin_token: str = field(default="", repr=False)
+    admin_user: str = ""
+    admin_password: str = field(default="", repr=False)
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -531,6 +536,10 @@ _SERVER_KEYS: dict[str, Callable] = {
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
     "connection_log": _connectionLog,
+    "admin": _text,
+    "admin_token": _text,
+    "admin_user": _text,
+    "admin_password": _text,
 }
 
 _CLIENT_KEYS: dict[str, Callable] = {

@@ -889,6 +889,12 @@ class TunnelServerService(MultiService):
         heartbeat = TimerService(settings.heartbeat_check_interval, self.registry.checkHeartbeats)
         heartbeat.clock = reactor
         heartbeat.setServiceParent(self)
+        self.admin = None
+        if settings.admin:
+            from gotunnel.admin.service import AdminService
+
+            self.admin = AdminService(settings, self.registry, reactor)
+            self.admin.setServiceParent(self)
 
     def whenListening(self) -> defer.Deferred:
         """

@@ -253,6 +253,16 @@ class ServerOptions(_SettingsOptions):
          "Mutual TLS: require client certificates signed by the CA in this PEM file; "
          "a certificate's common name must be the client's name (server.tls_client_ca)."],
         _busyPollOption("server", ServerSettings),
+        ["admin", None, None,
+         "Serve the admin API, /metrics and the dashboard on this endpoint, e.g. "
+         "tcp:7400:interface=127.0.0.1 or ssl:7400:privateKey=key.pem:certKey=cert.pem "
+         "(default: none; server.admin)."],
+        ["admin-token", None, None,
+         "Bearer token for the admin endpoint (server.admin_token)."],
+        ["admin-user", None, None,
+         "User name for the dashboard's login (server.admin_user; needs --admin-password)."],
+        ["admin-password", None, None,
+         "Password for the dashboard's login (server.admin_password)."],
     ] + _logOptions("server")
     optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD]
 
@@ -264,6 +274,8 @@ class ServerOptions(_SettingsOptions):
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
+              "admin": "admin", "admin-token": "admin_token", "admin-user": "admin_user",
+              "admin-password": "admin_password",
               "log-level": "log_level", "log-lang": "log_lang",
               "connection-log": "connection_log"}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
@@ -279,6 +291,15 @@ class ServerOptions(_SettingsOptions):
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
         tls.checkServerSettings(settings, names, where)
+
+    def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        admin = values.get("admin")
+        if admin:
+            checkEndpoint(admin, "server", "--admin" if self["admin"] is not None or not source
+                          else f"{source}: server.admin")
+        if bool(values.get("admin_user")) != bool(values.get("admin_password")):
+            raise usage.UsageError("--admin-user and --admin-password go together "
+                                   "(server.admin_user, server.admin_password)")
 
 
 class ClientOptions(_SettingsOptions):
