@@ -80,12 +80,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from gotunnel.certs import main as certsMain
 
         return certsMain(args[1:])
+    if args and args[0] == "status":
+        from gotunnel.status import main as statusMain
+
+        return statusMain(args[1:])
     if args and args[0] == "demo":
         from gotunnel.demo import main as demoMain
 
         return demoMain(args[1:])
     if not args or args[0] not in ROLES:
-        sys.stderr.write("usage: python -m gotunnel {server|client|demo|certs} [options]\n")
+        sys.stderr.write("usage: python -m gotunnel {server|client|status|demo|certs} [options]\n")
         return 2
     role = args.pop(0)
     return run(role, args, f"gotunnel {role}")
