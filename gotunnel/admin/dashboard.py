@@ -39,9 +39,6 @@ class Asset(Resource):
         request.setHeader(b"referrer-policy", b"no-referrer")
         return self.body
 
-    def render_HEAD(self, request) -> bytes:
-        return self.render_GET(request)
-
 
 class Dashboard(Resource):
     """The site's root: C{/} is the page, its assets are children, anything else is 404."""
