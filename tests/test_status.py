@@ -7,6 +7,7 @@ real client and a user connected; and its formatting, unit by unit.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -103,3 +104,32 @@ class StatusCommandTests(unittest.TestCase):
         self.assertEqual(child.exitCode, 1)
         self.assertTrue(re.search(r"cannot reach the admin endpoint", child.stderr),
                         child.describe())
+
+
+class TLSStatusTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_sslAdminEndpoint(self):
+        """
+        An ssl: admin endpoint: gotunnel status reads it over https:// with
+        --ca, and refuses a certificate it cannot verify without.
+        """
+        from gotunnel import certs
+        from tests.test_tls import makeCertificates, sslListen
+
+        certificates = temporaryDirectory(self)
+        makeCertificates(certificates, "--name", "admin.example.com", "--ip", HOST)
+        tunnel = Tunnel(self)
+        server = yield tunnel.startServer(admin=sslListen(certificates), admin_token=ADMIN_TOKEN)
+        port = yield server.admin.whenListening()
+        url = f"https://{HOST}:{port.getHost().port}"
+        directory = temporaryDirectory(self)
+        env = {"GOTUNNEL_ADMIN_TOKEN": ADMIN_TOKEN}
+        child = spawn(self, [venvScript("gotunnel"), "status", "--admin", url, "--json", "--ca",
+                             os.path.join(certificates, certs.CA_CERT)], directory, env=env)
+        yield within(child.ended, WAIT, "gotunnel status to exit")
+        self.assertEqual(child.exitCode, 0, child.describe())
+        self.assertEqual(json.loads(child.stdout)["clients"], [])
+        child = spawn(self, [venvScript("gotunnel"), "status", "--admin", url], directory,
+                      env=env)
+        yield within(child.ended, WAIT, "gotunnel status to exit")
+        self.assertEqual(child.exitCode, 1, child.describe())
