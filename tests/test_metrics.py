@@ -22,7 +22,9 @@ from tests.test_server import ServerTestCase, dataChannel, register
 ADMIN_TOKEN = "metrics-Token-0x9090"
 
 
-class MetricsTests(ServerTestCase):
+class MetricsTestCase(ServerTestCase):
+    """A registry on a memory reactor, and its /metrics page."""
+
     def setUp(self):
         super().setUp()
         self.page = MetricsPage(self.registry, AdminAuth(ADMIN_TOKEN, "", "", self.reactor))
@@ -44,6 +46,8 @@ class MetricsTests(ServerTestCase):
                 samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
         return samples
 
+
+class MetricsTests(MetricsTestCase):
     def test_unauthorized(self):
         req = DummyRequest([])
         req.client = IPv4Address("TCP", "127.0.0.1", 50000)
@@ -124,3 +128,41 @@ class MetricsTests(ServerTestCase):
         self.assertEqual(len(opened), 4)
         self.assertEqual(opened["other"], 7)
         self.assertEqual(sum(opened.values()), 10)
+
+
+class DocumentedTests(MetricsTestCase):
+    def test_everyMetricDocumented(self):
+        """docs/operations.md's table names exactly the series /metrics serves."""
+        import os
+        import re
+
+        path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "operations.md")
+        with open(path, encoding="utf-8") as f:
+            documented = set(re.findall(r"^\| `(gotunnel_[a-z_]+)` \|", f.read(), re.M))
+        self.registered()
+        user = self.connectUser()
+        self.connect().send(dataChannel("conn-1"))
+        user.protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.connectUser()
+        self.reactor.advance(self.settings.data_channel_timeout)
+        served = {re.sub(r"_(bucket|sum|count)$", "", name) for name, _ in self.scrape()}
+        self.assertEqual(documented, served)
+
+    def test_configExample(self):
+        """The admin endpoint's YAML example in docs/operations.md reads as it says."""
+        import os
+        import re
+
+        import yaml
+
+        from gotunnel.config import ConfigFile
+
+        path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "operations.md")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        block = re.search(r"```yaml\n(server:\n  admin:.*?)```", text, re.S).group(1)
+        values = ConfigFile(path, yaml.safe_load(block),
+                            yaml.load(block, Loader=yaml.BaseLoader)).serverValues()
+        self.assertEqual(values["admin"], "tcp:7400:interface=127.0.0.1")
+        self.assertEqual((values["admin_user"], values["admin_password"]), ("ops", "a-password"))
+        self.assertTrue(values["admin_token"])
