@@ -4,7 +4,8 @@ through Debian's chromedriver (nothing downloads a driver), against a real
 server with its admin endpoint, a real client and a real local service, all
 on 127.0.0.1 in this process.  The operator logs in, sees a client and its
 port appear, watches the bytes of a live transfer grow, and disconnects the
-client from the page.
+client from the page; closes a live connection, takes a port offline and
+online again, and is sent back to the login form when its session ends.
 
 Selenium's calls block, so every browser step runs in a thread
 (L{threads.deferToThread}) while the reactor serves the page, the API and
@@ -27,10 +28,12 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, task, threads
 from twisted.trial import unittest
 
-from tests.support import HOST, Tunnel, connectUser, listenTarget, waitUntil, within
+from tests.support import (
+    HOST, Tunnel, connectUser, listenTarget, waitUntil, waitUntilRefused, within,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -90,7 +93,8 @@ const row = document.querySelector(arguments[0]);
 if (!row) return null;
 const values = {};
 for (const cell of row.querySelectorAll("td[data-field]")) {
-  values[cell.dataset.field] = cell.dataset.value !== undefined ? cell.dataset.value : cell.textContent;
+  const value = cell.dataset.value;
+  values[cell.dataset.field] = value !== undefined ? value : cell.textContent;
 }
 values.key = row.dataset.key;
 return values;
@@ -153,10 +157,16 @@ class DashboardPage:
         return self.wait(grown, f"the bytes of {what} growing past {past}"
                                 + (", at a rate above zero" if flowing else ""))
 
-    def disconnect(self, clientId: str) -> None:
-        self.browser.find_element(
-            By.CSS_SELECTOR, f'#clients tr[data-key="{clientId}"] button[data-action="disconnect"]'
-        ).click()
+    def click(self, row: str, action: str) -> None:
+        """Click the C{action} button of the row C{row} selects."""
+        self.browser.find_element(By.CSS_SELECTOR, f'{row} button[data-action="{action}"]').click()
+
+    def sessionEnds(self) -> None:
+        """The server no longer knows the page's session: the page goes back to the login form."""
+        self.browser.execute_script("sessionStorage.setItem('gotunnel.session', 'forgotten')")
+        self.wait(lambda: self.browser.find_element(By.ID, "login").is_displayed()
+                  and "session" in self.browser.find_element(By.ID, "login-error").text,
+                  "the login form, saying the session ended")
 
     def gone(self, selector: str, what: str) -> None:
         self.wait(lambda: self.row(selector) is None, f"{what} gone")
@@ -192,7 +202,7 @@ class DashboardBrowserTests(unittest.TestCase):
         return browser
 
     def inBrowser(self, page: DashboardPage, step: Callable, *args) -> defer.Deferred:
-        """Run C{step(*args)} in a thread; if it fails, keep a screenshot of what the page showed."""
+        """Run C{step(*args)} in a thread; if it times out, keep a screenshot of the page."""
 
         def failed(failure):
             if failure.check(TimeoutException):
@@ -207,12 +217,8 @@ class DashboardBrowserTests(unittest.TestCase):
         return threads.deferToThread(step, *args).addErrback(failed)
 
     @defer.inlineCallbacks
-    def test_operatorWatchesAndDisconnects(self):
-        """
-        Log in; a client and its port appear when the client connects; the
-        bytes of a live transfer grow on the page; the Disconnect button
-        drops the client's control channel and its row goes away.
-        """
+    def openDashboard(self):
+        """A server with its admin endpoint, and the browser logged in to its dashboard."""
         tunnel = Tunnel(self)
         server = yield tunnel.startServer(admin=f"tcp:0:interface={HOST}",
                                           admin_token=ADMIN_TOKEN)
@@ -220,8 +226,17 @@ class DashboardBrowserTests(unittest.TestCase):
                                   "the admin endpoint")).getHost().port
         browser = yield self.startBrowser()
         page = DashboardPage(browser, f"http://{HOST}:{adminPort}/")
-
         yield self.inBrowser(page, page.logIn, ADMIN_TOKEN)
+        return tunnel, page
+
+    @defer.inlineCallbacks
+    def test_operatorWatchesAndDisconnects(self):
+        """
+        Log in; a client and its port appear when the client connects; the
+        bytes of a live transfer grow on the page; the Disconnect button
+        drops the client's control channel and its row goes away.
+        """
+        tunnel, page = yield self.openDashboard()
 
         target = listenTarget(self)
         client, remotePort = yield tunnel.publish(target, name="laptop")
@@ -245,15 +260,48 @@ class DashboardBrowserTests(unittest.TestCase):
         portNow = yield self.inBrowser(page, page.row, portSelector)
         yield self.inBrowser(page, page.bytesGrow, portSelector, f"port {remotePort}",
                              int(portNow["bytes_in"]) + int(portNow["bytes_out"]))
-        yield within(user.whenReceived(1), WAIT, "the echo of the transfer, back through the tunnel")
+        yield within(user.whenReceived(1), WAIT, "the transfer's echo, back through the tunnel")
 
         shot = yield threads.deferToThread(page.screenshot, self.screenshots, "dashboard.png")
         if os.environ.get("GOTUNNEL_SCREENSHOT_DIR"):
             shutil.copy(shot, os.path.join(os.environ["GOTUNNEL_SCREENSHOT_DIR"], "dashboard.png"))
 
-        yield self.inBrowser(page, page.disconnect, clientRow["key"])
-        yield self.inBrowser(page, page.gone, f'#clients tr[data-key="{clientRow["key"]}"]',
-                             f"client {clientRow['key']}")
+        clientSelector = f'#clients tr[data-key="{clientRow["key"]}"]'
+        yield self.inBrowser(page, page.click, clientSelector, "disconnect")
+        yield self.inBrowser(page, page.gone, clientSelector, f"client {clientRow['key']}")
         yield waitUntil(lambda: client.tunnels[0].channel is not channel, WAIT,
                         "the server to drop the disconnected client's control channel")
         stream.stop()
+
+    @defer.inlineCallbacks
+    def test_operatorClosesAConnectionAndTakesThePortOffline(self):
+        """
+        The Close button ends a live connection; Take offline stops the
+        public port listening and Bring online starts it again; a session
+        the server no longer accepts sends the page back to the login form.
+        """
+        tunnel, page = yield self.openDashboard()
+        target = listenTarget(self)
+        client, remotePort = yield tunnel.publish(target, name="office-pc")
+        portSelector = f'#ports tr[data-port="{remotePort}"]'
+        yield self.inBrowser(page, page.port, remotePort, "online")
+
+        user = yield within(connectUser(self, remotePort), WAIT, "a user of the public port")
+        user.transport.write(b"hello")
+        yield within(user.whenReceived(5), WAIT, "the echo through the tunnel")
+        connection = yield self.inBrowser(page, page.connection, remotePort)
+        connSelector = f'#connections tr[data-key="{connection["key"]}"]'
+        yield self.inBrowser(page, page.click, connSelector, "close")
+        yield within(user.closed, WAIT, "the user's connection, closed from the page")
+        yield self.inBrowser(page, page.gone, connSelector, f"connection {connection['key']}")
+
+        yield self.inBrowser(page, page.click, portSelector, "offline")
+        yield self.inBrowser(page, page.port, remotePort, "offline")
+        yield waitUntilRefused(remotePort, WAIT, f"port {remotePort} to stop listening")
+        yield self.inBrowser(page, page.click, portSelector, "online")
+        yield self.inBrowser(page, page.port, remotePort, "online")
+        again = yield within(connectUser(self, remotePort), WAIT, "a user, the port online again")
+        again.transport.write(b"again")
+        yield within(again.whenReceived(5), WAIT, "the echo through the port, online again")
+
+        yield self.inBrowser(page, page.sessionEnds)

@@ -19,7 +19,8 @@ ASSETS = {
 }
 """Every file the page uses, with its content type; nothing else is served."""
 
-POLICY = b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+POLICY = (b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+          b"form-action 'self'")
 """The page loads only what this program serves, and may not be framed."""
 
 
