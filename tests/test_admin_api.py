@@ -568,3 +568,65 @@ class OptionTests(unittest.TestCase):
         from gotunnel.server import TunnelServerService
 
         self.assertIsNone(TunnelServerService(ServerSettings(token="t")).admin)
+
+
+class ServiceTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_noCredentialsStartsAndWarns(self):
+        """
+        With no admin credentials the endpoint still listens, logs a
+        warning, serves the page, and answers 401 to the API and metrics.
+        """
+        from tests.support import LogWatcher
+
+        logs = LogWatcher(self)
+        tunnel = Tunnel(self)
+        server = yield tunnel.startServer(admin=f"tcp:0:interface={HOST}")
+        port = yield server.admin.whenListening()
+        self.assertTrue(logs.matching(LogWatcher.formatted("the admin endpoint has no credentials")))
+        admin = AdminClient(self, port.getHost().port, token="")
+        for path in ("/api/overview", "/metrics"):
+            code, body = yield admin.json(path)
+            self.assertEqual((code, body), (401, {"error": "unauthorized"}), path)
+        code, _ = yield admin.json("/api/login", b"POST", body=b'{"token": ""}')
+        self.assertEqual(code, 401)
+        code, _ = yield admin.call("/")
+        self.assertEqual(code, 200)
+
+    @defer.inlineCallbacks
+    def test_cannotListen(self):
+        """An admin port already taken stops the server from starting, as the control port does."""
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.internet.protocol import Factory
+
+        from gotunnel.config import ServerSettings
+        from gotunnel.server import TunnelServerService
+
+        taken = yield TCP4ServerEndpoint(reactor, 0, interface=HOST).listen(Factory())
+        self.addCleanup(taken.stopListening)
+        settings = ServerSettings(listen=f"tcp:0:interface={HOST}", token="t",
+                                  admin=f"tcp:{taken.getHost().port}:interface={HOST}",
+                                  admin_token=ADMIN_TOKEN)
+        server = TunnelServerService(settings, reactor=reactor)
+        self.assertRaises(error.CannotListenError, server.startService)
+        yield server.stopService()
+
+    def test_connectionsCapped(self):
+        """Past the caps per address and in all, new admin connections are refused."""
+        from gotunnel.admin import api
+
+        self.patch(api, "MAX_CONNECTIONS_PER_ADDRESS", 2)
+        self.patch(api, "MAX_CONNECTIONS", 3)
+        factory = api.AdmissionFactory(Site(Resource()))
+        first = IPv4Address("TCP", "192.0.2.1", 1)
+        other = IPv4Address("TCP", "192.0.2.2", 1)
+        built = [factory.buildProtocol(first) for _ in range(3)]
+        self.assertIsNone(built[2])
+        for protocol in built[:2]:
+            factory.registerProtocol(protocol)
+        third = factory.buildProtocol(other)
+        self.assertIsNotNone(third)
+        factory.registerProtocol(third)
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "192.0.2.3", 1)))
+        factory.unregisterProtocol(built[0])
+        self.assertIsNotNone(factory.buildProtocol(first))

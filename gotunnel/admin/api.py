@@ -137,7 +137,7 @@ class AdminAPI(Resource):
             b"ports": lambda s: {"ports": s.ports()},
             b"connections": lambda s: {"connections": s.connections},
         }
-        self.actions: dict[tuple[bytes, bytes], Callable[[str], object]] = {
+        self.actions: dict[tuple[bytes, bytes], Callable[[str, object], object]] = {
             (b"clients", b"disconnect"): self.disconnectClient,
             (b"ports", b"offline"): self.portOffline,
             (b"ports", b"online"): self.portOnline,
