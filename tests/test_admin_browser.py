@@ -263,8 +263,10 @@ class DashboardBrowserTests(unittest.TestCase):
         yield within(user.whenReceived(1), WAIT, "the transfer's echo, back through the tunnel")
 
         shot = yield threads.deferToThread(page.screenshot, self.screenshots, "dashboard.png")
-        if os.environ.get("GOTUNNEL_SCREENSHOT_DIR"):
-            shutil.copy(shot, os.path.join(os.environ["GOTUNNEL_SCREENSHOT_DIR"], "dashboard.png"))
+        keep = os.environ.get("GOTUNNEL_SCREENSHOT_DIR")
+        if keep:
+            os.makedirs(keep, exist_ok=True)
+            shutil.copy(shot, os.path.join(keep, "dashboard.png"))
 
         clientSelector = f'#clients tr[data-key="{clientRow["key"]}"]'
         yield self.inBrowser(page, page.click, clientSelector, "disconnect")
