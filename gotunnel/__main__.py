@@ -89,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return demoMain(args[1:])
     if not args or args[0] not in ROLES:
-        sys.stderr.write("usage: python -m gotunnel {server|client|status|demo|certs} [options]\n")
+        sys.stderr.write("usage: python -m gotunnel {server|client|demo|certs} [options]\n")
         return 2
     role = args.pop(0)
     return run(role, args, f"gotunnel {role}")
