@@ -32,7 +32,7 @@ from gotunnel.tap import ServerOptions
 from tests.support import (
     HOST, Tunnel, connectUser, connectionRefused, listenTarget, randomBytes, waitUntil, within,
 )
-from tests.test_server import ServerTestCase, dataChannel
+from tests.test_server import ServerTestCase, dataChannel, register
 
 ADMIN_TOKEN = "admin-Token-0xA11CE"
 WAIT = 30
@@ -269,6 +269,20 @@ class RouteTests(ServerTestCase):
         self.assertEqual(self.call("/api/clients")[1], {"clients": body["clients"]})
         self.assertEqual(self.call("/api/ports")[1], {"ports": body["ports"]})
         self.assertEqual(self.call("/api/connections")[1], {"connections": body["connections"]})
+
+    def test_registeringIsNoClientYet(self):
+        """A control channel whose public port is still being opened is not listed as a client."""
+        pending = defer.Deferred()
+
+        class SlowEndpoint:
+            def listen(self, factory):
+                return pending
+
+        self.patch(self.registry, "publicEndpoint", lambda port: SlowEndpoint())
+        control = self.connect()
+        control.send(register())
+        self.assertEqual(self.call("/api/clients")[1], {"clients": []})
+        self.assertEqual([p["remote_port"] for p in self.call("/api/ports")[1]["ports"]], [10022])
 
     def test_identity(self):
         """A client listed in server.clients shows as token:NAME."""

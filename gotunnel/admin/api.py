@@ -85,7 +85,8 @@ class Snapshot:
             })
 
     def clients(self) -> list[dict]:
-        return [clientOf(tunnel) for tunnel in self.tunnels]
+        # A control channel whose port is still being opened is not a client yet.
+        return [clientOf(tunnel) for tunnel in self.tunnels if tunnel.channel.role == "control"]
 
     def ports(self) -> list[dict]:
         ports = []
