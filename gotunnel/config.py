@@ -24,6 +24,8 @@ DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
 CONFIG_FILE = "config.yaml"
 LOG_LEVELS = ("debug", "info", "warn", "error")
+CONNECTION_LOG_LEVELS = ("info", "debug", "off")
+"""Where the line about each ended user connection goes (connection_log)."""
 DEFAULT_BUSY_POLL = 250
 """Microseconds the splice thread polls for a socket's answer: longer than a
 service on the same machine, or a hop on a local network, takes to answer."""
@@ -68,6 +70,13 @@ class ServerSettings:
     busy_poll: int = DEFAULT_BUSY_POLL
     """Microseconds that thread polls for a socket's answer before it sleeps
     (0: never)."""
+    connection_log: str = "info"
+    """The level of the line logged for each user connection that ends, or "off"."""
+    admin: str = ""
+    """The admin endpoint's server endpoint string (API, metrics, dashboard); empty: none."""
+    admin_token: str = field(default="", repr=False)
+    admin_user: str = ""
+    admin_password: str = field(default="", repr=False)
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -135,6 +144,8 @@ class ClientSettings:
     pool_count: int = 4
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""
+    connection_log: str = "info"
+    """The level of the line logged for each user connection that ends, or "off"."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -202,6 +213,18 @@ def parseLogLevel(text: str, what: str = "the log level") -> str:
     if level not in LOG_LEVELS:
         raise ValueError(f"{what} must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
     return level
+
+
+def parseConnectionLog(text: str, what: str = "the connection log") -> str:
+    """
+    One of L{CONNECTION_LOG_LEVELS}, in any case; ValueError naming C{what}
+    otherwise.
+    """
+    setting = str(text).lower()
+    if setting not in CONNECTION_LOG_LEVELS:
+        raise ValueError(f"{what} must be one of {', '.join(CONNECTION_LOG_LEVELS)}, "
+                         f"got {text!r}")
+    return setting
 
 
 def parseLogLang(text: str, what: str = "the log language") -> str:
@@ -421,6 +444,13 @@ def _logLang(value: Any, text: Any, name: str) -> str:
     return parseLogLang(_text(value, text, name), name)
 
 
+def _connectionLog(value: Any, text: Any, name: str) -> str:
+    # YAML reads a bare off as false.
+    if value is False:
+        return "off"
+    return parseConnectionLog(_text(value, text, name), name)
+
+
 def _hostAndPort(value: Any, text: Any, name: str) -> tuple[str, int]:
     """HOST:PORT, [IPV6]:PORT or :PORT, as Go's net package writes addresses."""
     address = _text(value, text, name)
@@ -556,6 +586,11 @@ _SERVER_KEYS: dict[str, Callable] = {
     "zero_copy": _flag,
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
+    "connection_log": _connectionLog,
+    "admin": _text,
+    "admin_token": _text,
+    "admin_user": _text,
+    "admin_password": _text,
 }
 
 _CLIENT_KEYS: dict[str, Callable] = {
@@ -584,4 +619,5 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "register_timeout": _seconds,
     "max_pending_data_channels": _count,
     "exit_on_refusal": _flag,
+    "connection_log": _connectionLog,
 }

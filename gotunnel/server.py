@@ -25,8 +25,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from gotunnel import messages, tls
+from gotunnel.accounting import (
+    REFUSED_CLIENT_GONE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
+    ServerStats, endingOf, noteEnding,
+)
 from gotunnel.config import ServerSettings
-from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.control import MessageReceiver, describePeer, tlsFailure
 from gotunnel.leases import PortLease, PortLeases
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
@@ -86,19 +90,32 @@ class PublicUser(Protocol, RelayEnd):
     conn_id: Optional[str] = None
     connectedAt: float = 0.0
     timeoutCall = None
+    userId: Optional[str] = None
+    """The admin API's name for this connection ("u17")."""
+    peerAddress = "?"
+    dataChannel: Optional["ServerChannel"] = None
+    endedBy: Optional[str] = None
+    """How the connection ended (L{gotunnel.accounting.ENDINGS}), once it has."""
 
     def __init__(self, tunnel: "Tunnel") -> None:
         self.tunnel = tunnel
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
+        self.peerAddress = describePeer(self.transport)
         self.tunnel.registry.connections.add(self)
+        self.tunnel.registry.stats.userOpened(self)
         self.tunnel.userConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
 
+    def readConnectionLost(self) -> None:
+        noteEnding(self, USER_CLOSED)
+        RelayEnd.readConnectionLost(self)
+
     def connectionLost(self, reason=None) -> None:
+        self.tunnel.registry.stats.userClosed(self, reason)
         self.tunnel.userLost(self)
         self.tunnel.registry.connections.discard(self)
         self.relayConnectionLost()
@@ -140,6 +157,10 @@ class Tunnel:
         # which finishes starting after a later change of mind is closed.
         self._generation = 0
         self._stopping: defer.Deferred = defer.succeed(None)
+        # What the admin API and the metrics say of this mapping.
+        self.clientId = registry.stats.newClientId()
+        self.connectedSince = registry.clock.seconds()
+        self.stats = registry.stats.portStats(self.remote_port, self.name)
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
@@ -195,6 +216,7 @@ class Tunnel:
         if len(self.waiting) >= limit:
             log.warn("{limit} users already wait for a data channel on port {remote_port}; "
                      "closing a new one", limit=limit, remote_port=self.remote_port)
+            self.registry.stats.userRefused(user, REFUSED_WAITING_USERS)
             user.transport.loseConnection()
             return
         user.conn_id = self.registry.newConnectionId()
@@ -220,6 +242,7 @@ class Tunnel:
         log.warn("no data channel for a user of port {remote_port} within {timeout} s; "
                  "closing the user's connection",
                  remote_port=self.remote_port, timeout=self.registry.settings.data_channel_timeout)
+        self.registry.stats.userRefused(user, REFUSED_TIMEOUT)
         self._forget(user)
         user.transport.loseConnection()
 
@@ -264,8 +287,10 @@ class Tunnel:
             return _whenFired(self._stopping)
         self.closed = True
         self.registry.forget(self)
+        self.registry.stats.release(self.stats)
         for user in list(self.waiting.values()):
             self._forget(user)
+            self.registry.stats.userRefused(user, REFUSED_CLIENT_GONE)
             user.transport.loseConnection()
         pool, self.pool = self.pool, OrderedDict()
         for channel in pool:
@@ -293,6 +318,7 @@ class TunnelRegistry:
         # arrive in bursts and are not held to the per-source cap.
         self.clientHosts: dict[str, int] = {}
         self.authFailures: dict[str, tuple[int, float]] = {}
+        self.stats = ServerStats(reactor, settings.connection_log)
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
 
@@ -352,6 +378,7 @@ class TunnelRegistry:
         Record a wrong token from C{host}; how long to wait before answering,
         growing with each failure in a row so that guessing is slow.
         """
+        self.stats.authFailures["control"] += 1
         now = self.clock.seconds()
         count, last = self.authFailures.get(host, (0, now))
         if now - last > 60:
@@ -648,6 +675,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if refusal is not None:
             log.warn("refusing a connection from {peer}: {why}",
                      peer=self.peerDescription, why=refusal)
+            self.registry.stats.admissionRefusals["pending"] += 1
             self.role = "refused"
             self.transport.abortConnection()
             return
@@ -835,12 +863,15 @@ class ServerChannel(MessageReceiver, RelayEnd):
         the answer alone, as the Go server sends it.
         """
         early = readWaiting(user.transport) if ours else b""
+        user.relayed += len(early)
         self.sendMessage(messages.RegisterResp(status="ok"), rawAfter=early)
 
     def _spliceTo(self, user: PublicUser) -> None:
         settings = self.registry.settings
+        user.dataChannel = self
         splice(user, self, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
                busyPoll=settings.busy_poll / 1e6)
+        self.registry.stats.dataChannelReady(user, self.registry.clock.seconds() - user.connectedAt)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.
         log.debug("data channel for port {remote_port} ready in {ms:.1f} ms",
@@ -852,6 +883,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
 
     def readConnectionLost(self) -> None:
         if self.role == "data":
+            if self.peer is not None:
+                noteEnding(self.peer, SERVICE_CLOSED)
             RelayEnd.readConnectionLost(self)
         else:
             self.transport.loseConnection()
@@ -882,6 +915,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         elif role == "pooled":
             self.tunnel.pooledLost(self)
         elif role == "data":
+            if self.peer is not None:
+                noteEnding(self.peer, endingOf(reason, SERVICE_CLOSED))
             self.relayConnectionLost()
 
 
@@ -922,6 +957,12 @@ class TunnelServerService(MultiService):
         heartbeat = TimerService(settings.heartbeat_check_interval, self.registry.checkHeartbeats)
         heartbeat.clock = reactor
         heartbeat.setServiceParent(self)
+        self.admin = None
+        if settings.admin:
+            from gotunnel.admin.service import AdminService
+
+            self.admin = AdminService(settings, self.registry, reactor)
+            self.admin.setServiceParent(self)
 
     def whenListening(self) -> defer.Deferred:
         """

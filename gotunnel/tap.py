@@ -26,8 +26,9 @@ from twisted.python import usage
 from gotunnel import __version__, logs, rlimits, tls
 from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
-    LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
-    clientEndpointString, findConfigFile, parseLogLang, parseLogLevel, parseMapping,
+    CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile,
+    ServerSettings, clientEndpointString, findConfigFile, parseConnectionLog, parseLogLang,
+    parseLogLevel, parseMapping,
     readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
@@ -87,6 +88,14 @@ def _logLang(text: str) -> str:
 
 _logLang.coerceDoc = f"One of {', '.join(LANGUAGES)}."  # type: ignore[attr-defined]
 
+
+def _connectionLog(text: str) -> str:
+    return parseConnectionLog(text, "--connection-log")
+
+
+_connectionLog.coerceDoc = (  # type: ignore[attr-defined]
+    f"One of {', '.join(CONNECTION_LOG_LEVELS)}.")
+
 _CONFIG_OPTION = [
     "config", "c", None,
     "Read settings from this YAML file (default: ./config.yaml, if it exists). "
@@ -116,6 +125,10 @@ def _logOptions(role: str) -> list[list[Any]]:
          f"Log events at this level and above (default: info; {role}.log_level)", _logLevel],
         ["log-lang", None, None,
          f"Language of log messages (default: en; {role}.log_lang)", _logLang],
+        ["connection-log", None, None,
+         "The level of the line logged for each user connection that ends, with its bytes, "
+         f"duration and how it ended, or off (default: info; {role}.connection_log)",
+         _connectionLog],
     ]
 
 
@@ -319,6 +332,16 @@ class ServerOptions(_SettingsOptions):
          "Mutual TLS: require client certificates signed by the CA in this PEM file; "
          "a certificate's common name must be the client's name (server.tls_client_ca)."],
         _busyPollOption("server", ServerSettings),
+        ["admin", None, None,
+         "Serve the admin API, /metrics and the dashboard on this endpoint, e.g. "
+         "tcp:7400:interface=127.0.0.1 or ssl:7400:privateKey=key.pem:certKey=cert.pem "
+         "(default: none; server.admin)."],
+        ["admin-token", None, None,
+         "Bearer token for the admin endpoint (server.admin_token)."],
+        ["admin-user", None, None,
+         "User name for the dashboard's login (server.admin_user; needs --admin-password)."],
+        ["admin-password", None, None,
+         "Password for the dashboard's login (server.admin_password)."],
     ] + _logOptions("server")
     optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD]
 
@@ -334,7 +357,10 @@ class ServerOptions(_SettingsOptions):
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
-              "log-level": "log_level", "log-lang": "log_lang"}
+              "admin": "admin", "admin-token": "admin_token", "admin-user": "admin_user",
+              "admin-password": "admin_password",
+              "log-level": "log_level", "log-lang": "log_lang",
+              "connection-log": "connection_log"}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
                   "tls_client_ca": "tls-client-ca"}
 
@@ -360,6 +386,13 @@ class ServerOptions(_SettingsOptions):
                            "of its own")
                 # server.clients is read from a file only.
                 raise ConfigError(f"{source}: {problem}")
+        admin = values.get("admin")
+        if admin:
+            checkEndpoint(admin, "server", "--admin" if self["admin"] is not None or not source
+                          else f"{source}: server.admin")
+        if bool(values.get("admin_user")) != bool(values.get("admin_password")):
+            raise usage.UsageError("--admin-user and --admin-password go together "
+                                   "(server.admin_user, server.admin_password)")
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
         tls.checkServerSettings(settings, names, where)
@@ -438,7 +471,8 @@ class ClientOptions(_SettingsOptions):
               "max-pending-data-channels": "max_pending_data_channels",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
-              "log-level": "log_level", "log-lang": "log_lang"}
+              "log-level": "log_level", "log-lang": "log_lang",
+              "connection-log": "connection_log"}
     tlsOptions = {"tls": "tls", "tls_ca": "ca", "tls_server_name": "server-name",
                   "tls_client_cert": "tls-client-cert", "tls_client_key": "tls-client-key"}
 
