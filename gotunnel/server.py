@@ -752,9 +752,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.role = "data"
         # Only our client pools data channels.
         self._answer(user, ours=True)
-        # Outside a frame handler, so switchToRaw's pause is not needed:
-        # every byte from now on is raw.
-        self._raw = True
+        # Outside a frame handler, so switchToRaw's pause is not needed.
+        self.rawFromNow()
         self._spliceTo(user)
         return True
 
