@@ -288,8 +288,8 @@ class TunnelRegistry:
         # Connections that have not yet sent their first frame, per source
         # address: strangers must not be able to hold all our descriptors.
         self.pending: dict[str, int] = {}
-        # Addresses with a registered control channel: their data channels
-        # arrive in bursts and are not held to the per-source cap.
+        # Addresses with a registered control channel: the data channels
+        # their clients owe us (see owedTo) are not held to the caps.
         self.clientHosts: dict[str, int] = {}
         self.authFailures: dict[str, tuple[int, float]] = {}
         self._stoppingListeners: set[defer.Deferred] = set()
@@ -313,19 +313,32 @@ class TunnelRegistry:
         refuse it, or None.
         """
         settings = self.settings
-        if host in self.clientHosts:
-            # A registered client's data channels come in bursts; strangers'
-            # idle connections must not starve them.
-            self.pending[host] = self.pending.get(host, 0) + 1
+        count = self.pending.get(host, 0)
+        owed = self.owedTo(host) if host in self.clientHosts else 0
+        if count < owed:
+            # Data channels we asked this address's clients for come in
+            # bursts: strangers' idle connections must not starve them.
+            self.pending[host] = count + 1
             return None
+        if count - owed >= settings.max_pending_per_source:
+            return (f"{settings.max_pending_per_source} connections from this address are "
+                    "already waiting for their first frame")
         if sum(self.pending.values()) >= settings.max_pending_total:
             return (f"{settings.max_pending_total} connections are already waiting "
                     "for their first frame")
-        if self.pending.get(host, 0) >= settings.max_pending_per_source:
-            return (f"{settings.max_pending_per_source} connections from this address are "
-                    "already waiting for their first frame")
-        self.pending[host] = self.pending.get(host, 0) + 1
+        self.pending[host] = count + 1
         return None
+
+    def owedTo(self, host: str) -> int:
+        """
+        How many connections the clients registered from C{host} may have
+        on the way at once: a data channel for each user waiting on their
+        ports, and the room left in their pools.
+        """
+        room = self.settings.max_pool_count
+        return sum(len(tunnel.waiting) + max(room - len(tunnel.pool), 0)
+                   for tunnel in self.tunnels.values()
+                   if getattr(tunnel.channel, "source", None) == host)
 
     def release(self, host: str) -> None:
         """A connection counted by L{admit} has sent its first frame, or gone."""
@@ -565,6 +578,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
     firstFrameCall = None
     refusalCall = None
     pendingHost: Optional[str] = None
+    source = "?"
+    """The address this connection is counted against, in the caps on pending connections."""
 
     def __init__(self, registry: TunnelRegistry) -> None:
         self.registry = registry
@@ -576,14 +591,15 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.registry.connections.add(self)
-        refusal = self.registry.admit(self.host)
+        self.source = self.host
+        refusal = self.registry.admit(self.source)
         if refusal is not None:
             log.warn("refusing a connection from {peer}: {why}",
                      peer=self.peerDescription, why=refusal)
             self.role = "refused"
             self.transport.abortConnection()
             return
-        self.pendingHost = self.host
+        self.pendingHost = self.source
         self.firstFrameCall = self.registry.clock.callLater(
             self.registry.settings.first_frame_timeout, self._firstFrameTimedOut)
 

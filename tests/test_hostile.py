@@ -604,8 +604,9 @@ class PendingCapTests(ServerUnderAttack):
     def test_registeredClientsAddressIsExempt(self):
         """
         Once a client from 127.0.0.1 is registered, idle connections from
-        127.0.0.1 beyond the per-source cap are held (not refused) and the
-        client's data channels, from the same address, still get through.
+        127.0.0.1 beyond the per-source cap are held (not refused), within
+        the room for its pool, and the client's data channels, from the same
+        address, still get through.
         """
         yield self.registerGood()
         idle = []
@@ -970,3 +971,59 @@ class PendingTotalTests(unittest.TestCase):
         self.assertEqual(harness.users[0][1].value(), b"hello")
         self.assertEqual(tunnel.waiting, {})
         harness.closeAll()
+
+
+class RegisteredAddressCapTests(unittest.TestCase):
+    """
+    The address of a registered client gets room for the data channels its
+    client owes (one per waiting user, and its pool) on top of the
+    per-address cap, and no more.
+    """
+
+    def setUp(self):
+        self.harness = Harness()
+        settings = self.harness.settings
+        settings.max_pending_per_source = 3
+        settings.max_pending_total = 20
+        settings.max_pool_count = 2
+        settings.max_waiting_users = 10
+        self.assertEqual(self.harness.goodRegister(GOOD_PORT, FUZZ_HOST),
+                         [dict(REGISTERED, pool=2)])
+        self.addCleanup(self.harness.closeAll)
+
+    def idle(self, host: str, count: int) -> list[bool]:
+        """Whether each of C{count} new idle connections from C{host} was refused."""
+        return [transport.disconnecting
+                for _, transport in (self.harness.connect(host) for _ in range(count))]
+
+    def test_idleConnectionsOfARegisteredAddressAreCapped(self):
+        """
+        Idle connections from a registered client's address: its pool's two
+        and the per-address three are held, the rest refused at once; they
+        do not fill the global cap, and a stranger still gets in.
+        """
+        self.assertEqual(self.idle(FUZZ_HOST, 30), [False] * 5 + [True] * 25)
+        self.assertEqual(self.harness.registry.pending, {FUZZ_HOST: 5})
+        self.assertEqual(self.idle("198.51.100.2", 1), [False])
+
+    def test_dataChannelsForWaitingUsersAreAdmitted(self):
+        """
+        With its per-address three idle connections held, the client still
+        gets in a data channel for each of six waiting users, and its two
+        pooled ones, all at once; one more connection is refused.
+        """
+        self.assertEqual(self.idle(FUZZ_HOST, 3), [False] * 3)
+        for _ in range(6):
+            self.harness.connectUser(0)
+        waiting = sorted(self.harness.registry.waitingUsers)
+        self.assertEqual(len(waiting), 6)
+        channels = [self.harness.connect(FUZZ_HOST) for _ in range(8)]
+        self.assertEqual([t.disconnecting for _, t in channels], [False] * 8)
+        self.assertEqual(self.idle(FUZZ_HOST, 1), [True])
+        for (channel, transport), conn_id in zip(channels, waiting):
+            channel.dataReceived(jsonFrame(dataChannelMessage(GOOD_PORT, conn_id)))
+            self.assertEqual(channel.role, "data")
+        for channel, transport in channels[6:]:
+            channel.dataReceived(jsonFrame(dict(dataChannelMessage(GOOD_PORT, None), pooled=True)))
+            self.assertEqual(channel.role, "pooled")
+        self.assertEqual(self.harness.registry.pending, {FUZZ_HOST: 3})
