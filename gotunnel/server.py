@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import re
 import secrets
 from collections import OrderedDict
@@ -59,6 +60,23 @@ class RegistrationRefused(Exception):
 def tokensMatch(given: str, expected: str) -> bool:
     """Compare tokens in constant time."""
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def addressGroup(host: str, ipv6Prefix: int) -> str:
+    """
+    What C{host} counts as in the caps on pending connections: an IPv6
+    address its network of C{ipv6Prefix} bits (one host usually holds a
+    whole /64), an IPv4 address (mapped into IPv6 or not) itself.
+    """
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, ipv6Prefix), strict=False))
+    return host
 
 
 def _whenFired(d: defer.Deferred) -> defer.Deferred:
@@ -285,9 +303,10 @@ class TunnelRegistry:
         self.tunnels: dict[int, Tunnel] = {}
         self.waitingUsers: dict[str, PublicUser] = {}
         self.connections = ConnectionSet()
-        # Connections that have not yet sent their first frame, per source
-        # address: strangers must not be able to hold all our descriptors.
-        self.pending: dict[str, int] = {}
+        # Connections that have not yet sent their first frame, oldest
+        # first, per source address (see addressGroup): strangers must not be
+        # able to hold all our descriptors.
+        self._pending: dict[str, OrderedDict[ServerChannel, None]] = {}
         # Addresses with a registered control channel: the data channels
         # their clients owe us (see owedTo) are not held to the caps.
         self.clientHosts: dict[str, int] = {}
@@ -307,46 +326,74 @@ class TunnelRegistry:
 
         return stopping.addBoth(done)
 
-    def admit(self, host: str) -> Optional[str]:
+    @property
+    def pending(self) -> dict[str, int]:
+        """How many connections wait for their first frame, per source address."""
+        return {source: len(channels) for source, channels in self._pending.items()}
+
+    def admit(self, channel: "ServerChannel") -> Optional[str]:
         """
         Count a new connection that has yet to say what it is; the reason to
-        refuse it, or None.
+        refuse it, or None.  When all the room is taken, the oldest such
+        connection of the address that holds the most makes room for one
+        from an address that holds fewer.
         """
         settings = self.settings
-        count = self.pending.get(host, 0)
-        owed = self.owedTo(host) if host in self.clientHosts else 0
-        if count < owed:
-            # Data channels we asked this address's clients for come in
-            # bursts: strangers' idle connections must not starve them.
-            self.pending[host] = count + 1
-            return None
-        if count - owed >= settings.max_pending_per_source:
-            return (f"{settings.max_pending_per_source} connections from this address are "
-                    "already waiting for their first frame")
-        if sum(self.pending.values()) >= settings.max_pending_total:
-            return (f"{settings.max_pending_total} connections are already waiting "
-                    "for their first frame")
-        self.pending[host] = count + 1
+        source = channel.source
+        count = len(self._pending.get(source, ()))
+        owed = self.owedTo(source) if source in self.clientHosts else 0
+        if count >= owed:
+            if count - owed >= settings.max_pending_per_source:
+                return (f"{settings.max_pending_per_source} connections from this address are "
+                        "already waiting for their first frame")
+            if (sum(len(channels) for channels in self._pending.values())
+                    >= settings.max_pending_total and not self._evictFor(count - owed)):
+                return (f"{settings.max_pending_total} connections are already waiting "
+                        "for their first frame")
+        # Below what it is owed: data channels we asked this address's
+        # clients for come in bursts, and strangers' idle connections must
+        # not starve them.
+        self._pending.setdefault(source, OrderedDict())[channel] = None
         return None
 
-    def owedTo(self, host: str) -> int:
+    def _evictFor(self, held: int) -> bool:
         """
-        How many connections the clients registered from C{host} may have
+        Close the oldest idle connection of the address that holds the most
+        beyond what it is owed, if that is more than C{held}; whether one
+        was closed.
+        """
+        most, heaviest = held, None
+        for source, channels in self._pending.items():
+            excess = len(channels) - (self.owedTo(source) if source in self.clientHosts else 0)
+            if excess > most:
+                most, heaviest = excess, source
+        if heaviest is None:
+            return False
+        for victim in self._pending[heaviest]:
+            # One that sent its first frame is being registered: it is not idle.
+            if victim.role in ("new", "refused"):
+                victim.evict(most)
+                return True
+        return False
+
+    def owedTo(self, source: str) -> int:
+        """
+        How many connections the clients registered from C{source} may have
         on the way at once: a data channel for each user waiting on their
         ports, and the room left in their pools.
         """
         room = self.settings.max_pool_count
         return sum(len(tunnel.waiting) + max(room - len(tunnel.pool), 0)
                    for tunnel in self.tunnels.values()
-                   if getattr(tunnel.channel, "source", None) == host)
+                   if getattr(tunnel.channel, "source", None) == source)
 
-    def release(self, host: str) -> None:
+    def release(self, channel: "ServerChannel") -> None:
         """A connection counted by L{admit} has sent its first frame, or gone."""
-        left = self.pending.get(host, 0) - 1
-        if left > 0:
-            self.pending[host] = left
-        else:
-            self.pending.pop(host, None)
+        channels = self._pending.get(channel.source)
+        if channels is not None:
+            channels.pop(channel, None)
+            if not channels:
+                del self._pending[channel.source]
 
     def clientArrived(self, host: str) -> None:
         self.clientHosts[host] = self.clientHosts.get(host, 0) + 1
@@ -577,9 +624,10 @@ class ServerChannel(MessageReceiver, RelayEnd):
                        "--tls-cert and --tls-key, or connect without TLS")
     firstFrameCall = None
     refusalCall = None
-    pendingHost: Optional[str] = None
+    pending = False
+    """Counted by the registry among the connections yet to send their first frame."""
     source = "?"
-    """The address this connection is counted against, in the caps on pending connections."""
+    """The address this connection is counted as, in the caps on pending connections."""
 
     def __init__(self, registry: TunnelRegistry) -> None:
         self.registry = registry
@@ -591,15 +639,15 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.registry.connections.add(self)
-        self.source = self.host
-        refusal = self.registry.admit(self.source)
+        self.source = addressGroup(self.host, self.registry.settings.ipv6_prefix)
+        refusal = self.registry.admit(self)
         if refusal is not None:
             log.warn("refusing a connection from {peer}: {why}",
                      peer=self.peerDescription, why=refusal)
             self.role = "refused"
             self.transport.abortConnection()
             return
-        self.pendingHost = self.source
+        self.pending = True
         self.firstFrameCall = self.registry.clock.callLater(
             self.registry.settings.first_frame_timeout, self._firstFrameTimedOut)
 
@@ -608,9 +656,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         This connection is now a control or data channel, or gone: it no
         longer counts against the caps on connections not yet accepted.
         """
-        if self.pendingHost is not None:
-            self.registry.release(self.pendingHost)
-            self.pendingHost = None
+        if self.pending:
+            self.pending = False
+            self.registry.release(self)
         self._cancelFirstFrameTimeout()
 
     def _cancelFirstFrameTimeout(self) -> None:
@@ -637,6 +685,17 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def _refuseNow(self, reason: str) -> None:
         self.refusalCall = None
         self.fail(reason)
+
+    def evict(self, held: int) -> None:
+        """
+        Close this idle connection now, to make room for one from an
+        address that holds fewer: its address holds C{held} such connections.
+        """
+        log.warn("{peer} is the oldest of {held} connections from its address waiting for "
+                 "their first frame; closing it to make room for another address's",
+                 peer=self.peerDescription, held=held)
+        self._releasePending()
+        self.transport.abortConnection()
 
     def _firstFrameTimedOut(self) -> None:
         self.firstFrameCall = None
@@ -675,7 +734,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.role = "control"
         self.tunnel = tunnel
         self._releasePending()
-        self.registry.clientArrived(self.host)
+        self.registry.clientArrived(self.source)
         self.sendMessage(messages.RegisterResp(
             status="ok", pool=self.registry.settings.max_pool_count or None))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
@@ -822,7 +881,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.registry.connections.discard(self)
         role, self.role = self.role, "closed"
         if role == "control":
-            self.registry.clientLeft(self.host)
+            self.registry.clientLeft(self.source)
             log.info("client {name} gone; closing public port {remote_port}",
                      name=self.tunnel.name, remote_port=self.tunnel.remote_port)
             self.tunnel.close()

@@ -53,6 +53,7 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
 _atLeastOne = _wholeNumber(1)
 _atLeastZero = _wholeNumber(0)
 _busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
+_ipv6Prefix = _wholeNumber(1, 128)
 
 
 def _logLevel(text: str) -> str:
@@ -232,6 +233,10 @@ class ServerOptions(_SettingsOptions):
          "Data channels a client may open ahead of its users, per mapping; 0 turns "
          f"pooling off (default: {ServerSettings.max_pool_count}; server.max_pool_count)",
          _atLeastZero],
+        ["ipv6-prefix", None, None,
+         "IPv6 clients in one network of this prefix length count as one address in the "
+         "caps on connections waiting for their first frame "
+         f"(default: {ServerSettings.ipv6_prefix}; server.ipv6_prefix)", _ipv6Prefix],
         ["tls-cert", None, None,
          "Speak TLS on the control address, with this PEM certificate (and its chain) "
          "(server.tls_cert; needs --tls-key)."],
@@ -250,6 +255,7 @@ class ServerOptions(_SettingsOptions):
               "data-timeout": "data_channel_timeout", "heartbeat-timeout": "heartbeat_timeout",
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
+              "ipv6-prefix": "ipv6_prefix",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
               "log-level": "log_level", "log-lang": "log_lang"}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",

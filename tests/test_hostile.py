@@ -22,7 +22,7 @@ from twisted.trial import unittest
 
 from gotunnel import messages
 from gotunnel.config import ServerSettings
-from gotunnel.server import PublicUser, ServerChannel, TunnelRegistry
+from gotunnel.server import PublicUser, ServerChannel, TunnelRegistry, addressGroup
 
 from tests.support import (
     REGISTERED,
@@ -945,20 +945,22 @@ class PendingTotalTests(unittest.TestCase):
 
     def test_strangersRefusedClientsAdmitted(self):
         """
-        Once idle connections fill max_pending_total, a stranger's new
-        connection is refused, while the registered client's address still
-        gets its data channels in.
+        Once idle connections from two addresses fill max_pending_total, a
+        new connection from one of them is refused, while the registered
+        client's address still gets its data channels in.
         """
         harness = Harness()
         harness.settings.max_pending_total = 4
         self.assertEqual(harness.goodRegister(GOOD_PORT, FUZZ_HOST),
                          [REGISTERED])
-        for _ in range(4):
+        for _ in range(2):
             harness.connect("192.0.2.1")
-        self.assertEqual(harness.registry.pending, {"192.0.2.1": 4})
-        stranger, transport = harness.connect("198.51.100.2")
+            harness.connect("192.0.2.2")
+        self.assertEqual(harness.registry.pending, {"192.0.2.1": 2, "192.0.2.2": 2})
+        stranger, transport = harness.connect("192.0.2.2")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(stranger.role, "closed")
+        self.assertEqual(harness.registry.pending, {"192.0.2.1": 2, "192.0.2.2": 2})
         tunnel = harness.registry.tunnels[GOOD_PORT]
         harness.connectUser(0)
         [conn_id] = harness.registry.waitingUsers
@@ -1027,3 +1029,87 @@ class RegisteredAddressCapTests(unittest.TestCase):
             channel.dataReceived(jsonFrame(dict(dataChannelMessage(GOOD_PORT, None), pooled=True)))
             self.assertEqual(channel.role, "pooled")
         self.assertEqual(self.harness.registry.pending, {FUZZ_HOST: 3})
+
+
+class GlobalCapFairnessTests(unittest.TestCase):
+    """
+    max_pending_total filled by a flood from many addresses: a new address
+    still gets in, and IPv6 sources count by network.
+    """
+
+    def setUp(self):
+        self.harness = Harness()
+        self.addCleanup(self.harness.closeAll)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def flood(self, addresses: int, each: int) -> list[StringTransport]:
+        return [self.harness.connect(f"203.0.113.{a}")[1]
+                for _ in range(each) for a in range(1, addresses + 1)]
+
+    def test_newAddressRegistersDuringAFlood(self):
+        """
+        64 addresses x 16 idle connections fill the 1024: a new address's
+        connection closes the oldest of them (logged) and registers; the
+        flooding addresses are still held to 16 each.
+        """
+        flood = self.flood(64, 16)
+        self.assertEqual(sum(self.harness.registry.pending.values()), 1024)
+        self.assertFalse(any(t.disconnecting for t in flood))
+        self.assertEqual(self.harness.goodRegister(GOOD_PORT, "192.0.2.10"), [REGISTERED])
+        self.assertEqual([t.disconnecting for t in flood[:2]], [True, False])
+        [event] = [e for e in self.events if "to make room" in e.get("log_format", "")]
+        self.assertEqual(event["held"], 16)
+        self.assertEqual(sum(self.harness.registry.pending.values()), 1023)
+        _, again = self.harness.connect("203.0.113.2")
+        self.assertTrue(again.disconnecting)
+
+    def test_addressesHoldingAsManyAreRefused(self):
+        """
+        Room is made only for an address that holds fewer than the one that
+        holds the most: with four addresses holding one each, a second from
+        one of them is refused, and nobody is closed.
+        """
+        self.harness.settings.max_pending_total = 4
+        flood = self.flood(4, 1)
+        _, again = self.harness.connect("203.0.113.1")
+        self.assertTrue(again.disconnecting)
+        self.assertFalse(any(t.disconnecting for t in flood))
+
+    def test_registeredClientsDataChannelsAreNotClosed(self):
+        """
+        The data channels a registered client owes are never closed to make
+        room: with its pool's eight on the way filling the cap, a stranger is
+        refused instead.
+        """
+        self.harness.settings.max_pending_total = 8
+        self.assertEqual(self.harness.goodRegister(GOOD_PORT, FUZZ_HOST), [REGISTERED])
+        pooled = [self.harness.connect(FUZZ_HOST)[1] for _ in range(8)]
+        _, stranger = self.harness.connect("198.51.100.2")
+        self.assertTrue(stranger.disconnecting)
+        self.assertFalse(any(t.disconnecting for t in pooled))
+
+    def test_ipv6NetworkIsOneAddress(self):
+        """
+        Sixteen connections from different addresses of one /64 are its
+        whole share; another network's address still gets in.
+        """
+        network = [self.harness.connect(f"2001:db8:1:2::{n:x}")[1] for n in range(1, 18)]
+        self.assertEqual([t.disconnecting for t in network], [False] * 16 + [True])
+        self.assertEqual(self.harness.registry.pending, {"2001:db8:1:2::/64": 16})
+        _, other = self.harness.connect("2001:db8:1:3::1")
+        self.assertFalse(other.disconnecting)
+
+    def test_ipv6PrefixIsASetting(self):
+        """With ipv6_prefix 128, each IPv6 address is its own."""
+        self.harness.settings.ipv6_prefix = 128
+        network = [self.harness.connect(f"2001:db8:1:2::{n:x}")[1] for n in range(1, 18)]
+        self.assertFalse(any(t.disconnecting for t in network))
+
+    def test_addressGroup(self):
+        self.assertEqual(addressGroup("2001:db8::1", 64), "2001:db8::/64")
+        self.assertEqual(addressGroup("2001:db8:0:0:ffff::1%eth0", 48), "2001:db8::/48")
+        self.assertEqual(addressGroup("::ffff:192.0.2.1", 64), "192.0.2.1")
+        self.assertEqual(addressGroup("192.0.2.1", 64), "192.0.2.1")
+        self.assertEqual(addressGroup("?", 64), "?")
