@@ -53,6 +53,10 @@ def withBacklog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
+MAX_AUTH_FAILURE_SOURCES = 10_000
+"""Source addresses whose wrong tokens in a row the server remembers."""
+
+
 class RegistrationRefused(Exception):
     """The server will not do what a client asked; the message is the reason sent back."""
 
@@ -310,7 +314,8 @@ class TunnelRegistry:
         # Addresses with a registered control channel: the data channels
         # their clients owe us (see owedTo) are not held to the caps.
         self.clientHosts: dict[str, int] = {}
-        self.authFailures: dict[str, tuple[int, float]] = {}
+        # Wrong tokens in a row per source address, least recent first.
+        self.authFailures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._stoppingListeners: set[defer.Deferred] = set()
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
@@ -411,13 +416,15 @@ class TunnelRegistry:
         growing with each failure in a row so that guessing is slow.
         """
         now = self.clock.seconds()
-        count, last = self.authFailures.get(host, (0, now))
+        count, last = self.authFailures.pop(host, (0, now))
         if now - last > 60:
             count = 0
         count += 1
-        if len(self.authFailures) >= 10000 and host not in self.authFailures:
-            self.authFailures.clear()
         self.authFailures[host] = (count, now)
+        if len(self.authFailures) > MAX_AUTH_FAILURE_SOURCES:
+            # The least recent: clearing the whole table instead would let
+            # a spray of addresses reset a guesser's back-off.
+            self.authFailures.popitem(last=False)
         if count == 1:
             return 0.0
         return min(0.1 * 2 ** (count - 2), self.settings.auth_failure_delay_max)
@@ -674,7 +681,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.role = "refused"
         delay = 0.0
         if reason == "authentication failed":
-            delay = self.registry.authenticationFailed(self.host)
+            delay = self.registry.authenticationFailed(self.source)
         if delay <= 0:
             self.fail(reason)
             return

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -22,7 +22,9 @@ from twisted.trial import unittest
 
 from gotunnel import messages
 from gotunnel.config import ServerSettings
-from gotunnel.server import PublicUser, ServerChannel, TunnelRegistry, addressGroup
+from gotunnel.server import (
+    MAX_AUTH_FAILURE_SOURCES, PublicUser, ServerChannel, TunnelRegistry, addressGroup,
+)
 
 from tests.support import (
     REGISTERED,
@@ -1113,3 +1115,39 @@ class GlobalCapFairnessTests(unittest.TestCase):
         self.assertEqual(addressGroup("::ffff:192.0.2.1", 64), "192.0.2.1")
         self.assertEqual(addressGroup("192.0.2.1", 64), "192.0.2.1")
         self.assertEqual(addressGroup("?", 64), "?")
+
+
+class AuthFailureTableTests(unittest.TestCase):
+    """The back-off table is bounded by forgetting its least recent entries."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.registry = TunnelRegistry(ServerSettings(token=TOKEN, auth_failure_delay_max=5.0),
+                                       self.clock)
+
+    def test_sprayDoesNotResetAGuesser(self):
+        """
+        A guesser that goes on guessing while 20,000 other addresses each
+        fail once keeps its growing delay; the table never holds more than
+        MAX_AUTH_FAILURE_SOURCES, and the sprayed addresses first in are the
+        first forgotten.
+        """
+        delays = [self.registry.authenticationFailed("192.0.2.66") for _ in range(4)]
+        self.assertEqual(delays, [0.0, 0.1, 0.2, 0.4])
+        for n in range(20_000):
+            self.registry.authenticationFailed(f"2001:db8:{n // 256:x}:{n % 256:x}::/64")
+            self.assertLessEqual(len(self.registry.authFailures), MAX_AUTH_FAILURE_SOURCES)
+            if n % 1000 == 999:
+                self.clock.advance(1)
+                delays.append(self.registry.authenticationFailed("192.0.2.66"))
+        self.assertEqual(delays[4:], [0.8, 1.6, 3.2] + [5.0] * 17)
+        self.assertEqual(len(self.registry.authFailures), MAX_AUTH_FAILURE_SOURCES)
+        self.assertNotIn("2001:db8:0:0::/64", self.registry.authFailures)
+        self.assertIn("2001:db8:4e:1f::/64", self.registry.authFailures)
+
+    def test_forgottenAfterAMinute(self):
+        """A failure more than 60 s after the last starts the count again."""
+        self.registry.authenticationFailed("192.0.2.66")
+        self.assertEqual(self.registry.authenticationFailed("192.0.2.66"), 0.1)
+        self.clock.advance(61)
+        self.assertEqual(self.registry.authenticationFailed("192.0.2.66"), 0.0)
