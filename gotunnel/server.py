@@ -98,15 +98,22 @@ def _whenFired(d: defer.Deferred) -> defer.Deferred:
     return fired
 
 
+MAX_EARLY_BYTES = 64 * 1024
+"""What a user may send before its data channel comes: held by us, then in the kernel."""
+
+
 class PublicUser(Protocol, RelayEnd):
     """
-    A user's connection to a public port.  It reads nothing until its data
-    channel arrives, so what the user sends early waits in the kernel.
+    A user's connection to a public port.  While it waits for its data
+    channel it is read on, so that a user who gives up is let go at once,
+    but what it sends is held only up to L{MAX_EARLY_BYTES}: after that it
+    waits in the kernel.
     """
 
     conn_id: Optional[str] = None
     connectedAt: float = 0.0
     timeoutCall = None
+    _heldBytes = 0
 
     def __init__(self, tunnel: "Tunnel") -> None:
         self.tunnel = tunnel
@@ -118,6 +125,29 @@ class PublicUser(Protocol, RelayEnd):
 
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
+        if self.peer is None:
+            self._heldBytes += len(data)
+            if self._heldBytes >= MAX_EARLY_BYTES:
+                self.transport.pauseProducing()
+
+    def takeHeld(self) -> bytes:
+        """What this user sent before its splice, taken from it to send now."""
+        held, self._held = self._held, None
+        self._heldBytes = 0
+        return b"".join(held or ())
+
+    def readConnectionLost(self) -> None:
+        if self._readClosed:
+            # Read while it waited, and read again once the splice resumed
+            # the transport: the end was passed on the first time.
+            return
+        if self.peer is None and not self._held and self.tunnel.userGaveUp(self):
+            # It closed while it waited and sent nothing: there is nothing
+            # to pass on, and a descriptor to give back now rather than at
+            # the data channel timeout.
+            self.transport.loseConnection()
+            return
+        RelayEnd.readConnectionLost(self)
 
     def connectionLost(self, reason=None) -> None:
         self.tunnel.userLost(self)
@@ -209,9 +239,6 @@ class Tunnel:
             channel, _ = self.pool.popitem(last=False)
             if channel.attachUser(user):
                 return
-        # Not before: a user spliced at once would stop reading only to
-        # start again.
-        user.holdReading()
         limit = self.registry.settings.max_waiting_users
         if len(self.waiting) >= limit:
             log.warn("{limit} users already wait for a data channel on port {remote_port}; "
@@ -235,6 +262,16 @@ class Tunnel:
 
     def userLost(self, user: PublicUser) -> None:
         self._forget(user)
+
+    def userGaveUp(self, user: PublicUser) -> bool:
+        """
+        A waiting user ended its side of the connection: it no longer waits
+        (True), or it was not waiting (False).
+        """
+        if self.waiting.get(user.conn_id) is not user:
+            return False
+        self._forget(user)
+        return True
 
     def _userTimedOut(self, user: PublicUser) -> None:
         user.timeoutCall = None
@@ -847,7 +884,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         connection reaches the service a wake-up sooner.  A Go client gets
         the answer alone, as the Go server sends it.
         """
-        early = readWaiting(user.transport) if ours else b""
+        # What the user sent while it waited goes ahead of what it has sent since.
+        early = user.takeHeld() + readWaiting(user.transport) if ours else b""
         self.sendMessage(messages.RegisterResp(status="ok"), rawAfter=early)
 
     def _spliceTo(self, user: PublicUser) -> None:

@@ -29,8 +29,8 @@ from gotunnel.server import (
 from tests.support import (
     REGISTERED,
     HOST, TOKEN, LogWatcher, Tunnel, connectRaw, connectUser, connectionRefused,
-    dataChannelMessage, echoedThrough, freePort, frameOf, jsonFrame, listenTarget, randomBytes,
-    registerMessage, waitUntil, within,
+    dataChannelMessage, echoedThrough, freePort, frameOf, jsonFrame, listenTarget,
+    openFileDescriptors, randomBytes, registerMessage, waitUntil, within,
 )
 
 WRONG_TOKEN = "wrong-token-4c1d2e"
@@ -1151,3 +1151,34 @@ class AuthFailureTableTests(unittest.TestCase):
         self.assertEqual(self.registry.authenticationFailed("192.0.2.66"), 0.1)
         self.clock.advance(61)
         self.assertEqual(self.registry.authenticationFailed("192.0.2.66"), 0.0)
+
+
+class UsersGivingUpTests(ServerUnderAttack):
+    """Users that leave while their client sends no data channel."""
+
+    overrides = {"first_frame_timeout": 60.0, "data_channel_timeout": 60.0}
+    registerGoodClient = False
+
+    @defer.inlineCallbacks
+    def test_closedWhileWaitingFreedAtOnce(self):
+        """
+        200 users of a client that never opens a data channel connect and
+        close: the server lets every one go at once (they used to hold a
+        descriptor each for the 60 s data channel timeout), and the
+        server's descriptors are back where they were.
+        """
+        raw, public = yield self.rawControl("hung")
+        registry = self.server.registry
+        before = openFileDescriptors()
+        users = []
+        for _ in range(200):
+            users.append((yield connectUser(self, public)))
+        yield waitUntil(lambda: len(registry.waitingUsers) == 200, 20,
+                        "the server to announce 200 users")
+        self.assertGreaterEqual(openFileDescriptors(), before + 400)
+        for user in users:
+            user.transport.loseConnection()
+        yield within(defer.gatherResults([user.closed for user in users]), 20, "users to close")
+        yield waitUntil(lambda: not registry.waitingUsers and openFileDescriptors() <= before,
+                        20, "the server to let the users go")
+        self.assertEqual(len(raw.frames.items), 1 + 200)
