@@ -102,10 +102,11 @@ class MessageReceiver(Int32StringReceiver):
     _raw = False
     peerDescription = "?"
     _producing = False
-    """Registered as the transport's producer: a frame was written while its buffer was full."""
+    """Registered as the transport's producer: while a frame is written, and while paused."""
     _writePaused = False
+    """The transport found its write buffer full, and has not yet drained it."""
     _backlog = 0
-    """Bytes written since the transport last found its buffer full."""
+    """Bytes written since then."""
 
     def makeConnection(self, transport) -> None:
         self.peerDescription = describePeer(transport)
