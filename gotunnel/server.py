@@ -98,22 +98,26 @@ def _whenFired(d: defer.Deferred) -> defer.Deferred:
     return fired
 
 
-MAX_EARLY_BYTES = 64 * 1024
-"""What a user may send before its data channel comes: held by us, then in the kernel."""
+MAX_EARLY_BYTES = 4 * 1024
+"""
+About what a user may send before its data channel comes and have us hold
+it (the rest waits in the kernel): thousands of users may wait at once.
+"""
 
 
 class PublicUser(Protocol, RelayEnd):
     """
     A user's connection to a public port.  While it waits for its data
     channel it is read on, so that a user who gives up is let go at once,
-    but what it sends is held only up to L{MAX_EARLY_BYTES}: after that it
-    waits in the kernel.
+    but in reads of L{MAX_EARLY_BYTES}, and only until it has sent that
+    many: after that what it sends waits in the kernel.
     """
 
     conn_id: Optional[str] = None
     connectedAt: float = 0.0
     timeoutCall = None
     _heldBytes = 0
+    _readSize: Optional[int] = None
 
     def __init__(self, tunnel: "Tunnel") -> None:
         self.tunnel = tunnel
@@ -129,6 +133,18 @@ class PublicUser(Protocol, RelayEnd):
             self._heldBytes += len(data)
             if self._heldBytes >= MAX_EARLY_BYTES:
                 self.transport.pauseProducing()
+
+    def waitForDataChannel(self) -> None:
+        """Read in small pieces until L{doneWaiting}."""
+        # FileDescriptor.bufferSize is the most one read takes (64 KiB).
+        self._readSize = getattr(self.transport, "bufferSize", None)
+        if self._readSize is not None:
+            self.transport.bufferSize = MAX_EARLY_BYTES
+
+    def doneWaiting(self) -> None:
+        """Read as much at a time as any connection again (it is also the write buffer's size)."""
+        if self._readSize is not None:
+            self.transport.bufferSize, self._readSize = self._readSize, None
 
     def takeHeld(self) -> bytes:
         """What this user sent before its splice, taken from it to send now."""
@@ -246,6 +262,7 @@ class Tunnel:
             user.transport.loseConnection()
             return
         user.conn_id = self.registry.newConnectionId()
+        user.waitForDataChannel()
         user.timeoutCall = clock.callLater(
             self.registry.settings.data_channel_timeout, self._userTimedOut, user)
         self.waiting[user.conn_id] = user
@@ -254,6 +271,7 @@ class Tunnel:
             local_port=self.local_port, conn_id=user.conn_id))
 
     def _forget(self, user: PublicUser) -> None:
+        user.doneWaiting()
         self.waiting.pop(user.conn_id, None)
         self.registry.waitingUsers.pop(user.conn_id, None)
         if user.timeoutCall is not None and user.timeoutCall.active():

@@ -23,7 +23,8 @@ from twisted.trial import unittest
 from gotunnel import messages
 from gotunnel.config import ServerSettings
 from gotunnel.server import (
-    MAX_AUTH_FAILURE_SOURCES, PublicUser, ServerChannel, TunnelRegistry, addressGroup,
+    MAX_AUTH_FAILURE_SOURCES, MAX_EARLY_BYTES, PublicUser, ServerChannel, TunnelRegistry,
+    addressGroup,
 )
 
 from tests.support import (
@@ -1182,3 +1183,25 @@ class UsersGivingUpTests(ServerUnderAttack):
         yield waitUntil(lambda: not registry.waitingUsers and openFileDescriptors() <= before,
                         20, "the server to let the users go")
         self.assertEqual(len(raw.frames.items), 1 + 200)
+
+    @defer.inlineCallbacks
+    def test_earlyBytesHeldAreBounded(self):
+        """
+        50 waiting users that each send 256 KiB at once have the server hold
+        less than twice MAX_EARLY_BYTES of it each (it reads them in small
+        pieces and stops), not a 64 KiB read or more each.
+        """
+        raw, public = yield self.rawControl("hung")
+        registry = self.server.registry
+        users = []
+        for _ in range(50):
+            user = yield connectUser(self, public)
+            user.transport.write(b"x" * 256 * 1024)
+            users.append(user)
+
+        def held() -> list[int]:
+            return [user._heldBytes for user in registry.waitingUsers.values()]
+
+        yield waitUntil(lambda: len(held()) == 50 and min(held()) >= MAX_EARLY_BYTES, 20,
+                        "the server to read every user's first bytes")
+        self.assertLess(max(held()), 2 * MAX_EARLY_BYTES)

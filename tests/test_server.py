@@ -464,16 +464,33 @@ class DataChannelTests(ServerTestCase):
         """
         self.registered()
         user = self.connectUser()
-        chunk = b"x" * 4096
+        chunk = b"x" * 1000
         sent = 0
         while user.transport.producerState == "producing":
             user.protocol.dataReceived(chunk)
             sent += len(chunk)
-        self.assertEqual(sent, MAX_EARLY_BYTES)
+        self.assertEqual(sent, 5000)
+        self.assertGreaterEqual(sent, MAX_EARLY_BYTES)
         data = self.connect()
         data.send(dataChannel("conn-1"))
-        self.assertEqual(data.sent(), frame(OK) + b"x" * MAX_EARLY_BYTES)
+        self.assertEqual(data.sent(), frame(OK) + b"x" * sent)
         self.assertEqual(user.transport.producerState, "producing")
+
+    def test_smallReadsOnlyWhileWaiting(self):
+        """
+        A waiting user's transport reads MAX_EARLY_BYTES at a time; once its
+        data channel takes it, as much as before (Twisted's bufferSize also
+        sizes the write buffer of the splice).
+        """
+        self.registered()
+        [listener] = self.listening(10022)
+        peer = IPv4Address("TCP", "198.51.100.99", next(self.peerPorts))
+        transport = StringTransport(peerAddress=peer)
+        transport.bufferSize = 65536
+        listener.factory.buildProtocol(peer).makeConnection(transport)
+        self.assertEqual(transport.bufferSize, MAX_EARLY_BYTES)
+        self.connect().send(dataChannel("conn-1"))
+        self.assertEqual(transport.bufferSize, 65536)
 
     def test_userClosingWhileWaitingIsLetGo(self):
         """
