@@ -48,6 +48,8 @@ class ServerSettings:
     first_frame_timeout: float = 10.0
     max_pending_per_source: int = 16
     max_pending_total: int = 1024
+    ipv6_prefix: int = 64
+    """IPv6 sources in one network of this prefix length count as one address in the caps."""
     max_waiting_users: int = 4096
     auth_failure_delay_max: float = 5.0
     shutdown_timeout: float = 10.0
@@ -434,6 +436,7 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[Any, 
 _count = _wholeNumber(1)
 _countOrZero = _wholeNumber(0)
 _busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
+_ipv6Prefix = _wholeNumber(1, 128)
 
 
 def _logLevel(value: Any, text: Any, name: str) -> str:
@@ -580,6 +583,7 @@ _SERVER_KEYS: dict[str, Callable] = {
     "clients": _clients,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,
+    "ipv6_prefix": _ipv6Prefix,
     "tls_cert": _text,
     "tls_key": _text,
     "tls_client_ca": _text,

@@ -73,6 +73,7 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
 _atLeastOne = _wholeNumber(1)
 _atLeastZero = _wholeNumber(0)
 _busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
+_ipv6Prefix = _wholeNumber(1, 128)
 
 
 def _logLevel(text: str) -> str:
@@ -324,6 +325,10 @@ class ServerOptions(_SettingsOptions):
          "Data channels a client may open ahead of its users, per mapping; 0 turns "
          f"pooling off (default: {ServerSettings.max_pool_count}; server.max_pool_count)",
          _atLeastZero],
+        ["ipv6-prefix", None, None,
+         "IPv6 clients in one network of this prefix length count as one address in the "
+         "caps on connections waiting for their first frame "
+         f"(default: {ServerSettings.ipv6_prefix}; server.ipv6_prefix)", _ipv6Prefix],
         ["tls-cert", None, None,
          "Speak TLS on the control address, with this PEM certificate (and its chain) "
          "(server.tls_cert; needs --tls-key)."],
@@ -356,6 +361,7 @@ class ServerOptions(_SettingsOptions):
               "port-lease": "port_lease",
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
+              "ipv6-prefix": "ipv6_prefix",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
               "admin": "admin", "admin-token": "admin_token", "admin-user": "admin_user",
               "admin-password": "admin_password",
