@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from gotunnel import messages, tls
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.publicport import PublicPort
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
 
@@ -50,6 +51,14 @@ def withBacklog(description: str, backlog: int) -> str:
     if any(argument.startswith("backlog=") for argument in re.split(r"(?<!\\):", arguments)):
         return description
     return f"{description}:backlog={backlog}"
+
+
+ONLINE_RETRY_DELAYS = (1, 2, 4, 8, 16, 30, 30, 30)
+"""
+Seconds to wait before each new try to listen on a public port that the
+client asked back online but that could not be bound; about two minutes in
+all, then the port stays offline until the client asks again.
+"""
 
 
 class RegistrationRefused(Exception):
@@ -127,55 +136,79 @@ class Tunnel:
         self.name = register.name
         self.local_port = register.local_port
         self.remote_port = register.remote_port
-        self.listener: Optional[IListeningPort] = None
         self.waiting: OrderedDict[str, PublicUser] = OrderedDict()
         self.pool: OrderedDict[ServerChannel, None] = OrderedDict()
         self.lastSeen = registry.clock.seconds()
         self.closed = False
         # True from listen() until stopListening(): what the client last
-        # asked for, even while the listener is still starting or stopping.
+        # asked for, even while the listener is still starting or stopping,
+        # or waiting to try a busy port again.
         self.online = False
-        # Bumped by every listen() and stopListening(), so that a listener
-        # which finishes starting after a later change of mind is closed.
-        self._generation = 0
         self._stopping: defer.Deferred = defer.succeed(None)
+        self._retryCall = None
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
 
+    @property
+    def listener(self) -> Optional[IListeningPort]:
+        """The public port's listener, while it serves this tunnel."""
+        port = self.registry.publicPorts.get(self.remote_port)
+        if port is not None and port.owner is self:
+            return port.listener
+        return None
+
     def listen(self) -> defer.Deferred:
         """
-        Start the public listener (after a stop still in progress).
+        Publish this tunnel's port, once whatever held it before is closed.
+
+        @return: a Deferred that fires with True once the port listens for
+            this tunnel, with False if a later request (the client's, or a
+            registration that replaced this tunnel) came first, or fails
+            with L{error.CannotListenError}.
         """
         self.online = True
-        self._generation += 1
-        generation = self._generation
-        endpoint = self.registry.publicEndpoint(self.remote_port)
-
-        def started(port: IListeningPort) -> None:
-            if self.closed or generation != self._generation:
-                self.registry.trackStopping(defer.maybeDeferred(port.stopListening))
-                return
-            self.listener = port
-            log.info("public port {remote_port} listening for {name}",
-                     remote_port=self.remote_port, name=self.name)
-
-        d = _whenFired(self._stopping)
-        d.addCallback(lambda _: endpoint.listen(PublicUserFactory(self)))
-        return d.addCallback(started)
+        return self.registry.publicPort(self.remote_port).listen(self, PublicUserFactory(self))
 
     def stopListening(self) -> defer.Deferred:
         """
         Stop publishing; the Deferred fires once the port is closed.
         """
         self.online = False
-        self._generation += 1
-        listener, self.listener = self.listener, None
-        if listener is not None:
-            log.info("public port {remote_port} stopped", remote_port=self.remote_port)
-            self._stopping = self.registry.trackStopping(
-                defer.maybeDeferred(listener.stopListening))
+        if self._retryCall is not None:
+            self._retryCall.cancel()
+            self._retryCall = None
+        self._stopping = self.registry.publicPort(self.remote_port).stop(self)
         return _whenFired(self._stopping)
+
+    def goOnline(self, attempt: int = 0) -> None:
+        """
+        Publish again, as the client asked with online_port.  A port that
+        cannot be bound (another program took it meanwhile) is tried again
+        after each of L{ONLINE_RETRY_DELAYS}, then left offline until the
+        client asks again.
+        """
+        self._retryCall = None
+
+        def failed(failure) -> None:
+            failure.trap(error.CannotListenError)
+            if self.closed or not self.online:
+                return
+            reason = failure.value.socketError
+            if attempt >= len(ONLINE_RETRY_DELAYS):
+                self.online = False
+                log.error("cannot listen on public port {remote_port} again: {reason}; gave up "
+                          "after {attempts} attempts, until client {name} sends online_port "
+                          "again", remote_port=self.remote_port, reason=reason,
+                          attempts=attempt + 1, name=self.name)
+                return
+            delay = ONLINE_RETRY_DELAYS[attempt]
+            log.warn("cannot listen on public port {remote_port} again: {reason}; "
+                     "trying again in {delay} s", remote_port=self.remote_port,
+                     reason=reason, delay=delay)
+            self._retryCall = self.registry.clock.callLater(delay, self.goOnline, attempt + 1)
+
+        self.listen().addErrback(failed)
 
     def heartbeat(self) -> None:
         self.lastSeen = self.registry.clock.seconds()
@@ -293,6 +326,7 @@ class TunnelRegistry:
         self.clientHosts: dict[str, int] = {}
         self.authFailures: dict[str, tuple[int, float]] = {}
         self._stoppingListeners: set[defer.Deferred] = set()
+        self.publicPorts: dict[int, PublicPort] = {}
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -361,6 +395,23 @@ class TunnelRegistry:
         if count == 1:
             return 0.0
         return min(0.1 * 2 ** (count - 2), self.settings.auth_failure_delay_max)
+
+    def publicPort(self, remote_port: int) -> PublicPort:
+        """
+        The socket of public port C{remote_port}, shared by every tunnel
+        that holds the port in turn, so that they open and close it one at
+        a time.
+        """
+        port = self.publicPorts.get(remote_port)
+        if port is None:
+            port = self.publicPorts[remote_port] = PublicPort(
+                self.publicEndpoint(remote_port), remote_port, self.trackStopping,
+                self._publicPortIdle)
+        return port
+
+    def _publicPortIdle(self, port: PublicPort) -> None:
+        if self.publicPorts.get(port.remote_port) is port:
+            del self.publicPorts[port.remote_port]
 
     def publicEndpoint(self, port: int):
         interface = self.settings.public_interface
@@ -442,12 +493,17 @@ class TunnelRegistry:
             log.info("client {name} registered port {remote_port} again; "
                      "dropping its previous control channel",
                      name=msg.name, remote_port=msg.remote_port)
-            previousStopped = previous.close()
+            previous.close()
             previous.channel.transport.loseConnection()
         tunnel = Tunnel(self, channel, msg)
-        if previous is not None:
-            tunnel._stopping = previousStopped
         self.tunnels[msg.remote_port] = tunnel
+
+        def listening(listens: bool) -> Tunnel:
+            if not listens:
+                tunnel.close()
+                raise RegistrationRefused(
+                    f"port {msg.remote_port} was registered again or closed before it opened")
+            return tunnel
 
         def refused(failure):
             failure.trap(error.CannotListenError)
@@ -456,7 +512,7 @@ class TunnelRegistry:
             raise RegistrationRefused(
                 f"cannot listen on port {msg.remote_port}: {reason}")
 
-        return tunnel.listen().addCallbacks(lambda _: tunnel, refused)
+        return tunnel.listen().addCallbacks(listening, refused)
 
     def newConnectionId(self) -> str:
         """
@@ -703,13 +759,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if tunnel is not None and not tunnel.online:
             log.info("client {name} says its service is back; port {remote_port} online",
                      name=tunnel.name, remote_port=tunnel.remote_port)
-
-            def failed(failure):
-                failure.trap(error.CannotListenError)
-                log.error("cannot listen on port {remote_port} again: {reason}",
-                          remote_port=tunnel.remote_port, reason=failure.value.socketError)
-
-            tunnel.listen().addErrback(failed)
+            tunnel.goOnline()
 
     def msg_data_channel(self, msg: messages.DataChannel) -> None:
         if not self._firstFrame("data_channel"):
