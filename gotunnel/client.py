@@ -26,6 +26,7 @@ from zope.interface import implementer
 from gotunnel import messages, tls
 from gotunnel.config import ClientSettings, Mapping
 from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.printable import printable
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 
@@ -158,7 +159,7 @@ class ControlChannel(MessageReceiver):
             self.protocolError("register_resp on a registered control channel")
             return
         if not msg.ok:
-            self.tunnel.registrationRefused(msg.reason)
+            self.tunnel.registrationRefused(printable(msg.reason))
             self.transport.loseConnection()
             return
         self.registered = True
@@ -270,7 +271,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
         if not msg.ok:
-            log.warn("server refused a data channel: {reason}", reason=msg.reason)
+            log.warn("server refused a data channel: {reason}", reason=printable(msg.reason))
             if self.pooled:
                 self.tunnel.poolRefused(self)
             self.transport.loseConnection()

@@ -18,6 +18,8 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 
+from gotunnel.printable import printable
+
 if TYPE_CHECKING:
     from gotunnel.server import Tunnel
 
@@ -115,7 +117,7 @@ class PublicPort:
         # Kept even if no longer wanted: the next step closes it.
         self.listener, self.owner = listener, tunnel
         log.info("public port {remote_port} listening for {name}",
-                 remote_port=self.remote_port, name=tunnel.name)
+                 remote_port=self.remote_port, name=printable(tunnel.name))
 
     def _cannotListen(self, failure, tunnel: "Tunnel") -> None:
         if self._wanted is not None and self._wanted[0] is tunnel:

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from gotunnel import messages, tls
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
@@ -200,7 +201,7 @@ class Tunnel:
                 log.error("cannot listen on public port {remote_port} again: {reason}; gave up "
                           "after {attempts} attempts, until client {name} sends online_port "
                           "again", remote_port=self.remote_port, reason=reason,
-                          attempts=attempt + 1, name=self.name)
+                          attempts=attempt + 1, name=printable(self.name))
                 return
             delay = ONLINE_RETRY_DELAYS[attempt]
             log.warn("cannot listen on public port {remote_port} again: {reason}; "
@@ -492,7 +493,7 @@ class TunnelRegistry:
                     f"remote port {msg.remote_port} is already taken by another client"))
             log.info("client {name} registered port {remote_port} again; "
                      "dropping its previous control channel",
-                     name=msg.name, remote_port=msg.remote_port)
+                     name=printable(msg.name), remote_port=msg.remote_port)
             previous.close()
             previous.channel.transport.loseConnection()
         tunnel = Tunnel(self, channel, msg)
@@ -590,7 +591,7 @@ class TunnelRegistry:
             if tunnel.lastSeen < deadline:
                 log.warn("heartbeat timeout: client {name} (port {remote_port}) sent nothing "
                          "for {timeout} s; dropping it",
-                         name=tunnel.name, remote_port=tunnel.remote_port,
+                         name=printable(tunnel.name), remote_port=tunnel.remote_port,
                          timeout=self.settings.heartbeat_timeout)
                 tunnel.close()
                 tunnel.channel.transport.abortConnection()
@@ -719,7 +720,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.sendMessage(messages.RegisterResp(
             status="ok", pool=self.registry.settings.max_pool_count or None))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
-                 "public port {remote_port}", name=tunnel.name, peer=self.peerDescription,
+                 "public port {remote_port}", name=printable(tunnel.name), peer=self.peerDescription,
                  local_port=tunnel.local_port, remote_port=tunnel.remote_port)
 
     def _refused(self, failure, msg: messages.Register) -> None:
@@ -742,7 +743,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.tunnel.heartbeat()
         if msg.port != self.tunnel.remote_port:
             log.warn("{name} sent {kind} for port {port}, but its port is {remote_port}; ignored",
-                     name=self.tunnel.name, kind=kind, port=msg.port,
+                     name=printable(self.tunnel.name), kind=kind, port=msg.port,
                      remote_port=self.tunnel.remote_port)
             return None
         return self.tunnel
@@ -751,14 +752,14 @@ class ServerChannel(MessageReceiver, RelayEnd):
         tunnel = self._portChange(msg, "offline_port")
         if tunnel is not None:
             log.info("client {name} says its service is down; port {remote_port} offline",
-                     name=tunnel.name, remote_port=tunnel.remote_port)
+                     name=printable(tunnel.name), remote_port=tunnel.remote_port)
             tunnel.stopListening()
 
     def msg_online_port(self, msg: messages.OnlinePort) -> None:
         tunnel = self._portChange(msg, "online_port")
         if tunnel is not None and not tunnel.online:
             log.info("client {name} says its service is back; port {remote_port} online",
-                     name=tunnel.name, remote_port=tunnel.remote_port)
+                     name=printable(tunnel.name), remote_port=tunnel.remote_port)
             tunnel.goOnline()
 
     def msg_data_channel(self, msg: messages.DataChannel) -> None:
@@ -859,7 +860,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if role == "control":
             self.registry.clientLeft(self.host)
             log.info("client {name} gone; closing public port {remote_port}",
-                     name=self.tunnel.name, remote_port=self.tunnel.remote_port)
+                     name=printable(self.tunnel.name), remote_port=self.tunnel.remote_port)
             self.tunnel.close()
         elif role == "pooled":
             self.tunnel.pooledLost(self)
