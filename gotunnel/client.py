@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from gotunnel import messages, tls
 from gotunnel.config import ClientSettings, Mapping
-from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.control import CLIENT_TLS_HINTS, MessageReceiver, tlsFailure
 from gotunnel.printable import printable
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
@@ -193,7 +193,8 @@ class ControlChannel(MessageReceiver):
     def connectionLost(self, reason=None) -> None:
         if self.heartbeat.running:
             self.heartbeat.stop()
-        why = tlsFailure(reason)
+        why = tlsFailure(reason, CLIENT_TLS_HINTS, self.transport,
+                         self.tunnel.reactor.seconds())
         if why is None and ISSLTransport.providedBy(self.transport) and not self.handshakeDone:
             why = ("the connection closed during the TLS handshake "
                    "(is the server plain TCP? then connect without --tls)")

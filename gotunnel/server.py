@@ -720,8 +720,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.sendMessage(messages.RegisterResp(
             status="ok", pool=self.registry.settings.max_pool_count or None))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
-                 "public port {remote_port}", name=printable(tunnel.name), peer=self.peerDescription,
-                 local_port=tunnel.local_port, remote_port=tunnel.remote_port)
+                 "public port {remote_port}", name=printable(tunnel.name),
+                 peer=self.peerDescription, local_port=tunnel.local_port,
+                 remote_port=tunnel.remote_port)
 
     def _refused(self, failure, msg: messages.Register) -> None:
         failure.trap(RegistrationRefused)
