@@ -27,7 +27,9 @@ from gotunnel import messages, tls
 from gotunnel.config import ClientSettings, Mapping
 from gotunnel.control import CLIENT_TLS_HINTS, MessageReceiver, tlsFailure
 from gotunnel.printable import printable
-from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
+from gotunnel.relay import (
+    ConnectionSet, RelayEnd, isReset, setKeepAlive, setNoDelay, splice,
+)
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 
 log = Logger()
@@ -346,14 +348,18 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         if self.transport is not None and not self.lost:
             self.transport.loseConnection()
 
-    def _dropLocal(self) -> None:
+    def _dropLocal(self, reset: bool = False) -> None:
         self._earlyDone()
         connecting, self.localConnecting = self.localConnecting, None
         if connecting is not None:
             connecting.cancel()
         local, self.local = self.local, None
         if local is not None and self.peer is None:
-            local.transport.loseConnection()
+            if reset:
+                # The user's reset, passed on by the server.
+                local.transport.abortConnection()
+            else:
+                local.transport.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
@@ -371,8 +377,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
             self.tunnel.pooledChannelLost(self)
         elif self.peer is None:
             self._replaceInPool()
-        self._dropLocal()
-        self.relayConnectionLost()
+        self._dropLocal(isReset(reason))
+        self.relayConnectionLost(reason)
 
 
 class DataChannelFactory(Factory):
@@ -416,7 +422,7 @@ class LocalServiceConnection(Protocol, RelayEnd):
                      "channel was ready; closing the user's connection",
                      host=mapping.local_host, port=mapping.local_port)
             self.dataChannel.localLost()
-        self.relayConnectionLost()
+        self.relayConnectionLost(reason)
 
 
 class LocalServiceFactory(Factory):

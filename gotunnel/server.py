@@ -110,7 +110,7 @@ class PublicUser(Protocol, RelayEnd):
     def connectionLost(self, reason=None) -> None:
         self.tunnel.userLost(self)
         self.tunnel.registry.connections.discard(self)
-        self.relayConnectionLost()
+        self.relayConnectionLost(reason)
 
 
 class PublicUserFactory(Factory):
@@ -785,9 +785,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
             setKeepAlive(self.transport)
             return
         self.role = "data"
-        self._answer(user, ours=msg.conn_id is not None)
-        self.switchToRaw()
-        self._spliceTo(user)
+        if self._answer(user, ours=msg.conn_id is not None):
+            self.switchToRaw()
+            self._spliceTo(user)
 
     def attachUser(self, user: PublicUser) -> bool:
         """
@@ -803,23 +803,34 @@ class ServerChannel(MessageReceiver, RelayEnd):
             return False
         self.role = "data"
         # Only our client pools data channels.
-        self._answer(user, ours=True)
+        if not self._answer(user, ours=True):
+            return True
         # Outside a frame handler, so switchToRaw's pause is not needed:
         # every byte from now on is raw.
         self._raw = True
         self._spliceTo(user)
         return True
 
-    def _answer(self, user: PublicUser, ours: bool) -> None:
+    def _answer(self, user: PublicUser, ours: bool) -> bool:
         """
         Accept this data channel for C{user}.  To our own client, what the
         user has sent so far goes in the same segment as the answer: the
         client reads both at once, and a request that came with its
         connection reaches the service a wake-up sooner.  A Go client gets
         the answer alone, as the Go server sends it.
+
+        False if that read found the user's connection reset while it
+        waited: both connections are then reset, which the client passes
+        on to the service.
         """
-        early = readWaiting(user.transport) if ours else b""
+        try:
+            early = readWaiting(user.transport) if ours else b""
+        except OSError:
+            user.transport.abortConnection()
+            self.transport.abortConnection()
+            return False
         self.sendMessage(messages.RegisterResp(status="ok"), rawAfter=early)
+        return True
 
     def _spliceTo(self, user: PublicUser) -> None:
         settings = self.registry.settings
@@ -866,7 +877,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         elif role == "pooled":
             self.tunnel.pooledLost(self)
         elif role == "data":
-            self.relayConnectionLost()
+            self.relayConnectionLost(reason)
 
 
 class ServerChannelFactory(Factory):
