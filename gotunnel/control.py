@@ -24,7 +24,7 @@ TLS_HINTS = (
     ("wrong version number", "the peer sent something that is not TLS "
                              "(a plain-TCP client talking to a TLS port?)"),
     ("certificate verify failed", "the client's certificate is not signed by a CA of "
-                                  "--tls-client-ca"),
+                                  "--tls-client-ca, or has expired"),
     ("peer did not return a certificate", "the client presented no certificate "
                                           "(mutual TLS: --tls-client-cert)"),
     ("alert unknown ca", "the client does not trust this server's certificate (its --ca "
