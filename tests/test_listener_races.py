@@ -8,10 +8,13 @@ reactor, online_port for a port that something else took meanwhile.
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from types import SimpleNamespace
+
+from twisted.internet import defer, error
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from gotunnel.publicport import PublicPort
 from gotunnel.server import ONLINE_RETRY_DELAYS
 
 from tests.support import (
@@ -116,6 +119,102 @@ class ListenerRaceTests(unittest.TestCase):
             yield self.assertAccepts(public, winner)
             winner.transport.loseConnection()
             yield winner.closed
+
+
+class SlowlyClosingEndpoint:
+    """
+    A public port's endpoint whose listeners close only when the test says
+    so, and which cannot bind while one is still open, as a real port.
+    """
+
+    def __init__(self) -> None:
+        self.bound: list[object] = []
+        self.closing: list[tuple[object, defer.Deferred]] = []
+        self.listens = 0
+
+    def listen(self, factory) -> defer.Deferred:
+        if self.bound:
+            return defer.fail(error.CannotListenError(
+                "", 10022, OSError(98, "Address already in use")))
+        self.listens += 1
+        listener = SimpleNamespace(factory=factory, stopListening=None)
+        listener.stopListening = lambda: self._close(listener)
+        self.bound.append(listener)
+        return defer.succeed(listener)
+
+    def _close(self, listener) -> defer.Deferred:
+        closed: defer.Deferred = defer.Deferred()
+        self.closing.append((listener, closed))
+        return closed
+
+    def finishClosing(self) -> None:
+        closing, self.closing = self.closing, []
+        for listener, closed in closing:
+            self.bound.remove(listener)
+            closed.callback(None)
+
+
+class PublicPortTests(unittest.TestCase):
+    """L{PublicPort}'s steps, one at a time, with listeners that close when told."""
+
+    def setUp(self):
+        self.endpoint = SlowlyClosingEndpoint()
+        self.tracked: list[defer.Deferred] = []
+        self.idle: list[PublicPort] = []
+        self.port = PublicPort(self.endpoint, 10022, self.tracked.append, self.idle.append)
+
+    def tunnel(self, name: str):
+        return SimpleNamespace(name=name, factory=object())
+
+    def test_changesOfMindWhileClosing(self):
+        """
+        stop, listen, stop, listen while the first listener still closes:
+        nothing is bound until it has closed, then one listener opens, and
+        every listen is answered True.
+        """
+        tunnel = self.tunnel("a")
+        self.assertTrue(self.successResultOf(self.port.listen(tunnel, tunnel.factory)))
+        stopped = self.port.stop(tunnel)
+        answers = [self.port.listen(tunnel, tunnel.factory), self.port.stop(tunnel),
+                   self.port.listen(tunnel, tunnel.factory)]
+        self.assertEqual(self.endpoint.listens, 1)
+        self.assertNoResult(stopped)
+        self.endpoint.finishClosing()
+        self.assertEqual(self.endpoint.listens, 2)
+        self.assertEqual([self.successResultOf(d) for d in answers], [True, None, True])
+        self.assertIs(self.port.owner, tunnel)
+        self.assertEqual(len(self.endpoint.bound), 1)
+        self.assertEqual(self.idle, [])
+
+    def test_lastRegistrationWins(self):
+        """
+        Two tunnels take the port over while its first listener closes: the
+        one asked for last gets it, the other is answered False, and only
+        one listener is ever bound at a time.
+        """
+        first, second, third = (self.tunnel(name) for name in "abc")
+        self.successResultOf(self.port.listen(first, first.factory))
+        self.port.stop(first)
+        secondListens = self.port.listen(second, second.factory)
+        self.port.stop(second)
+        thirdListens = self.port.listen(third, third.factory)
+        self.endpoint.finishClosing()
+        self.assertFalse(self.successResultOf(secondListens))
+        self.assertTrue(self.successResultOf(thirdListens))
+        self.assertIs(self.port.owner, third)
+        self.assertIs(self.endpoint.bound[0].factory, third.factory)
+
+    def test_idleOnceClosed(self):
+        """The port says it is idle once closed and asked for by nobody; shutdown waits for it."""
+        tunnel = self.tunnel("a")
+        self.port.listen(tunnel, tunnel.factory)
+        stopped = self.port.stop(tunnel)
+        self.assertEqual(self.idle, [])
+        self.assertEqual([d.called for d in self.tracked], [True, False])
+        self.endpoint.finishClosing()
+        self.successResultOf(stopped)
+        self.assertEqual(self.idle, [self.port])
+        self.assertTrue(all(d.called for d in self.tracked))
 
 
 class BusyPortTests(ServerTestCase):
