@@ -23,6 +23,8 @@ from typing import Optional
 from twisted.internet import error
 from twisted.logger import Logger, LogLevel
 
+from gotunnel.printable import printable
+
 log = Logger()
 
 USER_CLOSED = "user closed"
@@ -234,7 +236,7 @@ class ServerStats:
                      "connection {conn} from {user} to {client} port {remote_port} -> local port "
                      "{local_port} ended ({how}) after {seconds:.3f} s: {bytes_in} bytes in, "
                      "{bytes_out} bytes out",
-                     conn=user.userId, user=user.peerAddress, client=tunnel.name,
+                     conn=user.userId, user=user.peerAddress, client=printable(tunnel.name),
                      remote_port=tunnel.remote_port, local_port=tunnel.local_port,
                      how=user.endedBy, seconds=self.clock.seconds() - user.connectedAt,
                      bytes_in=bytesIn, bytes_out=bytesOut)

@@ -29,9 +29,12 @@ from gotunnel.accounting import (
     REFUSED, SERVICE_CLOSED, USER_CLOSED, endingOf, logClientConnection, noteEnding,
 )
 from gotunnel.config import ClientSettings, Mapping, clientEndpointString
-from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.control import CLIENT_TLS_HINTS, MessageReceiver, tlsFailure
+from gotunnel.printable import printable
 from gotunnel.refusals import lastingRefusal
-from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
+from gotunnel.relay import (
+    ConnectionSet, RelayEnd, isReset, setKeepAlive, setNoDelay, splice,
+)
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 
 log = Logger()
@@ -231,7 +234,7 @@ class ControlChannel(MessageReceiver):
             self.protocolError("register_resp on a registered control channel")
             return
         if not msg.ok:
-            self.tunnel.registrationRefused(msg.reason)
+            self.tunnel.registrationRefused(printable(msg.reason))
             self.transport.loseConnection()
             return
         self.registered = True
@@ -266,7 +269,8 @@ class ControlChannel(MessageReceiver):
         self._cancelRegisterTimeout()
         if self.heartbeat.running:
             self.heartbeat.stop()
-        why = tlsFailure(reason)
+        why = tlsFailure(reason, CLIENT_TLS_HINTS, self.transport,
+                         self.tunnel.reactor.seconds())
         # A handshake we cut short on the timeout says nothing about the
         # server speaking plain TCP; the timeout's line has said why.
         if (why is None and ISSLTransport.providedBy(self.transport) and not self.handshakeDone
@@ -372,10 +376,14 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
         self._answered()
         if not msg.ok:
-            log.warn("server refused a data channel: {reason}", reason=msg.reason)
+            log.warn("server refused a data channel: {reason}", reason=printable(msg.reason))
             noteEnding(self, REFUSED)
             if self.pooled:
                 self.tunnel.poolRefused(self)
+            # The user this was for is gone (it closed or reset while it
+            # waited, having sent nothing): the service's connection made
+            # for it is abandoned, not ended by anyone.
+            self._dropLocal(reset=True)
             self.transport.loseConnection()
             return
         if self.pooled:
@@ -451,14 +459,18 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         if self.transport is not None and not self.lost:
             self.transport.loseConnection()
 
-    def _dropLocal(self) -> None:
+    def _dropLocal(self, reset: bool = False) -> None:
         self._earlyDone()
         connecting, self.localConnecting = self.localConnecting, None
         if connecting is not None:
             connecting.cancel()
         local, self.local = self.local, None
         if local is not None and self.peer is None:
-            local.transport.loseConnection()
+            if reset:
+                # The user's reset, passed on by the server.
+                local.transport.abortConnection()
+            else:
+                local.transport.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
@@ -482,8 +494,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
             self.tunnel.pooledChannelLost(self)
         elif self.peer is None:
             self._replaceInPool()
-        self._dropLocal()
-        self.relayConnectionLost()
+        self._dropLocal(isReset(reason))
+        self.relayConnectionLost(reason)
 
 
 class DataChannelFactory(Factory):
@@ -532,7 +544,7 @@ class LocalServiceConnection(Protocol, RelayEnd):
                      "channel was ready; closing the user's connection",
                      host=mapping.local_host, port=mapping.local_port)
             self.dataChannel.localLost()
-        self.relayConnectionLost()
+        self.relayConnectionLost(reason)
 
 
 class LocalServiceFactory(Factory):

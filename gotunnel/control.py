@@ -28,17 +28,31 @@ TLS_RECORD_TYPES = range(0x14, 0x18)
 TLS_HINTS = (
     ("wrong version number", "the peer sent something that is not TLS "
                              "(a plain-TCP client talking to a TLS port?)"),
-    ("certificate verify failed", "the peer's certificate is not signed by a trusted CA "
-                                  "(check --ca or --tls-client-ca)"),
-    ("certificate required", "the server requires a client certificate "
-                             "(give --tls-client-cert and --tls-client-key)"),
+    ("certificate verify failed", "the client's certificate is not signed by a CA of "
+                                  "--tls-client-ca, or has expired"),
     ("peer did not return a certificate", "the client presented no certificate "
                                           "(mutual TLS: --tls-client-cert)"),
+    ("alert unknown ca", "the client does not trust this server's certificate (its --ca "
+                         "must be the CA that signed --tls-cert)"),
+    ("alert certificate expired", "the client says this server's certificate (--tls-cert) "
+                                  "has expired"),
+)
+"""OpenSSL's words for a handshake the server saw fail, and what they most likely mean."""
+
+CLIENT_TLS_HINTS = (
+    ("wrong version number", "the server answered with something that is not TLS "
+                             "(a plain-TCP server? then connect without --tls)"),
+    ("certificate verify failed", "the server's certificate is not signed by a CA this "
+                                  "client trusts (check --ca)"),
+    ("certificate required", "the server requires a client certificate "
+                             "(give --tls-client-cert and --tls-client-key)"),
     ("unknown ca", "the server does not trust the CA of this client certificate"),
+    ("alert certificate expired", "the server says this client's certificate "
+                                  "(--tls-client-cert) has expired"),
     ("Mismatch(", "the server's certificate does not hold the name or address checked "
                   "(give --server-name, or add it to the certificate)"),
 )
-"""OpenSSL's words for a failed handshake, and what they most likely mean."""
+"""The same for the client: each hint names only the client's own options."""
 
 
 HTTP_REQUEST_STARTS = frozenset((b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI",
@@ -70,19 +84,28 @@ def describePeer(transport: object) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def tlsFailure(reason: Optional[Failure]) -> Optional[str]:
+def tlsFailure(reason: Optional[Failure], hints: tuple[tuple[str, str], ...] = TLS_HINTS,
+               transport: object = None, now: float = 0.0) -> Optional[str]:
     """
     What went wrong, if a connection ended because its TLS handshake or the
-    peer's certificate failed; None for any other ending.
+    peer's certificate failed, with the likely cause from C{hints}; None for
+    any other ending.  Given the connection's C{transport} and the time
+    C{now}, a certificate refused for its dates is named, with the date.
     """
     if reason is None:
         return None
     from OpenSSL.SSL import Error as SSLError
     from service_identity import VerificationError
 
+    from gotunnel.tls import outOfDate
+
     if reason.check(SSLError, VerificationError):
         message = reason.getErrorMessage()
-        for words, hint in TLS_HINTS:
+        if transport is not None and "certificate verify failed" in message:
+            dates = outOfDate(transport, now)
+            if dates is not None:
+                return f"{message}: {dates}"
+        for words, hint in hints:
             if words in message:
                 return f"{message}: {hint}"
         return message

@@ -15,10 +15,12 @@ from __future__ import annotations
 import socket
 from typing import Optional
 
+from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IHalfCloseableDescriptor, IHalfCloseableProtocol, ISSLTransport,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gotunnel.sameturn import twistedBuffered, writeThrough
@@ -73,6 +75,15 @@ def canHalfClose(transport: object) -> bool:
     """
     return (IHalfCloseableDescriptor.providedBy(transport)
             and not ISSLTransport.providedBy(transport))
+
+
+def isReset(reason: Optional[Failure]) -> bool:
+    """
+    Whether a connection ended by a reset (or another error: a broken pipe,
+    a timeout, our own abort) rather than a clean close, as Twisted reports
+    it: a reset that the relay passes on as a reset.
+    """
+    return reason is not None and reason.check(error.ConnectionLost) is not None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -175,10 +186,12 @@ class RelayEnd:
         else:
             self.transport.loseConnection()
 
-    def relayConnectionLost(self) -> None:
+    def relayConnectionLost(self, reason: Optional[Failure] = None) -> None:
         """
         This side is gone: close the other after it has written what it
-        still holds.
+        still holds; if this side was reset (see L{isReset}), reset the
+        other at once, so that the far end learns the stream broke, as a
+        plain TCP proxy would tell it, rather than see a clean end.
         """
         peer, self.peer = self.peer, None
         pump, self.pump = self.pump, None
@@ -189,7 +202,10 @@ class RelayEnd:
             # As in shutdownWrite: a dead producer would be resumed instead
             # of the connection being closed once its buffer drains.
             peer.transport.unregisterProducer()
-            peer.transport.loseConnection()
+            if isReset(reason):
+                peer.transport.abortConnection()
+            else:
+                peer.transport.loseConnection()
 
     def bufferedBytes(self) -> int:
         """Bytes the relay holds for this side's connection, not yet written to it."""

@@ -32,7 +32,9 @@ from gotunnel.accounting import (
 )
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, describePeer, tlsFailure
-from gotunnel.leases import PortLease, PortLeases
+from gotunnel.leases import PortLeases
+from gotunnel.printable import printable
+from gotunnel.publicport import PublicPort
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
 
@@ -60,6 +62,13 @@ def withBacklog(description: str, backlog: int) -> str:
 
 MAX_AUTH_FAILURE_SOURCES = 10_000
 """Source addresses whose wrong tokens in a row the server remembers."""
+
+ONLINE_RETRY_DELAYS = (1, 2, 4, 8, 16, 30, 30, 30)
+"""
+Seconds to wait before each new try to listen on a public port that the
+client asked back online but that could not be bound; about two minutes in
+all, then the port stays offline until the client asks again.
+"""
 
 
 class RegistrationRefused(Exception):
@@ -183,7 +192,7 @@ class PublicUser(Protocol, RelayEnd):
         self.tunnel.registry.stats.userClosed(self, reason)
         self.tunnel.userLost(self)
         self.tunnel.registry.connections.discard(self)
-        self.relayConnectionLost()
+        self.relayConnectionLost(reason)
 
 
 class PublicUserFactory(Factory):
@@ -210,59 +219,83 @@ class Tunnel:
         self.name = register.name
         self.local_port = register.local_port
         self.remote_port = register.remote_port
-        self.listener: Optional[IListeningPort] = None
         self.waiting: OrderedDict[str, PublicUser] = OrderedDict()
         self.pool: OrderedDict[ServerChannel, None] = OrderedDict()
         self.lastSeen = registry.clock.seconds()
         self.closed = False
         # True from listen() until stopListening(): what the client last
-        # asked for, even while the listener is still starting or stopping.
+        # asked for, even while the listener is still starting or stopping,
+        # or waiting to try a busy port again.
         self.online = False
-        # Bumped by every listen() and stopListening(), so that a listener
-        # which finishes starting after a later change of mind is closed.
-        self._generation = 0
         self._stopping: defer.Deferred = defer.succeed(None)
         # What the admin API and the metrics say of this mapping.
         self.clientId = registry.stats.newClientId()
         self.connectedSince = registry.clock.seconds()
         self.stats = registry.stats.portStats(self.remote_port, self.name)
+        self._retryCall = None
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
 
+    @property
+    def listener(self) -> Optional[IListeningPort]:
+        """The public port's listener, while it serves this tunnel."""
+        port = self.registry.publicPorts.get(self.remote_port)
+        if port is not None and port.owner is self:
+            return port.listener
+        return None
+
     def listen(self) -> defer.Deferred:
         """
-        Start the public listener (after a stop still in progress).
+        Publish this tunnel's port, once whatever held it before is closed.
+
+        @return: a Deferred that fires with True once the port listens for
+            this tunnel, with False if a later request (the client's, or a
+            registration that replaced this tunnel) came first, or fails
+            with L{error.CannotListenError}.
         """
         self.online = True
-        self._generation += 1
-        generation = self._generation
-        endpoint = self.registry.publicEndpoint(self.remote_port)
-
-        def started(port: IListeningPort) -> None:
-            if self.closed or generation != self._generation:
-                self.registry.trackStopping(defer.maybeDeferred(port.stopListening))
-                return
-            self.listener = port
-            log.info("public port {remote_port} listening for {name}",
-                     remote_port=self.remote_port, name=self.name)
-
-        d = _whenFired(self._stopping)
-        d.addCallback(lambda _: endpoint.listen(PublicUserFactory(self)))
-        return d.addCallback(started)
+        return self.registry.publicPort(self.remote_port).listen(self, PublicUserFactory(self))
 
     def stopListening(self) -> defer.Deferred:
         """
         Stop publishing; the Deferred fires once the port is closed.
         """
         self.online = False
-        self._generation += 1
-        listener, self.listener = self.listener, None
-        if listener is not None:
-            log.info("public port {remote_port} stopped", remote_port=self.remote_port)
-            self._stopping = self.registry.trackStopping(
-                defer.maybeDeferred(listener.stopListening))
+        if self._retryCall is not None:
+            self._retryCall.cancel()
+            self._retryCall = None
+        self._stopping = self.registry.publicPort(self.remote_port).stop(self)
         return _whenFired(self._stopping)
+
+    def goOnline(self, attempt: int = 0) -> None:
+        """
+        Publish again, as the client asked with online_port.  A port that
+        cannot be bound (another program took it meanwhile) is tried again
+        after each of L{ONLINE_RETRY_DELAYS}, then left offline until the
+        client asks again.
+        """
+        self._retryCall = None
+
+        def failed(failure) -> None:
+            failure.trap(error.CannotListenError)
+            if self.closed or not self.online:
+                return
+            reason = failure.value.socketError
+            if attempt >= len(ONLINE_RETRY_DELAYS):
+                self.online = False
+                log.error("cannot listen on public port {remote_port} again: {reason}; gave up "
+                          "after {attempts} attempts, until client {name} sends online_port "
+                          "again", remote_port=self.remote_port, reason=reason,
+                          attempts=attempt + 1, name=printable(self.name))
+                return
+            delay = ONLINE_RETRY_DELAYS[attempt]
+            log.warn("cannot listen on public port {remote_port} again: {reason}; "
+                     "trying again in {delay} s", remote_port=self.remote_port,
+                     reason=reason, delay=delay)
+            self._retryCall = self.registry.clock.callLater(delay, self.goOnline, attempt + 1)
+
+        self.listen().addErrback(failed)
 
     def heartbeat(self) -> None:
         self.lastSeen = self.registry.clock.seconds()
@@ -397,6 +430,7 @@ class TunnelRegistry:
         self.stats = ServerStats(reactor, settings.connection_log)
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
+        self.publicPorts: dict[int, PublicPort] = {}
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -510,6 +544,23 @@ class TunnelRegistry:
             return 0.0
         return min(0.1 * 2 ** (count - 2), self.settings.auth_failure_delay_max)
 
+    def publicPort(self, remote_port: int) -> PublicPort:
+        """
+        The socket of public port C{remote_port}, shared by every tunnel
+        that holds the port in turn, so that they open and close it one at
+        a time.
+        """
+        port = self.publicPorts.get(remote_port)
+        if port is None:
+            port = self.publicPorts[remote_port] = PublicPort(
+                self.publicEndpoint(remote_port), remote_port, self.trackStopping,
+                self._publicPortIdle)
+        return port
+
+    def _publicPortIdle(self, port: PublicPort) -> None:
+        if self.publicPorts.get(port.remote_port) is port:
+            del self.publicPorts[port.remote_port]
+
     def publicEndpoint(self, port: int):
         interface = self.settings.public_interface
         endpointType = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
@@ -589,7 +640,7 @@ class TunnelRegistry:
             if not 1 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
             self.checkLimits(msg.name, msg.remote_port)
-            lease = self._takeLease(msg.name, msg.remote_port)
+            self._takeLease(msg.name, msg.remote_port)
         except RegistrationRefused as e:
             return defer.fail(e)
         previous = self.tunnels.get(msg.remote_port)
@@ -599,15 +650,18 @@ class TunnelRegistry:
                     f"remote port {msg.remote_port} is already taken by another client"))
             log.info("client {name} registered port {remote_port} again; "
                      "dropping its previous control channel",
-                     name=msg.name, remote_port=msg.remote_port)
-            previousStopped = previous.close()
+                     name=printable(msg.name), remote_port=msg.remote_port)
+            previous.close()
             previous.channel.transport.loseConnection()
         tunnel = Tunnel(self, channel, msg)
-        if previous is not None:
-            tunnel._stopping = previousStopped
-        elif lease is not None:
-            tunnel._stopping = lease.stopped
         self.tunnels[msg.remote_port] = tunnel
+
+        def listening(listens: bool) -> Tunnel:
+            if not listens:
+                tunnel.close()
+                raise RegistrationRefused(
+                    f"port {msg.remote_port} was registered again or closed before it opened")
+            return tunnel
 
         def refused(failure):
             failure.trap(error.CannotListenError)
@@ -616,11 +670,11 @@ class TunnelRegistry:
             raise RegistrationRefused(
                 f"cannot listen on port {msg.remote_port}: {reason}")
 
-        return tunnel.listen().addCallbacks(lambda _: tunnel, refused)
+        return tunnel.listen().addCallbacks(listening, refused)
 
-    def _takeLease(self, name: str, remote_port: int) -> Optional[PortLease]:
+    def _takeLease(self, name: str, remote_port: int) -> None:
         """
-        The lease on C{remote_port}, ended, if C{name} holds it: C{name} is
+        End the lease on C{remote_port} if C{name} holds it: C{name} is
         back.  Also ends C{name}'s oldest leases on other ports past what
         it may hold at once, so that leases stay within its mapping limit.
 
@@ -637,12 +691,12 @@ class TunnelRegistry:
         for other in others[:max(held + len(others) + 1 - self.mappingLimit(name), 0)]:
             self.leases.end(other.remote_port)
             log.info("lease of public port {remote_port} for {name} ended: {name} "
-                     "registered another port", remote_port=other.remote_port, name=name)
+                     "registered another port", remote_port=other.remote_port,
+                     name=printable(name))
         if lease is not None:
             self.leases.end(remote_port)
             log.info("client {name} is back: public port {remote_port} is its again",
-                     name=name, remote_port=remote_port)
-        return lease
+                     name=printable(name), remote_port=remote_port)
 
     def clientDropped(self, tunnel: Tunnel) -> None:
         """
@@ -652,8 +706,8 @@ class TunnelRegistry:
         """
         if tunnel.closed:
             return
-        self.leases.start(tunnel.name, tunnel.remote_port, tunnel.close(),
-                          self.settings.port_lease)
+        tunnel.close()
+        self.leases.start(tunnel.name, tunnel.remote_port, self.settings.port_lease)
 
     def newConnectionId(self) -> str:
         """
@@ -747,7 +801,7 @@ class TunnelRegistry:
             if tunnel.lastSeen < deadline:
                 log.warn("heartbeat timeout: client {name} (port {remote_port}) sent nothing "
                          "for {timeout} s; dropping it",
-                         name=tunnel.name, remote_port=tunnel.remote_port,
+                         name=printable(tunnel.name), remote_port=tunnel.remote_port,
                          timeout=self.settings.heartbeat_timeout)
                 self.clientDropped(tunnel)
                 tunnel.channel.transport.abortConnection()
@@ -893,8 +947,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.sendMessage(messages.RegisterResp(
             status="ok", pool=self.registry.settings.max_pool_count or None))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
-                 "public port {remote_port}", name=tunnel.name, peer=self.peerDescription,
-                 local_port=tunnel.local_port, remote_port=tunnel.remote_port)
+                 "public port {remote_port}", name=printable(tunnel.name),
+                 peer=self.peerDescription, local_port=tunnel.local_port,
+                 remote_port=tunnel.remote_port)
 
     def _refused(self, failure, msg: messages.Register) -> None:
         failure.trap(RegistrationRefused)
@@ -916,7 +971,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.tunnel.heartbeat()
         if msg.port != self.tunnel.remote_port:
             log.warn("{name} sent {kind} for port {port}, but its port is {remote_port}; ignored",
-                     name=self.tunnel.name, kind=kind, port=msg.port,
+                     name=printable(self.tunnel.name), kind=kind, port=msg.port,
                      remote_port=self.tunnel.remote_port)
             return None
         return self.tunnel
@@ -925,21 +980,15 @@ class ServerChannel(MessageReceiver, RelayEnd):
         tunnel = self._portChange(msg, "offline_port")
         if tunnel is not None:
             log.info("client {name} says its service is down; port {remote_port} offline",
-                     name=tunnel.name, remote_port=tunnel.remote_port)
+                     name=printable(tunnel.name), remote_port=tunnel.remote_port)
             tunnel.stopListening()
 
     def msg_online_port(self, msg: messages.OnlinePort) -> None:
         tunnel = self._portChange(msg, "online_port")
         if tunnel is not None and not tunnel.online:
             log.info("client {name} says its service is back; port {remote_port} online",
-                     name=tunnel.name, remote_port=tunnel.remote_port)
-
-            def failed(failure):
-                failure.trap(error.CannotListenError)
-                log.error("cannot listen on port {remote_port} again: {reason}",
-                          remote_port=tunnel.remote_port, reason=failure.value.socketError)
-
-            tunnel.listen().addErrback(failed)
+                     name=printable(tunnel.name), remote_port=tunnel.remote_port)
+            tunnel.goOnline()
 
     def msg_data_channel(self, msg: messages.DataChannel) -> None:
         if not self._firstFrame("data_channel"):
@@ -963,9 +1012,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
             setKeepAlive(self.transport)
             return
         self.role = "data"
-        self._answer(user, ours=msg.conn_id is not None)
-        self.switchToRaw()
-        self._spliceTo(user)
+        if self._answer(user, ours=msg.conn_id is not None):
+            self.switchToRaw()
+            self._spliceTo(user)
 
     def attachUser(self, user: PublicUser) -> bool:
         """
@@ -981,28 +1030,39 @@ class ServerChannel(MessageReceiver, RelayEnd):
             return False
         self.role = "data"
         # Only our client pools data channels.
-        self._answer(user, ours=True)
+        if not self._answer(user, ours=True):
+            return True
         # Outside a frame handler, so switchToRaw's pause is not needed.
         self.rawFromNow()
         self._spliceTo(user)
         return True
 
-    def _answer(self, user: PublicUser, ours: bool) -> None:
+    def _answer(self, user: PublicUser, ours: bool) -> bool:
         """
         Accept this data channel for C{user}.  To our own client, what the
         user has sent so far goes in the same segment as the answer: the
         client reads both at once, and a request that came with its
         connection reaches the service a wake-up sooner.  A Go client gets
         the answer alone, as the Go server sends it.
+
+        False if that read found the user's connection reset while it
+        waited: both connections are then reset, which the client passes
+        on to the service.
         """
         early = b""
         if ours:
+            try:
+                waiting = readWaiting(user.transport)
+            except OSError:
+                user.transport.abortConnection()
+                self.transport.abortConnection()
+                return False
             # What the user sent while it waited goes ahead of what it has
             # sent since; the held bytes were counted as they came.
-            waiting = readWaiting(user.transport)
             user.relayed += len(waiting)
             early = user.takeHeld() + waiting
         self.sendMessage(messages.RegisterResp(status="ok"), rawAfter=early)
+        return True
 
     def _spliceTo(self, user: PublicUser) -> None:
         settings = self.registry.settings
@@ -1048,14 +1108,14 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if role == "control":
             self.registry.clientLeft(self.source)
             log.info("client {name} gone; closing public port {remote_port}",
-                     name=self.tunnel.name, remote_port=self.tunnel.remote_port)
+                     name=printable(self.tunnel.name), remote_port=self.tunnel.remote_port)
             self.registry.clientDropped(self.tunnel)
         elif role == "pooled":
             self.tunnel.pooledLost(self)
         elif role == "data":
             if self.peer is not None:
                 noteEnding(self.peer, endingOf(reason, SERVICE_CLOSED))
-            self.relayConnectionLost()
+            self.relayConnectionLost(reason)
 
 
 class ServerChannelFactory(Factory):
