@@ -460,6 +460,7 @@ class Measure:
 
 @dataclass
 class SoakReport:
+    seed: int = 0
     seconds: float = 0.0
     """Length of the disruption phase."""
     baseline: Optional[Measure] = None
@@ -478,8 +479,8 @@ class SoakReport:
 
     def summary(self) -> str:
         mib = 1024 * 1024
-        lines = [f"disruption phase: {self.seconds:.1f} s"]
-        if self.baseline and self.final:
+        lines = [f"seed {self.seed}; disruption phase: {self.seconds:.1f} s"]
+        if self.baseline is not None and self.final is not None:
             lines.append(
                 f"server RSS {self.baseline.rss / mib:.1f} -> {self.final.rss / mib:.1f} MiB "
                 f"({(self.final.rss - self.baseline.rss) / mib:+.2f} MiB); "
@@ -535,7 +536,7 @@ class Soak:
         self.warmUpSeconds = warmUpSeconds
         self.serverArgs = serverArgs
         self.clientArgs = ("--heartbeat-interval", "1") + tuple(clientArgs)
-        self.report = SoakReport()
+        self.report = SoakReport(seed=self.seed)
         self.children: list[ChildProcess] = []
         self.relays: list[Relay] = []
         self.clients: list[SoakClient] = []
@@ -558,6 +559,12 @@ class Soak:
         child.transport.closeStdin()
         self.children.append(child)
         return child
+
+    def diagnostics(self) -> str:
+        """The report so far and the last lines of every process, for a failure's message."""
+        parts = [f"seed {self.seed}", self.report.summary()]
+        parts += [child.describe() for child in self.children[-12:]]
+        return "\n".join(parts)
 
     # -- start and stop ------------------------------------------------------
 
