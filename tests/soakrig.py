@@ -43,15 +43,25 @@ LISTENING = re.compile(r"control channel listening on 127\.0\.0\.1:(\d+)")
 REGISTERED = re.compile(r"registered 127\.0\.0\.1:\d+->(\d+) as ")
 PROBLEM = re.compile(r"Traceback|Unhandled|\[ERROR\]")
 
-ACTIONS = ("kill", "restart", "cut")
-OUTCOMES = ("ok", "refused", "dropped", "timeout", "corrupt")
+ACTIONS = ("kill", "restart", "cut", "vanish")
+OUTCOMES = ("ok", "refused", "dropped", "lost", "timeout", "corrupt")
+"""What a user got: its bytes back; a refused connection; a connection closed
+early; no echo within L{USER_TIMEOUT} while its client had vanished (nothing
+can tell the server); no echo otherwise (a hang); bytes not its own."""
 
 START_TIMEOUT = 60.0
 """Seconds a child process may take to start and register (a loaded machine)."""
 EXIT_TIMEOUT = 30.0
 BACK_TIMEOUT = 60.0
-"""Seconds a disrupted client may take to have all its ports registered again."""
-USER_TIMEOUT = 20.0
+"""Seconds a disrupted client may take to have all its ports registered
+again before the soak gives up on it."""
+RETURN_BOUND = 15.0
+"""Seconds within which a returning client must have its ports back (they
+take about 2 s at most here): well under the server's heartbeat timeout and
+port lease (30 s each by default), so that a returning client made to wait
+for either fails the soak."""
+REPLACED = re.compile(r"client \S+ registered port \d+ again; dropping its previous control channel")
+USER_TIMEOUT = 15.0
 """Seconds one user may take to connect and have its bytes echoed."""
 PROBE_ATTEMPTS = 40
 PROBE_INTERVAL = 0.25
@@ -87,6 +97,8 @@ def within(reactor, d: defer.Deferred, seconds: float, what: str) -> defer.Defer
 
 def resetConnection(transport) -> None:
     """Close C{transport}'s socket with a reset (RST), as a cut network path does."""
+    if transport.disconnected:
+        return
     try:
         transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                          struct.pack("ii", 1, 0))
@@ -183,8 +195,33 @@ class ChildProcess(protocol.ProcessProtocol):
 # The relay a client reaches the server through, and the echo service
 
 
-class RelayedConnection(portforward.ProxyServer):
-    """One connection through a L{Relay}; reset at once while the relay is cut."""
+class Silenceable:
+    """
+    One end of a relayed connection that can go silent, as when the host at
+    the far end vanishes: nothing more is read or written, and not even a
+    close is passed on.
+    """
+
+    silent = False
+
+    def silence(self) -> None:
+        self.silent = True
+        self.transport.unregisterProducer()
+        self.transport.stopReading()
+        self.transport.stopWriting()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.silent:
+            super().dataReceived(data)
+
+    def connectionLost(self, reason=None) -> None:
+        if self.silent:
+            self.peer = None
+        super().connectionLost(reason)
+
+
+class RelayedConnection(Silenceable, portforward.ProxyServer):
+    """The client's end of a connection through a L{Relay}; reset at once while the relay is cut."""
 
     def connectionMade(self) -> None:
         relay = self.factory.relay
@@ -194,12 +231,36 @@ class RelayedConnection(portforward.ProxyServer):
         relay.connections.add(self)
         super().connectionMade()
 
+    def silence(self) -> None:
+        super().silence()
+        if self.peer is not None:
+            self.peer.silence()
+
+    def reset(self) -> None:
+        """Reset both ends."""
+        peer = self.peer
+        resetConnection(self.transport)
+        if peer is not None:
+            resetConnection(peer.transport)
+
     def connectionLost(self, reason=None) -> None:
         self.factory.relay.connections.discard(self)
         super().connectionLost(reason)
 
 
+class RelayedServerConnection(Silenceable, portforward.ProxyClient):
+    """The server's end; silent from the start if the client's end went silent while it connected."""
+
+    def connectionMade(self) -> None:
+        if self.peer.silent:
+            self.peer.setPeer(self)
+            self.silence()
+            return
+        super().connectionMade()
+
+
 class QuietProxyClientFactory(portforward.ProxyClientFactory):
+    protocol = RelayedServerConnection
     noisy = False
 
 
@@ -209,13 +270,16 @@ RelayedConnection.clientProtocolFactory = QuietProxyClientFactory
 class Relay:
     """
     A TCP relay from a port of its own to the server's control port: the
-    network path of one client, which L{cut} breaks as a failing router does
-    (every connection reset, both ways, and new ones reset for a while).
+    network path of one client.  L{cut} breaks it as a failing router does
+    (every connection reset, both ways, and new ones reset for a while);
+    L{vanish} as a host that disappears does (its connections stay open and
+    carry nothing more, until L{release}).
     """
 
     def __init__(self, reactor, serverPort: int) -> None:
         self.reactor = reactor
         self.connections: set[RelayedConnection] = set()
+        self.held: set[RelayedConnection] = set()
         self.down = False
         factory = portforward.ProxyFactory(HOST, serverPort)
         factory.protocol = RelayedConnection
@@ -230,20 +294,27 @@ class Relay:
     def cut(self, outage: float) -> None:
         """Reset every connection, and the new ones for C{outage} seconds."""
         self.down = True
-        for connection in list(self.connections):
-            self._reset(connection)
+        connections, self.connections = self.connections, set()
+        for connection in connections:
+            connection.reset()
         self.reactor.callLater(outage, setattr, self, "down", False)
 
-    def _reset(self, connection: RelayedConnection) -> None:
-        self.connections.discard(connection)
-        peer = connection.peer
-        resetConnection(connection.transport)
-        if peer is not None:
-            resetConnection(peer.transport)
+    def vanish(self) -> None:
+        """Silence every connection (new ones go through)."""
+        connections, self.connections = self.connections, set()
+        for connection in connections:
+            connection.silence()
+        self.held |= connections
+
+    def release(self) -> None:
+        """Reset the connections silenced by L{vanish}."""
+        held, self.held = self.held, set()
+        for connection in held:
+            connection.reset()
 
     def close(self) -> defer.Deferred:
-        for connection in list(self.connections):
-            self._reset(connection)
+        self.cut(0)
+        self.release()
         return defer.maybeDeferred(self.port.stopListening)
 
 
@@ -392,6 +463,8 @@ class SoakClient:
         self.process: Optional[ChildProcess] = None
         self.processes: list[ChildProcess] = []
         self.busy = False
+        self.vanished: list[list] = []
+        """[from, to] of each vanish: until every port was registered again (to None: not yet)."""
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "gotunnel", "client", "--server", self.relay.address,
@@ -432,6 +505,11 @@ class SoakClient:
         self._waiters.append((mark, d))
         return d
 
+    def vanishedDuring(self, start: float, end: float) -> bool:
+        """Whether this client had vanished at some time from C{start} to C{end}."""
+        return any(since <= end and (until is None or until >= start)
+                   for since, until in self.vanished)
+
     def problems(self) -> list[str]:
         return [f"{p.label}: {line}" for p in self.processes for line in p.problems]
 
@@ -471,6 +549,8 @@ class SoakReport:
     recoveries: list[Recovery] = field(default_factory=list)
     online: dict[int, int] = field(default_factory=dict)
     """Per port, the users tried at the end until one was echoed (0: never)."""
+    replaced: int = 0
+    """Registrations that took over a control channel the server still held."""
     problems: list[str] = field(default_factory=list)
     serverExit: Optional[tuple[Optional[int], Optional[int]]] = None
 
@@ -490,7 +570,9 @@ class SoakReport:
         for port, outcomes in sorted(self.perPort.items()):
             lines.append(f"  port {port}: " + ", ".join(f"{k} {outcomes[k]}" for k in OUTCOMES))
         actions = self.actions()
-        lines.append("disruptions: " + ", ".join(f"{a} {actions[a]}" for a in ACTIONS))
+        lines.append("disruptions: " + ", ".join(f"{a} {actions[a]}" for a in ACTIONS) +
+                     f"; registrations that took over a control channel the server still "
+                     f"held: {self.replaced}")
         done = [r for r in self.recoveries if r.ok]
         if done:
             registered = [r.registeredAfter for r in done]
@@ -560,6 +642,10 @@ class Soak:
         self.children.append(child)
         return child
 
+    def _serverLine(self, line: str) -> None:
+        if self.report.baseline is not None and REPLACED.search(line):
+            self.report.replaced += 1
+
     def diagnostics(self) -> str:
         """The report so far and the last lines of every process, for a failure's message."""
         parts = [f"seed {self.seed}", self.report.summary()]
@@ -589,7 +675,7 @@ class Soak:
         self.server = self.spawn(
             [sys.executable, "-m", "gotunnel", "server", "--config", config,
              "--listen", f"tcp:0:interface={HOST}", "--public-interface", HOST,
-             *self.serverArgs], "server")
+             *self.serverArgs], "server", self._serverLine)
         found = yield within(self.reactor, self.server.whenLine(LISTENING), START_TIMEOUT,
                              "the server's 'listening' line")
         serverPort = int(found.group(1))
@@ -643,8 +729,12 @@ class Soak:
         for _ in range(maxUsers):
             if self._usersStop:
                 return
-            port = self.random.choice(self.ports)
+            client = self.random.choice(self.clients)
+            port = self.random.choice(client.ports)
+            started = self.reactor.seconds()
             outcome = yield echoOnce(self.reactor, port, self.payload())
+            if outcome == "timeout" and client.vanishedDuring(started, self.reactor.seconds()):
+                outcome = "lost"
             if self._recording is not None:
                 total, perPort = self._recording
                 total[outcome] += 1
@@ -673,13 +763,18 @@ class Soak:
     @defer.inlineCallbacks
     def disrupt(self, client: SoakClient, action: str):
         """Kill, restart or cut C{client}; wait until every port of it echoes again."""
+        client.relay.release()
         mark = client.mark()
         started = self.reactor.seconds()
         if action == "cut":
             client.relay.cut(self.random.uniform(0.0, 1.0))
         else:
+            if action == "vanish":
+                window = [started, None]
+                client.vanished.append(window)
+                client.relay.vanish()
             process = client.process
-            process.sendSignal("KILL" if action == "kill" else "TERM")
+            process.sendSignal("TERM" if action == "restart" else "KILL")
             yield within(self.reactor, process.ended, EXIT_TIMEOUT,
                          f"{process.label} to exit after {action}")
             if action == "restart" and (process.exitCode, process.signal) != (0, None):
@@ -690,6 +785,8 @@ class Soak:
         yield within(self.reactor, client.whenBack(mark), BACK_TIMEOUT,
                      f"client {client.name} to register again after {action}")
         recovery = Recovery(client.name, action, client.ports, self.reactor.seconds() - started)
+        if action == "vanish":
+            window[1] = self.reactor.seconds()
         attempts = yield defer.gatherResults([self.probe(port) for port in client.ports])
         recovery.echoedAfter = self.reactor.seconds() - started
         recovery.attempts = sum(attempts)
@@ -796,6 +893,9 @@ def verdict(report: SoakReport, maxRssGrowth: int = 10 * MIB, fdSlack: int = 0,
         failures.append(f"ports {dark} did not echo at the end")
     if report.users["corrupt"]:
         failures.append(f"{report.users['corrupt']} users got bytes that were not theirs")
+    if report.users["timeout"]:
+        failures.append(f"{report.users['timeout']} users had no echo in {USER_TIMEOUT:g} s, "
+                        f"their client not vanished")
     actions = report.actions()
     missing = [action for action in ACTIONS if not actions[action]]
     if missing:
@@ -808,6 +908,10 @@ def verdict(report: SoakReport, maxRssGrowth: int = 10 * MIB, fdSlack: int = 0,
     if quiet or len(report.perPort) < len(report.online):
         failures.append(f"fewer than {minOkPerPort} users went through some ports: "
                         f"{ {port: report.perPort.get(port, Counter())['ok'] for port in report.online} }")
+    slow = [r for r in report.recoveries if r.registeredAfter > RETURN_BOUND]
+    if slow:
+        failures.append(f"returning clients waited more than {RETURN_BOUND:g} s for their "
+                        f"ports: {slow}")
     if report.problems:
         failures.append(f"{len(report.problems)} problems in the processes' output")
     if report.serverExit != (0, None):
