@@ -281,6 +281,7 @@ class Relay:
         self.connections: set[RelayedConnection] = set()
         self.held: set[RelayedConnection] = set()
         self.down = False
+        self.calls: list = []
         factory = portforward.ProxyFactory(HOST, serverPort)
         factory.protocol = RelayedConnection
         factory.noisy = False
@@ -297,14 +298,24 @@ class Relay:
         connections, self.connections = self.connections, set()
         for connection in connections:
             connection.reset()
-        self.reactor.callLater(outage, setattr, self, "down", False)
+        self._later(outage, setattr, self, "down", False)
 
-    def vanish(self) -> None:
-        """Silence every connection (new ones go through)."""
+    def vanish(self, hold: float) -> None:
+        """
+        Silence every connection (new ones go through), and reset them after
+        C{hold} seconds, as TCP keepalive or the network would in the end.
+        (The kernel here still answers keepalive probes: they alone would
+        never find these connections dead.)
+        """
         connections, self.connections = self.connections, set()
         for connection in connections:
             connection.silence()
         self.held |= connections
+        self._later(hold, self.release)
+
+    def _later(self, seconds: float, f: Callable, *args) -> None:
+        self.calls = [call for call in self.calls if call.active()]
+        self.calls.append(self.reactor.callLater(seconds, f, *args))
 
     def release(self) -> None:
         """Reset the connections silenced by L{vanish}."""
@@ -313,7 +324,12 @@ class Relay:
             connection.reset()
 
     def close(self) -> defer.Deferred:
-        self.cut(0)
+        for call in self.calls:
+            if call.active():
+                call.cancel()
+        connections, self.connections = self.connections, set()
+        for connection in connections:
+            connection.reset()
         self.release()
         return defer.maybeDeferred(self.port.stopListening)
 
@@ -772,7 +788,7 @@ class Soak:
             if action == "vanish":
                 window = [started, None]
                 client.vanished.append(window)
-                client.relay.vanish()
+                client.relay.vanish(self.random.uniform(2.0, 6.0))
             process = client.process
             process.sendSignal("TERM" if action == "restart" else "KILL")
             yield within(self.reactor, process.ended, EXIT_TIMEOUT,
@@ -863,6 +879,8 @@ class Soak:
         report.seconds = self.reactor.seconds() - started
         self._usersStop = True
         yield users
+        for relay in self.relays:
+            relay.release()
         self._recording = None
 
         report.final = yield self.settle()
