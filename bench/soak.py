@@ -21,7 +21,6 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted.internet import defer, task  # noqa: E402
-from twisted.logger import globalLogBeginner, textFileLogObserver  # noqa: E402
 
 from tests.soakrig import Soak, verdict  # noqa: E402
 
@@ -67,7 +66,4 @@ def main(reactor, options: argparse.Namespace):
 
 
 if __name__ == "__main__":
-    options = parse(sys.argv[1:])
-    if os.environ.get("SOAK_LOG"):
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    task.react(main, (options,))
+    task.react(main, (parse(sys.argv[1:]),))

@@ -2,9 +2,10 @@
 The soak: a gotunnel server and its clients in child processes, each client
 reaching the server through a relay in this process, an echo service the
 clients publish, and users echoing random bytes through every public port
-while clients are killed (SIGKILL), restarted (SIGTERM, then started again)
-and cut (the relay resets every connection).  The server's memory and open
-descriptors are read from /proc before and after.
+while clients are killed (SIGKILL), restarted (SIGTERM, then started again),
+cut (the relay resets every connection) and made to vanish (the relay goes
+silent, the client starts again).  The server's memory and open descriptors
+are read from /proc after a warm-up and at the end.
 
 Shared by tests/test_soak.py (one minute, in CI) and bench/soak.py (as long
 as you like).  Everything listens on 127.0.0.1, on ports the OS picks, and
@@ -17,13 +18,11 @@ import os
 import random
 import re
 import secrets
-import signal
 import socket
 import statistics
 import struct
 import sys
-from collections import Counter
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -42,6 +41,8 @@ HOST = "127.0.0.1"
 LISTENING = re.compile(r"control channel listening on 127\.0\.0\.1:(\d+)")
 REGISTERED = re.compile(r"registered 127\.0\.0\.1:\d+->(\d+) as ")
 PROBLEM = re.compile(r"Traceback|Unhandled|\[ERROR\]")
+REPLACED = re.compile(r"client \S+ registered port \d+ again; dropping its previous control "
+                      r"channel")
 
 ACTIONS = ("kill", "restart", "cut", "vanish")
 OUTCOMES = ("ok", "refused", "dropped", "lost", "timeout", "corrupt")
@@ -60,7 +61,6 @@ RETURN_BOUND = 15.0
 take about 2 s at most here): well under the server's heartbeat timeout and
 port lease (30 s each by default), so that a returning client made to wait
 for either fails the soak."""
-REPLACED = re.compile(r"client \S+ registered port \d+ again; dropping its previous control channel")
 USER_TIMEOUT = 15.0
 """Seconds one user may take to connect and have its bytes echoed."""
 PROBE_ATTEMPTS = 40
@@ -391,10 +391,12 @@ class EchoUser(protocol.Protocol):
         self.timeout = timeout
         self.received = bytearray()
         self.outcome: Optional[str] = None
+        self.connected = False
         self.done: defer.Deferred = defer.Deferred()
         self._timer = None
 
     def connectionMade(self) -> None:
+        self.connected = True
         self._timer = self.reactor.callLater(self.timeout, self._timedOut)
         self.transport.write(self.payload)
 
@@ -426,17 +428,21 @@ class EchoUser(protocol.Protocol):
 
 @defer.inlineCallbacks
 def echoOnce(reactor, port: int, payload: bytes, timeout: float = USER_TIMEOUT):
-    """One user of public C{port}: returns one of L{OUTCOMES}."""
+    """One user of public C{port}: returns the L{EchoUser}, its C{outcome} one of L{OUTCOMES}."""
     user = EchoUser(reactor, payload, timeout)
     factory = protocol.Factory.forProtocol(lambda: user)
     factory.noisy = False
     try:
         yield TCP4ClientEndpoint(reactor, HOST, port, timeout=timeout).connect(factory)
     except error.ConnectionRefusedError:
-        return "refused"
-    except (error.ConnectError, defer.TimeoutError):
-        return "timeout"
-    return (yield user.done)
+        user.outcome = "refused"
+    except (error.TimeoutError, defer.TimeoutError):
+        user.outcome = "timeout"
+    except error.ConnectError:
+        user.outcome = "dropped"
+    else:
+        yield user.done
+    return user
 
 
 # ---------------------------------------------------------------------------
@@ -445,7 +451,7 @@ def echoOnce(reactor, port: int, payload: bytes, timeout: float = USER_TIMEOUT):
 
 @dataclass
 class ClientPlan:
-    """A client of the soak: its name, its own token (None: the shared one), its port count."""
+    """A client of the soak: its name, whether it has a token of its own, how many ports."""
 
     name: str
     ownToken: bool
@@ -479,6 +485,8 @@ class SoakClient:
         self.process: Optional[ChildProcess] = None
         self.processes: list[ChildProcess] = []
         self.busy = False
+        self.events: list[tuple[float, str]] = []
+        """When each disruption began and ended."""
         self.vanished: list[list] = []
         """[from, to] of each vanish: until every port was registered again (to None: not yet)."""
 
@@ -565,6 +573,8 @@ class SoakReport:
     recoveries: list[Recovery] = field(default_factory=list)
     online: dict[int, int] = field(default_factory=dict)
     """Per port, the users tried at the end until one was echoed (0: never)."""
+    hangs: list[str] = field(default_factory=list)
+    """Users with no echo within L{USER_TIMEOUT} while their client had not vanished."""
     replaced: int = 0
     """Registrations that took over a control channel the server still held."""
     problems: list[str] = field(default_factory=list)
@@ -608,6 +618,8 @@ class SoakReport:
         if failed:
             lines.append(f"recoveries that never echoed: {failed}")
         lines.append(f"online at the end (users tried per port): {self.online}")
+        if self.hangs:
+            lines.append("users with no echo:\n  " + "\n  ".join(self.hangs[:20]))
         if self.problems:
             lines.append("problems:\n  " + "\n  ".join(self.problems[:20]))
         return "\n".join(lines)
@@ -641,7 +653,10 @@ class Soak:
         self.echo: Optional[EchoService] = None
         self.server: Optional[ChildProcess] = None
         self.sharedToken = secrets.token_hex(12)
+        self.ownTokens = {plan.name: secrets.token_hex(12) for plan in clients if plan.ownToken}
+        """Tokens of the clients listed in server.clients, by name."""
         self._usersStop = False
+        self._users: defer.Deferred = defer.succeed(None)
         self._stopped = False
         self._recording: Optional[tuple[Counter, dict[int, Counter]]] = None
 
@@ -662,21 +677,28 @@ class Soak:
         if self.report.baseline is not None and REPLACED.search(line):
             self.report.replaced += 1
 
+    def describeHang(self, client: SoakClient, port: int, started: float, user) -> str:
+        """A user that got no echo: when, and what happened to its client around then."""
+        now = self.reactor.seconds()
+        events = ", ".join(f"{when - started:+.2f} s {what}" for when, what in client.events
+                           if started - 10 <= when <= now)
+        return (f"port {port} of {client.name}: connected {user.connected}, "
+                f"{len(user.received)} of {len(user.payload)} bytes back; its client, from "
+                f"the user's start: {events or 'nothing'}")
+
     def diagnostics(self) -> str:
         """The report so far and the last lines of every process, for a failure's message."""
-        parts = [f"seed {self.seed}", self.report.summary()]
+        parts = [self.report.summary()]
         parts += [child.describe() for child in self.children[-12:]]
         return "\n".join(parts)
 
     # -- start and stop ------------------------------------------------------
 
     def writeServerConfig(self) -> str:
-        tokens = {plan.name: secrets.token_hex(12) for plan in self.plans if plan.ownToken}
-        self._ownTokens = tokens
         config = {"server": {
             "token": self.sharedToken,
             "data_channel_timeout": 10,
-            "clients": {name: {"token": token} for name, token in tokens.items()},
+            "clients": {name: {"token": token} for name, token in self.ownTokens.items()},
         }}
         path = os.path.join(self.directory, "server.yaml")
         with open(path, "w") as f:
@@ -698,7 +720,7 @@ class Soak:
         for plan in self.plans:
             relay = Relay(self.reactor, serverPort)
             self.relays.append(relay)
-            token = self._ownTokens.get(plan.name, self.sharedToken)
+            token = self.ownTokens.get(plan.name, self.sharedToken)
             self.clients.append(SoakClient(self, plan, token, relay))
         marks = []
         for client in self.clients:
@@ -732,6 +754,8 @@ class Soak:
                              f"{child.label} to exit after SIGKILL")
         for relay in self.relays:
             yield relay.close()
+        # Users still going (after a failure) meet closed ports now.
+        yield within(self.reactor, self._users, USER_TIMEOUT + EXIT_TIMEOUT, "the users to stop")
         if self.echo is not None:
             yield self.echo.close()
 
@@ -748,9 +772,13 @@ class Soak:
             client = self.random.choice(self.clients)
             port = self.random.choice(client.ports)
             started = self.reactor.seconds()
-            outcome = yield echoOnce(self.reactor, port, self.payload())
-            if outcome == "timeout" and client.vanishedDuring(started, self.reactor.seconds()):
-                outcome = "lost"
+            user = yield echoOnce(self.reactor, port, self.payload())
+            outcome = user.outcome
+            if outcome == "timeout":
+                if client.vanishedDuring(started, self.reactor.seconds()):
+                    outcome = "lost"
+                elif self._recording is not None:
+                    self.report.hangs.append(self.describeHang(client, port, started, user))
             if self._recording is not None:
                 total, perPort = self._recording
                 total[outcome] += 1
@@ -758,18 +786,20 @@ class Soak:
             yield pause(self.reactor, self.random.uniform(0.005, 0.03))
 
     def startUsers(self, maxUsers: int) -> defer.Deferred:
+        """Start L{userCount} users one after another each; fires once they have stopped."""
         self._usersStop = False
-        return defer.DeferredList([self._user(maxUsers) for _ in range(self.userCount)],
-                                  fireOnOneErrback=True, consumeErrors=True)
+        self._users = defer.DeferredList([self._user(maxUsers) for _ in range(self.userCount)],
+                                         fireOnOneErrback=True, consumeErrors=True)
+        return self._users
 
     @defer.inlineCallbacks
     def probe(self, port: int, attempts: int = PROBE_ATTEMPTS):
         """Users for C{port} one after another until one is echoed: how many it took (0: none was)."""
         for attempt in range(1, attempts + 1):
-            outcome = yield echoOnce(self.reactor, port, self.random.randbytes(4096))
-            if outcome == "ok":
+            user = yield echoOnce(self.reactor, port, self.random.randbytes(4096))
+            if user.outcome == "ok":
                 return attempt
-            if outcome == "corrupt":
+            if user.outcome == "corrupt":
                 self.report.problems.append(f"a probe of port {port} got corrupt bytes")
             yield pause(self.reactor, PROBE_INTERVAL)
         return 0
@@ -778,10 +808,11 @@ class Soak:
 
     @defer.inlineCallbacks
     def disrupt(self, client: SoakClient, action: str):
-        """Kill, restart or cut C{client}; wait until every port of it echoes again."""
+        """Kill, restart, cut or vanish C{client}; wait until every port of it echoes again."""
         client.relay.release()
         mark = client.mark()
         started = self.reactor.seconds()
+        client.events.append((started, action))
         if action == "cut":
             client.relay.cut(self.random.uniform(0.0, 1.0))
         else:
@@ -801,6 +832,7 @@ class Soak:
         yield within(self.reactor, client.whenBack(mark), BACK_TIMEOUT,
                      f"client {client.name} to register again after {action}")
         recovery = Recovery(client.name, action, client.ports, self.reactor.seconds() - started)
+        client.events.append((self.reactor.seconds(), f"back after {action}"))
         if action == "vanish":
             window[1] = self.reactor.seconds()
         attempts = yield defer.gatherResults([self.probe(port) for port in client.ports])
@@ -854,8 +886,8 @@ class Soak:
         """
         users = self.startUsers(maxUsers=100_000)
         yield pause(self.reactor, self.warmUpSeconds / 2)
-        for client, action in zip(self.clients, ACTIONS):
-            yield self.disrupt(client, action)
+        for n, action in enumerate(ACTIONS):
+            yield self.disrupt(self.clients[n % len(self.clients)], action)
         yield pause(self.reactor, self.warmUpSeconds / 2)
         self._usersStop = True
         yield users
