@@ -77,6 +77,30 @@ def freePort() -> int:
         return s.getsockname()[1]
 
 
+def freePublicPort(rng: random.Random, tries: int = 200) -> int:
+    """
+    A TCP port on 127.0.0.1 that the OS says is free now, below the range it
+    hands out to outgoing connections where it can: a public port is free
+    while its client is away, and a port of that range may meanwhile become
+    some connection's own port (the kernel gives them out in turn), which
+    would keep the server from listening on it again.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    for _ in range(tries if low > 2048 else 0):
+        port = rng.randrange(1024, low)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    return freePort()
+
+
 def pause(reactor, seconds: float) -> defer.Deferred:
     """Let the reactor run for C{seconds} (pacing, never waiting for readiness)."""
     d: defer.Deferred = defer.Deferred()
@@ -479,7 +503,7 @@ class SoakClient:
         self.name = plan.name
         self.token = token
         self.relay = relay
-        self.ports = [freePort() for _ in range(plan.portCount)]
+        self.ports = [freePublicPort(soak.random) for _ in range(plan.portCount)]
         self.registrations: Counter[int] = Counter()
         self._waiters: list[tuple[dict[int, int], defer.Deferred]] = []
         self.process: Optional[ChildProcess] = None
@@ -857,6 +881,11 @@ class Soak:
                     client.busy = False
             yield pause(self.reactor, self.random.uniform(0.3, 1.5))
 
+    def releaseAll(self) -> None:
+        """Reset the connections of every vanished client now, not a few seconds from now."""
+        for relay in self.relays:
+            relay.release()
+
     # -- measures ------------------------------------------------------------
 
     @defer.inlineCallbacks
@@ -898,6 +927,7 @@ class Soak:
         report = self.report
         log.info("soak seed {seed}", seed=self.seed)
         yield self.warmUp()
+        self.releaseAll()
         report.recoveries.clear()
         report.baseline = yield self.settle()
 
@@ -911,8 +941,7 @@ class Soak:
         report.seconds = self.reactor.seconds() - started
         self._usersStop = True
         yield users
-        for relay in self.relays:
-            relay.release()
+        self.releaseAll()
         self._recording = None
 
         report.final = yield self.settle()
