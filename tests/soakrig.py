@@ -156,6 +156,8 @@ class ChildProcess(protocol.ProcessProtocol):
         self.tail: deque[str] = deque(maxlen=60)
         self.problems: list[str] = []
         self.ended: defer.Deferred = defer.Deferred()
+        """Fires once it has exited: never cancel it, wait on L{whenEnded}."""
+        self.exited = False
         self.exitCode: Optional[int] = None
         self.signal: Optional[int] = None
         self._partial = {1: b"", 2: b""}
@@ -163,7 +165,19 @@ class ChildProcess(protocol.ProcessProtocol):
 
     @property
     def running(self) -> bool:
-        return not self.ended.called
+        return not self.exited
+
+    def whenEnded(self) -> defer.Deferred:
+        """A Deferred of its own that fires once the process has exited (cancelling it is safe)."""
+        d: defer.Deferred = defer.Deferred()
+
+        def ended(result):
+            if not d.called:
+                d.callback(None)
+            return result
+
+        self.ended.addBoth(ended)
+        return d
 
     @property
     def pid(self) -> int:
@@ -196,6 +210,7 @@ class ChildProcess(protocol.ProcessProtocol):
         self.onLine(line)
 
     def processEnded(self, reason) -> None:
+        self.exited = True
         self.exitCode = getattr(reason.value, "exitCode", None)
         self.signal = getattr(reason.value, "signal", None)
         listeners, self._listeners = self._listeners, []
@@ -764,7 +779,7 @@ class Soak:
         if self.server is not None and self.server.running:
             self.server.sendSignal("TERM")
             try:
-                yield within(self.reactor, self.server.ended, EXIT_TIMEOUT,
+                yield within(self.reactor, self.server.whenEnded(), EXIT_TIMEOUT,
                              "the server to exit after SIGTERM")
             except defer.TimeoutError:
                 pass
@@ -774,7 +789,7 @@ class Soak:
                 child.sendSignal("KILL")
         for child in self.children:
             if child.running:
-                yield within(self.reactor, child.ended, EXIT_TIMEOUT,
+                yield within(self.reactor, child.whenEnded(), EXIT_TIMEOUT,
                              f"{child.label} to exit after SIGKILL")
         for relay in self.relays:
             yield relay.close()
@@ -846,7 +861,7 @@ class Soak:
                 client.relay.vanish(self.random.uniform(2.0, 6.0))
             process = client.process
             process.sendSignal("TERM" if action == "restart" else "KILL")
-            yield within(self.reactor, process.ended, EXIT_TIMEOUT,
+            yield within(self.reactor, process.whenEnded(), EXIT_TIMEOUT,
                          f"{process.label} to exit after {action}")
             if action == "restart" and (process.exitCode, process.signal) != (0, None):
                 self.report.problems.append(
