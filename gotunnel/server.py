@@ -144,6 +144,26 @@ class Tunnel:
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
 
+    @property
+    def key(self) -> object:
+        """What the registry knows this mapping by: its port (see L{gotunnel.vhost})."""
+        return self.remote_port
+
+    def checkAllowed(self, name: str) -> None:
+        """
+        Refuse, as L{RegistrationRefused}, a data channel of C{name} for this
+        mapping if C{name} may not publish it.
+        """
+        self.registry.checkPort(name, self.remote_port)
+
+    def dropped(self) -> None:
+        """
+        The control channel went away: close, and hold the port for the same
+        client for C{settings.port_lease} seconds.
+        """
+        self.registry.leases.start(self.name, self.remote_port, self.close(),
+                                   self.registry.settings.port_lease)
+
     def listen(self) -> defer.Deferred:
         """
         Start the public listener (after a stop still in progress).
@@ -295,6 +315,8 @@ class TunnelRegistry:
         self.authFailures: dict[str, tuple[int, float]] = {}
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
+        self.virtualHosts = None
+        """The L{gotunnel.vhost.VirtualHosts}, on a server with virtual-host ports."""
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -434,6 +456,11 @@ class TunnelRegistry:
         @return: a Deferred that fires with the L{Tunnel}, or fails with
             L{RegistrationRefused}.
         """
+        if msg.vhost is not None:
+            if self.virtualHosts is None:
+                return defer.fail(RegistrationRefused(
+                    "this server has no virtual hosts (--http, --https)"))
+            return self.virtualHosts.register(channel, msg)
         try:
             name = self.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
             if name != msg.name:
@@ -506,8 +533,7 @@ class TunnelRegistry:
         """
         if tunnel.closed:
             return
-        self.leases.start(tunnel.name, tunnel.remote_port, tunnel.close(),
-                          self.settings.port_lease)
+        tunnel.dropped()
 
     def newConnectionId(self) -> str:
         """
@@ -517,8 +543,8 @@ class TunnelRegistry:
         return secrets.token_hex(8)
 
     def forget(self, tunnel: Tunnel) -> None:
-        if self.tunnels.get(tunnel.remote_port) is tunnel:
-            del self.tunnels[tunnel.remote_port]
+        if self.tunnels.get(tunnel.key) is tunnel:
+            del self.tunnels[tunnel.key]
 
     def holderOf(self, name: str) -> Optional[str]:
         """
@@ -547,7 +573,7 @@ class TunnelRegistry:
                          name=name, owner=tunnel.name)
                 return False
             try:
-                self.checkPort(name, tunnel.remote_port)
+                tunnel.checkAllowed(name)
             except RegistrationRefused as e:
                 log.warn("a data channel of {name!r}: {reason}", name=name, reason=str(e))
                 return False
@@ -612,6 +638,8 @@ class TunnelRegistry:
         buffered bytes are written.
         """
         self.leases.clear()
+        if self.virtualHosts is not None:
+            self.virtualHosts.clear()
         for tunnel in list(self.tunnels.values()):
             tunnel.close()
         stopping = defer.DeferredList([_whenFired(d) for d in list(self._stoppingListeners)])
@@ -728,6 +756,15 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.tunnel = tunnel
         self._releasePending()
         self.registry.clientArrived(self.host)
+        vhost = getattr(tunnel, "vhost", None)
+        if vhost is not None:
+            # Pooled data channels are matched by port: a virtual host has none.
+            self.sendMessage(messages.RegisterResp(status="ok", vhost=vhost))
+            log.info("client {name} registered from {peer}: local port {local_port} -> "
+                     "{vhost} virtual host {domains}", name=tunnel.name,
+                     peer=self.peerDescription, local_port=tunnel.local_port, vhost=vhost,
+                     domains=",".join(tunnel.domains))
+            return
         self.sendMessage(messages.RegisterResp(
             status="ok", pool=self.registry.settings.max_pool_count or None))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
@@ -834,7 +871,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         connection reaches the service a wake-up sooner.  A Go client gets
         the answer alone, as the Go server sends it.
         """
-        early = readWaiting(user.transport) if ours else b""
+        # A user holding bytes (a virtual host's request head) sends them first.
+        early = readWaiting(user.transport) if ours and not user._held else b""
         self.sendMessage(messages.RegisterResp(status="ok"), rawAfter=early)
 
     def _spliceTo(self, user: PublicUser) -> None:
@@ -919,6 +957,15 @@ class TunnelServerService(MultiService):
         self.controlEndpoint = tls.serverEndpoint(
             reactor, dataclasses.replace(settings, listen=listen))
         self._listenWaiters: list[defer.Deferred] = []
+        if settings.vhost_http or settings.vhost_https:
+            from gotunnel.vhost import VirtualHosts, VirtualHostService
+
+            endpoints = {scheme: description for scheme, description in (
+                ("http", settings.vhost_http), ("https", settings.vhost_https)) if description}
+            self.registry.virtualHosts = VirtualHosts(self.registry, tuple(endpoints))
+            self.virtualHostService = VirtualHostService(self.registry.virtualHosts, endpoints,
+                                                         reactor)
+            self.virtualHostService.setServiceParent(self)
         heartbeat = TimerService(settings.heartbeat_check_interval, self.registry.checkHeartbeats)
         heartbeat.clock = reactor
         heartbeat.setServiceParent(self)
