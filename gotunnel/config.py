@@ -546,12 +546,20 @@ def _domain(value: Any, text: Any, name: str) -> str:
     return normalDomain(_text(value, text, name))
 
 
+def _subdomain(value: Any, text: Any, name: str) -> str:
+    label = _domain(value, text, name)
+    if "." in label or "*" in label:
+        raise ValueError(f"{name} must be one DNS label (NAME of NAME.subdomain_host), "
+                         f"got {value!r}")
+    return label
+
+
 def _domains(value: Any, text: Any, name: str) -> tuple[str, ...]:
     return tuple(_listOf(_domain)(value, text, name))
 
 
 _TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port,
-                "type": _vhostType, "domains": _domains, "subdomain": _text,
+                "type": _vhostType, "domains": _domains, "subdomain": _subdomain,
                 "http_user": _text, "http_password": _text, "host_header_rewrite": _text}
 
 

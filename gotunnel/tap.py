@@ -501,6 +501,8 @@ class ClientOptions(_SettingsOptions):
         try:
             mapping = parseVirtualHost(value, kind)
             domains = tuple(normalDomain(domain) for domain in mapping.domains)
+            if mapping.subdomain:
+                normalDomain(mapping.subdomain)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         self["vhosts"].append(dataclasses.replace(mapping, domains=domains))
