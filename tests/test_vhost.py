@@ -345,3 +345,56 @@ class HTTPSRoutingTests(unittest.TestCase):
 class NamedEcho(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(self.factory.name + b": " + data)
+
+
+class BadHeadTests(unittest.TestCase):
+    """Bad heads over real sockets: each is answered with its status, then closed."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.fixture = VirtualHostFixture(self)
+        yield self.fixture.start(vhost_head_timeout=0.5)
+        yield self.fixture.publish([http(listenWeb(self, "alpha"), ["a.example.com"])])
+
+    @defer.inlineCallbacks
+    def send(self, data: bytes) -> bytes:
+        user = User()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, HOST, self.fixture.httpPort), user)
+        self.addCleanup(lambda: user.closed.called or user.transport.abortConnection())
+        if data:
+            user.transport.write(data)
+        answer = yield within(user.readClosed, TIMEOUT, "the answer and end of stream")
+        return answer
+
+    @defer.inlineCallbacks
+    def test_statuses(self):
+        for data, status in (
+                (b"BREW /pot HTCPCP/1.0\r\n\r\n", b"400"),
+                (b"GET / HTTP/1.1\r\nHost: a.example.com\r\nHost: evil.example.com\r\n\r\n",
+                 b"400"),
+                (b"GET / HTTP/1.1\r\nHost: a.example.com\r\nX-Big: " + b"x" * 20000, b"431"),
+                (b"GET / HTTP/1.1\r\nHost: a.exam", b"408"),
+                (b"GET / HTTP/1.1\r\nHost: z.example.com\r\n\r\n", b"404")):
+            answer = yield self.send(data)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 " + status + b" "), (data[:40], answer))
+            self.assertIn(b"Connection: close\r\n", answer)
+
+    @defer.inlineCallbacks
+    def test_silentConnectionClosed(self):
+        """A connection that sends nothing is closed after vhost_head_timeout, unanswered."""
+        answer = yield self.send(b"")
+        self.assertEqual(answer, b"")
+
+    @defer.inlineCallbacks
+    def test_curlHugeHeader431(self):
+        """curl sending a 20 KB header gets 431, not a reset."""
+        curl = shutil.which("curl")
+        if curl is None:
+            raise unittest.SkipTest("curl is not installed")
+        port = self.fixture.httpPort
+        out, err, code = yield within(getProcessOutputAndValue(curl, [
+            "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", str(TIMEOUT),
+            "-H", "X-Big: " + "x" * 20000,
+            "--resolve", f"a.example.com:{port}:{HOST}", f"http://a.example.com:{port}/"]),
+            TIMEOUT, "curl")
+        self.assertEqual((out, code), (b"431", 0), err)
