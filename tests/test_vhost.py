@@ -95,9 +95,9 @@ class WebSocketService(Protocol):
 class VirtualHostFixture:
     """A server with virtual-host ports, and clients publishing domains on them."""
 
-    def __init__(self, testCase) -> None:
+    def __init__(self, testCase, **tunnelOptions) -> None:
         self.testCase = testCase
-        self.tunnel = Tunnel(testCase)
+        self.tunnel = Tunnel(testCase, **tunnelOptions)
 
     @defer.inlineCallbacks
     def start(self, **overrides):
@@ -298,6 +298,28 @@ class HTTPRoutingTests(unittest.TestCase):
         answer = json.loads(body)
         self.assertEqual((answer["host"], answer["x-forwarded-host"], answer["authorization"]),
                          ("internal.local", "a.example.com", ""))
+
+
+class ZeroCopyTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_routedConnectionsTakeTheZeroCopyPath(self):
+        """
+        Once routed, a virtual host's connection is spliced like any other:
+        with zero copy and the splice thread (the fixture checks both).
+        """
+        fixture = VirtualHostFixture(self, zeroCopy=True, spliceThread=True)
+        yield fixture.start()
+        yield fixture.publish([http(listenWeb(self, "alpha"), ["a.example.com"])],
+                              zero_copy=True, splice_thread=True)
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        agent = Agent(reactor, pool=pool)
+        for i in range(20):
+            response = yield within(agent.request(
+                b"GET", f"http://{HOST}:{fixture.httpPort}/{i}".encode(),
+                Headers({b"host": [b"a.example.com"]})), TIMEOUT, "an answer")
+            body = yield within(readBody(response), TIMEOUT, "the body")
+            self.assertEqual(json.loads(body)["path"], f"/{i}")
 
 
 class HTTPSRoutingTests(unittest.TestCase):
