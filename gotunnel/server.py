@@ -946,6 +946,8 @@ class TunnelServerService(MultiService):
 
     controlPort: Optional[IListeningPort] = None
     _listenOutcome = None
+    virtualHostService = None
+    """The L{gotunnel.vhost.VirtualHostService}, with --http or --https."""
 
     def __init__(self, settings: ServerSettings, reactor=None) -> None:
         super().__init__()
