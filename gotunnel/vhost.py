@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from gotunnel import messages, tls
 from gotunnel.httphead import (
-    MAX_HEAD, BadHead, Head, checkBasicAuth, errorPage, headEnd, parseHead,
+    MAX_HEAD, BadHead, Head, checkBasicAuth, errorPage, headEnd, hostName, parseHead,
 )
 from gotunnel.relay import canHalfClose, setNoDelay
 from gotunnel.server import PublicUser, RegistrationRefused, Tunnel, TunnelRegistry
@@ -392,9 +392,17 @@ class VirtualHostUser(PublicUser):
         if name is None:
             self._close("a ClientHello without a server name")
             return
+        try:
+            if ":" in name:
+                raise BadHead(400, "a port in a server name")
+            name = hostName(name.encode("ascii"))
+        except BadHead:
+            # Up to 16 KiB, and it is looked up once per label: a host name only.
+            self._close("a server name that is not a host name")
+            return
         tunnel = self.hosts.route("https", name)
         if tunnel is None or not tunnel.online:
-            self._close(f"no virtual host {name[:253]}")
+            self._close(f"no virtual host {name}")
             return
         self._route(tunnel, self.buffer)
 

@@ -40,6 +40,17 @@ def clientHello(name: bytes = None) -> bytes:
     return connection.bio_read(65536)
 
 
+def craftedHello(name: bytes) -> bytes:
+    """A minimal ClientHello record naming C{name}, which OpenSSL would not send."""
+    entry = b"\x00" + len(name).to_bytes(2, "big") + name
+    extension = (b"\x00\x00" + (len(entry) + 2).to_bytes(2, "big") +
+                 len(entry).to_bytes(2, "big") + entry)
+    body = (b"\x03\x03" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" +
+            len(extension).to_bytes(2, "big") + extension)
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake
+
+
 class HeadParserTests(unittest.TestCase):
     def test_hostLowerCasePortStripped(self):
         head = parseHead(b"GET / HTTP/1.1\r\nHost: WWW.Example.COM.:8080\r\n\r\n")
@@ -93,6 +104,9 @@ class HeadParserTests(unittest.TestCase):
 class ServerNameTests(unittest.TestCase):
     def test_name(self):
         self.assertEqual(serverName(clientHello(b"Www.Example.com")), "www.example.com")
+
+    def test_craftedName(self):
+        self.assertEqual(serverName(craftedHello(b"x." * 5000 + b"com")), "x." * 5000 + "com")
 
     def test_noName(self):
         self.assertIsNone(serverName(clientHello()))
@@ -271,7 +285,8 @@ class UserTests(unittest.TestCase):
 
     def test_sniUnknownOrMissingClosed(self):
         self.fixture.register(name="tls", vhost="https", domains=("s.example.com",))
-        for data in (clientHello(b"a.example.com"), clientHello(), b"GET / HTTP/1.1\r\n"):
+        for data in (clientHello(b"a.example.com"), clientHello(), b"GET / HTTP/1.1\r\n",
+                     craftedHello(b"s.example.com:443"), craftedHello(b"x." * 5000 + b"com")):
             user, transport = self.fixture.user("https")
             user.dataReceived(data)
             self.assertTrue(transport.disconnecting)
