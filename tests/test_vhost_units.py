@@ -432,6 +432,15 @@ class OwnershipTests(unittest.TestCase):
         self.assertIs(fixture.registry.attachDataChannel(messages.DataChannel(
             token="ann-token", name="ann", conn_id=user.conn_id)), user)
 
+    def test_dataChannelWithAllowPorts(self):
+        """A virtual host has no port: allow_ports does not refuse its data channels."""
+        fixture = Fixture(allow_ports=(range(10000, 10100),))
+        fixture.register(domains=("a.example.com",))
+        user, _ = fixture.user()
+        user.dataReceived(b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n")
+        self.assertIs(fixture.registry.attachDataChannel(messages.DataChannel(
+            token=TOKEN, name="web", conn_id=user.conn_id)), user)
+
     def test_mappingLimit(self):
         fixture = Fixture(max_mappings_per_client=1)
         fixture.register(domains=("a.example.com",))
