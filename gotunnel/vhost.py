@@ -46,6 +46,11 @@ so that a user still sending does not get a reset instead of the page."""
 MAX_DISCARD = 256 * 1024
 """The most bytes read and dropped from a connection answered with an error page."""
 
+MAX_READING_PER_SOURCE = 64
+"""Connections from one address whose head (or ClientHello) is still being read; more
+are closed at once, so that one address cannot hold the server's descriptors with
+connections that send nothing."""
+
 _LABEL = r"[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"(\*\.)?({_LABEL}\.)*{_LABEL}")
 _SUBDOMAIN = re.compile(_LABEL)
@@ -134,6 +139,21 @@ class VirtualHosts:
         self.schemes = schemes
         self.routes: dict[tuple[str, str], VirtualHostTunnel] = {}
         self.leases: dict[str, DomainLease] = {}
+        self.reading: dict[str, int] = {}
+        """Connections whose head is being read, per source address."""
+
+    def startReading(self, host: str) -> bool:
+        """Count a new connection from C{host}; False if it has too many already."""
+        count = self.reading.get(host, 0)
+        if count >= MAX_READING_PER_SOURCE:
+            return False
+        self.reading[host] = count + 1
+        return True
+
+    def doneReading(self, host: str) -> None:
+        count = self.reading.pop(host, 0) - 1
+        if count > 0:
+            self.reading[host] = count
 
     @property
     def settings(self):
@@ -191,6 +211,8 @@ class VirtualHosts:
             name = registry.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
+            if msg.protocol not in ("tcp", ""):
+                raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
             if msg.vhost not in self.schemes:
                 raise RegistrationRefused(
                     f"this server has no {msg.vhost.upper()} virtual hosts")
@@ -302,6 +324,8 @@ class VirtualHostUser(PublicUser):
     lingerCall = None
     answered = False
     discarded = 0
+    counted = False
+    """Whether this connection counts in L{VirtualHosts.reading}."""
 
     def __init__(self, hosts: VirtualHosts, scheme: str) -> None:
         self.hosts = hosts
@@ -315,6 +339,11 @@ class VirtualHostUser(PublicUser):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.registry.connections.add(self)
+        if not self.hosts.startReading(self.peerHost):
+            self._close(f"{MAX_READING_PER_SOURCE} connections from this address are already "
+                        "sending their first request")
+            return
+        self.counted = True
         self.headCall = self.registry.clock.callLater(
             self.registry.settings.vhost_head_timeout, self._headTimedOut)
 
@@ -417,6 +446,9 @@ class VirtualHostUser(PublicUser):
         if self.headCall is not None and self.headCall.active():
             self.headCall.cancel()
         self.headCall = None
+        if self.counted:
+            self.counted = False
+            self.hosts.doneReading(self.peerHost)
 
     def _headTimedOut(self) -> None:
         self.headCall = None

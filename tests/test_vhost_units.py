@@ -21,7 +21,9 @@ from gotunnel.httphead import MAX_HEAD, BadHead, checkBasicAuth, headEnd, parseH
 from gotunnel.server import RegistrationRefused, ServerChannelFactory, TunnelRegistry
 from gotunnel.sni import MAX_HELLO, BadHello, NeedMore, serverName
 from gotunnel.tap import ClientOptions, ServerOptions
-from gotunnel.vhost import LINGER, VirtualHosts, VirtualHostUser, normalDomain
+from gotunnel.vhost import (
+    LINGER, MAX_READING_PER_SOURCE, VirtualHosts, VirtualHostUser, normalDomain,
+)
 from tests.test_client import ClientTestCase, frame
 
 TOKEN = "s3cret"
@@ -271,6 +273,24 @@ class UserTests(unittest.TestCase):
         self.assertTrue(transport.writeClosed)
         self.assertFalse(transport.disconnecting)
         self.fixture.reactor.advance(LINGER)
+        self.assertTrue(transport.disconnecting)
+
+    def test_connectionsPerSourceBounded(self):
+        """
+        At most MAX_READING_PER_SOURCE connections of one address may be sending
+        their head; one more is closed at once, and one ending makes room.
+        """
+        users = [self.fixture.user() for _ in range(MAX_READING_PER_SOURCE)]
+        self.assertFalse(any(transport.disconnecting for _, transport in users))
+        _, transport = self.fixture.user()
+        self.assertTrue(transport.disconnecting)
+        users[0][0].dataReceived(b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n")
+        users[1][0].connectionLost(None)
+        users[2][0].dataReceived(b"junk\r\n\r\n")
+        for _ in range(3):
+            _, transport = self.fixture.user()
+            self.assertFalse(transport.disconnecting)
+        _, transport = self.fixture.user()
         self.assertTrue(transport.disconnecting)
 
     def test_sniRouted(self):
