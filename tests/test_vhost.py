@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import sys
 from datetime import datetime, timezone
 from io import BytesIO
 
@@ -24,9 +26,12 @@ from twisted.web.http_headers import Headers
 from gotunnel import certs
 from gotunnel.client import TunnelClientService
 from gotunnel.config import ClientSettings, Mapping
-from tests.support import HOST, TOKEN, Tunnel, User, within
+from tests.support import (
+    HOST, TOKEN, Tunnel, User, freePort, spawn, temporaryDirectory, venvScript, within,
+)
 
 TIMEOUT = 30
+START = 60
 BIG = 4 * 1024 * 1024
 
 
@@ -420,3 +425,47 @@ class BadHeadTests(unittest.TestCase):
             "--resolve", f"a.example.com:{port}:{HOST}", f"http://a.example.com:{port}/"]),
             TIMEOUT, "curl")
         self.assertEqual((out, code), (b"431", 0), err)
+
+
+class WalkThroughTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_docsTryIt(self):
+        """
+        docs/vhosts.md, "Try it on one machine", with ports the OS picks:
+        gotunnel-server --http --https --subdomain-host, python3 -m
+        http.server, gotunnel-client --http SUBDOMAIN=PORT, then curl with the
+        name resolved to loopback, and with a Host header.
+        """
+        curl = shutil.which("curl")
+        if curl is None:
+            raise unittest.SkipTest("curl is not installed")
+        directory = temporaryDirectory(self)
+        with open(os.path.join(directory, "hello.txt"), "w") as f:
+            f.write("hello by name\n")
+        control, web, httpPort, httpsPort = freePort(), freePort(), freePort(), freePort()
+        server = spawn(self, [venvScript("gotunnel-server"), "--token", "s3cret",
+                              "--listen", f"tcp:{control}:interface={HOST}",
+                              "--http", f"tcp:{httpPort}:interface={HOST}",
+                              "--https", f"tcp:{httpsPort}:interface={HOST}",
+                              "--subdomain-host", "tunnel.example.com"], directory)
+        page = spawn(self, [sys.executable, "-m", "http.server", str(web), "--bind", HOST],
+                     directory)
+        yield within(server.whenOutput("HTTPS virtual-host port listening"), START,
+                     "the server to listen")
+        yield within(page.whenOutput("Serving HTTP"), START, "http.server to start")
+        client = spawn(self, [venvScript("gotunnel-client"), "--token", "s3cret",
+                              "--server", f"tcp:{HOST}:{control}",
+                              "--http", f"blog={web}"], directory)
+        yield within(client.whenOutput("registered"), START, "the client to register")
+        for args in (["--resolve", f"blog.tunnel.example.com:{httpPort}:{HOST}",
+                      f"http://blog.tunnel.example.com:{httpPort}/hello.txt"],
+                     ["-H", "Host: blog.tunnel.example.com", f"http://{HOST}:{httpPort}/hello.txt"]):
+            out, err, code = yield within(getProcessOutputAndValue(
+                curl, ["-sS", "--max-time", str(TIMEOUT)] + args), TIMEOUT, "curl")
+            self.assertEqual((out, code), (b"hello by name\n", 0), err)
+        for child in (client, server, page):
+            child.sendSignal("TERM")
+            yield within(child.ended, START, f"{child.argv[0]} to stop")
+        for child in (client, server):
+            self.assertEqual(child.exitCode, 0, child.describe())
+            self.assertNotIn("Traceback", child.stdout + child.stderr)
