@@ -459,7 +459,8 @@ class WalkThroughTests(unittest.TestCase):
         yield within(client.whenOutput("registered"), START, "the client to register")
         for args in (["--resolve", f"blog.tunnel.example.com:{httpPort}:{HOST}",
                       f"http://blog.tunnel.example.com:{httpPort}/hello.txt"],
-                     ["-H", "Host: blog.tunnel.example.com", f"http://{HOST}:{httpPort}/hello.txt"]):
+                     ["-H", "Host: blog.tunnel.example.com",
+                      f"http://{HOST}:{httpPort}/hello.txt"]):
             out, err, code = yield within(getProcessOutputAndValue(
                 curl, ["-sS", "--max-time", str(TIMEOUT)] + args), TIMEOUT, "curl")
             self.assertEqual((out, code), (b"hello by name\n", 0), err)
