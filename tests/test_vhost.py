@@ -18,6 +18,7 @@ from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.protocols.basic import Int32StringReceiver
 from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
@@ -27,7 +28,8 @@ from gotunnel import certs
 from gotunnel.client import TunnelClientService
 from gotunnel.config import ClientSettings, Mapping
 from tests.support import (
-    HOST, TOKEN, Tunnel, User, freePort, spawn, temporaryDirectory, venvScript, within,
+    HOST, TOKEN, Tunnel, User, freePort, spawn, temporaryDirectory, venvScript, waitUntil,
+    within,
 )
 
 TIMEOUT = 30
@@ -470,3 +472,55 @@ class WalkThroughTests(unittest.TestCase):
         for child in (client, server):
             self.assertEqual(child.exitCode, 0, child.describe())
             self.assertNotIn("Traceback", child.stdout + child.stderr)
+
+
+class GoLikeServer(Int32StringReceiver):
+    """Answers every register with a plain ok, as the Go server does."""
+
+    register: dict = {}
+
+    def connectionMade(self) -> None:
+        self.factory.channels.append(self)
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def stringReceived(self, body: bytes) -> None:
+        message = json.loads(body)
+        self.factory.registers.append(message)
+        if message["type"] == "register":
+            self.register = message
+            self.sendString(b'{"type":"register_resp","status":"ok"}')
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost.callback(None)
+
+
+class GoServerTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_virtualHostWithdrawnOthersGoOn(self):
+        """
+        Before a server that answers a plain ok (Go's), the client withdraws
+        its virtual host (its control channel closes, and is not opened
+        again) while its plain mapping stays registered; the client then
+        stops cleanly.
+        """
+        factory = Factory.forProtocol(GoLikeServer)
+        factory.noisy = False
+        factory.channels, factory.registers = [], []
+        port = reactor.listenTCP(0, factory, interface=HOST)
+        self.addCleanup(port.stopListening)
+        settings = ClientSettings(
+            server=f"tcp:{HOST}:{port.getHost().port}", token=TOKEN, name="web",
+            mappings=[Mapping(HOST, 8080, 0, vhost="http", domains=("a.example.com",)),
+                      Mapping(HOST, 8081, 10081)], pool_count=0)
+        client = TunnelClientService(settings, reactor=reactor)
+        client.startService()
+        self.addCleanup(lambda: client.stopService() if client.running else None)
+        yield within(client.tunnels[1].whenRegistered(), TIMEOUT, "the plain mapping")
+        [vhostChannel] = yield waitUntil(
+            lambda: [c for c in factory.channels if c.register.get("vhost") == "http"],
+            TIMEOUT, "the virtual host's register")
+        yield within(vhostChannel.lost, TIMEOUT, "the virtual host's channel to close")
+        self.assertFalse(client.tunnels[0].running)
+        self.assertIsNotNone(client.tunnels[1].channel)
+        yield within(client.stopService(), TIMEOUT, "the client to stop")
+        self.assertEqual(len([m for m in factory.registers if m.get("vhost")]), 1)
