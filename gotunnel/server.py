@@ -775,6 +775,13 @@ class ServerChannel(MessageReceiver, RelayEnd):
         failure.trap(RegistrationRefused)
         if self.role != "registering":
             return
+        if msg.vhost is not None:
+            names = ",".join(msg.domains or ()) or f"{msg.subdomain}.*"
+            log.warn("refused {vhost} virtual host {domains} of {name!r} from {peer}: {reason}",
+                     vhost=msg.vhost[:16], domains=names[:256], name=msg.name,
+                     peer=self.peerDescription, reason=str(failure.value))
+            self.refuse(str(failure.value))
+            return
         log.warn("refused registration of port {remote_port} by {name!r} from {peer}: {reason}",
                  remote_port=msg.remote_port, name=msg.name, peer=self.peerDescription,
                  reason=str(failure.value))

@@ -12,6 +12,7 @@ import json
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -361,11 +362,17 @@ class OwnershipTests(unittest.TestCase):
         """A domain held by one name, on either scheme, is refused to another."""
         fixture = Fixture()
         fixture.register(name="one", domains=("a.example.com",))
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         for vhost in ("http", "https"):
             _, transport = fixture.register(name="two", vhost=vhost,
                                             domains=("A.example.com",))
             self.assertEqual(fixture.answer(transport)["reason"],
                              "domain a.example.com is already taken by another client")
+        self.assertIn("refused https virtual host A.example.com of 'two' from 192.0.2.7:40000: "
+                      "domain a.example.com is already taken by another client",
+                      [formatEvent(e) for e in events])
 
     def test_sameNameReplaces(self):
         fixture = Fixture()
