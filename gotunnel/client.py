@@ -344,6 +344,10 @@ class DataChannelClient(MessageReceiver, RelayEnd):
                 return
             setKeepAlive(self.transport)
             ask = {"pooled": True}
+            mapping = self.tunnel.mapping
+            if mapping.vhost:
+                ask.update(vhost=mapping.vhost, domains=mapping.domains or None,
+                           subdomain=mapping.subdomain or None)
         else:
             ask = {"conn_id": self.request.conn_id}
         mapping, settings = self.tunnel.mapping, self.tunnel.settings

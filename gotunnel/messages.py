@@ -112,6 +112,10 @@ class DataChannel:
     pooled: Optional[bool] = None
     """ext: opened ahead of any user, to wait at the server for the next one;
     the server's C{register_resp} comes when it hands the channel a user."""
+    vhost: Optional[str] = None
+    """ext, with C{pooled}: the mapping is this virtual host (as in C{register})."""
+    domains: Optional[tuple[str, ...]] = None
+    subdomain: Optional[str] = None
 
 
 @dataclass(frozen=True)

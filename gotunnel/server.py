@@ -614,7 +614,10 @@ class TunnelRegistry:
             another client), or its pool is full.
         """
         mine = self._dataChannelOwner(msg, certificateName)
-        tunnel = self.tunnels.get(msg.remote_port)
+        if msg.vhost is not None and self.virtualHosts is not None:
+            tunnel = self.virtualHosts.mappingOf(msg)
+        else:
+            tunnel = self.tunnels.get(msg.remote_port)
         if tunnel is None or not mine(tunnel):
             raise RegistrationRefused(f"no mapping of port {msg.remote_port} to pool for")
         tunnel.addPooled(channel)
@@ -758,8 +761,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.registry.clientArrived(self.host)
         vhost = getattr(tunnel, "vhost", None)
         if vhost is not None:
-            # Pooled data channels are matched by port: a virtual host has none.
-            self.sendMessage(messages.RegisterResp(status="ok", vhost=vhost))
+            self.sendMessage(messages.RegisterResp(
+                status="ok", pool=self.registry.settings.max_pool_count or None, vhost=vhost))
             log.info("client {name} registered from {peer}: local port {local_port} -> "
                      "{vhost} virtual host {domains}", name=tunnel.name,
                      peer=self.peerDescription, local_port=tunnel.local_port, vhost=vhost,

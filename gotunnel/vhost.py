@@ -159,8 +159,11 @@ class VirtualHosts:
     def settings(self):
         return self.registry.settings
 
-    def claimedDomains(self, msg: messages.Register) -> tuple[str, ...]:
-        """The domains C{msg} asks for, normalized; L{RegistrationRefused} if bad."""
+    def claimedDomains(self, msg) -> tuple[str, ...]:
+        """
+        The domains C{msg} (a register, or a pooled data channel) asks for,
+        normalized; L{RegistrationRefused} if bad.
+        """
         domains = []
         for text in msg.domains or ():
             try:
@@ -268,6 +271,14 @@ class VirtualHosts:
                 if scheme == vhost:
                     previous.add(tunnel)
         return previous
+
+    def mappingOf(self, msg: messages.DataChannel) -> Optional[VirtualHostTunnel]:
+        """The virtual host a pooled data channel names, as its register did; or None."""
+        try:
+            domains = self.claimedDomains(msg)
+        except RegistrationRefused:
+            return None
+        return self.registry.tunnels.get((msg.vhost, domains))
 
     def route(self, scheme: str, host: str) -> Optional[VirtualHostTunnel]:
         """The tunnel serving C{host}: its own domain, else the closest C{*.} domain."""

@@ -307,6 +307,31 @@ class HTTPRoutingTests(unittest.TestCase):
                          ("internal.local", "a.example.com", ""))
 
 
+class PoolTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_usersServedByPooledDataChannels(self):
+        """
+        A virtual host's client keeps pooled data channels (naming the
+        virtual host as its register did); users are handed them (the
+        fixture fails unless some user was).
+        """
+        fixture = VirtualHostFixture(self, pool=2)
+        yield fixture.start()
+        client = yield fixture.publish(
+            [http(listenWeb(self, "alpha"), ["*.example.com", "a.example.com"],
+                  subdomain="")], pool_count=2)
+        registry = fixture.server.registry
+        yield waitUntil(lambda: sum(len(t.pool) for t in registry.tunnels.values()) >= 2,
+                        TIMEOUT, "the pooled data channels to reach the server")
+        for i in range(4):
+            response = yield within(Agent(reactor).request(
+                b"GET", f"http://{HOST}:{fixture.httpPort}/{i}".encode(),
+                Headers({b"host": [b"b.example.com"]})), TIMEOUT, "an answer")
+            body = yield within(readBody(response), TIMEOUT, "the body")
+            self.assertEqual(json.loads(body)["path"], f"/{i}")
+        self.assertEqual(client.tunnels[0].poolSize, 2)
+
+
 class ZeroCopyTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_routedConnectionsTakeTheZeroCopyPath(self):

@@ -25,6 +25,7 @@ from gotunnel.tap import ClientOptions, ServerOptions
 from gotunnel.vhost import (
     LINGER, MAX_READING_PER_SOURCE, VirtualHosts, VirtualHostUser, normalDomain,
 )
+from gotunnel.client import DataChannelFactory
 from tests.test_client import ClientTestCase, frame
 
 TOKEN = "s3cret"
@@ -341,11 +342,11 @@ _halfCloseable(HalfCloseableTransport)
 
 class OwnershipTests(unittest.TestCase):
     def test_confirmed(self):
-        """Our server confirms a virtual host in register_resp, and keeps no pool for it."""
+        """Our server confirms a virtual host in register_resp, with its pool."""
         fixture = Fixture()
         _, transport = fixture.register(domains=("a.example.com",))
         self.assertEqual(fixture.answer(transport),
-                         {"type": "register_resp", "status": "ok", "vhost": "http"})
+                         {"type": "register_resp", "status": "ok", "pool": 8, "vhost": "http"})
 
     def test_noVirtualHosts(self):
         fixture = Fixture()
@@ -468,6 +469,32 @@ class OwnershipTests(unittest.TestCase):
         self.assertIs(fixture.registry.attachDataChannel(messages.DataChannel(
             token=TOKEN, name="web", conn_id=user.conn_id)), user)
 
+    def test_pooledDataChannels(self):
+        """
+        A pooled data channel names its virtual host as the register did; one
+        naming other domains, or of another listed client, is refused.
+        """
+        fixture = Fixture(subdomain_host="t.example.com", clients={
+            "ann": ClientPolicy(token="ann-token", domains=("ann.com",)),
+            "bob": ClientPolicy(token="bob-token", domains=("bob.com",))})
+        fixture.register(name="ann", token="ann-token", domains=("ann.com",), subdomain="ann")
+        registry = fixture.registry
+
+        def pooled(**fields):
+            return messages.DataChannel(pooled=True, vhost="http", **fields)
+
+        tunnel = registry.poolDataChannel(object(), pooled(
+            token="ann-token", name="ann", domains=("ANN.com",), subdomain="ann"))
+        self.assertEqual(tunnel.domains, ("ann.com", "ann.t.example.com"))
+        self.assertEqual(len(tunnel.pool), 1)
+        for msg in (pooled(token="ann-token", name="ann", domains=("ann.com",)),
+                    pooled(token="ann-token", name="ann", subdomain="ann"),
+                    pooled(token="ann-token", name="ann", domains=("bad!",)),
+                    pooled(token="bob-token", name="bob", domains=("ann.com",),
+                           subdomain="ann")):
+            self.assertRaises(RegistrationRefused, registry.poolDataChannel, object(), msg)
+        self.assertEqual(len(tunnel.pool), 1)
+
     def test_mappingLimit(self):
         fixture = Fixture(max_mappings_per_client=1)
         fixture.register(domains=("a.example.com",))
@@ -488,6 +515,19 @@ class ClientRegisterTests(ClientTestCase):
             "token": self.token, "name": self.name, "vhost": "http",
             "domains": ["a.example.com"], "subdomain": "blog", "http_auth": "ann:pw",
             "host_header_rewrite": "inner"})
+
+    def test_pooledDataChannelNamesItsVirtualHost(self):
+        channel, _ = self.control()
+        channel.dataReceived(frame(b'{"type":"register_resp","status":"ok","pool":2,'
+                                   b'"vhost":"http"}'))
+        self.assertEqual(self.service.poolSize, 2)
+        index = self.serverAttempts(DataChannelFactory)[0]
+        _, transport = self.complete(index)
+        value = transport.value()
+        self.assertEqual(json.loads(value[4:]), {
+            "type": "data_channel", "local_port": 8080, "remote_port": 0, "protocol": "",
+            "token": self.token, "name": self.name, "pooled": True, "vhost": "http",
+            "domains": ["a.example.com"], "subdomain": "blog"})
 
     def test_confirmed(self):
         channel, _ = self.control()
