@@ -25,6 +25,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gotunnel import messages, tls
+from gotunnel.accounting import (
+    REFUSED, SERVICE_CLOSED, USER_CLOSED, endingOf, logClientConnection, noteEnding,
+)
 from gotunnel.config import ClientSettings, Mapping, clientEndpointString
 from gotunnel.control import MessageReceiver, tlsFailure
 from gotunnel.refusals import lastingRefusal
@@ -324,11 +327,16 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     answerTimeout = None
     early = False
     """This channel holds one of its mapping's early local connections."""
+    servedLocal: Optional["LocalServiceConnection"] = None
+    """The local connection this channel was spliced to."""
+    endedBy: Optional[str] = None
+    """How the user's connection ended (L{gotunnel.accounting.ENDINGS})."""
 
     def __init__(self, tunnel: "TunnelService",
                  request: Optional[messages.OpenDataChannel]) -> None:
         self.tunnel = tunnel
         self.request = request
+        self.startedAt = tunnel.reactor.seconds()
 
     @property
     def pooled(self) -> bool:
@@ -380,12 +388,14 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         self._answered()
         if not msg.ok:
             log.warn("server refused a data channel: {reason}", reason=msg.reason)
+            noteEnding(self, REFUSED)
             if self.pooled:
                 self.tunnel.poolRefused(self)
             self.transport.loseConnection()
             return
         if self.pooled:
             self.tunnel.pooledChannelTaken(self)
+            self.startedAt = self.tunnel.reactor.seconds()
         self.switchToRaw()
         if self.local is not None:
             self._splice(self.local)
@@ -402,6 +412,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def _splice(self, local: "LocalServiceConnection") -> None:
         self._earlyDone()
         settings = self.tunnel.settings
+        self.servedLocal = local
         splice(self, local, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
                busyPoll=settings.busy_poll / 1e6)
         self._replaceInPool()
@@ -441,6 +452,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         log.warn("local service {host}:{port} is unreachable ({why}); closing the user's "
                  "connection", host=self.tunnel.mapping.local_host,
                  port=self.tunnel.mapping.local_port, why=failure.getErrorMessage())
+        noteEnding(self, REFUSED)
         self.localLost()
 
     def localLost(self) -> None:
@@ -468,6 +480,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def readConnectionLost(self) -> None:
         if self._raw:
+            noteEnding(self, USER_CLOSED)
             RelayEnd.readConnectionLost(self)
         else:
             self.transport.loseConnection()
@@ -475,6 +488,10 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def connectionLost(self, reason=None) -> None:
         self.lost = True
         self._answered()
+        if self._raw or not self.pooled:
+            # A user's connection (a pooled channel never handed one has none).
+            noteEnding(self, endingOf(reason, USER_CLOSED))
+            logClientConnection(self.tunnel.settings.connection_log, self, self.tunnel.reactor)
         self.tunnel.connections.discard(self)
         if self.pooled and not self._raw:
             self.tunnel.pooledChannelLost(self)
@@ -517,7 +534,12 @@ class LocalServiceConnection(Protocol, RelayEnd):
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
 
+    def readConnectionLost(self) -> None:
+        noteEnding(self.dataChannel, SERVICE_CLOSED)
+        RelayEnd.readConnectionLost(self)
+
     def connectionLost(self, reason=None) -> None:
+        noteEnding(self.dataChannel, endingOf(reason, SERVICE_CLOSED))
         self.dataChannel.tunnel.connections.discard(self)
         if self.peer is None and self.dataChannel.local is self:
             mapping = self.dataChannel.tunnel.mapping

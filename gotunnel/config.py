@@ -24,6 +24,8 @@ DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
 CONFIG_FILE = "config.yaml"
 LOG_LEVELS = ("debug", "info", "warn", "error")
+CONNECTION_LOG_LEVELS = ("info", "debug", "off")
+"""Where the line about each ended user connection goes (connection_log)."""
 DEFAULT_BUSY_POLL = 250
 """Microseconds the splice thread polls for a socket's answer: longer than a
 service on the same machine, or a hop on a local network, takes to answer."""
@@ -46,6 +48,8 @@ class ServerSettings:
     first_frame_timeout: float = 10.0
     max_pending_per_source: int = 16
     max_pending_total: int = 1024
+    ipv6_prefix: int = 64
+    """IPv6 sources in one network of this prefix length count as one address in the caps."""
     max_waiting_users: int = 4096
     auth_failure_delay_max: float = 5.0
     shutdown_timeout: float = 10.0
@@ -78,6 +82,13 @@ class ServerSettings:
     """Add X-Forwarded-For and X-Forwarded-Proto to the HTTP requests routed."""
     vhost_head_timeout: float = 10.0
     """Seconds a user has to send its request head (or ClientHello)."""
+    connection_log: str = "info"
+    """The level of the line logged for each user connection that ends, or "off"."""
+    admin: str = ""
+    """The admin endpoint's server endpoint string (API, metrics, dashboard); empty: none."""
+    admin_token: str = field(default="", repr=False)
+    admin_user: str = ""
+    admin_password: str = field(default="", repr=False)
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -193,6 +204,8 @@ class ClientSettings:
     pool_count: int = 4
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""
+    connection_log: str = "info"
+    """The level of the line logged for each user connection that ends, or "off"."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -260,6 +273,18 @@ def parseLogLevel(text: str, what: str = "the log level") -> str:
     if level not in LOG_LEVELS:
         raise ValueError(f"{what} must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
     return level
+
+
+def parseConnectionLog(text: str, what: str = "the connection log") -> str:
+    """
+    One of L{CONNECTION_LOG_LEVELS}, in any case; ValueError naming C{what}
+    otherwise.
+    """
+    setting = str(text).lower()
+    if setting not in CONNECTION_LOG_LEVELS:
+        raise ValueError(f"{what} must be one of {', '.join(CONNECTION_LOG_LEVELS)}, "
+                         f"got {text!r}")
+    return setting
 
 
 def parseLogLang(text: str, what: str = "the log language") -> str:
@@ -469,6 +494,7 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[Any, 
 _count = _wholeNumber(1)
 _countOrZero = _wholeNumber(0)
 _busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
+_ipv6Prefix = _wholeNumber(1, 128)
 
 
 def _logLevel(value: Any, text: Any, name: str) -> str:
@@ -477,6 +503,13 @@ def _logLevel(value: Any, text: Any, name: str) -> str:
 
 def _logLang(value: Any, text: Any, name: str) -> str:
     return parseLogLang(_text(value, text, name), name)
+
+
+def _connectionLog(value: Any, text: Any, name: str) -> str:
+    # YAML reads a bare off as false.
+    if value is False:
+        return "off"
+    return parseConnectionLog(_text(value, text, name), name)
 
 
 def _hostAndPort(value: Any, text: Any, name: str) -> tuple[str, int]:
@@ -657,6 +690,7 @@ _SERVER_KEYS: dict[str, Callable] = {
     "clients": _clients,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,
+    "ipv6_prefix": _ipv6Prefix,
     "tls_cert": _text,
     "tls_key": _text,
     "tls_client_ca": _text,
@@ -668,6 +702,11 @@ _SERVER_KEYS: dict[str, Callable] = {
     "subdomain_host": _domain,
     "vhost_forwarded_headers": _flag,
     "vhost_head_timeout": _seconds,
+    "connection_log": _connectionLog,
+    "admin": _text,
+    "admin_token": _text,
+    "admin_user": _text,
+    "admin_password": _text,
 }
 
 _CLIENT_KEYS: dict[str, Callable] = {
@@ -696,4 +735,5 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "register_timeout": _seconds,
     "max_pending_data_channels": _count,
     "exit_on_refusal": _flag,
+    "connection_log": _connectionLog,
 }

@@ -7,15 +7,20 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gotunnel import messages
 from gotunnel.messages import Message, ProtocolError
 from gotunnel.sameturn import writeThrough
 
 MAX_FRAME = 64 * 1024
+
+MAX_BACKLOG = 1024 * 1024
+"""Bytes of frames a connection may have us write while its peer reads none of them."""
 
 TLS_RECORD_TYPES = range(0x14, 0x18)
 """change_cipher_spec, alert, handshake, application_data."""
@@ -84,11 +89,17 @@ def tlsFailure(reason: Optional[Failure]) -> Optional[str]:
     return None
 
 
+@implementer(IPushProducer)
 class MessageReceiver(Int32StringReceiver):
     """
     Turns frames into calls of C{msg_<type>(message)} and messages into
     frames.  A frame that breaks the protocol is logged and closes this
     connection, and only this one.
+
+    A peer that sends frames and reads none of the answers must not make us
+    hold the answers: while the transport's write buffer is full, this
+    connection is not read (it is the transport's producer then), and one
+    that makes us write more than L{MAX_BACKLOG} bytes meanwhile is closed.
 
     A subclass may call L{switchToRaw} from a handler: the frames stop there,
     and every byte after the current frame goes to L{rawDataReceived}.
@@ -102,6 +113,12 @@ class MessageReceiver(Int32StringReceiver):
     _framed = False
     """Whether a frame has come; before one, HTTP is told from a long frame."""
     peerDescription = "?"
+    _producing = False
+    """Registered as the transport's producer: while a frame is written, and while paused."""
+    _writePaused = False
+    """The transport found its write buffer full, and has not yet drained it."""
+    _backlog = 0
+    """Bytes written since then."""
 
     def makeConnection(self, transport) -> None:
         self.peerDescription = describePeer(transport)
@@ -113,7 +130,66 @@ class MessageReceiver(Int32StringReceiver):
         follow it, in the same write.
         """
         body = messages.encode(message)
-        writeThrough(self.transport, len(body).to_bytes(4, "big") + body + rawAfter)
+        data = len(body).to_bytes(4, "big") + body + rawAfter
+        if self._raw:
+            writeThrough(self.transport, data)
+            return
+        if self._writePaused:
+            self._backlog += len(data)
+            if self._backlog > MAX_BACKLOG:
+                self.log.warn("{peer} reads nothing we send: {backlog} bytes wait for it; "
+                              "closing the connection",
+                              peer=self.peerDescription, backlog=self._backlog)
+                self.transport.abortConnection()
+                return
+            self.transport.write(data)
+            return
+        # Registered only around the write: the transport tells a streaming
+        # producer when its buffer is full, and only then do we need to know.
+        # Left registered, it would hold up a TLS transport's loseConnection.
+        self._producing = True
+        self.transport.registerProducer(self, True)
+        writeThrough(self.transport, data)
+        if not self._writePaused:
+            self._stopProducing()
+
+    def _stopProducing(self) -> None:
+        if self._producing:
+            self._producing = False
+            self._writePaused = False
+            self._backlog = 0
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's write buffer is full: read no more frames until it
+        has drained, since each may add an answer to it.
+        """
+        if self._writePaused:
+            return
+        self._writePaused = True
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        The transport has written everything: read on, from the frames
+        already received.
+        """
+        if not self._writePaused:
+            return
+        self._stopProducing()
+        if self.transport.disconnecting:
+            # Unregistering above lets a close that waited for the buffer
+            # go on; a connection that is closing reads nothing more.
+            return
+        self.paused = False
+        self.transport.resumeProducing()
+        self.dataReceived(b"")
+
+    def stopProducing(self) -> None:
+        """The connection is gone: nothing to do, connectionLost follows."""
+        self._producing = self._writePaused = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._raw:
@@ -132,10 +208,19 @@ class MessageReceiver(Int32StringReceiver):
         """
         Stop reading frames: everything after the frame being handled is raw.
         """
+        # A splice registers its own producers on this transport.
+        self._stopProducing()
         self._raw = True
         # Int32StringReceiver's loop stops at the next frame boundary when
         # paused is set; dataReceived above hands on the remainder.
         self.paused = True
+
+    def rawFromNow(self) -> None:
+        """
+        Outside a frame handler: every byte from now on is raw.
+        """
+        self._stopProducing()
+        self._raw = True
 
     def rawDataReceived(self, data: bytes) -> None:
         raise NotImplementedError

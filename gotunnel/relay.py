@@ -89,6 +89,23 @@ class RelayEnd:
     _held: Optional[list[bytes]] = None
     _readClosed = False
     _writeClosed = False
+    relayed = 0
+    """Bytes read from this side's connection and passed on through Python."""
+    pumpedOut = None
+    """With zero copy, the pump's direction from this side: its C{moved}
+    counts the bytes the kernel passed on (see L{bytesRead})."""
+
+    def bytesRead(self, final: bool = False) -> int:
+        """
+        Bytes read from this side's connection for the other so far: one
+        addition per read, and the pump's own count, read without a lock
+        (the splice thread adds to it).  C{final}: with what the pipe still
+        holds, once this side is gone; without, the count never goes down.
+        """
+        direction = self.pumpedOut
+        if direction is None:
+            return self.relayed
+        return self.relayed + direction.moved + (direction.pending if final else 0)
 
     def holdReading(self) -> None:
         """
@@ -107,6 +124,7 @@ class RelayEnd:
         return False
 
     def relayReceived(self, data: bytes) -> None:
+        self.relayed += len(data)
         peer = self.peer
         if peer is not None and peer.pump is None:
             writeThrough(peer.transport, data)
@@ -212,6 +230,8 @@ def splice(a: RelayEnd, b: RelayEnd, zeroCopy: bool = False, spliceThread: bool 
     """
     a.peer, b.peer = b, a
     pump = SplicePump.forEnds(a, b, spliceThread, busyPoll) if zeroCopy else None
+    if pump is not None:
+        a.pumpedOut, b.pumpedOut = pump.sides[a].outgoing, pump.sides[b].outgoing
     if pump is None:
         a.transport.registerProducer(b.transport, True)
         b.transport.registerProducer(a.transport, True)

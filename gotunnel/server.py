@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import re
 import secrets
 from collections import OrderedDict
@@ -25,8 +26,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from gotunnel import messages, tls
+from gotunnel.accounting import (
+    REFUSED_CLIENT_GONE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
+    ServerStats, endingOf, noteEnding,
+)
 from gotunnel.config import ServerSettings
-from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.control import MessageReceiver, describePeer, tlsFailure
 from gotunnel.leases import PortLease, PortLeases
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
@@ -53,6 +58,10 @@ def withBacklog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
+MAX_AUTH_FAILURE_SOURCES = 10_000
+"""Source addresses whose wrong tokens in a row the server remembers."""
+
+
 class RegistrationRefused(Exception):
     """The server will not do what a client asked; the message is the reason sent back."""
 
@@ -60,6 +69,23 @@ class RegistrationRefused(Exception):
 def tokensMatch(given: str, expected: str) -> bool:
     """Compare tokens in constant time."""
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def addressGroup(host: str, ipv6Prefix: int) -> str:
+    """
+    What C{host} counts as in the caps on pending connections: an IPv6
+    address its network of C{ipv6Prefix} bits (one host usually holds a
+    whole /64), an IPv4 address (mapped into IPv6 or not) itself.
+    """
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, ipv6Prefix), strict=False))
+    return host
 
 
 def _whenFired(d: defer.Deferred) -> defer.Deferred:
@@ -77,28 +103,84 @@ def _whenFired(d: defer.Deferred) -> defer.Deferred:
     return fired
 
 
+MAX_EARLY_BYTES = 4 * 1024
+"""
+About what a user may send before its data channel comes and have us hold
+it (the rest waits in the kernel): thousands of users may wait at once.
+"""
+
+
 class PublicUser(Protocol, RelayEnd):
     """
-    A user's connection to a public port.  It reads nothing until its data
-    channel arrives, so what the user sends early waits in the kernel.
+    A user's connection to a public port.  While it waits for its data
+    channel it is read on, so that a user who gives up is let go at once,
+    but in reads of L{MAX_EARLY_BYTES}, and only until it has sent that
+    many: after that what it sends waits in the kernel.
     """
 
     conn_id: Optional[str] = None
     connectedAt: float = 0.0
     timeoutCall = None
+    userId: Optional[str] = None
+    """The admin API's name for this connection ("u17")."""
+    peerAddress = "?"
+    dataChannel: Optional["ServerChannel"] = None
+    endedBy: Optional[str] = None
+    """How the connection ended (L{gotunnel.accounting.ENDINGS}), once it has."""
+    _heldBytes = 0
+    _readSize: Optional[int] = None
 
     def __init__(self, tunnel: "Tunnel") -> None:
         self.tunnel = tunnel
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
+        self.peerAddress = describePeer(self.transport)
         self.tunnel.registry.connections.add(self)
+        self.tunnel.registry.stats.userOpened(self)
         self.tunnel.userConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
+        if self.peer is None:
+            self._heldBytes += len(data)
+            if self._heldBytes >= MAX_EARLY_BYTES:
+                self.transport.pauseProducing()
+
+    def waitForDataChannel(self) -> None:
+        """Read in small pieces until L{doneWaiting}."""
+        # FileDescriptor.bufferSize is the most one read takes (64 KiB).
+        self._readSize = getattr(self.transport, "bufferSize", None)
+        if self._readSize is not None:
+            self.transport.bufferSize = MAX_EARLY_BYTES
+
+    def doneWaiting(self) -> None:
+        """Read as much at a time as any connection again (it is also the write buffer's size)."""
+        if self._readSize is not None:
+            self.transport.bufferSize, self._readSize = self._readSize, None
+
+    def takeHeld(self) -> bytes:
+        """What this user sent before its splice, taken from it to send now."""
+        held, self._held = self._held, None
+        self._heldBytes = 0
+        return b"".join(held or ())
+
+    def readConnectionLost(self) -> None:
+        if self._readClosed:
+            # Read while it waited, and read again once the splice resumed
+            # the transport: the end was passed on the first time.
+            return
+        noteEnding(self, USER_CLOSED)
+        if self.peer is None and not self._held and self.tunnel.userGaveUp(self):
+            # It closed while it waited and sent nothing: there is nothing
+            # to pass on, and a descriptor to give back now rather than at
+            # the data channel timeout.
+            self.transport.loseConnection()
+            return
+        RelayEnd.readConnectionLost(self)
 
     def connectionLost(self, reason=None) -> None:
+        self.tunnel.registry.stats.userClosed(self, reason)
         self.tunnel.userLost(self)
         self.tunnel.registry.connections.discard(self)
         self.relayConnectionLost()
@@ -140,6 +222,10 @@ class Tunnel:
         # which finishes starting after a later change of mind is closed.
         self._generation = 0
         self._stopping: defer.Deferred = defer.succeed(None)
+        # What the admin API and the metrics say of this mapping.
+        self.clientId = registry.stats.newClientId()
+        self.connectedSince = registry.clock.seconds()
+        self.stats = registry.stats.portStats(self.remote_port, self.name)
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
@@ -208,16 +294,15 @@ class Tunnel:
             channel, _ = self.pool.popitem(last=False)
             if channel.attachUser(user):
                 return
-        # Not before: a user spliced at once would stop reading only to
-        # start again.
-        user.holdReading()
         limit = self.registry.settings.max_waiting_users
         if len(self.waiting) >= limit:
             log.warn("{limit} users already wait for a data channel on port {remote_port}; "
                      "closing a new one", limit=limit, remote_port=self.remote_port)
+            self.registry.stats.userRefused(user, REFUSED_WAITING_USERS)
             user.transport.loseConnection()
             return
         user.conn_id = self.registry.newConnectionId()
+        user.waitForDataChannel()
         user.timeoutCall = clock.callLater(
             self.registry.settings.data_channel_timeout, self._userTimedOut, user)
         self.waiting[user.conn_id] = user
@@ -226,6 +311,7 @@ class Tunnel:
             local_port=self.local_port, conn_id=user.conn_id))
 
     def _forget(self, user: PublicUser) -> None:
+        user.doneWaiting()
         self.waiting.pop(user.conn_id, None)
         self.registry.waitingUsers.pop(user.conn_id, None)
         if user.timeoutCall is not None and user.timeoutCall.active():
@@ -235,11 +321,22 @@ class Tunnel:
     def userLost(self, user: PublicUser) -> None:
         self._forget(user)
 
+    def userGaveUp(self, user: PublicUser) -> bool:
+        """
+        A waiting user ended its side of the connection: it no longer waits
+        (True), or it was not waiting (False).
+        """
+        if self.waiting.get(user.conn_id) is not user:
+            return False
+        self._forget(user)
+        return True
+
     def _userTimedOut(self, user: PublicUser) -> None:
         user.timeoutCall = None
         log.warn("no data channel for a user of port {remote_port} within {timeout} s; "
                  "closing the user's connection",
                  remote_port=self.remote_port, timeout=self.registry.settings.data_channel_timeout)
+        self.registry.stats.userRefused(user, REFUSED_TIMEOUT)
         self._forget(user)
         user.transport.loseConnection()
 
@@ -284,8 +381,10 @@ class Tunnel:
             return _whenFired(self._stopping)
         self.closed = True
         self.registry.forget(self)
+        self.registry.stats.release(self.stats)
         for user in list(self.waiting.values()):
             self._forget(user)
+            self.registry.stats.userRefused(user, REFUSED_CLIENT_GONE)
             user.transport.loseConnection()
         pool, self.pool = self.pool, OrderedDict()
         for channel in pool:
@@ -306,13 +405,16 @@ class TunnelRegistry:
         self.tunnels: dict[int, Tunnel] = {}
         self.waitingUsers: dict[str, PublicUser] = {}
         self.connections = ConnectionSet()
-        # Connections that have not yet sent their first frame, per source
-        # address: strangers must not be able to hold all our descriptors.
-        self.pending: dict[str, int] = {}
-        # Addresses with a registered control channel: their data channels
-        # arrive in bursts and are not held to the per-source cap.
+        # Connections that have not yet sent their first frame, oldest
+        # first, per source address (see addressGroup): strangers must not be
+        # able to hold all our descriptors.
+        self._pending: dict[str, OrderedDict[ServerChannel, None]] = {}
+        # Addresses with a registered control channel: the data channels
+        # their clients owe us (see owedTo) are not held to the caps.
         self.clientHosts: dict[str, int] = {}
-        self.authFailures: dict[str, tuple[int, float]] = {}
+        # Wrong tokens in a row per source address, least recent first.
+        self.authFailures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self.stats = ServerStats(reactor, settings.connection_log)
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
         self.virtualHosts = None
@@ -331,33 +433,74 @@ class TunnelRegistry:
 
         return stopping.addBoth(done)
 
-    def admit(self, host: str) -> Optional[str]:
+    @property
+    def pending(self) -> dict[str, int]:
+        """How many connections wait for their first frame, per source address."""
+        return {source: len(channels) for source, channels in self._pending.items()}
+
+    def admit(self, channel: "ServerChannel") -> Optional[str]:
         """
         Count a new connection that has yet to say what it is; the reason to
-        refuse it, or None.
+        refuse it, or None.  When all the room is taken, the oldest such
+        connection of the address that holds the most makes room for one
+        from an address that holds fewer.
         """
         settings = self.settings
-        if host in self.clientHosts:
-            # A registered client's data channels come in bursts; strangers'
-            # idle connections must not starve them.
-            self.pending[host] = self.pending.get(host, 0) + 1
-            return None
-        if sum(self.pending.values()) >= settings.max_pending_total:
-            return (f"{settings.max_pending_total} connections are already waiting "
-                    "for their first frame")
-        if self.pending.get(host, 0) >= settings.max_pending_per_source:
-            return (f"{settings.max_pending_per_source} connections from this address are "
-                    "already waiting for their first frame")
-        self.pending[host] = self.pending.get(host, 0) + 1
+        source = channel.source
+        count = len(self._pending.get(source, ()))
+        owed = self.owedTo(source) if source in self.clientHosts else 0
+        if count >= owed:
+            if count - owed >= settings.max_pending_per_source:
+                return (f"{settings.max_pending_per_source} connections from this address are "
+                        "already waiting for their first frame")
+            if (sum(len(channels) for channels in self._pending.values())
+                    >= settings.max_pending_total and not self._evictFor(count - owed)):
+                return (f"{settings.max_pending_total} connections are already waiting "
+                        "for their first frame")
+        # Below what it is owed: data channels we asked this address's
+        # clients for come in bursts, and strangers' idle connections must
+        # not starve them.
+        self._pending.setdefault(source, OrderedDict())[channel] = None
         return None
 
-    def release(self, host: str) -> None:
+    def _evictFor(self, held: int) -> bool:
+        """
+        Close the oldest idle connection of the address that holds the most
+        beyond what it is owed, if that is more than C{held}; whether one
+        was closed.
+        """
+        most, heaviest = held, None
+        for source, channels in self._pending.items():
+            excess = len(channels) - (self.owedTo(source) if source in self.clientHosts else 0)
+            if excess > most:
+                most, heaviest = excess, source
+        if heaviest is None:
+            return False
+        for victim in self._pending[heaviest]:
+            # One that sent its first frame is being registered: it is not idle.
+            if victim.role in ("new", "refused"):
+                victim.evict(most)
+                return True
+        return False
+
+    def owedTo(self, source: str) -> int:
+        """
+        How many connections the clients registered from C{source} may have
+        on the way at once: a data channel for each user waiting on their
+        ports, and the room left in their pools.
+        """
+        room = self.settings.max_pool_count
+        return sum(len(tunnel.waiting) + max(room - len(tunnel.pool), 0)
+                   for tunnel in self.tunnels.values()
+                   if getattr(tunnel.channel, "source", None) == source)
+
+    def release(self, channel: "ServerChannel") -> None:
         """A connection counted by L{admit} has sent its first frame, or gone."""
-        left = self.pending.get(host, 0) - 1
-        if left > 0:
-            self.pending[host] = left
-        else:
-            self.pending.pop(host, None)
+        channels = self._pending.get(channel.source)
+        if channels is not None:
+            channels.pop(channel, None)
+            if not channels:
+                del self._pending[channel.source]
 
     def clientArrived(self, host: str) -> None:
         self.clientHosts[host] = self.clientHosts.get(host, 0) + 1
@@ -374,14 +517,17 @@ class TunnelRegistry:
         Record a wrong token from C{host}; how long to wait before answering,
         growing with each failure in a row so that guessing is slow.
         """
+        self.stats.authFailures["control"] += 1
         now = self.clock.seconds()
-        count, last = self.authFailures.get(host, (0, now))
+        count, last = self.authFailures.pop(host, (0, now))
         if now - last > 60:
             count = 0
         count += 1
-        if len(self.authFailures) >= 10000 and host not in self.authFailures:
-            self.authFailures.clear()
         self.authFailures[host] = (count, now)
+        if len(self.authFailures) > MAX_AUTH_FAILURE_SOURCES:
+            # The least recent: clearing the whole table instead would let
+            # a spray of addresses reset a guesser's back-off.
+            self.authFailures.popitem(last=False)
         if count == 1:
             return 0.0
         return min(0.1 * 2 ** (count - 2), self.settings.auth_failure_delay_max)
@@ -663,7 +809,10 @@ class ServerChannel(MessageReceiver, RelayEnd):
                        "--tls-cert and --tls-key, or connect without TLS")
     firstFrameCall = None
     refusalCall = None
-    pendingHost: Optional[str] = None
+    pending = False
+    """Counted by the registry among the connections yet to send their first frame."""
+    source = "?"
+    """The address this connection is counted as, in the caps on pending connections."""
 
     def __init__(self, registry: TunnelRegistry) -> None:
         self.registry = registry
@@ -675,14 +824,16 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.registry.connections.add(self)
-        refusal = self.registry.admit(self.host)
+        self.source = addressGroup(self.host, self.registry.settings.ipv6_prefix)
+        refusal = self.registry.admit(self)
         if refusal is not None:
             log.warn("refusing a connection from {peer}: {why}",
                      peer=self.peerDescription, why=refusal)
+            self.registry.stats.admissionRefusals["pending"] += 1
             self.role = "refused"
             self.transport.abortConnection()
             return
-        self.pendingHost = self.host
+        self.pending = True
         self.firstFrameCall = self.registry.clock.callLater(
             self.registry.settings.first_frame_timeout, self._firstFrameTimedOut)
 
@@ -691,9 +842,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         This connection is now a control or data channel, or gone: it no
         longer counts against the caps on connections not yet accepted.
         """
-        if self.pendingHost is not None:
-            self.registry.release(self.pendingHost)
-            self.pendingHost = None
+        if self.pending:
+            self.pending = False
+            self.registry.release(self)
         self._cancelFirstFrameTimeout()
 
     def _cancelFirstFrameTimeout(self) -> None:
@@ -709,7 +860,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.role = "refused"
         delay = 0.0
         if reason == "authentication failed":
-            delay = self.registry.authenticationFailed(self.host)
+            delay = self.registry.authenticationFailed(self.source)
         if delay <= 0:
             self.fail(reason)
             return
@@ -720,6 +871,17 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def _refuseNow(self, reason: str) -> None:
         self.refusalCall = None
         self.fail(reason)
+
+    def evict(self, held: int) -> None:
+        """
+        Close this idle connection now, to make room for one from an
+        address that holds fewer: its address holds C{held} such connections.
+        """
+        log.warn("{peer} is the oldest of {held} connections from its address waiting for "
+                 "their first frame; closing it to make room for another address's",
+                 peer=self.peerDescription, held=held)
+        self._releasePending()
+        self.transport.abortConnection()
 
     def _firstFrameTimedOut(self) -> None:
         self.firstFrameCall = None
@@ -758,7 +920,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.role = "control"
         self.tunnel = tunnel
         self._releasePending()
-        self.registry.clientArrived(self.host)
+        self.registry.clientArrived(self.source)
         vhost = getattr(tunnel, "vhost", None)
         if vhost is not None:
             self.sendMessage(messages.RegisterResp(
@@ -867,9 +1029,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.role = "data"
         # Only our client pools data channels.
         self._answer(user, ours=True)
-        # Outside a frame handler, so switchToRaw's pause is not needed:
-        # every byte from now on is raw.
-        self._raw = True
+        # Outside a frame handler, so switchToRaw's pause is not needed.
+        self.rawFromNow()
         self._spliceTo(user)
         return True
 
@@ -881,14 +1042,21 @@ class ServerChannel(MessageReceiver, RelayEnd):
         connection reaches the service a wake-up sooner.  A Go client gets
         the answer alone, as the Go server sends it.
         """
-        # A user holding bytes (a virtual host's request head) sends them first.
-        early = readWaiting(user.transport) if ours and not user._held else b""
+        early = b""
+        if ours:
+            # What the user sent while it waited goes ahead of what it has
+            # sent since; the held bytes were counted as they came.
+            waiting = readWaiting(user.transport)
+            user.relayed += len(waiting)
+            early = user.takeHeld() + waiting
         self.sendMessage(messages.RegisterResp(status="ok"), rawAfter=early)
 
     def _spliceTo(self, user: PublicUser) -> None:
         settings = self.registry.settings
+        user.dataChannel = self
         splice(user, self, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
                busyPoll=settings.busy_poll / 1e6)
+        self.registry.stats.dataChannelReady(user, self.registry.clock.seconds() - user.connectedAt)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.
         log.debug("data channel for port {remote_port} ready in {ms:.1f} ms",
@@ -900,6 +1068,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
 
     def readConnectionLost(self) -> None:
         if self.role == "data":
+            if self.peer is not None:
+                noteEnding(self.peer, SERVICE_CLOSED)
             RelayEnd.readConnectionLost(self)
         else:
             self.transport.loseConnection()
@@ -923,13 +1093,15 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.registry.connections.discard(self)
         role, self.role = self.role, "closed"
         if role == "control":
-            self.registry.clientLeft(self.host)
+            self.registry.clientLeft(self.source)
             log.info("client {name} gone; closing public port {remote_port}",
                      name=self.tunnel.name, remote_port=self.tunnel.remote_port)
             self.registry.clientDropped(self.tunnel)
         elif role == "pooled":
             self.tunnel.pooledLost(self)
         elif role == "data":
+            if self.peer is not None:
+                noteEnding(self.peer, endingOf(reason, SERVICE_CLOSED))
             self.relayConnectionLost()
 
 
@@ -981,6 +1153,12 @@ class TunnelServerService(MultiService):
         heartbeat = TimerService(settings.heartbeat_check_interval, self.registry.checkHeartbeats)
         heartbeat.clock = reactor
         heartbeat.setServiceParent(self)
+        self.admin = None
+        if settings.admin:
+            from gotunnel.admin.service import AdminService
+
+            self.admin = AdminService(settings, self.registry, reactor)
+            self.admin.setServiceParent(self)
 
     def whenListening(self) -> defer.Deferred:
         """

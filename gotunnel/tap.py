@@ -27,9 +27,9 @@ from twisted.python import usage
 from gotunnel import __version__, logs, rlimits, tls
 from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
-    LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
-    clientEndpointString, findConfigFile, parseLogLang, parseLogLevel, parseMapping,
-    parseVirtualHost, readConfigFile,
+    CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile,
+    ServerSettings, clientEndpointString, findConfigFile, parseConnectionLog, parseLogLang,
+    parseLogLevel, parseMapping, parseVirtualHost, readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
 
@@ -73,6 +73,7 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
 _atLeastOne = _wholeNumber(1)
 _atLeastZero = _wholeNumber(0)
 _busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
+_ipv6Prefix = _wholeNumber(1, 128)
 
 
 def _logLevel(text: str) -> str:
@@ -87,6 +88,14 @@ def _logLang(text: str) -> str:
 
 
 _logLang.coerceDoc = f"One of {', '.join(LANGUAGES)}."  # type: ignore[attr-defined]
+
+
+def _connectionLog(text: str) -> str:
+    return parseConnectionLog(text, "--connection-log")
+
+
+_connectionLog.coerceDoc = (  # type: ignore[attr-defined]
+    f"One of {', '.join(CONNECTION_LOG_LEVELS)}.")
 
 _CONFIG_OPTION = [
     "config", "c", None,
@@ -117,6 +126,10 @@ def _logOptions(role: str) -> list[list[Any]]:
          f"Log events at this level and above (default: info; {role}.log_level)", _logLevel],
         ["log-lang", None, None,
          f"Language of log messages (default: en; {role}.log_lang)", _logLang],
+        ["connection-log", None, None,
+         "The level of the line logged for each user connection that ends, with its bytes, "
+         f"duration and how it ended, or off (default: info; {role}.connection_log)",
+         _connectionLog],
     ]
 
 
@@ -312,6 +325,10 @@ class ServerOptions(_SettingsOptions):
          "Data channels a client may open ahead of its users, per mapping; 0 turns "
          f"pooling off (default: {ServerSettings.max_pool_count}; server.max_pool_count)",
          _atLeastZero],
+        ["ipv6-prefix", None, None,
+         "IPv6 clients in one network of this prefix length count as one address in the "
+         "caps on connections waiting for their first frame "
+         f"(default: {ServerSettings.ipv6_prefix}; server.ipv6_prefix)", _ipv6Prefix],
         ["tls-cert", None, None,
          "Speak TLS on the control address, with this PEM certificate (and its chain) "
          "(server.tls_cert; needs --tls-key)."],
@@ -333,6 +350,16 @@ class ServerOptions(_SettingsOptions):
          f"(default: {ServerSettings.vhost_head_timeout:g}; server.vhost_head_timeout)",
          _positive],
         _busyPollOption("server", ServerSettings),
+        ["admin", None, None,
+         "Serve the admin API, /metrics and the dashboard on this endpoint, e.g. "
+         "tcp:7400:interface=127.0.0.1 or ssl:7400:privateKey=key.pem:certKey=cert.pem "
+         "(default: none; server.admin)."],
+        ["admin-token", None, None,
+         "Bearer token for the admin endpoint (server.admin_token)."],
+        ["admin-user", None, None,
+         "User name for the dashboard's login (server.admin_user; needs --admin-password)."],
+        ["admin-password", None, None,
+         "Password for the dashboard's login (server.admin_password)."],
     ] + _logOptions("server")
     optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD,
                 ["no-forwarded-headers", None,
@@ -350,10 +377,14 @@ class ServerOptions(_SettingsOptions):
               "port-lease": "port_lease",
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
+              "ipv6-prefix": "ipv6_prefix",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
               "http": "vhost_http", "https": "vhost_https", "subdomain-host": "subdomain_host",
               "vhost-head-timeout": "vhost_head_timeout",
-              "log-level": "log_level", "log-lang": "log_lang"}
+              "admin": "admin", "admin-token": "admin_token", "admin-user": "admin_user",
+              "admin-password": "admin_password",
+              "log-level": "log_level", "log-lang": "log_lang",
+              "connection-log": "connection_log"}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
                   "tls_client_ca": "tls-client-ca"}
 
@@ -392,6 +423,13 @@ class ServerOptions(_SettingsOptions):
                            "of its own")
                 # server.clients is read from a file only.
                 raise ConfigError(f"{source}: {problem}")
+        admin = values.get("admin")
+        if admin:
+            checkEndpoint(admin, "server", "--admin" if self["admin"] is not None or not source
+                          else f"{source}: server.admin")
+        if bool(values.get("admin_user")) != bool(values.get("admin_password")):
+            raise usage.UsageError("--admin-user and --admin-password go together "
+                                   "(server.admin_user, server.admin_password)")
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
         tls.checkServerSettings(settings, names, where)
@@ -470,7 +508,8 @@ class ClientOptions(_SettingsOptions):
               "max-pending-data-channels": "max_pending_data_channels",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
-              "log-level": "log_level", "log-lang": "log_lang"}
+              "log-level": "log_level", "log-lang": "log_lang",
+              "connection-log": "connection_log"}
     tlsOptions = {"tls": "tls", "tls_ca": "ca", "tls_server_name": "server-name",
                   "tls_client_cert": "tls-client-cert", "tls_client_key": "tls-client-key"}
 

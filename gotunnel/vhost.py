@@ -28,6 +28,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from gotunnel import messages, tls
+from gotunnel.control import describePeer
 from gotunnel.httphead import (
     MAX_HEAD, BadHead, Head, checkBasicAuth, errorPage, headEnd, hostName, parseHead,
 )
@@ -349,6 +350,7 @@ class VirtualHostUser(PublicUser):
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
+        self.peerAddress = describePeer(self.transport)
         self.registry.connections.add(self)
         if not self.hosts.startReading(self.peerHost):
             self._close(f"{MAX_READING_PER_SOURCE} connections from this address are already "
@@ -360,7 +362,7 @@ class VirtualHostUser(PublicUser):
 
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
-            self.relayReceived(data)
+            super().dataReceived(data)
         elif self.answered:
             self.discarded += len(data)
             if self.discarded > MAX_DISCARD:
@@ -450,7 +452,9 @@ class VirtualHostUser(PublicUser):
         self._cancelHeadTimeout()
         self.buffer = b""
         self.tunnel = tunnel
-        self._held = [first]
+        self.registry.stats.userOpened(self)
+        # Held, and counted, as what a user of a public port sends early.
+        super().dataReceived(first)
         tunnel.userConnected(self)
 
     def _cancelHeadTimeout(self) -> None:
@@ -508,6 +512,7 @@ class VirtualHostUser(PublicUser):
             self.lingerCall.cancel()
         self.lingerCall = None
         if self.tunnel is not None:
+            self.registry.stats.userClosed(self, reason)
             self.tunnel.userLost(self)
         self.registry.connections.discard(self)
         self.relayConnectionLost()
