@@ -204,9 +204,15 @@ class ControlChannel(MessageReceiver):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
+        virtualHost = {}
+        if mapping.vhost:
+            virtualHost = dict(vhost=mapping.vhost, domains=mapping.domains or None,
+                               subdomain=mapping.subdomain or None,
+                               http_auth=mapping.http_auth or None,
+                               host_header_rewrite=mapping.host_header_rewrite or None)
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
-            protocol="tcp", token=settings.token, name=settings.name))
+            protocol="tcp", token=settings.token, name=settings.name, **virtualHost))
         # A server that never answers (hung, or not a gotunnel server) would
         # otherwise hold this mapping unpublished, silently, for good.
         self.registerTimeout = self.tunnel.reactor.callLater(
@@ -236,6 +242,11 @@ class ControlChannel(MessageReceiver):
         if not msg.ok:
             self.tunnel.registrationRefused(printable(msg.reason))
             self.transport.loseConnection()
+            return
+        if self.tunnel.mapping.vhost and msg.vhost != self.tunnel.mapping.vhost:
+            # A Go server answers ok to any register, and publishes port 0:
+            # a port of its kernel's choosing, closed with this channel.
+            self.tunnel.withdraw()
             return
         self.registered = True
         self.lastPong = self.tunnel.reactor.seconds()
@@ -345,6 +356,10 @@ class DataChannelClient(MessageReceiver, RelayEnd):
                 return
             setKeepAlive(self.transport)
             ask = {"pooled": True}
+            mapping = self.tunnel.mapping
+            if mapping.vhost:
+                ask.update(vhost=mapping.vhost, domains=mapping.domains or None,
+                           subdomain=mapping.subdomain or None)
         else:
             ask = {"conn_id": self.request.conn_id}
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
@@ -687,6 +702,16 @@ class TunnelService(MultiService):
             log.error("the server refused {mapping}: {reason}; will retry in {delay:.1f} s; "
                       "this will not change until {until}", mapping=str(self.mapping),
                       reason=reason, delay=self._refusalDelay, until=lasting.until)
+
+    def withdraw(self) -> None:
+        """
+        The server accepted a virtual host without confirming it: it has
+        none.  Stop publishing this mapping, for good.
+        """
+        log.error("the server has no {vhost} virtual hosts (a Go gotunnel server, or one "
+                  "without --{vhost}); withdrawing {mapping}", vhost=self.mapping.vhost,
+                  mapping=str(self.mapping))
+        self.stopService()
 
     def reportUnreachable(self, why: str) -> None:
         """Print C{[ERROR][1001]} with the server's address and C{why}."""

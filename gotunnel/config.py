@@ -72,6 +72,16 @@ class ServerSettings:
     busy_poll: int = DEFAULT_BUSY_POLL
     """Microseconds that thread polls for a socket's answer before it sleeps
     (0: never)."""
+    vhost_http: str = ""
+    """Endpoint of the HTTP virtual-host port, routed by Host (empty: none)."""
+    vhost_https: str = ""
+    """Endpoint of the HTTPS virtual-host port, routed by TLS SNI (empty: none)."""
+    subdomain_host: str = ""
+    """Clients may claim NAME.subdomain_host (empty: no subdomains)."""
+    vhost_forwarded_headers: bool = True
+    """Add X-Forwarded-For and X-Forwarded-Proto to the HTTP requests routed."""
+    vhost_head_timeout: float = 10.0
+    """Seconds a user has to send its request head (or ClientHello)."""
     connection_log: str = "info"
     """The level of the line logged for each user connection that ends, or "off"."""
     admin: str = ""
@@ -92,19 +102,67 @@ class ClientPolicy:
     """Empty: server.allow_ports applies."""
     max_mappings: Optional[int] = None
     """None: server.max_mappings_per_client applies."""
+    domains: tuple[str, ...] = ()
+    """Domains (and *.DOMAIN patterns) it may claim on the virtual-host ports."""
 
 
 @dataclass(frozen=True)
 class Mapping:
-    """One published service: LOCAL_HOST:LOCAL_PORT reachable on REMOTE_PORT."""
+    """
+    One published service: LOCAL_HOST:LOCAL_PORT reachable on REMOTE_PORT,
+    or, with C{vhost}, on the server's HTTP or HTTPS virtual-host port
+    under C{domains} or C{subdomain} (REMOTE_PORT 0).
+    """
 
     local_host: str
     local_port: int
     remote_port: int
+    vhost: str = ""
+    """"http", "https", or empty for a port of its own."""
+    domains: tuple[str, ...] = ()
+    subdomain: str = ""
+    http_auth: str = field(default="", repr=False)
+    """USER:PASSWORD the server asks users for ("http" only)."""
+    host_header_rewrite: str = ""
 
     def __str__(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
+        if self.vhost:
+            names = ",".join(self.domains + ((f"{self.subdomain}.*",) if self.subdomain else ()))
+            return f"{host}:{self.local_port}->{self.vhost}://{names}"
         return f"{host}:{self.local_port}->{self.remote_port}"
+
+
+def parseVirtualHost(text: str, vhost: str) -> Mapping:
+    """
+    Parse C{DOMAIN[,DOMAIN...]=[LOCALHOST:]LOCALPORT} (--http, --https); a
+    DOMAIN without a dot is a subdomain of the server's subdomain_host.
+    """
+    names, equals, target = text.partition("=")
+    option = f"--{vhost}"
+    if not equals or not names:
+        raise ValueError(f"bad {option} {text!r}: expected DOMAIN=[LOCALHOST:]LOCALPORT, "
+                         f"e.g. www.example.com=8080")
+    host, colon, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon:
+        host = "127.0.0.1"
+    if not host:
+        raise ValueError(f"bad {option} {text!r}: the local host is empty")
+    domains: list[str] = []
+    subdomain = ""
+    for name in names.split(","):
+        name = name.strip().lower()
+        if "." in name:
+            domains.append(name)
+        elif subdomain or not name:
+            raise ValueError(f"bad {option} {text!r}: at most one subdomain (a name without "
+                             f"a dot), and no empty name")
+        else:
+            subdomain = name
+    return Mapping(host, parsePort(port, f"local port in {text!r}"), 0, vhost=vhost,
+                   domains=tuple(domains), subdomain=subdomain)
 
 
 @dataclass
@@ -300,7 +358,7 @@ class ConfigFile:
                        f"client.remote_port {remotePort} and the ports after it; "
                        f"{mappings[-1].remote_port} is above 65535")
         mappings += values.pop("tunnels", [])
-        remotePorts = [m.remote_port for m in mappings]
+        remotePorts = [m.remote_port for m in mappings if not m.vhost]
         for port in remotePorts:
             if remotePorts.count(port) > 1:
                 self._fail(f"remote port {port} is published twice "
@@ -508,7 +566,34 @@ def _portRange(value: Any, text: Any, name: str) -> range:
     return range(port, port + 1)
 
 
-_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port}
+def _vhostType(value: Any, text: Any, name: str) -> str:
+    kind = _text(value, text, name).lower()
+    if kind not in ("tcp", "http", "https"):
+        raise ValueError(f"{name} must be tcp, http or https, got {value!r}")
+    return kind
+
+
+def _domain(value: Any, text: Any, name: str) -> str:
+    from gotunnel.vhost import normalDomain
+
+    return normalDomain(_text(value, text, name))
+
+
+def _subdomain(value: Any, text: Any, name: str) -> str:
+    label = _domain(value, text, name)
+    if "." in label or "*" in label:
+        raise ValueError(f"{name} must be one DNS label (NAME of NAME.subdomain_host), "
+                         f"got {value!r}")
+    return label
+
+
+def _domains(value: Any, text: Any, name: str) -> tuple[str, ...]:
+    return tuple(_listOf(_domain)(value, text, name))
+
+
+_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port,
+                "type": _vhostType, "domains": _domains, "subdomain": _subdomain,
+                "http_user": _text, "http_password": _text, "host_header_rewrite": _text}
 
 
 
@@ -517,7 +602,7 @@ def _portRanges(value: Any, text: Any, name: str) -> tuple[range, ...]:
 
 
 _CLIENT_POLICY_KEYS: dict[str, Callable] = {
-    "token": _text, "allow_ports": _portRanges, "max_mappings": _count}
+    "token": _text, "allow_ports": _portRanges, "max_mappings": _count, "domains": _domains}
 
 
 def _clients(value: Any, text: Any, name: str) -> dict[str, ClientPolicy]:
@@ -559,6 +644,28 @@ def _tunnel(value: Any, text: Any, name: str) -> Mapping:
                              f"(expected {', '.join(_TUNNEL_KEYS)})")
         if item is not None:
             fields[key] = _TUNNEL_KEYS[key](item, texts.get(key), f"{name}.{key}")
+    kind = fields.pop("type", "tcp")
+    user, password = fields.pop("http_user", None), fields.pop("http_password", None)
+    if kind != "tcp":
+        if "remote_port" in fields:
+            raise ValueError(f"{name}.remote_port is not for type {kind}: it is published on "
+                             f"the server's {kind.upper()} virtual-host port")
+        if not fields.get("domains") and not fields.get("subdomain"):
+            raise ValueError(f"{name} of type {kind} needs domains or a subdomain")
+        if (user is None) != (password is None):
+            raise ValueError(f"{name}: http_user and http_password go together")
+        if user is not None:
+            if kind != "http" or ":" in user:
+                raise ValueError(f"{name}.http_user: basic auth is for type http, "
+                                 f"with a user name without ':'")
+            fields["http_auth"] = f"{user}:{password}"
+        if "local_port" not in fields:
+            raise ValueError(f"{name}.local_port is missing")
+        return Mapping(remote_port=0, vhost=kind, **fields)
+    for key in ("domains", "subdomain", "host_header_rewrite"):
+        if key in fields or user is not None or password is not None:
+            raise ValueError(f"{name}: {key if key in fields else 'http_user'} needs "
+                             f"type: http or https")
     for key in ("local_port", "remote_port"):
         if key not in fields:
             raise ValueError(f"{name}.{key} is missing")
@@ -590,6 +697,11 @@ _SERVER_KEYS: dict[str, Callable] = {
     "zero_copy": _flag,
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
+    "vhost_http": _text,
+    "vhost_https": _text,
+    "subdomain_host": _domain,
+    "vhost_forwarded_headers": _flag,
+    "vhost_head_timeout": _seconds,
     "connection_log": _connectionLog,
     "admin": _text,
     "admin_token": _text,

@@ -34,6 +34,17 @@ class Register:
     protocol: str = "tcp"
     token: str = _field(default="", repr=False)
     name: str = ""
+    vhost: Optional[str] = None
+    """ext: "http" or "https": publish on the server's virtual-host port,
+    routed by C{domains} and C{subdomain}, not on C{remote_port} (sent as 0)."""
+    domains: Optional[tuple[str, ...]] = None
+    """ext, with C{vhost}: the host names (C{*.example.com} too) routed here."""
+    subdomain: Optional[str] = None
+    """ext, with C{vhost}: the name routed here under the server's subdomain_host."""
+    http_auth: Optional[str] = _field(default=None, repr=False)
+    """ext, with C{vhost} "http": USER:PASSWORD the server asks users for."""
+    host_header_rewrite: Optional[str] = None
+    """ext, with C{vhost} "http": the Host the service is sent instead of the user's."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,9 @@ class RegisterResp:
     pool: Optional[int] = None
     """ext, in the answer to C{register}: how many pooled data channels the
     server keeps for the mapping (see L{DataChannel.pooled})."""
+    vhost: Optional[str] = None
+    """ext, in the answer to a C{register} with C{vhost}: the same value, to say
+    that this server routes it (a Go server answers a plain ok)."""
 
     @property
     def ok(self) -> bool:
@@ -98,6 +112,10 @@ class DataChannel:
     pooled: Optional[bool] = None
     """ext: opened ahead of any user, to wait at the server for the next one;
     the server's C{register_resp} comes when it hands the channel a user."""
+    vhost: Optional[str] = None
+    """ext, with C{pooled}: the mapping is this virtual host (as in C{register})."""
+    domains: Optional[tuple[str, ...]] = None
+    subdomain: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -131,8 +149,13 @@ MESSAGE_TYPES: dict[str, type] = {
 
 _PORT_FIELDS = frozenset({"local_port", "remote_port", "port"})
 
-_EXTENSION_TYPES: dict[str, type] = {"conn_id": str, "pool": int, "pooled": bool}
+_EXTENSION_TYPES: dict[str, type] = {
+    "conn_id": str, "pool": int, "pooled": bool, "vhost": str, "domains": tuple,
+    "subdomain": str, "http_auth": str, "host_header_rewrite": str}
 """Our optional fields, absent (or null) from a Go peer's frames."""
+
+MAX_DOMAINS = 64
+"""The most C{register.domains} we accept."""
 
 MAX_POOL = 1024
 """The largest C{register_resp.pool} we accept."""
@@ -155,6 +178,13 @@ def _checkField(typeName: str, name: str, expected: type, value: object) -> None
             raise ProtocolError(f"{typeName}.time is out of range")
         if name == "pool" and not 0 <= value <= MAX_POOL:
             raise ProtocolError(f"{typeName}.pool must be from 0 to {MAX_POOL}, got {value}")
+    elif expected is tuple:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{typeName}.{name} must be an array, got a {_jsonType(value)}")
+        if len(value) > MAX_DOMAINS:
+            raise ProtocolError(f"{typeName}.{name} has more than {MAX_DOMAINS} items")
+        for item in value:
+            _checkField(typeName, name, str, item)
     elif expected is bool:
         if not isinstance(value, bool):
             raise ProtocolError(f"{typeName}.{name} must be true or false, got a {_jsonType(value)}")
@@ -205,7 +235,7 @@ def parse(body: bytes) -> Optional[Message]:
         if expected is None:
             expected = {"int": int, "str": str}[field.type]
         _checkField(typeName, field.name, expected, value)
-        values[field.name] = value
+        values[field.name] = tuple(value) if expected is tuple else value
     return cls(**values)
 
 

@@ -245,6 +245,26 @@ class Tunnel:
             return port.listener
         return None
 
+    @property
+    def key(self) -> object:
+        """What the registry knows this mapping by: its port (see L{gotunnel.vhost})."""
+        return self.remote_port
+
+    def checkAllowed(self, name: str) -> None:
+        """
+        Refuse, as L{RegistrationRefused}, a data channel of C{name} for this
+        mapping if C{name} may not publish it.
+        """
+        self.registry.checkPort(name, self.remote_port)
+
+    def dropped(self) -> None:
+        """
+        The control channel went away: close, and hold the port for the same
+        client for C{settings.port_lease} seconds.
+        """
+        self.close()
+        self.registry.leases.start(self.name, self.remote_port, self.registry.settings.port_lease)
+
     def listen(self) -> defer.Deferred:
         """
         Publish this tunnel's port, once whatever held it before is closed.
@@ -431,6 +451,8 @@ class TunnelRegistry:
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
         self.publicPorts: dict[int, PublicPort] = {}
+        self.virtualHosts = None
+        """The L{gotunnel.vhost.VirtualHosts}, on a server with virtual-host ports."""
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -631,6 +653,11 @@ class TunnelRegistry:
         @return: a Deferred that fires with the L{Tunnel}, or fails with
             L{RegistrationRefused}.
         """
+        if msg.vhost is not None:
+            if self.virtualHosts is None:
+                return defer.fail(RegistrationRefused(
+                    "this server has no virtual hosts (--http, --https)"))
+            return self.virtualHosts.register(channel, msg)
         try:
             name = self.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
             if name != msg.name:
@@ -706,8 +733,7 @@ class TunnelRegistry:
         """
         if tunnel.closed:
             return
-        tunnel.close()
-        self.leases.start(tunnel.name, tunnel.remote_port, self.settings.port_lease)
+        tunnel.dropped()
 
     def newConnectionId(self) -> str:
         """
@@ -717,8 +743,8 @@ class TunnelRegistry:
         return secrets.token_hex(8)
 
     def forget(self, tunnel: Tunnel) -> None:
-        if self.tunnels.get(tunnel.remote_port) is tunnel:
-            del self.tunnels[tunnel.remote_port]
+        if self.tunnels.get(tunnel.key) is tunnel:
+            del self.tunnels[tunnel.key]
 
     def holderOf(self, name: str) -> Optional[str]:
         """
@@ -747,7 +773,7 @@ class TunnelRegistry:
                          name=name, owner=tunnel.name)
                 return False
             try:
-                self.checkPort(name, tunnel.remote_port)
+                tunnel.checkAllowed(name)
             except RegistrationRefused as e:
                 log.warn("a data channel of {name!r}: {reason}", name=name, reason=str(e))
                 return False
@@ -788,7 +814,10 @@ class TunnelRegistry:
             another client), or its pool is full.
         """
         mine = self._dataChannelOwner(msg, certificateName)
-        tunnel = self.tunnels.get(msg.remote_port)
+        if msg.vhost is not None and self.virtualHosts is not None:
+            tunnel = self.virtualHosts.mappingOf(msg)
+        else:
+            tunnel = self.tunnels.get(msg.remote_port)
         if tunnel is None or not mine(tunnel):
             raise RegistrationRefused(f"no mapping of port {msg.remote_port} to pool for")
         tunnel.addPooled(channel)
@@ -812,6 +841,8 @@ class TunnelRegistry:
         buffered bytes are written.
         """
         self.leases.clear()
+        if self.virtualHosts is not None:
+            self.virtualHosts.clear()
         for tunnel in list(self.tunnels.values()):
             tunnel.close()
         stopping = defer.DeferredList([_whenFired(d) for d in list(self._stoppingListeners)])
@@ -944,6 +975,15 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.tunnel = tunnel
         self._releasePending()
         self.registry.clientArrived(self.source)
+        vhost = getattr(tunnel, "vhost", None)
+        if vhost is not None:
+            self.sendMessage(messages.RegisterResp(
+                status="ok", pool=self.registry.settings.max_pool_count or None, vhost=vhost))
+            log.info("client {name} registered from {peer}: local port {local_port} -> "
+                     "{vhost} virtual host {domains}", name=tunnel.name,
+                     peer=self.peerDescription, local_port=tunnel.local_port, vhost=vhost,
+                     domains=",".join(tunnel.domains))
+            return
         self.sendMessage(messages.RegisterResp(
             status="ok", pool=self.registry.settings.max_pool_count or None))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
@@ -954,6 +994,13 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def _refused(self, failure, msg: messages.Register) -> None:
         failure.trap(RegistrationRefused)
         if self.role != "registering":
+            return
+        if msg.vhost is not None:
+            names = ",".join(msg.domains or ()) or f"{msg.subdomain}.*"
+            log.warn("refused {vhost} virtual host {domains} of {name!r} from {peer}: {reason}",
+                     vhost=msg.vhost[:16], domains=names[:256], name=msg.name,
+                     peer=self.peerDescription, reason=str(failure.value))
+            self.refuse(str(failure.value))
             return
         log.warn("refused registration of port {remote_port} by {name!r} from {peer}: {reason}",
                  remote_port=msg.remote_port, name=msg.name, peer=self.peerDescription,
@@ -1141,6 +1188,8 @@ class TunnelServerService(MultiService):
 
     controlPort: Optional[IListeningPort] = None
     _listenOutcome = None
+    virtualHostService = None
+    """The L{gotunnel.vhost.VirtualHostService}, with --http or --https."""
 
     def __init__(self, settings: ServerSettings, reactor=None) -> None:
         super().__init__()
@@ -1152,6 +1201,15 @@ class TunnelServerService(MultiService):
         self.controlEndpoint = tls.serverEndpoint(
             reactor, dataclasses.replace(settings, listen=listen))
         self._listenWaiters: list[defer.Deferred] = []
+        if settings.vhost_http or settings.vhost_https:
+            from gotunnel.vhost import VirtualHosts, VirtualHostService
+
+            endpoints = {scheme: description for scheme, description in (
+                ("http", settings.vhost_http), ("https", settings.vhost_https)) if description}
+            self.registry.virtualHosts = VirtualHosts(self.registry, tuple(endpoints))
+            self.virtualHostService = VirtualHostService(self.registry.virtualHosts, endpoints,
+                                                         reactor)
+            self.virtualHostService.setServiceParent(self)
         heartbeat = TimerService(settings.heartbeat_check_interval, self.registry.checkHeartbeats)
         heartbeat.clock = reactor
         heartbeat.setServiceParent(self)

@@ -9,6 +9,7 @@ FILE), and options given on the command line override the file's keys.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import math
 import os
 import platform
@@ -28,8 +29,7 @@ from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientServi
 from gotunnel.config import (
     CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile,
     ServerSettings, clientEndpointString, findConfigFile, parseConnectionLog, parseLogLang,
-    parseLogLevel, parseMapping,
-    readConfigFile,
+    parseLogLevel, parseMapping, parseVirtualHost, readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
 
@@ -336,6 +336,19 @@ class ServerOptions(_SettingsOptions):
         ["tls-client-ca", None, None,
          "Mutual TLS: require client certificates signed by the CA in this PEM file; "
          "a certificate's common name must be the client's name (server.tls_client_ca)."],
+        ["http", None, None,
+         "Endpoint of the HTTP virtual-host port, where clients' --http mappings are routed "
+         "by Host, e.g. tcp:80 (server.vhost_http)."],
+        ["https", None, None,
+         "Endpoint of the HTTPS virtual-host port, where clients' --https mappings are routed "
+         "by TLS server name (SNI), e.g. tcp:443 (server.vhost_https)."],
+        ["subdomain-host", None, None,
+         "Clients may claim NAME.DOMAIN on the virtual-host ports, e.g. tunnel.example.com "
+         "(server.subdomain_host)."],
+        ["vhost-head-timeout", None, None,
+         "Seconds a user of a virtual-host port has to send its request head or ClientHello "
+         f"(default: {ServerSettings.vhost_head_timeout:g}; server.vhost_head_timeout)",
+         _positive],
         _busyPollOption("server", ServerSettings),
         ["admin", None, None,
          "Serve the admin API, /metrics and the dashboard on this endpoint, e.g. "
@@ -348,7 +361,10 @@ class ServerOptions(_SettingsOptions):
         ["admin-password", None, None,
          "Password for the dashboard's login (server.admin_password)."],
     ] + _logOptions("server")
-    optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD]
+    optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD,
+                ["no-forwarded-headers", None,
+                 "Do not add X-Forwarded-For and X-Forwarded-Proto to requests routed by the "
+                 "HTTP virtual-host port (server.vhost_forwarded_headers: false)."]]
 
     role = "server"
     firstOptions = ("token", "listen", "config")
@@ -363,6 +379,8 @@ class ServerOptions(_SettingsOptions):
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
               "ipv6-prefix": "ipv6_prefix",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
+              "http": "vhost_http", "https": "vhost_https", "subdomain-host": "subdomain_host",
+              "vhost-head-timeout": "vhost_head_timeout",
               "admin": "admin", "admin-token": "admin_token", "admin-user": "admin_user",
               "admin-password": "admin_password",
               "log-level": "log_level", "log-lang": "log_lang",
@@ -379,6 +397,19 @@ class ServerOptions(_SettingsOptions):
         return not values.get("clients")
 
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        if self["no-forwarded-headers"]:
+            values["vhost_forwarded_headers"] = False
+        for option, field in (("http", "vhost_http"), ("https", "vhost_https")):
+            if values.get(field):
+                checkEndpoint(values[field], "server", f"--{option}" if self[option]
+                              else f"{source}: server.{field}")
+        if values.get("subdomain_host"):
+            from gotunnel.vhost import normalDomain
+
+            try:
+                values["subdomain_host"] = normalDomain(values["subdomain_host"])
+            except ValueError as e:
+                raise usage.UsageError(f"--subdomain-host: {e}") from None
         # A listed name is its own only if nobody else holds its token: not
         # every holder of the shared token, nor another listed client.
         owners: dict[str, str] = {}
@@ -485,6 +516,35 @@ class ClientOptions(_SettingsOptions):
     def __init__(self) -> None:
         super().__init__()
         self["map"] = []
+        self["vhosts"] = []
+
+    def opt_http(self, value: str) -> None:
+        """
+        A local web service to publish on the server's HTTP virtual-host port:
+        DOMAIN[,DOMAIN...]=[LOCALHOST:]LOCALPORT; a DOMAIN may be *.example.com, and
+        a name without a dot is a subdomain of the server's subdomain_host (repeatable).
+        """
+        self._vhost(value, "http")
+
+    def opt_https(self, value: str) -> None:
+        """
+        A local TLS service to publish on the server's HTTPS virtual-host port,
+        routed by server name (SNI), its TLS untouched:
+        DOMAIN[,DOMAIN...]=[LOCALHOST:]LOCALPORT (repeatable).
+        """
+        self._vhost(value, "https")
+
+    def _vhost(self, value: str, kind: str) -> None:
+        from gotunnel.vhost import normalDomain
+
+        try:
+            mapping = parseVirtualHost(value, kind)
+            domains = tuple(normalDomain(domain) for domain in mapping.domains)
+            if mapping.subdomain:
+                normalDomain(mapping.subdomain)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["vhosts"].append(dataclasses.replace(mapping, domains=domains))
 
     def opt_map(self, value: str) -> None:
         """
@@ -511,16 +571,17 @@ class ClientOptions(_SettingsOptions):
             values["server"] = clientEndpointString(values["server"])
         if self["exit-on-refusal"]:
             values["exit_on_refusal"] = True
-        if self["map"]:
-            values["mappings"] = list(self["map"])
+        if self["map"] or self["vhosts"]:
+            values["mappings"] = list(self["map"]) + list(self["vhosts"])
         if not values.get("mappings"):
             if source:
                 raise ConfigError(
                     f"{source}: nothing to publish: set client.local_ports (with "
                     f"client.remote_port) or client.tunnels, or give --map")
             raise usage.UsageError(
-                "nothing to publish: give --map [LOCALHOST:]LOCALPORT:REMOTEPORT")
-        remotePorts = [m.remote_port for m in values["mappings"]]
+                "nothing to publish: give --map [LOCALHOST:]LOCALPORT:REMOTEPORT "
+                "or --http DOMAIN=[LOCALHOST:]LOCALPORT")
+        remotePorts = [m.remote_port for m in values["mappings"] if not m.vhost]
         if len(set(remotePorts)) != len(remotePorts):
             raise usage.UsageError("two --map options name the same remote port")
         if not values.get("name"):
