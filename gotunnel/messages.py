@@ -45,6 +45,8 @@ class Register:
     """ext, with C{vhost} "http": USER:PASSWORD the server asks users for."""
     host_header_rewrite: Optional[str] = None
     """ext, with C{vhost} "http": the Host the service is sent instead of the user's."""
+    mux: Optional[int] = None
+    """ext: 1 offers to carry users as streams of one data connection (L{gotunnel.mux})."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class RegisterResp:
     vhost: Optional[str] = None
     """ext, in the answer to a C{register} with C{vhost}: the same value, to say
     that this server routes it (a Go server answers a plain ok)."""
+    mux: Optional[int] = None
+    """ext, in the answer to a C{register} offering C{mux}: 1 if the server agrees."""
 
     @property
     def ok(self) -> bool:
@@ -116,6 +120,8 @@ class DataChannel:
     """ext, with C{pooled}: the mapping is this virtual host (as in C{register})."""
     domains: Optional[tuple[str, ...]] = None
     subdomain: Optional[str] = None
+    mux: Optional[int] = None
+    """ext: 1 makes this the mapping's multiplexed data connection (L{gotunnel.mux})."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,7 @@ _PORT_FIELDS = frozenset({"local_port", "remote_port", "port"})
 
 _EXTENSION_TYPES: dict[str, type] = {
     "conn_id": str, "pool": int, "pooled": bool, "vhost": str, "domains": tuple,
-    "subdomain": str, "http_auth": str, "host_header_rewrite": str}
+    "subdomain": str, "http_auth": str, "host_header_rewrite": str, "mux": int}
 """Our optional fields, absent (or null) from a Go peer's frames."""
 
 MAX_DOMAINS = 64
@@ -176,6 +182,8 @@ def _checkField(typeName: str, name: str, expected: type, value: object) -> None
             raise ProtocolError(f"{typeName}.{name} must be a port from 0 to 65535, got {value}")
         if name == "time" and not -(2**63) <= value < 2**63:
             raise ProtocolError(f"{typeName}.time is out of range")
+        if name == "mux" and value not in (0, 1):
+            raise ProtocolError(f"{typeName}.mux must be 0 or 1, got {value}")
         if name == "pool" and not 0 <= value <= MAX_POOL:
             raise ProtocolError(f"{typeName}.pool must be from 0 to {MAX_POOL}, got {value}")
     elif expected is tuple:
