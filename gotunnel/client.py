@@ -30,6 +30,7 @@ from gotunnel.accounting import (
 )
 from gotunnel.config import ClientSettings, Mapping, clientEndpointString
 from gotunnel.control import CLIENT_TLS_HINTS, MessageReceiver, tlsFailure
+from gotunnel.muxclient import MuxDataChannel
 from gotunnel.printable import printable
 from gotunnel.refusals import lastingRefusal
 from gotunnel.relay import (
@@ -210,9 +211,11 @@ class ControlChannel(MessageReceiver):
                                subdomain=mapping.subdomain or None,
                                http_auth=mapping.http_auth or None,
                                host_header_rewrite=mapping.host_header_rewrite or None)
+        # A virtual host is routed by the user's first bytes: no streams for it.
+        mux = 1 if settings.mux and not mapping.vhost else None
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
-            protocol="tcp", token=settings.token, name=settings.name, **virtualHost))
+            protocol="tcp", token=settings.token, name=settings.name, mux=mux, **virtualHost))
         # A server that never answers (hung, or not a gotunnel server) would
         # otherwise hold this mapping unpublished, silently, for good.
         self.registerTimeout = self.tunnel.reactor.callLater(
@@ -252,7 +255,8 @@ class ControlChannel(MessageReceiver):
         self.lastPong = self.tunnel.reactor.seconds()
         self.heartbeat.start(self.tunnel.settings.heartbeat_interval, now=False)
         # A Go server sends no pool: it gets no pooled data channels.
-        self.tunnel.registered(self, serverPool=msg.pool or 0)
+        self.tunnel.registered(self, serverPool=msg.pool or 0,
+                               mux=msg.mux == 1 and self.tunnel.settings.mux)
 
     def _ping(self) -> None:
         now = self.tunnel.reactor.seconds()
@@ -513,6 +517,18 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         self.relayConnectionLost(reason)
 
 
+class _Always(Factory):
+    """A factory that gives one protocol, already made."""
+
+    noisy = False
+
+    def __init__(self, protocol) -> None:
+        self.protocol = protocol
+
+    def buildProtocol(self, addr):
+        return self.protocol
+
+
 class DataChannelFactory(Factory):
     noisy = False
 
@@ -607,6 +623,10 @@ class TunnelService(MultiService):
     _openingWaiting = False
     _refusalDelay: Optional[float] = None
     """The delay before asking again after a refusal, told as the refusal is logged."""
+    muxChannel: Optional[MuxDataChannel] = None
+    """The multiplexed data connection, while the server and we agree on one."""
+    serverPool = 0
+    muxCall = None
 
     def __init__(self, settings: ClientSettings, mapping: Mapping,
                  serverEndpoint: IStreamClientEndpoint, reactor,
@@ -666,16 +686,22 @@ class TunnelService(MultiService):
         self._registrationWaiters.append(waiter)
         return waiter
 
-    def registered(self, channel: ControlChannel, serverPool: int = 0) -> None:
+    def registered(self, channel: ControlChannel, serverPool: int = 0,
+                   mux: bool = False) -> None:
         self.channel = channel
         self.failedRegistrations = 0
         log.info("registered {mapping} as {name}", mapping=str(self.mapping),
                  name=self.settings.name)
         if not self.localUp:
             channel.sendPortState(False)
-        self.poolSize = min(self.settings.pool_count, serverPool)
+        self.serverPool = serverPool
+        # Users come as streams while the multiplexed connection is up: a
+        # pool would only hold descriptors.
+        self.poolSize = 0 if mux else min(self.settings.pool_count, serverPool)
         self.poolRefusals = 0
         self.fillPool()
+        if mux:
+            self.openMuxChannel()
         waiters, self._registrationWaiters = self._registrationWaiters, []
         for waiter in waiters:
             waiter.callback(channel)
@@ -728,6 +754,46 @@ class TunnelService(MultiService):
             # and the users it asked data channels for.
             self.emptyPool()
             self.waitingRequests.clear()
+            self.closeMuxChannel()
+
+    def openMuxChannel(self) -> None:
+        """Connect the mapping's multiplexed data connection."""
+        self.muxCall = None
+        if self.channel is None or self.stopping or self.muxChannel is not None:
+            return
+        self.muxChannel = channel = MuxDataChannel(self)
+        endpoint = self.dataChannelEndpoint(self.channel.transport.getPeer()) \
+            if self.dataChannelEndpoint is not None else None
+        if endpoint is None:
+            endpoint = self.serverEndpoint
+
+        def failed(failure):
+            self.muxLost(channel)
+
+        self._track(endpoint.connect(_Always(channel))).addErrback(failed)
+
+    def closeMuxChannel(self) -> None:
+        """No new users over it; it closes once its streams have ended."""
+        if self.muxCall is not None and self.muxCall.active():
+            self.muxCall.cancel()
+        self.muxCall = None
+        channel, self.muxChannel = self.muxChannel, None
+        if channel is not None:
+            channel.goAway()
+
+    def muxLost(self, channel: MuxDataChannel) -> None:
+        """The multiplexed connection went: another, a second later, while registered."""
+        if self.muxChannel is channel:
+            self.muxChannel = None
+            if self.channel is not None and not self.stopping:
+                self.muxCall = self.reactor.callLater(POOL_REFILL_DELAY, self.openMuxChannel)
+
+    def muxRefused(self, channel: MuxDataChannel) -> None:
+        """The server would not multiplex after all: keep a pool as without."""
+        if self.muxChannel is channel:
+            self.muxChannel = None
+            self.poolSize = min(self.settings.pool_count, self.serverPool)
+            self.fillPool()
 
     def _cancelRefill(self) -> None:
         if self.refillCall is not None and self.refillCall.active():
@@ -791,6 +857,7 @@ class TunnelService(MultiService):
         """
         self.stopping = True
         self.emptyPool()
+        self.closeMuxChannel()
         self.waitingRequests.clear()
         if self._droppedLogCall is not None and self._droppedLogCall.active():
             self._droppedLogCall.cancel()

@@ -61,6 +61,8 @@ class ServerSettings:
     """Mappings one client name may hold at once."""
     max_pool_count: int = 8
     """Data channels a mapping's client may open ahead of its users (0: none)."""
+    mux: bool = True
+    """Agree to carry a mapping's users as streams of one connection when its client offers."""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -204,6 +206,8 @@ class ClientSettings:
     pool_count: int = 4
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""
+    mux: bool = False
+    """Offer to carry each mapping's users as streams of one data connection."""
     connection_log: str = "info"
     """The level of the line logged for each user connection that ends, or "off"."""
     log_level: str = "info"
@@ -690,6 +694,7 @@ _SERVER_KEYS: dict[str, Callable] = {
     "clients": _clients,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,
+    "mux": _flag,
     "ipv6_prefix": _ipv6Prefix,
     "tls_cert": _text,
     "tls_key": _text,
@@ -732,6 +737,7 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
     "pool_count": _countOrZero,
+    "mux": _flag,
     "register_timeout": _seconds,
     "max_pending_data_channels": _count,
     "exit_on_refusal": _flag,

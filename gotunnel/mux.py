@@ -18,12 +18,15 @@ from collections import OrderedDict
 from typing import Callable, Optional
 
 from twisted.internet import error
+from twisted.internet.protocol import Protocol
 from twisted.internet.interfaces import (
     IHalfCloseableDescriptor, IPushProducer, ITransport,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from gotunnel.relay import RelayEnd
 
 log = Logger()
 
@@ -440,3 +443,21 @@ def _peer(transport) -> str:
     peer = getattr(transport, "getPeer", None)
     address = peer() if peer is not None else None
     return f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
+
+
+class StreamEnd(Protocol, RelayEnd):
+    """
+    A stream's side of a splice: what the stream receives goes to the
+    connection it is spliced to, with the same flow control and endings as
+    a data channel's side.
+    """
+
+    def __init__(self, stream: MuxStream) -> None:
+        stream.protocol = self
+        self.makeConnection(stream)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relayReceived(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.relayConnectionLost(reason)

@@ -33,6 +33,7 @@ from gotunnel.accounting import (
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, describePeer, tlsFailure
 from gotunnel.leases import PortLeases
+from gotunnel.mux import MuxSession, StreamEnd
 from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
@@ -233,6 +234,11 @@ class Tunnel:
         self.connectedSince = registry.clock.seconds()
         self.stats = registry.stats.portStats(self.remote_port, self.name)
         self._retryCall = None
+        # Virtual hosts are matched by name in the user's first bytes, before
+        # a stream is opened: they keep data channels.
+        self.muxAgreed = bool(register.mux == 1 and registry.settings.mux
+                              and register.vhost is None)
+        self.muxSession: Optional[MuxSession] = None
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
@@ -323,6 +329,8 @@ class Tunnel:
     def userConnected(self, user: PublicUser) -> None:
         clock = self.registry.clock
         user.connectedAt = clock.seconds()
+        if self.muxSession is not None and self._openStreamFor(user):
+            return
         while self.pool:
             channel, _ = self.pool.popitem(last=False)
             if channel.attachUser(user):
@@ -342,6 +350,34 @@ class Tunnel:
         self.registry.waitingUsers[user.conn_id] = user
         self.channel.sendMessage(messages.OpenDataChannel(
             local_port=self.local_port, conn_id=user.conn_id))
+
+    def _openStreamFor(self, user: PublicUser) -> bool:
+        """Splice C{user} to a new stream of the multiplexed connection, if it takes one."""
+        stream = self.muxSession.openStream()
+        if stream is None:
+            return False
+        splice(user, StreamEnd(stream))
+        self.registry.stats.dataChannelReady(user, self.registry.clock.seconds() - user.connectedAt)
+        return True
+
+    def addMuxSession(self, session: MuxSession) -> None:
+        """
+        Carry users over C{session} from now on.
+
+        @raise RegistrationRefused: the client did not offer multiplexing, or
+            this mapping already has its multiplexed connection.
+        """
+        if not self.muxAgreed:
+            raise RegistrationRefused(
+                f"no mapping of port {self.remote_port} agreed to multiplexing")
+        if self.muxSession is not None:
+            raise RegistrationRefused(
+                f"mapping {self.remote_port} already has its multiplexed connection")
+        self.muxSession = session
+
+    def muxSessionLost(self, session: MuxSession) -> None:
+        if self.muxSession is session:
+            self.muxSession = None
 
     def _forget(self, user: PublicUser) -> None:
         user.doneWaiting()
@@ -422,6 +458,11 @@ class Tunnel:
         pool, self.pool = self.pool, OrderedDict()
         for channel in pool:
             channel.transport.loseConnection()
+        session, self.muxSession = self.muxSession, None
+        if session is not None:
+            # Its streams are users already spliced: they go on, and the
+            # connection closes when the last one ends.
+            session.goAway()
         return self.stopListening()
 
 
@@ -823,6 +864,23 @@ class TunnelRegistry:
         tunnel.addPooled(channel)
         return tunnel
 
+    def muxDataChannel(self, session: MuxSession, msg: messages.DataChannel,
+                       certificateName: Optional[str] = None) -> Tunnel:
+        """
+        Make C{session} the multiplexed connection of the mapping C{msg} names.
+
+        @raise RegistrationRefused: bad token, no such mapping (or one of
+            another client), it did not agree to multiplexing, or has its
+            connection already.
+        """
+        mine = self._dataChannelOwner(msg, certificateName)
+        tunnel = self.tunnels.get(msg.remote_port)
+        if tunnel is None or not mine(tunnel):
+            raise RegistrationRefused(
+                f"no mapping of port {msg.remote_port} agreed to multiplexing")
+        tunnel.addMuxSession(session)
+        return tunnel
+
     def checkHeartbeats(self) -> None:
         """Drop control channels that have been silent too long."""
         deadline = self.clock.seconds() - self.settings.heartbeat_timeout
@@ -858,7 +916,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
     """
 
     tunnel: Optional[Tunnel] = None
-    role = "new"  # then "registering", "control", "pooled", "data" or "refused"
+    role = "new"  # then "registering", "control", "pooled", "mux", "data" or "refused"
+    mux: Optional[MuxSession] = None
     tlsMismatchHint = ("a TLS client talking to this plain-TCP port? give the server "
                        "--tls-cert and --tls-key, or connect without TLS")
     firstFrameCall = None
@@ -985,7 +1044,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
                      domains=",".join(tunnel.domains))
             return
         self.sendMessage(messages.RegisterResp(
-            status="ok", pool=self.registry.settings.max_pool_count or None))
+            status="ok", pool=self.registry.settings.max_pool_count or None,
+            mux=1 if tunnel.muxAgreed else None))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
                  "public port {remote_port}", name=printable(tunnel.name),
                  peer=self.peerDescription, local_port=tunnel.local_port,
@@ -1041,6 +1101,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if not self._firstFrame("data_channel"):
             return
         certificateName = tls.peerCommonName(self.transport)
+        if msg.mux == 1:
+            self._startMux(msg, certificateName)
+            return
         try:
             if msg.pooled:
                 self.tunnel = self.registry.poolDataChannel(self, msg, certificateName)
@@ -1062,6 +1125,35 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if self._answer(user, ours=msg.conn_id is not None):
             self.switchToRaw()
             self._spliceTo(user)
+
+    def _startMux(self, msg: messages.DataChannel, certificateName: Optional[str]) -> None:
+        self.mux = MuxSession(self.registry.clock, opens=True, onClose=self._muxClosed)
+        try:
+            self.tunnel = self.registry.muxDataChannel(self.mux, msg, certificateName)
+        except RegistrationRefused as e:
+            log.warn("refused a data channel from {peer} for port {remote_port}: {reason}",
+                     peer=self.peerDescription, remote_port=msg.remote_port, reason=str(e))
+            self.refuse(str(e))
+            return
+        self._releasePending()
+        self.role = "mux"
+        setKeepAlive(self.transport)
+        self.sendMessage(messages.RegisterResp(status="ok"))
+        self.switchToRaw()
+        self.mux.start(self.transport)
+        log.info("client {name} carries the users of port {remote_port} over one connection "
+                 "from {peer}", name=printable(self.tunnel.name),
+                 remote_port=self.tunnel.remote_port, peer=self.peerDescription)
+
+    def bufferedBytes(self) -> int:
+        held = RelayEnd.bufferedBytes(self)
+        if self.mux is not None:
+            held += self.mux.bufferedBytes()
+        return held
+
+    def _muxClosed(self, session: MuxSession) -> None:
+        if self.tunnel is not None:
+            self.tunnel.muxSessionLost(session)
 
     def attachUser(self, user: PublicUser) -> bool:
         """
@@ -1124,6 +1216,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
                   ms=(self.registry.clock.seconds() - user.connectedAt) * 1000)
 
     def rawDataReceived(self, data: bytes) -> None:
+        if self.role == "mux":
+            self.mux.dataReceived(data)
+            return
         self.relayReceived(data)
 
     def readConnectionLost(self) -> None:
@@ -1159,6 +1254,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.registry.clientDropped(self.tunnel)
         elif role == "pooled":
             self.tunnel.pooledLost(self)
+        elif role == "mux":
+            self.mux.connectionLost()
         elif role == "data":
             if self.peer is not None:
                 noteEnding(self.peer, endingOf(reason, SERVICE_CLOSED))

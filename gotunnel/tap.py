@@ -362,6 +362,9 @@ class ServerOptions(_SettingsOptions):
          "Password for the dashboard's login (server.admin_password)."],
     ] + _logOptions("server")
     optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD,
+                ["no-mux", None,
+                 "Refuse to carry a mapping's users as streams of one data connection when "
+                 "a client offers it (server.mux: false)."],
                 ["no-forwarded-headers", None,
                  "Do not add X-Forwarded-For and X-Forwarded-Proto to requests routed by the "
                  "HTTP virtual-host port (server.vhost_forwarded_headers: false)."]]
@@ -397,6 +400,8 @@ class ServerOptions(_SettingsOptions):
         return not values.get("clients")
 
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        if self["no-mux"]:
+            values["mux"] = False
         if self["no-forwarded-headers"]:
             values["vhost_forwarded_headers"] = False
         for option, field in (("http", "vhost_http"), ("https", "vhost_https")):
@@ -490,6 +495,8 @@ class ClientOptions(_SettingsOptions):
          "Exit when the server refuses a mapping for a reason that asking again will not "
          "change (wrong token 3, port not allowed 4, port taken by another client 5, port "
          "busy on the server 6) instead of asking again (client.exit_on_refusal)."],
+        ["mux", None, "Carry each mapping's users as streams of one data connection, where "
+                      "the server agrees (client.mux; off by default, see bench/README.md)."],
         _NO_ZERO_COPY,
         _NO_SPLICE_THREAD,
     ]
@@ -571,6 +578,8 @@ class ClientOptions(_SettingsOptions):
             values["server"] = clientEndpointString(values["server"])
         if self["exit-on-refusal"]:
             values["exit_on_refusal"] = True
+        if self["mux"]:
+            values["mux"] = True
         if self["map"] or self["vhosts"]:
             values["mappings"] = list(self["map"]) + list(self["vhosts"])
         if not values.get("mappings"):

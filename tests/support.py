@@ -201,10 +201,22 @@ class Tunnel:
     """
 
     def __init__(self, testCase, zeroCopy: Optional[bool] = None, pool: int = 0,
-                 spliceThread: Optional[bool] = None) -> None:
+                 spliceThread: Optional[bool] = None, mux: bool = False) -> None:
         self.testCase = testCase
         self.pool = pool
         self.pooledUsers = 0
+        self.mux = mux
+        self.streams = 0
+        if mux:
+            openStreamFor = gotunnel.server.Tunnel._openStreamFor
+
+            def countingOpenStreamFor(tunnel, user):
+                opened = openStreamFor(tunnel, user)
+                self.streams += opened
+                return opened
+
+            testCase.patch(gotunnel.server.Tunnel, "_openStreamFor", countingOpenStreamFor)
+            testCase.addCleanup(self._checkStreams)
         if pool:
             attachUser = gotunnel.server.ServerChannel.attachUser
 
@@ -277,6 +289,10 @@ class Tunnel:
             self.testCase.assertEqual(self.handOffs, 0,
                                       "the splice thread is off, yet a pump went to it")
 
+    def _checkStreams(self) -> None:
+        self.testCase.assertGreater(self.streams, 0,
+                                    "clients multiplex, yet no user was carried by a stream")
+
     def _checkPooled(self) -> None:
         self.testCase.assertGreater(self.pooledUsers, 0,
                                     "clients keep a pool, yet no user got a pooled data channel")
@@ -312,7 +328,7 @@ class Tunnel:
         settings = ClientSettings(
             server=f"tcp:{HOST}:{self.controlPort}", token=token, name=name,
             mappings=[Mapping(HOST, targetPort, remotePort or freePort())],
-            pool_count=self.pool)
+            pool_count=self.pool, mux=self.mux)
         for key, value in self.settingOverrides(overrides).items():
             setattr(settings, key, value)
         client = TunnelClientService(settings, reactor=reactor)
@@ -329,6 +345,10 @@ class Tunnel:
         client = self.startClient(targetPort, **kwargs)
         yield client.tunnels[0].whenRegistered()
         remotePort = client.tunnels[0].mapping.remote_port
+        if self.mux and self.server is not None:
+            yield waitUntil(
+                lambda: getattr(self.server.registry.tunnels.get(remotePort), "muxSession", None),
+                30, "the client's multiplexed connection to reach the server")
         if self.pool and self.server is not None:
             # Users of the test then find the pool full, as they would a
             # client that has been up for a moment.

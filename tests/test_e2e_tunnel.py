@@ -18,7 +18,6 @@ from twisted.web import resource, static
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from gotunnel.config import Mapping
-from gotunnel.relay import RelayEnd
 from gotunnel.server import PublicUser
 from tests.support import (
     isStreamPrefix,
@@ -50,12 +49,13 @@ class TunnelDataTests(unittest.TestCase):
     zeroCopy = True
     spliceThread = True
     pool = 0
+    mux = False
     """Which relay path every splice takes; each class runs again with it off."""
 
     @defer.inlineCallbacks
     def setUp(self):
         self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=self.pool,
-                             spliceThread=self.spliceThread)
+                             spliceThread=self.spliceThread, mux=self.mux)
         yield self.tunnel.startServer()
         self.target = listenTarget(self)
         self.client, self.public = yield self.tunnel.publish(self.target)
@@ -127,12 +127,13 @@ class ServiceTestCase(unittest.TestCase):
     zeroCopy = True
     spliceThread = True
     pool = 0
+    mux = False
     """Which relay path every splice takes; each class runs again with it off."""
 
     @defer.inlineCallbacks
     def setUp(self):
         self.tunnel = Tunnel(self, zeroCopy=self.zeroCopy, pool=self.pool,
-                             spliceThread=self.spliceThread)
+                             spliceThread=self.spliceThread, mux=self.mux)
         yield self.tunnel.startServer()
 
     @defer.inlineCallbacks
@@ -296,8 +297,9 @@ class TransferTests(ServiceTestCase):
         held = [0]
 
         def sample():
+            # Relay ends, and multiplexed connections with their streams.
             ends = [c for c in [*self.tunnel.server.registry.connections,
-                                *client.tunnels[0].connections] if isinstance(c, RelayEnd)]
+                                *client.tunnels[0].connections] if hasattr(c, "bufferedBytes")]
             held[0] = max(held[0], sum(end.bufferedBytes() for end in ends))
 
         sampler = task.LoopingCall(sample)
@@ -690,3 +692,40 @@ class HTTPTestsWithPoolWithoutZeroCopy(HTTPTests):
 class ClosingTestsWithPoolWithoutZeroCopy(ClosingTests):
     zeroCopy = False
     pool = 2
+
+
+# And again with users carried as streams of one multiplexed connection per
+# mapping (zero copy does not apply to a stream's bytes).
+
+
+class TunnelDataTestsMultiplexed(TunnelDataTests):
+    zeroCopy = False
+    mux = True
+
+
+class HTTPTestsMultiplexed(HTTPTests):
+    zeroCopy = False
+    mux = True
+
+
+class TransferTestsMultiplexed(TransferTests):
+    zeroCopy = False
+    mux = True
+
+
+class ClosingTestsMultiplexed(ClosingTests):
+    zeroCopy = False
+    mux = True
+
+
+class TwoMappingsTestsMultiplexed(TwoMappingsTests):
+    zeroCopy = False
+    mux = True
+
+    @defer.inlineCallbacks
+    def assertEachGetsItsOwn(self, services, publics, tags):
+        # One client's mappings each have a multiplexed connection of their own.
+        tunnels = self.tunnel.server.registry.tunnels
+        yield waitUntil(lambda: all(getattr(tunnels.get(p), "muxSession", None) for p in publics),
+                        WAIT, "every mapping's multiplexed connection")
+        yield TwoMappingsTests.assertEachGetsItsOwn(self, services, publics, tags)

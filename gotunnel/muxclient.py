@@ -1,0 +1,129 @@
+"""
+The client's multiplexed data connection (the C{mux} extension, see
+docs/protocol.md): one connection to the server per mapping, whose streams
+the server opens one per user; each is spliced to a new connection to the
+local service.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from gotunnel import messages
+from gotunnel.control import MessageReceiver
+from gotunnel.mux import MuxSession, MuxStream, StreamEnd
+from gotunnel.printable import printable
+from gotunnel.relay import RelayEnd, setKeepAlive, setNoDelay, splice
+from gotunnel.sameturn import twistedBuffered
+
+log = Logger()
+
+
+class MuxDataChannel(MessageReceiver):
+    """
+    A mapping's multiplexed data connection: a C{data_channel} with C{mux},
+    then, once the server accepts it, yamux frames both ways.
+    """
+
+    session: Optional[MuxSession] = None
+
+    def __init__(self, tunnel) -> None:
+        self.tunnel = tunnel
+
+    def connectionMade(self) -> None:
+        setNoDelay(self.transport)
+        setKeepAlive(self.transport)
+        self.tunnel.connections.add(self)
+        mapping, settings = self.tunnel.mapping, self.tunnel.settings
+        self.sendMessage(messages.DataChannel(
+            local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
+            token=settings.token, name=settings.name, mux=1))
+
+    def msg_register_resp(self, msg: messages.RegisterResp) -> None:
+        if not msg.ok:
+            log.warn("the server refused the multiplexed data connection of {mapping}: "
+                     "{reason}; using a data channel per user",
+                     mapping=str(self.tunnel.mapping), reason=printable(msg.reason))
+            self.tunnel.muxRefused(self)
+            self.transport.loseConnection()
+            return
+        self.switchToRaw()
+        self.session = MuxSession(self.tunnel.reactor, opens=False, accept=self._accept)
+        self.session.start(self.transport)
+        if self.tunnel.muxChannel is not self:
+            # The control channel went while the server answered.
+            self.session.goAway()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        self.session.dataReceived(data)
+
+    def _accept(self, stream: MuxStream) -> None:
+        end = StreamEnd(stream)
+        end.holdReading()
+        connecting = self.tunnel.localEndpoint.connect(_LocalFactory(self.tunnel, end))
+        connecting.addErrback(self._localUnreachable, stream)
+
+    def _localUnreachable(self, failure, stream: MuxStream) -> None:
+        log.warn("local service {host}:{port} is unreachable ({why}); closing the user's "
+                 "connection", host=self.tunnel.mapping.local_host,
+                 port=self.tunnel.mapping.local_port, why=failure.getErrorMessage())
+        stream.abortConnection()
+
+    def goAway(self) -> None:
+        """No new users: close once the streams have ended."""
+        if self.session is not None:
+            self.session.goAway()
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    def bufferedBytes(self) -> int:
+        """What this connection and its streams hold, not yet written."""
+        held = twistedBuffered(self.transport) if hasattr(self.transport, "dataBuffer") else 0
+        return held + (self.session.bufferedBytes() if self.session is not None else 0)
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.tunnel.connections.discard(self)
+        if self.session is not None:
+            self.session.connectionLost()
+        self.tunnel.muxLost(self)
+
+
+class _LocalConnection(Protocol, RelayEnd):
+    """A connection to the local service for one stream."""
+
+    def __init__(self, tunnel, end: StreamEnd) -> None:
+        self.tunnel = tunnel
+        self.end = end
+
+    def connectionMade(self) -> None:
+        setNoDelay(self.transport)
+        if self.end.transport.closed:
+            # The user went while we connected.
+            self.transport.loseConnection()
+            return
+        self.tunnel.connections.add(self)
+        splice(self.end, self, zeroCopy=False)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relayReceived(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.tunnel.connections.discard(self)
+        self.relayConnectionLost(reason)
+
+
+class _LocalFactory(Factory):
+    noisy = False
+
+    def __init__(self, tunnel, end: StreamEnd) -> None:
+        self.tunnel = tunnel
+        self.end = end
+
+    def buildProtocol(self, addr) -> _LocalConnection:
+        return _LocalConnection(self.tunnel, self.end)
