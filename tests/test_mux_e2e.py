@@ -1,0 +1,133 @@
+"""
+Users carried as streams of one multiplexed connection (gotunnel.mux), over
+real loopback sockets: the tunnel's integrity tests again over TLS, a
+stalled stream beside a busy one on the same connection, and the fallback
+to data channels when the server does not agree.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from gotunnel import messages, mux
+from tests.support import (
+    HOST, Source, Tunnel, connectUser, listenService, listenTarget, randomBytes, temporaryDirectory,
+    waitUntil, within,
+)
+from tests.test_e2e_tunnel import ClosingTests, TransferTests, TunnelDataTests, WAIT
+from tests.test_tls import SERVER_NAME, makeCertificates, sslListen, tlsServer, trustDirectory
+
+MiB = 1024 * 1024
+
+
+class MultiplexedOverTLS:
+    """A server listening with TLS, clients that verify it and multiplex."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        certificates = temporaryDirectory(self)
+        makeCertificates(certificates, "--name", SERVER_NAME, "--ip", HOST)
+        trust = trustDirectory(self, certificates)
+        self.tunnel = Tunnel(self, zeroCopy=False, mux=True)
+        yield self.tunnel.startServer(listen=sslListen(certificates))
+        startClient = self.tunnel.startClient
+
+        def tlsClient(targetPort, **overrides):
+            overrides.setdefault("server", tlsServer(HOST, self.tunnel.controlPort, trust))
+            return startClient(targetPort, **overrides)
+
+        self.tunnel.startClient = tlsClient
+
+
+class TunnelDataTestsMultiplexedOverTLS(MultiplexedOverTLS, TunnelDataTests):
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield MultiplexedOverTLS.setUp(self)
+        self.target = listenTarget(self)
+        self.client, self.public = yield self.tunnel.publish(self.target)
+
+
+class TransferTestsMultiplexedOverTLS(MultiplexedOverTLS, TransferTests):
+    pass
+
+
+class ClosingTestsMultiplexedOverTLS(MultiplexedOverTLS, ClosingTests):
+    pass
+
+
+class WindowTests(unittest.TestCase):
+    """The per-stream windows, on one real connection."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_stalledStreamBesideABusyOne(self):
+        """
+        Two users of one mapping, carried by the same multiplexed connection,
+        each fed 16 MiB by its service: one stops reading, the other reads
+        everything meanwhile.  The stalled stream holds no more than about
+        its window at either end (its queue and its unread bytes), and gets
+        every byte once its user reads again.
+        """
+        tunnel = Tunnel(self, zeroCopy=False, mux=True)
+        yield tunnel.startServer()
+        payload = randomBytes(16 * MiB)
+        service = listenService(self, Source, payload=payload)
+        client, public = yield within(tunnel.publish(service.port, health_check_interval=3600),
+                                      WAIT, "the mapping")
+        yield within(service.nextConnection(), WAIT, "the client's probe")
+        serverSession = tunnel.server.registry.tunnels[public].muxSession
+        clientSession = client.tunnels[0].muxChannel.session
+
+        stalled = yield connectUser(self, public)
+        stalled.transport.pauseProducing()
+        source = yield within(service.nextConnection(), WAIT, "the stalled user's service")
+        yield waitUntil(lambda: source.sent >= MiB, WAIT, "the stalled user's service to send")
+
+        busy = yield connectUser(self, public)
+        yield waitUntil(lambda: len(clientSession.streams) == 2, WAIT, "the busy user's stream")
+        self.assertEqual(len(serverSession.streams), 2)
+        got = yield within(busy.readClosed, WAIT, "16 MiB at the busy user beside the stalled one")
+        self.assertEqual(got, payload)
+
+        self.assertLess(source.sent, len(payload), "the stalled user's service was not held back")
+        for session in (serverSession, clientSession):
+            stream = session.streams[min(session.streams)]
+            self.assertLessEqual(stream.bufferedBytes(), mux.WINDOW + 2 * Source.chunkSize)
+        stalled.transport.resumeProducing()
+        got = yield within(stalled.readClosed, WAIT, "16 MiB at the stalled user once it reads")
+        self.assertEqual(got, payload)
+
+
+class FallbackTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_serverThatDoesNotAgree(self):
+        """
+        A client that offers mux to a server that does not answer it (ours
+        with --no-mux, as a Go server) uses a data channel per user, and
+        opens no multiplexed connection.
+        """
+        tunnel = Tunnel(self, zeroCopy=False)
+        yield tunnel.startServer(mux=False)
+        target = listenTarget(self)
+        client, public = yield tunnel.publish(target, mux=True)
+        user = yield connectUser(self, public)
+        payload = randomBytes(MiB)
+        user.transport.write(payload)
+        got = yield within(user.whenReceived(len(payload)), WAIT, "the echo")
+        self.assertEqual(got, payload)
+        self.assertIsNone(client.tunnels[0].muxChannel)
+        self.assertIsNone(tunnel.server.registry.tunnels[public].muxSession)
+
+    def test_registerWithoutMuxIsGoBytes(self):
+        """A client without mux sends the Go register, field for field."""
+        self.assertEqual(
+            messages.encode(messages.Register(local_port=1, remote_port=2, token="t", name="n")),
+            b'{"type":"register","local_port":1,"remote_port":2,"protocol":"tcp",'
+            b'"token":"t","name":"n"}')
+        self.assertEqual(messages.parse(b'{"type":"register","mux":1}').mux, 1)
+        self.assertRaises(messages.ProtocolError, messages.parse,
+                          b'{"type":"register","mux":2}')
