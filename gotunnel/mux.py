@@ -354,7 +354,9 @@ class MuxSession:
         if kind == PING:
             if streamId != 0:
                 raise MuxError("a ping on a stream")
-            if flags & SYN:
+            if flags & SYN and not self._paused:
+                # Not while the peer reads nothing of ours: a flood of pings
+                # must not pile answers up in our buffer.
                 self.sendFrame(PING, ACK, 0, length)
             return
         if kind == GO_AWAY:

@@ -356,7 +356,10 @@ class Tunnel:
         stream = self.muxSession.openStream()
         if stream is None:
             return False
-        splice(user, StreamEnd(stream))
+        end = StreamEnd(stream)
+        # The admin API and the connection log count the service's bytes here.
+        user.dataChannel = end
+        splice(user, end)
         self.registry.stats.dataChannelReady(user, self.registry.clock.seconds() - user.connectedAt)
         return True
 

@@ -285,6 +285,16 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertFalse(pair.serverWire.disconnecting)
         self.assertFalse(pair.clientWire.disconnecting)
 
+    def test_noPingAnswersWhileThePeerReadsNothing(self) -> None:
+        """A flood of pings from a peer that reads nothing piles no answers up."""
+        pair = Pair()
+        pair.server.pauseProducing()
+        pair.server.dataReceived(HEADER.pack(0, mux.PING, mux.SYN, 0, 7) * 1000)
+        self.assertEqual(pair.serverWire.value(), b"")
+        pair.server.resumeProducing()
+        pair.server.dataReceived(HEADER.pack(0, mux.PING, mux.SYN, 0, 7))
+        self.assertEqual(pair.serverWire.value(), HEADER.pack(0, mux.PING, mux.ACK, 0, 7))
+
     def test_silentPeerDropped(self) -> None:
         """A peer that answers nothing for two intervals loses the session."""
         pair = Pair()

@@ -100,6 +100,27 @@ class WindowTests(unittest.TestCase):
         self.assertEqual(got, payload)
 
 
+class AccountingTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_bytesCountedBothWays(self):
+        """A multiplexed user's bytes both ways reach the mapping's counters."""
+        tunnel = Tunnel(self, zeroCopy=False, mux=True)
+        yield tunnel.startServer()
+        target = listenTarget(self)
+        _, public = yield tunnel.publish(target)
+        user = yield connectUser(self, public)
+        payload = randomBytes(100_000)
+        user.transport.write(payload)
+        yield within(user.whenReceived(len(payload)), WAIT, "the echo")
+        user.transport.loseConnection()
+        yield within(user.closed, WAIT, "the close")
+        stats = tunnel.server.registry.tunnels[public].stats
+        yield waitUntil(lambda: stats.bytesIn, WAIT, "the user's connection to be counted")
+        self.assertEqual((stats.bytesIn, stats.bytesOut), (len(payload), len(payload)))
+
+
 class FallbackTests(unittest.TestCase):
     timeout = 60
 
