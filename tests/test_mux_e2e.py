@@ -10,7 +10,9 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
+import gotunnel.server
 from gotunnel import messages, mux
+from gotunnel.server import RegistrationRefused
 from tests.support import (
     HOST, Source, Tunnel, connectUser, listenService, listenTarget, randomBytes, temporaryDirectory,
     waitUntil, within,
@@ -142,6 +144,28 @@ class FallbackTests(unittest.TestCase):
         self.assertEqual(got, payload)
         self.assertIsNone(client.tunnels[0].muxChannel)
         self.assertIsNone(tunnel.server.registry.tunnels[public].muxSession)
+
+    @defer.inlineCallbacks
+    def test_refusedConnectionFallsBackToThePool(self):
+        """
+        A server that agrees at register but then refuses the multiplexed
+        connection: the client keeps its pool of data channels, as without.
+        """
+        def refuse(tunnel, session):
+            raise RegistrationRefused("no mapping of port 1 agreed to multiplexing")
+
+        self.patch(gotunnel.server.Tunnel, "addMuxSession", refuse)
+        tunnel = Tunnel(self, zeroCopy=False, pool=2)
+        yield tunnel.startServer()
+        target = listenTarget(self)
+        client, public = yield within(tunnel.publish(target, mux=True), WAIT,
+                                      "the mapping and its pool")
+        user = yield connectUser(self, public)
+        payload = randomBytes(MiB)
+        user.transport.write(payload)
+        got = yield within(user.whenReceived(len(payload)), WAIT, "the echo")
+        self.assertEqual(got, payload)
+        self.assertIsNone(client.tunnels[0].muxChannel)
 
     def test_registerWithoutMuxIsGoBytes(self):
         """A client without mux sends the Go register, field for field."""
