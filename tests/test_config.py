@@ -890,6 +890,22 @@ class ExitOnRefusalOptionTests(ConfigTestCase):
         self.assertConfigError("client", self.CLIENT + "  exit_on_refusal: 'yes please'\n",
                                "client.exit_on_refusal must be true or false")
 
+class MuxOptionTests(ConfigTestCase):
+    """client.mux / --mux: off by default; server.mux / --no-mux: on by default."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_client(self):
+        self.assertFalse(self.client(self.CLIENT).mux)
+        self.assertTrue(self.client(self.CLIENT + "  mux: true\n").mux)
+        self.assertTrue(self.client(self.CLIENT, "--mux").mux)
+
+    def test_server(self):
+        self.assertTrue(self.server("server:\n  token: t\n").mux)
+        self.assertFalse(self.server("server:\n  token: t\n  mux: false\n").mux)
+        self.assertFalse(self.server("server:\n  token: t\n", "--no-mux").mux)
+
+
 class PortLeaseOptionTests(ConfigTestCase):
     """server.port_lease / --port-lease: seconds, 0 (off) or more; 30 by default."""
 
