@@ -17,7 +17,8 @@ from tests.support import (
     HOST, Source, Tunnel, connectUser, listenService, listenTarget, randomBytes, temporaryDirectory,
     waitUntil, within,
 )
-from tests.test_e2e_tunnel import ClosingTests, TransferTests, TunnelDataTests, WAIT
+from tests import test_e2e_tunnel as e2e
+from tests.test_e2e_tunnel import WAIT
 from tests.test_tls import SERVER_NAME, makeCertificates, sslListen, tlsServer, trustDirectory
 
 MiB = 1024 * 1024
@@ -42,7 +43,7 @@ class MultiplexedOverTLS:
         self.tunnel.startClient = tlsClient
 
 
-class TunnelDataTestsMultiplexedOverTLS(MultiplexedOverTLS, TunnelDataTests):
+class TunnelDataTestsMultiplexedOverTLS(MultiplexedOverTLS, e2e.TunnelDataTests):
     @defer.inlineCallbacks
     def setUp(self):
         yield MultiplexedOverTLS.setUp(self)
@@ -50,11 +51,11 @@ class TunnelDataTestsMultiplexedOverTLS(MultiplexedOverTLS, TunnelDataTests):
         self.client, self.public = yield self.tunnel.publish(self.target)
 
 
-class TransferTestsMultiplexedOverTLS(MultiplexedOverTLS, TransferTests):
+class TransferTestsMultiplexedOverTLS(MultiplexedOverTLS, e2e.TransferTests):
     pass
 
 
-class ClosingTestsMultiplexedOverTLS(MultiplexedOverTLS, ClosingTests):
+class ClosingTestsMultiplexedOverTLS(MultiplexedOverTLS, e2e.ClosingTests):
     pass
 
 
