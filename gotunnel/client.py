@@ -142,6 +142,8 @@ class ControlChannel(MessageReceiver):
     """
 
     registered = False
+    answer: Optional[messages.RegisterResp] = None
+    """The server's register_resp, once it accepted the mapping."""
     lastPong = 0.0
     handshakeDone = False
     tlsMismatchHint = "the server speaks TLS? connect with --tls"
@@ -156,7 +158,7 @@ class ControlChannel(MessageReceiver):
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
-            protocol="tcp", token=settings.token, name=settings.name))
+            protocol=mapping.protocol, token=settings.token, name=settings.name))
 
     def handshakeCompleted(self) -> None:
         self.handshakeDone = True
@@ -170,6 +172,7 @@ class ControlChannel(MessageReceiver):
             self.transport.loseConnection()
             return
         self.registered = True
+        self.answer = msg
         self.lastPong = self.tunnel.reactor.seconds()
         self.heartbeat.start(self.tunnel.settings.heartbeat_interval, now=False)
         # A Go server sends no pool: it gets no pooled data channels.
@@ -667,9 +670,11 @@ class TunnelClientService(MultiService):
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
+        from gotunnel.udp import UdpTunnelService
+
         endpoints = ServerEndpoints(reactor, settings)
-        self.tunnels = [TunnelService(settings, mapping, endpoints.control, reactor,
-                                      endpoints.dataChannel)
+        self.tunnels = [(UdpTunnelService if mapping.protocol == "udp" else TunnelService)(
+                            settings, mapping, endpoints.control, reactor, endpoints.dataChannel)
                         for mapping in settings.mappings]
         for tunnel in self.tunnels:
             tunnel.setServiceParent(self)

@@ -55,6 +55,12 @@ class ServerSettings:
     """Mappings one client name may hold at once."""
     max_pool_count: int = 8
     """Data channels a mapping's client may open ahead of its users (0: none)."""
+    udp: bool = True
+    """Publish mappings registered with protocol "udp" as UDP ports (see gotunnel.udp)."""
+    udp_session_timeout: float = 60.0
+    """Seconds a remote UDP peer keeps its peer id after its last datagram."""
+    udp_max_sessions: int = 1024
+    """Remote UDP peers one UDP mapping tracks at once; new peers beyond are dropped."""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -88,10 +94,13 @@ class Mapping:
     local_host: str
     local_port: int
     remote_port: int
+    protocol: str = "tcp"
+    """"tcp", or "udp" (see gotunnel.udp)."""
 
     def __str__(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
-        return f"{host}:{self.local_port}->{self.remote_port}"
+        prefix = "udp:" if self.protocol == "udp" else ""
+        return f"{prefix}{host}:{self.local_port}->{self.remote_port}"
 
 
 @dataclass
@@ -124,6 +133,11 @@ class ClientSettings:
     pool_count: int = 4
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""
+    udp_session_timeout: float = 60.0
+    """Seconds a UDP mapping's session (one local socket per remote peer)
+    lives after its last datagram."""
+    udp_max_sessions: int = 1024
+    """Sessions one UDP mapping holds at once; new peers' datagrams beyond are dropped."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -143,9 +157,14 @@ def parsePort(text: str, what: str) -> int:
 
 def parseMapping(text: str) -> Mapping:
     """
-    Parse C{[LOCALHOST:]LOCALPORT:REMOTEPORT}; an IPv6 host goes in brackets
-    (C{[::1]:22:10022}).  The local host defaults to 127.0.0.1.
+    Parse C{[udp:|tcp:][LOCALHOST:]LOCALPORT:REMOTEPORT}; an IPv6 host goes
+    in brackets (C{[::1]:22:10022}).  The local host defaults to 127.0.0.1.
     """
+    for protocol in ("udp", "tcp"):
+        if text.startswith(protocol + ":"):
+            mapping = parseMapping(text[len(protocol) + 1:])
+            return Mapping(mapping.local_host, mapping.local_port, mapping.remote_port,
+                           protocol)
     host = "127.0.0.1"
     rest = text
     if text.startswith("["):
@@ -457,7 +476,15 @@ def _portRange(value: Any, text: Any, name: str) -> range:
     return range(port, port + 1)
 
 
-_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port}
+def _protocol(value: Any, text: Any, name: str) -> str:
+    protocol = _text(value, text, name).lower()
+    if protocol not in ("tcp", "udp"):
+        raise ValueError(f"{name} must be tcp or udp, got {value!r}")
+    return protocol
+
+
+_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port,
+                "protocol": _protocol}
 
 
 
@@ -531,6 +558,9 @@ _SERVER_KEYS: dict[str, Callable] = {
     "clients": _clients,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,
+    "udp": _flag,
+    "udp_session_timeout": _seconds,
+    "udp_max_sessions": _count,
     "tls_cert": _text,
     "tls_key": _text,
     "tls_client_ca": _text,
@@ -562,4 +592,6 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
     "pool_count": _countOrZero,
+    "udp_session_timeout": _seconds,
+    "udp_max_sessions": _count,
 }

@@ -46,6 +46,9 @@ class RegisterResp:
     pool: Optional[int] = None
     """ext, in the answer to C{register}: how many pooled data channels the
     server keeps for the mapping (see L{DataChannel.pooled})."""
+    protocol: Optional[str] = None
+    """ext, in the answer to a C{register} of protocol "udp": "udp" when the
+    server publishes it as UDP (see L{gotunnel.udp}); a Go server sends none."""
 
     @property
     def ok(self) -> bool:
@@ -131,8 +134,10 @@ MESSAGE_TYPES: dict[str, type] = {
 
 _PORT_FIELDS = frozenset({"local_port", "remote_port", "port"})
 
-_EXTENSION_TYPES: dict[str, type] = {"conn_id": str, "pool": int, "pooled": bool}
-"""Our optional fields, absent (or null) from a Go peer's frames."""
+_EXTENSION_TYPES: dict[str, type] = {"conn_id": str, "pool": int, "pooled": bool,
+                                     "register_resp.protocol": str}
+"""Our optional fields, absent (or null) from a Go peer's frames (by name, or
+by type.name where the name is a Go field in other messages)."""
 
 MAX_POOL = 1024
 """The largest C{register_resp.pool} we accept."""
@@ -199,7 +204,8 @@ def parse(body: bytes) -> Optional[Message]:
         if field.name not in obj:
             continue
         value = obj[field.name]
-        expected = _EXTENSION_TYPES.get(field.name)
+        expected = _EXTENSION_TYPES.get(f"{typeName}.{field.name}",
+                                        _EXTENSION_TYPES.get(field.name))
         if expected is not None and value is None:
             continue
         if expected is None:

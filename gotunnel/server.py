@@ -120,6 +120,9 @@ class Tunnel:
     user (the client's pool, see L{messages.DataChannel.pooled}).
     """
 
+    protocol: Optional[str] = None
+    """What register_resp confirms: None for TCP, "udp" for L{gotunnel.udp.UdpTunnel}."""
+
     def __init__(self, registry: "TunnelRegistry", channel: "ServerChannel",
                  register: messages.Register) -> None:
         self.registry = registry
@@ -427,7 +430,11 @@ class TunnelRegistry:
             name = self.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
-            if msg.protocol not in ("tcp", ""):
+            tunnelType = Tunnel
+            if msg.protocol == "udp" and self.settings.udp:
+                from gotunnel.udp import UdpTunnel
+                tunnelType = UdpTunnel
+            elif msg.protocol not in ("tcp", ""):
                 raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
             if not 1 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
@@ -444,7 +451,7 @@ class TunnelRegistry:
                      name=msg.name, remote_port=msg.remote_port)
             previousStopped = previous.close()
             previous.channel.transport.loseConnection()
-        tunnel = Tunnel(self, channel, msg)
+        tunnel = tunnelType(self, channel, msg)
         if previous is not None:
             tunnel._stopping = previousStopped
         self.tunnels[msg.remote_port] = tunnel
@@ -660,8 +667,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.tunnel = tunnel
         self._releasePending()
         self.registry.clientArrived(self.host)
-        self.sendMessage(messages.RegisterResp(
-            status="ok", pool=self.registry.settings.max_pool_count or None))
+        pool = self.registry.settings.max_pool_count if tunnel.protocol is None else 0
+        self.sendMessage(messages.RegisterResp(status="ok", pool=pool or None,
+                                               protocol=tunnel.protocol))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
                  "public port {remote_port}", name=tunnel.name, peer=self.peerDescription,
                  local_port=tunnel.local_port, remote_port=tunnel.remote_port)
@@ -716,7 +724,10 @@ class ServerChannel(MessageReceiver, RelayEnd):
             return
         certificateName = tls.peerCommonName(self.transport)
         try:
-            if msg.pooled:
+            if msg.protocol == "udp":
+                from gotunnel.udp import attachCarrier
+                self.tunnel = attachCarrier(self.registry, msg, certificateName)
+            elif msg.pooled:
                 self.tunnel = self.registry.poolDataChannel(self, msg, certificateName)
             else:
                 user = self.registry.attachDataChannel(msg, certificateName)
@@ -726,6 +737,13 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.refuse(str(e))
             return
         self._releasePending()
+        if msg.protocol == "udp":
+            # The carrying channel of a UDP mapping: datagram frames from now on.
+            self.role = "udp"
+            self.sendMessage(messages.RegisterResp(status="ok"))
+            self.switchToRaw()
+            self.tunnel.attachCarrier(self)
+            return
         if msg.pooled:
             # Read on while idle: a pooled channel that closes must leave
             # the pool at once, not when a user is handed to it.
@@ -780,6 +798,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
                   ms=(self.registry.clock.seconds() - user.connectedAt) * 1000)
 
     def rawDataReceived(self, data: bytes) -> None:
+        if self.role == "udp":
+            self.tunnel.carrierData(self, data)
+            return
         self.relayReceived(data)
 
     def readConnectionLost(self) -> None:
@@ -813,6 +834,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.tunnel.close()
         elif role == "pooled":
             self.tunnel.pooledLost(self)
+        elif role == "udp":
+            self.tunnel.carrierLost(self)
         elif role == "data":
             self.relayConnectionLost()
 

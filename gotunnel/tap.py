@@ -91,6 +91,23 @@ _NO_SPLICE_THREAD = [
     "(splice_thread: false in the config file)."]
 
 
+def _udpOptions(role: str, settingsType: type) -> list[list[Any]]:
+    return [
+        ["udp-session-timeout", None, None,
+         "Seconds a UDP mapping keeps a remote peer's session after its last datagram "
+         f"(default: {settingsType.udp_session_timeout:g}; {role}.udp_session_timeout)",
+         _positive],
+        ["udp-max-sessions", None, None,
+         "Remote peers one UDP mapping serves at once; new peers' datagrams beyond are "
+         f"dropped (default: {settingsType.udp_max_sessions}; {role}.udp_max_sessions)",
+         _atLeastOne],
+    ]
+
+
+_UDP_FIELDS = {"udp-session-timeout": "udp_session_timeout",
+               "udp-max-sessions": "udp_max_sessions"}
+
+
 def _busyPollOption(role: str, settingsType: type) -> list[Any]:
     return ["busy-poll", None, None,
             "Microseconds the splice thread polls for a socket's answer before it sleeps, "
@@ -303,8 +320,10 @@ class ServerOptions(_SettingsOptions):
          "Mutual TLS: require client certificates signed by the CA in this PEM file; "
          "a certificate's common name must be the client's name (server.tls_client_ca)."],
         _busyPollOption("server", ServerSettings),
-    ] + _logOptions("server")
-    optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD]
+    ] + _udpOptions("server", ServerSettings) + _logOptions("server")
+    optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD,
+                ["no-udp", None, "Publish no UDP mappings: a client's register of protocol "
+                                 "udp is refused (udp: false in the config file)."]]
 
     role = "server"
     firstOptions = ("token", "listen", "config")
@@ -317,12 +336,16 @@ class ServerOptions(_SettingsOptions):
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
-              "log-level": "log_level", "log-lang": "log_lang"}
+              "log-level": "log_level", "log-lang": "log_lang", **_UDP_FIELDS}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
                   "tls_client_ca": "tls-client-ca"}
 
     def fileValues(self, configFile: ConfigFile) -> dict[str, Any]:
         return configFile.serverValues()
+
+    def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        if self["no-udp"]:
+            values["udp"] = False
 
     def tokenRequired(self, values: dict[str, Any]) -> bool:
         # With server.clients, only listed clients may register unless a
@@ -369,7 +392,7 @@ class ClientOptions(_SettingsOptions):
         ["tls-client-key", None, None,
          "The PEM private key of --tls-client-cert (client.tls_client_key)."],
         _busyPollOption("client", ClientSettings),
-    ] + _logOptions("client")
+    ] + _udpOptions("client", ClientSettings) + _logOptions("client")
     optFlags = [
         ["tls", None, "Connect with TLS and verify the server's certificate and name "
                       "(client.tls)."],
@@ -389,7 +412,7 @@ class ClientOptions(_SettingsOptions):
               "pool-count": "pool_count", "busy-poll": "busy_poll",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
-              "log-level": "log_level", "log-lang": "log_lang"}
+              "log-level": "log_level", "log-lang": "log_lang", **_UDP_FIELDS}
     tlsOptions = {"tls": "tls", "tls_ca": "ca", "tls_server_name": "server-name",
                   "tls_client_cert": "tls-client-cert", "tls_client_key": "tls-client-key"}
 
@@ -399,8 +422,9 @@ class ClientOptions(_SettingsOptions):
 
     def opt_map(self, value: str) -> None:
         """
-        A local service to publish: [LOCALHOST:]LOCALPORT:REMOTEPORT
-        (repeatable; replaces the services of the config file).
+        A local service to publish: [udp:][LOCALHOST:]LOCALPORT:REMOTEPORT
+        (repeatable; replaces the services of the config file; udp: publishes
+        a UDP service).
         """
         try:
             self["map"].append(parseMapping(value))
