@@ -422,10 +422,6 @@ class CarrierFactory(Factory):
         return self.channel
 
 
-NO_UDP = ("the server answered {mapping} without confirming UDP (a Go server, or one "
-          "without UDP tunnels): withdrawing this mapping; the others go on")
-
-
 class UdpTunnelService(TunnelService):
     """
     One UDP mapping: the control channel of L{TunnelService}, one carrying
@@ -473,7 +469,9 @@ class UdpTunnelService(TunnelService):
     def registered(self, channel, serverPool: int = 0) -> None:
         answer = getattr(channel, "answer", None)
         if answer is None or answer.protocol != "udp":
-            log.error(NO_UDP, mapping=str(self.mapping))
+            log.error("the server answered {mapping} without confirming UDP (a Go server, or "
+                      "one without UDP tunnels): withdrawing this mapping; the others go on",
+                      mapping=str(self.mapping))
             self.withdrawn = True
             channel.transport.loseConnection()
             self.removeService(self.connector)

@@ -454,3 +454,226 @@ class UdpTunnelTests(UdpTunnelTestCase):
         tunnel = self.tunnel.server.registry.tunnels[public]
         self.assertIsInstance(tunnel, udp.UdpTunnel)
         self.assertEqual(len(responder.sources), 1)
+
+    @defer.inlineCallbacks
+    def test_manyPeersEachGetTheirOwnReplies(self):
+        """
+        Twenty peers at once, each with queries of its own: every peer gets
+        exactly its own answers, and the service sees one source (a session
+        socket on the client) per peer.
+        """
+        responder = DnsResponder()
+        client, public = yield self.publish(responder)
+        peers = [self.peer() for _ in range(20)]
+        yield exchange(peers[0], public, b"warm-up")
+        for round in range(3):
+            for i, peer in enumerate(peers):
+                peer.transport.write(b"peer-%d-query-%d" % (i, round), (HOST, public))
+        yield waitUntil(lambda: all(len(p.received) >= 3 for p in peers[1:])
+                        and len(peers[0].received) >= 4, 10, "every peer's answers")
+        for i, peer in enumerate(peers):
+            mine = [a for a in peer.received if a.startswith(b"peer-%d-" % i)]
+            self.assertEqual(len(mine), 3, peer.received)
+            self.assertEqual(len(peer.received), 3 + (i == 0), peer.received)
+        self.assertEqual(len(responder.sources), 20)
+        self.assertEqual(len(client.tunnels[0].sessions), 20)
+
+    @defer.inlineCallbacks
+    def test_largestDatagrams(self):
+        """
+        Datagrams of 65,507 bytes (IPv4's largest) go through whole and come
+        back whole: every one, on an idle tunnel, none resent.
+        """
+        client, public = yield self.publish(UdpEcho())
+        peer = self.peer()
+        yield exchange(peer, public, b"warm-up")
+        for i in range(10):
+            payload = bytes([i]) * 65507
+            count = len(peer.received)
+            peer.transport.write(payload, (HOST, public))
+            yield waitUntil(lambda: len(peer.received) > count, 10,
+                            f"the echo of datagram {i} of 65,507 bytes")
+            self.assertEqual(peer.received[-1], payload)
+        self.assertEqual(client.tunnels[0].counters.dropped, 0)
+        self.assertEqual(self.tunnel.server.registry.tunnels[public].counters.dropped, 0)
+
+    @defer.inlineCallbacks
+    def test_floodDropsInsteadOfBuffering(self):
+        """
+        With the client not reading its carrying channel, a flood of
+        datagrams fills the kernel's buffers, then is dropped and counted at
+        the server: the carrying channel's user-space buffer stays within
+        Twisted's bound plus one frame.  Once the client reads again, the
+        tunnel answers.
+        """
+        client, public = yield self.publish(UdpEcho())
+        peer = self.peer()
+        yield exchange(peer, public, b"warm-up")
+        server = self.tunnel.server.registry.tunnels[public]
+        client.tunnels[0].carrierChannel.transport.pauseProducing()
+        transport = server.carrierChannel.transport
+        bound = transport.bufferSize + udp.HEADER.size + udp.MAX_DATAGRAM
+        largest = 0
+
+        def flood():
+            nonlocal largest
+            for _ in range(200):
+                peer.transport.write(b"f" * 1400, (HOST, public))
+            buffered = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            largest = max(largest, buffered)
+            return server.counters.dropped_backed_up > 1000
+
+        yield retryUntil(flood, 30, "the server to drop datagrams", interval=0.002)
+        self.assertLessEqual(largest, bound)
+        self.assertGreater(server.counters.forwarded, 0)
+        client.tunnels[0].carrierChannel.transport.resumeProducing()
+        answer = yield exchange(peer, public, b"after the flood", timeout=20)
+        self.assertIn(answer, (b"f" * 1400, b"after the flood"))
+
+    @defer.inlineCallbacks
+    def test_clientRestart(self):
+        """
+        A client that stops and starts again publishes the port again, and
+        the same peer gets answers through the new client.
+        """
+        client, public = yield self.publish(UdpEcho())
+        peer = self.peer()
+        self.assertEqual((yield exchange(peer, public, b"one")), b"one")
+        target = client.tunnels[0].mapping.local_port
+        yield client.stopService()
+        second = self.startClient(target, public)
+        yield within(self.carrying(second), 10, "the second client's carrying channel")
+        answer = yield exchange(peer, public, b"two")
+        self.assertEqual(answer, b"two")
+
+
+class GoServerChannel(MessageReceiver):
+    """A server that speaks as the Go gotunnel: a plain ok to every register."""
+
+    def msg_register(self, msg: messages.Register) -> None:
+        self.factory.registers.append(msg)
+        self.sendMessage(messages.RegisterResp(status="ok"))
+
+    def msg_data_channel(self, msg: messages.DataChannel) -> None:
+        self.factory.dataChannels.append(msg)
+        self.transport.loseConnection()
+
+    def msg_ping(self, msg: messages.Ping) -> None:
+        self.sendMessage(messages.Pong(time=msg.time))
+
+
+class GoServerFactory(Factory):
+    protocol = GoServerChannel
+
+    def __init__(self) -> None:
+        self.registers: list[messages.Register] = []
+        self.dataChannels: list[messages.DataChannel] = []
+
+
+class ServerWithoutUdpTests(UdpTunnelTestCase):
+    @defer.inlineCallbacks
+    def test_goServerPlainOk(self):
+        """
+        A server that answers a UDP register with a plain ok (the Go server,
+        which opens a TCP port) gets one clear line; the client withdraws
+        that mapping (closes its control channel, never registers it again,
+        opens no carrying channel) and keeps its TCP mapping.
+        """
+        factory = GoServerFactory()
+        port = reactor.listenTCP(0, factory, interface=HOST)
+        self.addCleanup(port.stopListening)
+        self.tunnel.controlPort = port.getHost().port
+        settings = ClientSettings(
+            server=f"tcp:{HOST}:{self.tunnel.controlPort}", token=TOKEN, name="c",
+            mappings=[Mapping(HOST, 53, 10053, "udp"), Mapping(HOST, 22, 10022)], pool_count=0)
+        client = TunnelClientService(settings, reactor=reactor)
+        client.startService()
+        self.addCleanup(client.stopService)
+        udpTunnel, tcpTunnel = client.tunnels
+        yield within(self.logs.whenMatched(LogWatcher.formatted(
+            "the server answered {mapping} without confirming UDP",
+            mapping="udp:127.0.0.1:53->10053")), 10, "the line saying the server has no UDP")
+        yield within(tcpTunnel.whenRegistered(), 10, "the TCP mapping")
+        yield waitUntil(lambda: udpTunnel.channel is None and not udpTunnel.connector.running,
+                        10, "the UDP mapping to be withdrawn")
+        self.assertTrue(udpTunnel.withdrawn)
+        self.assertEqual([r.protocol for r in factory.registers], ["udp", "tcp"])
+        self.assertEqual(factory.dataChannels, [])
+        self.assertIsNotNone(tcpTunnel.channel)
+
+    @defer.inlineCallbacks
+    def test_ourServerWithUdpOff(self):
+        """Our server with --no-udp refuses the mapping with its reason."""
+        yield self.tunnel.startServer(udp=False)
+        client = self.startClient(53, freeUdpPort())
+        yield within(self.logs.whenMatched(LogWatcher.formatted(
+            "the server refused {mapping}: {reason}",
+            reason="protocol 'udp' is not supported, only tcp")), 10, "the refusal")
+        self.assertIsNone(client.tunnels[0].channel)
+
+
+class ClientSessionTests(unittest.TestCase):
+    """A UDP mapping's client end on a memory reactor: sessions, their cap and expiry."""
+
+    def setUp(self):
+        self.reactor = UDPReactor()
+        settings = ClientSettings(token=TOKEN, name="c", udp_session_timeout=60,
+                                  udp_max_sessions=2)
+        self.tunnel = udp.UdpTunnelService(settings, Mapping("10.0.0.2", 53, 10053, "udp"),
+                                           None, self.reactor)
+        self.tunnel.sweeper.startService()
+        self.addCleanup(self.tunnel.sweeper.stopService)
+
+    def test_sessionPerPeer(self):
+        """
+        Each peer id gets a UDP socket of its own connected to the local
+        service, reading whole datagrams; a peer's datagrams go out of its socket.
+        """
+        self.tunnel.fromServer(1, b"a")
+        self.tunnel.fromServer(2, b"b")
+        self.tunnel.fromServer(1, b"c")
+        first, second = self.reactor.udpPorts
+        self.assertEqual(first.connected, ("10.0.0.2", 53))
+        self.assertEqual(first.written, [(b"a", ("10.0.0.2", 53)), (b"c", ("10.0.0.2", 53))])
+        self.assertEqual(second.written, [(b"b", ("10.0.0.2", 53))])
+        self.assertEqual(self.reactor.maxPacketSize, udp.READ_SIZE)
+
+    def test_sessionsCapped(self):
+        """Beyond udp_max_sessions, a new peer's datagrams are dropped and counted."""
+        for peer in (1, 2, 3, 3):
+            self.tunnel.fromServer(peer, b"x")
+        self.assertEqual(len(self.reactor.udpPorts), 2)
+        self.assertEqual(self.tunnel.counters.dropped_sessions, 2)
+
+    def test_sessionExpires(self):
+        """
+        A session idle for udp_session_timeout is closed (its socket too);
+        one kept busy, by either direction, stays.
+        """
+        self.tunnel.fromServer(1, b"a")
+        self.tunnel.fromServer(2, b"b")
+        first, second = self.reactor.udpPorts
+        self.reactor.advance(45)
+        second.protocol.datagramReceived(b"reply", ("10.0.0.2", 53))
+        self.reactor.advance(30)
+        self.assertEqual(list(self.tunnel.sessions), [2])
+        self.assertTrue(first.stopped)
+        self.assertFalse(second.stopped)
+        self.reactor.advance(60)
+        self.assertEqual(self.tunnel.sessions, {})
+
+    def test_replyWithoutCarrierDropped(self):
+        """A reply with no carrying channel up is dropped and counted, not kept."""
+        self.tunnel.fromServer(1, b"a")
+        [port] = self.reactor.udpPorts
+        port.protocol.datagramReceived(b"reply", ("10.0.0.2", 53))
+        self.assertEqual(self.tunnel.counters.dropped_backed_up, 1)
+
+    def test_badFrameClosesCarrier(self):
+        """On the client too, a frame longer than any datagram closes the carrying channel."""
+        channel = udp.CarrierChannel(self.tunnel)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(OK + struct.pack(">HI", 65534, 9) + b"x" * 10)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.reactor.udpPorts, [])
