@@ -677,3 +677,34 @@ class ClientSessionTests(unittest.TestCase):
         channel.dataReceived(OK + struct.pack(">HI", 65534, 9) + b"x" * 10)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.reactor.udpPorts, [])
+
+
+class UdpOverTLSTests(UdpTunnelTestCase):
+    @defer.inlineCallbacks
+    def test_carryingChannelIsTLS(self):
+        """
+        Under TLS the carrying channel is a TLS connection too (the data
+        channels' endpoint), and datagrams of every size go through it.
+        """
+        from twisted.internet.interfaces import ISSLTransport
+
+        from .support import temporaryDirectory
+        from .test_tls import makeCertificates, sslListen, tlsServer, trustDirectory
+
+        certificates = temporaryDirectory(self)
+        makeCertificates(certificates, "--ip", HOST)
+        trust = trustDirectory(self, certificates)
+        yield self.tunnel.startServer(listen=sslListen(certificates))
+        client, public = yield self.publish(
+            UdpEcho(), server=tlsServer(HOST, self.tunnel.controlPort, trust))
+        peer = self.peer()
+        self.assertEqual((yield exchange(peer, public, b"over tls")), b"over tls")
+        for size in (0, 1400, 65507):
+            payload = b"t" * size
+            count = len(peer.received)
+            peer.transport.write(payload, (HOST, public))
+            yield waitUntil(lambda: len(peer.received) > count, 10, f"{size} bytes over TLS")
+            self.assertEqual(peer.received[-1], payload)
+        self.assertTrue(ISSLTransport.providedBy(client.tunnels[0].carrierChannel.transport))
+        server = self.tunnel.server.registry.tunnels[public]
+        self.assertTrue(ISSLTransport.providedBy(server.carrierChannel.transport))
