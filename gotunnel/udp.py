@@ -18,12 +18,13 @@ the cap on sessions.  Peers and sessions end after an idle timeout.
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 from twisted.application.internet import TimerService
-from twisted.internet import defer, error
+from twisted.internet import defer, error, tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Factory
@@ -34,6 +35,7 @@ from gotunnel import messages
 from gotunnel.client import POOL_REFILL_DELAY, TunnelService
 from gotunnel.control import MessageReceiver
 from gotunnel.relay import setNoDelay
+from gotunnel.sameturn import twistedBuffered
 from gotunnel.server import RegistrationRefused, Tunnel, TunnelRegistry, _whenFired
 
 log = Logger()
@@ -51,8 +53,30 @@ READ_SIZE = 65536
 
 MAX_PEER_ID = 0xFFFFFFFF
 
+CARRIER_BUFFER = 512 * 1024
+"""Bytes a carrying channel's transport buffers before it pauses us and
+datagrams are dropped.  Twisted's default (64 KiB) is less than one read of
+a busy UDP port (up to 256 KiB), which would drop most of every burst before
+the kernel is even asked to take it."""
+
+SOCKET_BUFFER = 1024 * 1024
+"""What we ask the kernel to buffer for each UDP socket of ours (it gives at
+most net.core.rmem_max / wmem_max)."""
+
 SWEEPS_PER_TIMEOUT = 4
 """How often, per idle timeout, idle peers and sessions are looked for."""
+
+
+def enlargeBuffers(port) -> None:
+    """Ask for L{SOCKET_BUFFER} of kernel buffer on a UDP port's socket, each way."""
+    handle = getattr(port, "socket", None)
+    if handle is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            handle.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError:
+            pass
 
 
 def encodeFrame(peer_id: int, payload: bytes) -> bytes:
@@ -129,10 +153,19 @@ class Carrier:
     """
 
     paused = False
+    flushCall = None
 
-    def __init__(self, transport, deliver: Callable[[int, bytes], None]) -> None:
+    def __init__(self, transport, deliver: Callable[[int, bytes], None], clock) -> None:
         self.transport = transport
+        self.clock = clock
         self.decoder = FrameDecoder(deliver)
+        # Under TLS the buffer that fills is the TCP transport's, below.
+        self.tcp = None
+        for layer in (transport, getattr(transport, "transport", None)):
+            if hasattr(layer, "bufferSize"):
+                layer.bufferSize = CARRIER_BUFFER
+            if isinstance(layer, tcp.Connection):
+                self.tcp = layer
         transport.registerProducer(self, True)
 
     def send(self, peer_id: int, payload: bytes) -> bool:
@@ -140,7 +173,26 @@ class Carrier:
         if self.paused:
             return False
         self.transport.writeSequence((HEADER.pack(len(payload), peer_id), payload))
+        if self.flushCall is None and self.tcp is not None:
+            self.flushCall = self.clock.callLater(0, self.flush)
         return True
+
+    def flush(self) -> None:
+        """
+        Hand the frames written in this turn to the kernel now, in one send,
+        rather than at the reactor's next turn (see L{gotunnel.sameturn}):
+        every datagram read in a turn goes out with the first of them.
+        """
+        self.flushCall = None
+        connection = self.tcp
+        if (connection is not None and connection.connected and not connection.disconnecting
+                and twistedBuffered(connection)):
+            connection.doWrite()
+
+    def stop(self) -> None:
+        if self.flushCall is not None and self.flushCall.active():
+            self.flushCall.cancel()
+        self.flushCall = None
 
     def feed(self, data: bytes) -> Optional[str]:
         return self.decoder.feed(data)
@@ -236,6 +288,7 @@ class UdpTunnel(Tunnel):
             self.listener = self.registry.reactor.listenUDP(
                 self.remote_port, PublicDatagrams(self),
                 interface=self.registry.settings.public_interface, maxPacketSize=READ_SIZE)
+            enlargeBuffers(self.listener)
             log.info("public UDP port {remote_port} listening for {name}",
                      remote_port=self.remote_port, name=self.name)
 
@@ -286,7 +339,7 @@ class UdpTunnel(Tunnel):
         """
         previous = self.carrierChannel
         self.carrierChannel = channel
-        self.carrier = Carrier(channel.transport, self.fromClient)
+        self.carrier = Carrier(channel.transport, self.fromClient, self.registry.clock)
         if previous is not None:
             previous.transport.loseConnection()
         log.info("datagrams of UDP port {remote_port} carried for {name}",
@@ -302,6 +355,7 @@ class UdpTunnel(Tunnel):
     def carrierLost(self, channel) -> None:
         if channel is self.carrierChannel:
             self.carrierChannel = None
+            self.carrier.stop()
             self.carrier = None
 
     def sweep(self) -> None:
@@ -317,7 +371,10 @@ class UdpTunnel(Tunnel):
     def close(self) -> defer.Deferred:
         if not self.closed and self.sweeper.running:
             self.sweeper.stopService()
-        channel, self.carrierChannel, self.carrier = self.carrierChannel, None, None
+        channel, carrier = self.carrierChannel, self.carrier
+        self.carrierChannel = self.carrier = None
+        if carrier is not None:
+            carrier.stop()
         if channel is not None:
             channel.transport.loseConnection()
         self.peers.clear()
@@ -400,7 +457,7 @@ class CarrierChannel(MessageReceiver):
             self.transport.loseConnection()
             return
         self.switchToRaw()
-        self.carrier = Carrier(self.transport, self.tunnel.fromServer)
+        self.carrier = Carrier(self.transport, self.tunnel.fromServer, self.tunnel.reactor)
 
     def rawDataReceived(self, data: bytes) -> None:
         why = self.carrier.feed(data)
@@ -408,6 +465,8 @@ class CarrierChannel(MessageReceiver):
             self.protocolError(why)
 
     def connectionLost(self, reason=None) -> None:
+        if self.carrier is not None:
+            self.carrier.stop()
         self.tunnel.connections.discard(self)
         self.tunnel.carrierLost(self)
 
@@ -537,6 +596,7 @@ class UdpTunnelService(TunnelService):
                 udpPort = self.reactor.listenUDP(0, session, interface="::" if ":" in host
                                                  else "", maxPacketSize=READ_SIZE)
                 udpPort.connect(host, port)
+                enlargeBuffers(udpPort)
             except (OSError, error.CannotListenError) as e:
                 log.warn("cannot open a UDP socket for {mapping}: {why}",
                          mapping=str(self.mapping), why=str(e))

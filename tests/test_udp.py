@@ -110,7 +110,7 @@ class CarrierTests(unittest.TestCase):
         bound), send writes nothing and says so.
         """
         transport = StringTransport()
-        carrier = udp.Carrier(transport, lambda *a: None)
+        carrier = udp.Carrier(transport, lambda *a: None, MemoryReactorClock())
         self.assertIs(transport.producer, carrier)
         self.assertTrue(transport.streaming)
         self.assertTrue(carrier.send(1, b"a"))

@@ -1,0 +1,343 @@
+#!/usr/bin/env python3
+"""
+udpbench: a gotunnel UDP mapping measured next to a direct path and socat's
+UDP relay, in one run, over 127.0.0.1.
+
+    direct     the sender sends to the target itself
+    socat      socat UDP4-LISTEN:PUBLIC,fork UDP4:127.0.0.1:TARGET
+    gotunnel   gotunnel-server and gotunnel-client (this virtualenv's), the
+               client mapping udp:TARGET:PUBLIC
+
+Workloads, for each datagram size (64, 512 and 1,400 bytes by default):
+
+    max        the sender sends as fast as it can for --seconds; the target
+               counts what arrives: packets per second delivered, and loss
+    at-socat   the sender paces itself at the rate socat delivered in the
+               same repeat: loss (the target: under 1%)
+
+and the round trip of a 64-byte echo (p50, p99), one at a time.
+
+All three relays start once and stay up; the measurements take turns
+(profile after profile, within every repeat), and the tables show medians
+over --repeat.  The target is this file re-run (_target), in a process of
+its own; the sender and the echo client are this process.  Every process it
+starts is in its own process group and is stopped by that id at the end.
+
+    .venv/bin/python bench/udpbench.py
+    .venv/bin/python bench/udpbench.py --repeat 5 --seconds 2 --sizes 64,1400
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from typing import Optional
+
+HOST = "127.0.0.1"
+SELF = os.path.abspath(__file__)
+PROFILES = ("direct", "socat", "gotunnel")
+TOKEN = "udpbench"
+READY_SECONDS = 30.0
+COUNT = struct.Struct("!QQ")
+
+
+def freePort() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    while True:
+        with socket.socket() as tcp:
+            tcp.bind((HOST, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram:
+                try:
+                    datagram.bind((HOST, port))
+                except OSError:
+                    continue
+        return port
+
+
+# ---------------------------------------------------------------------------
+# The target: counts datagrams; echoes those that start with E; answers C
+# (sent to it directly) with its count and byte total since the last C.
+
+
+def target(port: int, controlPort: int) -> None:
+    data = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    data.bind((HOST, port))
+    control = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    control.bind((HOST, controlPort))
+    control.setblocking(False)
+    count = size = 0
+    data.settimeout(0.05)
+    deadline = time.monotonic() + 3 * 3600
+    while time.monotonic() < deadline:
+        try:
+            datagram, peer = data.recvfrom(65536)
+        except socket.timeout:
+            datagram = None
+        if datagram is not None:
+            if datagram[:1] == b"E":
+                data.sendto(datagram, peer)
+            else:
+                count += 1
+                size += len(datagram)
+        try:
+            _, asker = control.recvfrom(16)
+        except BlockingIOError:
+            continue
+        control.sendto(COUNT.pack(count, size), asker)
+        count = size = 0
+
+
+# ---------------------------------------------------------------------------
+# Relays
+
+
+class Relay:
+    def __init__(self, name: str, public: int, processes: list[subprocess.Popen]) -> None:
+        self.name = name
+        self.public = public
+        self.processes = processes
+        self.sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sender.bind((HOST, 0))
+        self.sender.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024 * 1024)
+
+    def stop(self) -> None:
+        self.sender.close()
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for process in self.processes:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def spawn(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def startRelay(name: str, targetPort: int, args) -> Relay:
+    if name == "direct":
+        return Relay(name, targetPort, [])
+    public = freePort()
+    if name == "socat":
+        return Relay(name, public, [spawn([
+            "socat", f"UDP4-LISTEN:{public},bind={HOST},fork,reuseaddr",
+            f"UDP4:{HOST}:{targetPort}"])])
+    bindir = os.path.dirname(sys.executable)
+    control = freePort()
+    server = spawn([os.path.join(bindir, "gotunnel-server"), "--listen",
+                    f"tcp:{control}:interface={HOST}", "--token", TOKEN,
+                    "--public-interface", HOST, "--log-level", "warn",
+                    *args.server_args.split()])
+    client = spawn([os.path.join(bindir, "gotunnel-client"), "--server",
+                    f"tcp:{HOST}:{control}", "--token", TOKEN, "--name", "udpbench",
+                    "--map", f"udp:{HOST}:{targetPort}:{public}", "--log-level", "warn",
+                    *args.client_args.split()])
+    return Relay(name, public, [server, client])
+
+
+def waitReady(relay: Relay) -> None:
+    """Until a 64-byte echo comes back through the relay (bounded)."""
+    deadline = time.monotonic() + READY_SECONDS
+    relay.sender.settimeout(0.2)
+    while time.monotonic() < deadline:
+        relay.sender.sendto(b"E" + b"r" * 63, (HOST, relay.public))
+        try:
+            relay.sender.recvfrom(65536)
+            return
+        except socket.timeout:
+            for process in relay.processes:
+                if process.poll() is not None:
+                    raise SystemExit(f"{relay.name} ended: {process.stderr.read().decode()}")
+    raise SystemExit(f"{relay.name} forwarded nothing within {READY_SECONDS} s")
+
+
+def drain(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.recv(65536)
+    except BlockingIOError:
+        pass
+    finally:
+        sock.setblocking(True)
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+
+
+def askCount(controlPort: int) -> tuple[int, int]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as asker:
+        asker.settimeout(2)
+        asker.sendto(b"C", (HOST, controlPort))
+        return COUNT.unpack(asker.recv(64))
+
+
+def send(relay: Relay, size: int, seconds: float, rate: Optional[float],
+         controlPort: int) -> tuple[float, float, int]:
+    """
+    Send datagrams of C{size} bytes for C{seconds}, at C{rate} per second (or
+    as fast as possible); returns (delivered per second, loss, sent).
+    """
+    askCount(controlPort)
+    payload = b"P" * size
+    address = (HOST, relay.public)
+    sendto = relay.sender.sendto
+    sent = 0
+    start = time.perf_counter()
+    end = start + seconds
+    batch = 32
+    while True:
+        now = time.perf_counter()
+        if now >= end:
+            break
+        if rate is None:
+            due = batch
+        else:
+            due = min(int(rate * (now - start)) - sent, batch)
+            if due <= 0:
+                time.sleep(0.0001)
+                continue
+        for _ in range(due):
+            try:
+                sendto(payload, address)
+            except (BlockingIOError, ConnectionRefusedError):
+                pass
+        sent += due
+    elapsed = time.perf_counter() - start
+    time.sleep(0.3)
+    received, _ = askCount(controlPort)
+    return received / elapsed, 1 - received / max(sent, 1), sent
+
+
+def roundTrips(relay: Relay, count: int) -> tuple[float, float, int]:
+    """p50 and p99 of a 64-byte echo in microseconds, and how many were lost."""
+    sock = relay.sender
+    drain(sock)
+    sock.settimeout(0.5)
+    times = []
+    lost = 0
+    for i in range(count):
+        payload = b"E" + struct.pack("!I", i) + b"e" * 59
+        start = time.perf_counter()
+        sock.sendto(payload, (HOST, relay.public))
+        while True:
+            try:
+                answer = sock.recv(65536)
+            except socket.timeout:
+                lost += 1
+                break
+            if answer == payload:
+                times.append((time.perf_counter() - start) * 1e6)
+                break
+    times.sort()
+    if not times:
+        return float("nan"), float("nan"), lost
+    return times[len(times) // 2], times[min(len(times) - 1, len(times) * 99 // 100)], lost
+
+
+# ---------------------------------------------------------------------------
+
+
+def table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=1.0, help="per pps run")
+    parser.add_argument("--sizes", default="64,512,1400")
+    parser.add_argument("--rtt-count", type=int, default=1000)
+    parser.add_argument("--profiles", default=",".join(PROFILES))
+    parser.add_argument("--server-args", default="")
+    parser.add_argument("--client-args", default="")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    profiles = args.profiles.split(",")
+
+    targetPort, controlPort = freePort(), freePort()
+    targetProcess = spawn([sys.executable, SELF, "_target", str(targetPort), str(controlPort)])
+    relays: dict[str, Relay] = {}
+    results: dict[tuple, list] = {}
+    try:
+        for name in profiles:
+            relays[name] = startRelay(name, targetPort, args)
+        for relay in relays.values():
+            waitReady(relay)
+        for repeat in range(args.repeat):
+            for size in sizes:
+                socatRate = None
+                for name in profiles:
+                    pps, loss, _ = send(relays[name], size, args.seconds, None, controlPort)
+                    results.setdefault(("max", size, name), []).append((pps, loss))
+                    if name == "socat":
+                        socatRate = pps
+                if socatRate is None:
+                    continue
+                for name in profiles:
+                    pps, loss, _ = send(relays[name], size, args.seconds, socatRate, controlPort)
+                    results.setdefault(("paced", size, name), []).append((socatRate, loss))
+            for name in profiles:
+                results.setdefault(("rtt", name), []).append(
+                    roundTrips(relays[name], args.rtt_count))
+            print(f"repeat {repeat + 1} of {args.repeat} done", file=sys.stderr)
+    finally:
+        for relay in relays.values():
+            relay.stop()
+        os.killpg(targetProcess.pid, signal.SIGTERM)
+        targetProcess.wait(5)
+
+    def median(values):
+        return statistics.median(values)
+
+    rows = []
+    for size in sizes:
+        socatPps = median(p for p, _ in results.get(("max", size, "socat"), [(float("nan"), 0)]))
+        for name in profiles:
+            runs = results[("max", size, name)]
+            pps = median(p for p, _ in runs)
+            loss = median(l for _, l in runs)
+            paced = results.get(("paced", size, name))
+            pacedText = (f"{median(l for _, l in paced) * 100:.2f}% at "
+                         f"{median(r for r, _ in paced):,.0f}/s") if paced else "-"
+            rows.append([str(size), name, f"{pps:,.0f}", f"{loss * 100:.1f}%",
+                         f"{pps / socatPps:.2f}" if "socat" in profiles else "-", pacedText])
+    table(f"UDP packets per second, sender unpaced for {args.seconds:g} s "
+          f"(median of {args.repeat})",
+          ["bytes", "profile", "delivered/s", "loss", "x socat", "loss at socat's rate"], rows)
+    rows = []
+    socatRtt = median(r[0] for r in results.get(("rtt", "socat"), [(float("nan"),)]))
+    for name in profiles:
+        runs = results[("rtt", name)]
+        p50 = median(r[0] for r in runs)
+        rows.append([name, f"{p50:.0f}", f"{median(r[1] for r in runs):.0f}",
+                     str(sum(r[2] for r in runs)), f"{p50 / socatRtt:.2f}"])
+    table(f"64-byte echo round trip, {args.rtt_count} in a row (median of {args.repeat})",
+          ["profile", "p50 us", "p99 us", "lost", "x socat"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_target":
+        target(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        sys.exit(main(sys.argv[1:]))
