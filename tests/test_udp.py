@@ -708,3 +708,112 @@ class UdpOverTLSTests(UdpTunnelTestCase):
         self.assertTrue(ISSLTransport.providedBy(client.tunnels[0].carrierChannel.transport))
         server = self.tunnel.server.registry.tunnels[public]
         self.assertTrue(ISSLTransport.providedBy(server.carrierChannel.transport))
+
+
+class SettingsTests(unittest.TestCase):
+    """--map udp:..., protocol: udp in config.yaml, and the UDP options."""
+
+    def setUp(self):
+        from .support import temporaryDirectory
+        self.directory = temporaryDirectory(self)
+
+    def parse(self, options, text: str, *argv: str):
+        import os
+        import textwrap
+        path = os.path.join(self.directory, "config.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(textwrap.dedent(text))
+        options.parseOptions(["--config", path, *argv])
+        return options.settings()
+
+    def test_clientConfigAndOptions(self):
+        """A tunnel with protocol: udp, --map udp:..., and the session options."""
+        from gotunnel.tap import ClientOptions
+        settings = self.parse(ClientOptions(), """
+            client:
+              token: t
+              udp_session_timeout: 30
+              udp_max_sessions: 10
+              tunnels:
+                - {local_port: 53, remote_port: 10053, protocol: udp}
+                - {local_port: 22, remote_port: 10022}
+            """)
+        self.assertEqual(settings.mappings, [Mapping("127.0.0.1", 53, 10053, "udp"),
+                                             Mapping("127.0.0.1", 22, 10022, "tcp")])
+        self.assertEqual((settings.udp_session_timeout, settings.udp_max_sessions), (30, 10))
+        settings = self.parse(ClientOptions(), "client: {token: t}\n",
+                              "--map", "udp:[::1]:53:10053", "--udp-max-sessions", "5")
+        self.assertEqual(settings.mappings, [Mapping("::1", 53, 10053, "udp")])
+        self.assertEqual(settings.udp_max_sessions, 5)
+
+    def test_badProtocol(self):
+        """protocol: sctp is refused with the key's name."""
+        from gotunnel.config import ConfigError
+        from gotunnel.tap import ClientOptions
+        with self.assertRaises(ConfigError) as caught:
+            self.parse(ClientOptions(), """
+                client:
+                  token: t
+                  tunnels: [{local_port: 53, remote_port: 10053, protocol: sctp}]
+                """)
+        self.assertIn("client.tunnels[0].protocol must be tcp or udp", str(caught.exception))
+
+    def test_serverOptions(self):
+        """UDP is on by default; --no-udp or udp: false turns it off."""
+        from gotunnel.tap import ServerOptions
+        self.assertTrue(self.parse(ServerOptions(), "server: {token: t}\n").udp)
+        self.assertFalse(self.parse(ServerOptions(), "server: {token: t}\n", "--no-udp").udp)
+        settings = self.parse(ServerOptions(), """
+            server: {token: t, udp: false, udp_session_timeout: 5, udp_max_sessions: 7}
+            """)
+        self.assertEqual((settings.udp, settings.udp_session_timeout,
+                          settings.udp_max_sessions), (False, 5, 7))
+
+
+class CarrierBufferTests(unittest.TestCase):
+    def test_boundRaised(self):
+        """
+        The carrying channel's transport (under TLS, the TCP transport below
+        it) buffers up to CARRIER_BUFFER before it pauses us.
+        """
+        tcpTransport = StringTransport()
+        tcpTransport.bufferSize = 65536
+
+        class TLSLike(StringTransport):
+            transport = tcpTransport
+
+        udp.Carrier(TLSLike(), lambda *a: None, MemoryReactorClock())
+        self.assertEqual(tcpTransport.bufferSize, udp.CARRIER_BUFFER)
+
+    def test_oneSendPerTurn(self):
+        """
+        Frames written in one turn of the reactor go to the kernel together,
+        at the end of the turn, not at the next turn: with the reactor's
+        writes held back, they still arrive.
+        """
+        import socket
+
+        from twisted.internet import tcp as tcpModule
+
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        clock = MemoryReactorClock()
+
+        class Connection(tcpModule.Connection):
+            def startWriting(self):
+                pass
+
+            def stopWriting(self):
+                pass
+
+        left.setblocking(False)
+        connection = Connection(left, None, reactor=clock)
+        connection.connected = True
+        carrier = udp.Carrier(connection, lambda *a: None, clock)
+        carrier.send(1, b"one")
+        carrier.send(2, b"two")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0)
+        right.settimeout(1)
+        self.assertEqual(right.recv(100), udp.encodeFrame(1, b"one") + udp.encodeFrame(2, b"two"))
