@@ -35,7 +35,7 @@ from gotunnel import messages
 from gotunnel.client import POOL_REFILL_DELAY, TunnelService
 from gotunnel.control import MessageReceiver
 from gotunnel.relay import setNoDelay
-from gotunnel.sameturn import twistedBuffered
+from gotunnel.sameturn import twistedBuffered, writeThrough
 from gotunnel.server import RegistrationRefused, Tunnel, TunnelRegistry, _whenFired
 
 log = Logger()
@@ -172,16 +172,21 @@ class Carrier:
         """Write one datagram's frame; False (nothing written) while backed up."""
         if self.paused:
             return False
-        self.transport.writeSequence((HEADER.pack(len(payload), peer_id), payload))
+        if self.flushCall is None and self.tcp is self.transport:
+            # Plain TCP: the first frame of this turn goes to the kernel at
+            # once, so a lone datagram (a query, a ping) waits for nothing.
+            writeThrough(self.transport, HEADER.pack(len(payload), peer_id) + payload)
+        else:
+            self.transport.writeSequence((HEADER.pack(len(payload), peer_id), payload))
         if self.flushCall is None and self.tcp is not None:
             self.flushCall = self.clock.callLater(0, self.flush)
         return True
 
     def flush(self) -> None:
         """
-        Hand the frames written in this turn to the kernel now, in one send,
-        rather than at the reactor's next turn (see L{gotunnel.sameturn}):
-        every datagram read in a turn goes out with the first of them.
+        Hand the frames written in this turn after its first to the kernel
+        now, in one send, rather than at the reactor's next turn (see
+        L{gotunnel.sameturn}).
         """
         self.flushCall = None
         connection = self.tcp

@@ -787,9 +787,9 @@ class CarrierBufferTests(unittest.TestCase):
 
     def test_oneSendPerTurn(self):
         """
-        Frames written in one turn of the reactor go to the kernel together,
-        at the end of the turn, not at the next turn: with the reactor's
-        writes held back, they still arrive.
+        The first frame of a turn goes to the kernel at once, the others
+        together at the end of the turn, not at the next turn: with the
+        reactor's own writes held back, they still arrive.
         """
         import socket
 
@@ -811,9 +811,12 @@ class CarrierBufferTests(unittest.TestCase):
         connection = Connection(left, None, reactor=clock)
         connection.connected = True
         carrier = udp.Carrier(connection, lambda *a: None, clock)
+        right.settimeout(1)
         carrier.send(1, b"one")
+        self.assertEqual(right.recv(100), udp.encodeFrame(1, b"one"))
         carrier.send(2, b"two")
+        carrier.send(3, b"three")
         self.assertEqual(len(clock.getDelayedCalls()), 1)
         clock.advance(0)
-        right.settimeout(1)
-        self.assertEqual(right.recv(100), udp.encodeFrame(1, b"one") + udp.encodeFrame(2, b"two"))
+        self.assertEqual(right.recv(100), udp.encodeFrame(2, b"two")
+                         + udp.encodeFrame(3, b"three"))
