@@ -46,6 +46,7 @@ PROFILES = ("direct", "socat", "gotunnel")
 TOKEN = "udpbench"
 READY_SECONDS = 30.0
 COUNT = struct.Struct("!QQ")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def freePort() -> int:
@@ -123,6 +124,33 @@ class Relay:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
+def processTree(pid: int) -> list[int]:
+    """C{pid} and its descendants (socat forks a child per peer)."""
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(child) for child in f.read().split()]
+    except OSError:
+        return pids
+    for child in children:
+        pids += processTree(child)
+    return pids
+
+
+def cpuSeconds(relay: "Relay") -> float:
+    """User and system CPU time of the relay's processes so far."""
+    total = 0
+    for process in relay.processes:
+        for pid in processTree(process.pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
 def spawn(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -188,12 +216,14 @@ def askCount(controlPort: int) -> tuple[int, int]:
 
 
 def send(relay: Relay, size: int, seconds: float, rate: Optional[float],
-         controlPort: int) -> tuple[float, float, int]:
+         controlPort: int) -> tuple[float, float, float]:
     """
     Send datagrams of C{size} bytes for C{seconds}, at C{rate} per second (or
-    as fast as possible); returns (delivered per second, loss, sent).
+    as fast as possible); returns (delivered per second, loss, the relay's
+    CPU microseconds per delivered datagram).
     """
     askCount(controlPort)
+    cpuBefore = cpuSeconds(relay)
     payload = b"P" * size
     address = (HOST, relay.public)
     sendto = relay.sender.sendto
@@ -221,7 +251,8 @@ def send(relay: Relay, size: int, seconds: float, rate: Optional[float],
     elapsed = time.perf_counter() - start
     time.sleep(0.3)
     received, _ = askCount(controlPort)
-    return received / elapsed, 1 - received / max(sent, 1), sent
+    cpu = (cpuSeconds(relay) - cpuBefore) * 1e6 / max(received, 1)
+    return received / elapsed, 1 - received / max(sent, 1), cpu
 
 
 def roundTrips(relay: Relay, count: int) -> tuple[float, float, int]:
@@ -287,8 +318,9 @@ def main(argv: list[str]) -> int:
             for size in sizes:
                 socatRate = None
                 for name in profiles:
-                    pps, loss, _ = send(relays[name], size, args.seconds, None, controlPort)
+                    pps, loss, cpu = send(relays[name], size, args.seconds, None, controlPort)
                     results.setdefault(("max", size, name), []).append((pps, loss))
+                    results.setdefault(("cpu", size, name), []).append(cpu)
                     if name == "socat":
                         socatRate = pps
                 if socatRate is None:
@@ -319,11 +351,14 @@ def main(argv: list[str]) -> int:
             paced = results.get(("paced", size, name))
             pacedText = (f"{median(l for _, l in paced) * 100:.2f}% at "
                          f"{median(r for r, _ in paced):,.0f}/s") if paced else "-"
+            cpu = median(results[("cpu", size, name)])
             rows.append([str(size), name, f"{pps:,.0f}", f"{loss * 100:.1f}%",
-                         f"{pps / socatPps:.2f}" if "socat" in profiles else "-", pacedText])
+                         f"{pps / socatPps:.2f}" if "socat" in profiles else "-",
+                         f"{cpu:.1f}" if name != "direct" else "-", pacedText])
     table(f"UDP packets per second, sender unpaced for {args.seconds:g} s "
           f"(median of {args.repeat})",
-          ["bytes", "profile", "delivered/s", "loss", "x socat", "loss at socat's rate"], rows)
+          ["bytes", "profile", "delivered/s", "loss", "x socat", "relay CPU us/pkt",
+           "loss at socat's rate"], rows)
     rows = []
     socatRtt = median(r[0] for r in results.get(("rtt", "socat"), [(float("nan"),)]))
     for name in profiles:

@@ -59,22 +59,27 @@ datagrams are dropped.  Twisted's default (64 KiB) is less than one read of
 a busy UDP port (up to 256 KiB), which would drop most of every burst before
 the kernel is even asked to take it."""
 
-SOCKET_BUFFER = 1024 * 1024
-"""What we ask the kernel to buffer for each UDP socket of ours (it gives at
-most net.core.rmem_max / wmem_max)."""
+PUBLIC_SOCKET_BUFFER = 4 * 1024 * 1024
+"""What we ask the kernel to buffer for a public UDP port, each way (it gives
+at most net.core.rmem_max / wmem_max): a burst from many peers waits there
+while the reactor is busy, rather than being dropped."""
+
+SESSION_SOCKET_BUFFER = 256 * 1024
+"""The same for a client session's socket, one per peer: smaller, as there
+may be a thousand, and each carries one peer's replies."""
 
 SWEEPS_PER_TIMEOUT = 4
 """How often, per idle timeout, idle peers and sessions are looked for."""
 
 
-def enlargeBuffers(port) -> None:
-    """Ask for L{SOCKET_BUFFER} of kernel buffer on a UDP port's socket, each way."""
+def enlargeBuffers(port, size: int) -> None:
+    """Ask for C{size} bytes of kernel buffer on a UDP port's socket, each way."""
     handle = getattr(port, "socket", None)
     if handle is None:
         return
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
-            handle.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            handle.setsockopt(socket.SOL_SOCKET, option, size)
         except OSError:
             pass
 
@@ -293,7 +298,7 @@ class UdpTunnel(Tunnel):
             self.listener = self.registry.reactor.listenUDP(
                 self.remote_port, PublicDatagrams(self),
                 interface=self.registry.settings.public_interface, maxPacketSize=READ_SIZE)
-            enlargeBuffers(self.listener)
+            enlargeBuffers(self.listener, PUBLIC_SOCKET_BUFFER)
             log.info("public UDP port {remote_port} listening for {name}",
                      remote_port=self.remote_port, name=self.name)
 
@@ -601,7 +606,7 @@ class UdpTunnelService(TunnelService):
                 udpPort = self.reactor.listenUDP(0, session, interface="::" if ":" in host
                                                  else "", maxPacketSize=READ_SIZE)
                 udpPort.connect(host, port)
-                enlargeBuffers(udpPort)
+                enlargeBuffers(udpPort, SESSION_SOCKET_BUFFER)
             except (OSError, error.CannotListenError) as e:
                 log.warn("cannot open a UDP socket for {mapping}: {why}",
                          mapping=str(self.mapping), why=str(e))
