@@ -293,6 +293,65 @@ class ServerTests(unittest.TestCase):
         port.protocol.datagramReceived(b"after", ("198.51.100.1", 5000))
         self.assertEqual(carrierTransport.value(), udp.encodeFrame(1, b"after"))
 
+    def test_dropsLogged(self):
+        """
+        What was dropped is logged once per sweep (a quarter of the timeout),
+        by reason, and not again while nothing more is dropped.
+        """
+        logs = LogWatcher(self)
+        port, carrier, carrierTransport = self.registered()
+        carrierTransport.producer.pauseProducing()
+        for i in range(5):
+            port.protocol.datagramReceived(b"x", ("198.51.100.1", 5000 + i))
+        self.reactor.advance(15)
+        dropped = logs.matching(LogWatcher.formatted("UDP {mapping}: dropped"))
+        self.assertEqual([(e["mapping"], e["backed_up"], e["sessions"]) for e in dropped],
+                         [("port 10053", 3, 2)])
+        self.reactor.advance(15)
+        self.assertEqual(len(logs.matching(LogWatcher.formatted("UDP {mapping}: dropped"))), 1)
+
+    def test_offlineAndOnline(self):
+        """offline_port closes the public UDP port; online_port binds it again."""
+        control, transport = self.connect()
+        control.dataReceived(register())
+        control.dataReceived(jsonFrame(type="offline_port", port=10053))
+        [first] = self.reactor.udpPorts
+        self.assertTrue(first.stopped)
+        control.dataReceived(jsonFrame(type="online_port", port=10053))
+        [_, second] = self.reactor.udpPorts
+        self.assertEqual(second.port, 10053)
+        self.assertFalse(second.stopped)
+
+    def test_secondCarrierReplacesFirst(self):
+        """A new carrying channel takes over; the old one is closed and what it sends ignored."""
+        port, carrier, carrierTransport = self.registered()
+        port.protocol.datagramReceived(b"q", ("198.51.100.1", 5000))
+        newer, newerTransport = self.connect()
+        newer.dataReceived(carrierHandshake())
+        self.assertTrue(carrierTransport.disconnecting)
+        carrier.dataReceived(udp.encodeFrame(1, b"from the old one"))
+        newer.dataReceived(udp.encodeFrame(1, b"from the new one"))
+        self.assertEqual(port.written, [(b"from the new one", ("198.51.100.1", 5000))])
+        carrier.connectionLost(None)
+        port.protocol.datagramReceived(b"q2", ("198.51.100.1", 5000))
+        self.assertEqual(newerTransport.value(), OK + udp.encodeFrame(1, b"q2"))
+
+    def test_noPoolNorUsersForUdp(self):
+        """
+        A UDP mapping takes no pooled data channel, and a TCP data channel
+        (a Go client's) finds no user waiting on it.
+        """
+        self.registered()
+        pooled, transport = self.connect()
+        pooled.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
+                                      protocol="", token=TOKEN, name="edge-1", pooled=True))
+        self.assertIn(b"port 10053 is a UDP mapping: it keeps no pooled data channels",
+                      transport.value())
+        goData, transport = self.connect()
+        goData.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
+                                      protocol="", token=TOKEN, name="edge-1"))
+        self.assertIn(b"no user is waiting for this data channel", transport.value())
+
     def test_carrierOfAnotherPort(self):
         """A carrying channel for a port with no UDP mapping is refused."""
         self.registered()
