@@ -137,7 +137,7 @@ class DatagramCounters:
     dropped_backed_up: int = 0
     """The carrying channel was over its bound, or not up."""
     dropped_sessions: int = 0
-    """A new peer beyond the cap on sessions."""
+    """A new peer beyond the cap on sessions (or, on the client, no socket for it)."""
     dropped_unknown: int = 0
     """For a peer id no longer known (expired), or the socket would not send."""
 
@@ -154,7 +154,7 @@ class Carrier:
     """
     One end of a carrying channel once its handshake is done: frames out,
     frames in.  It is the streaming producer of its transport, so it knows
-    when the transport's buffer is over Twisted's bound: then C{send} drops.
+    when the transport's buffer is over L{CARRIER_BUFFER}: then C{send} drops.
     """
 
     paused = False

@@ -879,3 +879,50 @@ class CarrierBufferTests(unittest.TestCase):
         clock.advance(0)
         self.assertEqual(right.recv(100), udp.encodeFrame(2, b"two")
                          + udp.encodeFrame(3, b"three"))
+
+
+def ipv6Loopback() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+class UdpOverIPv6Tests(UdpTunnelTestCase):
+    if not ipv6Loopback():
+        skip = "no IPv6 loopback"
+
+    @defer.inlineCallbacks
+    def test_ipv6PeerAndService(self):
+        """
+        A public port on ::1 and a local service on ::1: the peer's IPv6
+        address gets its answer, from a session socket of the IPv6 family.
+        """
+        yield self.tunnel.startServer(public_interface="::1")
+        service = UdpEcho()
+        servicePort = reactor.listenUDP(0, service, interface="::1")
+        self.addCleanup(servicePort.stopListening)
+        remote = freeUdpPort()
+        settings = ClientSettings(
+            server=f"tcp:{HOST}:{self.tunnel.controlPort}", token=TOKEN, name="v6",
+            mappings=[Mapping("::1", servicePort.getHost().port, remote, "udp")], pool_count=0)
+        client = TunnelClientService(settings, reactor=reactor)
+        client.startService()
+        self.addCleanup(client.stopService)
+        yield within(self.carrying(client), 10, "the carrying channel")
+        peer = UdpPeer()
+        peerPort = reactor.listenUDP(0, peer, interface="::1")
+        self.addCleanup(peerPort.stopListening)
+        before = len(peer.received)
+
+        def attempt():
+            if len(peer.received) > before:
+                return True
+            peer.transport.write(b"over ipv6", ("::1", remote))
+            return False
+
+        yield retryUntil(attempt, 10, "an answer over IPv6", interval=0.05)
+        self.assertEqual(peer.received[0], b"over ipv6")
