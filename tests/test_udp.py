@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import struct
 
-from twisted.internet import defer, error, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol, Factory
