@@ -49,6 +49,9 @@ class RegisterResp:
     protocol: Optional[str] = None
     """ext, in the answer to a C{register} of protocol "udp": "udp" when the
     server publishes it as UDP (see L{gotunnel.udp}); a Go server sends none."""
+    conn_id: Optional[str] = None
+    """ext, with C{protocol} "udp": the secret the mapping's carrying channel
+    must show in its C{data_channel}."""
 
     @property
     def ok(self) -> bool:

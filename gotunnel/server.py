@@ -146,6 +146,11 @@ class Tunnel:
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
 
+    def registerResp(self) -> messages.RegisterResp:
+        """The answer to the C{register} that made this mapping."""
+        return messages.RegisterResp(status="ok",
+                                     pool=self.registry.settings.max_pool_count or None)
+
     def listen(self) -> defer.Deferred:
         """
         Start the public listener (after a stop still in progress).
@@ -667,9 +672,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.tunnel = tunnel
         self._releasePending()
         self.registry.clientArrived(self.host)
-        pool = self.registry.settings.max_pool_count if tunnel.protocol is None else 0
-        self.sendMessage(messages.RegisterResp(status="ok", pool=pool or None,
-                                               protocol=tunnel.protocol))
+        self.sendMessage(tunnel.registerResp())
         log.info("client {name} registered from {peer}: local port {local_port} -> "
                  "public port {remote_port}", name=tunnel.name, peer=self.peerDescription,
                  local_port=tunnel.local_port, remote_port=tunnel.remote_port)

@@ -36,7 +36,9 @@ from gotunnel.client import POOL_REFILL_DELAY, TunnelService
 from gotunnel.control import MessageReceiver
 from gotunnel.relay import setNoDelay
 from gotunnel.sameturn import twistedBuffered, writeThrough
-from gotunnel.server import RegistrationRefused, Tunnel, TunnelRegistry, _whenFired
+from gotunnel.server import (
+    RegistrationRefused, Tunnel, TunnelRegistry, _whenFired, tokensMatch,
+)
 
 log = Logger()
 
@@ -279,12 +281,19 @@ class UdpTunnel(Tunnel):
         self.nextPeerId = 1
         self.counters = DatagramCounters()
         self._reported: dict[str, int] = {}
+        self.carrierId = registry.newConnectionId()
+        """Only the client that registered knows it: no other holder of the
+        shared token can take this mapping's datagrams."""
         self.sweeper = TimerService(self.timeout / SWEEPS_PER_TIMEOUT, self.sweep)
         self.sweeper.clock = registry.clock
         self.sweeper.startService()
 
     def __repr__(self) -> str:
         return f"<UdpTunnel {self.name!r} :{self.remote_port}>"
+
+    def registerResp(self) -> messages.RegisterResp:
+        """ok, confirming UDP, with the carrying channel's secret; no pool."""
+        return messages.RegisterResp(status="ok", protocol="udp", conn_id=self.carrierId)
 
     def listen(self) -> defer.Deferred:
         """Bind the public UDP port (after a stop still in progress)."""
@@ -347,10 +356,11 @@ class UdpTunnel(Tunnel):
         C{channel}, a data channel just accepted, carries this mapping's
         datagrams from now on; one carried them before is closed.
         """
-        previous = self.carrierChannel
+        previous, previousCarrier = self.carrierChannel, self.carrier
         self.carrierChannel = channel
         self.carrier = Carrier(channel.transport, self.fromClient, self.registry.clock)
         if previous is not None:
+            previousCarrier.stop()
             previous.transport.loseConnection()
         log.info("datagrams of UDP port {remote_port} carried for {name}",
                  remote_port=self.remote_port, name=self.name)
@@ -398,11 +408,13 @@ def attachCarrier(registry: TunnelRegistry, msg: messages.DataChannel,
     The UDP mapping a C{data_channel} of protocol "udp" is to carry.
 
     @raise RegistrationRefused: a bad token, or no UDP mapping of that port
-        for this client.
+        for this client (it names another, or not the secret of the answer
+        to its C{register}).
     """
     mine = registry._dataChannelOwner(msg, certificateName)
     tunnel = registry.tunnels.get(msg.remote_port)
-    if not isinstance(tunnel, UdpTunnel) or not mine(tunnel):
+    if (not isinstance(tunnel, UdpTunnel) or not mine(tunnel)
+            or not tokensMatch(msg.conn_id or "", tunnel.carrierId)):
         raise RegistrationRefused(f"no UDP mapping of port {msg.remote_port} to carry")
     return tunnel
 
@@ -455,7 +467,7 @@ class CarrierChannel(MessageReceiver):
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
         self.sendMessage(messages.DataChannel(
             local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="udp",
-            token=settings.token, name=settings.name))
+            token=settings.token, name=settings.name, conn_id=self.tunnel.carrierId))
 
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
         if self.carrier is not None:
@@ -499,6 +511,8 @@ class UdpTunnelService(TunnelService):
     """
 
     carrierChannel: Optional[CarrierChannel] = None
+    carrierId: Optional[str] = None
+    """The server's secret for this registration's carrying channel."""
     reopenCall = None
     withdrawn = False
     localAddress: Optional[tuple[str, int]] = None
@@ -545,6 +559,7 @@ class UdpTunnelService(TunnelService):
             channel.transport.loseConnection()
             self.removeService(self.connector)
             return
+        self.carrierId = answer.conn_id
         super().registered(channel, 0)
         self.openCarrier()
 

@@ -42,13 +42,18 @@ def register(remote_port: int = 10053, protocol: str = "udp", name: str = "edge-
                      protocol=protocol, token=TOKEN, name=name)
 
 
-def carrierHandshake(remote_port: int = 10053, name: str = "edge-1") -> bytes:
+CARRIER_ID = "c0ffee0123456789"
+
+
+def carrierHandshake(remote_port: int = 10053, name: str = "edge-1",
+                     conn_id: str = CARRIER_ID) -> bytes:
     return jsonFrame(type="data_channel", local_port=53, remote_port=remote_port,
-                     protocol="udp", token=TOKEN, name=name)
+                     protocol="udp", token=TOKEN, name=name, conn_id=conn_id)
 
 
 OK = frame(b'{"type":"register_resp","status":"ok"}')
-UDP_OK = frame(b'{"type":"register_resp","status":"ok","protocol":"udp"}')
+UDP_OK = frame(b'{"type":"register_resp","status":"ok","protocol":"udp",'
+               b'"conn_id":"c0ffee0123456789"}')
 
 
 # ---------------------------------------------------------------------------
@@ -181,6 +186,7 @@ class ServerTests(unittest.TestCase):
                                        udp_session_timeout=60, udp_max_sessions=3)
         self.registry = TunnelRegistry(self.settings, reactor=self.reactor)
         self.factory = ServerChannelFactory(self.registry)
+        self.patch(self.registry, "newConnectionId", lambda: CARRIER_ID)
 
     def connect(self):
         peer = IPv4Address("TCP", "192.0.2.10", 40000)
@@ -351,6 +357,21 @@ class ServerTests(unittest.TestCase):
         goData.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
                                       protocol="", token=TOKEN, name="edge-1"))
         self.assertIn(b"no user is waiting for this data channel", transport.value())
+
+    def test_carrierNeedsTheSecret(self):
+        """
+        A carrying channel without the secret of the answer to register, or
+        with another, is refused: holding the shared token is not enough to
+        take a mapping's datagrams.
+        """
+        port, carrier, carrierTransport = self.registered()
+        for conn_id in (None, "0123456789abcdef"):
+            thief, transport = self.connect()
+            thief.dataReceived(jsonFrame(
+                type="data_channel", local_port=53, remote_port=10053, protocol="udp",
+                token=TOKEN, name="edge-1", **({"conn_id": conn_id} if conn_id else {})))
+            self.assertIn(b"no UDP mapping of port 10053 to carry", transport.value())
+        self.assertFalse(carrierTransport.disconnecting)
 
     def test_carrierOfAnotherPort(self):
         """A carrying channel for a port with no UDP mapping is refused."""
