@@ -65,7 +65,8 @@ def run(role: str, argv: Sequence[str], prog: str, usageName: Optional[str] = No
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 0
+    # A client that gave up on a refusal says which (--exit-on-refusal).
+    return getattr(service, "exitStatus", None) or 0
 
 
 def serverMain(argv: Optional[Sequence[str]] = None) -> int:
@@ -104,6 +105,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from gotunnel.certs import main as certsMain
 
         return certsMain(args[1:])
+    if args and args[0] == "status":
+        from gotunnel.status import main as statusMain
+
+        return statusMain(args[1:])
     if args and args[0] == "demo":
         from gotunnel.demo import main as demoMain
 

@@ -7,11 +7,12 @@ service.
 from __future__ import annotations
 
 import random
-from typing import Optional
+from collections import deque
+from typing import Callable, Optional
 
 from twisted.application.internet import ClientService, TimerService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import (
@@ -24,9 +25,16 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gotunnel import messages, tls
+from gotunnel.accounting import (
+    REFUSED, SERVICE_CLOSED, USER_CLOSED, endingOf, logClientConnection, noteEnding,
+)
 from gotunnel.config import ClientSettings, Mapping, clientEndpointString
-from gotunnel.control import MessageReceiver, tlsFailure
-from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
+from gotunnel.control import CLIENT_TLS_HINTS, MessageReceiver, tlsFailure
+from gotunnel.printable import printable
+from gotunnel.refusals import lastingRefusal
+from gotunnel.relay import (
+    ConnectionSet, RelayEnd, isReset, setKeepAlive, setNoDelay, splice,
+)
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 
 log = Logger()
@@ -43,11 +51,32 @@ with a short accept queue is not flooded (Twisted's default is 50, Python's
 socketserver's 5).
 """
 
+MAX_WAITING_DATA_CHANNEL_REQUESTS = 4096
+"""
+The server's requests for a data channel a mapping keeps waiting while
+C{max_pending_data_channels} are being opened; more are dropped.  A request
+is a few dozen bytes: this many cost well under a megabyte, and serve a
+burst of users as large as our server lets wait on one port.
+"""
+
+DROPPED_REQUESTS_LOG_INTERVAL = 10.0
+"""Seconds between two lines about requests for a data channel dropped."""
+
 POOL_REFILL_DELAY = 1.0
 """
 Seconds before a pooled data channel that closed unused is replaced: the
 server closed it or could not be reached, and asking again at once would
 only repeat that.
+"""
+
+POOL_REFUSALS_IN_A_ROW = 3
+"""
+Pooled data channels the server refuses in a row (none handed a user in
+between) before the client stops pooling until it registers again.  One
+refusal may be of the moment (the pool full while the server has yet to see
+a channel close, a mapping being replaced); the same refusal again and
+again is one that will repeat (a server that keeps no pool, a token it
+refuses), and asking on would only load it.
 """
 
 
@@ -110,16 +139,34 @@ class ServerEndpoints:
         return None
 
 
+def serverAddress(endpoint: object) -> Optional[str]:
+    """
+    HOST:PORT (an IPv6 host in brackets) that a client endpoint connects
+    to, for a person to read; None where Twisted's endpoint does not tell.
+    """
+    while endpoint is not None:
+        host = getattr(endpoint, "_hostText", None) or getattr(endpoint, "_host", None)
+        port = getattr(endpoint, "_port", None)
+        if isinstance(host, bytes):
+            host = host.decode("ascii", "replace")
+        if host and isinstance(port, int):
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        endpoint = getattr(endpoint, "_wrappedEndpoint", None)
+    return None
+
+
 @implementer(IStreamClientEndpoint)
 class ReportingEndpoint:
     """
-    The server's endpoint, printing C{[ERROR][1001]} when it cannot be
-    reached.
+    The server's endpoint, printing C{[ERROR][1001]} with the server's
+    address when it cannot be reached.
     """
 
-    def __init__(self, endpoint: IStreamClientEndpoint, lang: str = "en") -> None:
+    def __init__(self, endpoint: IStreamClientEndpoint, lang: str = "en", clock=None) -> None:
         self.endpoint = endpoint
         self.lang = lang
+        self.address = serverAddress(endpoint)
+        self.clock = clock
 
     def __repr__(self) -> str:
         return f"<server endpoint {self.endpoint!r}>"
@@ -127,7 +174,8 @@ class ReportingEndpoint:
     def connect(self, factory) -> defer.Deferred:
         def failed(failure):
             if not failure.check(defer.CancelledError):
-                reportError(SERVER_UNREACHABLE, failure.getErrorMessage(), self.lang)
+                reportError(SERVER_UNREACHABLE, failure.getErrorMessage(), self.lang,
+                            self.address, self.clock.seconds() if self.clock else None)
             return failure
 
         return self.endpoint.connect(factory).addErrback(failed)
@@ -146,6 +194,8 @@ class ControlChannel(MessageReceiver):
     """The server's register_resp, once it accepted the mapping."""
     lastPong = 0.0
     handshakeDone = False
+    registerTimeout = None
+    timedOut = False
     tlsMismatchHint = "the server speaks TLS? connect with --tls"
 
     def __init__(self, tunnel: "TunnelService") -> None:
@@ -159,16 +209,34 @@ class ControlChannel(MessageReceiver):
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
             protocol=mapping.protocol, token=settings.token, name=settings.name))
+        # A server that never answers (hung, or not a gotunnel server) would
+        # otherwise hold this mapping unpublished, silently, for good.
+        self.registerTimeout = self.tunnel.reactor.callLater(
+            settings.register_timeout, self._registerTimedOut)
+
+    def _registerTimedOut(self) -> None:
+        self.registerTimeout = None
+        self.timedOut = True
+        log.warn("the server did not answer the registration of {mapping} within {seconds:g} s; "
+                 "closing the control channel", mapping=str(self.tunnel.mapping),
+                 seconds=self.tunnel.settings.register_timeout)
+        self.transport.abortConnection()
+
+    def _cancelRegisterTimeout(self) -> None:
+        if self.registerTimeout is not None and self.registerTimeout.active():
+            self.registerTimeout.cancel()
+        self.registerTimeout = None
 
     def handshakeCompleted(self) -> None:
         self.handshakeDone = True
 
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
+        self._cancelRegisterTimeout()
         if self.registered:
             self.protocolError("register_resp on a registered control channel")
             return
         if not msg.ok:
-            self.tunnel.registrationRefused(msg.reason)
+            self.tunnel.registrationRefused(printable(msg.reason))
             self.transport.loseConnection()
             return
         self.registered = True
@@ -201,14 +269,19 @@ class ControlChannel(MessageReceiver):
         self.sendMessage(messages.OnlinePort(port=port) if online else messages.OfflinePort(port=port))
 
     def connectionLost(self, reason=None) -> None:
+        self._cancelRegisterTimeout()
         if self.heartbeat.running:
             self.heartbeat.stop()
-        why = tlsFailure(reason)
-        if why is None and ISSLTransport.providedBy(self.transport) and not self.handshakeDone:
+        why = tlsFailure(reason, CLIENT_TLS_HINTS, self.transport,
+                         self.tunnel.reactor.seconds())
+        # A handshake we cut short on the timeout says nothing about the
+        # server speaking plain TCP; the timeout's line has said why.
+        if (why is None and ISSLTransport.providedBy(self.transport) and not self.handshakeDone
+                and not self.timedOut):
             why = ("the connection closed during the TLS handshake "
                    "(is the server plain TCP? then connect without --tls)")
         if why is not None and not self.registered:
-            reportError(SERVER_UNREACHABLE, why, self.tunnel.settings.log_lang)
+            self.tunnel.reportUnreachable(why)
         self.tunnel.channelLost(self)
 
 
@@ -247,13 +320,19 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     local: Optional["LocalServiceConnection"] = None
     localFailed = False
     lost = False
+    answerTimeout = None
     early = False
     """This channel holds one of its mapping's early local connections."""
+    servedLocal: Optional["LocalServiceConnection"] = None
+    """The local connection this channel was spliced to."""
+    endedBy: Optional[str] = None
+    """How the user's connection ended (L{gotunnel.accounting.ENDINGS})."""
 
     def __init__(self, tunnel: "TunnelService",
                  request: Optional[messages.OpenDataChannel]) -> None:
         self.tunnel = tunnel
         self.request = request
+        self.startedAt = tunnel.reactor.seconds()
 
     @property
     def pooled(self) -> bool:
@@ -275,19 +354,44 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         self.sendMessage(messages.DataChannel(
             local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
             token=settings.token, name=settings.name, **ask))
+        if not self.pooled:
+            # A pooled channel waits for a user as long as the server likes;
+            # a user's is answered at once by a server that works.
+            self.answerTimeout = self.tunnel.reactor.callLater(
+                settings.register_timeout, self._unanswered)
         if self.localFailed:
             # The server still learns which user this was for, and closes it.
             self.transport.loseConnection()
 
+    def _unanswered(self) -> None:
+        self.answerTimeout = None
+        log.warn("the server did not answer a data channel for {mapping} within {seconds:g} s; "
+                 "closing it", mapping=str(self.tunnel.mapping),
+                 seconds=self.tunnel.settings.register_timeout)
+        self.transport.abortConnection()
+
+    def _answered(self) -> None:
+        if self.answerTimeout is not None and self.answerTimeout.active():
+            self.answerTimeout.cancel()
+        self.answerTimeout = None
+        self.tunnel.dataChannelAnswered(self)
+
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
+        self._answered()
         if not msg.ok:
-            log.warn("server refused a data channel: {reason}", reason=msg.reason)
+            log.warn("server refused a data channel: {reason}", reason=printable(msg.reason))
+            noteEnding(self, REFUSED)
             if self.pooled:
                 self.tunnel.poolRefused(self)
+            # The user this was for is gone (it closed or reset while it
+            # waited, having sent nothing): the service's connection made
+            # for it is abandoned, not ended by anyone.
+            self._dropLocal(reset=True)
             self.transport.loseConnection()
             return
         if self.pooled:
             self.tunnel.pooledChannelTaken(self)
+            self.startedAt = self.tunnel.reactor.seconds()
         self.switchToRaw()
         if self.local is not None:
             self._splice(self.local)
@@ -304,6 +408,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def _splice(self, local: "LocalServiceConnection") -> None:
         self._earlyDone()
         settings = self.tunnel.settings
+        self.servedLocal = local
         splice(self, local, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
                busyPoll=settings.busy_poll / 1e6)
         self._replaceInPool()
@@ -323,6 +428,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def cannotConnect(self, failure):
         """The data channel could not be made: the local connection goes too."""
         self.lost = True
+        self.tunnel.dataChannelAnswered(self)
         self._dropLocal()
         return failure
 
@@ -342,6 +448,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         log.warn("local service {host}:{port} is unreachable ({why}); closing the user's "
                  "connection", host=self.tunnel.mapping.local_host,
                  port=self.tunnel.mapping.local_port, why=failure.getErrorMessage())
+        noteEnding(self, REFUSED)
         self.localLost()
 
     def localLost(self) -> None:
@@ -355,33 +462,43 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         if self.transport is not None and not self.lost:
             self.transport.loseConnection()
 
-    def _dropLocal(self) -> None:
+    def _dropLocal(self, reset: bool = False) -> None:
         self._earlyDone()
         connecting, self.localConnecting = self.localConnecting, None
         if connecting is not None:
             connecting.cancel()
         local, self.local = self.local, None
         if local is not None and self.peer is None:
-            local.transport.loseConnection()
+            if reset:
+                # The user's reset, passed on by the server.
+                local.transport.abortConnection()
+            else:
+                local.transport.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
 
     def readConnectionLost(self) -> None:
         if self._raw:
+            noteEnding(self, USER_CLOSED)
             RelayEnd.readConnectionLost(self)
         else:
             self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
         self.lost = True
+        self._answered()
+        if self._raw or not self.pooled:
+            # A user's connection (a pooled channel never handed one has none).
+            noteEnding(self, endingOf(reason, USER_CLOSED))
+            logClientConnection(self.tunnel.settings.connection_log, self, self.tunnel.reactor)
         self.tunnel.connections.discard(self)
         if self.pooled and not self._raw:
             self.tunnel.pooledChannelLost(self)
         elif self.peer is None:
             self._replaceInPool()
-        self._dropLocal()
-        self.relayConnectionLost()
+        self._dropLocal(isReset(reason))
+        self.relayConnectionLost(reason)
 
 
 class DataChannelFactory(Factory):
@@ -417,7 +534,12 @@ class LocalServiceConnection(Protocol, RelayEnd):
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
 
+    def readConnectionLost(self) -> None:
+        noteEnding(self.dataChannel, SERVICE_CLOSED)
+        RelayEnd.readConnectionLost(self)
+
     def connectionLost(self, reason=None) -> None:
+        noteEnding(self.dataChannel, endingOf(reason, SERVICE_CLOSED))
         self.dataChannel.tunnel.connections.discard(self)
         if self.peer is None and self.dataChannel.local is self:
             mapping = self.dataChannel.tunnel.mapping
@@ -425,7 +547,7 @@ class LocalServiceConnection(Protocol, RelayEnd):
                      "channel was ready; closing the user's connection",
                      host=mapping.local_host, port=mapping.local_port)
             self.dataChannel.localLost()
-        self.relayConnectionLost()
+        self.relayConnectionLost(reason)
 
 
 class LocalServiceFactory(Factory):
@@ -461,9 +583,18 @@ class TunnelService(MultiService):
     poolSize = 0
     """Pooled data channels to keep open: ours and the server's limit, the lesser."""
     refillCall = None
+    poolRefusals = 0
+    """Pooled data channels refused in a row since one was handed a user."""
     localUp = True
     failedRegistrations = 0
     stopping = False
+    droppedRequests = 0
+    """Requests for a data channel dropped since the service started."""
+    _droppedUnlogged = 0
+    _droppedLogCall = None
+    _openingWaiting = False
+    _refusalDelay: Optional[float] = None
+    """The delay before asking again after a refusal, told as the refusal is logged."""
 
     def __init__(self, settings: ClientSettings, mapping: Mapping,
                  serverEndpoint: IStreamClientEndpoint, reactor,
@@ -484,10 +615,15 @@ class TunnelService(MultiService):
         """Pooled data channels opened or opening, not yet handed a user."""
         self._connecting: set[defer.Deferred] = set()
         self._registrationWaiters: list[defer.Deferred] = []
+        self.opening: set[DataChannelClient] = set()
+        """Data channels opened for users, not yet answered by the server."""
+        self.waitingRequests: deque[messages.OpenDataChannel] = deque()
+        """Requests for a data channel waiting for one of L{opening} to end."""
         self.localEndpoint = localEndpoint(reactor, mapping.local_host, mapping.local_port)
         self._backoff = backoffPolicy(initialDelay=0.5, maxDelay=settings.reconnect_max_delay,
                                       factor=2.0, jitter=random.random)
-        self.connector = ClientService(ReportingEndpoint(serverEndpoint, settings.log_lang),
+        self.reportingEndpoint = ReportingEndpoint(serverEndpoint, settings.log_lang, reactor)
+        self.connector = ClientService(self.reportingEndpoint,
                                        ControlChannelFactory(self),
                                        retryPolicy=self._retryDelay, clock=reactor)
         self.connector.setServiceParent(self)
@@ -500,7 +636,9 @@ class TunnelService(MultiService):
         # after every connect that succeeds; a control channel that ended
         # without being registered (refused, or cut by the server) must back
         # off too, not retry every second.
-        delay = self._backoff(attempt + max(self.failedRegistrations - 1, 0))
+        delay, self._refusalDelay = self._refusalDelay, None
+        if delay is None:
+            delay = self._backoff(attempt + max(self.failedRegistrations - 1, 0))
         log.info("reconnecting {mapping} to the server in {delay:.1f} s",
                  mapping=str(self.mapping), delay=delay)
         return delay
@@ -524,6 +662,7 @@ class TunnelService(MultiService):
         if not self.localUp:
             channel.sendPortState(False)
         self.poolSize = min(self.settings.pool_count, serverPool)
+        self.poolRefusals = 0
         self.fillPool()
         waiters, self._registrationWaiters = self._registrationWaiters, []
         for waiter in waiters:
@@ -531,10 +670,31 @@ class TunnelService(MultiService):
 
     def registrationRefused(self, reason: str) -> None:
         if reason == "authentication failed":
-            reportError(AUTHENTICATION_FAILED, lang=self.settings.log_lang)
-        else:
+            reportError(AUTHENTICATION_FAILED, lang=self.settings.log_lang,
+                        when=self.reactor.seconds())
+        lasting = lastingRefusal(reason)
+        if lasting is None:
             log.error("the server refused {mapping}: {reason}", mapping=str(self.mapping),
                       reason=reason)
+        elif self.settings.exit_on_refusal and isinstance(self.parent, TunnelClientService):
+            log.error("the server refused {mapping}: {reason}; exiting with status {status} "
+                      "(exit_on_refusal), as this will not change until {until}",
+                      mapping=str(self.mapping), reason=reason, status=lasting.exit_status,
+                      until=lasting.until)
+            self.parent.exit(lasting.exit_status)
+        else:
+            # The delay _retryDelay will be asked for: attempt 1 (the
+            # connection was made), with this refusal one more failed
+            # registration.
+            self._refusalDelay = self._backoff(1 + self.failedRegistrations)
+            log.error("the server refused {mapping}: {reason}; will retry in {delay:.1f} s; "
+                      "this will not change until {until}", mapping=str(self.mapping),
+                      reason=reason, delay=self._refusalDelay, until=lasting.until)
+
+    def reportUnreachable(self, why: str) -> None:
+        """Print C{[ERROR][1001]} with the server's address and C{why}."""
+        reportError(SERVER_UNREACHABLE, why, self.settings.log_lang,
+                    self.reportingEndpoint.address, self.reactor.seconds())
 
     def channelLost(self, channel: ControlChannel) -> None:
         if not channel.registered:
@@ -542,8 +702,10 @@ class TunnelService(MultiService):
         if self.channel is channel:
             self.channel = None
             log.info("control channel for {mapping} lost", mapping=str(self.mapping))
-            # The server closes its end of the pool with the control channel.
+            # The server closes its end of the pool with the control channel,
+            # and the users it asked data channels for.
             self.emptyPool()
+            self.waitingRequests.clear()
 
     def _cancelRefill(self) -> None:
         if self.refillCall is not None and self.refillCall.active():
@@ -573,6 +735,7 @@ class TunnelService(MultiService):
         open if the control channel goes.  L{fillPool} replaces it.
         """
         self.pool.discard(channel)
+        self.poolRefusals = 0
 
     def pooledChannelLost(self, channel: DataChannelClient) -> None:
         """C{channel} closed, or could not connect, before the server used it."""
@@ -582,9 +745,22 @@ class TunnelService(MultiService):
                 self.refillCall = self.reactor.callLater(POOL_REFILL_DELAY, self.fillPool)
 
     def poolRefused(self, channel: DataChannelClient) -> None:
-        """The server will not pool for us: stop asking until we register again."""
+        """
+        The server refused C{channel}: replace it later, as a channel lost
+        unused; after L{POOL_REFUSALS_IN_A_ROW} refusals in a row, stop
+        pooling until we register again.
+        """
+        self.poolRefusals += 1
+        if self.poolRefusals < POOL_REFUSALS_IN_A_ROW:
+            self.pooledChannelLost(channel)
+            return
         self.pool.discard(channel)
+        if self.poolSize:
+            log.warn("the server refused {count} pooled data channels in a row; {mapping} "
+                     "opens data channels only when asked until it registers again",
+                     count=self.poolRefusals, mapping=str(self.mapping))
         self.poolSize = 0
+        self._cancelRefill()
 
     def stopService(self) -> defer.Deferred:
         """
@@ -593,6 +769,10 @@ class TunnelService(MultiService):
         """
         self.stopping = True
         self.emptyPool()
+        self.waitingRequests.clear()
+        if self._droppedLogCall is not None and self._droppedLogCall.active():
+            self._droppedLogCall.cancel()
+        self._droppedLogCall = None
         for connecting in list(self._connecting):
             connecting.cancel()
         stopped = defer.maybeDeferred(super().stopService)
@@ -612,11 +792,61 @@ class TunnelService(MultiService):
     def openDataChannel(self, request: messages.OpenDataChannel) -> None:
         """
         Connect a data channel to the server and, at the same time, a
-        connection to the local service (see L{DataChannelClient}).
+        connection to the local service (see L{DataChannelClient}); or, with
+        C{max_pending_data_channels} unanswered already, wait for one of
+        them to end, so that a server sending requests without end (hostile
+        or broken) holds a bounded number of our descriptors.
         """
         if self.stopping:
             return
+        if len(self.opening) >= self.settings.max_pending_data_channels:
+            if len(self.waitingRequests) < MAX_WAITING_DATA_CHANNEL_REQUESTS:
+                self.waitingRequests.append(request)
+            else:
+                self._dropRequest()
+            return
+        self._open(request)
+
+    def dataChannelAnswered(self, channel: DataChannelClient) -> None:
+        """C{channel} was answered, or failed: a waiting request may go."""
+        if channel not in self.opening:
+            return
+        self.opening.discard(channel)
+        if self._openingWaiting:
+            # A connect that failed at once, inside the loop below.
+            return
+        self._openingWaiting = True
+        try:
+            while (self.waitingRequests and not self.stopping
+                   and len(self.opening) < self.settings.max_pending_data_channels):
+                self._open(self.waitingRequests.popleft())
+        finally:
+            self._openingWaiting = False
+
+    def _dropRequest(self) -> None:
+        self.droppedRequests += 1
+        self._droppedUnlogged += 1
+        if self._droppedLogCall is None:
+            self._logDropped()
+
+    def _logDropped(self) -> None:
+        # One line at the first drop, then at most one per interval: a flood
+        # of requests must not become a flood of lines.
+        count, self._droppedUnlogged = self._droppedUnlogged, 0
+        if not count:
+            self._droppedLogCall = None
+            return
+        log.warn("dropped {count} requests for a data channel for {mapping} ({total} in all): "
+                 "{opening} data channels are being opened and {waiting} requests wait; the "
+                 "server closes those users when it stops waiting for their data channels",
+                 count=count, total=self.droppedRequests, mapping=str(self.mapping),
+                 opening=len(self.opening), waiting=len(self.waitingRequests))
+        self._droppedLogCall = self.reactor.callLater(DROPPED_REQUESTS_LOG_INTERVAL,
+                                                      self._logDropped)
+
+    def _open(self, request: messages.OpenDataChannel) -> None:
         channel = DataChannelClient(self, request)
+        self.opening.add(channel)
         self._connectDataChannel(channel)
         if not channel.lost and self.earlyLocalConnections < EARLY_LOCAL_CONNECTS:
             self.earlyLocalConnections += 1
@@ -665,10 +895,16 @@ class TunnelService(MultiService):
 class TunnelClientService(MultiService):
     """The whole client: one L{TunnelService} per mapping."""
 
+    exitStatus: Optional[int] = None
+    """Set when the client gave up (C{exit_on_refusal}): the process's exit status."""
+    whenExiting: Optional[Callable[[int], None]] = None
+    """Told the exit status before the reactor is stopped (see tap.py, for twistd)."""
+
     def __init__(self, settings: ClientSettings, reactor=None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
+        self.reactor = reactor
         self.settings = settings
         from gotunnel.udp import UdpTunnelService
 
@@ -678,3 +914,15 @@ class TunnelClientService(MultiService):
                         for mapping in settings.mappings]
         for tunnel in self.tunnels:
             tunnel.setServiceParent(self)
+
+    def exit(self, status: int) -> None:
+        """Stop the reactor, for the process to exit with C{status}."""
+        if self.exitStatus is not None:
+            return
+        self.exitStatus = status
+        if self.whenExiting is not None:
+            self.whenExiting(status)
+        try:
+            self.reactor.stop()
+        except error.ReactorNotRunning:
+            pass

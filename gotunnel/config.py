@@ -24,6 +24,8 @@ DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
 CONFIG_FILE = "config.yaml"
 LOG_LEVELS = ("debug", "info", "warn", "error")
+CONNECTION_LOG_LEVELS = ("info", "debug", "off")
+"""Where the line about each ended user connection goes (connection_log)."""
 DEFAULT_BUSY_POLL = 250
 """Microseconds the splice thread polls for a socket's answer: longer than a
 service on the same machine, or a hop on a local network, takes to answer."""
@@ -40,10 +42,14 @@ class ServerSettings:
     """The control listener's, unless C{listen} sets backlog=: data channels come in bursts."""
     data_channel_timeout: float = 60.0
     heartbeat_timeout: float = 30.0
+    port_lease: float = 30.0
+    """Seconds a dropped client's public ports stay reserved for it (0: not at all)."""
     heartbeat_check_interval: float = 5.0
     first_frame_timeout: float = 10.0
     max_pending_per_source: int = 16
     max_pending_total: int = 1024
+    ipv6_prefix: int = 64
+    """IPv6 sources in one network of this prefix length count as one address in the caps."""
     max_waiting_users: int = 4096
     auth_failure_delay_max: float = 5.0
     shutdown_timeout: float = 10.0
@@ -72,6 +78,13 @@ class ServerSettings:
     busy_poll: int = DEFAULT_BUSY_POLL
     """Microseconds that thread polls for a socket's answer before it sleeps
     (0: never)."""
+    connection_log: str = "info"
+    """The level of the line logged for each user connection that ends, or "off"."""
+    admin: str = ""
+    """The admin endpoint's server endpoint string (API, metrics, dashboard); empty: none."""
+    admin_token: str = field(default="", repr=False)
+    admin_user: str = ""
+    admin_password: str = field(default="", repr=False)
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -115,6 +128,15 @@ class ClientSettings:
     # A server that answers no ping for this long is taken for dead (the Go
     # server's own timeout for a silent client).
     server_timeout: float = 30.0
+    register_timeout: float = 10.0
+    """Seconds to wait for the server's answer to register (and to each
+    data channel asked for by a user) before giving up on that connection."""
+    max_pending_data_channels: int = 256
+    """Data channels per mapping opened for users and not yet answered by
+    the server; the server's further requests wait (see client.py)."""
+    exit_on_refusal: bool = False
+    """Exit (see refusals.py for the status) on a refusal that asking
+    again will not change, instead of asking again."""
     shutdown_timeout: float = 10.0
     tls: bool = False
     tls_ca: str = ""
@@ -133,6 +155,8 @@ class ClientSettings:
     pool_count: int = 4
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""
+    connection_log: str = "info"
+    """The level of the line logged for each user connection that ends, or "off"."""
     udp_session_timeout: float = 60.0
     """Seconds a UDP mapping's session (one local socket per remote peer)
     lives after its last datagram."""
@@ -210,6 +234,18 @@ def parseLogLevel(text: str, what: str = "the log level") -> str:
     if level not in LOG_LEVELS:
         raise ValueError(f"{what} must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
     return level
+
+
+def parseConnectionLog(text: str, what: str = "the connection log") -> str:
+    """
+    One of L{CONNECTION_LOG_LEVELS}, in any case; ValueError naming C{what}
+    otherwise.
+    """
+    setting = str(text).lower()
+    if setting not in CONNECTION_LOG_LEVELS:
+        raise ValueError(f"{what} must be one of {', '.join(CONNECTION_LOG_LEVELS)}, "
+                         f"got {text!r}")
+    return setting
 
 
 def parseLogLang(text: str, what: str = "the log language") -> str:
@@ -389,6 +425,13 @@ def _seconds(value: Any, text: Any, name: str) -> float:
     return float(value)
 
 
+def _secondsOrZero(value: Any, text: Any, name: str) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be a number of seconds, 0 or more, got {value!r}")
+    return float(value)
+
+
 def _flag(value: Any, text: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -412,6 +455,7 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[Any, 
 _count = _wholeNumber(1)
 _countOrZero = _wholeNumber(0)
 _busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
+_ipv6Prefix = _wholeNumber(1, 128)
 
 
 def _logLevel(value: Any, text: Any, name: str) -> str:
@@ -420,6 +464,13 @@ def _logLevel(value: Any, text: Any, name: str) -> str:
 
 def _logLang(value: Any, text: Any, name: str) -> str:
     return parseLogLang(_text(value, text, name), name)
+
+
+def _connectionLog(value: Any, text: Any, name: str) -> str:
+    # YAML reads a bare off as false.
+    if value is False:
+        return "off"
+    return parseConnectionLog(_text(value, text, name), name)
 
 
 def _hostAndPort(value: Any, text: Any, name: str) -> tuple[str, int]:
@@ -555,9 +606,11 @@ _SERVER_KEYS: dict[str, Callable] = {
     "public_interface": _text,
     "data_channel_timeout": _seconds,
     "heartbeat_timeout": _seconds,
+    "port_lease": _secondsOrZero,
     "clients": _clients,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,
+    "ipv6_prefix": _ipv6Prefix,
     "udp": _flag,
     "udp_session_timeout": _seconds,
     "udp_max_sessions": _count,
@@ -567,6 +620,11 @@ _SERVER_KEYS: dict[str, Callable] = {
     "zero_copy": _flag,
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
+    "connection_log": _connectionLog,
+    "admin": _text,
+    "admin_token": _text,
+    "admin_user": _text,
+    "admin_password": _text,
 }
 
 _CLIENT_KEYS: dict[str, Callable] = {
@@ -592,6 +650,10 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
     "pool_count": _countOrZero,
+    "register_timeout": _seconds,
+    "max_pending_data_channels": _count,
+    "exit_on_refusal": _flag,
+    "connection_log": _connectionLog,
     "udp_session_timeout": _seconds,
     "udp_max_sessions": _count,
 }

@@ -8,6 +8,8 @@ FILE), and options given on the command line override the file's keys.
 
 from __future__ import annotations
 
+import atexit
+import math
 import os
 import platform
 import sys
@@ -22,10 +24,11 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gotunnel import __version__, logs, rlimits, tls
-from gotunnel.client import TunnelClientService
+from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
-    LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
-    clientEndpointString, findConfigFile, parseLogLang, parseLogLevel, parseMapping,
+    CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile,
+    ServerSettings, clientEndpointString, findConfigFile, parseConnectionLog, parseLogLang,
+    parseLogLevel, parseMapping,
     readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
@@ -41,6 +44,16 @@ def _positive(text: str) -> float:
 
 
 _positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
+
+
+def _secondsOrZero(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
+_secondsOrZero.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
 
 
 def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
@@ -60,6 +73,7 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
 _atLeastOne = _wholeNumber(1)
 _atLeastZero = _wholeNumber(0)
 _busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
+_ipv6Prefix = _wholeNumber(1, 128)
 
 
 def _logLevel(text: str) -> str:
@@ -74,6 +88,14 @@ def _logLang(text: str) -> str:
 
 
 _logLang.coerceDoc = f"One of {', '.join(LANGUAGES)}."  # type: ignore[attr-defined]
+
+
+def _connectionLog(text: str) -> str:
+    return parseConnectionLog(text, "--connection-log")
+
+
+_connectionLog.coerceDoc = (  # type: ignore[attr-defined]
+    f"One of {', '.join(CONNECTION_LOG_LEVELS)}.")
 
 _CONFIG_OPTION = [
     "config", "c", None,
@@ -121,6 +143,10 @@ def _logOptions(role: str) -> list[list[Any]]:
          f"Log events at this level and above (default: info; {role}.log_level)", _logLevel],
         ["log-lang", None, None,
          f"Language of log messages (default: en; {role}.log_lang)", _logLang],
+        ["connection-log", None, None,
+         "The level of the line logged for each user connection that ends, with its bytes, "
+         f"duration and how it ended, or off (default: info; {role}.connection_log)",
+         _connectionLog],
     ]
 
 
@@ -304,6 +330,10 @@ class ServerOptions(_SettingsOptions):
          "Seconds of silence after which a client is dropped "
          f"(default: {ServerSettings.heartbeat_timeout:g}; server.heartbeat_timeout)",
          _positive],
+        ["port-lease", None, None,
+         "Seconds a client whose control channel went keeps its public ports reserved "
+         "for it; 0 frees them at once "
+         f"(default: {ServerSettings.port_lease:g}; server.port_lease)", _secondsOrZero],
         ["max-mappings-per-client", None, None,
          "Mappings one client name may hold at once "
          f"(default: {ServerSettings.max_mappings_per_client}; "
@@ -312,6 +342,10 @@ class ServerOptions(_SettingsOptions):
          "Data channels a client may open ahead of its users, per mapping; 0 turns "
          f"pooling off (default: {ServerSettings.max_pool_count}; server.max_pool_count)",
          _atLeastZero],
+        ["ipv6-prefix", None, None,
+         "IPv6 clients in one network of this prefix length count as one address in the "
+         "caps on connections waiting for their first frame "
+         f"(default: {ServerSettings.ipv6_prefix}; server.ipv6_prefix)", _ipv6Prefix],
         ["tls-cert", None, None,
          "Speak TLS on the control address, with this PEM certificate (and its chain) "
          "(server.tls_cert; needs --tls-key)."],
@@ -320,6 +354,16 @@ class ServerOptions(_SettingsOptions):
          "Mutual TLS: require client certificates signed by the CA in this PEM file; "
          "a certificate's common name must be the client's name (server.tls_client_ca)."],
         _busyPollOption("server", ServerSettings),
+        ["admin", None, None,
+         "Serve the admin API, /metrics and the dashboard on this endpoint, e.g. "
+         "tcp:7400:interface=127.0.0.1 or ssl:7400:privateKey=key.pem:certKey=cert.pem "
+         "(default: none; server.admin)."],
+        ["admin-token", None, None,
+         "Bearer token for the admin endpoint (server.admin_token)."],
+        ["admin-user", None, None,
+         "User name for the dashboard's login (server.admin_user; needs --admin-password)."],
+        ["admin-password", None, None,
+         "Password for the dashboard's login (server.admin_password)."],
     ] + _udpOptions("server", ServerSettings) + _logOptions("server")
     optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD,
                 ["no-udp", None, "Publish no UDP mappings: a client's register of protocol "
@@ -333,24 +377,49 @@ class ServerOptions(_SettingsOptions):
     settingsType = ServerSettings
     fields = {"listen": "listen", "token": "token", "public-interface": "public_interface",
               "data-timeout": "data_channel_timeout", "heartbeat-timeout": "heartbeat_timeout",
+              "port-lease": "port_lease",
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
+              "ipv6-prefix": "ipv6_prefix",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
-              "log-level": "log_level", "log-lang": "log_lang", **_UDP_FIELDS}
+              "admin": "admin", "admin-token": "admin_token", "admin-user": "admin_user",
+              "admin-password": "admin_password",
+              "log-level": "log_level", "log-lang": "log_lang",
+              "connection-log": "connection_log", **_UDP_FIELDS}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
                   "tls_client_ca": "tls-client-ca"}
 
     def fileValues(self, configFile: ConfigFile) -> dict[str, Any]:
         return configFile.serverValues()
 
-    def check(self, values: dict[str, Any], source: Optional[str]) -> None:
-        if self["no-udp"]:
-            values["udp"] = False
-
     def tokenRequired(self, values: dict[str, Any]) -> bool:
         # With server.clients, only listed clients may register unless a
         # shared token is set too.
         return not values.get("clients")
+
+    def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        if self["no-udp"]:
+            values["udp"] = False
+        # A listed name is its own only if nobody else holds its token: not
+        # every holder of the shared token, nor another listed client.
+        owners: dict[str, str] = {}
+        if values.get("token"):
+            owners[values["token"]] = "the shared server.token"
+        for name, policy in values.get("clients", {}).items():
+            other = owners.setdefault(policy.token, f"server.clients.{name}.token")
+            if other != f"server.clients.{name}.token":
+                problem = (f"server.clients.{name}.token is the same as {other}: whoever "
+                           f"holds that could register as {name!r}; give {name!r} a token "
+                           "of its own")
+                # server.clients is read from a file only.
+                raise ConfigError(f"{source}: {problem}")
+        admin = values.get("admin")
+        if admin:
+            checkEndpoint(admin, "server", "--admin" if self["admin"] is not None or not source
+                          else f"{source}: server.admin")
+        if bool(values.get("admin_user")) != bool(values.get("admin_password")):
+            raise usage.UsageError("--admin-user and --admin-password go together "
+                                   "(server.admin_user, server.admin_password)")
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
         tls.checkServerSettings(settings, names, where)
@@ -391,11 +460,26 @@ class ClientOptions(_SettingsOptions):
          "(mutual TLS; client.tls_client_cert; needs --tls-client-key)."],
         ["tls-client-key", None, None,
          "The PEM private key of --tls-client-cert (client.tls_client_key)."],
+        ["register-timeout", None, None,
+         "Seconds to wait for the server's answer to register, and to each data channel, "
+         "before closing that connection (and, for register, connecting again) "
+         f"(default: {ClientSettings.register_timeout:g}; client.register_timeout)",
+         _positive],
+        ["max-pending-data-channels", None, None,
+         "Data channels per mapping being opened for users at once; the server's further "
+         f"requests wait their turn (up to {MAX_WAITING_DATA_CHANNEL_REQUESTS}, then they are "
+         "dropped) "
+         f"(default: {ClientSettings.max_pending_data_channels}; "
+         "client.max_pending_data_channels)", _atLeastOne],
         _busyPollOption("client", ClientSettings),
     ] + _udpOptions("client", ClientSettings) + _logOptions("client")
     optFlags = [
         ["tls", None, "Connect with TLS and verify the server's certificate and name "
                       "(client.tls)."],
+        ["exit-on-refusal", None,
+         "Exit when the server refuses a mapping for a reason that asking again will not "
+         "change (wrong token 3, port not allowed 4, port taken by another client 5, port "
+         "busy on the server 6) instead of asking again (client.exit_on_refusal)."],
         _NO_ZERO_COPY,
         _NO_SPLICE_THREAD,
     ]
@@ -410,9 +494,12 @@ class ClientOptions(_SettingsOptions):
               "heartbeat-interval": "heartbeat_interval",
               "health-check-interval": "health_check_interval",
               "pool-count": "pool_count", "busy-poll": "busy_poll",
+              "register-timeout": "register_timeout",
+              "max-pending-data-channels": "max_pending_data_channels",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
-              "log-level": "log_level", "log-lang": "log_lang", **_UDP_FIELDS}
+              "log-level": "log_level", "log-lang": "log_lang",
+              "connection-log": "connection_log", **_UDP_FIELDS}
     tlsOptions = {"tls": "tls", "tls_ca": "ca", "tls_server_name": "server-name",
                   "tls_client_cert": "tls-client-cert", "tls_client_key": "tls-client-key"}
 
@@ -444,6 +531,8 @@ class ClientOptions(_SettingsOptions):
             values["tls"] = True
         if values.get("server"):
             values["server"] = clientEndpointString(values["server"])
+        if self["exit-on-refusal"]:
+            values["exit_on_refusal"] = True
         if self["map"]:
             values["mappings"] = list(self["map"])
         if not values.get("mappings"):
@@ -500,6 +589,28 @@ def makeServerService(options: ServerOptions, reactor=None) -> IService:
     return TunnelServerService(options.settings(), reactor=reactor)
 
 
+def _exitStatusAfterTwistd(status: int) -> None:
+    """
+    Make the process exit with C{status} once twistd is done: twistd
+    returns 0 when its reactor stops, whatever stopped it.  At exit, it has
+    removed its pidfile and written its last log line.
+    """
+
+    def exit() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+        os._exit(status)
+
+    atexit.register(exit)
+
+
 def makeClientService(options: ClientOptions, reactor=None) -> IService:
     _raiseOpenFileLimit()
-    return TunnelClientService(options.settings(), reactor=reactor)
+    service = TunnelClientService(options.settings(), reactor=reactor)
+    if getattr(options, "parent", None) is not None:
+        service.whenExiting = _exitStatusAfterTwistd
+    return service

@@ -36,6 +36,8 @@ from gotunnel.client import POOL_REFILL_DELAY, TunnelService
 from gotunnel.control import MessageReceiver
 from gotunnel.relay import setNoDelay
 from gotunnel.sameturn import twistedBuffered, writeThrough
+from gotunnel.printable import printable
+from gotunnel.publicport import PublicPort
 from gotunnel.server import (
     RegistrationRefused, Tunnel, TunnelRegistry, _whenFired, tokensMatch,
 )
@@ -248,6 +250,27 @@ class Peer:
         self.lastSeen = lastSeen
 
 
+class PublicUDPEndpoint:
+    """
+    What L{PublicPort} listens with, for a UDP port: C{listen} binds it and
+    gives the port, or fails with L{error.CannotListenError}.
+    """
+
+    def __init__(self, reactor, port: int, interface: str) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+
+    def listen(self, protocol: DatagramProtocol) -> defer.Deferred:
+        try:
+            listener = self.reactor.listenUDP(self.port, protocol, interface=self.interface,
+                                              maxPacketSize=READ_SIZE)
+        except error.CannotListenError:
+            return defer.fail()
+        enlargeBuffers(listener, PUBLIC_SOCKET_BUFFER)
+        return defer.succeed(listener)
+
+
 class PublicDatagrams(DatagramProtocol):
     """The public UDP port of a mapping: every datagram goes to its tunnel."""
 
@@ -295,23 +318,57 @@ class UdpTunnel(Tunnel):
         """ok, confirming UDP, with the carrying channel's secret; no pool."""
         return messages.RegisterResp(status="ok", protocol="udp", conn_id=self.carrierId)
 
+    def publicPort(self) -> PublicPort:
+        """
+        The public UDP port of this port number, opened and closed one step
+        at a time for the mappings that hold it in turn, as a TCP one is.
+        """
+        registry = self.registry
+        port = registry.udpPorts.get(self.remote_port)
+        if port is None:
+
+            def idle(port: PublicPort) -> None:
+                if registry.udpPorts.get(port.remote_port) is port:
+                    del registry.udpPorts[port.remote_port]
+
+            port = registry.udpPorts[self.remote_port] = PublicPort(
+                PublicUDPEndpoint(registry.reactor, self.remote_port,
+                                  registry.settings.public_interface),
+                self.remote_port, registry.trackStopping, idle)
+        return port
+
+    @property
+    def listener(self):
+        """The public UDP port, while it serves this mapping."""
+        port = self.registry.udpPorts.get(self.remote_port)
+        if port is not None and port.owner is self:
+            return port.listener
+        return None
+
     def listen(self) -> defer.Deferred:
-        """Bind the public UDP port (after a stop still in progress)."""
+        """
+        Bind the public UDP port, once whatever held it before is closed;
+        fires with True, False or a L{error.CannotListenError}, as
+        L{Tunnel.listen}.
+        """
         self.online = True
-        self._generation += 1
-        generation = self._generation
 
-        def start(_) -> None:
-            if self.closed or generation != self._generation:
-                return
-            self.listener = self.registry.reactor.listenUDP(
-                self.remote_port, PublicDatagrams(self),
-                interface=self.registry.settings.public_interface, maxPacketSize=READ_SIZE)
-            enlargeBuffers(self.listener, PUBLIC_SOCKET_BUFFER)
-            log.info("public UDP port {remote_port} listening for {name}",
-                     remote_port=self.remote_port, name=self.name)
+        def listening(listens: bool) -> bool:
+            if listens:
+                log.info("public UDP port {remote_port} listening for {name}",
+                         remote_port=self.remote_port, name=printable(self.name))
+            return listens
 
-        return _whenFired(self._stopping).addCallback(start)
+        return self.publicPort().listen(self, PublicDatagrams(self)).addCallback(listening)
+
+    def stopListening(self) -> defer.Deferred:
+        """Stop publishing; the Deferred fires once the UDP port is closed."""
+        self.online = False
+        if self._retryCall is not None:
+            self._retryCall.cancel()
+            self._retryCall = None
+        self._stopping = self.publicPort().stop(self)
+        return _whenFired(self._stopping)
 
     def addPooled(self, channel) -> None:
         raise RegistrationRefused(

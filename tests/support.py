@@ -461,8 +461,16 @@ class LogWatcher(Collector):
         return "\n".join(formatEvent(event) for event in self.items)
 
 
+STAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} (.*)$")
+"""A line behind the time, as the log and reportError's lines have it."""
+
+
 class StreamCapture(Collector):
-    """A text stream (for patching C{sys.__stderr__}) that collects whole lines."""
+    """
+    A text stream (for patching C{sys.__stderr__}) that collects whole
+    lines, each without the time in front of it; a line without one is a
+    test failure at its L{write}.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -472,7 +480,9 @@ class StreamCapture(Collector):
         self._partial += text
         *lines, self._partial = self._partial.split("\n")
         for line in lines:
-            self.add(line)
+            stamped = STAMPED.match(line)
+            assert stamped is not None, f"no time in front of {line!r}"
+            self.add(stamped.group(1))
         return len(text)
 
     def flush(self) -> None:

@@ -159,6 +159,157 @@ class DataChannelTokenTests(AccessTestCase):
         self.assertEqual(received, b"hello alice")
 
 
+class DataChannelOwnershipTests(AccessTestCase):
+    """
+    A data channel serves only the mappings of whoever registered them: a
+    listed client's own token for its mappings, the shared token for the
+    others.  alice is listed; bob uses the shared token.
+    """
+
+    @defer.inlineCallbacks
+    def bobWithUser(self):
+        """bob's mapping and a user of it that waits; (bob's control, public port, user)."""
+        control, public = yield self.assertRegisters("bob", TOKEN)
+        user = yield connectUser(self, public)
+        user.transport.write(b"bob's user's secret")
+        yield within(control.whenFrame(lambda f: f.get("type") == "open_data_channel"),
+                     15, "open_data_channel for bob's user")
+        return control, public, user
+
+    @defer.inlineCallbacks
+    def assertDataChannelRefused(self, message: dict, reason: str):
+        raw = yield connectRaw(self, self.tunnel.controlPort, jsonFrame(message), rawAfter=1)
+        [answer] = yield within(raw.whenFrame(), 15, "the data channel's answer")
+        self.assertEqual(answer, failed(reason))
+        yield within(raw.closed, 15, "the refused data channel to close")
+        self.assertEqual(bytes(raw.raw), b"")
+
+    @defer.inlineCallbacks
+    def assertServes(self, user, message: dict):
+        """A data channel sent C{message} is handed C{user}, and bytes flow both ways."""
+        data = yield connectRaw(self, self.tunnel.controlPort, jsonFrame(message), rawAfter=1)
+        [answer] = yield within(data.whenFrame(), 15, "the data channel's answer")
+        self.assertEqual(answer, OK)
+        received = yield within(data.whenRaw(19), 15, "the user's bytes")
+        self.assertEqual(received, b"bob's user's secret"[:len(received)])
+        data.transport.write(b"answer")
+        echoed = yield within(user.whenReceived(6), 15, "the answer at the user")
+        self.assertEqual(echoed, b"answer")
+
+    @defer.inlineCallbacks
+    def test_listedClientCannotTakeSharedUserWithoutConnId(self):
+        """
+        alice's data channel without conn_id for bob's port is refused, and
+        bob's user still waits; a Go-style data channel without conn_id with
+        the shared token then gets that user.
+        """
+        _, public, user = yield self.bobWithUser()
+        yield self.assertDataChannelRefused(
+            dataChannelMessage(public, None, token=ALICE_TOKEN, name="alice"),
+            "no user is waiting for this data channel")
+        self.assertEqual(len(self.server.registry.tunnels[public].waiting), 1)
+        yield self.assertServes(user, dataChannelMessage(public, None, token=TOKEN, name="bob"))
+
+    @defer.inlineCallbacks
+    def test_listedClientCannotTakeSharedUserByConnId(self):
+        """Knowing a conn_id of bob's is not enough: alice's token does not serve bob's user."""
+        control, public, user = yield self.bobWithUser()
+        [request] = control.frames.matching(lambda f: f.get("type") == "open_data_channel")
+        yield self.assertDataChannelRefused(
+            dataChannelMessage(public, request["conn_id"], token=ALICE_TOKEN, name="alice"),
+            "no user is waiting for this data channel")
+        yield self.assertServes(user, dataChannelMessage(
+            public, request["conn_id"], token=TOKEN, name="bob"))
+
+    @defer.inlineCallbacks
+    def test_listedClientCannotPoolForSharedMapping(self):
+        """
+        alice, without even registering, cannot put a pooled data channel in
+        bob's pool: it is refused, and bob's next user is announced to bob.
+        """
+        control, public = yield self.assertRegisters("bob", TOKEN)
+        message = dict(dataChannelMessage(public, None, token=ALICE_TOKEN, name="alice"),
+                       pooled=True)
+        alice = yield connectRaw(self, self.tunnel.controlPort, jsonFrame(message), rawAfter=1)
+        # The server has read the frame: answered it, or taken the channel.
+        yield waitUntil(lambda: alice.frames.items or self.server.registry.tunnels[public].pool,
+                        15, "the server to read alice's pooled data channel")
+        user = yield connectUser(self, public)
+        user.transport.write(b"bob's user's secret")
+        [answer] = yield within(alice.whenFrame(), 15, "the answer to alice's pooled channel")
+        self.assertEqual(answer, failed(f"no mapping of port {public} to pool for"))
+        yield within(alice.closed, 15, "alice's refused channel to close")
+        self.assertEqual(bytes(alice.raw), b"")
+        yield within(control.whenFrame(lambda f: f.get("type") == "open_data_channel"),
+                     15, "open_data_channel for bob's user")
+
+    @defer.inlineCallbacks
+    def test_ownersPooledChannelServes(self):
+        """bob's own pooled data channel, with the shared token, gets bob's next user."""
+        control, public = yield self.assertRegisters("bob", TOKEN)
+        message = dict(dataChannelMessage(public, None, token=TOKEN, name="bob"), pooled=True)
+        data = yield connectRaw(self, self.tunnel.controlPort, jsonFrame(message), rawAfter=1)
+        yield waitUntil(lambda: self.server.registry.tunnels[public].pool, 15,
+                        "bob's pooled channel in the pool")
+        user = yield connectUser(self, public)
+        user.transport.write(b"to the pool")
+        [answer] = yield within(data.whenFrame(), 15, "the pooled channel's answer")
+        self.assertEqual(answer, OK)
+        received = yield within(data.whenRaw(11), 15, "the user's bytes")
+        self.assertEqual(received, b"to the pool")
+        self.assertEqual(control.frames.matching(lambda f: f.get("type") == "open_data_channel"),
+                         [])
+
+    @defer.inlineCallbacks
+    def test_listedOwnerWithoutConnId(self):
+        """A Go-style data channel without conn_id, with alice's own token, serves alice's user."""
+        control, public = yield self.assertRegisters("alice", ALICE_TOKEN)
+        user = yield connectUser(self, public)
+        user.transport.write(b"bob's user's secret")
+        yield within(control.whenFrame(lambda f: f.get("type") == "open_data_channel"),
+                     15, "open_data_channel for alice's user")
+        yield self.assertDataChannelRefused(
+            dataChannelMessage(public, None, token=TOKEN, name="bob"),
+            "no user is waiting for this data channel")
+        yield self.assertServes(user, dataChannelMessage(
+            public, None, token=ALICE_TOKEN, name="alice"))
+
+
+
+class NameTests(AccessTestCase):
+    """
+    A listed name is its client's: a holder of the shared token can take
+    neither the name nor its ports, live or under lease.  Names under the
+    shared token are anybody's who holds it.
+    """
+
+    @defer.inlineCallbacks
+    def test_sharedTokenCannotTakeAListedClientsPort(self):
+        alice, public = yield self.assertRegisters("alice", ALICE_TOKEN)
+        yield self.assertRefused("bob", TOKEN,
+                                 f"remote port {public} is already taken by another client",
+                                 public)
+        yield self.assertRefused("alice", TOKEN, "authentication failed", public)
+        alice.transport.abortConnection()
+        yield waitUntil(lambda: self.server.registry.leases.get(public), 15,
+                        "alice's port to be leased")
+        _, answer, _ = yield self.register("bob", TOKEN, public)
+        self.assertEqual(answer["status"], "fail")
+        self.assertTrue(answer["reason"].startswith(
+            f"remote port {public} is reserved for the client that had it, for "), answer)
+        yield self.assertRefused("alice", TOKEN, "authentication failed", public)
+        yield self.assertRegisters("alice", ALICE_TOKEN, public)
+
+    @defer.inlineCallbacks
+    def test_sharedNameIsAnyHolders(self):
+        """
+        A name under the shared token is not owned: another holder of the
+        shared token using it takes its port over, as a reconnect would.
+        """
+        first, public = yield self.assertRegisters("office", TOKEN)
+        yield self.assertRegisters("office", TOKEN, public)
+        yield within(first.closed, 15, "the first holder's control channel to close")
+
 class PortTests(AccessTestCase):
     """alice may use one port of her own; everyone else the server's allow_ports."""
 
@@ -341,3 +492,47 @@ class DocumentedExamplesTests(ConfigFileTestCase):
                           client["tls_client_key"], client["name"]),
                          (True, "/etc/gotunnel/ca.pem", "/etc/gotunnel/client-alice.pem",
                           "/etc/gotunnel/client-alice.key", "alice"))
+
+
+class SharedTokenNameTests(ConfigFileTestCase):
+    """A listed client's token must be its own: not the shared token, not another's."""
+
+    def assertRefused(self, text: str, message: str, *args: str) -> None:
+        path = self.write(text)
+        with self.assertRaises(ConfigError) as caught:
+            ServerOptions().parseOptions(["--config", path, *args])
+        self.assertEqual(str(caught.exception), f"{path}: {message}")
+
+    def test_sharedTokenAsAClientsToken(self):
+        self.assertRefused(
+            """\
+            server:
+              token: "same-secret"
+              clients:
+                alice: {token: "same-secret"}
+            """,
+            "server.clients.alice.token is the same as the shared server.token: whoever "
+            "holds that could register as 'alice'; give 'alice' a token of its own")
+
+    def test_sharedTokenFromTheCommandLine(self):
+        self.assertRefused(
+            """\
+            server:
+              clients:
+                alice: {token: "same-secret"}
+            """,
+            "server.clients.alice.token is the same as the shared server.token: whoever "
+            "holds that could register as 'alice'; give 'alice' a token of its own",
+            "--token", "same-secret")
+
+    def test_twoClientsWithOneToken(self):
+        self.assertRefused(
+            """\
+            server:
+              token: "shared"
+              clients:
+                alice: {token: "one-secret"}
+                bob: {token: "one-secret"}
+            """,
+            "server.clients.bob.token is the same as server.clients.alice.token: whoever "
+            "holds that could register as 'bob'; give 'bob' a token of its own")

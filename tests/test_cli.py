@@ -27,6 +27,8 @@ CLIENT_SCRIPT = venvScript("gotunnel-client")
 EXIT_TIMEOUT = 60
 START_TIMEOUT = 60
 TWO_1001_ERRORS = re.compile(r"\[ERROR\]\[1001\][\s\S]*\[ERROR\]\[1001\]")
+STAMPED_1001 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[ERROR\]\[1001\] "
+                          r"Failed to connect to server 127\.0\.0\.1:\d+: \S")
 
 
 def write(directory: str, text: str, name: str = "config.yaml") -> str:
@@ -244,6 +246,8 @@ class LogLevelTests(ProcessTestCase):
                          "two [ERROR][1001] lines on stderr")
         # The console shows [ERROR] lines once, on stderr, not again in the log.
         self.assertNotIn("[ERROR]", quiet.stdout + chatty.stdout)
+        # Each behind the time, as the log has it, naming the server.
+        self.assertRegex(quiet.stderr.splitlines()[0], STAMPED_1001)
         self.assertNotIn("reconnecting", quiet.stdout, quiet.describe())
         self.assertIn("reconnecting", chatty.stdout, chatty.describe())
         yield self.stop(quiet, chatty)

@@ -9,21 +9,24 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import struct
 import sys
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent, formatTime, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+from zope.interface import directlyProvides
 
-from gotunnel import report
+from gotunnel import client, report
 from gotunnel.client import (
     EARLY_LOCAL_CONNECTS, ControlChannelFactory, DataChannelFactory, LocalServiceFactory,
-    TunnelService, _ProbeFactory,
+    TunnelClientService, TunnelService, _ProbeFactory, serverAddress,
 )
 from gotunnel.config import ClientSettings, Mapping
 
@@ -35,6 +38,7 @@ JITTER = 0.5
 AUTH_FAILED = b'{"type":"register_resp","status":"fail","reason":"authentication failed"}'
 OK = b'{"type":"register_resp","status":"ok"}'
 AUTH_LINE = "[ERROR][1002] Authentication failed, please check token\n"
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} ", re.MULTILINE)
 
 # From the Go capture (go-gotunnel-wire.json).
 GO_REGISTER = bytes.fromhex(
@@ -147,6 +151,12 @@ class ClientTestCase(unittest.TestCase):
         [index] = self.serverAttempts(DataChannelFactory)
         return self.complete(index)
 
+    def unstamped(self) -> str:
+        """Standard error with each line's time taken off (every line must have one)."""
+        text = self.stderr.getvalue()
+        self.assertEqual(len(STAMP.findall(text)), text.count("\n"), text)
+        return STAMP.sub("", text)
+
     def logged(self) -> list[dict]:
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
@@ -176,22 +186,22 @@ class RegisterTests(ClientTestCase):
         """
         channel, transport = self.control()
         channel.dataReceived(frame(AUTH_FAILED))
-        self.assertEqual(self.stderr.getvalue(), AUTH_LINE)
+        self.assertEqual(self.stderr.getvalue(), f"{formatTime(START)} {AUTH_LINE}")
         self.assertTrue(transport.disconnecting)
         self.assertIsNone(self.service.channel)
 
     def test_otherRefusalLogged(self):
-        """Another refusal is logged with its reason, and not printed as 1002."""
+        """Another refusal is logged with its reason at once, and not printed as 1002."""
         events = self.logged()
         channel, transport = self.control()
         channel.dataReceived(frame(
             b'{"type":"register_resp","status":"fail",'
-            b'"reason":"remote port 10022 is already taken by another client"}'))
+            b'"reason":"the server is restarting"}'))
         self.assertEqual(self.stderr.getvalue(), "")
         self.assertTrue(transport.disconnecting)
         reasons = [e.get("reason") for e in events
                    if e.get("log_format", "").startswith("the server refused")]
-        self.assertEqual(reasons, ["remote port 10022 is already taken by another client"])
+        self.assertEqual(reasons, ["the server is restarting"])
 
     def test_secondRegisterRespCloses(self):
         """A register_resp on a registered channel is a protocol error."""
@@ -224,6 +234,7 @@ class HeartbeatTests(ClientTestCase):
 
     def test_noPingBeforeRegistered(self):
         """No ping goes out while register_resp is awaited."""
+        self.settings.register_timeout = 120
         _, transport = self.control()
         transport.clear()
         self.reactor.advance(60)
@@ -293,9 +304,9 @@ class ReconnectTests(ClientTestCase):
         for delay in (1, 2, 4, 8, 16, 16):
             self.refuse(index)
             index = self.assertNextAttemptAfter(delay)
-        self.assertEqual(self.stderr.getvalue().splitlines(),
-                         [report.formatError(report.SERVER_UNREACHABLE,
-                                             "Connection was refused by other side.")] * 6)
+        self.assertEqual(self.unstamped().splitlines(),
+                         ["[ERROR][1001] Failed to connect to server 198.51.100.7:17000: "
+                          "Connection was refused by other side."] * 6)
 
     def test_authFailuresBackOff(self):
         """
@@ -311,7 +322,7 @@ class ReconnectTests(ClientTestCase):
             self.assertTrue(transport.disconnecting)
             protocol.connectionLost(Failure(error.ConnectionDone()))
             index = self.assertNextAttemptAfter(delay)
-        self.assertEqual(self.stderr.getvalue(), AUTH_LINE * 6)
+        self.assertEqual(self.unstamped(), AUTH_LINE * 6)
 
     def test_registeredResetsBackOff(self):
         """After a successful registration, a lost channel is retried after 1 s again."""
@@ -349,6 +360,152 @@ class ReconnectTests(ClientTestCase):
             protocol = self.complete(index)[0]
             protocol.connectionLost(Failure(error.ConnectionDone()))
             index = self.assertNextAttemptAfter(delay)
+
+    def test_unansweredRegisterTimesOut(self):
+        """
+        A server that accepts the control channel and never answers
+        register: after register_timeout (10 s) the channel is aborted with
+        a warning, and connecting again backs off like any other failed
+        registration.
+        """
+        events = self.logged()
+        self.service.startService()
+        [index] = self.serverAttempts()
+        for delay in (1, 2, 4):
+            protocol, transport = self.complete(index)
+            self.reactor.advance(9.9)
+            self.assertFalse(transport.disconnected)
+            self.reactor.advance(0.1)
+            self.assertTrue(transport.disconnected)
+            protocol.connectionLost(Failure(error.ConnectionAborted()))
+            index = self.assertNextAttemptAfter(delay)
+        warnings = [formatEvent(e) for e in events
+                    if e.get("log_format", "").startswith("the server did not answer")]
+        self.assertEqual(warnings, ["the server did not answer the registration of "
+                                    "127.0.0.1:8022->10022 within 10 s; closing the control "
+                                    "channel"] * 3)
+
+    def test_registerTimeoutInTLSHandshakeNotBlamedOnPlainServer(self):
+        """
+        A TLS handshake the server never finishes ends with the timeout's
+        line only, not with 1001's hint that the server speaks plain TCP.
+        """
+        channel = ControlChannelFactory(self.service).buildProtocol(None)
+        transport = StringTransport()
+        directlyProvides(transport, ISSLTransport)
+        channel.makeConnection(transport)
+        self.reactor.advance(10)
+        self.assertTrue(transport.disconnected)
+        channel.connectionLost(Failure(error.ConnectionAborted()))
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_registerTimeoutSetting(self):
+        """register_timeout sets the wait; an answer in time cancels it."""
+        self.settings.register_timeout = 2.5
+        self.service.startService()
+        [index] = self.serverAttempts()
+        protocol, transport = self.complete(index)
+        self.reactor.advance(2.4)
+        protocol.dataReceived(frame(OK))
+        self.reactor.advance(30)
+        self.assertFalse(transport.disconnected)
+        self.assertIsNotNone(self.service.channel)
+
+
+class LastingRefusalTests(ClientTestCase):
+    """
+    Refusals that asking again will not change: the retry line says so and
+    names what must change; with exit_on_refusal the client stops the
+    reactor with a status per kind of refusal.
+    """
+
+    TAKEN = (b'{"type":"register_resp","status":"fail",'
+             b'"reason":"remote port 10022 is already taken by another client"}')
+
+    def refusedLines(self, events: list[dict]) -> list[str]:
+        return [formatEvent(e) for e in events
+                if e.get("log_format", "").startswith("the server refused")]
+
+    def refuseOnce(self, answer: bytes) -> None:
+        [*_, index] = self.serverAttempts()
+        protocol, _ = self.complete(index)
+        protocol.dataReceived(frame(answer))
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+
+    def test_retryLineSaysItWillNotChange(self):
+        events = self.logged()
+        self.service.startService()
+        self.refuseOnce(self.TAKEN)
+        self.assertEqual(self.refusedLines(events), [
+            "the server refused 127.0.0.1:8022->10022: remote port 10022 is already taken by "
+            "another client; will retry in 1.5 s; this will not change until the other client "
+            "releases port 10022 or this one asks for another remote port"])
+        self.reactor.advance(1.4)
+        self.assertEqual(len(self.serverAttempts()), 1)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.serverAttempts()), 2)
+        self.refuseOnce(AUTH_FAILED)
+        self.assertEqual(self.unstamped(), AUTH_LINE)
+        self.assertEqual(self.refusedLines(events)[1:], [
+            "the server refused 127.0.0.1:8022->10022: authentication failed; will retry in "
+            "2.5 s; this will not change until the client's token is the server's "
+            "(client.token, --token)"])
+        self.reactor.advance(2.4)
+        self.assertEqual(len(self.serverAttempts()), 2)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.serverAttempts()), 3)
+
+    def clientService(self, **settings) -> TunnelClientService:
+        settings = ClientSettings(server="tcp:%s:%d" % SERVER, token=self.token, name=self.name,
+                                  mappings=[self.mapping], **settings)
+        service = TunnelClientService(settings, reactor=self.reactor)
+        self.reactor.running = True
+        service.startService()
+        return service
+
+    def test_exitOnRefusal(self):
+        """
+        With exit_on_refusal, each kind of lasting refusal stops the
+        reactor with its own exit status; a wrong token still prints
+        [ERROR][1002] first.
+        """
+        for reason, status in [
+                (b"authentication failed", 3),
+                (b"remote port 10022 is not allowed on this server", 4),
+                (b"too many mappings for client 'edge-1': it may hold 1 at once", 4),
+                (b"remote port 10022 is already taken by another client", 5),
+                (b"cannot listen on port 10022: [Errno 98] Address already in use", 6)]:
+            self.reactor = MemoryReactorClock()
+            events = self.logged()
+            service = self.clientService(exit_on_refusal=True)
+            self.refuseOnce(b'{"type":"register_resp","status":"fail","reason":"%s"}' % reason)
+            self.assertTrue(self.reactor.hasStopped, reason)
+            self.assertEqual(service.exitStatus, status)
+            [line] = self.refusedLines(events)
+            self.assertIn(f"; exiting with status {status} (exit_on_refusal), as this will not "
+                          "change until ", line)
+        self.assertEqual(self.unstamped(), AUTH_LINE)
+
+    def test_exitStatusToldFirst(self):
+        """whenExiting (twistd's hook) hears the status before the reactor stops."""
+        service = self.clientService(exit_on_refusal=True)
+        heard = []
+        service.whenExiting = lambda status: heard.append((status, self.reactor.hasStopped))
+        self.refuseOnce(self.TAKEN)
+        self.assertEqual(heard, [(5, False)])
+
+    def test_noExitWithoutTheOption(self):
+        service = self.clientService()
+        self.refuseOnce(AUTH_FAILED)
+        self.assertFalse(self.reactor.hasStopped)
+        self.assertIsNone(service.exitStatus)
+
+    def test_noExitOnARefusalThatMayPass(self):
+        service = self.clientService(exit_on_refusal=True)
+        self.refuseOnce(b'{"type":"register_resp","status":"fail",'
+                        b'"reason":"the server is restarting"}')
+        self.assertFalse(self.reactor.hasStopped)
+        self.assertIsNone(service.exitStatus)
 
 
 class DataChannelTests(ClientTestCase):
@@ -597,6 +754,140 @@ class DataChannelTests(ClientTestCase):
         self.assertFalse(transport.disconnecting)
 
 
+class PendingDataChannelTests(ClientTestCase):
+    """
+    A server that asks for data channels without end, or never answers
+    them: max_pending_data_channels at once, the rest wait (to a limit,
+    then are dropped), and each unanswered one times out.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.settings.max_pending_data_channels = 3
+        self.channel, _ = self.registered()
+
+    def ask(self, *connIds: str) -> None:
+        self.channel.dataReceived(b"".join(
+            jsonFrame(type="open_data_channel", local_port=8022, conn_id=c) for c in connIds))
+
+    def asked(self) -> list[bytes]:
+        """The conn_id of each data channel connect, in order, completing them."""
+        found = []
+        for index in self.serverAttempts(DataChannelFactory):
+            _, _, factory, _, _ = self.reactor.tcpClients[index]
+            found.append(innermost(factory).channel.request.conn_id)
+        return found
+
+    def test_capHoldsTheRestInOrder(self):
+        """
+        Past the cap no data channel connects; each answer, connect failure
+        or close lets the next waiting request go, first come first served.
+        """
+        self.ask(*(f"c{n}" for n in range(6)))
+        self.assertEqual(self.asked(), ["c0", "c1", "c2"])
+        attempts = self.serverAttempts(DataChannelFactory)
+        first, _ = self.complete(attempts[0])
+        first.dataReceived(frame(OK))
+        self.assertEqual(self.asked(), ["c0", "c1", "c2", "c3"])
+        self.refuse(attempts[1])
+        self.assertEqual(self.asked(), ["c0", "c1", "c2", "c3", "c4"])
+        third, _ = self.complete(attempts[2])
+        third.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.asked(), ["c0", "c1", "c2", "c3", "c4", "c5"])
+        self.assertEqual(len(self.service.opening), 3)
+        self.assertEqual(self.service.droppedRequests, 0)
+
+    def test_unansweredDataChannelTimesOut(self):
+        """
+        A data channel the server accepts and never answers is aborted
+        after register_timeout with a warning; its place goes to the next
+        request.
+        """
+        events = self.logged()
+        self.ask("c0", "c1", "c2", "c3")
+        [index, *_] = self.serverAttempts(DataChannelFactory)
+        protocol, transport = self.complete(index)
+        self.reactor.advance(9.9)
+        self.assertFalse(transport.disconnected)
+        self.reactor.advance(0.1)
+        self.assertTrue(transport.disconnected)
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+        self.assertEqual(self.asked(), ["c0", "c1", "c2", "c3"])
+        self.assertEqual(
+            [formatEvent(e) for e in events
+             if e.get("log_format", "").startswith("the server did not answer a data")],
+            ["the server did not answer a data channel for 127.0.0.1:8022->10022 within 10 s; "
+             "closing it"])
+
+    def test_answeredInTimeStaysOpen(self):
+        """register_resp ok cancels the timeout; the spliced channel stays open."""
+        self.ask("c0")
+        protocol, transport = self.complete(self.serverAttempts(DataChannelFactory)[0])
+        protocol.dataReceived(frame(OK))
+        self.reactor.advance(60)
+        self.assertFalse(transport.disconnected)
+        self.assertEqual(self.service.opening, set())
+
+    def test_pooledChannelsWaitUntimed(self):
+        """A pooled data channel waits for a user as long as the server likes."""
+        self.channel.connectionLost(Failure(error.ConnectionDone()))
+        channel, _ = self.control()
+        channel.dataReceived(frame(b'{"type":"register_resp","status":"ok","pool":1}'))
+        [index] = self.serverAttempts(DataChannelFactory)
+        _, transport = self.complete(index)
+        self.reactor.advance(60)
+        self.assertFalse(transport.disconnected)
+
+    def test_beyondTheWaitingLimitDropped(self):
+        """
+        Requests past the waiting limit are dropped and counted, with one
+        line at once and then at most one per 10 s.
+        """
+        self.patch(client, "MAX_WAITING_DATA_CHANNEL_REQUESTS", 2)
+        events = self.logged()
+
+        def lines():
+            return [formatEvent(e) for e in events
+                    if e.get("log_format", "").startswith("dropped {count}")]
+
+        self.ask(*(f"c{n}" for n in range(6)))
+        self.assertEqual(self.service.droppedRequests, 1)
+        self.assertEqual(lines(), [
+            "dropped 1 requests for a data channel for 127.0.0.1:8022->10022 (1 in all): "
+            "3 data channels are being opened and 2 requests wait; the server closes those "
+            "users when it stops waiting for their data channels"])
+        self.ask(*(f"d{n}" for n in range(500)))
+        self.assertEqual(len(lines()), 1)
+        self.reactor.advance(client.DROPPED_REQUESTS_LOG_INTERVAL)
+        self.assertEqual(self.service.droppedRequests, 501)
+        self.assertEqual(len(lines()), 2)
+        self.assertIn("dropped 500 requests", lines()[1])
+        self.assertIn("(501 in all)", lines()[1])
+        self.reactor.advance(client.DROPPED_REQUESTS_LOG_INTERVAL)
+        self.assertEqual(len(lines()), 2)
+        self.assertEqual(len(self.service.waitingRequests), 2)
+        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 3)
+
+    def test_stopForgetsWaitingAndTheNextDropLine(self):
+        """Stopping leaves no request waiting and no drop line to come."""
+        self.patch(client, "MAX_WAITING_DATA_CHANNEL_REQUESTS", 1)
+        self.ask(*(f"c{n}" for n in range(6)))
+        call = self.service._droppedLogCall
+        self.assertTrue(call.active())
+        self.service.startService()
+        self.service.stopService()
+        self.assertFalse(call.active())
+        self.assertEqual(len(self.service.waitingRequests), 0)
+
+    def test_controlChannelLostForgetsWaiting(self):
+        """The server forgets its users with the control channel; so do we."""
+        self.ask(*(f"c{n}" for n in range(5)))
+        self.channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.service.waitingRequests), 0)
+        self.refuse(self.serverAttempts(DataChannelFactory)[0])
+        self.assertEqual(self.asked(), ["c0", "c1", "c2"])
+
+
 class GoPeerTests(ClientTestCase):
     """A client set up as in the Go capture says what the Go client said."""
 
@@ -708,11 +999,18 @@ class SecretTests(ClientTestCase):
 
 class ReportTests(unittest.TestCase):
     def test_formatServerUnreachable(self):
-        """Error 1001 reads as the Go client's line, with the detail after a colon."""
+        """
+        Error 1001 reads as the Go client's line, with the server's address
+        after the description and the detail after a colon.
+        """
         self.assertEqual(report.formatError(1001, "Connection refused"),
                          "[ERROR][1001] Failed to connect to server: Connection refused")
         self.assertEqual(report.formatError(1001),
                          "[ERROR][1001] Failed to connect to server")
+        self.assertEqual(report.formatError(1001, "Connection refused",
+                                            address="127.0.0.1:17000"),
+                         "[ERROR][1001] Failed to connect to server 127.0.0.1:17000: "
+                         "Connection refused")
 
     def test_formatAuthenticationFailed(self):
         """Error 1002 reads as the Go client's line."""
@@ -723,6 +1021,28 @@ class ReportTests(unittest.TestCase):
         """reportError writes one line on the process's real standard error."""
         stream = io.StringIO()
         self.patch(sys, "__stderr__", stream)
-        report.reportError(report.SERVER_UNREACHABLE, "timeout")
-        self.assertEqual(stream.getvalue(),
-                         "[ERROR][1001] Failed to connect to server: timeout\n")
+        report.reportError(report.SERVER_UNREACHABLE, "timeout", address="[::1]:17000",
+                           when=START)
+        self.assertEqual(stream.getvalue(), f"{formatTime(START)} [ERROR][1001] Failed to "
+                         "connect to server [::1]:17000: timeout\n")
+
+    def test_reportStampedNow(self):
+        """Without a time given, the line has the current time, as the log has."""
+        stream = io.StringIO()
+        self.patch(sys, "__stderr__", stream)
+        self.patch(report.time, "time", lambda: START + 0.75)
+        report.reportError(report.AUTHENTICATION_FAILED)
+        self.assertEqual(stream.getvalue(), f"{formatTime(START)} {AUTH_LINE}")
+
+    def test_serverAddress(self):
+        """The address in 1001: the endpoint's host and port, through a TLS wrapper."""
+        from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+
+        reactor = MemoryReactorClock()
+        self.assertEqual(serverAddress(clientFromString(reactor, "tcp:127.0.0.1:17000")),
+                         "127.0.0.1:17000")
+        self.assertEqual(serverAddress(clientFromString(reactor, "tls:tunnel.example:17001")),
+                         "tunnel.example:17001")
+        self.assertEqual(serverAddress(HostnameEndpoint(reactor, "::1", 17002)),
+                         "[::1]:17002")
+        self.assertIsNone(serverAddress(object()))

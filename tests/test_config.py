@@ -750,6 +750,25 @@ class SpliceThreadOptionTests(ZeroCopyOptionTests):
     option = "--no-splice-thread"
 
 
+class Ipv6PrefixOptionTests(ConfigTestCase):
+    """server.ipv6_prefix / --ipv6-prefix."""
+
+    def test_default(self):
+        self.assertEqual(self.server("server:\n  token: t\n").ipv6_prefix, 64)
+
+    def test_fileAndCommandLine(self):
+        self.assertEqual(self.server("server:\n  token: t\n  ipv6_prefix: 56\n").ipv6_prefix, 56)
+        self.assertEqual(self.server("server:\n  token: t\n  ipv6_prefix: 56\n",
+                                     "--ipv6-prefix", "128").ipv6_prefix, 128)
+
+    def test_outOfRangeRefused(self):
+        self.assertConfigError("server", "server:\n  token: t\n  ipv6_prefix: 0\n",
+                               "server.ipv6_prefix must be a whole number from 1 to 128")
+        with self.assertRaises(usage.UsageError) as caught:
+            self.server("server:\n  token: t\n", "--ipv6-prefix", "129")
+        self.assertIn("must be from 1 to 128", str(caught.exception))
+
+
 class PoolOptionTests(ConfigTestCase):
     """client.pool_count / --pool-count and server.max_pool_count / --max-pool-count."""
 
@@ -808,3 +827,88 @@ class BusyPollOptionTests(ConfigTestCase):
             with self.assertRaises(usage.UsageError) as caught:
                 self.client(self.CLIENT, "--busy-poll", value)
             self.assertIn("must be from 0 to 10000", str(caught.exception))
+
+
+class RegisterTimeoutOptionTests(ConfigTestCase):
+    """client.register_timeout / --register-timeout: seconds, 10 by default."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_default(self):
+        self.assertEqual(self.client(self.CLIENT).register_timeout, 10.0)
+
+    def test_inTheFileAndCommandLine(self):
+        self.assertEqual(self.client(self.CLIENT + "  register_timeout: 3\n").register_timeout,
+                         3.0)
+        self.assertEqual(self.client(self.CLIENT + "  register_timeout: 3\n",
+                                     "--register-timeout", "0.5").register_timeout, 0.5)
+
+    def test_notPositiveRefused(self):
+        self.assertConfigError("client", self.CLIENT + "  register_timeout: 0\n",
+                               "client.register_timeout must be a number of seconds greater "
+                               "than 0")
+        with self.assertRaises(usage.UsageError):
+            self.client(self.CLIENT, "--register-timeout", "-1")
+
+
+class PendingDataChannelsOptionTests(ConfigTestCase):
+    """client.max_pending_data_channels / --max-pending-data-channels: 256 by default."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_default(self):
+        self.assertEqual(self.client(self.CLIENT).max_pending_data_channels, 256)
+
+    def test_inTheFileAndCommandLine(self):
+        self.assertEqual(self.client(self.CLIENT + "  max_pending_data_channels: 8\n")
+                         .max_pending_data_channels, 8)
+        self.assertEqual(self.client(self.CLIENT + "  max_pending_data_channels: 8\n",
+                                     "--max-pending-data-channels", "1")
+                         .max_pending_data_channels, 1)
+
+    def test_zeroRefused(self):
+        self.assertConfigError("client", self.CLIENT + "  max_pending_data_channels: 0\n",
+                               "client.max_pending_data_channels must be a whole number of "
+                               "at least 1")
+        with self.assertRaises(usage.UsageError):
+            self.client(self.CLIENT, "--max-pending-data-channels", "0")
+
+
+class ExitOnRefusalOptionTests(ConfigTestCase):
+    """client.exit_on_refusal / --exit-on-refusal: off by default."""
+
+    CLIENT = "client:\n  token: t\n  local_ports: [22]\n"
+
+    def test_offByDefault(self):
+        self.assertFalse(self.client(self.CLIENT).exit_on_refusal)
+
+    def test_inTheFileOrOnTheCommandLine(self):
+        self.assertTrue(self.client(self.CLIENT + "  exit_on_refusal: true\n").exit_on_refusal)
+        self.assertTrue(self.client(self.CLIENT, "--exit-on-refusal").exit_on_refusal)
+
+    def test_notAFlag(self):
+        self.assertConfigError("client", self.CLIENT + "  exit_on_refusal: 'yes please'\n",
+                               "client.exit_on_refusal must be true or false")
+
+class PortLeaseOptionTests(ConfigTestCase):
+    """server.port_lease / --port-lease: seconds, 0 (off) or more; 30 by default."""
+
+    def test_default(self):
+        self.assertEqual(self.server("server:\n  token: t\n").port_lease, 30.0)
+
+    def test_inTheFile(self):
+        self.assertEqual(self.server("server:\n  token: t\n  port_lease: 0\n").port_lease, 0.0)
+        self.assertEqual(self.server("server:\n  token: t\n  port_lease: 2.5\n").port_lease, 2.5)
+
+    def test_commandLineWins(self):
+        self.assertEqual(self.server("server:\n  token: t\n  port_lease: 60\n",
+                                     "--port-lease", "0").port_lease, 0.0)
+
+    def test_badValuesRefused(self):
+        for value in ("-1", "'soon'", "true", ".inf"):
+            self.assertConfigError("server", f"server:\n  token: t\n  port_lease: {value}\n",
+                                   "server.port_lease must be a number of seconds, 0 or more")
+        for value in ("-1", "nan", "inf"):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.server("server:\n  token: t\n", "--port-lease", value)
+            self.assertIn("must be a number of seconds, 0 or more", str(caught.exception))

@@ -21,12 +21,12 @@ from twisted.trial import unittest
 from tests.support import (
     REGISTERED,
     HOST, TOKEN, Collector, LogWatcher, StreamCapture, Tunnel, connectUser, connectionRefused,
-    echoedThrough, freePort, listenTarget, randomBytes, retryUntil, startTarget, startsWith,
-    waitUntil, waitUntilRefused, within,
+    echoedThrough, freePort, listenTarget, randomBytes, retryUntil, spawn, startTarget,
+    startsWith, temporaryDirectory, venvScript, waitUntil, waitUntilRefused, within,
 )
 
 AUTH_FAILED_LINE = "[ERROR][1002] Authentication failed, please check token"
-UNREACHABLE_PREFIX = "[ERROR][1001] Failed to connect to server: "
+UNREACHABLE_PREFIX = "[ERROR][1001] Failed to connect to server"
 
 
 @defer.inlineCallbacks
@@ -143,9 +143,12 @@ class AuthenticationTests(LifecycleTestCase):
         client = self.tunnel.startClient(target, token="wrong-token", reconnect_max_delay=16)
         public = client.tunnels[0].mapping.remote_port
 
-        # Each refusal is followed by a retry scheduled after a delay.
-        retries = yield within(self.logs.whenMatched(LogWatcher.formatted("reconnecting"), 2),
-                               30, "two retries after authentication failures")
+        # Each refusal is followed by a retry scheduled after a delay, and
+        # the line says a retry will not help.
+        retries = yield within(self.logs.whenMatched(LogWatcher.formatted(
+            "the server refused {mapping}: {reason}; will retry in {delay:.1f} s; this will "
+            "not change until", reason="authentication failed"), 2),
+            30, "two retries after authentication failures")
         window = reactor.seconds() - started
         self.assertEqual(self.stderr.items, [AUTH_FAILED_LINE] * 2)
 
@@ -174,8 +177,9 @@ class UnreachableServerTests(LifecycleTestCase):
         client = self.tunnel.startClient(target)
         [line] = yield within(self.stderr.whenMatched(startsWith("[ERROR]")), 15,
                               "an error report")
-        self.assertTrue(line.startswith(UNREACHABLE_PREFIX), line)
-        self.assertIn("refused", line[len(UNREACHABLE_PREFIX):].lower())
+        prefix = f"{UNREACHABLE_PREFIX} 127.0.0.1:{self.tunnel.controlPort}: "
+        self.assertTrue(line.startswith(prefix), line)
+        self.assertIn("refused", line[len(prefix):].lower())
         self.assertIsNone(client.tunnels[0].channel)
 
 
@@ -231,6 +235,60 @@ class PortOwnershipTests(LifecycleTestCase):
         self.assertEqual(tunnel.local_port, newTarget)
         yield assertEchoes(self, self.public)
 
+
+
+class PortLeaseTests(LifecycleTestCase):
+    lease = 5.0
+    """Long enough for the steps taken during it, even on a loaded machine."""
+
+    @defer.inlineCallbacks
+    def test_killedClientsPortIsKeptForIt(self):
+        """
+        A gotunnel-client killed with SIGKILL: its public port refuses users
+        at once and is refused to another name during the lease; the same
+        name gets it back at once (listening, users served); once a lease
+        has run out, another name takes the port.
+        """
+        server = yield self.tunnel.startServer(port_lease=self.lease)
+        target = listenTarget(self)
+        public = freePort()
+        directory = temporaryDirectory(self)
+        client = spawn(self, [venvScript("gotunnel-client"), "--server",
+                              f"tcp:{HOST}:{self.tunnel.controlPort}", "--token", TOKEN,
+                              "--name", "office", "--map", f"{target}:{public}"], directory)
+        yield within(self.logs.whenMatched(LogWatcher.formatted(
+            "client {name} registered", name="office")), 30, "the client to register")
+        yield assertEchoes(self, public)
+
+        reserved = LogWatcher.formatted("public port {remote_port} reserved",
+                                        remote_port=public)
+        client.sendSignal("KILL")
+        yield within(self.logs.whenMatched(reserved), 15, "the lease to start")
+        self.assertTrue((yield connectionRefused(public)), "users are let in during the lease")
+        intruder = yield connectRawControl(self, self.tunnel.controlPort, public, "intruder")
+        [answer] = intruder.frames.items
+        self.assertEqual(answer["status"], "fail")
+        self.assertIn(f"remote port {public} is reserved for the client that had it",
+                      answer["reason"])
+
+        back, _ = yield within(self.tunnel.publish(target, remotePort=public, name="office"),
+                               15, "the same name to register again")
+        self.assertEqual(len(self.logs.matching(LogWatcher.formatted(
+            "client {name} is back", name="office"))), 1)
+        self.assertEqual(len(server.registry.leases), 0)
+        yield assertEchoes(self, public)
+
+        # The protocol has no goodbye: a client that stops leaves a lease too.
+        yield within(back.stopService(), 15, "the client to stop")
+        yield within(self.logs.whenMatched(reserved, count=2), 15, "the second lease")
+        yield within(self.logs.whenMatched(LogWatcher.formatted(
+            "lease of public port {remote_port} for {name} expired", remote_port=public)),
+            self.lease + 15, "the lease to expire")
+        other = listenTarget(self)
+        yield within(self.tunnel.publish(other, remotePort=public, name="newcomer"), 15,
+                     "another name to take the port")
+        self.assertEqual(server.registry.tunnels[public].name, "newcomer")
+        yield assertEchoes(self, public)
 
 class HealthProbeTests(LifecycleTestCase):
     @defer.inlineCallbacks

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 import gotunnel.server
 from gotunnel import messages
-from gotunnel.client import POOL_REFILL_DELAY, DataChannelFactory
+from gotunnel.client import POOL_REFILL_DELAY, POOL_REFUSALS_IN_A_ROW, DataChannelFactory
 from gotunnel.config import ClientPolicy
 from gotunnel.relay import IDLE_KEEPALIVE
 from tests import test_client as client
@@ -241,6 +241,39 @@ class ServerPoolTests(server.ServerTestCase):
                                    protocol="", token="bob-token", name="bob", pooled=True))
         self.assertEqual(data.sent(), server.fail("no mapping of port 10022 to pool for"))
 
+    def test_listedClientRefusedForSharedMapping(self):
+        """
+        A listed client's own token does not pool for a mapping registered
+        with the shared token: that mapping's data channels carry the shared
+        token.
+        """
+        self.settings.clients = {"alice": ClientPolicy(token="alice-token")}
+        self.registered()
+        data = self.connect()
+        data.send(server.jsonFrame(type="data_channel", local_port=22, remote_port=10022,
+                                   protocol="", token="alice-token", name="alice", pooled=True))
+        self.assertEqual(data.sent(), server.fail("no mapping of port 10022 to pool for"))
+        self.assertEqual(self.registry.tunnels[10022].pool, {})
+        self.pooled()
+
+    def test_allowPortsHoldForDataChannels(self):
+        """
+        A data channel, pooled or not, is held to the ports its client may
+        publish, as register is (here the allowed ports changed since the
+        mapping was registered).
+        """
+        control = self.registered()
+        self.settings.allow_ports = (range(20000, 20001),)
+        pooled = self.connect()
+        pooled.send(pooledDataChannel())
+        self.assertEqual(pooled.sent(), server.fail("no mapping of port 10022 to pool for"))
+        self.connectUser()
+        self.assertEqual(control.sent(), server.openDataChannel("conn-1"))
+        for conn_id in (None, "conn-1"):
+            data = self.connect()
+            data.send(server.dataChannel(conn_id))
+            self.assertEqual(data.sent(), server.fail("no user is waiting for this data channel"))
+
 
 class ClientPoolTests(client.ClientTestCase):
     def registeredWithPool(self, pool: int = 8):
@@ -298,16 +331,55 @@ class ClientPoolTests(client.ClientTestCase):
         self.assertEqual(localTransport.value(), b"GET /")
         self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 2)
 
-    def test_refusedStopsPooling(self):
-        """A server that refuses a pooled channel is not asked for more until the next register."""
-        self.registeredWithPool(pool=1)
-        [index] = self.serverAttempts(DataChannelFactory)
-        protocol, transport = self.complete(index)
-        protocol.dataReceived(client.jsonFrame(type="register_resp", status="fail",
-                                               reason="this server keeps no pooled data channels"))
+    def pooledAttempts(self) -> list[int]:
+        return self.serverAttempts(DataChannelFactory)
+
+    def refusePooled(self, reason: str = "this server keeps no pooled data channels"):
+        """Complete the latest pooled channel, and have the server refuse it."""
+        protocol, _ = self.complete(self.pooledAttempts()[-1])
+        protocol.dataReceived(client.jsonFrame(type="register_resp", status="fail", reason=reason))
         protocol.connectionLost(None)
+
+    def test_oneRefusalKeepsThePool(self):
+        """
+        One refused pooled channel (a full pool, say) is replaced after
+        POOL_REFILL_DELAY, as one lost unused: the pool is not given up.
+        """
+        self.registeredWithPool(pool=1)
+        self.refusePooled("the pool of port 10022 already holds 8 data channels")
+        self.assertEqual(len(self.pooledAttempts()), 1)
+        self.reactor.advance(POOL_REFILL_DELAY)
+        self.assertEqual(len(self.pooledAttempts()), 2)
+        self.assertEqual(self.service.poolSize, 1)
+
+    def test_refusalsInARowStopPooling(self):
+        """
+        POOL_REFUSALS_IN_A_ROW refusals with no pooled channel used between
+        them: the server will go on refusing, so none is asked for again
+        until the next register, which pools anew.
+        """
+        self.registeredWithPool(pool=1)
+        for _ in range(POOL_REFUSALS_IN_A_ROW):
+            self.refusePooled()
+            self.reactor.advance(POOL_REFILL_DELAY)
         self.reactor.advance(POOL_REFILL_DELAY * 10)
-        self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 1)
+        self.assertEqual(len(self.pooledAttempts()), POOL_REFUSALS_IN_A_ROW)
+        self.assertEqual(self.service.poolSize, 0)
+        self.registeredWithPool(pool=1)
+        self.assertEqual(len(self.pooledAttempts()), POOL_REFUSALS_IN_A_ROW + 1)
+
+    def test_usedChannelResetsTheCount(self):
+        """Refusals with a pooled channel handed a user between them are not in a row."""
+        self.registeredWithPool(pool=1)
+        for _ in range(POOL_REFUSALS_IN_A_ROW):
+            for _ in range(POOL_REFUSALS_IN_A_ROW - 1):
+                self.refusePooled()
+                self.reactor.advance(POOL_REFILL_DELAY)
+            protocol, _ = self.complete(self.pooledAttempts()[-1])
+            protocol.dataReceived(client.frame(client.OK))
+            self.complete(self.localAttempts()[-1])
+        self.assertEqual(self.service.poolSize, 1)
+        self.assertEqual(len(self.pooledAttempts()), POOL_REFUSALS_IN_A_ROW ** 2 + 1)
 
     def test_idleChannelLostIsReplacedLater(self):
         """A pooled channel that closes unused is replaced after POOL_REFILL_DELAY, not at once."""

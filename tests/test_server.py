@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import secrets
 import struct
 
@@ -24,7 +25,7 @@ import gotunnel.server
 from gotunnel.config import ServerSettings
 from gotunnel.messages import RegisterResp, encode
 from gotunnel.server import (
-    PublicUser, ServerChannelFactory, TunnelRegistry, TunnelServerService, withBacklog,
+    MAX_EARLY_BYTES, PublicUser, ServerChannelFactory, TunnelRegistry, TunnelServerService, withBacklog,
 )
 
 TOKEN = "s3cret-Token-0xC0FFEE"
@@ -448,14 +449,85 @@ class DataChannelTests(ServerTestCase):
     def test_userAnnounced(self):
         """
         A user connecting to the public port is announced on the control
-        channel with open_data_channel {local_port, conn_id}; its reading is
-        held until a data channel arrives.
+        channel with open_data_channel {local_port, conn_id}; it is read on
+        while it waits, so that its close is noticed.
         """
         control = self.registered()
         user = self.connectUser()
         self.assertEqual(control.sent(), openDataChannel("conn-1"))
-        self.assertEqual(user.transport.producerState, "paused")
+        self.assertEqual(user.transport.producerState, "producing")
         self.assertFalse(user.transport.disconnecting)
+
+    def test_earlyBytesHeldUpToALimit(self):
+        """
+        What a waiting user sends is held up to MAX_EARLY_BYTES; then it is
+        no longer read, and all it sent reaches the data channel in order.
+        """
+        self.registered()
+        user = self.connectUser()
+        chunk = b"x" * 1000
+        sent = 0
+        while user.transport.producerState == "producing":
+            user.protocol.dataReceived(chunk)
+            sent += len(chunk)
+        self.assertEqual(sent, 5000)
+        self.assertGreaterEqual(sent, MAX_EARLY_BYTES)
+        data = self.connect()
+        data.send(dataChannel("conn-1"))
+        self.assertEqual(data.sent(), frame(OK) + b"x" * sent)
+        self.assertEqual(user.transport.producerState, "producing")
+
+    def test_smallReadsOnlyWhileWaiting(self):
+        """
+        A waiting user's transport reads MAX_EARLY_BYTES at a time; once its
+        data channel takes it, as much as before (Twisted's bufferSize also
+        sizes the write buffer of the splice).
+        """
+        self.registered()
+        [listener] = self.listening(10022)
+        peer = IPv4Address("TCP", "198.51.100.99", next(self.peerPorts))
+        transport = StringTransport(peerAddress=peer)
+        transport.bufferSize = 65536
+        listener.factory.buildProtocol(peer).makeConnection(transport)
+        self.assertEqual(transport.bufferSize, MAX_EARLY_BYTES)
+        self.connect().send(dataChannel("conn-1"))
+        self.assertEqual(transport.bufferSize, 65536)
+
+    def test_userClosingWhileWaitingIsLetGo(self):
+        """
+        A waiting user that ends its side having sent nothing is closed at
+        once and waits no more: its timeout is cancelled, and a data channel
+        for it finds nobody.
+        """
+        self.registered()
+        user = self.connectUser()
+        user.protocol.readConnectionLost()
+        self.assertTrue(user.transport.disconnecting)
+        self.assertEqual(self.registry.waitingUsers, {})
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_userHalfClosingAfterARequestStillServed(self):
+        """
+        A waiting user that sends a request and then ends its side is still
+        served: the request and the end-of-stream reach the data channel,
+        and the answer reaches the user.
+        """
+        self.registered()
+        user = self.connectUser()
+        user.protocol.dataReceived(b"GET /")
+        user.protocol.readConnectionLost()
+        self.assertFalse(user.transport.disconnecting)
+        peer = IPv4Address("TCP", "192.0.2.10", next(self.peerPorts))
+        # Lenient: the end-of-stream closes a StringTransport (it cannot
+        # half-close), and the splice then resumes it as it would a socket.
+        data = Connection(self.factory.buildProtocol(peer),
+                          StringTransport(peerAddress=peer, lenient=True))
+        data.channel.makeConnection(data.transport)
+        data.send(dataChannel("conn-1"))
+        self.assertEqual(data.sent(), frame(OK) + b"GET /")
+        self.assertTrue(data.transport.disconnecting)
+        data.send(b"200 OK")
+        self.assertEqual(user.transport.value(), b"200 OK")
 
     def test_splicedBothWays(self):
         """
@@ -672,7 +744,8 @@ class ControlChannelLostTests(ServerTestCase):
     def test_closesWaitingUsersAndListener(self):
         """
         When a control channel goes, its waiting users are closed, its
-        listener stops and the port is free; spliced users carry on.
+        listener stops and the port is free once its lease ends; spliced
+        users carry on.
         """
         control = self.registered()
         spliced = self.connectUser()
@@ -685,7 +758,123 @@ class ControlChannelLostTests(ServerTestCase):
         self.assertTrue(listener.stopped)
         self.assertEqual(self.registry.tunnels, {})
         self.assertEqual(self.registry.waitingUsers, {})
+        self.reactor.advance(self.settings.port_lease)
         self.registered(name="someone-else")
+
+
+class PortLeaseTests(ServerTestCase):
+    """
+    A client that drops without a word keeps its port reserved for
+    port_lease seconds: refused to other names, back at once for its own.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def infoLines(self) -> list[str]:
+        """The lease's log lines, each checked to be at info."""
+        lease = re.compile(r"public port \d+ reserved for |lease of |client \S+ is back: ")
+        found = [e for e in self.events if lease.match(formatEvent(e))]
+        self.assertEqual({e["log_level"] for e in found} - {LogLevel.info}, set())
+        return [formatEvent(e) for e in found]
+
+    def refused(self, name: str, remote_port: int = 10022) -> bytes:
+        control = self.connect()
+        control.send(register(remote_port=remote_port, name=name))
+        return control.sent()
+
+    def test_otherNameRefusedDuringLease(self):
+        """
+        The control channel lost, the listener is closed (users are refused
+        by the kernel at once) and another name is refused the port until
+        the lease ends, on the registry's clock.
+        """
+        control = self.registered()
+        [listener] = self.listeners(10022)
+        control.lose()
+        self.assertTrue(listener.stopped)
+        self.assertEqual(self.registry.tunnels, {})
+        self.reactor.advance(self.settings.port_lease - 1)
+        self.assertEqual(self.refused("edge-2"), fail(
+            "remote port 10022 is reserved for the client that had it, for 1 s more"))
+        self.assertEqual(self.listening(10022), [])
+        self.reactor.advance(1)
+        self.assertEqual(len(self.registry.leases), 0)
+        self.registered(name="edge-2")
+        self.assertEqual(self.infoLines(), [
+            "public port 10022 reserved for edge-1 for 30 s",
+            "lease of public port 10022 for edge-1 expired; the port is free"])
+
+    def test_sameNameBackAtOnce(self):
+        """The same name registering during the lease gets the port at once, listening."""
+        self.registered().lose()
+        self.reactor.advance(5)
+        self.registered()
+        self.assertEqual(len(self.listening(10022)), 1)
+        self.assertEqual(len(self.registry.leases), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.infoLines(), [
+            "public port 10022 reserved for edge-1 for 30 s",
+            "client edge-1 is back: public port 10022 is its again"])
+
+    def test_heartbeatTimeoutLeavesALease(self):
+        """A client dropped for silence leaves a lease, as one whose connection closed."""
+        control = self.registered()
+        self.reactor.advance(self.settings.heartbeat_timeout + 1)
+        self.registry.checkHeartbeats()
+        self.assertIsNotNone(self.registry.leases.get(10022))
+        control.lose()
+        self.assertIn(b"is reserved for the client that had it", self.refused("edge-2"))
+        self.registered()
+
+    def test_replacedMappingLeavesNoLease(self):
+        """A mapping replaced by its own name registering again leaves no lease behind."""
+        first = self.registered()
+        self.registered()
+        first.lose()
+        self.assertEqual(len(self.registry.leases), 0)
+        self.assertEqual(len(self.listening(10022)), 1)
+
+    def test_zeroTurnsLeasesOff(self):
+        """port_lease 0: the port is free as soon as the client is gone."""
+        self.settings.port_lease = 0
+        self.registered().lose()
+        self.registered(name="edge-2")
+
+    def test_leasesBoundedByTheMappingLimit(self):
+        """
+        A name that connects and drops on port after port holds no more
+        leases, with its mappings, than it may hold mappings: its oldest
+        lease ends first.
+        """
+        self.settings.max_mappings_per_client = 2
+        for port in range(10022, 10032):
+            self.registered(remote_port=port).lose()
+        self.assertEqual(sorted(lease.remote_port for lease in self.registry.leases.heldBy(
+            "edge-1")), [10030, 10031])
+        live = self.registered(remote_port=10040)
+        self.assertEqual([lease.remote_port for lease in self.registry.leases.heldBy("edge-1")],
+                         [10031])
+        self.registered(name="edge-2", remote_port=10022)
+        live.lose()
+        self.assertEqual(len(self.registry.leases), 2)
+
+    def test_onePerPort(self):
+        """The same port dropped again and again holds one lease, with one timer."""
+        for _ in range(5):
+            self.registered().lose()
+        self.assertEqual(len(self.registry.leases), 1)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+
+    def test_shutdownEndsLeases(self):
+        """Stopping the server ends every lease and its timer."""
+        self.registered().lose()
+        self.registry.closeAll()
+        self.assertEqual(len(self.registry.leases), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
 class SecretTests(ServerTestCase):

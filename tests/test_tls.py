@@ -30,7 +30,7 @@ from tests.support import (
 )
 
 SERVER_NAME = "tunnel.example.com"
-UNREACHABLE_PREFIX = "[ERROR][1001] Failed to connect to server: "
+UNREACHABLE_PREFIX = "[ERROR][1001] Failed to connect to server "
 DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "tls.md")
 
 
