@@ -358,6 +358,9 @@ def main(argv: list[str]) -> int:
     def median(values):
         return statistics.median(values)
 
+    def ratio(value: float, reference: float) -> str:
+        return f"{value / reference:.2f}" if reference else "-"
+
     rows = []
     for size in sizes:
         socatPps = median(p for p, _ in results.get(("max", size, "socat"), [(float("nan"), 0)]))
@@ -372,8 +375,8 @@ def main(argv: list[str]) -> int:
             held = median(results[("sustained", size, name)])
             socatHeld = median(results.get(("sustained", size, "socat"), [float("nan")]))
             rows.append([str(size), name, f"{pps:,.0f}", f"{loss * 100:.1f}%",
-                         f"{pps / socatPps:.2f}", f"{cpu:.1f}" if name != "direct" else "-",
-                         f"{held:,.0f}", f"{held / socatHeld:.2f}", pacedText])
+                         ratio(pps, socatPps), f"{cpu:.1f}" if name != "direct" else "-",
+                         f"{held:,.0f}", ratio(held, socatHeld), pacedText])
     table(f"UDP packets per second: sender unpaced for {args.seconds:g} s; sustained with "
           f"<= 1% loss (median of {args.repeat})",
           ["bytes", "profile", "unpaced/s", "loss", "x socat", "relay CPU us/pkt",
@@ -384,7 +387,7 @@ def main(argv: list[str]) -> int:
         runs = results[("rtt", name)]
         p50 = median(r[0] for r in runs)
         rows.append([name, f"{p50:.0f}", f"{median(r[1] for r in runs):.0f}",
-                     str(sum(r[2] for r in runs)), f"{p50 / socatRtt:.2f}"])
+                     str(sum(r[2] for r in runs)), ratio(p50, socatRtt)])
     table(f"64-byte echo round trip, {args.rtt_count} in a row (median of {args.repeat})",
           ["profile", "p50 us", "p99 us", "lost", "x socat"], rows)
     return 0
