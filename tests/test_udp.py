@@ -373,6 +373,25 @@ class ServerTests(unittest.TestCase):
             self.assertIn(b"no UDP mapping of port 10053 to carry", transport.value())
         self.assertFalse(carrierTransport.disconnecting)
 
+    def test_leaseHoldsTheUdpPort(self):
+        """
+        A UDP mapping whose client vanishes has its port number leased to
+        that client, as a TCP mapping does: another client is refused until
+        the lease ends, and the first one gets its port back.
+        """
+        self.settings.port_lease = 30
+        control, transport = self.connect()
+        control.dataReceived(register(name="edge-1"))
+        control.connectionLost(None)
+        other, otherTransport = self.connect()
+        other.dataReceived(register(name="edge-2"))
+        self.assertIn(b"remote port 10053 is reserved for the client that had it",
+                      otherTransport.value())
+        back, backTransport = self.connect()
+        back.dataReceived(register(name="edge-1"))
+        self.assertEqual(backTransport.value(), UDP_OK)
+        self.assertEqual([p.stopped for p in self.reactor.udpPorts], [True, False])
+
     def test_carrierOfAnotherPort(self):
         """A carrying channel for a port with no UDP mapping is refused."""
         self.registered()
