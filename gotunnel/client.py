@@ -190,6 +190,8 @@ class ControlChannel(MessageReceiver):
     """
 
     registered = False
+    answer: Optional[messages.RegisterResp] = None
+    """The server's register_resp, once it accepted the mapping."""
     lastPong = 0.0
     handshakeDone = False
     registerTimeout = None
@@ -212,7 +214,7 @@ class ControlChannel(MessageReceiver):
                                host_header_rewrite=mapping.host_header_rewrite or None)
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
-            protocol="tcp", token=settings.token, name=settings.name, **virtualHost))
+            protocol=mapping.protocol, token=settings.token, name=settings.name, **virtualHost))
         # A server that never answers (hung, or not a gotunnel server) would
         # otherwise hold this mapping unpublished, silently, for good.
         self.registerTimeout = self.tunnel.reactor.callLater(
@@ -249,6 +251,7 @@ class ControlChannel(MessageReceiver):
             self.tunnel.withdraw()
             return
         self.registered = True
+        self.answer = msg
         self.lastPong = self.tunnel.reactor.seconds()
         self.heartbeat.start(self.tunnel.settings.heartbeat_interval, now=False)
         # A Go server sends no pool: it gets no pooled data channels.
@@ -928,9 +931,11 @@ class TunnelClientService(MultiService):
             from twisted.internet import reactor
         self.reactor = reactor
         self.settings = settings
+        from gotunnel.udp import UdpTunnelService
+
         endpoints = ServerEndpoints(reactor, settings)
-        self.tunnels = [TunnelService(settings, mapping, endpoints.control, reactor,
-                                      endpoints.dataChannel)
+        self.tunnels = [(UdpTunnelService if mapping.protocol == "udp" else TunnelService)(
+                            settings, mapping, endpoints.control, reactor, endpoints.dataChannel)
                         for mapping in settings.mappings]
         for tunnel in self.tunnels:
             tunnel.setServiceParent(self)

@@ -212,6 +212,9 @@ class Tunnel:
     user (the client's pool, see L{messages.DataChannel.pooled}).
     """
 
+    protocol: Optional[str] = None
+    """What register_resp confirms: None for TCP, "udp" for L{gotunnel.udp.UdpTunnel}."""
+
     def __init__(self, registry: "TunnelRegistry", channel: "ServerChannel",
                  register: messages.Register) -> None:
         self.registry = registry
@@ -264,6 +267,11 @@ class Tunnel:
         """
         self.close()
         self.registry.leases.start(self.name, self.remote_port, self.registry.settings.port_lease)
+
+    def registerResp(self) -> messages.RegisterResp:
+        """The answer to the C{register} that made this mapping."""
+        return messages.RegisterResp(status="ok",
+                                     pool=self.registry.settings.max_pool_count or None)
 
     def listen(self) -> defer.Deferred:
         """
@@ -453,6 +461,9 @@ class TunnelRegistry:
         self.publicPorts: dict[int, PublicPort] = {}
         self.virtualHosts = None
         """The L{gotunnel.vhost.VirtualHosts}, on a server with virtual-host ports."""
+        self.udpPorts: dict[int, PublicPort] = {}
+        """The public UDP ports of UDP mappings (L{gotunnel.udp}), apart: a
+        port number's UDP socket is not its TCP socket."""
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -662,7 +673,11 @@ class TunnelRegistry:
             name = self.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
-            if msg.protocol not in ("tcp", ""):
+            tunnelType = Tunnel
+            if msg.protocol == "udp" and self.settings.udp:
+                from gotunnel.udp import UdpTunnel
+                tunnelType = UdpTunnel
+            elif msg.protocol not in ("tcp", ""):
                 raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
             if not 1 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
@@ -680,7 +695,7 @@ class TunnelRegistry:
                      name=printable(msg.name), remote_port=msg.remote_port)
             previous.close()
             previous.channel.transport.loseConnection()
-        tunnel = Tunnel(self, channel, msg)
+        tunnel = tunnelType(self, channel, msg)
         self.tunnels[msg.remote_port] = tunnel
 
         def listening(listens: bool) -> Tunnel:
@@ -980,12 +995,11 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.sendMessage(messages.RegisterResp(
                 status="ok", pool=self.registry.settings.max_pool_count or None, vhost=vhost))
             log.info("client {name} registered from {peer}: local port {local_port} -> "
-                     "{vhost} virtual host {domains}", name=tunnel.name,
+                     "{vhost} virtual host {domains}", name=printable(tunnel.name),
                      peer=self.peerDescription, local_port=tunnel.local_port, vhost=vhost,
                      domains=",".join(tunnel.domains))
             return
-        self.sendMessage(messages.RegisterResp(
-            status="ok", pool=self.registry.settings.max_pool_count or None))
+        self.sendMessage(tunnel.registerResp())
         log.info("client {name} registered from {peer}: local port {local_port} -> "
                  "public port {remote_port}", name=printable(tunnel.name),
                  peer=self.peerDescription, local_port=tunnel.local_port,
@@ -1042,7 +1056,10 @@ class ServerChannel(MessageReceiver, RelayEnd):
             return
         certificateName = tls.peerCommonName(self.transport)
         try:
-            if msg.pooled:
+            if msg.protocol == "udp":
+                from gotunnel.udp import attachCarrier
+                self.tunnel = attachCarrier(self.registry, msg, certificateName)
+            elif msg.pooled:
                 self.tunnel = self.registry.poolDataChannel(self, msg, certificateName)
             else:
                 user = self.registry.attachDataChannel(msg, certificateName)
@@ -1052,6 +1069,13 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.refuse(str(e))
             return
         self._releasePending()
+        if msg.protocol == "udp":
+            # The carrying channel of a UDP mapping: datagram frames from now on.
+            self.role = "udp"
+            self.sendMessage(messages.RegisterResp(status="ok"))
+            self.switchToRaw()
+            self.tunnel.attachCarrier(self)
+            return
         if msg.pooled:
             # Read on while idle: a pooled channel that closes must leave
             # the pool at once, not when a user is handed to it.
@@ -1124,6 +1148,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
                   ms=(self.registry.clock.seconds() - user.connectedAt) * 1000)
 
     def rawDataReceived(self, data: bytes) -> None:
+        if self.role == "udp":
+            self.tunnel.carrierData(self, data)
+            return
         self.relayReceived(data)
 
     def readConnectionLost(self) -> None:
@@ -1159,6 +1186,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.registry.clientDropped(self.tunnel)
         elif role == "pooled":
             self.tunnel.pooledLost(self)
+        elif role == "udp":
+            self.tunnel.carrierLost(self)
         elif role == "data":
             if self.peer is not None:
                 noteEnding(self.peer, endingOf(reason, SERVICE_CLOSED))

@@ -113,6 +113,23 @@ _NO_SPLICE_THREAD = [
     "(splice_thread: false in the config file)."]
 
 
+def _udpOptions(role: str, settingsType: type) -> list[list[Any]]:
+    return [
+        ["udp-session-timeout", None, None,
+         "Seconds a UDP mapping keeps a remote peer's session after its last datagram "
+         f"(default: {settingsType.udp_session_timeout:g}; {role}.udp_session_timeout)",
+         _positive],
+        ["udp-max-sessions", None, None,
+         "Remote peers one UDP mapping serves at once; new peers' datagrams beyond are "
+         f"dropped (default: {settingsType.udp_max_sessions}; {role}.udp_max_sessions)",
+         _atLeastOne],
+    ]
+
+
+_UDP_FIELDS = {"udp-session-timeout": "udp_session_timeout",
+               "udp-max-sessions": "udp_max_sessions"}
+
+
 def _busyPollOption(role: str, settingsType: type) -> list[Any]:
     return ["busy-poll", None, None,
             "Microseconds the splice thread polls for a socket's answer before it sleeps, "
@@ -360,11 +377,13 @@ class ServerOptions(_SettingsOptions):
          "User name for the dashboard's login (server.admin_user; needs --admin-password)."],
         ["admin-password", None, None,
          "Password for the dashboard's login (server.admin_password)."],
-    ] + _logOptions("server")
+    ] + _udpOptions("server", ServerSettings) + _logOptions("server")
     optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD,
                 ["no-forwarded-headers", None,
                  "Do not add X-Forwarded-For and X-Forwarded-Proto to requests routed by the "
-                 "HTTP virtual-host port (server.vhost_forwarded_headers: false)."]]
+                 "HTTP virtual-host port (server.vhost_forwarded_headers: false)."],
+                ["no-udp", None, "Publish no UDP mappings: a client's register of protocol "
+                                 "udp is refused (udp: false in the config file)."]]
 
     role = "server"
     firstOptions = ("token", "listen", "config")
@@ -384,7 +403,7 @@ class ServerOptions(_SettingsOptions):
               "admin": "admin", "admin-token": "admin_token", "admin-user": "admin_user",
               "admin-password": "admin_password",
               "log-level": "log_level", "log-lang": "log_lang",
-              "connection-log": "connection_log"}
+              "connection-log": "connection_log", **_UDP_FIELDS}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
                   "tls_client_ca": "tls-client-ca"}
 
@@ -410,6 +429,8 @@ class ServerOptions(_SettingsOptions):
                 values["subdomain_host"] = normalDomain(values["subdomain_host"])
             except ValueError as e:
                 raise usage.UsageError(f"--subdomain-host: {e}") from None
+        if self["no-udp"]:
+            values["udp"] = False
         # A listed name is its own only if nobody else holds its token: not
         # every holder of the shared token, nor another listed client.
         owners: dict[str, str] = {}
@@ -482,7 +503,7 @@ class ClientOptions(_SettingsOptions):
          f"(default: {ClientSettings.max_pending_data_channels}; "
          "client.max_pending_data_channels)", _atLeastOne],
         _busyPollOption("client", ClientSettings),
-    ] + _logOptions("client")
+    ] + _udpOptions("client", ClientSettings) + _logOptions("client")
     optFlags = [
         ["tls", None, "Connect with TLS and verify the server's certificate and name "
                       "(client.tls)."],
@@ -509,7 +530,7 @@ class ClientOptions(_SettingsOptions):
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
               "log-level": "log_level", "log-lang": "log_lang",
-              "connection-log": "connection_log"}
+              "connection-log": "connection_log", **_UDP_FIELDS}
     tlsOptions = {"tls": "tls", "tls_ca": "ca", "tls_server_name": "server-name",
                   "tls_client_cert": "tls-client-cert", "tls_client_key": "tls-client-key"}
 
@@ -548,8 +569,9 @@ class ClientOptions(_SettingsOptions):
 
     def opt_map(self, value: str) -> None:
         """
-        A local service to publish: [LOCALHOST:]LOCALPORT:REMOTEPORT
-        (repeatable; replaces the services of the config file).
+        A local service to publish: [udp:][LOCALHOST:]LOCALPORT:REMOTEPORT
+        (repeatable; replaces the services of the config file; udp: publishes
+        a UDP service).
         """
         try:
             self["map"].append(parseMapping(value))

@@ -374,8 +374,8 @@ class BadSequenceTests(ServerUnderAttack):
 
     @defer.inlineCallbacks
     def test_registerUnsupportedProtocol(self):
-        yield self.assertRefused(jsonFrame(registerMessage(freePort(), "udp", protocol="udp")),
-                                 "protocol 'udp' is not supported, only tcp",
+        yield self.assertRefused(jsonFrame(registerMessage(freePort(), "sctp", protocol="sctp")),
+                                 "protocol 'sctp' is not supported, only tcp",
                                  "refused registration")
         yield self.assertServerStillServes()
 

@@ -240,11 +240,11 @@ class RegistrationTests(ServerTestCase):
         self.assertTrue(control.transport.disconnecting)
 
     def test_unsupportedProtocol(self):
-        """A mapping for a protocol other than tcp is refused and nothing listens."""
+        """A mapping for a protocol other than tcp or udp is refused and nothing listens."""
         control = self.connect()
-        control.send(register(protocol="udp"))
+        control.send(register(protocol="sctp"))
         self.assertEqual(control.sent(),
-                         fail("protocol 'udp' is not supported, only tcp"))
+                         fail("protocol 'sctp' is not supported, only tcp"))
         self.assertTrue(control.transport.disconnecting)
         self.assertEqual(self.reactor.tcpServers, [])
 
