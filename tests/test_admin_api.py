@@ -340,6 +340,33 @@ class RouteTests(ServerTestCase):
                          {"closed by admin": 1})
         self.assertEqual(self.call("/api/connections/u1/close", b"POST")[0], 404)
 
+    def test_leasedPort(self):
+        """
+        A port held for a client that went shows as leased, named for the
+        lease holder, with no client id and its totals; gone once the lease ends.
+        """
+        control = self.registered()
+        user = self.connectUser()
+        self.connect().send(dataChannel("conn-1") + b"hello")
+        user.protocol.dataReceived(b"abc")
+        user.protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.registered(remote_port=10023, name="edge-2")
+        control.lose()
+        self.assertIsNotNone(self.registry.leases.get(10022))
+        ports = self.call("/api/ports")[1]["ports"]
+        self.assertEqual([(p["remote_port"], p["state"]) for p in ports],
+                         [(10022, "leased"), (10023, "online")])
+        self.assertEqual(ports[0], {
+            "remote_port": 10022, "client": "edge-1", "client_id": None, "local_port": None,
+            "state": "leased", "users_now": 0, "users_total": 1, "bytes_in": 3,
+            "bytes_out": 5, "pool": 0})
+        self.assertEqual([c["name"] for c in self.call("/api/clients")[1]["clients"]],
+                         ["edge-2"])
+        self.assertEqual(self.call("/api/ports/10022/online", b"POST")[0], 404)
+        self.reactor.advance(self.settings.port_lease)
+        self.assertEqual([p["remote_port"] for p in self.call("/api/ports")[1]["ports"]],
+                         [10023])
+
 
 def gotunnel_token():
     from tests.test_server import TOKEN

@@ -279,7 +279,8 @@ class DashboardBrowserTests(unittest.TestCase):
     def test_operatorClosesAConnectionAndTakesThePortOffline(self):
         """
         The Close button ends a live connection; Take offline stops the
-        public port listening and Bring online starts it again; a session
+        public port listening and Bring online starts it again; a client
+        that goes leaves its port leased, with no action; a session
         the server no longer accepts sends the page back to the login form.
         """
         tunnel, page = yield self.openDashboard()
@@ -305,5 +306,14 @@ class DashboardBrowserTests(unittest.TestCase):
         again = yield within(connectUser(self, remotePort), WAIT, "a user, the port online again")
         again.transport.write(b"again")
         yield within(again.whenReceived(5), WAIT, "the echo through the port, online again")
+
+        yield client.stopService()
+        leased = yield self.inBrowser(page, page.port, remotePort, "leased")
+        self.assertEqual((leased["client"], leased["local_port"]), ("office-pc", "–"))
+        stateAndButtons = yield self.inBrowser(page, page.browser.execute_script, (
+            "const row = document.querySelector(arguments[0]);"
+            "return row && [row.dataset.state, row.querySelectorAll('button').length];"),
+            portSelector)
+        self.assertEqual(stateAndButtons, ["leased", 0])
 
         yield self.inBrowser(page, page.sessionEnds)

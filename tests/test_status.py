@@ -39,6 +39,14 @@ class FormatTests(unittest.TestCase):
         self.assertEqual(text.count("(none)"), 3)
         self.assertIn("CLIENTS (0)", text)
 
+    def test_leasedPort(self):
+        """A leased port shows its state and the lease holder, with no local port."""
+        text = render({"time": 0, "clients": [], "connections": [], "ports": [{
+            "remote_port": 10022, "client": "office-pc", "client_id": None, "local_port": None,
+            "state": "leased", "users_now": 0, "users_total": 3, "bytes_in": 2048,
+            "bytes_out": 0, "pool": 0}]})
+        self.assertRegex(text, r"10022\s+office-pc\s+-\s+leased\s+0\s+3\s+2\.0 KiB\s+0 B\s+0")
+
 
 class StatusCommandTests(unittest.TestCase):
     @defer.inlineCallbacks

@@ -102,7 +102,29 @@ class Snapshot:
                 "bytes_in": stats.bytesIn + live[0], "bytes_out": stats.bytesOut + live[1],
                 "pool": len(tunnel.pool),
             })
-        return ports
+        ports.extend(self.leased())
+        return sorted(ports, key=lambda port: port["remote_port"])
+
+    def leased(self) -> list[dict]:
+        """
+        The ports held for a client that went (see L{gotunnel.leases}): no
+        listener, no client id, counted under the lease holder's name.
+        """
+        leased = []
+        for lease in self.registry.leases:
+            stats = self.registry.stats.ports.get((lease.remote_port, lease.name))
+            # Users spliced before the client went go on, counted live.
+            live = self.liveBytes.get(id(stats), (0, 0))
+            leased.append({
+                "remote_port": lease.remote_port, "client": lease.name, "client_id": None,
+                "local_port": None, "state": "leased",
+                "users_now": self.usersNow.get(lease.remote_port, 0),
+                "users_total": stats.opened if stats else 0,
+                "bytes_in": (stats.bytesIn if stats else 0) + live[0],
+                "bytes_out": (stats.bytesOut if stats else 0) + live[1],
+                "pool": 0,
+            })
+        return leased
 
 
 def _answerLater(request, outcome: defer.Deferred) -> object:

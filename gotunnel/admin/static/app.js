@@ -335,6 +335,11 @@
     if (element.textContent !== label) element.textContent = label;
   }
 
+  function noButton(row, field) {
+    const element = cell(row, field).querySelector("button");
+    if (element) element.remove();
+  }
+
   function badge(row, field, state) {
     const target = cell(row, field);
     let element = target.querySelector("span");
@@ -400,7 +405,10 @@
         set(row, "rate_in", rate(r.in), r.in === null ? "" : r.in);
         set(row, "rate_out", rate(r.out), r.out === null ? "" : r.out);
         set(row, "pool", p.pool);
-        if (p.state === "offline") {
+        if (p.state === "leased") {
+          // Held for a client that went: no listener to take offline or bring online.
+          noButton(row, "actions");
+        } else if (p.state === "offline") {
           button(row, "actions", "online", "Bring online", "Port " + p.remote_port + " is online.", "");
         } else {
           button(row, "actions", "offline", "Take offline", "Port " + p.remote_port + " is offline.", "");
