@@ -231,7 +231,7 @@ class Tunnel:
         # What the admin API and the metrics say of this mapping.
         self.clientId = registry.stats.newClientId()
         self.connectedSince = registry.clock.seconds()
-        self.stats = registry.stats.portStats(self.remote_port, self.name)
+        self.stats = registry.stats.portStats(self.statsPort, self.name)
         self._retryCall = None
 
     def __repr__(self) -> str:
@@ -248,6 +248,11 @@ class Tunnel:
     @property
     def key(self) -> object:
         """What the registry knows this mapping by: its port (see L{gotunnel.vhost})."""
+        return self.remote_port
+
+    @property
+    def statsPort(self) -> object:
+        """The port its totals and metrics are labelled with (see L{gotunnel.vhost})."""
         return self.remote_port
 
     def checkAllowed(self, name: str) -> None:
