@@ -107,6 +107,10 @@ class VirtualHostTunnel(Tunnel):
         return (self.vhost, self.domains)
 
     @property
+    def mappingName(self) -> str:
+        return f"{self.vhost} virtual host {','.join(self.domains)}"
+
+    @property
     def statsPort(self) -> str:
         # Its own totals and metric labels: all virtual hosts have port 0.
         return vhostLabel(self.vhost, self.domains)
