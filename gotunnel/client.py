@@ -351,13 +351,15 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
+        # Pooled or not: a server that vanishes silently must not hold this
+        # channel, and the local connection spliced to it, forever.
+        setKeepAlive(self.transport)
         self.tunnel.connections.add(self)
         if self.pooled:
             if self not in self.tunnel.pool:
                 # The pool was emptied (control channel lost) while we connected.
                 self.transport.loseConnection()
                 return
-            setKeepAlive(self.transport)
             ask = {"pooled": True}
             mapping = self.tunnel.mapping
             if mapping.vhost:

@@ -234,7 +234,7 @@ class Tunnel:
         # What the admin API and the metrics say of this mapping.
         self.clientId = registry.stats.newClientId()
         self.connectedSince = registry.clock.seconds()
-        self.stats = registry.stats.portStats(self.remote_port, self.name)
+        self.stats = registry.stats.portStats(self.statsPort, self.name)
         self._retryCall = None
 
     def __repr__(self) -> str:
@@ -251,6 +251,16 @@ class Tunnel:
     @property
     def key(self) -> object:
         """What the registry knows this mapping by: its port (see L{gotunnel.vhost})."""
+        return self.remote_port
+
+    @property
+    def mappingName(self) -> str:
+        """What users reach this mapping by, for a log line: C{public port 10022}."""
+        return f"public port {self.remote_port}"
+
+    @property
+    def statsPort(self) -> object:
+        """The port its totals and metrics are labelled with (see L{gotunnel.vhost})."""
         return self.remote_port
 
     def checkAllowed(self, name: str) -> None:
@@ -1069,6 +1079,10 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.refuse(str(e))
             return
         self._releasePending()
+        # Every data channel: a pooled one waits idle, and a spliced one
+        # whose client vanished without a FIN or RST (power cut, network
+        # gone) is found dead by the probes, not held with its user forever.
+        setKeepAlive(self.transport)
         if msg.protocol == "udp":
             # The carrying channel of a UDP mapping: datagram frames from now on.
             self.role = "udp"
@@ -1080,7 +1094,6 @@ class ServerChannel(MessageReceiver, RelayEnd):
             # Read on while idle: a pooled channel that closes must leave
             # the pool at once, not when a user is handed to it.
             self.role = "pooled"
-            setKeepAlive(self.transport)
             return
         self.role = "data"
         if self._answer(user, ours=msg.conn_id is not None):
@@ -1181,9 +1194,17 @@ class ServerChannel(MessageReceiver, RelayEnd):
         role, self.role = self.role, "closed"
         if role == "control":
             self.registry.clientLeft(self.source)
-            log.info("client {name} gone; closing public port {remote_port}",
-                     name=printable(self.tunnel.name), remote_port=self.tunnel.remote_port)
-            self.registry.clientDropped(self.tunnel)
+            tunnel = self.tunnel
+            successor = self.registry.tunnels.get(tunnel.key)
+            if tunnel.closed and successor is not None and successor is not tunnel:
+                # The same name registered again: the port stays open for it.
+                log.info("the old control channel of client {name} closed; its {mapping} "
+                         "is served by the new one", name=printable(tunnel.name),
+                         mapping=tunnel.mappingName, remote_port=tunnel.remote_port)
+            else:
+                log.info("client {name} gone; closing public port {remote_port}",
+                         name=printable(tunnel.name), remote_port=tunnel.remote_port)
+            self.registry.clientDropped(tunnel)
         elif role == "pooled":
             self.tunnel.pooledLost(self)
         elif role == "udp":

@@ -838,6 +838,27 @@ class PortLeaseTests(ServerTestCase):
         self.assertEqual(len(self.registry.leases), 0)
         self.assertEqual(len(self.listening(10022)), 1)
 
+    def test_replacedControlChannelClosingSaysSo(self):
+        """
+        The replaced control channel closing does not claim the port is
+        closing: it says the new channel serves it (and it does).
+        """
+        first = self.registered()
+        self.registered()
+        del self.events[:]
+        first.lose()
+        lines = [(formatEvent(e), e["log_level"]) for e in self.events
+                 if e.get("log_namespace") == "gotunnel.server"]
+        self.assertEqual(lines, [("the old control channel of client edge-1 closed; its "
+                                  "public port 10022 is served by the new one", LogLevel.info)])
+        self.assertEqual(len(self.listening(10022)), 1)
+
+    def test_droppedControlChannelSaysThePortCloses(self):
+        """A control channel that goes with no successor still says its port is closing."""
+        self.registered().lose()
+        self.assertIn("client edge-1 gone; closing public port 10022",
+                      [formatEvent(e) for e in self.events])
+
     def test_zeroTurnsLeasesOff(self):
         """port_lease 0: the port is free as soon as the client is gone."""
         self.settings.port_lease = 0
