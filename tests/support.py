@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
+from typing import Optional, Union
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 import gotunnel.client
 import gotunnel.server
-from gotunnel import relay, zerocopy
+from gotunnel import messages, relay, zerocopy
 from gotunnel.client import TunnelClientService
 from gotunnel.config import ClientSettings, Mapping, ServerSettings
 from gotunnel.server import TunnelServerService
@@ -711,14 +711,19 @@ import json  # noqa: E402
 from twisted.internet.interfaces import IPullProducer  # noqa: E402
 
 
-def frameOf(body: bytes) -> bytes:
-    """C{body} behind its 4-byte big-endian length, as on the wire."""
+def frame(message: Union[messages.Message, bytes]) -> bytes:
+    """
+    One control frame as on the wire: C{message} encoded as Go writes it
+    (L{messages.encode}), or, given bytes, that body as it is (for frames no
+    message makes), behind its 4-byte big-endian length.
+    """
+    body = message if isinstance(message, bytes) else messages.encode(message)
     return len(body).to_bytes(4, "big") + body
 
 
 def jsonFrame(message: object) -> bytes:
-    """One control frame holding C{message} as compact JSON, as Go writes it."""
-    return frameOf(json.dumps(message, separators=(",", ":")).encode("utf-8"))
+    """One control frame holding C{message} (any JSON value) as compact JSON."""
+    return frame(json.dumps(message, separators=(",", ":")).encode("utf-8"))
 
 
 class RawConnection(Protocol):
