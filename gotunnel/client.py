@@ -33,9 +33,10 @@ from gotunnel.control import CLIENT_TLS_HINTS, MessageReceiver, tlsFailure
 from gotunnel.printable import printable
 from gotunnel.refusals import lastingRefusal
 from gotunnel.relay import (
-    ConnectionSet, RelayEnd, isReset, setKeepAlive, setNoDelay, splice,
+    ConnectionSet, RelayEnd, isReset, setKeepAlive, setNoDelay,
 )
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
+from gotunnel.splicer import Splicer
 
 log = Logger()
 
@@ -419,10 +420,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def _splice(self, local: "LocalServiceConnection") -> None:
         self._earlyDone()
-        settings = self.tunnel.settings
         self.servedLocal = local
-        splice(self, local, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
-               busyPoll=settings.busy_poll / 1e6)
+        self.tunnel.splicer.splice(self, local)
         self._replaceInPool()
 
     def _replaceInPool(self) -> None:
@@ -610,13 +609,21 @@ class TunnelService(MultiService):
 
     def __init__(self, settings: ClientSettings, mapping: Mapping,
                  serverEndpoint: IStreamClientEndpoint, reactor,
-                 dataChannelEndpoint=None) -> None:
+                 dataChannelEndpoint=None, splicer: Optional[Splicer] = None) -> None:
         """
         @param dataChannelEndpoint: given the address the control channel
             reached, the endpoint for a data channel, or None for
             C{serverEndpoint} (see L{ServerEndpoints.dataChannel}).
+        @param splicer: how data channels are spliced to the local service
+            (shared by a client's mappings); by default as C{settings} say,
+            its splice thread a child of this service.
         """
         super().__init__()
+        if splicer is None:
+            splicer = Splicer.fromSettings(settings, reactor)
+            if splicer.spliceThread is not None:
+                splicer.spliceThread.setServiceParent(self)
+        self.splicer = splicer
         self.settings = settings
         self.mapping = mapping
         self.reactor = reactor
@@ -922,15 +929,23 @@ class TunnelClientService(MultiService):
     whenExiting: Optional[Callable[[int], None]] = None
     """Told the exit status before the reactor is stopped (see tap.py, for twistd)."""
 
-    def __init__(self, settings: ClientSettings, reactor=None) -> None:
+    def __init__(self, settings: ClientSettings, reactor=None,
+                 splicer: Optional[Splicer] = None) -> None:
+        """
+        @param splicer: how every mapping's data channels are spliced; by
+            default as C{settings} say.  Its splice thread becomes a child.
+        """
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.settings = settings
+        self.splicer = splicer or Splicer.fromSettings(settings, reactor)
+        if self.splicer.spliceThread is not None:
+            self.splicer.spliceThread.setServiceParent(self)
         endpoints = ServerEndpoints(reactor, settings)
         self.tunnels = [TunnelService(settings, mapping, endpoints.control, reactor,
-                                      endpoints.dataChannel)
+                                      endpoints.dataChannel, self.splicer)
                         for mapping in settings.mappings]
         for tunnel in self.tunnels:
             tunnel.setServiceParent(self)

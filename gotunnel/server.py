@@ -35,8 +35,9 @@ from gotunnel.control import MessageReceiver, describePeer, tlsFailure
 from gotunnel.leases import PortLeases
 from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
-from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
+from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay
 from gotunnel.sameturn import readWaiting
+from gotunnel.splicer import Splicer
 
 log = Logger()
 
@@ -448,6 +449,8 @@ class TunnelRegistry:
         # Wrong tokens in a row per source address, least recent first.
         self.authFailures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.stats = ServerStats(reactor, settings.connection_log)
+        self.splicer = Splicer.fromSettings(settings, reactor, threads=False)
+        """Set by L{TunnelServerService} to its own, which may have a splice thread."""
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
         self.publicPorts: dict[int, PublicPort] = {}
@@ -1112,10 +1115,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         return True
 
     def _spliceTo(self, user: PublicUser) -> None:
-        settings = self.registry.settings
         user.dataChannel = self
-        splice(user, self, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
-               busyPoll=settings.busy_poll / 1e6)
+        self.registry.splicer.splice(user, self)
         self.registry.stats.dataChannelReady(user, self.registry.clock.seconds() - user.connectedAt)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.
@@ -1191,12 +1192,20 @@ class TunnelServerService(MultiService):
     virtualHostService = None
     """The L{gotunnel.vhost.VirtualHostService}, with --http or --https."""
 
-    def __init__(self, settings: ServerSettings, reactor=None) -> None:
+    def __init__(self, settings: ServerSettings, reactor=None,
+                 splicer: Optional[Splicer] = None) -> None:
+        """
+        @param splicer: how users are spliced to data channels; by default
+            as C{settings} say.  Its splice thread becomes a child.
+        """
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
         self.registry = TunnelRegistry(settings, reactor)
+        self.splicer = self.registry.splicer = splicer or Splicer.fromSettings(settings, reactor)
+        if self.splicer.spliceThread is not None:
+            self.splicer.spliceThread.setServiceParent(self)
         listen = withBacklog(settings.listen, settings.control_backlog)
         self.controlEndpoint = tls.serverEndpoint(
             reactor, dataclasses.replace(settings, listen=listen))
