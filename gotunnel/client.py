@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gotunnel import messages, tls
+from gotunnel import messages
 from gotunnel.accounting import (
     REFUSED, SERVICE_CLOSED, USER_CLOSED, endingOf, logClientConnection, noteEnding,
 )
@@ -37,6 +37,7 @@ from gotunnel.relay import (
 )
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 from gotunnel.splicer import Splicer
+from gotunnel.tcpinternals import endpointHost
 
 log = Logger()
 
@@ -107,8 +108,13 @@ class ServerEndpoints:
     def __init__(self, reactor, settings: ClientSettings) -> None:
         self.reactor = reactor
         named = clientFromString(reactor, clientEndpointString(settings.server))
-        host = tls.endpointHost(named)
-        self.options = tls.clientOptions(settings, host) if settings.tls else None
+        host = endpointHost(named)
+        self.options = None
+        if settings.tls:
+            # Only then: a plain client never loads the TLS code.
+            from gotunnel import tls
+
+            self.options = tls.clientOptions(settings, host)
         self.timeout = getattr(named, "_timeout", 30)
         # A tcp: string is a TCP4ClientEndpoint, which looks a name up for
         # IPv4 only: a name is looked up for both families on every connect.

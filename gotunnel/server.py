@@ -20,12 +20,12 @@ from typing import Callable, Optional
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer, error
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from gotunnel import messages, tls
+from gotunnel import messages
 from gotunnel.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
     ServerStats, endingOf, noteEnding,
@@ -96,6 +96,18 @@ def addressGroup(host: str, ipv6Prefix: int) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, ipv6Prefix), strict=False))
     return host
+
+
+def peerCommonName(transport: object) -> Optional[str]:
+    """
+    L{gotunnel.tls.peerCommonName}, imported only for a TLS connection: a
+    plain server never loads the TLS code.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None
+    from gotunnel import tls
+
+    return tls.peerCommonName(transport)
 
 
 def _whenFired(d: defer.Deferred) -> defer.Deferred:
@@ -662,7 +674,7 @@ class TunnelRegistry:
                     "this server has no virtual hosts (--http, --https)"))
             return self.virtualHosts.register(channel, msg)
         try:
-            name = self.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
+            name = self.authenticate(msg.name, msg.token, peerCommonName(channel.transport))
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
             if msg.protocol not in ("tcp", ""):
@@ -1043,7 +1055,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def msg_data_channel(self, msg: messages.DataChannel) -> None:
         if not self._firstFrame("data_channel"):
             return
-        certificateName = tls.peerCommonName(self.transport)
+        certificateName = peerCommonName(self.transport)
         try:
             if msg.pooled:
                 self.tunnel = self.registry.poolDataChannel(self, msg, certificateName)
@@ -1207,8 +1219,13 @@ class TunnelServerService(MultiService):
         if self.splicer.spliceThread is not None:
             self.splicer.spliceThread.setServiceParent(self)
         listen = withBacklog(settings.listen, settings.control_backlog)
-        self.controlEndpoint = tls.serverEndpoint(
-            reactor, dataclasses.replace(settings, listen=listen))
+        if settings.tls_cert:
+            from gotunnel import tls
+
+            self.controlEndpoint = tls.serverEndpoint(
+                reactor, dataclasses.replace(settings, listen=listen))
+        else:
+            self.controlEndpoint = serverFromString(reactor, listen)
         self._listenWaiters: list[defer.Deferred] = []
         if settings.vhost_http or settings.vhost_https:
             from gotunnel.vhost import VirtualHosts, VirtualHostService
