@@ -37,7 +37,9 @@ from gotunnel.relay import (
 )
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 from gotunnel.splicer import Splicer
-from gotunnel.tcpinternals import endpointHost
+from gotunnel.tcpinternals import (
+    endpointBindAddress, endpointHost, endpointPort, endpointTimeout,
+)
 
 log = Logger()
 
@@ -115,14 +117,14 @@ class ServerEndpoints:
             from gotunnel import tls
 
             self.options = tls.clientOptions(settings, host)
-        self.timeout = getattr(named, "_timeout", 30)
+        self.timeout = endpointTimeout(named, 30)
         # A tcp: string is a TCP4ClientEndpoint, which looks a name up for
         # IPv4 only: a name is looked up for both families on every connect.
         self.pinnable = (isinstance(named, TCP4ClientEndpoint) and bool(host)
                          and not isIPAddress(host) and not isIPv6Address(host))
         if self.pinnable:
-            named = HostnameEndpoint(reactor, host, named._port, timeout=self.timeout,
-                                     bindAddress=named._bindAddress)
+            named = HostnameEndpoint(reactor, host, endpointPort(named), timeout=self.timeout,
+                                     bindAddress=endpointBindAddress(named))
         self.control = self._withTLS(named)
 
     def _withTLS(self, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:

@@ -461,8 +461,8 @@ class TunnelRegistry:
         # Wrong tokens in a row per source address, least recent first.
         self.authFailures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.stats = ServerStats(reactor, settings.connection_log)
-        self.splicer = Splicer.fromSettings(settings, reactor, threads=False)
-        """Set by L{TunnelServerService} to its own, which may have a splice thread."""
+        self.splicer = Splicer()
+        """Set by L{TunnelServerService} to its own, as the settings ask."""
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
         self.publicPorts: dict[int, PublicPort] = {}

@@ -7,12 +7,17 @@ own instead of patching module functions.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
+
+import twisted
+from twisted.logger import Logger
 
 from gotunnel import relay
 from gotunnel.splicethread import SpliceThreadService
+from gotunnel.tcpinternals import missingForZeroCopy
 from gotunnel.zerocopy import HAND_OFF_AFTER
 
+log = Logger()
 
 class Splicer:
     """
@@ -37,17 +42,26 @@ class Splicer:
         self.handOffAfter = handOffAfter
 
     @classmethod
-    def fromSettings(cls, settings: object, reactor: object,
-                     threads: bool = True) -> "Splicer":
+    def fromSettings(cls, settings: object, reactor: object, threads: bool = True,
+                     check: Callable[[], list[str]] = missingForZeroCopy) -> "Splicer":
         """
         The splicer C{settings} ask for (C{zero_copy}, C{splice_thread},
         C{busy_poll} in microseconds); with C{threads} False, never a
-        splice thread (for an owner that is not a service).
+        splice thread (for an owner that is not a service).  Zero copy is
+        off, said in one log line, if C{check} finds the installed Twisted
+        lacks what it needs (see L{tcpinternals}).
         """
+        zeroCopy = settings.zero_copy
+        if zeroCopy:
+            missing = check()
+            if missing:
+                log.warn("zero copy is off: this Twisted ({version}) lacks {missing}",
+                         version=twisted.__version__, missing=", ".join(missing))
+                zeroCopy = False
         thread = None
-        if threads and settings.zero_copy and settings.splice_thread:
+        if threads and zeroCopy and settings.splice_thread:
             thread = SpliceThreadService(reactor)
-        return cls(settings.zero_copy, thread, settings.busy_poll / 1e6)
+        return cls(zeroCopy, thread, settings.busy_poll / 1e6)
 
     def splice(self, a: relay.RelayEnd, b: relay.RelayEnd) -> None:
         """Join C{a} and C{b} (see L{relay.splice})."""

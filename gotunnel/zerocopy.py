@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from gotunnel import splicethread
 from gotunnel.splicethread import HUNG_UP, READABLE, WRITABLE
 from gotunnel.sameturn import twistedBuffered
+from gotunnel.tcpinternals import writeDisconnecting
 
 log = Logger()
 
@@ -69,7 +70,7 @@ def usable(transport: object) -> bool:
             and IReactorFDSet.providedBy(transport.reactor)
             and transport.connected
             and not transport.disconnecting
-            and not transport._writeDisconnecting)
+            and not writeDisconnecting(transport))
 
 
 class Direction:
@@ -119,7 +120,7 @@ class Direction:
         return (not self.ended and not self.pending and not self.dropped
                 and source.connected and not source.disconnecting
                 and sink.connected and not sink.disconnecting
-                and not sink._writeDisconnecting and not twistedBuffered(sink))
+                and not writeDisconnecting(sink) and not twistedBuffered(sink))
 
     def resume(self) -> None:
         """Read the source again if it may be read."""
@@ -292,7 +293,7 @@ class Side:
             if incoming.pending:
                 return None
         if (twistedBuffered(transport) or transport.disconnecting
-                or transport._writeDisconnecting):
+                or writeDisconnecting(transport)):
             why = type(transport).doWrite(transport)
             if why is None:
                 incoming.resume()
@@ -479,7 +480,7 @@ class SplicePump:
             transport = side.transport
             if (side.outgoing.ended or side.incoming.dropped or side.broken is not None
                     or side.readFailed or not transport.connected or transport.disconnecting
-                    or transport._writeDisconnecting or twistedBuffered(transport)
+                    or writeDisconnecting(transport) or twistedBuffered(transport)
                     or transport.producer is not None):
                 return False
         return True
