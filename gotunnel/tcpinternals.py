@@ -1,7 +1,7 @@
 """
-What we read of Twisted's private attributes, in one place, so that a new
-Twisted that changes them breaks here, where it is easy to see, and
-L{missingForZeroCopy} can tell at start-up.
+What we read of Twisted's private attributes and names, in one place, so
+that a new Twisted that changes them breaks here, where it is easy to see,
+and L{missingForZeroCopy} can tell at start-up.
 
 The self-check has been run on the Twisted versions listed in setup.cfg.
 """
@@ -72,3 +72,18 @@ def endpointBindAddress(endpoint: object) -> object:
 def endpointTimeout(endpoint: object, default: float) -> float:
     """The connect timeout of a client endpoint, or C{default} if it has none."""
     return getattr(endpoint, "_timeout", default)
+
+
+CLIENT_SERVICE_NAMESPACE = "twisted.application._client_service"
+"""The log namespace of ClientService's own events (a private module's name)."""
+
+
+def twistdLogObserver(options: object) -> object:
+    """
+    The observer twistd would make from its C{options} (--logfile, --syslog,
+    --nodaemon, the platform's defaults).  Both names are private to twistd;
+    tests/test_cli.py runs twistd to catch a change.
+    """
+    from twisted.scripts.twistd import _SomeApplicationRunner
+
+    return _SomeApplicationRunner.loggerFactory(options)._getLogObserver()
