@@ -20,12 +20,12 @@ from typing import Callable, Optional
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer, error
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from gotunnel import messages, tls
+from gotunnel import messages
 from gotunnel.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
     ServerStats, endingOf, noteEnding,
@@ -35,8 +35,9 @@ from gotunnel.control import MessageReceiver, describePeer, tlsFailure
 from gotunnel.leases import PortLeases
 from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
-from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
+from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay
 from gotunnel.sameturn import readWaiting
+from gotunnel.splicer import Splicer
 
 log = Logger()
 
@@ -95,6 +96,18 @@ def addressGroup(host: str, ipv6Prefix: int) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, ipv6Prefix), strict=False))
     return host
+
+
+def peerCommonName(transport: object) -> Optional[str]:
+    """
+    L{gotunnel.tls.peerCommonName}, imported only for a TLS connection: a
+    plain server never loads the TLS code.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None
+    from gotunnel import tls
+
+    return tls.peerCommonName(transport)
 
 
 def _whenFired(d: defer.Deferred) -> defer.Deferred:
@@ -466,6 +479,8 @@ class TunnelRegistry:
         # Wrong tokens in a row per source address, least recent first.
         self.authFailures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.stats = ServerStats(reactor, settings.connection_log)
+        self.splicer = Splicer()
+        """Set by L{TunnelServerService} to its own, as the settings ask."""
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
         self.publicPorts: dict[int, PublicPort] = {}
@@ -680,7 +695,7 @@ class TunnelRegistry:
                     "this server has no virtual hosts (--http, --https)"))
             return self.virtualHosts.register(channel, msg)
         try:
-            name = self.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
+            name = self.authenticate(msg.name, msg.token, peerCommonName(channel.transport))
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
             tunnelType = Tunnel
@@ -1064,7 +1079,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def msg_data_channel(self, msg: messages.DataChannel) -> None:
         if not self._firstFrame("data_channel"):
             return
-        certificateName = tls.peerCommonName(self.transport)
+        certificateName = peerCommonName(self.transport)
         try:
             if msg.protocol == "udp":
                 from gotunnel.udp import attachCarrier
@@ -1149,10 +1164,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         return True
 
     def _spliceTo(self, user: PublicUser) -> None:
-        settings = self.registry.settings
         user.dataChannel = self
-        splice(user, self, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
-               busyPoll=settings.busy_poll / 1e6)
+        self.registry.splicer.splice(user, self)
         self.registry.stats.dataChannelReady(user, self.registry.clock.seconds() - user.connectedAt)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.
@@ -1241,15 +1254,28 @@ class TunnelServerService(MultiService):
     virtualHostService = None
     """The L{gotunnel.vhost.VirtualHostService}, with --http or --https."""
 
-    def __init__(self, settings: ServerSettings, reactor=None) -> None:
+    def __init__(self, settings: ServerSettings, reactor=None,
+                 splicer: Optional[Splicer] = None) -> None:
+        """
+        @param splicer: how users are spliced to data channels; by default
+            as C{settings} say.  Its splice thread becomes a child.
+        """
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
         self.registry = TunnelRegistry(settings, reactor)
+        self.splicer = self.registry.splicer = splicer or Splicer.fromSettings(settings, reactor)
+        if self.splicer.spliceThread is not None:
+            self.splicer.spliceThread.setServiceParent(self)
         listen = withBacklog(settings.listen, settings.control_backlog)
-        self.controlEndpoint = tls.serverEndpoint(
-            reactor, dataclasses.replace(settings, listen=listen))
+        if settings.tls_cert:
+            from gotunnel import tls
+
+            self.controlEndpoint = tls.serverEndpoint(
+                reactor, dataclasses.replace(settings, listen=listen))
+        else:
+            self.controlEndpoint = serverFromString(reactor, listen)
         self._listenWaiters: list[defer.Deferred] = []
         if settings.vhost_http or settings.vhost_https:
             from gotunnel.vhost import VirtualHosts, VirtualHostService

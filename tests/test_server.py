@@ -7,10 +7,8 @@ their splice, and the ways a connection is refused.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import secrets
-import struct
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
@@ -23,10 +21,12 @@ from zope.interface import implementer
 
 import gotunnel.server
 from gotunnel.config import ServerSettings
-from gotunnel.messages import RegisterResp, encode
+from gotunnel.messages import RegisterResp
 from gotunnel.server import (
     MAX_EARLY_BYTES, PublicUser, ServerChannelFactory, TunnelRegistry, TunnelServerService, withBacklog,
 )
+
+from tests.support import frame, jsonFrame as supportJsonFrame
 
 TOKEN = "s3cret-Token-0xC0FFEE"
 WRONG_TOKEN = "s3cret-Token-0xBADBAD"
@@ -38,13 +38,8 @@ REGISTERED = b'{"type":"register_resp","status":"ok","pool":8}'
 """The answer to register: ok, and the pool of data channels the server keeps."""
 
 
-def frame(body: bytes) -> bytes:
-    """C{body} with its 4-byte big-endian length in front."""
-    return struct.pack(">I", len(body)) + body
-
-
 def jsonFrame(**fields) -> bytes:
-    return frame(json.dumps(fields, separators=(",", ":")).encode("utf-8"))
+    return supportJsonFrame(fields)
 
 
 def fail(reason: str) -> bytes:
@@ -166,7 +161,7 @@ class ServerTestCase(unittest.TestCase):
         control = self.connect()
         control.send(register(remote_port=remote_port, name=name))
         pool = self.settings.max_pool_count or None
-        self.assertEqual(control.sent(), frame(encode(RegisterResp(status="ok", pool=pool))))
+        self.assertEqual(control.sent(), frame(RegisterResp(status="ok", pool=pool)))
         return control
 
     def listeners(self, port: int) -> list[FakePort]:
