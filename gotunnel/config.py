@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Any, Callable, NoReturn, Optional
 
-import yaml
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.python import usage
 
@@ -63,6 +62,12 @@ class ServerSettings:
     """Data channels a mapping's client may open ahead of its users (0: none)."""
     mux: bool = True
     """Agree to carry a mapping's users as streams of one connection when its client offers."""
+    udp: bool = True
+    """Publish mappings registered with protocol "udp" as UDP ports (see gotunnel.udp)."""
+    udp_session_timeout: float = 60.0
+    """Seconds a remote UDP peer keeps its peer id after its last datagram."""
+    udp_max_sessions: int = 1024
+    """Remote UDP peers one UDP mapping tracks at once; new peers beyond are dropped."""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -119,6 +124,8 @@ class Mapping:
     local_host: str
     local_port: int
     remote_port: int
+    protocol: str = "tcp"
+    """"tcp", or "udp" (see gotunnel.udp)."""
     vhost: str = ""
     """"http", "https", or empty for a port of its own."""
     domains: tuple[str, ...] = ()
@@ -132,7 +139,8 @@ class Mapping:
         if self.vhost:
             names = ",".join(self.domains + ((f"{self.subdomain}.*",) if self.subdomain else ()))
             return f"{host}:{self.local_port}->{self.vhost}://{names}"
-        return f"{host}:{self.local_port}->{self.remote_port}"
+        prefix = "udp:" if self.protocol == "udp" else ""
+        return f"{prefix}{host}:{self.local_port}->{self.remote_port}"
 
 
 def parseVirtualHost(text: str, vhost: str) -> Mapping:
@@ -210,6 +218,11 @@ class ClientSettings:
     """Offer to carry each mapping's users as streams of one data connection."""
     connection_log: str = "info"
     """The level of the line logged for each user connection that ends, or "off"."""
+    udp_session_timeout: float = 60.0
+    """Seconds a UDP mapping's session (one local socket per remote peer)
+    lives after its last datagram."""
+    udp_max_sessions: int = 1024
+    """Sessions one UDP mapping holds at once; new peers' datagrams beyond are dropped."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -229,9 +242,14 @@ def parsePort(text: str, what: str) -> int:
 
 def parseMapping(text: str) -> Mapping:
     """
-    Parse C{[LOCALHOST:]LOCALPORT:REMOTEPORT}; an IPv6 host goes in brackets
-    (C{[::1]:22:10022}).  The local host defaults to 127.0.0.1.
+    Parse C{[udp:|tcp:][LOCALHOST:]LOCALPORT:REMOTEPORT}; an IPv6 host goes
+    in brackets (C{[::1]:22:10022}).  The local host defaults to 127.0.0.1.
     """
+    for protocol in ("udp", "tcp"):
+        if text.startswith(protocol + ":"):
+            mapping = parseMapping(text[len(protocol) + 1:])
+            return Mapping(mapping.local_host, mapping.local_port, mapping.remote_port,
+                           protocol)
     host = "127.0.0.1"
     rest = text
     if text.startswith("["):
@@ -409,6 +427,9 @@ def readConfigFile(path: str) -> ConfigFile:
         raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+    # Here, not at the top: a run without a config file never loads YAML.
+    import yaml
+
     try:
         data = yaml.safe_load(text)
         # The same document with every scalar as the text it was written
@@ -595,8 +616,15 @@ def _domains(value: Any, text: Any, name: str) -> tuple[str, ...]:
     return tuple(_listOf(_domain)(value, text, name))
 
 
+def _protocol(value: Any, text: Any, name: str) -> str:
+    protocol = _text(value, text, name).lower()
+    if protocol not in ("tcp", "udp"):
+        raise ValueError(f"{name} must be tcp or udp, got {value!r}")
+    return protocol
+
+
 _TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port,
-                "type": _vhostType, "domains": _domains, "subdomain": _subdomain,
+                "protocol": _protocol, "type": _vhostType, "domains": _domains, "subdomain": _subdomain,
                 "http_user": _text, "http_password": _text, "host_header_rewrite": _text}
 
 
@@ -696,6 +724,9 @@ _SERVER_KEYS: dict[str, Callable] = {
     "max_pool_count": _countOrZero,
     "mux": _flag,
     "ipv6_prefix": _ipv6Prefix,
+    "udp": _flag,
+    "udp_session_timeout": _seconds,
+    "udp_max_sessions": _count,
     "tls_cert": _text,
     "tls_key": _text,
     "tls_client_ca": _text,
@@ -742,4 +773,6 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "max_pending_data_channels": _count,
     "exit_on_refusal": _flag,
     "connection_log": _connectionLog,
+    "udp_session_timeout": _seconds,
+    "udp_max_sessions": _count,
 }

@@ -62,6 +62,12 @@ class RegisterResp:
     vhost: Optional[str] = None
     """ext, in the answer to a C{register} with C{vhost}: the same value, to say
     that this server routes it (a Go server answers a plain ok)."""
+    protocol: Optional[str] = None
+    """ext, in the answer to a C{register} of protocol "udp": "udp" when the
+    server publishes it as UDP (see L{gotunnel.udp}); a Go server sends none."""
+    conn_id: Optional[str] = None
+    """ext, with C{protocol} "udp": the secret the mapping's carrying channel
+    must show in its C{data_channel}."""
     mux: Optional[int] = None
     """ext, in the answer to a C{register} offering C{mux}: 1 if the server agrees."""
 
@@ -157,8 +163,10 @@ _PORT_FIELDS = frozenset({"local_port", "remote_port", "port"})
 
 _EXTENSION_TYPES: dict[str, type] = {
     "conn_id": str, "pool": int, "pooled": bool, "vhost": str, "domains": tuple,
-    "subdomain": str, "http_auth": str, "host_header_rewrite": str, "mux": int}
-"""Our optional fields, absent (or null) from a Go peer's frames."""
+    "subdomain": str, "http_auth": str, "host_header_rewrite": str,
+    "register_resp.protocol": str, "mux": int}
+"""Our optional fields, absent (or null) from a Go peer's frames (by name, or
+by type.name where the name is a Go field in other messages)."""
 
 MAX_DOMAINS = 64
 """The most C{register.domains} we accept."""
@@ -237,7 +245,8 @@ def parse(body: bytes) -> Optional[Message]:
         if field.name not in obj:
             continue
         value = obj[field.name]
-        expected = _EXTENSION_TYPES.get(field.name)
+        expected = _EXTENSION_TYPES.get(f"{typeName}.{field.name}",
+                                        _EXTENSION_TYPES.get(field.name))
         if expected is not None and value is None:
             continue
         if expected is None:

@@ -20,12 +20,12 @@ from typing import Callable, Optional
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer, error
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from gotunnel import messages, tls
+from gotunnel import messages
 from gotunnel.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
     ServerStats, endingOf, noteEnding,
@@ -38,6 +38,7 @@ from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
+from gotunnel.splicer import Splicer
 
 log = Logger()
 
@@ -96,6 +97,18 @@ def addressGroup(host: str, ipv6Prefix: int) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, ipv6Prefix), strict=False))
     return host
+
+
+def peerCommonName(transport: object) -> Optional[str]:
+    """
+    L{gotunnel.tls.peerCommonName}, imported only for a TLS connection: a
+    plain server never loads the TLS code.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None
+    from gotunnel import tls
+
+    return tls.peerCommonName(transport)
 
 
 def _whenFired(d: defer.Deferred) -> defer.Deferred:
@@ -213,6 +226,9 @@ class Tunnel:
     user (the client's pool, see L{messages.DataChannel.pooled}).
     """
 
+    protocol: Optional[str] = None
+    """What register_resp confirms: None for TCP, "udp" for L{gotunnel.udp.UdpTunnel}."""
+
     def __init__(self, registry: "TunnelRegistry", channel: "ServerChannel",
                  register: messages.Register) -> None:
         self.registry = registry
@@ -232,12 +248,12 @@ class Tunnel:
         # What the admin API and the metrics say of this mapping.
         self.clientId = registry.stats.newClientId()
         self.connectedSince = registry.clock.seconds()
-        self.stats = registry.stats.portStats(self.remote_port, self.name)
+        self.stats = registry.stats.portStats(self.statsPort, self.name)
         self._retryCall = None
         # Virtual hosts are matched by name in the user's first bytes, before
-        # a stream is opened: they keep data channels.
+        # a stream is opened: they keep data channels; UDP has its own channel.
         self.muxAgreed = bool(register.mux == 1 and registry.settings.mux
-                              and register.vhost is None)
+                              and register.vhost is None and register.protocol == "tcp")
         self.muxSession: Optional[MuxSession] = None
 
     def __repr__(self) -> str:
@@ -256,6 +272,16 @@ class Tunnel:
         """What the registry knows this mapping by: its port (see L{gotunnel.vhost})."""
         return self.remote_port
 
+    @property
+    def mappingName(self) -> str:
+        """What users reach this mapping by, for a log line: C{public port 10022}."""
+        return f"public port {self.remote_port}"
+
+    @property
+    def statsPort(self) -> object:
+        """The port its totals and metrics are labelled with (see L{gotunnel.vhost})."""
+        return self.remote_port
+
     def checkAllowed(self, name: str) -> None:
         """
         Refuse, as L{RegistrationRefused}, a data channel of C{name} for this
@@ -270,6 +296,12 @@ class Tunnel:
         """
         self.close()
         self.registry.leases.start(self.name, self.remote_port, self.registry.settings.port_lease)
+
+    def registerResp(self) -> messages.RegisterResp:
+        """The answer to the C{register} that made this mapping."""
+        return messages.RegisterResp(status="ok",
+                                     pool=self.registry.settings.max_pool_count or None,
+                                     mux=1 if self.muxAgreed else None)
 
     def listen(self) -> defer.Deferred:
         """
@@ -359,6 +391,7 @@ class Tunnel:
         end = StreamEnd(stream)
         # The admin API and the connection log count the service's bytes here.
         user.dataChannel = end
+        # Not through the splicer: a stream's bytes are framed in Python, no zero copy.
         splice(user, end)
         self.registry.stats.dataChannelReady(user, self.registry.clock.seconds() - user.connectedAt)
         return True
@@ -492,11 +525,16 @@ class TunnelRegistry:
         # Wrong tokens in a row per source address, least recent first.
         self.authFailures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.stats = ServerStats(reactor, settings.connection_log)
+        self.splicer = Splicer()
+        """Set by L{TunnelServerService} to its own, as the settings ask."""
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
         self.publicPorts: dict[int, PublicPort] = {}
         self.virtualHosts = None
         """The L{gotunnel.vhost.VirtualHosts}, on a server with virtual-host ports."""
+        self.udpPorts: dict[int, PublicPort] = {}
+        """The public UDP ports of UDP mappings (L{gotunnel.udp}), apart: a
+        port number's UDP socket is not its TCP socket."""
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -703,10 +741,14 @@ class TunnelRegistry:
                     "this server has no virtual hosts (--http, --https)"))
             return self.virtualHosts.register(channel, msg)
         try:
-            name = self.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
+            name = self.authenticate(msg.name, msg.token, peerCommonName(channel.transport))
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
-            if msg.protocol not in ("tcp", ""):
+            tunnelType = Tunnel
+            if msg.protocol == "udp" and self.settings.udp:
+                from gotunnel.udp import UdpTunnel
+                tunnelType = UdpTunnel
+            elif msg.protocol not in ("tcp", ""):
                 raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
             if not 1 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
@@ -724,7 +766,7 @@ class TunnelRegistry:
                      name=printable(msg.name), remote_port=msg.remote_port)
             previous.close()
             previous.channel.transport.loseConnection()
-        tunnel = Tunnel(self, channel, msg)
+        tunnel = tunnelType(self, channel, msg)
         self.tunnels[msg.remote_port] = tunnel
 
         def listening(listens: bool) -> Tunnel:
@@ -1042,13 +1084,11 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.sendMessage(messages.RegisterResp(
                 status="ok", pool=self.registry.settings.max_pool_count or None, vhost=vhost))
             log.info("client {name} registered from {peer}: local port {local_port} -> "
-                     "{vhost} virtual host {domains}", name=tunnel.name,
+                     "{vhost} virtual host {domains}", name=printable(tunnel.name),
                      peer=self.peerDescription, local_port=tunnel.local_port, vhost=vhost,
                      domains=",".join(tunnel.domains))
             return
-        self.sendMessage(messages.RegisterResp(
-            status="ok", pool=self.registry.settings.max_pool_count or None,
-            mux=1 if tunnel.muxAgreed else None))
+        self.sendMessage(tunnel.registerResp())
         log.info("client {name} registered from {peer}: local port {local_port} -> "
                  "public port {remote_port}", name=printable(tunnel.name),
                  peer=self.peerDescription, local_port=tunnel.local_port,
@@ -1103,12 +1143,15 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def msg_data_channel(self, msg: messages.DataChannel) -> None:
         if not self._firstFrame("data_channel"):
             return
-        certificateName = tls.peerCommonName(self.transport)
+        certificateName = peerCommonName(self.transport)
         if msg.mux == 1:
             self._startMux(msg, certificateName)
             return
         try:
-            if msg.pooled:
+            if msg.protocol == "udp":
+                from gotunnel.udp import attachCarrier
+                self.tunnel = attachCarrier(self.registry, msg, certificateName)
+            elif msg.pooled:
                 self.tunnel = self.registry.poolDataChannel(self, msg, certificateName)
             else:
                 user = self.registry.attachDataChannel(msg, certificateName)
@@ -1118,11 +1161,21 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.refuse(str(e))
             return
         self._releasePending()
+        # Every data channel: a pooled one waits idle, and a spliced one
+        # whose client vanished without a FIN or RST (power cut, network
+        # gone) is found dead by the probes, not held with its user forever.
+        setKeepAlive(self.transport)
+        if msg.protocol == "udp":
+            # The carrying channel of a UDP mapping: datagram frames from now on.
+            self.role = "udp"
+            self.sendMessage(messages.RegisterResp(status="ok"))
+            self.switchToRaw()
+            self.tunnel.attachCarrier(self)
+            return
         if msg.pooled:
             # Read on while idle: a pooled channel that closes must leave
             # the pool at once, not when a user is handed to it.
             self.role = "pooled"
-            setKeepAlive(self.transport)
             return
         self.role = "data"
         if self._answer(user, ours=msg.conn_id is not None):
@@ -1207,10 +1260,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         return True
 
     def _spliceTo(self, user: PublicUser) -> None:
-        settings = self.registry.settings
         user.dataChannel = self
-        splice(user, self, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
-               busyPoll=settings.busy_poll / 1e6)
+        self.registry.splicer.splice(user, self)
         self.registry.stats.dataChannelReady(user, self.registry.clock.seconds() - user.connectedAt)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.
@@ -1221,6 +1272,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def rawDataReceived(self, data: bytes) -> None:
         if self.role == "mux":
             self.mux.dataReceived(data)
+            return
+        if self.role == "udp":
+            self.tunnel.carrierData(self, data)
             return
         self.relayReceived(data)
 
@@ -1252,13 +1306,23 @@ class ServerChannel(MessageReceiver, RelayEnd):
         role, self.role = self.role, "closed"
         if role == "control":
             self.registry.clientLeft(self.source)
-            log.info("client {name} gone; closing public port {remote_port}",
-                     name=printable(self.tunnel.name), remote_port=self.tunnel.remote_port)
-            self.registry.clientDropped(self.tunnel)
+            tunnel = self.tunnel
+            successor = self.registry.tunnels.get(tunnel.key)
+            if tunnel.closed and successor is not None and successor is not tunnel:
+                # The same name registered again: the port stays open for it.
+                log.info("the old control channel of client {name} closed; its {mapping} "
+                         "is served by the new one", name=printable(tunnel.name),
+                         mapping=tunnel.mappingName, remote_port=tunnel.remote_port)
+            else:
+                log.info("client {name} gone; closing public port {remote_port}",
+                         name=printable(tunnel.name), remote_port=tunnel.remote_port)
+            self.registry.clientDropped(tunnel)
         elif role == "pooled":
             self.tunnel.pooledLost(self)
         elif role == "mux":
             self.mux.connectionLost()
+        elif role == "udp":
+            self.tunnel.carrierLost(self)
         elif role == "data":
             if self.peer is not None:
                 noteEnding(self.peer, endingOf(reason, SERVICE_CLOSED))
@@ -1291,15 +1355,28 @@ class TunnelServerService(MultiService):
     virtualHostService = None
     """The L{gotunnel.vhost.VirtualHostService}, with --http or --https."""
 
-    def __init__(self, settings: ServerSettings, reactor=None) -> None:
+    def __init__(self, settings: ServerSettings, reactor=None,
+                 splicer: Optional[Splicer] = None) -> None:
+        """
+        @param splicer: how users are spliced to data channels; by default
+            as C{settings} say.  Its splice thread becomes a child.
+        """
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
         self.registry = TunnelRegistry(settings, reactor)
+        self.splicer = self.registry.splicer = splicer or Splicer.fromSettings(settings, reactor)
+        if self.splicer.spliceThread is not None:
+            self.splicer.spliceThread.setServiceParent(self)
         listen = withBacklog(settings.listen, settings.control_backlog)
-        self.controlEndpoint = tls.serverEndpoint(
-            reactor, dataclasses.replace(settings, listen=listen))
+        if settings.tls_cert:
+            from gotunnel import tls
+
+            self.controlEndpoint = tls.serverEndpoint(
+                reactor, dataclasses.replace(settings, listen=listen))
+        else:
+            self.controlEndpoint = serverFromString(reactor, listen)
         self._listenWaiters: list[defer.Deferred] = []
         if settings.vhost_http or settings.vhost_https:
             from gotunnel.vhost import VirtualHosts, VirtualHostService

@@ -24,7 +24,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from gotunnel import __version__, logs, rlimits, tls
+from gotunnel import __version__, logs, rlimits
 from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
     CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile,
@@ -111,6 +111,23 @@ _NO_SPLICE_THREAD = [
     "no-splice-thread", None,
     "Run the splices in the reactor's thread instead of a thread of their own "
     "(splice_thread: false in the config file)."]
+
+
+def _udpOptions(role: str, settingsType: type) -> list[list[Any]]:
+    return [
+        ["udp-session-timeout", None, None,
+         "Seconds a UDP mapping keeps a remote peer's session after its last datagram "
+         f"(default: {settingsType.udp_session_timeout:g}; {role}.udp_session_timeout)",
+         _positive],
+        ["udp-max-sessions", None, None,
+         "Remote peers one UDP mapping serves at once; new peers' datagrams beyond are "
+         f"dropped (default: {settingsType.udp_max_sessions}; {role}.udp_max_sessions)",
+         _atLeastOne],
+    ]
+
+
+_UDP_FIELDS = {"udp-session-timeout": "udp_session_timeout",
+               "udp-max-sessions": "udp_max_sessions"}
 
 
 def _busyPollOption(role: str, settingsType: type) -> list[Any]:
@@ -245,7 +262,7 @@ class _SettingsOptions(usage.Options):
         return True
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
-        """Raise L{tls.TLSSettingsError} if the TLS settings cannot be used."""
+        """Raise L{gotunnel.tls.TLSSettingsError} if the TLS settings cannot be used."""
 
     def _checkTLS(self, source: Optional[str]) -> None:
         # A TLS setting is named as it was given: --tls-cert, or
@@ -257,6 +274,11 @@ class _SettingsOptions(usage.Options):
         option = self.endpointOption[0]
         where = f"--{option}" if self[option] is not None or not source \
             else f"{self.role}.{option}"
+        if not any(getattr(self._settings, field) for field in self.tlsOptions):
+            # No TLS setting: nothing to check, and no TLS code to import.
+            return
+        from gotunnel import tls
+
         try:
             self.checkTLS(self._settings, names, where)
         except tls.TLSSettingsError as e:
@@ -360,14 +382,16 @@ class ServerOptions(_SettingsOptions):
          "User name for the dashboard's login (server.admin_user; needs --admin-password)."],
         ["admin-password", None, None,
          "Password for the dashboard's login (server.admin_password)."],
-    ] + _logOptions("server")
+    ] + _udpOptions("server", ServerSettings) + _logOptions("server")
     optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD,
                 ["no-mux", None,
                  "Refuse to carry a mapping's users as streams of one data connection when "
                  "a client offers it (server.mux: false)."],
                 ["no-forwarded-headers", None,
                  "Do not add X-Forwarded-For and X-Forwarded-Proto to requests routed by the "
-                 "HTTP virtual-host port (server.vhost_forwarded_headers: false)."]]
+                 "HTTP virtual-host port (server.vhost_forwarded_headers: false)."],
+                ["no-udp", None, "Publish no UDP mappings: a client's register of protocol "
+                                 "udp is refused (udp: false in the config file)."]]
 
     role = "server"
     firstOptions = ("token", "listen", "config")
@@ -387,7 +411,7 @@ class ServerOptions(_SettingsOptions):
               "admin": "admin", "admin-token": "admin_token", "admin-user": "admin_user",
               "admin-password": "admin_password",
               "log-level": "log_level", "log-lang": "log_lang",
-              "connection-log": "connection_log"}
+              "connection-log": "connection_log", **_UDP_FIELDS}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
                   "tls_client_ca": "tls-client-ca"}
 
@@ -415,6 +439,8 @@ class ServerOptions(_SettingsOptions):
                 values["subdomain_host"] = normalDomain(values["subdomain_host"])
             except ValueError as e:
                 raise usage.UsageError(f"--subdomain-host: {e}") from None
+        if self["no-udp"]:
+            values["udp"] = False
         # A listed name is its own only if nobody else holds its token: not
         # every holder of the shared token, nor another listed client.
         owners: dict[str, str] = {}
@@ -437,6 +463,8 @@ class ServerOptions(_SettingsOptions):
                                    "(server.admin_user, server.admin_password)")
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
+        from gotunnel import tls
+
         tls.checkServerSettings(settings, names, where)
 
 
@@ -487,7 +515,7 @@ class ClientOptions(_SettingsOptions):
          f"(default: {ClientSettings.max_pending_data_channels}; "
          "client.max_pending_data_channels)", _atLeastOne],
         _busyPollOption("client", ClientSettings),
-    ] + _logOptions("client")
+    ] + _udpOptions("client", ClientSettings) + _logOptions("client")
     optFlags = [
         ["tls", None, "Connect with TLS and verify the server's certificate and name "
                       "(client.tls)."],
@@ -516,7 +544,7 @@ class ClientOptions(_SettingsOptions):
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
               "log-level": "log_level", "log-lang": "log_lang",
-              "connection-log": "connection_log"}
+              "connection-log": "connection_log", **_UDP_FIELDS}
     tlsOptions = {"tls": "tls", "tls_ca": "ca", "tls_server_name": "server-name",
                   "tls_client_cert": "tls-client-cert", "tls_client_key": "tls-client-key"}
 
@@ -555,8 +583,9 @@ class ClientOptions(_SettingsOptions):
 
     def opt_map(self, value: str) -> None:
         """
-        A local service to publish: [LOCALHOST:]LOCALPORT:REMOTEPORT
-        (repeatable; replaces the services of the config file).
+        A local service to publish: [udp:][LOCALHOST:]LOCALPORT:REMOTEPORT
+        (repeatable; replaces the services of the config file; udp: publishes
+        a UDP service).
         """
         try:
             self["map"].append(parseMapping(value))
@@ -569,6 +598,8 @@ class ClientOptions(_SettingsOptions):
         return configFile.clientValues()
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
+        from gotunnel import tls
+
         tls.checkClientSettings(settings, names, where, names["tls"])
 
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
@@ -597,6 +628,8 @@ class ClientOptions(_SettingsOptions):
             values.pop("name", None)
             if values.get("tls_client_cert"):
                 # With mutual TLS the server knows us by the certificate's name.
+                from gotunnel import tls
+
                 values["name"] = tls.certificateFileName(values["tls_client_cert"])
 
 
