@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gotunnel import messages, tls
+from gotunnel import messages, proxyprotocol, tls
 from gotunnel.config import ClientSettings, Mapping, clientEndpointString
 from gotunnel.control import MessageReceiver, tlsFailure
 from gotunnel.refusals import lastingRefusal
@@ -313,6 +313,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     answerTimeout = None
     early = False
     """This channel holds one of its mapping's early local connections."""
+    proxyHeader = b""
+    """The PROXY protocol header to write first on the local connection."""
 
     def __init__(self, tunnel: "TunnelService",
                  request: Optional[messages.OpenDataChannel]) -> None:
@@ -336,6 +338,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         else:
             ask = {"conn_id": self.request.conn_id}
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
+        if mapping.proxy_protocol is not None:
+            ask["addresses"] = True
         self.sendMessage(messages.DataChannel(
             local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
             token=settings.token, name=settings.name, **ask))
@@ -371,6 +375,11 @@ class DataChannelClient(MessageReceiver, RelayEnd):
             return
         if self.pooled:
             self.tunnel.pooledChannelTaken(self)
+        version = self.tunnel.mapping.proxy_protocol
+        if version is not None:
+            self.proxyHeader = proxyprotocol.header(
+                version, _address(msg.user_host, msg.user_port),
+                _address(msg.public_host, msg.public_port))
         self.switchToRaw()
         if self.local is not None:
             self._splice(self.local)
@@ -386,6 +395,10 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def _splice(self, local: "LocalServiceConnection") -> None:
         self._earlyDone()
+        if self.proxyHeader:
+            # First on the local connection, in the same write as the user's
+            # first bytes (what this side holds goes to the local side first).
+            self._held = [self.proxyHeader] + (self._held or [])
         settings = self.tunnel.settings
         splice(self, local, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
                busyPoll=settings.busy_poll / 1e6)
@@ -467,6 +480,13 @@ class DataChannelClient(MessageReceiver, RelayEnd):
             self._replaceInPool()
         self._dropLocal()
         self.relayConnectionLost()
+
+
+def _address(host: Optional[str], port: Optional[int]) -> Optional[tuple[str, int]]:
+    """(host, port) where the server told both, else None."""
+    if host is None or port is None:
+        return None
+    return host, port
 
 
 class DataChannelFactory(Factory):

@@ -19,6 +19,7 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted.python import usage
 
 from gotunnel.i18n import LANGUAGES
+from gotunnel.proxyprotocol import parseVersion
 
 DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
@@ -90,6 +91,8 @@ class Mapping:
     local_host: str
     local_port: int
     remote_port: int
+    proxy_protocol: Optional[str] = None
+    """"v1" or "v2": the PROXY protocol header goes first on every local connection."""
 
     def __str__(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
@@ -475,7 +478,12 @@ def _portRange(value: Any, text: Any, name: str) -> range:
     return range(port, port + 1)
 
 
-_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port}
+def _proxyProtocol(value: Any, text: Any, name: str) -> str:
+    return parseVersion(_text(value, text, name), name)
+
+
+_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port,
+                "proxy_protocol": _proxyProtocol}
 
 
 

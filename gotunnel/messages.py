@@ -46,6 +46,14 @@ class RegisterResp:
     pool: Optional[int] = None
     """ext, in the answer to C{register}: how many pooled data channels the
     server keeps for the mapping (see L{DataChannel.pooled})."""
+    user_host: Optional[str] = None
+    """ext, in the answer to a data channel that asked for them
+    (L{DataChannel.addresses}): the user's address, for the PROXY protocol
+    header (see L{gotunnel.proxyprotocol})."""
+    user_port: Optional[int] = None
+    public_host: Optional[str] = None
+    """ext, with C{user_host}: the server's address the user connected to."""
+    public_port: Optional[int] = None
 
     @property
     def ok(self) -> bool:
@@ -98,6 +106,9 @@ class DataChannel:
     pooled: Optional[bool] = None
     """ext: opened ahead of any user, to wait at the server for the next one;
     the server's C{register_resp} comes when it hands the channel a user."""
+    addresses: Optional[bool] = None
+    """ext: tell me the user's and the public address in your answer (see
+    L{RegisterResp.user_host}), for a PROXY protocol header."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +140,12 @@ MESSAGE_TYPES: dict[str, type] = {
     )
 }
 
-_PORT_FIELDS = frozenset({"local_port", "remote_port", "port"})
+_PORT_FIELDS = frozenset({"local_port", "remote_port", "port", "user_port", "public_port"})
 
-_EXTENSION_TYPES: dict[str, type] = {"conn_id": str, "pool": int, "pooled": bool}
+_EXTENSION_TYPES: dict[str, type] = {
+    "conn_id": str, "pool": int, "pooled": bool, "user_host": str, "user_port": int,
+    "public_host": str, "public_port": int, "addresses": bool,
+}
 """Our optional fields, absent (or null) from a Go peer's frames."""
 
 MAX_POOL = 1024

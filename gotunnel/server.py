@@ -633,6 +633,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
     firstFrameCall = None
     refusalCall = None
     pendingHost: Optional[str] = None
+    wantsAddresses = False
+    """The data channel asked for the user's addresses (messages.DataChannel.addresses)."""
 
     def __init__(self, registry: TunnelRegistry) -> None:
         self.registry = registry
@@ -783,6 +785,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if not self._firstFrame("data_channel"):
             return
         certificateName = tls.peerCommonName(self.transport)
+        self.wantsAddresses = bool(msg.addresses)
         try:
             if msg.pooled:
                 self.tunnel = self.registry.poolDataChannel(self, msg, certificateName)
@@ -831,11 +834,20 @@ class ServerChannel(MessageReceiver, RelayEnd):
         Accept this data channel for C{user}.  To our own client, what the
         user has sent so far goes in the same segment as the answer: the
         client reads both at once, and a request that came with its
-        connection reaches the service a wake-up sooner.  A Go client gets
-        the answer alone, as the Go server sends it.
+        connection reaches the service a wake-up sooner; and the answer
+        tells the user's and the public address if it asked for them.  A Go
+        client gets the answer alone, as the Go server sends it.
         """
         early = readWaiting(user.transport) if ours else b""
-        self.sendMessage(messages.RegisterResp(status="ok"), rawAfter=early)
+        answer = messages.RegisterResp(status="ok")
+        if ours and self.wantsAddresses:
+            # For our client's PROXY protocol header (see gotunnel.proxyprotocol).
+            peer, host = user.transport.getPeer(), user.transport.getHost()
+            answer = dataclasses.replace(
+                answer, user_host=getattr(peer, "host", None),
+                user_port=getattr(peer, "port", None), public_host=getattr(host, "host", None),
+                public_port=getattr(host, "port", None))
+        self.sendMessage(answer, rawAfter=early)
 
     def _spliceTo(self, user: PublicUser) -> None:
         settings = self.registry.settings

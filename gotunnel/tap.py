@@ -9,6 +9,7 @@ FILE), and options given on the command line override the file's keys.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import math
 import os
 import platform
@@ -31,6 +32,7 @@ from gotunnel.config import (
     readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
+from gotunnel.proxyprotocol import parseVersion
 
 log = Logger()
 
@@ -86,6 +88,12 @@ def _logLang(text: str) -> str:
 
 
 _logLang.coerceDoc = f"One of {', '.join(LANGUAGES)}."  # type: ignore[attr-defined]
+
+def _proxyProtocol(text: str) -> str:
+    return parseVersion(text, "--proxy-protocol")
+
+
+_proxyProtocol.coerceDoc = "v1 or v2."  # type: ignore[attr-defined]
 
 _CONFIG_OPTION = [
     "config", "c", None,
@@ -411,6 +419,10 @@ class ClientOptions(_SettingsOptions):
          "dropped) "
          f"(default: {ClientSettings.max_pending_data_channels}; "
          "client.max_pending_data_channels)", _atLeastOne],
+        ["proxy-protocol", None, None,
+         "Write a PROXY protocol header (v1: text, v2: binary) with the user's address "
+         "first on every local connection, for mappings that do not set their own "
+         "(client.tunnels[].proxy_protocol)", _proxyProtocol],
         _busyPollOption("client", ClientSettings),
     ] + _logOptions("client")
     optFlags = [
@@ -473,6 +485,11 @@ class ClientOptions(_SettingsOptions):
             values["exit_on_refusal"] = True
         if self["map"]:
             values["mappings"] = list(self["map"])
+        if self["proxy-protocol"] and values.get("mappings"):
+            values["mappings"] = [
+                mapping if mapping.proxy_protocol else
+                dataclasses.replace(mapping, proxy_protocol=self["proxy-protocol"])
+                for mapping in values["mappings"]]
         if not values.get("mappings"):
             if source:
                 raise ConfigError(
