@@ -200,7 +200,9 @@ class ControlChannel(MessageReceiver):
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
-            protocol="tcp", token=settings.token, name=settings.name))
+            protocol="tcp", token=settings.token, name=settings.name,
+            allow_sources=mapping.allow_sources or None,
+            deny_sources=mapping.deny_sources or None))
         # A server that never answers (hung, or not a gotunnel server) would
         # otherwise hold this mapping unpublished, silently, for good.
         self.registerTimeout = self.tunnel.reactor.callLater(

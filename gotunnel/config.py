@@ -19,6 +19,7 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted.python import usage
 
 from gotunnel.i18n import LANGUAGES
+from gotunnel.portpolicy import MAX_REQUESTED_SOURCES, parseNetwork
 from gotunnel.proxyprotocol import parseVersion
 
 DEFAULT_CONTROL_PORT = 17000
@@ -54,6 +55,10 @@ class ServerSettings:
     """Remote ports clients may register; empty: any port."""
     clients: dict[str, "ClientPolicy"] = field(default_factory=dict)
     """Clients with a token and limits of their own, by name."""
+    allow_sources: tuple = ()
+    """Networks users of a public port may come from; empty: any (see portpolicy.py)."""
+    deny_sources: tuple = ()
+    """Networks users of a public port may not come from."""
     max_mappings_per_client: int = 16
     """Mappings one client name may hold at once."""
     max_pool_count: int = 8
@@ -82,6 +87,10 @@ class ClientPolicy:
     """Empty: server.allow_ports applies."""
     max_mappings: Optional[int] = None
     """None: server.max_mappings_per_client applies."""
+    allow_sources: tuple = ()
+    """Empty: server.allow_sources applies to this client's ports."""
+    deny_sources: tuple = ()
+    """Denied on this client's ports, as well as server.deny_sources."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,10 @@ class Mapping:
     remote_port: int
     proxy_protocol: Optional[str] = None
     """"v1" or "v2": the PROXY protocol header goes first on every local connection."""
+    allow_sources: tuple[str, ...] = ()
+    """Networks asked of the server as the only ones its users may come from."""
+    deny_sources: tuple[str, ...] = ()
+    """Networks asked of the server as ones its users may not come from."""
 
     def __str__(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
@@ -482,8 +495,25 @@ def _proxyProtocol(value: Any, text: Any, name: str) -> str:
     return parseVersion(_text(value, text, name), name)
 
 
+def _network(value: Any, text: Any, name: str):
+    return parseNetwork(_text(value, text, name), name)
+
+
+def _networks(value: Any, text: Any, name: str) -> tuple:
+    return tuple(_listOf(_network)(value, text, name))
+
+
+def _requestedNetworks(value: Any, text: Any, name: str) -> tuple[str, ...]:
+    networks = _networks(value, text, name)
+    if len(networks) > MAX_REQUESTED_SOURCES:
+        raise ValueError(f"{name} has {len(networks)} networks; a client may ask for at most "
+                         f"{MAX_REQUESTED_SOURCES}")
+    return tuple(str(network) for network in networks)
+
+
 _TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port,
-                "proxy_protocol": _proxyProtocol}
+                "proxy_protocol": _proxyProtocol, "allow_sources": _requestedNetworks,
+                "deny_sources": _requestedNetworks}
 
 
 
@@ -492,7 +522,8 @@ def _portRanges(value: Any, text: Any, name: str) -> tuple[range, ...]:
 
 
 _CLIENT_POLICY_KEYS: dict[str, Callable] = {
-    "token": _text, "allow_ports": _portRanges, "max_mappings": _count}
+    "token": _text, "allow_ports": _portRanges, "max_mappings": _count,
+    "allow_sources": _networks, "deny_sources": _networks}
 
 
 def _clients(value: Any, text: Any, name: str) -> dict[str, ClientPolicy]:
@@ -556,6 +587,8 @@ _SERVER_KEYS: dict[str, Callable] = {
     "heartbeat_timeout": _seconds,
     "port_lease": _secondsOrZero,
     "clients": _clients,
+    "allow_sources": _networks,
+    "deny_sources": _networks,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,
     "tls_cert": _text,

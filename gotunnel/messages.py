@@ -34,6 +34,11 @@ class Register:
     protocol: str = "tcp"
     token: str = _field(default="", repr=False)
     name: str = ""
+    allow_sources: Optional[tuple[str, ...]] = None
+    """ext: the only networks the client wants users to come from (CIDRs);
+    the server's own lists still apply: a client can only narrow them."""
+    deny_sources: Optional[tuple[str, ...]] = None
+    """ext: networks the client wants users refused from."""
 
 
 @dataclass(frozen=True)
@@ -145,11 +150,15 @@ _PORT_FIELDS = frozenset({"local_port", "remote_port", "port", "user_port", "pub
 _EXTENSION_TYPES: dict[str, type] = {
     "conn_id": str, "pool": int, "pooled": bool, "user_host": str, "user_port": int,
     "public_host": str, "public_port": int, "addresses": bool,
+    "allow_sources": list, "deny_sources": list,
 }
 """Our optional fields, absent (or null) from a Go peer's frames."""
 
 MAX_POOL = 1024
 """The largest C{register_resp.pool} we accept."""
+
+MAX_LIST = 1024
+"""The most items of a list field we accept (C{register.allow_sources})."""
 
 
 def _jsonType(value: object) -> str:
@@ -172,6 +181,13 @@ def _checkField(typeName: str, name: str, expected: type, value: object) -> None
     elif expected is bool:
         if not isinstance(value, bool):
             raise ProtocolError(f"{typeName}.{name} must be true or false, got a {_jsonType(value)}")
+    elif expected is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{typeName}.{name} must be an array, got a {_jsonType(value)}")
+        if len(value) > MAX_LIST:
+            raise ProtocolError(f"{typeName}.{name} has more than {MAX_LIST} items")
+        for item in value:
+            _checkField(typeName, name, str, item)
     elif expected is str:
         if not isinstance(value, str):
             raise ProtocolError(f"{typeName}.{name} must be a string, got a {_jsonType(value)}")
@@ -219,7 +235,7 @@ def parse(body: bytes) -> Optional[Message]:
         if expected is None:
             expected = {"int": int, "str": str}[field.type]
         _checkField(typeName, field.name, expected, value)
-        values[field.name] = value
+        values[field.name] = tuple(value) if expected is list else value
     return cls(**values)
 
 

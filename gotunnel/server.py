@@ -28,6 +28,7 @@ from gotunnel import messages, tls
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, tlsFailure
 from gotunnel.leases import PortLease, PortLeases
+from gotunnel.portpolicy import RefusalLog, SourcePolicy, parseNetwork, permitted
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
 
@@ -110,7 +111,11 @@ class PublicUserFactory(Factory):
     def __init__(self, tunnel: "Tunnel") -> None:
         self.tunnel = tunnel
 
-    def buildProtocol(self, addr) -> PublicUser:
+    def buildProtocol(self, addr) -> Optional[PublicUser]:
+        # Refused here, before a byte is read or the client hears of it:
+        # Twisted closes the socket of a connection given no protocol.
+        if not self.tunnel.admitUser(addr):
+            return None
         return PublicUser(self.tunnel)
 
 
@@ -140,6 +145,9 @@ class Tunnel:
         # which finishes starting after a later change of mind is closed.
         self._generation = 0
         self._stopping: defer.Deferred = defer.succeed(None)
+        self.sources: tuple[SourcePolicy, ...] = ()
+        """Who may connect: every one of these must let a user in."""
+        self.refusals = RefusalLog(registry.clock, self.remote_port)
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
@@ -180,6 +188,21 @@ class Tunnel:
 
     def heartbeat(self) -> None:
         self.lastSeen = self.registry.clock.seconds()
+
+    def admitUser(self, addr: object) -> bool:
+        """
+        Whether a user connecting from C{addr} may use this port; a refusal
+        is counted and logged (at most a line per interval).
+        """
+        host = getattr(addr, "host", "?")
+        if not permitted(self.sources, host):
+            self.refused(host, "source address not allowed")
+            return False
+        return True
+
+    def refused(self, host: str, reason: str) -> None:
+        self.refusals.refused(host, reason)
+        self.registry.refusedUsers += 1
 
     def userConnected(self, user: PublicUser) -> None:
         clock = self.registry.clock
@@ -270,6 +293,7 @@ class Tunnel:
         pool, self.pool = self.pool, OrderedDict()
         for channel in pool:
             channel.transport.loseConnection()
+        self.refusals.stop()
         return self.stopListening()
 
 
@@ -295,6 +319,9 @@ class TunnelRegistry:
         self.authFailures: dict[str, tuple[int, float]] = {}
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
+        self.refusedUsers = 0
+        """Users public ports refused (source policy, limits), since the start."""
+        self._sourcePolicies: dict[Optional[str], tuple[SourcePolicy, ...]] = {}
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -423,6 +450,38 @@ class TunnelRegistry:
                 else "on this server"
             raise RegistrationRefused(f"remote port {remote_port} is not allowed {where}")
 
+    def sourcePolicies(self, name: str, msg: messages.Register) -> tuple[SourcePolicy, ...]:
+        """
+        The source policies of a mapping C{name} registers: the server's
+        (a listed client's own allow list instead of server.allow_sources,
+        its deny list as well as server.deny_sources), then what the
+        client asks for, which can only narrow them.
+
+        @raise RegistrationRefused: the client's lists are not networks.
+        """
+        policies = self._sourcePolicies.get(name)
+        if policies is None:
+            settings, client = self.settings, self.settings.clients.get(name)
+            allow, deny = settings.allow_sources, settings.deny_sources
+            if client is not None:
+                allow = client.allow_sources or allow
+                deny = tuple(deny) + tuple(client.deny_sources)
+            policy = SourcePolicy.of(allow, deny)
+            policies = (policy,) if policy else ()
+            if len(self._sourcePolicies) < 4096:
+                self._sourcePolicies[name] = policies
+        if msg.allow_sources or msg.deny_sources:
+            try:
+                asked = SourcePolicy.of(
+                    [parseNetwork(text, "register.allow_sources")
+                     for text in msg.allow_sources or ()],
+                    [parseNetwork(text, "register.deny_sources")
+                     for text in msg.deny_sources or ()])
+            except ValueError as e:
+                raise RegistrationRefused(str(e)) from None
+            policies += (asked,)
+        return policies
+
     def ownsItsName(self, name: str) -> bool:
         """Whether C{name} can be held by one client only: a listed one, or with mutual TLS."""
         return name in self.settings.clients or bool(self.settings.tls_client_ca)
@@ -443,6 +502,7 @@ class TunnelRegistry:
             if not 1 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
             self.checkLimits(msg.name, msg.remote_port)
+            sources = self.sourcePolicies(msg.name, msg)
             lease = self._takeLease(msg.name, msg.remote_port)
         except RegistrationRefused as e:
             return defer.fail(e)
@@ -457,6 +517,7 @@ class TunnelRegistry:
             previousStopped = previous.close()
             previous.channel.transport.loseConnection()
         tunnel = Tunnel(self, channel, msg)
+        tunnel.sources = sources
         if previous is not None:
             tunnel._stopping = previousStopped
         elif lease is not None:
