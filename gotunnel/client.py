@@ -202,7 +202,8 @@ class ControlChannel(MessageReceiver):
             local_port=mapping.local_port, remote_port=mapping.remote_port,
             protocol="tcp", token=settings.token, name=settings.name,
             allow_sources=mapping.allow_sources or None,
-            deny_sources=mapping.deny_sources or None))
+            deny_sources=mapping.deny_sources or None, max_users=mapping.max_users or None,
+            max_connection_rate=mapping.max_connection_rate or None))
         # A server that never answers (hung, or not a gotunnel server) would
         # otherwise hold this mapping unpublished, silently, for good.
         self.registerTimeout = self.tunnel.reactor.callLater(

@@ -30,6 +30,7 @@ DEFAULT_BUSY_POLL = 250
 """Microseconds the splice thread polls for a socket's answer: longer than a
 service on the same machine, or a hop on a local network, takes to answer."""
 MAX_BUSY_POLL = 10_000
+MAX_CONNECTION_RATE = 1_000_000
 
 
 @dataclass
@@ -59,6 +60,11 @@ class ServerSettings:
     """Networks users of a public port may come from; empty: any (see portpolicy.py)."""
     deny_sources: tuple = ()
     """Networks users of a public port may not come from."""
+    max_users_per_port: int = 0
+    """Users connected at once to one public port; more are refused (0: no limit)."""
+    max_connection_rate: float = 0.0
+    """New connections a second one source address may open to one public
+    port; more are refused (0: no limit)."""
     max_mappings_per_client: int = 16
     """Mappings one client name may hold at once."""
     max_pool_count: int = 8
@@ -91,6 +97,10 @@ class ClientPolicy:
     """Empty: server.allow_sources applies to this client's ports."""
     deny_sources: tuple = ()
     """Denied on this client's ports, as well as server.deny_sources."""
+    max_users_per_port: int = 0
+    """0: server.max_users_per_port applies; else the stricter of the two."""
+    max_connection_rate: float = 0.0
+    """0: server.max_connection_rate applies; else the stricter of the two."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,10 @@ class Mapping:
     """Networks asked of the server as the only ones its users may come from."""
     deny_sources: tuple[str, ...] = ()
     """Networks asked of the server as ones its users may not come from."""
+    max_users: int = 0
+    """Users at once asked of the server (it keeps its own limit if stricter)."""
+    max_connection_rate: float = 0.0
+    """New connections a second per source asked of the server (likewise)."""
 
     def __str__(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
@@ -511,9 +525,19 @@ def _requestedNetworks(value: Any, text: Any, name: str) -> tuple[str, ...]:
     return tuple(str(network) for network in networks)
 
 
+def _rate(value: Any, text: Any, name: str) -> float:
+    value = _number(value)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0 or value > MAX_CONNECTION_RATE):
+        raise ValueError(f"{name} must be a number of connections a second from 0 to "
+                         f"{MAX_CONNECTION_RATE}, got {value!r}")
+    return float(value)
+
+
 _TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port,
                 "proxy_protocol": _proxyProtocol, "allow_sources": _requestedNetworks,
-                "deny_sources": _requestedNetworks}
+                "deny_sources": _requestedNetworks, "max_users": _countOrZero,
+                "max_connection_rate": _rate}
 
 
 
@@ -523,7 +547,8 @@ def _portRanges(value: Any, text: Any, name: str) -> tuple[range, ...]:
 
 _CLIENT_POLICY_KEYS: dict[str, Callable] = {
     "token": _text, "allow_ports": _portRanges, "max_mappings": _count,
-    "allow_sources": _networks, "deny_sources": _networks}
+    "allow_sources": _networks, "deny_sources": _networks,
+    "max_users_per_port": _countOrZero, "max_connection_rate": _rate}
 
 
 def _clients(value: Any, text: Any, name: str) -> dict[str, ClientPolicy]:
@@ -589,6 +614,8 @@ _SERVER_KEYS: dict[str, Callable] = {
     "clients": _clients,
     "allow_sources": _networks,
     "deny_sources": _networks,
+    "max_users_per_port": _countOrZero,
+    "max_connection_rate": _rate,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,
     "tls_cert": _text,

@@ -39,6 +39,11 @@ class Register:
     the server's own lists still apply: a client can only narrow them."""
     deny_sources: Optional[tuple[str, ...]] = None
     """ext: networks the client wants users refused from."""
+    max_users: Optional[int] = None
+    """ext: users at once the client wants on its port (the stricter of
+    this and the server's limit applies)."""
+    max_connection_rate: Optional[float] = None
+    """ext: new connections a second per source address the client wants."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,8 @@ _PORT_FIELDS = frozenset({"local_port", "remote_port", "port", "user_port", "pub
 _EXTENSION_TYPES: dict[str, type] = {
     "conn_id": str, "pool": int, "pooled": bool, "user_host": str, "user_port": int,
     "public_host": str, "public_port": int, "addresses": bool,
-    "allow_sources": list, "deny_sources": list,
+    "allow_sources": list, "deny_sources": list, "max_users": int,
+    "max_connection_rate": float,
 }
 """Our optional fields, absent (or null) from a Go peer's frames."""
 
@@ -176,11 +182,17 @@ def _checkField(typeName: str, name: str, expected: type, value: object) -> None
             raise ProtocolError(f"{typeName}.{name} must be a port from 0 to 65535, got {value}")
         if name == "time" and not -(2**63) <= value < 2**63:
             raise ProtocolError(f"{typeName}.time is out of range")
+        if name == "max_users" and not 0 <= value <= 2**31:
+            raise ProtocolError(f"{typeName}.max_users must be from 0 to {2**31}")
         if name == "pool" and not 0 <= value <= MAX_POOL:
             raise ProtocolError(f"{typeName}.pool must be from 0 to {MAX_POOL}, got {value}")
     elif expected is bool:
         if not isinstance(value, bool):
             raise ProtocolError(f"{typeName}.{name} must be true or false, got a {_jsonType(value)}")
+    elif expected is float:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not 0 <= value <= 1e6):
+            raise ProtocolError(f"{typeName}.{name} must be a number from 0 to 1000000")
     elif expected is list:
         if not isinstance(value, list):
             raise ProtocolError(f"{typeName}.{name} must be an array, got a {_jsonType(value)}")

@@ -12,6 +12,7 @@ seconds.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
@@ -166,3 +167,48 @@ class RefusalLog:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+
+
+MAX_RATE_SOURCES = 10_000
+"""Source addresses L{SourceRate} remembers at once; the least recently
+seen is forgotten first, so a flood from many addresses costs bounded
+memory."""
+
+
+def narrowest(*limits: Optional[float]) -> float:
+    """The strictest of C{limits}, where 0 and None mean no limit (and so does the result 0)."""
+    set_ = [limit for limit in limits if limit]
+    return min(set_) if set_ else 0
+
+
+class SourceRate:
+    """
+    New connections per second per source address, as a token bucket per
+    address (C{rate} tokens a second, up to C{rate}, at least 1, in hand):
+    a burst of C{rate} at once, then C{rate} a second.  The table of
+    addresses is LRU-bounded by C{maxSources}.
+    """
+
+    def __init__(self, clock: IReactorTime, rate: float,
+                 maxSources: int = MAX_RATE_SOURCES) -> None:
+        self.clock = clock
+        self.rate = rate
+        self.burst = max(rate, 1.0)
+        self.maxSources = maxSources
+        self._buckets: "OrderedDict[str, tuple[float, float]]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def admit(self, host: str) -> bool:
+        """Take a token for a new connection from C{host}; False if it has none."""
+        now = self.clock.seconds()
+        tokens, last = self._buckets.pop(host, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        admitted = tokens >= 1
+        if admitted:
+            tokens -= 1
+        if len(self._buckets) >= self.maxSources:
+            self._buckets.popitem(last=False)
+        self._buckets[host] = (tokens, now)
+        return admitted

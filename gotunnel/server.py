@@ -28,7 +28,9 @@ from gotunnel import messages, tls
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, tlsFailure
 from gotunnel.leases import PortLease, PortLeases
-from gotunnel.portpolicy import RefusalLog, SourcePolicy, parseNetwork, permitted
+from gotunnel.portpolicy import (
+    RefusalLog, SourcePolicy, SourceRate, narrowest, parseNetwork, permitted,
+)
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
 
@@ -90,10 +92,12 @@ class PublicUser(Protocol, RelayEnd):
 
     def __init__(self, tunnel: "Tunnel") -> None:
         self.tunnel = tunnel
+        self.remote_port = tunnel.remote_port
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.tunnel.registry.connections.add(self)
+        self.tunnel.registry.userArrived(self.remote_port)
         self.tunnel.userConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -101,6 +105,7 @@ class PublicUser(Protocol, RelayEnd):
 
     def connectionLost(self, reason=None) -> None:
         self.tunnel.userLost(self)
+        self.tunnel.registry.userLeft(self.remote_port)
         self.tunnel.registry.connections.discard(self)
         self.relayConnectionLost()
 
@@ -147,6 +152,10 @@ class Tunnel:
         self._stopping: defer.Deferred = defer.succeed(None)
         self.sources: tuple[SourcePolicy, ...] = ()
         """Who may connect: every one of these must let a user in."""
+        self.maxUsers = 0
+        """Users connected to this port at once (0: no limit)."""
+        self.sourceRate: Optional[SourceRate] = None
+        """New connections a second per source address, if limited."""
         self.refusals = RefusalLog(registry.clock, self.remote_port)
 
     def __repr__(self) -> str:
@@ -197,6 +206,13 @@ class Tunnel:
         host = getattr(addr, "host", "?")
         if not permitted(self.sources, host):
             self.refused(host, "source address not allowed")
+            return False
+        if self.maxUsers and self.registry.usersOf(self.remote_port) >= self.maxUsers:
+            self.refused(host, f"{self.maxUsers} users already connected")
+            return False
+        if self.sourceRate is not None and not self.sourceRate.admit(host):
+            self.refused(host, f"more than {self.sourceRate.rate:g} new connections a second "
+                               "from one address")
             return False
         return True
 
@@ -322,6 +338,34 @@ class TunnelRegistry:
         self.refusedUsers = 0
         """Users public ports refused (source policy, limits), since the start."""
         self._sourcePolicies: dict[Optional[str], tuple[SourcePolicy, ...]] = {}
+        self._users: dict[int, int] = {}
+        """Users connected, per public port (a mapping registered again keeps its count)."""
+
+    def userArrived(self, remote_port: int) -> None:
+        self._users[remote_port] = self._users.get(remote_port, 0) + 1
+
+    def userLeft(self, remote_port: int) -> None:
+        left = self._users.get(remote_port, 0) - 1
+        if left > 0:
+            self._users[remote_port] = left
+        else:
+            self._users.pop(remote_port, None)
+
+    def usersOf(self, remote_port: int) -> int:
+        """Users connected to C{remote_port} now."""
+        return self._users.get(remote_port, 0)
+
+    def applyLimits(self, tunnel: "Tunnel", msg: messages.Register) -> None:
+        """
+        C{tunnel}'s limits on users: the stricter of the server's (or a
+        listed client's), and what the client asked for.
+        """
+        settings, client = self.settings, self.settings.clients.get(tunnel.name)
+        tunnel.maxUsers = int(narrowest(
+            settings.max_users_per_port, client and client.max_users_per_port, msg.max_users))
+        rate = narrowest(settings.max_connection_rate, client and client.max_connection_rate,
+                         msg.max_connection_rate)
+        tunnel.sourceRate = SourceRate(self.clock, rate) if rate else None
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -518,6 +562,7 @@ class TunnelRegistry:
             previous.channel.transport.loseConnection()
         tunnel = Tunnel(self, channel, msg)
         tunnel.sources = sources
+        self.applyLimits(tunnel, msg)
         if previous is not None:
             tunnel._stopping = previousStopped
         elif lease is not None:

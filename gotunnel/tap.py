@@ -27,7 +27,7 @@ from twisted.python import usage
 from gotunnel import __version__, logs, rlimits, tls
 from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
-    LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile, ServerSettings,
+    LOG_LEVELS, MAX_BUSY_POLL, MAX_CONNECTION_RATE, ClientSettings, ConfigError, ConfigFile, ServerSettings,
     clientEndpointString, findConfigFile, parseLogLang, parseLogLevel, parseMapping,
     readConfigFile,
 )
@@ -70,6 +70,15 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
     coerce.coerceDoc = f"A whole number, {bounds}."  # type: ignore[attr-defined]
     return coerce
 
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or not 0 <= value <= MAX_CONNECTION_RATE:
+        raise ValueError(f"must be from 0 to {MAX_CONNECTION_RATE}")
+    return value
+
+
+_rate.coerceDoc = "Connections a second, 0 for no limit."  # type: ignore[attr-defined]
 
 _atLeastOne = _wholeNumber(1)
 _atLeastZero = _wholeNumber(0)
@@ -319,6 +328,15 @@ class ServerOptions(_SettingsOptions):
          "Data channels a client may open ahead of its users, per mapping; 0 turns "
          f"pooling off (default: {ServerSettings.max_pool_count}; server.max_pool_count)",
          _atLeastZero],
+        ["max-users-per-port", None, None,
+         "Users connected at once to one public port; more are refused at accept, 0 for no "
+         f"limit (default: {ServerSettings.max_users_per_port}; server.max_users_per_port)",
+         _atLeastZero],
+        ["max-connection-rate", None, None,
+         "New connections a second one source address may open to one public port; more "
+         "are refused at accept, 0 for no limit "
+         f"(default: {ServerSettings.max_connection_rate:g}; server.max_connection_rate)",
+         _rate],
         ["tls-cert", None, None,
          "Speak TLS on the control address, with this PEM certificate (and its chain) "
          "(server.tls_cert; needs --tls-key)."],
@@ -341,6 +359,8 @@ class ServerOptions(_SettingsOptions):
               "port-lease": "port_lease",
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
+              "max-users-per-port": "max_users_per_port",
+              "max-connection-rate": "max_connection_rate",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
               "log-level": "log_level", "log-lang": "log_lang"}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",

@@ -7,6 +7,7 @@ accept over loopback, before its client hears of them.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 
 from twisted.internet import defer
@@ -17,7 +18,8 @@ from twisted.trial import unittest
 from gotunnel import messages
 from gotunnel.config import ClientPolicy, Mapping, readConfigFile
 from gotunnel.portpolicy import (
-    RefusalLog, SourcePolicy, SourceSet, parseNetwork, permitted, sourceAddress,
+    RefusalLog, SourcePolicy, SourceRate, SourceSet, narrowest, parseNetwork, permitted,
+    sourceAddress,
 )
 from tests.support import HOST, TOKEN, Tunnel, connectUser, echoedThrough, freePort, listenTarget, within
 
@@ -130,13 +132,15 @@ class RefusalLogTests(unittest.TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
-class SettingsTests(unittest.TestCase):
+class WritingTestCase(unittest.TestCase):
     def write(self, text: str) -> str:
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(text)
         return path
 
+
+class SettingsTests(WritingTestCase):
     def test_serverKeys(self):
         path = self.write("server:\n  token: t\n  allow_sources: [10.0.0.0/8, '2001:db8::/32']\n"
                           "  deny_sources: 10.9.0.0/16\n"
@@ -174,8 +178,8 @@ class SettingsTests(unittest.TestCase):
                 messages.parse(b'{"type":"register",' + bad + b"}")
 
 
-class ServerEnforcementTests(unittest.TestCase):
-    """Over loopback: users from 127.0.0.1 against lists that do or do not admit them."""
+class EnforcementTestCase(unittest.TestCase):
+    """Over loopback: a mapping, its users from 127.0.0.1, and whether the client hears of them."""
 
     @defer.inlineCallbacks
     def publish(self, mapping: dict = {}, **server):
@@ -212,6 +216,11 @@ class ServerEnforcementTests(unittest.TestCase):
     def assertServed(self, tunnel, remote):
         self.assertTrue((yield echoedThrough(self, remote, b"hello", TIMEOUT)))
         self.assertEqual(self.asked, 1)
+
+
+
+class ServerEnforcementTests(EnforcementTestCase):
+    """Users from 127.0.0.1 against lists that do or do not admit them."""
 
     @defer.inlineCallbacks
     def test_allowListServes(self):
@@ -261,3 +270,114 @@ class ServerEnforcementTests(unittest.TestCase):
         from tests.support import waitUntil
         yield waitUntil(lambda: refused, TIMEOUT, "the refusal")
         self.assertIn("register.allow_sources must be an address or a network", refused[0])
+
+
+class SourceRateTests(unittest.TestCase):
+    def test_burstThenRate(self):
+        clock = Clock()
+        rate = SourceRate(clock, 2)
+        self.assertEqual([rate.admit("a") for _ in range(3)], [True, True, False])
+        self.assertTrue(rate.admit("b"))
+        clock.advance(0.5)
+        self.assertEqual([rate.admit("a"), rate.admit("a")], [True, False])
+        clock.advance(10)
+        self.assertEqual([rate.admit("a") for _ in range(3)], [True, True, False])
+
+    def test_slowerThanOneASecond(self):
+        clock = Clock()
+        rate = SourceRate(clock, 0.1)
+        self.assertEqual([rate.admit("a"), rate.admit("a")], [True, False])
+        clock.advance(9)
+        self.assertFalse(rate.admit("a"))
+        clock.advance(10)
+        self.assertTrue(rate.admit("a"))
+
+    def test_tableBounded(self):
+        """A flood from many addresses forgets the least recently seen."""
+        clock = Clock()
+        rate = SourceRate(clock, 1, maxSources=100)
+        self.assertTrue(rate.admit("first"))
+        for i in range(1000):
+            rate.admit(f"10.0.{i // 256}.{i % 256}")
+        self.assertEqual(len(rate), 100)
+        self.assertTrue(rate.admit("first"))
+
+    def test_narrowest(self):
+        self.assertEqual(narrowest(0, None, 0), 0)
+        self.assertEqual(narrowest(10, 0, 5), 5)
+        self.assertEqual(narrowest(10, None, 50), 10)
+        self.assertEqual(narrowest(0, 3, None), 3)
+
+
+class LimitSettingsTests(WritingTestCase):
+    def test_limitKeys(self):
+        path = self.write("server:\n  token: t\n  max_users_per_port: 100\n"
+                          "  max_connection_rate: 2.5\n  clients:\n"
+                          "    alice: {token: a, max_users_per_port: 5, max_connection_rate: 1}\n"
+                          "client:\n  tunnels:\n    - {local_port: 1, remote_port: 2,"
+                          " max_users: 3, max_connection_rate: 0.5}\n")
+        config = readConfigFile(path)
+        values = config.serverValues()
+        self.assertEqual((values["max_users_per_port"], values["max_connection_rate"]), (100, 2.5))
+        alice = values["clients"]["alice"]
+        self.assertEqual((alice.max_users_per_port, alice.max_connection_rate), (5, 1.0))
+        mapping = config.clientValues()["mappings"][0]
+        self.assertEqual((mapping.max_users, mapping.max_connection_rate), (3, 0.5))
+
+    def test_options(self):
+        from gotunnel.tap import ServerOptions
+        options = ServerOptions()
+        options.parseOptions(["--token", "t", "--max-users-per-port", "7",
+                              "--max-connection-rate", "1.5", "--config", os.devnull])
+        self.assertEqual((options.settings().max_users_per_port,
+                          options.settings().max_connection_rate), (7, 1.5))
+
+
+class LimitEnforcementTests(EnforcementTestCase):
+    @defer.inlineCallbacks
+    def assertUserLimit(self, tunnel, remote, limit):
+        users = []
+        for _ in range(limit):
+            user = yield connectUser(self, remote)
+            user.transport.write(b"x")
+            yield within(user.whenReceived(1), TIMEOUT, "an echo")
+            users.append(user)
+        self.asked = 0
+        yield self.assertRefused(tunnel, remote)
+        users[0].transport.loseConnection()
+        yield users[0].closed
+        from tests.support import waitUntil
+        yield waitUntil(lambda: tunnel.server.registry.usersOf(remote) < limit, TIMEOUT,
+                        "the server to see the user go")
+        yield self.assertServed(tunnel, remote)
+
+    @defer.inlineCallbacks
+    def test_maxUsers(self):
+        tunnel, remote = yield self.publish(max_users_per_port=2)
+        yield self.assertUserLimit(tunnel, remote, 2)
+
+    @defer.inlineCallbacks
+    def test_clientAsksFewerUsers(self):
+        tunnel, remote = yield self.publish({"max_users": 1}, max_users_per_port=5)
+        yield self.assertUserLimit(tunnel, remote, 1)
+
+    @defer.inlineCallbacks
+    def test_clientCannotAskMoreUsers(self):
+        clients = {"alice": ClientPolicy("alice-token", max_users_per_port=1)}
+        tunnel, remote = yield self.publish({"max_users": 50}, clients=clients)
+        yield self.assertUserLimit(tunnel, remote, 1)
+
+    @defer.inlineCallbacks
+    def test_connectionRate(self):
+        tunnel, remote = yield self.publish(max_connection_rate=0.01)
+        yield self.assertServed(tunnel, remote)
+        self.asked = 0
+        yield self.assertRefused(tunnel, remote)
+        self.assertEqual(len(tunnel.server.registry.tunnels[remote].sourceRate), 1)
+
+    @defer.inlineCallbacks
+    def test_clientAsksForARate(self):
+        tunnel, remote = yield self.publish({"max_connection_rate": 0.01}, max_connection_rate=100)
+        yield self.assertServed(tunnel, remote)
+        self.asked = 0
+        yield self.assertRefused(tunnel, remote)
