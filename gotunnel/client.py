@@ -6,6 +6,7 @@ service.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 from typing import Callable, Optional
@@ -235,6 +236,8 @@ class ControlChannel(MessageReceiver):
             self.transport.loseConnection()
             return
         self.registered = True
+        if self.tunnel.mapping.remote_port == 0:
+            self.tunnel.portChosen(msg.remote_port, self.transport.getPeer())
         self.lastPong = self.tunnel.reactor.seconds()
         self.heartbeat.start(self.tunnel.settings.heartbeat_interval, now=False)
         # A Go server sends no pool: it gets no pooled data channels.
@@ -653,6 +656,22 @@ class TunnelService(MultiService):
         waiters, self._registrationWaiters = self._registrationWaiters, []
         for waiter in waiters:
             waiter.callback(channel)
+
+    def portChosen(self, remote_port: Optional[int], server: object) -> None:
+        """
+        The server chose C{remote_port} for a mapping that asked for 0:
+        from now on the mapping is that port's, and registering again asks
+        for it (and so gets it back within the server's port lease).
+        """
+        if not remote_port:
+            log.warn("the server published {mapping} on a port of its choosing but did not "
+                     "say which (a Go server?)", mapping=str(self.mapping))
+            return
+        self.mapping = dataclasses.replace(self.mapping, remote_port=remote_port)
+        host = getattr(server, "host", "?")
+        log.info("the server chose public port {remote_port} for {mapping}: users connect to "
+                 "{address}", remote_port=remote_port, mapping=str(self.mapping),
+                 address=f"[{host}]:{remote_port}" if ":" in host else f"{host}:{remote_port}")
 
     def registrationRefused(self, reason: str) -> None:
         if reason == "authentication failed":

@@ -169,16 +169,17 @@ class ClientSettings:
     log_lang: str = "en"
 
 
-def parsePort(text: str, what: str) -> int:
+def parsePort(text: str, what: str, lowest: int = 1) -> int:
     """
-    A TCP port from 1 to 65535, or ValueError naming C{what}.
+    A TCP port from C{lowest} (1; 0 for a remote port the server chooses)
+    to 65535, or ValueError naming C{what}.
     """
     try:
         port = int(text)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a port number, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{what} must be from 1 to 65535, got {port}")
+    if not lowest <= port <= 65535:
+        raise ValueError(f"{what} must be from {lowest} to 65535, got {port}")
     return port
 
 
@@ -206,7 +207,7 @@ def parseMapping(text: str) -> Mapping:
             f"bad mapping {text!r}: the host {host!r} is a number; expected "
             f"[LOCALHOST:]LOCALPORT:REMOTEPORT, e.g. 22:10022 or 192.168.1.5:22:10022")
     return Mapping(host, parsePort(parts[0], f"local port in {text!r}"),
-                   parsePort(parts[1], f"remote port in {text!r}"))
+                   parsePort(parts[1], f"remote port in {text!r}", lowest=0))
 
 
 def clientEndpointString(description: str) -> str:
@@ -305,7 +306,8 @@ class ConfigFile:
                        f"client.remote_port {remotePort} and the ports after it; "
                        f"{mappings[-1].remote_port} is above 65535")
         mappings += values.pop("tunnels", [])
-        remotePorts = [m.remote_port for m in mappings]
+        # 0 (the server chooses) may be asked for more than once.
+        remotePorts = [m.remote_port for m in mappings if m.remote_port]
         for port in remotePorts:
             if remotePorts.count(port) > 1:
                 self._fail(f"remote port {port} is published twice "
@@ -534,7 +536,14 @@ def _rate(value: Any, text: Any, name: str) -> float:
     return float(value)
 
 
-_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port,
+def _remotePort(value: Any, text: Any, name: str) -> int:
+    value = _number(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a port number from 0 to 65535, got {value!r}")
+    return parsePort(value, name, lowest=0)
+
+
+_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _remotePort,
                 "proxy_protocol": _proxyProtocol, "allow_sources": _requestedNetworks,
                 "deny_sources": _requestedNetworks, "max_users": _countOrZero,
                 "max_connection_rate": _rate}

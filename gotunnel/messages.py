@@ -64,6 +64,9 @@ class RegisterResp:
     public_host: Optional[str] = None
     """ext, with C{user_host}: the server's address the user connected to."""
     public_port: Optional[int] = None
+    remote_port: Optional[int] = None
+    """ext, in the answer to a C{register} for C{remote_port} 0: the port
+    the server chose."""
 
     @property
     def ok(self) -> bool:
@@ -156,7 +159,7 @@ _EXTENSION_TYPES: dict[str, type] = {
     "conn_id": str, "pool": int, "pooled": bool, "user_host": str, "user_port": int,
     "public_host": str, "public_port": int, "addresses": bool,
     "allow_sources": list, "deny_sources": list, "max_users": int,
-    "max_connection_rate": float,
+    "max_connection_rate": float, "remote_port": int,
 }
 """Our optional fields, absent (or null) from a Go peer's frames."""
 
@@ -241,7 +244,8 @@ def parse(body: bytes) -> Optional[Message]:
         if field.name not in obj:
             continue
         value = obj[field.name]
-        expected = _EXTENSION_TYPES.get(field.name)
+        # Our extensions, and only they, default to None (absent).
+        expected = _EXTENSION_TYPES.get(field.name) if field.default is None else None
         if expected is not None and value is None:
             continue
         if expected is None:

@@ -56,6 +56,10 @@ def withBacklog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
+ANY_PORT_ATTEMPTS = 16
+"""Ports tried for a C{register} of remote port 0 before it is refused."""
+
+
 class RegistrationRefused(Exception):
     """The server will not do what a client asked; the message is the reason sent back."""
 
@@ -468,7 +472,9 @@ class TunnelRegistry:
         Refuse a port outside what C{name} may publish, or one mapping too
         many for C{name}.
         """
-        self.checkPort(name, remote_port)
+        if remote_port:
+            # 0: the server chooses one that name may publish.
+            self.checkPort(name, remote_port)
         limit = self.mappingLimit(name)
         held = sum(1 for tunnel in self.tunnels.values()
                    if tunnel.name == name and tunnel.remote_port != remote_port)
@@ -483,12 +489,17 @@ class TunnelRegistry:
             return client.max_mappings
         return self.settings.max_mappings_per_client
 
+    def allowedPorts(self, name: str) -> tuple[range, ...]:
+        """The ports C{name} may publish; empty: any."""
+        client = self.settings.clients.get(name)
+        if client is not None and client.allow_ports:
+            return client.allow_ports
+        return self.settings.allow_ports
+
     def checkPort(self, name: str, remote_port: int) -> None:
         """Refuse a port outside what C{name} may publish."""
         client = self.settings.clients.get(name)
-        allowed = self.settings.allow_ports
-        if client is not None and client.allow_ports:
-            allowed = client.allow_ports
+        allowed = self.allowedPorts(name)
         if allowed and not any(remote_port in ports for ports in allowed):
             where = f"for client {name!r}" if client is not None and client.allow_ports \
                 else "on this server"
@@ -543,10 +554,12 @@ class TunnelRegistry:
                 msg = dataclasses.replace(msg, name=name)
             if msg.protocol not in ("tcp", ""):
                 raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
-            if not 1 <= msg.remote_port <= 65535:
-                raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
+            if not 0 <= msg.remote_port <= 65535:
+                raise RegistrationRefused(f"remote port {msg.remote_port} is not from 0 to 65535")
             self.checkLimits(msg.name, msg.remote_port)
             sources = self.sourcePolicies(msg.name, msg)
+            if msg.remote_port == 0:
+                return self._registerAnyPort(channel, msg, sources)
             lease = self._takeLease(msg.name, msg.remote_port)
         except RegistrationRefused as e:
             return defer.fail(e)
@@ -577,6 +590,88 @@ class TunnelRegistry:
                 f"cannot listen on port {msg.remote_port}: {reason}")
 
         return tunnel.listen().addCallbacks(lambda _: tunnel, refused)
+
+    def _registerAnyPort(self, channel: "ServerChannel", msg: messages.Register,
+                         sources: tuple[SourcePolicy, ...]) -> defer.Deferred:
+        """
+        Publish a port the server chooses for C{msg} (whose C{remote_port}
+        is 0): a free one of those C{msg.name} may publish, or, where any is
+        allowed, one the OS chooses.  A port free of tunnels and leases that
+        the OS will not bind is skipped, up to L{ANY_PORT_ATTEMPTS} times.
+        """
+        allowed = self.allowedPorts(msg.name)
+        candidates = self._freeAllowedPorts(allowed) if allowed else None
+        attempts = iter(range(ANY_PORT_ATTEMPTS))
+
+        def attempt(_=None):
+            if next(attempts, None) is None:
+                raise RegistrationRefused(
+                    f"no free remote port for {msg.name!r} after {ANY_PORT_ATTEMPTS} tries")
+            if candidates is None:
+                return self._listenEphemeral(channel, msg, sources).addCallback(
+                    lambda tunnel: tunnel if tunnel is not None else attempt())
+            port = next(candidates, None)
+            if port is None:
+                raise RegistrationRefused(f"no free remote port for {msg.name!r}: every port "
+                                          "it may publish is taken or reserved")
+            d = self.register(channel, dataclasses.replace(msg, remote_port=port))
+            return d.addErrback(notBound)
+
+        def notBound(failure):
+            failure.trap(RegistrationRefused)
+            if not str(failure.value).startswith("cannot listen on port"):
+                return failure
+            return attempt()
+
+        return defer.maybeDeferred(attempt)
+
+    def _freeAllowedPorts(self, allowed: tuple[range, ...]):
+        """Ports of C{allowed} neither published nor reserved, from a random one on."""
+        total = sum(len(ports) for ports in allowed)
+        start = secrets.randbelow(total)
+        for i in range(total):
+            index = (start + i) % total
+            for ports in allowed:
+                if index < len(ports):
+                    port = ports[index]
+                    break
+                index -= len(ports)
+            if port not in self.tunnels and self.leases.get(port) is None:
+                yield port
+
+    def _listenEphemeral(self, channel: "ServerChannel", msg: messages.Register,
+                         sources: tuple[SourcePolicy, ...]) -> defer.Deferred:
+        """
+        Publish C{msg} on a port the OS chooses; fires with the L{Tunnel},
+        or None if the OS chose a port another client holds or has reserved.
+        """
+        tunnel = Tunnel(self, channel, msg)
+        tunnel.sources = sources
+        self.applyLimits(tunnel, msg)
+
+        def listening(port: IListeningPort) -> Optional[Tunnel]:
+            number = port.getHost().port
+            lease = self.leases.get(number)
+            if number in self.tunnels or (lease is not None and lease.name != msg.name):
+                self.trackStopping(defer.maybeDeferred(port.stopListening))
+                return None
+            if lease is not None:
+                self.leases.end(number)
+            tunnel.remote_port = tunnel.refusals.remote_port = number
+            tunnel.listener = port
+            tunnel.online = True
+            self.tunnels[number] = tunnel
+            log.info("public port {remote_port} listening for {name}",
+                     remote_port=number, name=tunnel.name)
+            return tunnel
+
+        def refused(failure):
+            failure.trap(error.CannotListenError)
+            raise RegistrationRefused(
+                f"cannot listen on a port the system chooses: {failure.value.socketError}")
+
+        endpoint = self.publicEndpoint(0)
+        return endpoint.listen(PublicUserFactory(tunnel)).addCallbacks(listening, refused)
 
     def _takeLease(self, name: str, remote_port: int) -> Optional[PortLease]:
         """
@@ -739,6 +834,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
     firstFrameCall = None
     refusalCall = None
     pendingHost: Optional[str] = None
+    askedAnyPort = False
+    """The register asked for remote port 0: the answer says which port."""
     wantsAddresses = False
     """The data channel asked for the user's addresses (messages.DataChannel.addresses)."""
 
@@ -824,6 +921,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if not self._firstFrame("register"):
             return
         self.role = "registering"
+        self.askedAnyPort = msg.remote_port == 0
         self.registry.register(self, msg).addCallbacks(
             self._registered, self._refused, errbackArgs=(msg,))
 
@@ -837,7 +935,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self._releasePending()
         self.registry.clientArrived(self.host)
         self.sendMessage(messages.RegisterResp(
-            status="ok", pool=self.registry.settings.max_pool_count or None))
+            status="ok", pool=self.registry.settings.max_pool_count or None,
+            remote_port=tunnel.remote_port if self.askedAnyPort else None))
         log.info("client {name} registered from {peer}: local port {local_port} -> "
                  "public port {remote_port}", name=tunnel.name, peer=self.peerDescription,
                  local_port=tunnel.local_port, remote_port=tunnel.remote_port)

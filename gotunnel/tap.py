@@ -517,7 +517,7 @@ class ClientOptions(_SettingsOptions):
                     f"client.remote_port) or client.tunnels, or give --map")
             raise usage.UsageError(
                 "nothing to publish: give --map [LOCALHOST:]LOCALPORT:REMOTEPORT")
-        remotePorts = [m.remote_port for m in values["mappings"]]
+        remotePorts = [m.remote_port for m in values["mappings"] if m.remote_port]
         if len(set(remotePorts)) != len(remotePorts):
             raise usage.UsageError("two --map options name the same remote port")
         if not values.get("name"):
