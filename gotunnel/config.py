@@ -21,6 +21,7 @@ from twisted.python import usage
 from gotunnel.i18n import LANGUAGES
 from gotunnel.portpolicy import MAX_REQUESTED_SOURCES, parseNetwork
 from gotunnel.proxyprotocol import parseVersion
+from gotunnel.ratelimit import parseRate
 
 DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
@@ -65,6 +66,8 @@ class ServerSettings:
     max_connection_rate: float = 0.0
     """New connections a second one source address may open to one public
     port; more are refused (0: no limit)."""
+    bandwidth_limit: int = 0
+    """Bytes a second each mapping may carry each way (0: no cap)."""
     max_mappings_per_client: int = 16
     """Mappings one client name may hold at once."""
     max_pool_count: int = 8
@@ -101,6 +104,8 @@ class ClientPolicy:
     """0: server.max_users_per_port applies; else the stricter of the two."""
     max_connection_rate: float = 0.0
     """0: server.max_connection_rate applies; else the stricter of the two."""
+    bandwidth_limit: int = 0
+    """0: server.bandwidth_limit applies; else the stricter of the two."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,8 @@ class Mapping:
     """Users at once asked of the server (it keeps its own limit if stricter)."""
     max_connection_rate: float = 0.0
     """New connections a second per source asked of the server (likewise)."""
+    bandwidth_limit: int = 0
+    """Bytes a second each way asked of the server (likewise)."""
 
     def __str__(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
@@ -527,6 +534,10 @@ def _requestedNetworks(value: Any, text: Any, name: str) -> tuple[str, ...]:
     return tuple(str(network) for network in networks)
 
 
+def _bandwidth(value: Any, text: Any, name: str) -> int:
+    return parseRate(value, name)
+
+
 def _rate(value: Any, text: Any, name: str) -> float:
     value = _number(value)
     if (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -546,7 +557,7 @@ def _remotePort(value: Any, text: Any, name: str) -> int:
 _TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _remotePort,
                 "proxy_protocol": _proxyProtocol, "allow_sources": _requestedNetworks,
                 "deny_sources": _requestedNetworks, "max_users": _countOrZero,
-                "max_connection_rate": _rate}
+                "max_connection_rate": _rate, "bandwidth_limit": _bandwidth}
 
 
 
@@ -557,7 +568,8 @@ def _portRanges(value: Any, text: Any, name: str) -> tuple[range, ...]:
 _CLIENT_POLICY_KEYS: dict[str, Callable] = {
     "token": _text, "allow_ports": _portRanges, "max_mappings": _count,
     "allow_sources": _networks, "deny_sources": _networks,
-    "max_users_per_port": _countOrZero, "max_connection_rate": _rate}
+    "max_users_per_port": _countOrZero, "max_connection_rate": _rate,
+    "bandwidth_limit": _bandwidth}
 
 
 def _clients(value: Any, text: Any, name: str) -> dict[str, ClientPolicy]:
@@ -625,6 +637,7 @@ _SERVER_KEYS: dict[str, Callable] = {
     "deny_sources": _networks,
     "max_users_per_port": _countOrZero,
     "max_connection_rate": _rate,
+    "bandwidth_limit": _bandwidth,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,
     "tls_cert": _text,

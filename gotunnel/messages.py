@@ -44,6 +44,8 @@ class Register:
     this and the server's limit applies)."""
     max_connection_rate: Optional[float] = None
     """ext: new connections a second per source address the client wants."""
+    bandwidth_limit: Optional[int] = None
+    """ext: bytes a second each way the client wants its mapping capped at."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ _EXTENSION_TYPES: dict[str, type] = {
     "conn_id": str, "pool": int, "pooled": bool, "user_host": str, "user_port": int,
     "public_host": str, "public_port": int, "addresses": bool,
     "allow_sources": list, "deny_sources": list, "max_users": int,
-    "max_connection_rate": float, "remote_port": int,
+    "max_connection_rate": float, "remote_port": int, "bandwidth_limit": int,
 }
 """Our optional fields, absent (or null) from a Go peer's frames."""
 
@@ -185,6 +187,8 @@ def _checkField(typeName: str, name: str, expected: type, value: object) -> None
             raise ProtocolError(f"{typeName}.{name} must be a port from 0 to 65535, got {value}")
         if name == "time" and not -(2**63) <= value < 2**63:
             raise ProtocolError(f"{typeName}.time is out of range")
+        if name == "bandwidth_limit" and not 0 <= value <= 2**53:
+            raise ProtocolError(f"{typeName}.bandwidth_limit must be from 0 to {2**53}")
         if name == "max_users" and not 0 <= value <= 2**31:
             raise ProtocolError(f"{typeName}.max_users must be from 0 to {2**31}")
         if name == "pool" and not 0 <= value <= MAX_POOL:

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
+from gotunnel.ratelimit import Throttle
 from gotunnel.sameturn import twistedBuffered, writeThrough
 from gotunnel.zerocopy import SplicePump
 
@@ -86,6 +87,8 @@ class RelayEnd:
     transport: object
     peer: Optional["RelayEnd"] = None
     pump: Optional[SplicePump] = None
+    throttle: Optional[Throttle] = None
+    """The bandwidth cap of what this side reads, if any (see gotunnel.ratelimit)."""
     _held: Optional[list[bytes]] = None
     _readClosed = False
     _writeClosed = False
@@ -118,6 +121,8 @@ class RelayEnd:
             self._held = [data]
         else:
             self._held.append(data)
+        if self.throttle is not None:
+            self.throttle.passed(self, len(data))
 
     def readConnectionLost(self) -> None:
         """
@@ -166,6 +171,8 @@ class RelayEnd:
         pump, self.pump = self.pump, None
         if pump is not None:
             pump.lost(self)
+        if self.throttle is not None:
+            self.throttle.forget(self)
         if peer is not None:
             peer.peer = None
             # As in shutdownWrite: a dead producer would be resumed instead

@@ -31,6 +31,7 @@ from gotunnel.leases import PortLease, PortLeases
 from gotunnel.portpolicy import (
     RefusalLog, SourcePolicy, SourceRate, narrowest, parseNetwork, permitted,
 )
+from gotunnel.ratelimit import Throttle
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
 
@@ -160,6 +161,8 @@ class Tunnel:
         """Users connected to this port at once (0: no limit)."""
         self.sourceRate: Optional[SourceRate] = None
         """New connections a second per source address, if limited."""
+        self.throttles: Optional[tuple[Throttle, Throttle]] = None
+        """The bandwidth cap, if any: of what users send, and of what they get."""
         self.refusals = RefusalLog(registry.clock, self.remote_port)
 
     def __repr__(self) -> str:
@@ -370,6 +373,10 @@ class TunnelRegistry:
         rate = narrowest(settings.max_connection_rate, client and client.max_connection_rate,
                          msg.max_connection_rate)
         tunnel.sourceRate = SourceRate(self.clock, rate) if rate else None
+        bandwidth = narrowest(settings.bandwidth_limit, client and client.bandwidth_limit,
+                              msg.bandwidth_limit)
+        tunnel.throttles = (Throttle(self.clock, bandwidth), Throttle(self.clock, bandwidth)) \
+            if bandwidth else None
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -1043,7 +1050,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         tells the user's and the public address if it asked for them.  A Go
         client gets the answer alone, as the Go server sends it.
         """
-        early = readWaiting(user.transport) if ours else b""
+        # A capped mapping's bytes are all read through its throttle.
+        early = readWaiting(user.transport) if ours and user.tunnel.throttles is None else b""
         answer = messages.RegisterResp(status="ok")
         if ours and self.wantsAddresses:
             # For our client's PROXY protocol header (see gotunnel.proxyprotocol).
@@ -1056,8 +1064,13 @@ class ServerChannel(MessageReceiver, RelayEnd):
 
     def _spliceTo(self, user: PublicUser) -> None:
         settings = self.registry.settings
-        splice(user, self, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
-               busyPoll=settings.busy_poll / 1e6)
+        throttles = user.tunnel.throttles
+        if throttles is not None:
+            # A capped mapping's bytes go through Python, where reading
+            # pauses while the cap is spent (see gotunnel.ratelimit).
+            user.throttle, self.throttle = throttles
+        splice(user, self, zeroCopy=settings.zero_copy and throttles is None,
+               spliceThread=settings.splice_thread, busyPoll=settings.busy_poll / 1e6)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.
         log.debug("data channel for port {remote_port} ready in {ms:.1f} ms",

@@ -33,6 +33,7 @@ from gotunnel.config import (
 )
 from gotunnel.i18n import LANGUAGES
 from gotunnel.proxyprotocol import parseVersion
+from gotunnel.ratelimit import parseRate
 
 log = Logger()
 
@@ -79,6 +80,12 @@ def _rate(text: str) -> float:
 
 
 _rate.coerceDoc = "Connections a second, 0 for no limit."  # type: ignore[attr-defined]
+
+def _bandwidth(text: str) -> int:
+    return parseRate(text, "--bandwidth-limit")
+
+
+_bandwidth.coerceDoc = "Bytes a second: 10MB, 512KiB, 1GB."  # type: ignore[attr-defined]
 
 _atLeastOne = _wholeNumber(1)
 _atLeastZero = _wholeNumber(0)
@@ -337,6 +344,9 @@ class ServerOptions(_SettingsOptions):
          "are refused at accept, 0 for no limit "
          f"(default: {ServerSettings.max_connection_rate:g}; server.max_connection_rate)",
          _rate],
+        ["bandwidth-limit", None, None,
+         "Bytes a second each mapping may carry each way, e.g. 10MB or 512KiB; 0 for no cap "
+         "(server.bandwidth_limit)", _bandwidth],
         ["tls-cert", None, None,
          "Speak TLS on the control address, with this PEM certificate (and its chain) "
          "(server.tls_cert; needs --tls-key)."],
@@ -361,6 +371,7 @@ class ServerOptions(_SettingsOptions):
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
               "max-users-per-port": "max_users_per_port",
               "max-connection-rate": "max_connection_rate",
+              "bandwidth-limit": "bandwidth_limit",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
               "log-level": "log_level", "log-lang": "log_lang"}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
