@@ -205,7 +205,8 @@ class ControlChannel(MessageReceiver):
             allow_sources=mapping.allow_sources or None,
             deny_sources=mapping.deny_sources or None, max_users=mapping.max_users or None,
             max_connection_rate=mapping.max_connection_rate or None,
-            bandwidth_limit=mapping.bandwidth_limit or None))
+            bandwidth_limit=mapping.bandwidth_limit or None, group=mapping.group or None,
+            group_key=mapping.group_key or None))
         # A server that never answers (hung, or not a gotunnel server) would
         # otherwise hold this mapping unpublished, silently, for good.
         self.registerTimeout = self.tunnel.reactor.callLater(

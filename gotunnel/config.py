@@ -127,6 +127,10 @@ class Mapping:
     """New connections a second per source asked of the server (likewise)."""
     bandwidth_limit: int = 0
     """Bytes a second each way asked of the server (likewise)."""
+    group: str = ""
+    """Serve remote_port together with other clients of this group (see groups.py)."""
+    group_key: str = field(default="", repr=False)
+    """The group's secret."""
 
     def __str__(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
@@ -557,7 +561,8 @@ def _remotePort(value: Any, text: Any, name: str) -> int:
 _TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _remotePort,
                 "proxy_protocol": _proxyProtocol, "allow_sources": _requestedNetworks,
                 "deny_sources": _requestedNetworks, "max_users": _countOrZero,
-                "max_connection_rate": _rate, "bandwidth_limit": _bandwidth}
+                "max_connection_rate": _rate, "bandwidth_limit": _bandwidth, "group": _text,
+                "group_key": _text}
 
 
 
@@ -616,6 +621,10 @@ def _tunnel(value: Any, text: Any, name: str) -> Mapping:
             raise ValueError(f"{name}.{key} is missing")
     if not fields["local_host"]:
         raise ValueError(f"{name}.local_host must not be empty")
+    if bool(fields.get("group")) != bool(fields.get("group_key")):
+        raise ValueError(f"{name}: group and group_key go together")
+    if fields.get("group") and fields["remote_port"] == 0:
+        raise ValueError(f"{name}: a group needs a remote_port of its own, not 0")
     return Mapping(**fields)
 
 

@@ -46,6 +46,11 @@ class Register:
     """ext: new connections a second per source address the client wants."""
     bandwidth_limit: Optional[int] = None
     """ext: bytes a second each way the client wants its mapping capped at."""
+    group: Optional[str] = None
+    """ext: serve C{remote_port} together with the other clients that name
+    this group (and its key), see L{gotunnel.groups}."""
+    group_key: Optional[str] = _field(default=None, repr=False)
+    """ext: the group's secret, the same for all its members."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,7 @@ _EXTENSION_TYPES: dict[str, type] = {
     "public_host": str, "public_port": int, "addresses": bool,
     "allow_sources": list, "deny_sources": list, "max_users": int,
     "max_connection_rate": float, "remote_port": int, "bandwidth_limit": int,
+    "group": str, "group_key": str,
 }
 """Our optional fields, absent (or null) from a Go peer's frames."""
 

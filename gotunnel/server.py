@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from gotunnel import messages, tls
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.groups import Group
 from gotunnel.leases import PortLease, PortLeases
 from gotunnel.portpolicy import (
     RefusalLog, SourcePolicy, SourceRate, narrowest, parseNetwork, permitted,
@@ -126,7 +127,14 @@ class PublicUserFactory(Factory):
         # Twisted closes the socket of a connection given no protocol.
         if not self.tunnel.admitUser(addr):
             return None
-        return PublicUser(self.tunnel)
+        tunnel = self.tunnel
+        if tunnel.group is not None:
+            # The port's listener serves its whole group: the next member up.
+            tunnel = tunnel.group.pick()
+            if tunnel is None:
+                self.tunnel.refused(getattr(addr, "host", "?"), "no member of the group is up")
+                return None
+        return PublicUser(tunnel)
 
 
 class Tunnel:
@@ -163,6 +171,10 @@ class Tunnel:
         """New connections a second per source address, if limited."""
         self.throttles: Optional[tuple[Throttle, Throttle]] = None
         """The bandwidth cap, if any: of what users send, and of what they get."""
+        self.group: Optional[Group] = None
+        """The group this mapping serves its port with, if any (see gotunnel.groups)."""
+        self.serviceUp = True
+        """The client's local service answers (offline_port / online_port)."""
         self.refusals = RefusalLog(registry.clock, self.remote_port)
 
     def __repr__(self) -> str:
@@ -317,6 +329,9 @@ class Tunnel:
         for channel in pool:
             channel.transport.loseConnection()
         self.refusals.stop()
+        if self.listener is None:
+            # A group member whose port's listener went on with the group.
+            return _whenFired(self._stopping)
         return self.stopListening()
 
 
@@ -345,6 +360,8 @@ class TunnelRegistry:
         self.refusedUsers = 0
         """Users public ports refused (source policy, limits), since the start."""
         self._sourcePolicies: dict[Optional[str], tuple[SourcePolicy, ...]] = {}
+        self.groups: dict[int, Group] = {}
+        """The group of each public port several clients serve."""
         self._users: dict[int, int] = {}
         """Users connected, per public port (a mapping registered again keeps its count)."""
 
@@ -483,7 +500,7 @@ class TunnelRegistry:
             # 0: the server chooses one that name may publish.
             self.checkPort(name, remote_port)
         limit = self.mappingLimit(name)
-        held = sum(1 for tunnel in self.tunnels.values()
+        held = sum(1 for tunnel in self.allTunnels()
                    if tunnel.name == name and tunnel.remote_port != remote_port)
         if held >= limit:
             raise RegistrationRefused(
@@ -570,6 +587,12 @@ class TunnelRegistry:
             lease = self._takeLease(msg.name, msg.remote_port)
         except RegistrationRefused as e:
             return defer.fail(e)
+        try:
+            joined = self._joinGroup(channel, msg, sources)
+        except RegistrationRefused as e:
+            return defer.fail(e)
+        if joined is not None:
+            return joined
         previous = self.tunnels.get(msg.remote_port)
         if previous is not None:
             if previous.name != msg.name:
@@ -583,6 +606,10 @@ class TunnelRegistry:
         tunnel = Tunnel(self, channel, msg)
         tunnel.sources = sources
         self.applyLimits(tunnel, msg)
+        if msg.group:
+            group = Group(msg.remote_port, msg.group, msg.group_key or "")
+            group.add(tunnel)
+            self.groups[msg.remote_port] = group
         if previous is not None:
             tunnel._stopping = previousStopped
         elif lease is not None:
@@ -714,6 +741,10 @@ class TunnelRegistry:
         """
         if tunnel.closed:
             return
+        if tunnel.group is not None and len(tunnel.group.members) > 1:
+            # The port stays open for the rest of the group.
+            tunnel.close()
+            return
         self.leases.start(tunnel.name, tunnel.remote_port, tunnel.close(),
                           self.settings.port_lease)
 
@@ -725,8 +756,85 @@ class TunnelRegistry:
         return secrets.token_hex(8)
 
     def forget(self, tunnel: Tunnel) -> None:
+        group = tunnel.group
+        if group is not None:
+            group.remove(tunnel)
+            if group.members:
+                self._handOver(tunnel, next(iter(group.members.values())))
+                return
+            if self.groups.get(tunnel.remote_port) is group:
+                del self.groups[tunnel.remote_port]
         if self.tunnels.get(tunnel.remote_port) is tunnel:
             del self.tunnels[tunnel.remote_port]
+
+    def _handOver(self, leaving: Tunnel, successor: Tunnel) -> None:
+        """
+        C{leaving} leaves its group: if it held the port's listener, the
+        port stays open and C{successor} holds it now.
+        """
+        if self.tunnels.get(leaving.remote_port) is not leaving:
+            return
+        self.tunnels[leaving.remote_port] = successor
+        listener, leaving.listener = leaving.listener, None
+        if listener is not None:
+            successor.listener = listener
+            successor.online = True
+            factory = getattr(listener, "factory", None)
+            if isinstance(factory, PublicUserFactory):
+                factory.tunnel = successor
+        log.info("client {name} left group {group} of public port {remote_port}; "
+                 "{count} members go on", name=leaving.name, group=leaving.group.name,
+                 remote_port=leaving.remote_port, count=len(leaving.group.members))
+
+    def allTunnels(self) -> list[Tunnel]:
+        """Every registered mapping: the holder of each port, and the other members of groups."""
+        tunnels = list(self.tunnels.values())
+        for group in self.groups.values():
+            tunnels.extend(member for member in group.members.values()
+                           if self.tunnels.get(member.remote_port) is not member)
+        return tunnels
+
+    def _joinGroup(self, channel: "ServerChannel", msg: messages.Register,
+                   sources: tuple[SourcePolicy, ...]) -> Optional[defer.Deferred]:
+        """
+        Add C{msg}'s mapping to the group of its port, if the port has one
+        that C{msg} names with the right key; None if it is not a join.
+
+        @raise RegistrationRefused: the port's group is another, or the key
+            is wrong.
+        """
+        group = self.groups.get(msg.remote_port)
+        if group is None:
+            return None
+        if not msg.group:
+            if list(group.members) == [msg.name]:
+                # Its only member, now without a group: it takes the port over.
+                return None
+            raise RegistrationRefused(
+                f"remote port {msg.remote_port} is served by a group of clients")
+        if not group.admits(msg.group, msg.group_key or ""):
+            raise RegistrationRefused(
+                f"remote port {msg.remote_port} is served by another group, or the group key "
+                "is wrong")
+        previous = group.members.get(msg.name)
+        if previous is not None and len(group.members) == 1:
+            # Its only member again (a reconnect): as for any mapping.
+            return None
+        tunnel = Tunnel(self, channel, msg)
+        tunnel.sources = sources
+        self.applyLimits(tunnel, msg)
+        if previous is not None:
+            log.info("client {name} registered port {remote_port} again; "
+                     "dropping its previous control channel",
+                     name=msg.name, remote_port=msg.remote_port)
+            previous.close()
+            previous.channel.transport.loseConnection()
+        group.add(tunnel)
+        tunnel.online = True
+        log.info("client {name} joined group {group} of public port {remote_port} "
+                 "({count} members)", name=msg.name, group=group.name,
+                 remote_port=msg.remote_port, count=len(group.members))
+        return defer.succeed(tunnel)
 
     def holderOf(self, name: str) -> Optional[str]:
         """
@@ -797,6 +905,10 @@ class TunnelRegistry:
         """
         mine = self._dataChannelOwner(msg, certificateName)
         tunnel = self.tunnels.get(msg.remote_port)
+        group = self.groups.get(msg.remote_port)
+        if group is not None:
+            # Each member pools for itself: its own local service answers.
+            tunnel = group.members.get(msg.name or certificateName or "")
         if tunnel is None or not mine(tunnel):
             raise RegistrationRefused(f"no mapping of port {msg.remote_port} to pool for")
         tunnel.addPooled(channel)
@@ -805,7 +917,7 @@ class TunnelRegistry:
     def checkHeartbeats(self) -> None:
         """Drop control channels that have been silent too long."""
         deadline = self.clock.seconds() - self.settings.heartbeat_timeout
-        for tunnel in list(self.tunnels.values()):
+        for tunnel in self.allTunnels():
             if tunnel.lastSeen < deadline:
                 log.warn("heartbeat timeout: client {name} (port {remote_port}) sent nothing "
                          "for {timeout} s; dropping it",
@@ -820,7 +932,7 @@ class TunnelRegistry:
         buffered bytes are written.
         """
         self.leases.clear()
-        for tunnel in list(self.tunnels.values()):
+        for tunnel in self.allTunnels():
             tunnel.close()
         stopping = defer.DeferredList([_whenFired(d) for d in list(self._stoppingListeners)])
         return stopping.addCallback(lambda _: self.connections.closeAll(
@@ -975,14 +1087,22 @@ class ServerChannel(MessageReceiver, RelayEnd):
 
     def msg_offline_port(self, msg: messages.OfflinePort) -> None:
         tunnel = self._portChange(msg, "offline_port")
-        if tunnel is not None:
+        if tunnel is not None and tunnel.group is not None:
+            # The port stays open for the group; users go to the other members.
+            log.info("client {name} says its service is down; group {group} of port "
+                     "{remote_port} sends it no users", name=tunnel.name,
+                     group=tunnel.group.name, remote_port=tunnel.remote_port)
+            tunnel.serviceUp = False
+        elif tunnel is not None:
             log.info("client {name} says its service is down; port {remote_port} offline",
                      name=tunnel.name, remote_port=tunnel.remote_port)
             tunnel.stopListening()
 
     def msg_online_port(self, msg: messages.OnlinePort) -> None:
         tunnel = self._portChange(msg, "online_port")
-        if tunnel is not None and not tunnel.online:
+        if tunnel is not None and tunnel.group is not None:
+            tunnel.serviceUp = True
+        elif tunnel is not None and not tunnel.online:
             log.info("client {name} says its service is back; port {remote_port} online",
                      name=tunnel.name, remote_port=tunnel.remote_port)
 
