@@ -329,7 +329,7 @@ class Tunnel:
         for channel in pool:
             channel.transport.loseConnection()
         self.refusals.stop()
-        if self.listener is None:
+        if self.listener is None and self.group is not None:
             # A group member whose port's listener went on with the group.
             return _whenFired(self._stopping)
         return self.stopListening()
