@@ -772,6 +772,9 @@ class TunnelRegistry:
         C{leaving} leaves its group: if it held the port's listener, the
         port stays open and C{successor} holds it now.
         """
+        log.info("client {name} left group {group} of public port {remote_port}; "
+                 "{count} members go on", name=leaving.name, group=leaving.group.name,
+                 remote_port=leaving.remote_port, count=len(leaving.group.members))
         if self.tunnels.get(leaving.remote_port) is not leaving:
             return
         self.tunnels[leaving.remote_port] = successor
@@ -782,9 +785,6 @@ class TunnelRegistry:
             factory = getattr(listener, "factory", None)
             if isinstance(factory, PublicUserFactory):
                 factory.tunnel = successor
-        log.info("client {name} left group {group} of public port {remote_port}; "
-                 "{count} members go on", name=leaving.name, group=leaving.group.name,
-                 remote_port=leaving.remote_port, count=len(leaving.group.members))
 
     def allTunnels(self) -> list[Tunnel]:
         """Every registered mapping: the holder of each port, and the other members of groups."""
