@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import signal
 import struct
 
 from twisted.internet import defer, reactor
@@ -259,8 +260,9 @@ class ZeroCopyEndToEndTests(EndToEndMixin, unittest.TestCase):
         skip = "no os.splice"
 
 
-NGINX = shutil.which("nginx") or next(
+NGINX = os.environ.get("GOTUNNEL_TEST_NGINX") or shutil.which("nginx") or next(
     (path for path in ("/usr/sbin/nginx",) if os.path.exists(path)), None)
+"""nginx, where installed (or named by GOTUNNEL_TEST_NGINX)."""
 
 
 class NginxTests(unittest.TestCase):
@@ -272,7 +274,8 @@ class NginxTests(unittest.TestCase):
         directory = temporaryDirectory(self)
         port = freePort()
         with open(os.path.join(directory, "nginx.conf"), "w") as f:
-            f.write(f"""daemon off; pid {directory}/nginx.pid; error_log stderr;
+            # One process, no workers: nothing outlives the test.
+            f.write(f"""daemon off; master_process off; pid {directory}/nginx.pid; error_log stderr;
 events {{}}
 http {{
   access_log off; client_body_temp_path {directory}; proxy_temp_path {directory};
@@ -281,8 +284,21 @@ http {{
     location / {{ return 200 "real $proxy_protocol_addr:$proxy_protocol_port\\n"; }} }}
 }}
 """)
-        nginx = spawn(self, [NGINX, "-p", directory, "-c", os.path.join(directory, "nginx.conf")],
-                      directory)
+        nginx = spawn(self, [NGINX, "-e", "stderr", "-p", directory,
+                             "-c", os.path.join(directory, "nginx.conf")], directory)
+
+        @defer.inlineCallbacks
+        def listening():
+            try:
+                direct = yield connectProtocol(TCP4ClientEndpoint(reactor, HOST, port), User())
+            except Exception:
+                return False
+            direct.transport.abortConnection()
+            yield direct.closed
+            return True
+
+        # Before the client starts: its first health probe must find nginx up.
+        yield retryUntil(listening, TIMEOUT, "nginx to listen")
         tunnel = Tunnel(self)
         yield tunnel.startServer()
         remote = freePort()
@@ -296,13 +312,14 @@ http {{
                 yield connectProtocol(TCP4ClientEndpoint(reactor, HOST, remote), user)
             except Exception:
                 return None
+            port = user.transport.getHost().port
             user.transport.write(b"GET / HTTP/1.0\r\n\r\n")
             answer = yield within(user.closed, TIMEOUT, "nginx's answer")
-            return answer, user.transport.getHost().port
+            return (answer, port) if answer.startswith(b"HTTP/") else None
 
         answer, userPort = yield retryUntil(get, TIMEOUT, "nginx to answer")
         self.assertIn(f"real {HOST}:{userPort}".encode(), answer)
-        nginx.sendSignal("QUIT")
+        nginx.sendSignal(signal.SIGQUIT)
         yield within(nginx.ended, TIMEOUT, "nginx to stop")
 
     def test_v1(self):
