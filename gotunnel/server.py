@@ -538,7 +538,10 @@ class TunnelRegistry:
 
         @raise RegistrationRefused: the client's lists are not networks.
         """
-        policies = self._sourcePolicies.get(name)
+        # Built once per listed client, once for all the others: 1,000
+        # networks are not parsed again for every register.
+        key = name if name in self.settings.clients else None
+        policies = self._sourcePolicies.get(key)
         if policies is None:
             settings, client = self.settings, self.settings.clients.get(name)
             allow, deny = settings.allow_sources, settings.deny_sources
@@ -547,8 +550,7 @@ class TunnelRegistry:
                 deny = tuple(deny) + tuple(client.deny_sources)
             policy = SourcePolicy.of(allow, deny)
             policies = (policy,) if policy else ()
-            if len(self._sourcePolicies) < 4096:
-                self._sourcePolicies[name] = policies
+            self._sourcePolicies[key] = policies
         if msg.allow_sources or msg.deny_sources:
             try:
                 asked = SourcePolicy.of(
