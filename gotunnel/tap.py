@@ -27,7 +27,8 @@ from twisted.python import usage
 from gotunnel import __version__, logs, rlimits, tls
 from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
-    LOG_LEVELS, MAX_BUSY_POLL, MAX_CONNECTION_RATE, ClientSettings, ConfigError, ConfigFile, ServerSettings,
+    LOG_LEVELS, MAX_BUSY_POLL, MAX_CONNECTION_RATE, ClientSettings, ConfigError, ConfigFile,
+    ServerSettings,
     clientEndpointString, findConfigFile, parseLogLang, parseLogLevel, parseMapping,
     readConfigFile,
 )

@@ -12,7 +12,9 @@ from twisted.trial import unittest
 from gotunnel import messages
 from gotunnel.config import Mapping, readConfigFile
 from gotunnel.groups import Group
-from tests.support import Banner, HOST, Tunnel, connectUser, freePort, listenTarget, waitUntil, within
+from tests.support import (
+    HOST, Banner, Tunnel, connectUser, freePort, listenTarget, waitUntil, within,
+)
 
 TIMEOUT = 30
 

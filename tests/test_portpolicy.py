@@ -21,7 +21,10 @@ from gotunnel.portpolicy import (
     RefusalLog, SourcePolicy, SourceRate, SourceSet, narrowest, parseNetwork, permitted,
     sourceAddress,
 )
-from tests.support import HOST, TOKEN, Tunnel, connectUser, echoedThrough, freePort, listenTarget, within
+from gotunnel.tap import ServerOptions
+from tests.support import (
+    HOST, TOKEN, Tunnel, connectUser, echoedThrough, freePort, listenTarget, waitUntil, within,
+)
 
 TIMEOUT = 30
 
@@ -157,13 +160,15 @@ class SettingsTests(WritingTestCase):
         path = self.write("server:\n  token: t\n  deny_sources: [10.0.0.1/8]\n")
         with self.assertRaises(Exception) as raised:
             readConfigFile(path).serverValues()
-        self.assertIn("server.deny_sources[0] must be an address or a network", str(raised.exception))
+        self.assertIn("server.deny_sources[0] must be an address or a network",
+                      str(raised.exception))
 
     def test_tunnelKeys(self):
         path = self.write("client:\n  tunnels:\n    - {local_port: 1, remote_port: 2, "
                           "allow_sources: [10.0.0.0/8], deny_sources: ['::1']}\n")
         mapping = readConfigFile(path).clientValues()["mappings"][0]
-        self.assertEqual((mapping.allow_sources, mapping.deny_sources), (("10.0.0.0/8",), ("::1/128",)))
+        self.assertEqual((mapping.allow_sources, mapping.deny_sources),
+                         (("10.0.0.0/8",), ("::1/128",)))
 
     def test_registerFields(self):
         msg = messages.parse(b'{"type":"register","local_port":1,"remote_port":2,"token":"t",'
@@ -267,7 +272,6 @@ class ServerEnforcementTests(EnforcementTestCase):
         client = tunnel.startClient(listenTarget(self), mappings=[
             Mapping(HOST, 1, freePort(), allow_sources=("10.0.0.1/8",))])
         client.tunnels[0].registrationRefused = refused.append
-        from tests.support import waitUntil
         yield waitUntil(lambda: refused, TIMEOUT, "the refusal")
         self.assertIn("register.allow_sources must be an address or a network", refused[0])
 
@@ -325,7 +329,6 @@ class LimitSettingsTests(WritingTestCase):
         self.assertEqual((mapping.max_users, mapping.max_connection_rate), (3, 0.5))
 
     def test_options(self):
-        from gotunnel.tap import ServerOptions
         options = ServerOptions()
         options.parseOptions(["--token", "t", "--max-users-per-port", "7",
                               "--max-connection-rate", "1.5", "--config", os.devnull])
@@ -346,7 +349,6 @@ class LimitEnforcementTests(EnforcementTestCase):
         yield self.assertRefused(tunnel, remote)
         users[0].transport.loseConnection()
         yield users[0].closed
-        from tests.support import waitUntil
         yield waitUntil(lambda: tunnel.server.registry.usersOf(remote) < limit, TIMEOUT,
                         "the server to see the user go")
         yield self.assertServed(tunnel, remote)
