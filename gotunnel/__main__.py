@@ -105,6 +105,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from gotunnel.certs import main as certsMain
 
         return certsMain(args[1:])
+    if args and args[0] == "status":
+        from gotunnel.status import main as statusMain
+
+        return statusMain(args[1:])
     if args and args[0] == "demo":
         from gotunnel.demo import main as demoMain
 

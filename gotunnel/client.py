@@ -26,10 +26,16 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gotunnel import messages, proxyprotocol, tls
+from gotunnel.accounting import (
+    REFUSED, SERVICE_CLOSED, USER_CLOSED, endingOf, logClientConnection, noteEnding,
+)
 from gotunnel.config import ClientSettings, Mapping, clientEndpointString
-from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.control import CLIENT_TLS_HINTS, MessageReceiver, tlsFailure
+from gotunnel.printable import printable
 from gotunnel.refusals import lastingRefusal
-from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
+from gotunnel.relay import (
+    ConnectionSet, RelayEnd, isReset, setKeepAlive, setNoDelay, splice,
+)
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
 
 log = Logger()
@@ -185,6 +191,8 @@ class ControlChannel(MessageReceiver):
     """
 
     registered = False
+    answer: Optional[messages.RegisterResp] = None
+    """The server's register_resp, once it accepted the mapping."""
     lastPong = 0.0
     handshakeDone = False
     registerTimeout = None
@@ -199,14 +207,20 @@ class ControlChannel(MessageReceiver):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
+        virtualHost = {}
+        if mapping.vhost:
+            virtualHost = dict(vhost=mapping.vhost, domains=mapping.domains or None,
+                               subdomain=mapping.subdomain or None,
+                               http_auth=mapping.http_auth or None,
+                               host_header_rewrite=mapping.host_header_rewrite or None)
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
-            protocol="tcp", token=settings.token, name=settings.name,
+            protocol=mapping.protocol, token=settings.token, name=settings.name,
             allow_sources=mapping.allow_sources or None,
             deny_sources=mapping.deny_sources or None, max_users=mapping.max_users or None,
             max_connection_rate=mapping.max_connection_rate or None,
             bandwidth_limit=mapping.bandwidth_limit or None, group=mapping.group or None,
-            group_key=mapping.group_key or None))
+            group_key=mapping.group_key or None, **virtualHost))
         # A server that never answers (hung, or not a gotunnel server) would
         # otherwise hold this mapping unpublished, silently, for good.
         self.registerTimeout = self.tunnel.reactor.callLater(
@@ -234,11 +248,17 @@ class ControlChannel(MessageReceiver):
             self.protocolError("register_resp on a registered control channel")
             return
         if not msg.ok:
-            self.tunnel.registrationRefused(msg.reason)
+            self.tunnel.registrationRefused(printable(msg.reason))
             self.transport.loseConnection()
             return
+        if self.tunnel.mapping.vhost and msg.vhost != self.tunnel.mapping.vhost:
+            # A Go server answers ok to any register, and publishes port 0:
+            # a port of its kernel's choosing, closed with this channel.
+            self.tunnel.withdraw()
+            return
         self.registered = True
-        if self.tunnel.mapping.remote_port == 0:
+        self.answer = msg
+        if self.tunnel.mapping.remote_port == 0 and not self.tunnel.mapping.vhost:
             self.tunnel.portChosen(msg.remote_port, self.transport.getPeer())
         self.lastPong = self.tunnel.reactor.seconds()
         self.heartbeat.start(self.tunnel.settings.heartbeat_interval, now=False)
@@ -271,7 +291,8 @@ class ControlChannel(MessageReceiver):
         self._cancelRegisterTimeout()
         if self.heartbeat.running:
             self.heartbeat.stop()
-        why = tlsFailure(reason)
+        why = tlsFailure(reason, CLIENT_TLS_HINTS, self.transport,
+                         self.tunnel.reactor.seconds())
         # A handshake we cut short on the timeout says nothing about the
         # server speaking plain TCP; the timeout's line has said why.
         if (why is None and ISSLTransport.providedBy(self.transport) and not self.handshakeDone
@@ -323,11 +344,16 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     """This channel holds one of its mapping's early local connections."""
     proxyHeader = b""
     """The PROXY protocol header to write first on the local connection."""
+    servedLocal: Optional["LocalServiceConnection"] = None
+    """The local connection this channel was spliced to."""
+    endedBy: Optional[str] = None
+    """How the user's connection ended (L{gotunnel.accounting.ENDINGS})."""
 
     def __init__(self, tunnel: "TunnelService",
                  request: Optional[messages.OpenDataChannel]) -> None:
         self.tunnel = tunnel
         self.request = request
+        self.startedAt = tunnel.reactor.seconds()
 
     @property
     def pooled(self) -> bool:
@@ -343,6 +369,10 @@ class DataChannelClient(MessageReceiver, RelayEnd):
                 return
             setKeepAlive(self.transport)
             ask = {"pooled": True}
+            mapping = self.tunnel.mapping
+            if mapping.vhost:
+                ask.update(vhost=mapping.vhost, domains=mapping.domains or None,
+                           subdomain=mapping.subdomain or None)
         else:
             ask = {"conn_id": self.request.conn_id}
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
@@ -376,13 +406,19 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def msg_register_resp(self, msg: messages.RegisterResp) -> None:
         self._answered()
         if not msg.ok:
-            log.warn("server refused a data channel: {reason}", reason=msg.reason)
+            log.warn("server refused a data channel: {reason}", reason=printable(msg.reason))
+            noteEnding(self, REFUSED)
             if self.pooled:
                 self.tunnel.poolRefused(self)
+            # The user this was for is gone (it closed or reset while it
+            # waited, having sent nothing): the service's connection made
+            # for it is abandoned, not ended by anyone.
+            self._dropLocal(reset=True)
             self.transport.loseConnection()
             return
         if self.pooled:
             self.tunnel.pooledChannelTaken(self)
+            self.startedAt = self.tunnel.reactor.seconds()
         version = self.tunnel.mapping.proxy_protocol
         if version is not None:
             self.proxyHeader = proxyprotocol.header(
@@ -408,6 +444,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
             # first bytes (what this side holds goes to the local side first).
             self._held = [self.proxyHeader] + (self._held or [])
         settings = self.tunnel.settings
+        self.servedLocal = local
         splice(self, local, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
                busyPoll=settings.busy_poll / 1e6)
         self._replaceInPool()
@@ -447,6 +484,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         log.warn("local service {host}:{port} is unreachable ({why}); closing the user's "
                  "connection", host=self.tunnel.mapping.local_host,
                  port=self.tunnel.mapping.local_port, why=failure.getErrorMessage())
+        noteEnding(self, REFUSED)
         self.localLost()
 
     def localLost(self) -> None:
@@ -460,20 +498,25 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         if self.transport is not None and not self.lost:
             self.transport.loseConnection()
 
-    def _dropLocal(self) -> None:
+    def _dropLocal(self, reset: bool = False) -> None:
         self._earlyDone()
         connecting, self.localConnecting = self.localConnecting, None
         if connecting is not None:
             connecting.cancel()
         local, self.local = self.local, None
         if local is not None and self.peer is None:
-            local.transport.loseConnection()
+            if reset:
+                # The user's reset, passed on by the server.
+                local.transport.abortConnection()
+            else:
+                local.transport.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
 
     def readConnectionLost(self) -> None:
         if self._raw:
+            noteEnding(self, USER_CLOSED)
             RelayEnd.readConnectionLost(self)
         else:
             self.transport.loseConnection()
@@ -481,13 +524,17 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     def connectionLost(self, reason=None) -> None:
         self.lost = True
         self._answered()
+        if self._raw or not self.pooled:
+            # A user's connection (a pooled channel never handed one has none).
+            noteEnding(self, endingOf(reason, USER_CLOSED))
+            logClientConnection(self.tunnel.settings.connection_log, self, self.tunnel.reactor)
         self.tunnel.connections.discard(self)
         if self.pooled and not self._raw:
             self.tunnel.pooledChannelLost(self)
         elif self.peer is None:
             self._replaceInPool()
-        self._dropLocal()
-        self.relayConnectionLost()
+        self._dropLocal(isReset(reason))
+        self.relayConnectionLost(reason)
 
 
 def _address(host: Optional[str], port: Optional[int]) -> Optional[tuple[str, int]]:
@@ -530,7 +577,12 @@ class LocalServiceConnection(Protocol, RelayEnd):
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
 
+    def readConnectionLost(self) -> None:
+        noteEnding(self.dataChannel, SERVICE_CLOSED)
+        RelayEnd.readConnectionLost(self)
+
     def connectionLost(self, reason=None) -> None:
+        noteEnding(self.dataChannel, endingOf(reason, SERVICE_CLOSED))
         self.dataChannel.tunnel.connections.discard(self)
         if self.peer is None and self.dataChannel.local is self:
             mapping = self.dataChannel.tunnel.mapping
@@ -538,7 +590,7 @@ class LocalServiceConnection(Protocol, RelayEnd):
                      "channel was ready; closing the user's connection",
                      host=mapping.local_host, port=mapping.local_port)
             self.dataChannel.localLost()
-        self.relayConnectionLost()
+        self.relayConnectionLost(reason)
 
 
 class LocalServiceFactory(Factory):
@@ -697,6 +749,16 @@ class TunnelService(MultiService):
             log.error("the server refused {mapping}: {reason}; will retry in {delay:.1f} s; "
                       "this will not change until {until}", mapping=str(self.mapping),
                       reason=reason, delay=self._refusalDelay, until=lasting.until)
+
+    def withdraw(self) -> None:
+        """
+        The server accepted a virtual host without confirming it: it has
+        none.  Stop publishing this mapping, for good.
+        """
+        log.error("the server has no {vhost} virtual hosts (a Go gotunnel server, or one "
+                  "without --{vhost}); withdrawing {mapping}", vhost=self.mapping.vhost,
+                  mapping=str(self.mapping))
+        self.stopService()
 
     def reportUnreachable(self, why: str) -> None:
         """Print C{[ERROR][1001]} with the server's address and C{why}."""
@@ -913,9 +975,11 @@ class TunnelClientService(MultiService):
             from twisted.internet import reactor
         self.reactor = reactor
         self.settings = settings
+        from gotunnel.udp import UdpTunnelService
+
         endpoints = ServerEndpoints(reactor, settings)
-        self.tunnels = [TunnelService(settings, mapping, endpoints.control, reactor,
-                                      endpoints.dataChannel)
+        self.tunnels = [(UdpTunnelService if mapping.protocol == "udp" else TunnelService)(
+                            settings, mapping, endpoints.control, reactor, endpoints.dataChannel)
                         for mapping in settings.mappings]
         for tunnel in self.tunnels:
             tunnel.setServiceParent(self)

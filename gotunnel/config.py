@@ -27,6 +27,8 @@ DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
 CONFIG_FILE = "config.yaml"
 LOG_LEVELS = ("debug", "info", "warn", "error")
+CONNECTION_LOG_LEVELS = ("info", "debug", "off")
+"""Where the line about each ended user connection goes (connection_log)."""
 DEFAULT_BUSY_POLL = 250
 """Microseconds the splice thread polls for a socket's answer: longer than a
 service on the same machine, or a hop on a local network, takes to answer."""
@@ -50,6 +52,8 @@ class ServerSettings:
     first_frame_timeout: float = 10.0
     max_pending_per_source: int = 16
     max_pending_total: int = 1024
+    ipv6_prefix: int = 64
+    """IPv6 sources in one network of this prefix length count as one address in the caps."""
     max_waiting_users: int = 4096
     auth_failure_delay_max: float = 5.0
     shutdown_timeout: float = 10.0
@@ -72,6 +76,12 @@ class ServerSettings:
     """Mappings one client name may hold at once."""
     max_pool_count: int = 8
     """Data channels a mapping's client may open ahead of its users (0: none)."""
+    udp: bool = True
+    """Publish mappings registered with protocol "udp" as UDP ports (see gotunnel.udp)."""
+    udp_session_timeout: float = 60.0
+    """Seconds a remote UDP peer keeps its peer id after its last datagram."""
+    udp_max_sessions: int = 1024
+    """Remote UDP peers one UDP mapping tracks at once; new peers beyond are dropped."""
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -83,6 +93,23 @@ class ServerSettings:
     busy_poll: int = DEFAULT_BUSY_POLL
     """Microseconds that thread polls for a socket's answer before it sleeps
     (0: never)."""
+    vhost_http: str = ""
+    """Endpoint of the HTTP virtual-host port, routed by Host (empty: none)."""
+    vhost_https: str = ""
+    """Endpoint of the HTTPS virtual-host port, routed by TLS SNI (empty: none)."""
+    subdomain_host: str = ""
+    """Clients may claim NAME.subdomain_host (empty: no subdomains)."""
+    vhost_forwarded_headers: bool = True
+    """Add X-Forwarded-For and X-Forwarded-Proto to the HTTP requests routed."""
+    vhost_head_timeout: float = 10.0
+    """Seconds a user has to send its request head (or ClientHello)."""
+    connection_log: str = "info"
+    """The level of the line logged for each user connection that ends, or "off"."""
+    admin: str = ""
+    """The admin endpoint's server endpoint string (API, metrics, dashboard); empty: none."""
+    admin_token: str = field(default="", repr=False)
+    admin_user: str = ""
+    admin_password: str = field(default="", repr=False)
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -96,6 +123,8 @@ class ClientPolicy:
     """Empty: server.allow_ports applies."""
     max_mappings: Optional[int] = None
     """None: server.max_mappings_per_client applies."""
+    domains: tuple[str, ...] = ()
+    """Domains (and *.DOMAIN patterns) it may claim on the virtual-host ports."""
     allow_sources: tuple = ()
     """Empty: server.allow_sources applies to this client's ports."""
     deny_sources: tuple = ()
@@ -110,11 +139,24 @@ class ClientPolicy:
 
 @dataclass(frozen=True)
 class Mapping:
-    """One published service: LOCAL_HOST:LOCAL_PORT reachable on REMOTE_PORT."""
+    """
+    One published service: LOCAL_HOST:LOCAL_PORT reachable on REMOTE_PORT,
+    or, with C{vhost}, on the server's HTTP or HTTPS virtual-host port
+    under C{domains} or C{subdomain} (REMOTE_PORT 0).
+    """
 
     local_host: str
     local_port: int
     remote_port: int
+    protocol: str = "tcp"
+    """"tcp", or "udp" (see gotunnel.udp)."""
+    vhost: str = ""
+    """"http", "https", or empty for a port of its own."""
+    domains: tuple[str, ...] = ()
+    subdomain: str = ""
+    http_auth: str = field(default="", repr=False)
+    """USER:PASSWORD the server asks users for ("http" only)."""
+    host_header_rewrite: str = ""
     proxy_protocol: Optional[str] = None
     """"v1" or "v2": the PROXY protocol header goes first on every local connection."""
     allow_sources: tuple[str, ...] = ()
@@ -134,7 +176,43 @@ class Mapping:
 
     def __str__(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
-        return f"{host}:{self.local_port}->{self.remote_port}"
+        if self.vhost:
+            names = ",".join(self.domains + ((f"{self.subdomain}.*",) if self.subdomain else ()))
+            return f"{host}:{self.local_port}->{self.vhost}://{names}"
+        prefix = "udp:" if self.protocol == "udp" else ""
+        return f"{prefix}{host}:{self.local_port}->{self.remote_port}"
+
+
+def parseVirtualHost(text: str, vhost: str) -> Mapping:
+    """
+    Parse C{DOMAIN[,DOMAIN...]=[LOCALHOST:]LOCALPORT} (--http, --https); a
+    DOMAIN without a dot is a subdomain of the server's subdomain_host.
+    """
+    names, equals, target = text.partition("=")
+    option = f"--{vhost}"
+    if not equals or not names:
+        raise ValueError(f"bad {option} {text!r}: expected DOMAIN=[LOCALHOST:]LOCALPORT, "
+                         f"e.g. www.example.com=8080")
+    host, colon, port = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon:
+        host = "127.0.0.1"
+    if not host:
+        raise ValueError(f"bad {option} {text!r}: the local host is empty")
+    domains: list[str] = []
+    subdomain = ""
+    for name in names.split(","):
+        name = name.strip().lower()
+        if "." in name:
+            domains.append(name)
+        elif subdomain or not name:
+            raise ValueError(f"bad {option} {text!r}: at most one subdomain (a name without "
+                             f"a dot), and no empty name")
+        else:
+            subdomain = name
+    return Mapping(host, parsePort(port, f"local port in {text!r}"), 0, vhost=vhost,
+                   domains=tuple(domains), subdomain=subdomain)
 
 
 @dataclass
@@ -176,6 +254,13 @@ class ClientSettings:
     pool_count: int = 4
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""
+    connection_log: str = "info"
+    """The level of the line logged for each user connection that ends, or "off"."""
+    udp_session_timeout: float = 60.0
+    """Seconds a UDP mapping's session (one local socket per remote peer)
+    lives after its last datagram."""
+    udp_max_sessions: int = 1024
+    """Sessions one UDP mapping holds at once; new peers' datagrams beyond are dropped."""
     log_level: str = "info"
     log_lang: str = "en"
 
@@ -196,9 +281,17 @@ def parsePort(text: str, what: str, lowest: int = 1) -> int:
 
 def parseMapping(text: str) -> Mapping:
     """
-    Parse C{[LOCALHOST:]LOCALPORT:REMOTEPORT}; an IPv6 host goes in brackets
-    (C{[::1]:22:10022}).  The local host defaults to 127.0.0.1.
+    Parse C{[udp:|tcp:][LOCALHOST:]LOCALPORT:REMOTEPORT}; an IPv6 host goes
+    in brackets (C{[::1]:22:10022}).  The local host defaults to 127.0.0.1.
     """
+    for protocol in ("udp", "tcp"):
+        if text.startswith(protocol + ":"):
+            mapping = parseMapping(text[len(protocol) + 1:])
+            if protocol == "udp" and mapping.remote_port == 0:
+                raise ValueError(f"bad mapping {text!r}: a UDP mapping needs a remote port of "
+                                 f"its own; only TCP ports can be chosen by the server (0)")
+            return Mapping(mapping.local_host, mapping.local_port, mapping.remote_port,
+                           protocol)
     host = "127.0.0.1"
     rest = text
     if text.startswith("["):
@@ -244,6 +337,18 @@ def parseLogLevel(text: str, what: str = "the log level") -> str:
     if level not in LOG_LEVELS:
         raise ValueError(f"{what} must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
     return level
+
+
+def parseConnectionLog(text: str, what: str = "the connection log") -> str:
+    """
+    One of L{CONNECTION_LOG_LEVELS}, in any case; ValueError naming C{what}
+    otherwise.
+    """
+    setting = str(text).lower()
+    if setting not in CONNECTION_LOG_LEVELS:
+        raise ValueError(f"{what} must be one of {', '.join(CONNECTION_LOG_LEVELS)}, "
+                         f"got {text!r}")
+    return setting
 
 
 def parseLogLang(text: str, what: str = "the log language") -> str:
@@ -317,8 +422,8 @@ class ConfigFile:
                        f"client.remote_port {remotePort} and the ports after it; "
                        f"{mappings[-1].remote_port} is above 65535")
         mappings += values.pop("tunnels", [])
-        # 0 (the server chooses) may be asked for more than once.
-        remotePorts = [m.remote_port for m in mappings if m.remote_port]
+        # 0 (the server chooses) may be asked for more than once; a virtual host has no port.
+        remotePorts = [m.remote_port for m in mappings if m.remote_port and not m.vhost]
         for port in remotePorts:
             if remotePorts.count(port) > 1:
                 self._fail(f"remote port {port} is published twice "
@@ -454,6 +559,7 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[Any, 
 _count = _wholeNumber(1)
 _countOrZero = _wholeNumber(0)
 _busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
+_ipv6Prefix = _wholeNumber(1, 128)
 
 
 def _logLevel(value: Any, text: Any, name: str) -> str:
@@ -462,6 +568,13 @@ def _logLevel(value: Any, text: Any, name: str) -> str:
 
 def _logLang(value: Any, text: Any, name: str) -> str:
     return parseLogLang(_text(value, text, name), name)
+
+
+def _connectionLog(value: Any, text: Any, name: str) -> str:
+    # YAML reads a bare off as false.
+    if value is False:
+        return "off"
+    return parseConnectionLog(_text(value, text, name), name)
 
 
 def _hostAndPort(value: Any, text: Any, name: str) -> tuple[str, int]:
@@ -558,7 +671,41 @@ def _remotePort(value: Any, text: Any, name: str) -> int:
     return parsePort(value, name, lowest=0)
 
 
+def _vhostType(value: Any, text: Any, name: str) -> str:
+    kind = _text(value, text, name).lower()
+    if kind not in ("tcp", "http", "https"):
+        raise ValueError(f"{name} must be tcp, http or https, got {value!r}")
+    return kind
+
+
+def _domain(value: Any, text: Any, name: str) -> str:
+    from gotunnel.vhost import normalDomain
+
+    return normalDomain(_text(value, text, name))
+
+
+def _subdomain(value: Any, text: Any, name: str) -> str:
+    label = _domain(value, text, name)
+    if "." in label or "*" in label:
+        raise ValueError(f"{name} must be one DNS label (NAME of NAME.subdomain_host), "
+                         f"got {value!r}")
+    return label
+
+
+def _domains(value: Any, text: Any, name: str) -> tuple[str, ...]:
+    return tuple(_listOf(_domain)(value, text, name))
+
+
+def _protocol(value: Any, text: Any, name: str) -> str:
+    protocol = _text(value, text, name).lower()
+    if protocol not in ("tcp", "udp"):
+        raise ValueError(f"{name} must be tcp or udp, got {value!r}")
+    return protocol
+
+
 _TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _remotePort,
+                "protocol": _protocol, "type": _vhostType, "domains": _domains, "subdomain": _subdomain,
+                "http_user": _text, "http_password": _text, "host_header_rewrite": _text,
                 "proxy_protocol": _proxyProtocol, "allow_sources": _requestedNetworks,
                 "deny_sources": _requestedNetworks, "max_users": _countOrZero,
                 "max_connection_rate": _rate, "bandwidth_limit": _bandwidth, "group": _text,
@@ -571,7 +718,7 @@ def _portRanges(value: Any, text: Any, name: str) -> tuple[range, ...]:
 
 
 _CLIENT_POLICY_KEYS: dict[str, Callable] = {
-    "token": _text, "allow_ports": _portRanges, "max_mappings": _count,
+    "token": _text, "allow_ports": _portRanges, "max_mappings": _count, "domains": _domains,
     "allow_sources": _networks, "deny_sources": _networks,
     "max_users_per_port": _countOrZero, "max_connection_rate": _rate,
     "bandwidth_limit": _bandwidth}
@@ -616,6 +763,30 @@ def _tunnel(value: Any, text: Any, name: str) -> Mapping:
                              f"(expected {', '.join(_TUNNEL_KEYS)})")
         if item is not None:
             fields[key] = _TUNNEL_KEYS[key](item, texts.get(key), f"{name}.{key}")
+    kind = fields.pop("type", "tcp")
+    user, password = fields.pop("http_user", None), fields.pop("http_password", None)
+    if kind != "tcp":
+        if "remote_port" in fields:
+            raise ValueError(f"{name}.remote_port is not for type {kind}: it is published on "
+                             f"the server's {kind.upper()} virtual-host port")
+        if not fields.get("domains") and not fields.get("subdomain"):
+            raise ValueError(f"{name} of type {kind} needs domains or a subdomain")
+        if (user is None) != (password is None):
+            raise ValueError(f"{name}: http_user and http_password go together")
+        if user is not None:
+            if kind != "http" or ":" in user:
+                raise ValueError(f"{name}.http_user: basic auth is for type http, "
+                                 f"with a user name without ':'")
+            fields["http_auth"] = f"{user}:{password}"
+        if "local_port" not in fields:
+            raise ValueError(f"{name}.local_port is missing")
+        if fields.get("group"):
+            raise ValueError(f"{name}: a group needs a remote_port of its own, not a virtual host")
+        return Mapping(remote_port=0, vhost=kind, **fields)
+    for key in ("domains", "subdomain", "host_header_rewrite"):
+        if key in fields or user is not None or password is not None:
+            raise ValueError(f"{name}: {key if key in fields else 'http_user'} needs "
+                             f"type: http or https")
     for key in ("local_port", "remote_port"):
         if key not in fields:
             raise ValueError(f"{name}.{key} is missing")
@@ -625,6 +796,11 @@ def _tunnel(value: Any, text: Any, name: str) -> Mapping:
         raise ValueError(f"{name}: group and group_key go together")
     if fields.get("group") and fields["remote_port"] == 0:
         raise ValueError(f"{name}: a group needs a remote_port of its own, not 0")
+    if fields.get("protocol") == "udp" and fields.get("proxy_protocol"):
+        raise ValueError(f"{name}.proxy_protocol is for TCP tunnels, not udp")
+    if fields.get("protocol") == "udp" and fields["remote_port"] == 0:
+        raise ValueError(f"{name}: a udp tunnel needs a remote_port of its own; only TCP "
+                         f"ports can be chosen by the server (remote_port 0)")
     return Mapping(**fields)
 
 
@@ -649,12 +825,26 @@ _SERVER_KEYS: dict[str, Callable] = {
     "bandwidth_limit": _bandwidth,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,
+    "ipv6_prefix": _ipv6Prefix,
+    "udp": _flag,
+    "udp_session_timeout": _seconds,
+    "udp_max_sessions": _count,
     "tls_cert": _text,
     "tls_key": _text,
     "tls_client_ca": _text,
     "zero_copy": _flag,
     "splice_thread": _flag,
     "busy_poll": _busyPoll,
+    "vhost_http": _text,
+    "vhost_https": _text,
+    "subdomain_host": _domain,
+    "vhost_forwarded_headers": _flag,
+    "vhost_head_timeout": _seconds,
+    "connection_log": _connectionLog,
+    "admin": _text,
+    "admin_token": _text,
+    "admin_user": _text,
+    "admin_password": _text,
 }
 
 _CLIENT_KEYS: dict[str, Callable] = {
@@ -683,4 +873,7 @@ _CLIENT_KEYS: dict[str, Callable] = {
     "register_timeout": _seconds,
     "max_pending_data_channels": _count,
     "exit_on_refusal": _flag,
+    "connection_log": _connectionLog,
+    "udp_session_timeout": _seconds,
+    "udp_max_sessions": _count,
 }

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gotunnel import messages
 from gotunnel.messages import Message, ProtocolError
@@ -17,23 +19,40 @@ from gotunnel.sameturn import writeThrough
 
 MAX_FRAME = 64 * 1024
 
+MAX_BACKLOG = 1024 * 1024
+"""Bytes of frames a connection may have us write while its peer reads none of them."""
+
 TLS_RECORD_TYPES = range(0x14, 0x18)
 """change_cipher_spec, alert, handshake, application_data."""
 
 TLS_HINTS = (
     ("wrong version number", "the peer sent something that is not TLS "
                              "(a plain-TCP client talking to a TLS port?)"),
-    ("certificate verify failed", "the peer's certificate is not signed by a trusted CA "
-                                  "(check --ca or --tls-client-ca)"),
-    ("certificate required", "the server requires a client certificate "
-                             "(give --tls-client-cert and --tls-client-key)"),
+    ("certificate verify failed", "the client's certificate is not signed by a CA of "
+                                  "--tls-client-ca, or has expired"),
     ("peer did not return a certificate", "the client presented no certificate "
                                           "(mutual TLS: --tls-client-cert)"),
+    ("alert unknown ca", "the client does not trust this server's certificate (its --ca "
+                         "must be the CA that signed --tls-cert)"),
+    ("alert certificate expired", "the client says this server's certificate (--tls-cert) "
+                                  "has expired"),
+)
+"""OpenSSL's words for a handshake the server saw fail, and what they most likely mean."""
+
+CLIENT_TLS_HINTS = (
+    ("wrong version number", "the server answered with something that is not TLS "
+                             "(a plain-TCP server? then connect without --tls)"),
+    ("certificate verify failed", "the server's certificate is not signed by a CA this "
+                                  "client trusts (check --ca)"),
+    ("certificate required", "the server requires a client certificate "
+                             "(give --tls-client-cert and --tls-client-key)"),
     ("unknown ca", "the server does not trust the CA of this client certificate"),
+    ("alert certificate expired", "the server says this client's certificate "
+                                  "(--tls-client-cert) has expired"),
     ("Mismatch(", "the server's certificate does not hold the name or address checked "
                   "(give --server-name, or add it to the certificate)"),
 )
-"""OpenSSL's words for a failed handshake, and what they most likely mean."""
+"""The same for the client: each hint names only the client's own options."""
 
 
 HTTP_REQUEST_STARTS = frozenset((b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI",
@@ -65,30 +84,45 @@ def describePeer(transport: object) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def tlsFailure(reason: Optional[Failure]) -> Optional[str]:
+def tlsFailure(reason: Optional[Failure], hints: tuple[tuple[str, str], ...] = TLS_HINTS,
+               transport: object = None, now: float = 0.0) -> Optional[str]:
     """
     What went wrong, if a connection ended because its TLS handshake or the
-    peer's certificate failed; None for any other ending.
+    peer's certificate failed, with the likely cause from C{hints}; None for
+    any other ending.  Given the connection's C{transport} and the time
+    C{now}, a certificate refused for its dates is named, with the date.
     """
     if reason is None:
         return None
     from OpenSSL.SSL import Error as SSLError
     from service_identity import VerificationError
 
+    from gotunnel.tls import outOfDate
+
     if reason.check(SSLError, VerificationError):
         message = reason.getErrorMessage()
-        for words, hint in TLS_HINTS:
+        if transport is not None and "certificate verify failed" in message:
+            dates = outOfDate(transport, now)
+            if dates is not None:
+                return f"{message}: {dates}"
+        for words, hint in hints:
             if words in message:
                 return f"{message}: {hint}"
         return message
     return None
 
 
+@implementer(IPushProducer)
 class MessageReceiver(Int32StringReceiver):
     """
     Turns frames into calls of C{msg_<type>(message)} and messages into
     frames.  A frame that breaks the protocol is logged and closes this
     connection, and only this one.
+
+    A peer that sends frames and reads none of the answers must not make us
+    hold the answers: while the transport's write buffer is full, this
+    connection is not read (it is the transport's producer then), and one
+    that makes us write more than L{MAX_BACKLOG} bytes meanwhile is closed.
 
     A subclass may call L{switchToRaw} from a handler: the frames stop there,
     and every byte after the current frame goes to L{rawDataReceived}.
@@ -102,6 +136,12 @@ class MessageReceiver(Int32StringReceiver):
     _framed = False
     """Whether a frame has come; before one, HTTP is told from a long frame."""
     peerDescription = "?"
+    _producing = False
+    """Registered as the transport's producer: while a frame is written, and while paused."""
+    _writePaused = False
+    """The transport found its write buffer full, and has not yet drained it."""
+    _backlog = 0
+    """Bytes written since then."""
 
     def makeConnection(self, transport) -> None:
         self.peerDescription = describePeer(transport)
@@ -113,7 +153,66 @@ class MessageReceiver(Int32StringReceiver):
         follow it, in the same write.
         """
         body = messages.encode(message)
-        writeThrough(self.transport, len(body).to_bytes(4, "big") + body + rawAfter)
+        data = len(body).to_bytes(4, "big") + body + rawAfter
+        if self._raw:
+            writeThrough(self.transport, data)
+            return
+        if self._writePaused:
+            self._backlog += len(data)
+            if self._backlog > MAX_BACKLOG:
+                self.log.warn("{peer} reads nothing we send: {backlog} bytes wait for it; "
+                              "closing the connection",
+                              peer=self.peerDescription, backlog=self._backlog)
+                self.transport.abortConnection()
+                return
+            self.transport.write(data)
+            return
+        # Registered only around the write: the transport tells a streaming
+        # producer when its buffer is full, and only then do we need to know.
+        # Left registered, it would hold up a TLS transport's loseConnection.
+        self._producing = True
+        self.transport.registerProducer(self, True)
+        writeThrough(self.transport, data)
+        if not self._writePaused:
+            self._stopProducing()
+
+    def _stopProducing(self) -> None:
+        if self._producing:
+            self._producing = False
+            self._writePaused = False
+            self._backlog = 0
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's write buffer is full: read no more frames until it
+        has drained, since each may add an answer to it.
+        """
+        if self._writePaused:
+            return
+        self._writePaused = True
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        The transport has written everything: read on, from the frames
+        already received.
+        """
+        if not self._writePaused:
+            return
+        self._stopProducing()
+        if self.transport.disconnecting:
+            # Unregistering above lets a close that waited for the buffer
+            # go on; a connection that is closing reads nothing more.
+            return
+        self.paused = False
+        self.transport.resumeProducing()
+        self.dataReceived(b"")
+
+    def stopProducing(self) -> None:
+        """The connection is gone: nothing to do, connectionLost follows."""
+        self._producing = self._writePaused = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._raw:
@@ -132,10 +231,19 @@ class MessageReceiver(Int32StringReceiver):
         """
         Stop reading frames: everything after the frame being handled is raw.
         """
+        # A splice registers its own producers on this transport.
+        self._stopProducing()
         self._raw = True
         # Int32StringReceiver's loop stops at the next frame boundary when
         # paused is set; dataReceived above hands on the remainder.
         self.paused = True
+
+    def rawFromNow(self) -> None:
+        """
+        Outside a frame handler: every byte from now on is raw.
+        """
+        self._stopProducing()
+        self._raw = True
 
     def rawDataReceived(self, data: bytes) -> None:
         raise NotImplementedError

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+
+from gotunnel.printable import printable
 
 log = Logger()
 
@@ -23,13 +24,10 @@ log = Logger()
 class PortLease:
     """One public port held for the client name that had it, until C{expiry}."""
 
-    def __init__(self, name: str, remote_port: int, expiry: IDelayedCall,
-                 stopped: defer.Deferred) -> None:
+    def __init__(self, name: str, remote_port: int, expiry: IDelayedCall) -> None:
         self.name = name
         self.remote_port = remote_port
         self.expiry = expiry
-        self.stopped = stopped
-        """Fires once the dropped client's listener is closed."""
 
 
 class PortLeases:
@@ -53,24 +51,24 @@ class PortLeases:
         """Seconds until C{lease} ends."""
         return max(lease.expiry.getTime() - self.clock.seconds(), 0.0)
 
-    def start(self, name: str, remote_port: int, stopped: defer.Deferred,
-              duration: float) -> None:
+    def start(self, name: str, remote_port: int, duration: float) -> None:
         """
-        Hold C{remote_port} for C{name}, whose listener C{stopped} is
-        closing, for C{duration} seconds; nothing if that is 0.
+        Hold C{remote_port} for C{name} for C{duration} seconds; nothing if
+        that is 0.  The port's own L{gotunnel.publicport.PublicPort} orders the closing of the
+        dropped client's listener before any new one.
         """
         if duration <= 0:
             return
         self.end(remote_port)
         expiry = self.clock.callLater(duration, self._expired, remote_port)
-        self._leases[remote_port] = PortLease(name, remote_port, expiry, stopped)
+        self._leases[remote_port] = PortLease(name, remote_port, expiry)
         log.info("public port {remote_port} reserved for {name} for {seconds:g} s",
-                 remote_port=remote_port, name=name, seconds=duration)
+                 remote_port=remote_port, name=printable(name), seconds=duration)
 
     def _expired(self, remote_port: int) -> None:
         lease = self._leases.pop(remote_port)
         log.info("lease of public port {remote_port} for {name} expired; the port is free",
-                 remote_port=remote_port, name=lease.name)
+                 remote_port=remote_port, name=printable(lease.name))
 
     def end(self, remote_port: int) -> None:
         """End the lease of C{remote_port}, if any."""

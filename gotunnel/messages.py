@@ -51,6 +51,17 @@ class Register:
     this group (and its key), see L{gotunnel.groups}."""
     group_key: Optional[str] = _field(default=None, repr=False)
     """ext: the group's secret, the same for all its members."""
+    vhost: Optional[str] = None
+    """ext: "http" or "https": publish on the server's virtual-host port,
+    routed by C{domains} and C{subdomain}, not on C{remote_port} (sent as 0)."""
+    domains: Optional[tuple[str, ...]] = None
+    """ext, with C{vhost}: the host names (C{*.example.com} too) routed here."""
+    subdomain: Optional[str] = None
+    """ext, with C{vhost}: the name routed here under the server's subdomain_host."""
+    http_auth: Optional[str] = _field(default=None, repr=False)
+    """ext, with C{vhost} "http": USER:PASSWORD the server asks users for."""
+    host_header_rewrite: Optional[str] = None
+    """ext, with C{vhost} "http": the Host the service is sent instead of the user's."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,15 @@ class RegisterResp:
     remote_port: Optional[int] = None
     """ext, in the answer to a C{register} for C{remote_port} 0: the port
     the server chose."""
+    vhost: Optional[str] = None
+    """ext, in the answer to a C{register} with C{vhost}: the same value, to say
+    that this server routes it (a Go server answers a plain ok)."""
+    protocol: Optional[str] = None
+    """ext, in the answer to a C{register} of protocol "udp": "udp" when the
+    server publishes it as UDP (see L{gotunnel.udp}); a Go server sends none."""
+    conn_id: Optional[str] = None
+    """ext, with C{protocol} "udp": the secret the mapping's carrying channel
+    must show in its C{data_channel}."""
 
     @property
     def ok(self) -> bool:
@@ -129,6 +149,10 @@ class DataChannel:
     addresses: Optional[bool] = None
     """ext: tell me the user's and the public address in your answer (see
     L{RegisterResp.user_host}), for a PROXY protocol header."""
+    vhost: Optional[str] = None
+    """ext, with C{pooled}: the mapping is this virtual host (as in C{register})."""
+    domains: Optional[tuple[str, ...]] = None
+    subdomain: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -165,11 +189,18 @@ _PORT_FIELDS = frozenset({"local_port", "remote_port", "port", "user_port", "pub
 _EXTENSION_TYPES: dict[str, type] = {
     "conn_id": str, "pool": int, "pooled": bool, "user_host": str, "user_port": int,
     "public_host": str, "public_port": int, "addresses": bool,
-    "allow_sources": list, "deny_sources": list, "max_users": int,
-    "max_connection_rate": float, "remote_port": int, "bandwidth_limit": int,
+    "allow_sources": tuple, "deny_sources": tuple, "max_users": int,
+    "max_connection_rate": float, "register_resp.remote_port": int, "bandwidth_limit": int,
     "group": str, "group_key": str,
+    "vhost": str, "domains": tuple, "subdomain": str, "http_auth": str,
+    "host_header_rewrite": str, "register_resp.protocol": str,
 }
-"""Our optional fields, absent (or null) from a Go peer's frames."""
+"""Our optional fields, absent (or null) from a Go peer's frames (by name, or
+by type.name where the name is a Go field in other messages).  Only a field
+that defaults to None is looked up here: a Go field never is an extension."""
+
+MAX_DOMAINS = 64
+"""The most C{register.domains} we accept."""
 
 MAX_POOL = 1024
 """The largest C{register_resp.pool} we accept."""
@@ -199,6 +230,14 @@ def _checkField(typeName: str, name: str, expected: type, value: object) -> None
             raise ProtocolError(f"{typeName}.max_users must be from 0 to {2**31}")
         if name == "pool" and not 0 <= value <= MAX_POOL:
             raise ProtocolError(f"{typeName}.pool must be from 0 to {MAX_POOL}, got {value}")
+    elif expected is tuple:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{typeName}.{name} must be an array, got a {_jsonType(value)}")
+        most = MAX_DOMAINS if name == "domains" else MAX_LIST
+        if len(value) > most:
+            raise ProtocolError(f"{typeName}.{name} has more than {most} items")
+        for item in value:
+            _checkField(typeName, name, str, item)
     elif expected is bool:
         if not isinstance(value, bool):
             raise ProtocolError(f"{typeName}.{name} must be true or false, got a {_jsonType(value)}")
@@ -206,13 +245,6 @@ def _checkField(typeName: str, name: str, expected: type, value: object) -> None
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or not 0 <= value <= 1e6):
             raise ProtocolError(f"{typeName}.{name} must be a number from 0 to 1000000")
-    elif expected is list:
-        if not isinstance(value, list):
-            raise ProtocolError(f"{typeName}.{name} must be an array, got a {_jsonType(value)}")
-        if len(value) > MAX_LIST:
-            raise ProtocolError(f"{typeName}.{name} has more than {MAX_LIST} items")
-        for item in value:
-            _checkField(typeName, name, str, item)
     elif expected is str:
         if not isinstance(value, str):
             raise ProtocolError(f"{typeName}.{name} must be a string, got a {_jsonType(value)}")
@@ -255,13 +287,15 @@ def parse(body: bytes) -> Optional[Message]:
             continue
         value = obj[field.name]
         # Our extensions, and only they, default to None (absent).
-        expected = _EXTENSION_TYPES.get(field.name) if field.default is None else None
+        expected = (_EXTENSION_TYPES.get(f"{typeName}.{field.name}",
+                                         _EXTENSION_TYPES.get(field.name))
+                    if field.default is None else None)
         if expected is not None and value is None:
             continue
         if expected is None:
             expected = {"int": int, "str": str}[field.type]
         _checkField(typeName, field.name, expected, value)
-        values[field.name] = tuple(value) if expected is list else value
+        values[field.name] = tuple(value) if expected is tuple else value
     return cls(**values)
 
 

@@ -78,8 +78,10 @@ class Throttle:
 
     def _resume(self, end) -> None:
         del self._paused[end]
-        if not end._readClosed:
-            # An end-of-stream already read must not be read again.
+        if not end._readClosed and end.peer is not None:
+            # An end-of-stream already read must not be read again; and an
+            # end no longer spliced is not ours to resume (a user waiting
+            # for its data channel is paused by its own early-bytes bound).
             end.transport.resumeProducing()
 
     def forget(self, end) -> None:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import socket
 from typing import Optional
 
+from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import (
     IHalfCloseableDescriptor, IHalfCloseableProtocol, ISSLTransport,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gotunnel.ratelimit import Throttle
@@ -76,6 +78,15 @@ def canHalfClose(transport: object) -> bool:
             and not ISSLTransport.providedBy(transport))
 
 
+def isReset(reason: Optional[Failure]) -> bool:
+    """
+    Whether a connection ended by a reset (or another error: a broken pipe,
+    a timeout, our own abort) rather than a clean close, as Twisted reports
+    it: a reset that the relay passes on as a reset.
+    """
+    return reason is not None and reason.check(error.ConnectionLost) is not None
+
+
 @implementer(IHalfCloseableProtocol)
 class RelayEnd:
     """
@@ -92,6 +103,23 @@ class RelayEnd:
     _held: Optional[list[bytes]] = None
     _readClosed = False
     _writeClosed = False
+    relayed = 0
+    """Bytes read from this side's connection and passed on through Python."""
+    pumpedOut = None
+    """With zero copy, the pump's direction from this side: its C{moved}
+    counts the bytes the kernel passed on (see L{bytesRead})."""
+
+    def bytesRead(self, final: bool = False) -> int:
+        """
+        Bytes read from this side's connection for the other so far: one
+        addition per read, and the pump's own count, read without a lock
+        (the splice thread adds to it).  C{final}: with what the pipe still
+        holds, once this side is gone; without, the count never goes down.
+        """
+        direction = self.pumpedOut
+        if direction is None:
+            return self.relayed
+        return self.relayed + direction.moved + (direction.pending if final else 0)
 
     def holdReading(self) -> None:
         """
@@ -110,6 +138,7 @@ class RelayEnd:
         return False
 
     def relayReceived(self, data: bytes) -> None:
+        self.relayed += len(data)
         peer = self.peer
         if peer is not None and peer.pump is None:
             writeThrough(peer.transport, data)
@@ -162,10 +191,12 @@ class RelayEnd:
         else:
             self.transport.loseConnection()
 
-    def relayConnectionLost(self) -> None:
+    def relayConnectionLost(self, reason: Optional[Failure] = None) -> None:
         """
         This side is gone: close the other after it has written what it
-        still holds.
+        still holds; if this side was reset (see L{isReset}), reset the
+        other at once, so that the far end learns the stream broke, as a
+        plain TCP proxy would tell it, rather than see a clean end.
         """
         peer, self.peer = self.peer, None
         pump, self.pump = self.pump, None
@@ -178,7 +209,10 @@ class RelayEnd:
             # As in shutdownWrite: a dead producer would be resumed instead
             # of the connection being closed once its buffer drains.
             peer.transport.unregisterProducer()
-            peer.transport.loseConnection()
+            if isReset(reason):
+                peer.transport.abortConnection()
+            else:
+                peer.transport.loseConnection()
 
     def bufferedBytes(self) -> int:
         """Bytes the relay holds for this side's connection, not yet written to it."""
@@ -219,6 +253,8 @@ def splice(a: RelayEnd, b: RelayEnd, zeroCopy: bool = False, spliceThread: bool 
     """
     a.peer, b.peer = b, a
     pump = SplicePump.forEnds(a, b, spliceThread, busyPoll) if zeroCopy else None
+    if pump is not None:
+        a.pumpedOut, b.pumpedOut = pump.sides[a].outgoing, pump.sides[b].outgoing
     if pump is None:
         a.transport.registerProducer(b.transport, True)
         b.transport.registerProducer(a.transport, True)

@@ -61,12 +61,12 @@ def readWaiting(transport: object) -> bytes:
     end-of-stream, or if it is any other kind of transport.
 
     An end-of-stream stays in the socket for the reactor to read.  An error
-    is consumed by the read, so the reactor then sees the socket closed: an
-    end-of-stream, not a lost connection.
+    (a reset) is raised: the read consumed it, and the reactor would then
+    see only an end-of-stream, so the caller must pass it on.
     """
     if not plainSocket(transport):
         return b""
     try:
         return transport.socket.recv(READ_SIZE)
-    except OSError:
+    except BlockingIOError:
         return b""

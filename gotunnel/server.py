@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import re
 import secrets
 from collections import OrderedDict
@@ -25,13 +26,20 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from gotunnel import messages, tls
+from gotunnel.accounting import (
+    REFUSED_CLIENT_GONE, REFUSED_CONNECTION_RATE, REFUSED_MAX_USERS, REFUSED_NO_MEMBER,
+    REFUSED_SOURCE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
+    ServerStats, endingOf, noteEnding,
+)
 from gotunnel.config import ServerSettings
-from gotunnel.control import MessageReceiver, tlsFailure
+from gotunnel.control import MessageReceiver, describePeer, tlsFailure
 from gotunnel.groups import Group
-from gotunnel.leases import PortLease, PortLeases
+from gotunnel.leases import PortLeases
 from gotunnel.portpolicy import (
     RefusalLog, SourcePolicy, SourceRate, narrowest, parseNetwork, permitted,
 )
+from gotunnel.printable import printable
+from gotunnel.publicport import PublicPort
 from gotunnel.ratelimit import Throttle
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
@@ -61,6 +69,16 @@ def withBacklog(description: str, backlog: int) -> str:
 ANY_PORT_ATTEMPTS = 16
 """Ports tried for a C{register} of remote port 0 before it is refused."""
 
+MAX_AUTH_FAILURE_SOURCES = 10_000
+"""Source addresses whose wrong tokens in a row the server remembers."""
+
+ONLINE_RETRY_DELAYS = (1, 2, 4, 8, 16, 30, 30, 30)
+"""
+Seconds to wait before each new try to listen on a public port that the
+client asked back online but that could not be bound; about two minutes in
+all, then the port stays offline until the client asks again.
+"""
+
 
 class RegistrationRefused(Exception):
     """The server will not do what a client asked; the message is the reason sent back."""
@@ -69,6 +87,23 @@ class RegistrationRefused(Exception):
 def tokensMatch(given: str, expected: str) -> bool:
     """Compare tokens in constant time."""
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def addressGroup(host: str, ipv6Prefix: int) -> str:
+    """
+    What C{host} counts as in the caps on pending connections: an IPv6
+    address its network of C{ipv6Prefix} bits (one host usually holds a
+    whole /64), an IPv4 address (mapped into IPv6 or not) itself.
+    """
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, ipv6Prefix), strict=False))
+    return host
 
 
 def _whenFired(d: defer.Deferred) -> defer.Deferred:
@@ -86,15 +121,34 @@ def _whenFired(d: defer.Deferred) -> defer.Deferred:
     return fired
 
 
+MAX_EARLY_BYTES = 4 * 1024
+"""
+About what a user may send before its data channel comes and have us hold
+it (the rest waits in the kernel): thousands of users may wait at once.
+"""
+
+
 class PublicUser(Protocol, RelayEnd):
     """
-    A user's connection to a public port.  It reads nothing until its data
-    channel arrives, so what the user sends early waits in the kernel.
+    A user's connection to a public port.  While it waits for its data
+    channel it is read on, so that a user who gives up is let go at once,
+    but in reads of L{MAX_EARLY_BYTES}, and only until it has sent that
+    many: after that what it sends waits in the kernel.
     """
 
     conn_id: Optional[str] = None
     connectedAt: float = 0.0
     timeoutCall = None
+    userId: Optional[str] = None
+    """The admin API's name for this connection ("u17")."""
+    peerAddress = "?"
+    dataChannel: Optional["ServerChannel"] = None
+    endedBy: Optional[str] = None
+    """How the connection ended (L{gotunnel.accounting.ENDINGS}), once it has."""
+    _heldBytes = 0
+    _readSize: Optional[int] = None
+    earlyBytes = 0
+    """What it sent before its data channel's answer, sent with that answer."""
 
     def __init__(self, tunnel: "Tunnel") -> None:
         self.tunnel = tunnel
@@ -102,18 +156,57 @@ class PublicUser(Protocol, RelayEnd):
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
+        self.peerAddress = describePeer(self.transport)
         self.tunnel.registry.connections.add(self)
         self.tunnel.registry.userArrived(self.remote_port)
+        self.tunnel.registry.stats.userOpened(self)
         self.tunnel.userConnected(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
+        if self.peer is None:
+            self._heldBytes += len(data)
+            if self._heldBytes >= MAX_EARLY_BYTES:
+                self.transport.pauseProducing()
+
+    def waitForDataChannel(self) -> None:
+        """Read in small pieces until L{doneWaiting}."""
+        # FileDescriptor.bufferSize is the most one read takes (64 KiB).
+        self._readSize = getattr(self.transport, "bufferSize", None)
+        if self._readSize is not None:
+            self.transport.bufferSize = MAX_EARLY_BYTES
+
+    def doneWaiting(self) -> None:
+        """Read as much at a time as any connection again (it is also the write buffer's size)."""
+        if self._readSize is not None:
+            self.transport.bufferSize, self._readSize = self._readSize, None
+
+    def takeHeld(self) -> bytes:
+        """What this user sent before its splice, taken from it to send now."""
+        held, self._held = self._held, None
+        self._heldBytes = 0
+        return b"".join(held or ())
+
+    def readConnectionLost(self) -> None:
+        if self._readClosed:
+            # Read while it waited, and read again once the splice resumed
+            # the transport: the end was passed on the first time.
+            return
+        noteEnding(self, USER_CLOSED)
+        if self.peer is None and not self._held and self.tunnel.userGaveUp(self):
+            # It closed while it waited and sent nothing: there is nothing
+            # to pass on, and a descriptor to give back now rather than at
+            # the data channel timeout.
+            self.transport.loseConnection()
+            return
+        RelayEnd.readConnectionLost(self)
 
     def connectionLost(self, reason=None) -> None:
+        self.tunnel.registry.stats.userClosed(self, reason)
         self.tunnel.userLost(self)
         self.tunnel.registry.userLeft(self.remote_port)
         self.tunnel.registry.connections.discard(self)
-        self.relayConnectionLost()
+        self.relayConnectionLost(reason)
 
 
 class PublicUserFactory(Factory):
@@ -132,7 +225,8 @@ class PublicUserFactory(Factory):
             # The port's listener serves its whole group: the next member up.
             tunnel = tunnel.group.pick()
             if tunnel is None:
-                self.tunnel.refused(getattr(addr, "host", "?"), "no member of the group is up")
+                self.tunnel.refused(getattr(addr, "host", "?"), "no member of the group is up",
+                                    REFUSED_NO_MEMBER)
                 return None
         return PublicUser(tunnel)
 
@@ -144,6 +238,9 @@ class Tunnel:
     user (the client's pool, see L{messages.DataChannel.pooled}).
     """
 
+    protocol: Optional[str] = None
+    """What register_resp confirms: None for TCP, "udp" for L{gotunnel.udp.UdpTunnel}."""
+
     def __init__(self, registry: "TunnelRegistry", channel: "ServerChannel",
                  register: messages.Register) -> None:
         self.registry = registry
@@ -151,17 +248,14 @@ class Tunnel:
         self.name = register.name
         self.local_port = register.local_port
         self.remote_port = register.remote_port
-        self.listener: Optional[IListeningPort] = None
         self.waiting: OrderedDict[str, PublicUser] = OrderedDict()
         self.pool: OrderedDict[ServerChannel, None] = OrderedDict()
         self.lastSeen = registry.clock.seconds()
         self.closed = False
         # True from listen() until stopListening(): what the client last
-        # asked for, even while the listener is still starting or stopping.
+        # asked for, even while the listener is still starting or stopping,
+        # or waiting to try a busy port again.
         self.online = False
-        # Bumped by every listen() and stopListening(), so that a listener
-        # which finishes starting after a later change of mind is closed.
-        self._generation = 0
         self._stopping: defer.Deferred = defer.succeed(None)
         self.sources: tuple[SourcePolicy, ...] = ()
         """Who may connect: every one of these must let a user in."""
@@ -176,43 +270,99 @@ class Tunnel:
         self.serviceUp = True
         """The client's local service answers (offline_port / online_port)."""
         self.refusals = RefusalLog(registry.clock, self.remote_port)
+        # What the admin API and the metrics say of this mapping.
+        self.clientId = registry.stats.newClientId()
+        self.connectedSince = registry.clock.seconds()
+        self.stats = registry.stats.portStats(self.remote_port, self.name)
+        self._retryCall = None
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
 
+    @property
+    def listener(self) -> Optional[IListeningPort]:
+        """The public port's listener, while it serves this tunnel."""
+        port = self.registry.publicPorts.get(self.remote_port)
+        if port is not None and port.owner is self:
+            return port.listener
+        return None
+
+    @property
+    def key(self) -> object:
+        """What the registry knows this mapping by: its port (see L{gotunnel.vhost})."""
+        return self.remote_port
+
+    def checkAllowed(self, name: str) -> None:
+        """
+        Refuse, as L{RegistrationRefused}, a data channel of C{name} for this
+        mapping if C{name} may not publish it.
+        """
+        self.registry.checkPort(name, self.remote_port)
+
+    def dropped(self) -> None:
+        """
+        The control channel went away: close, and hold the port for the same
+        client for C{settings.port_lease} seconds.
+        """
+        self.close()
+        self.registry.leases.start(self.name, self.remote_port, self.registry.settings.port_lease)
+
+    def registerResp(self) -> messages.RegisterResp:
+        """The answer to the C{register} that made this mapping."""
+        return messages.RegisterResp(status="ok",
+                                     pool=self.registry.settings.max_pool_count or None)
+
     def listen(self) -> defer.Deferred:
         """
-        Start the public listener (after a stop still in progress).
+        Publish this tunnel's port, once whatever held it before is closed.
+
+        @return: a Deferred that fires with True once the port listens for
+            this tunnel, with False if a later request (the client's, or a
+            registration that replaced this tunnel) came first, or fails
+            with L{error.CannotListenError}.
         """
         self.online = True
-        self._generation += 1
-        generation = self._generation
-        endpoint = self.registry.publicEndpoint(self.remote_port)
-
-        def started(port: IListeningPort) -> None:
-            if self.closed or generation != self._generation:
-                self.registry.trackStopping(defer.maybeDeferred(port.stopListening))
-                return
-            self.listener = port
-            log.info("public port {remote_port} listening for {name}",
-                     remote_port=self.remote_port, name=self.name)
-
-        d = _whenFired(self._stopping)
-        d.addCallback(lambda _: endpoint.listen(PublicUserFactory(self)))
-        return d.addCallback(started)
+        return self.registry.publicPort(self.remote_port).listen(self, PublicUserFactory(self))
 
     def stopListening(self) -> defer.Deferred:
         """
         Stop publishing; the Deferred fires once the port is closed.
         """
         self.online = False
-        self._generation += 1
-        listener, self.listener = self.listener, None
-        if listener is not None:
-            log.info("public port {remote_port} stopped", remote_port=self.remote_port)
-            self._stopping = self.registry.trackStopping(
-                defer.maybeDeferred(listener.stopListening))
+        if self._retryCall is not None:
+            self._retryCall.cancel()
+            self._retryCall = None
+        self._stopping = self.registry.publicPort(self.remote_port).stop(self)
         return _whenFired(self._stopping)
+
+    def goOnline(self, attempt: int = 0) -> None:
+        """
+        Publish again, as the client asked with online_port.  A port that
+        cannot be bound (another program took it meanwhile) is tried again
+        after each of L{ONLINE_RETRY_DELAYS}, then left offline until the
+        client asks again.
+        """
+        self._retryCall = None
+
+        def failed(failure) -> None:
+            failure.trap(error.CannotListenError)
+            if self.closed or not self.online:
+                return
+            reason = failure.value.socketError
+            if attempt >= len(ONLINE_RETRY_DELAYS):
+                self.online = False
+                log.error("cannot listen on public port {remote_port} again: {reason}; gave up "
+                          "after {attempts} attempts, until client {name} sends online_port "
+                          "again", remote_port=self.remote_port, reason=reason,
+                          attempts=attempt + 1, name=printable(self.name))
+                return
+            delay = ONLINE_RETRY_DELAYS[attempt]
+            log.warn("cannot listen on public port {remote_port} again: {reason}; "
+                     "trying again in {delay} s", remote_port=self.remote_port,
+                     reason=reason, delay=delay)
+            self._retryCall = self.registry.clock.callLater(delay, self.goOnline, attempt + 1)
+
+        self.listen().addErrback(failed)
 
     def heartbeat(self) -> None:
         self.lastSeen = self.registry.clock.seconds()
@@ -220,24 +370,33 @@ class Tunnel:
     def admitUser(self, addr: object) -> bool:
         """
         Whether a user connecting from C{addr} may use this port; a refusal
-        is counted and logged (at most a line per interval).
+        is counted (here and in the port's accounting) and logged (at most
+        a line per interval).
         """
         host = getattr(addr, "host", "?")
         if not permitted(self.sources, host):
-            self.refused(host, "source address not allowed")
+            self.refused(host, "source address not allowed", REFUSED_SOURCE)
             return False
         if self.maxUsers and self.registry.usersOf(self.remote_port) >= self.maxUsers:
-            self.refused(host, f"{self.maxUsers} users already connected")
+            self.refused(host, f"{self.maxUsers} users already connected", REFUSED_MAX_USERS)
             return False
         if self.sourceRate is not None and not self.sourceRate.admit(host):
             self.refused(host, f"more than {self.sourceRate.rate:g} new connections a second "
-                               "from one address")
+                               "from one address", REFUSED_CONNECTION_RATE)
             return False
         return True
 
-    def refused(self, host: str, reason: str) -> None:
+    def refused(self, host: str, reason: str, why: str) -> None:
+        """A user from C{host} refused at accept for C{reason} (C{why}: accounting's name)."""
         self.refusals.refused(host, reason)
         self.registry.refusedUsers += 1
+        self.registry.stats.portRefused(self.stats, why)
+
+    def portChosen(self, remote_port: int) -> None:
+        """The system chose C{remote_port} for this mapping, registered for port 0."""
+        self.remote_port = self.refusals.remote_port = remote_port
+        self.registry.stats.release(self.stats)
+        self.stats = self.registry.stats.portStats(remote_port, self.name)
 
     def userConnected(self, user: PublicUser) -> None:
         clock = self.registry.clock
@@ -246,16 +405,15 @@ class Tunnel:
             channel, _ = self.pool.popitem(last=False)
             if channel.attachUser(user):
                 return
-        # Not before: a user spliced at once would stop reading only to
-        # start again.
-        user.holdReading()
         limit = self.registry.settings.max_waiting_users
         if len(self.waiting) >= limit:
             log.warn("{limit} users already wait for a data channel on port {remote_port}; "
                      "closing a new one", limit=limit, remote_port=self.remote_port)
+            self.registry.stats.userRefused(user, REFUSED_WAITING_USERS)
             user.transport.loseConnection()
             return
         user.conn_id = self.registry.newConnectionId()
+        user.waitForDataChannel()
         user.timeoutCall = clock.callLater(
             self.registry.settings.data_channel_timeout, self._userTimedOut, user)
         self.waiting[user.conn_id] = user
@@ -264,6 +422,7 @@ class Tunnel:
             local_port=self.local_port, conn_id=user.conn_id))
 
     def _forget(self, user: PublicUser) -> None:
+        user.doneWaiting()
         self.waiting.pop(user.conn_id, None)
         self.registry.waitingUsers.pop(user.conn_id, None)
         if user.timeoutCall is not None and user.timeoutCall.active():
@@ -273,11 +432,22 @@ class Tunnel:
     def userLost(self, user: PublicUser) -> None:
         self._forget(user)
 
+    def userGaveUp(self, user: PublicUser) -> bool:
+        """
+        A waiting user ended its side of the connection: it no longer waits
+        (True), or it was not waiting (False).
+        """
+        if self.waiting.get(user.conn_id) is not user:
+            return False
+        self._forget(user)
+        return True
+
     def _userTimedOut(self, user: PublicUser) -> None:
         user.timeoutCall = None
         log.warn("no data channel for a user of port {remote_port} within {timeout} s; "
                  "closing the user's connection",
                  remote_port=self.remote_port, timeout=self.registry.settings.data_channel_timeout)
+        self.registry.stats.userRefused(user, REFUSED_TIMEOUT)
         self._forget(user)
         user.transport.loseConnection()
 
@@ -322,8 +492,10 @@ class Tunnel:
             return _whenFired(self._stopping)
         self.closed = True
         self.registry.forget(self)
+        self.registry.stats.release(self.stats)
         for user in list(self.waiting.values()):
             self._forget(user)
+            self.registry.stats.userRefused(user, REFUSED_CLIENT_GONE)
             user.transport.loseConnection()
         pool, self.pool = self.pool, OrderedDict()
         for channel in pool:
@@ -348,13 +520,16 @@ class TunnelRegistry:
         self.tunnels: dict[int, Tunnel] = {}
         self.waitingUsers: dict[str, PublicUser] = {}
         self.connections = ConnectionSet()
-        # Connections that have not yet sent their first frame, per source
-        # address: strangers must not be able to hold all our descriptors.
-        self.pending: dict[str, int] = {}
-        # Addresses with a registered control channel: their data channels
-        # arrive in bursts and are not held to the per-source cap.
+        # Connections that have not yet sent their first frame, oldest
+        # first, per source address (see addressGroup): strangers must not be
+        # able to hold all our descriptors.
+        self._pending: dict[str, OrderedDict[ServerChannel, None]] = {}
+        # Addresses with a registered control channel: the data channels
+        # their clients owe us (see owedTo) are not held to the caps.
         self.clientHosts: dict[str, int] = {}
-        self.authFailures: dict[str, tuple[int, float]] = {}
+        # Wrong tokens in a row per source address, least recent first.
+        self.authFailures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self.stats = ServerStats(reactor, settings.connection_log)
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
         self.refusedUsers = 0
@@ -364,6 +539,12 @@ class TunnelRegistry:
         """The group of each public port several clients serve."""
         self._users: dict[int, int] = {}
         """Users connected, per public port (a mapping registered again keeps its count)."""
+        self.publicPorts: dict[int, PublicPort] = {}
+        self.virtualHosts = None
+        """The L{gotunnel.vhost.VirtualHosts}, on a server with virtual-host ports."""
+        self.udpPorts: dict[int, PublicPort] = {}
+        """The public UDP ports of UDP mappings (L{gotunnel.udp}), apart: a
+        port number's UDP socket is not its TCP socket."""
 
     def userArrived(self, remote_port: int) -> None:
         self._users[remote_port] = self._users.get(remote_port, 0) + 1
@@ -408,33 +589,74 @@ class TunnelRegistry:
 
         return stopping.addBoth(done)
 
-    def admit(self, host: str) -> Optional[str]:
+    @property
+    def pending(self) -> dict[str, int]:
+        """How many connections wait for their first frame, per source address."""
+        return {source: len(channels) for source, channels in self._pending.items()}
+
+    def admit(self, channel: "ServerChannel") -> Optional[str]:
         """
         Count a new connection that has yet to say what it is; the reason to
-        refuse it, or None.
+        refuse it, or None.  When all the room is taken, the oldest such
+        connection of the address that holds the most makes room for one
+        from an address that holds fewer.
         """
         settings = self.settings
-        if host in self.clientHosts:
-            # A registered client's data channels come in bursts; strangers'
-            # idle connections must not starve them.
-            self.pending[host] = self.pending.get(host, 0) + 1
-            return None
-        if sum(self.pending.values()) >= settings.max_pending_total:
-            return (f"{settings.max_pending_total} connections are already waiting "
-                    "for their first frame")
-        if self.pending.get(host, 0) >= settings.max_pending_per_source:
-            return (f"{settings.max_pending_per_source} connections from this address are "
-                    "already waiting for their first frame")
-        self.pending[host] = self.pending.get(host, 0) + 1
+        source = channel.source
+        count = len(self._pending.get(source, ()))
+        owed = self.owedTo(source) if source in self.clientHosts else 0
+        if count >= owed:
+            if count - owed >= settings.max_pending_per_source:
+                return (f"{settings.max_pending_per_source} connections from this address are "
+                        "already waiting for their first frame")
+            if (sum(len(channels) for channels in self._pending.values())
+                    >= settings.max_pending_total and not self._evictFor(count - owed)):
+                return (f"{settings.max_pending_total} connections are already waiting "
+                        "for their first frame")
+        # Below what it is owed: data channels we asked this address's
+        # clients for come in bursts, and strangers' idle connections must
+        # not starve them.
+        self._pending.setdefault(source, OrderedDict())[channel] = None
         return None
 
-    def release(self, host: str) -> None:
+    def _evictFor(self, held: int) -> bool:
+        """
+        Close the oldest idle connection of the address that holds the most
+        beyond what it is owed, if that is more than C{held}; whether one
+        was closed.
+        """
+        most, heaviest = held, None
+        for source, channels in self._pending.items():
+            excess = len(channels) - (self.owedTo(source) if source in self.clientHosts else 0)
+            if excess > most:
+                most, heaviest = excess, source
+        if heaviest is None:
+            return False
+        for victim in self._pending[heaviest]:
+            # One that sent its first frame is being registered: it is not idle.
+            if victim.role in ("new", "refused"):
+                victim.evict(most)
+                return True
+        return False
+
+    def owedTo(self, source: str) -> int:
+        """
+        How many connections the clients registered from C{source} may have
+        on the way at once: a data channel for each user waiting on their
+        ports, and the room left in their pools.
+        """
+        room = self.settings.max_pool_count
+        return sum(len(tunnel.waiting) + max(room - len(tunnel.pool), 0)
+                   for tunnel in self.allTunnels()
+                   if getattr(tunnel.channel, "source", None) == source)
+
+    def release(self, channel: "ServerChannel") -> None:
         """A connection counted by L{admit} has sent its first frame, or gone."""
-        left = self.pending.get(host, 0) - 1
-        if left > 0:
-            self.pending[host] = left
-        else:
-            self.pending.pop(host, None)
+        channels = self._pending.get(channel.source)
+        if channels is not None:
+            channels.pop(channel, None)
+            if not channels:
+                del self._pending[channel.source]
 
     def clientArrived(self, host: str) -> None:
         self.clientHosts[host] = self.clientHosts.get(host, 0) + 1
@@ -451,17 +673,37 @@ class TunnelRegistry:
         Record a wrong token from C{host}; how long to wait before answering,
         growing with each failure in a row so that guessing is slow.
         """
+        self.stats.authFailures["control"] += 1
         now = self.clock.seconds()
-        count, last = self.authFailures.get(host, (0, now))
+        count, last = self.authFailures.pop(host, (0, now))
         if now - last > 60:
             count = 0
         count += 1
-        if len(self.authFailures) >= 10000 and host not in self.authFailures:
-            self.authFailures.clear()
         self.authFailures[host] = (count, now)
+        if len(self.authFailures) > MAX_AUTH_FAILURE_SOURCES:
+            # The least recent: clearing the whole table instead would let
+            # a spray of addresses reset a guesser's back-off.
+            self.authFailures.popitem(last=False)
         if count == 1:
             return 0.0
         return min(0.1 * 2 ** (count - 2), self.settings.auth_failure_delay_max)
+
+    def publicPort(self, remote_port: int) -> PublicPort:
+        """
+        The socket of public port C{remote_port}, shared by every tunnel
+        that holds the port in turn, so that they open and close it one at
+        a time.
+        """
+        port = self.publicPorts.get(remote_port)
+        if port is None:
+            port = self.publicPorts[remote_port] = PublicPort(
+                self.publicEndpoint(remote_port), remote_port, self.trackStopping,
+                self._publicPortIdle)
+        return port
+
+    def _publicPortIdle(self, port: PublicPort) -> None:
+        if self.publicPorts.get(port.remote_port) is port:
+            del self.publicPorts[port.remote_port]
 
     def publicEndpoint(self, port: int):
         interface = self.settings.public_interface
@@ -574,19 +816,33 @@ class TunnelRegistry:
         @return: a Deferred that fires with the L{Tunnel}, or fails with
             L{RegistrationRefused}.
         """
+        if msg.vhost is not None:
+            if self.virtualHosts is None:
+                return defer.fail(RegistrationRefused(
+                    "this server has no virtual hosts (--http, --https)"))
+            return self.virtualHosts.register(channel, msg)
         try:
             name = self.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
-            if msg.protocol not in ("tcp", ""):
+            tunnelType = Tunnel
+            if msg.protocol == "udp" and self.settings.udp:
+                from gotunnel.udp import UdpTunnel
+                tunnelType = UdpTunnel
+            elif msg.protocol not in ("tcp", ""):
                 raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
             if not 0 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 0 to 65535")
             self.checkLimits(msg.name, msg.remote_port)
             sources = self.sourcePolicies(msg.name, msg)
             if msg.remote_port == 0:
+                if tunnelType is not Tunnel:
+                    raise RegistrationRefused(
+                        "a UDP mapping needs a remote_port of its own (0 is for TCP)")
                 return self._registerAnyPort(channel, msg, sources)
-            lease = self._takeLease(msg.name, msg.remote_port)
+            if msg.group and tunnelType is not Tunnel:
+                raise RegistrationRefused("groups are for TCP mappings, not UDP")
+            self._takeLease(msg.name, msg.remote_port)
         except RegistrationRefused as e:
             return defer.fail(e)
         try:
@@ -602,21 +858,24 @@ class TunnelRegistry:
                     f"remote port {msg.remote_port} is already taken by another client"))
             log.info("client {name} registered port {remote_port} again; "
                      "dropping its previous control channel",
-                     name=msg.name, remote_port=msg.remote_port)
-            previousStopped = previous.close()
+                     name=printable(msg.name), remote_port=msg.remote_port)
+            previous.close()
             previous.channel.transport.loseConnection()
-        tunnel = Tunnel(self, channel, msg)
+        tunnel = tunnelType(self, channel, msg)
         tunnel.sources = sources
         self.applyLimits(tunnel, msg)
         if msg.group:
             group = Group(msg.remote_port, msg.group, msg.group_key or "")
             group.add(tunnel)
             self.groups[msg.remote_port] = group
-        if previous is not None:
-            tunnel._stopping = previousStopped
-        elif lease is not None:
-            tunnel._stopping = lease.stopped
         self.tunnels[msg.remote_port] = tunnel
+
+        def listening(listens: bool) -> Tunnel:
+            if not listens:
+                tunnel.close()
+                raise RegistrationRefused(
+                    f"port {msg.remote_port} was registered again or closed before it opened")
+            return tunnel
 
         def refused(failure):
             failure.trap(error.CannotListenError)
@@ -625,7 +884,7 @@ class TunnelRegistry:
             raise RegistrationRefused(
                 f"cannot listen on port {msg.remote_port}: {reason}")
 
-        return tunnel.listen().addCallbacks(lambda _: tunnel, refused)
+        return tunnel.listen().addCallbacks(listening, refused)
 
     def _registerAnyPort(self, channel: "ServerChannel", msg: messages.Register,
                          sources: tuple[SourcePolicy, ...]) -> defer.Deferred:
@@ -688,17 +947,17 @@ class TunnelRegistry:
         def listening(port: IListeningPort) -> Optional[Tunnel]:
             number = port.getHost().port
             lease = self.leases.get(number)
-            if number in self.tunnels or (lease is not None and lease.name != msg.name):
+            if (number in self.tunnels or number in self.publicPorts
+                    or (lease is not None and lease.name != msg.name)):
                 self.trackStopping(defer.maybeDeferred(port.stopListening))
                 return None
             if lease is not None:
                 self.leases.end(number)
-            tunnel.remote_port = tunnel.refusals.remote_port = number
-            tunnel.listener = port
-            tunnel.online = True
+            tunnel.portChosen(number)
             self.tunnels[number] = tunnel
-            log.info("public port {remote_port} listening for {name}",
-                     remote_port=number, name=tunnel.name)
+            # From now on the port's listener is ordered as any other's.
+            self.publicPort(number).adopt(tunnel, factory, port)
+            tunnel.online = True
             return tunnel
 
         def refused(failure):
@@ -706,12 +965,13 @@ class TunnelRegistry:
             raise RegistrationRefused(
                 f"cannot listen on a port the system chooses: {failure.value.socketError}")
 
+        factory = PublicUserFactory(tunnel)
         endpoint = self.publicEndpoint(0)
-        return endpoint.listen(PublicUserFactory(tunnel)).addCallbacks(listening, refused)
+        return endpoint.listen(factory).addCallbacks(listening, refused)
 
-    def _takeLease(self, name: str, remote_port: int) -> Optional[PortLease]:
+    def _takeLease(self, name: str, remote_port: int) -> None:
         """
-        The lease on C{remote_port}, ended, if C{name} holds it: C{name} is
+        End the lease on C{remote_port} if C{name} holds it: C{name} is
         back.  Also ends C{name}'s oldest leases on other ports past what
         it may hold at once, so that leases stay within its mapping limit.
 
@@ -728,12 +988,12 @@ class TunnelRegistry:
         for other in others[:max(held + len(others) + 1 - self.mappingLimit(name), 0)]:
             self.leases.end(other.remote_port)
             log.info("lease of public port {remote_port} for {name} ended: {name} "
-                     "registered another port", remote_port=other.remote_port, name=name)
+                     "registered another port", remote_port=other.remote_port,
+                     name=printable(name))
         if lease is not None:
             self.leases.end(remote_port)
             log.info("client {name} is back: public port {remote_port} is its again",
-                     name=name, remote_port=remote_port)
-        return lease
+                     name=printable(name), remote_port=remote_port)
 
     def clientDropped(self, tunnel: Tunnel) -> None:
         """
@@ -744,11 +1004,10 @@ class TunnelRegistry:
         if tunnel.closed:
             return
         if tunnel.group is not None and len(tunnel.group.members) > 1:
-            # The port stays open for the rest of the group.
+            # The port stays open for the rest of the group: no lease.
             tunnel.close()
             return
-        self.leases.start(tunnel.name, tunnel.remote_port, tunnel.close(),
-                          self.settings.port_lease)
+        tunnel.dropped()
 
     def newConnectionId(self) -> str:
         """
@@ -766,8 +1025,8 @@ class TunnelRegistry:
                 return
             if self.groups.get(tunnel.remote_port) is group:
                 del self.groups[tunnel.remote_port]
-        if self.tunnels.get(tunnel.remote_port) is tunnel:
-            del self.tunnels[tunnel.remote_port]
+        if self.tunnels.get(tunnel.key) is tunnel:
+            del self.tunnels[tunnel.key]
 
     def _handOver(self, leaving: Tunnel, successor: Tunnel) -> None:
         """
@@ -780,13 +1039,12 @@ class TunnelRegistry:
         if self.tunnels.get(leaving.remote_port) is not leaving:
             return
         self.tunnels[leaving.remote_port] = successor
-        listener, leaving.listener = leaving.listener, None
-        if listener is not None:
-            successor.listener = listener
+        port = self.publicPorts.get(leaving.remote_port)
+        factory = port.handOver(leaving, successor) if port is not None else None
+        if factory is not None:
+            # The same socket, and its factory, serve the successor now.
+            factory.tunnel = successor
             successor.online = True
-            factory = getattr(listener, "factory", None)
-            if isinstance(factory, PublicUserFactory):
-                factory.tunnel = successor
 
     def allTunnels(self) -> list[Tunnel]:
         """Every registered mapping: the holder of each port, and the other members of groups."""
@@ -865,7 +1123,7 @@ class TunnelRegistry:
                          name=name, owner=tunnel.name)
                 return False
             try:
-                self.checkPort(name, tunnel.remote_port)
+                tunnel.checkAllowed(name)
             except RegistrationRefused as e:
                 log.warn("a data channel of {name!r}: {reason}", name=name, reason=str(e))
                 return False
@@ -906,11 +1164,14 @@ class TunnelRegistry:
             another client), or its pool is full.
         """
         mine = self._dataChannelOwner(msg, certificateName)
-        tunnel = self.tunnels.get(msg.remote_port)
-        group = self.groups.get(msg.remote_port)
-        if group is not None:
-            # Each member pools for itself: its own local service answers.
-            tunnel = group.members.get(msg.name or certificateName or "")
+        if msg.vhost is not None and self.virtualHosts is not None:
+            tunnel = self.virtualHosts.mappingOf(msg)
+        else:
+            tunnel = self.tunnels.get(msg.remote_port)
+            group = self.groups.get(msg.remote_port)
+            if group is not None:
+                # Each member pools for itself: its own local service answers.
+                tunnel = group.members.get(msg.name or certificateName or "")
         if tunnel is None or not mine(tunnel):
             raise RegistrationRefused(f"no mapping of port {msg.remote_port} to pool for")
         tunnel.addPooled(channel)
@@ -923,7 +1184,7 @@ class TunnelRegistry:
             if tunnel.lastSeen < deadline:
                 log.warn("heartbeat timeout: client {name} (port {remote_port}) sent nothing "
                          "for {timeout} s; dropping it",
-                         name=tunnel.name, remote_port=tunnel.remote_port,
+                         name=printable(tunnel.name), remote_port=tunnel.remote_port,
                          timeout=self.settings.heartbeat_timeout)
                 self.clientDropped(tunnel)
                 tunnel.channel.transport.abortConnection()
@@ -934,6 +1195,8 @@ class TunnelRegistry:
         buffered bytes are written.
         """
         self.leases.clear()
+        if self.virtualHosts is not None:
+            self.virtualHosts.clear()
         for tunnel in self.allTunnels():
             tunnel.close()
         stopping = defer.DeferredList([_whenFired(d) for d in list(self._stoppingListeners)])
@@ -954,11 +1217,14 @@ class ServerChannel(MessageReceiver, RelayEnd):
                        "--tls-cert and --tls-key, or connect without TLS")
     firstFrameCall = None
     refusalCall = None
-    pendingHost: Optional[str] = None
     askedAnyPort = False
     """The register asked for remote port 0: the answer says which port."""
     wantsAddresses = False
     """The data channel asked for the user's addresses (messages.DataChannel.addresses)."""
+    pending = False
+    """Counted by the registry among the connections yet to send their first frame."""
+    source = "?"
+    """The address this connection is counted as, in the caps on pending connections."""
 
     def __init__(self, registry: TunnelRegistry) -> None:
         self.registry = registry
@@ -970,14 +1236,16 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.registry.connections.add(self)
-        refusal = self.registry.admit(self.host)
+        self.source = addressGroup(self.host, self.registry.settings.ipv6_prefix)
+        refusal = self.registry.admit(self)
         if refusal is not None:
             log.warn("refusing a connection from {peer}: {why}",
                      peer=self.peerDescription, why=refusal)
+            self.registry.stats.admissionRefusals["pending"] += 1
             self.role = "refused"
             self.transport.abortConnection()
             return
-        self.pendingHost = self.host
+        self.pending = True
         self.firstFrameCall = self.registry.clock.callLater(
             self.registry.settings.first_frame_timeout, self._firstFrameTimedOut)
 
@@ -986,9 +1254,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         This connection is now a control or data channel, or gone: it no
         longer counts against the caps on connections not yet accepted.
         """
-        if self.pendingHost is not None:
-            self.registry.release(self.pendingHost)
-            self.pendingHost = None
+        if self.pending:
+            self.pending = False
+            self.registry.release(self)
         self._cancelFirstFrameTimeout()
 
     def _cancelFirstFrameTimeout(self) -> None:
@@ -1004,7 +1272,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.role = "refused"
         delay = 0.0
         if reason == "authentication failed":
-            delay = self.registry.authenticationFailed(self.host)
+            delay = self.registry.authenticationFailed(self.source)
         if delay <= 0:
             self.fail(reason)
             return
@@ -1015,6 +1283,17 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def _refuseNow(self, reason: str) -> None:
         self.refusalCall = None
         self.fail(reason)
+
+    def evict(self, held: int) -> None:
+        """
+        Close this idle connection now, to make room for one from an
+        address that holds fewer: its address holds C{held} such connections.
+        """
+        log.warn("{peer} is the oldest of {held} connections from its address waiting for "
+                 "their first frame; closing it to make room for another address's",
+                 peer=self.peerDescription, held=held)
+        self._releasePending()
+        self.transport.abortConnection()
 
     def _firstFrameTimedOut(self) -> None:
         self.firstFrameCall = None
@@ -1042,7 +1321,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if not self._firstFrame("register"):
             return
         self.role = "registering"
-        self.askedAnyPort = msg.remote_port == 0
+        self.askedAnyPort = msg.remote_port == 0 and msg.vhost is None
         self.registry.register(self, msg).addCallbacks(
             self._registered, self._refused, errbackArgs=(msg,))
 
@@ -1054,17 +1333,35 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.role = "control"
         self.tunnel = tunnel
         self._releasePending()
-        self.registry.clientArrived(self.host)
-        self.sendMessage(messages.RegisterResp(
-            status="ok", pool=self.registry.settings.max_pool_count or None,
-            remote_port=tunnel.remote_port if self.askedAnyPort else None))
+        self.registry.clientArrived(self.source)
+        vhost = getattr(tunnel, "vhost", None)
+        if vhost is not None:
+            self.sendMessage(messages.RegisterResp(
+                status="ok", pool=self.registry.settings.max_pool_count or None, vhost=vhost))
+            log.info("client {name} registered from {peer}: local port {local_port} -> "
+                     "{vhost} virtual host {domains}", name=printable(tunnel.name),
+                     peer=self.peerDescription, local_port=tunnel.local_port, vhost=vhost,
+                     domains=",".join(tunnel.domains))
+            return
+        answer = tunnel.registerResp()
+        if self.askedAnyPort:
+            answer = dataclasses.replace(answer, remote_port=tunnel.remote_port)
+        self.sendMessage(answer)
         log.info("client {name} registered from {peer}: local port {local_port} -> "
-                 "public port {remote_port}", name=tunnel.name, peer=self.peerDescription,
-                 local_port=tunnel.local_port, remote_port=tunnel.remote_port)
+                 "public port {remote_port}", name=printable(tunnel.name),
+                 peer=self.peerDescription, local_port=tunnel.local_port,
+                 remote_port=tunnel.remote_port)
 
     def _refused(self, failure, msg: messages.Register) -> None:
         failure.trap(RegistrationRefused)
         if self.role != "registering":
+            return
+        if msg.vhost is not None:
+            names = ",".join(msg.domains or ()) or f"{msg.subdomain}.*"
+            log.warn("refused {vhost} virtual host {domains} of {name!r} from {peer}: {reason}",
+                     vhost=msg.vhost[:16], domains=names[:256], name=msg.name,
+                     peer=self.peerDescription, reason=str(failure.value))
+            self.refuse(str(failure.value))
             return
         log.warn("refused registration of port {remote_port} by {name!r} from {peer}: {reason}",
                  remote_port=msg.remote_port, name=msg.name, peer=self.peerDescription,
@@ -1082,7 +1379,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.tunnel.heartbeat()
         if msg.port != self.tunnel.remote_port:
             log.warn("{name} sent {kind} for port {port}, but its port is {remote_port}; ignored",
-                     name=self.tunnel.name, kind=kind, port=msg.port,
+                     name=printable(self.tunnel.name), kind=kind, port=msg.port,
                      remote_port=self.tunnel.remote_port)
             return None
         return self.tunnel
@@ -1097,7 +1394,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
             tunnel.serviceUp = False
         elif tunnel is not None:
             log.info("client {name} says its service is down; port {remote_port} offline",
-                     name=tunnel.name, remote_port=tunnel.remote_port)
+                     name=printable(tunnel.name), remote_port=tunnel.remote_port)
             tunnel.stopListening()
 
     def msg_online_port(self, msg: messages.OnlinePort) -> None:
@@ -1106,14 +1403,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
             tunnel.serviceUp = True
         elif tunnel is not None and not tunnel.online:
             log.info("client {name} says its service is back; port {remote_port} online",
-                     name=tunnel.name, remote_port=tunnel.remote_port)
-
-            def failed(failure):
-                failure.trap(error.CannotListenError)
-                log.error("cannot listen on port {remote_port} again: {reason}",
-                          remote_port=tunnel.remote_port, reason=failure.value.socketError)
-
-            tunnel.listen().addErrback(failed)
+                     name=printable(tunnel.name), remote_port=tunnel.remote_port)
+            tunnel.goOnline()
 
     def msg_data_channel(self, msg: messages.DataChannel) -> None:
         if not self._firstFrame("data_channel"):
@@ -1121,7 +1412,10 @@ class ServerChannel(MessageReceiver, RelayEnd):
         certificateName = tls.peerCommonName(self.transport)
         self.wantsAddresses = bool(msg.addresses)
         try:
-            if msg.pooled:
+            if msg.protocol == "udp":
+                from gotunnel.udp import attachCarrier
+                self.tunnel = attachCarrier(self.registry, msg, certificateName)
+            elif msg.pooled:
                 self.tunnel = self.registry.poolDataChannel(self, msg, certificateName)
             else:
                 user = self.registry.attachDataChannel(msg, certificateName)
@@ -1131,6 +1425,13 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.refuse(str(e))
             return
         self._releasePending()
+        if msg.protocol == "udp":
+            # The carrying channel of a UDP mapping: datagram frames from now on.
+            self.role = "udp"
+            self.sendMessage(messages.RegisterResp(status="ok"))
+            self.switchToRaw()
+            self.tunnel.attachCarrier(self)
+            return
         if msg.pooled:
             # Read on while idle: a pooled channel that closes must leave
             # the pool at once, not when a user is handed to it.
@@ -1138,9 +1439,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
             setKeepAlive(self.transport)
             return
         self.role = "data"
-        self._answer(user, ours=msg.conn_id is not None)
-        self.switchToRaw()
-        self._spliceTo(user)
+        if self._answer(user, ours=msg.conn_id is not None):
+            self.switchToRaw()
+            self._spliceTo(user)
 
     def attachUser(self, user: PublicUser) -> bool:
         """
@@ -1156,14 +1457,14 @@ class ServerChannel(MessageReceiver, RelayEnd):
             return False
         self.role = "data"
         # Only our client pools data channels.
-        self._answer(user, ours=True)
-        # Outside a frame handler, so switchToRaw's pause is not needed:
-        # every byte from now on is raw.
-        self._raw = True
+        if not self._answer(user, ours=True):
+            return True
+        # Outside a frame handler, so switchToRaw's pause is not needed.
+        self.rawFromNow()
         self._spliceTo(user)
         return True
 
-    def _answer(self, user: PublicUser, ours: bool) -> None:
+    def _answer(self, user: PublicUser, ours: bool) -> bool:
         """
         Accept this data channel for C{user}.  To our own client, what the
         user has sent so far goes in the same segment as the answer: the
@@ -1171,9 +1472,25 @@ class ServerChannel(MessageReceiver, RelayEnd):
         connection reaches the service a wake-up sooner; and the answer
         tells the user's and the public address if it asked for them.  A Go
         client gets the answer alone, as the Go server sends it.
+
+        False if that read found the user's connection reset while it
+        waited: both connections are then reset, which the client passes
+        on to the service.
         """
-        # A capped mapping's bytes are all read through its throttle.
-        early = readWaiting(user.transport) if ours and user.tunnel.throttles is None else b""
+        early = b""
+        if ours:
+            try:
+                waiting = readWaiting(user.transport)
+            except OSError:
+                user.transport.abortConnection()
+                self.transport.abortConnection()
+                return False
+            # What the user sent while it waited goes ahead of what it has
+            # sent since; the held bytes were counted as they came.
+            user.relayed += len(waiting)
+            early = user.takeHeld() + waiting
+        # A capped mapping's throttle is charged for these once spliced.
+        user.earlyBytes = len(early)
         answer = messages.RegisterResp(status="ok")
         if ours and self.wantsAddresses:
             # For our client's PROXY protocol header (see gotunnel.proxyprotocol).
@@ -1183,9 +1500,11 @@ class ServerChannel(MessageReceiver, RelayEnd):
                 user_port=getattr(peer, "port", None), public_host=getattr(host, "host", None),
                 public_port=getattr(host, "port", None))
         self.sendMessage(answer, rawAfter=early)
+        return True
 
     def _spliceTo(self, user: PublicUser) -> None:
         settings = self.registry.settings
+        user.dataChannel = self
         throttles = user.tunnel.throttles
         if throttles is not None:
             # A capped mapping's bytes go through Python, where reading
@@ -1193,6 +1512,12 @@ class ServerChannel(MessageReceiver, RelayEnd):
             user.throttle, self.throttle = throttles
         splice(user, self, zeroCopy=settings.zero_copy and throttles is None,
                spliceThread=settings.splice_thread, busyPoll=settings.busy_poll / 1e6)
+        if throttles is not None and user.earlyBytes:
+            # After splice(), which resumes reading: what the user sent
+            # while it waited (read in small pieces, see PublicUser) counts
+            # against the cap too, and may pause the user again at once.
+            user.throttle.passed(user, user.earlyBytes)
+        self.registry.stats.dataChannelReady(user, self.registry.clock.seconds() - user.connectedAt)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.
         log.debug("data channel for port {remote_port} ready in {ms:.1f} ms",
@@ -1200,10 +1525,15 @@ class ServerChannel(MessageReceiver, RelayEnd):
                   ms=(self.registry.clock.seconds() - user.connectedAt) * 1000)
 
     def rawDataReceived(self, data: bytes) -> None:
+        if self.role == "udp":
+            self.tunnel.carrierData(self, data)
+            return
         self.relayReceived(data)
 
     def readConnectionLost(self) -> None:
         if self.role == "data":
+            if self.peer is not None:
+                noteEnding(self.peer, SERVICE_CLOSED)
             RelayEnd.readConnectionLost(self)
         else:
             self.transport.loseConnection()
@@ -1227,14 +1557,18 @@ class ServerChannel(MessageReceiver, RelayEnd):
         self.registry.connections.discard(self)
         role, self.role = self.role, "closed"
         if role == "control":
-            self.registry.clientLeft(self.host)
+            self.registry.clientLeft(self.source)
             log.info("client {name} gone; closing public port {remote_port}",
-                     name=self.tunnel.name, remote_port=self.tunnel.remote_port)
+                     name=printable(self.tunnel.name), remote_port=self.tunnel.remote_port)
             self.registry.clientDropped(self.tunnel)
         elif role == "pooled":
             self.tunnel.pooledLost(self)
+        elif role == "udp":
+            self.tunnel.carrierLost(self)
         elif role == "data":
-            self.relayConnectionLost()
+            if self.peer is not None:
+                noteEnding(self.peer, endingOf(reason, SERVICE_CLOSED))
+            self.relayConnectionLost(reason)
 
 
 class ServerChannelFactory(Factory):
@@ -1260,6 +1594,8 @@ class TunnelServerService(MultiService):
 
     controlPort: Optional[IListeningPort] = None
     _listenOutcome = None
+    virtualHostService = None
+    """The L{gotunnel.vhost.VirtualHostService}, with --http or --https."""
 
     def __init__(self, settings: ServerSettings, reactor=None) -> None:
         super().__init__()
@@ -1271,9 +1607,24 @@ class TunnelServerService(MultiService):
         self.controlEndpoint = tls.serverEndpoint(
             reactor, dataclasses.replace(settings, listen=listen))
         self._listenWaiters: list[defer.Deferred] = []
+        if settings.vhost_http or settings.vhost_https:
+            from gotunnel.vhost import VirtualHosts, VirtualHostService
+
+            endpoints = {scheme: description for scheme, description in (
+                ("http", settings.vhost_http), ("https", settings.vhost_https)) if description}
+            self.registry.virtualHosts = VirtualHosts(self.registry, tuple(endpoints))
+            self.virtualHostService = VirtualHostService(self.registry.virtualHosts, endpoints,
+                                                         reactor)
+            self.virtualHostService.setServiceParent(self)
         heartbeat = TimerService(settings.heartbeat_check_interval, self.registry.checkHeartbeats)
         heartbeat.clock = reactor
         heartbeat.setServiceParent(self)
+        self.admin = None
+        if settings.admin:
+            from gotunnel.admin.service import AdminService
+
+            self.admin = AdminService(settings, self.registry, reactor)
+            self.admin.setServiceParent(self)
 
     def whenListening(self) -> defer.Deferred:
         """

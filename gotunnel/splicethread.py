@@ -26,6 +26,7 @@ six such wake-ups (socat's pays for four).
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import threading
@@ -116,46 +117,82 @@ class SpliceThread:
     """
     A daemon thread and its epoll, moving the bytes of the pumps it holds.
 
+    An exception anywhere in the thread ends it, but never with a pump in
+    its hands: every pump goes back to the reactor (whose own C{doRead} and
+    C{doWrite} carry on), the failure is logged there, and L{forReactor}
+    starts a new thread for the pumps to come.
+
     @ivar sides: the L{Side} each descriptor the thread watches belongs to.
     @ivar waiting: how the thread waits for its events.
     """
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor,
+                 makeWaiting: Callable[[Callable[..., list]], BusyPoll] = BusyPoll) -> None:
+        """
+        @param makeWaiting: makes L{waiting} from the epoll's C{poll} (a
+            test gives one that fails when told to).
+        """
         self.reactor = reactor
         self.epoll = select.epoll()
-        self.waiting = BusyPoll(self.epoll.poll)
+        self.waiting = makeWaiting(self.epoll.poll)
         self.sides: dict[int, object] = {}
+        # Held to register descriptors and to close: nothing is adopted by a
+        # thread that has closed its epoll, or is handing its pumps back.
+        self._lock = threading.Lock()
+        self._closed = False
         self._stopRead, self._stopWrite = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.epoll.register(self._stopRead, READABLE)
+        self._trigger = reactor.addSystemEventTrigger("after", "shutdown", self.stop)
         self.thread = threading.Thread(target=self._run, name="gotunnel-splice", daemon=True)
         self.thread.start()
-        reactor.addSystemEventTrigger("after", "shutdown", self.stop)
 
     def adopt(self, pump) -> None:
-        """Watch C{pump}'s descriptors (its lock held by the caller)."""
-        for side in pump.sides.values():
-            side.mask = side.wantedEvents()
-            self.sides[side.fd] = side
-            self.epoll.register(side.fd, side.mask)
+        """
+        Watch C{pump}'s descriptors (its lock held by the caller).
+
+        @raise OSError: the kernel refuses a watch, or the thread has ended.
+        """
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.ESRCH, "the splice thread has ended")
+            for side in pump.sides.values():
+                side.mask = side.wantedEvents()
+                self.sides[side.fd] = side
+                self.epoll.register(side.fd, side.mask)
 
     def release(self, pump) -> None:
-        """Watch C{pump}'s descriptors no more (its lock held by the caller)."""
+        """
+        Watch C{pump}'s descriptors no more (its lock held by the caller);
+        once the thread has closed its epoll, there is nothing to undo.
+        """
         for side in pump.sides.values():
             if self.sides.get(side.fd) is side:
                 del self.sides[side.fd]
             try:
                 self.epoll.unregister(side.fd)
-            except OSError:
+            except (OSError, ValueError):
+                # ValueError: the epoll is closed (the thread has ended).
                 pass
 
     def stop(self) -> None:
         """Let the thread end (the reactor has stopped: nobody hands it pumps)."""
-        try:
-            os.write(self._stopWrite, b"x")
-        except OSError:
-            pass
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                os.write(self._stopWrite, b"x")
+            except OSError:
+                pass
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            self._abandon(Failure())
+        else:
+            self._close()
+
+    def _loop(self) -> None:
         waiting = self.waiting
         sides = self.sides
         stopRead = self._stopRead
@@ -167,26 +204,28 @@ class SpliceThread:
             for fd, events in ready:
                 side = sides.get(fd)
                 if side is not None:
-                    # Answer times are kept only for pumps that poll.
-                    if events & READABLE and side.pump.busyPoll:
-                        expected = pollBudget(side, now)
-                        if expected > budget:
-                            budget = expected
-                    self._step(side, events)
+                    expected = self._step(side, events, now)
+                    if expected > budget:
+                        budget = expected
                 elif fd == stopRead:
-                    self.epoll.close()
-                    os.close(self._stopRead)
-                    os.close(self._stopWrite)
                     return
 
-    def _step(self, side, events: int) -> None:
+    def _step(self, side, events: int, now: float) -> float:
+        """
+        Move C{side}'s bytes for C{events}; the seconds to poll for the
+        answer.  Anything else, a failure included, hands its pump back.
+        """
         pump = side.pump
+        budget = 0.0
         with pump.lock:
             # An event polled before the reactor took the pump back, or
             # for a descriptor number the reactor has since reused.
             if not pump.inThread:
-                return
+                return budget
             try:
+                # Answer times are kept only for pumps that poll.
+                if events & READABLE and pump.busyPoll:
+                    budget = pollBudget(side, now)
                 if side.moveInThread(events):
                     if pump.eventsChanged:
                         pump.eventsChanged = False
@@ -195,7 +234,7 @@ class SpliceThread:
                             if wanted != each.mask:
                                 each.mask = wanted
                                 self.epoll.modify(each.fd, wanted)
-                    return
+                    return budget
                 failure: Optional[Failure] = None
             except Exception:
                 failure = Failure()
@@ -205,6 +244,42 @@ class SpliceThread:
                 log.failure, "the splice thread failed on a connection; "
                 "the reactor relays it from here", failure)
         self.reactor.callFromThread(pump.reclaim)
+        return 0.0
+
+    def _abandon(self, failure: Failure) -> None:
+        """
+        The thread failed outside any one pump's step: hand every pump back
+        to the reactor, say so there, and end.
+        """
+        with self._lock:
+            self._closed = True
+            pumps = {side.pump for side in list(self.sides.values())}
+        for pump in pumps:
+            with pump.lock:
+                pump.leaveThread()
+            self.reactor.callFromThread(pump.reclaim)
+        self.reactor.callFromThread(
+            log.failure, "the splice thread failed; the reactor relays its {count} "
+            "connections from here", failure, count=len(pumps))
+        self._close()
+        # Not after a stop: that comes from the trigger, at shutdown.
+        self.reactor.callFromThread(self._forgetTrigger)
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.epoll.close()
+            os.close(self._stopRead)
+            os.close(self._stopWrite)
+
+    def _forgetTrigger(self) -> None:
+        trigger, self._trigger = self._trigger, None
+        if trigger is not None:
+            try:
+                self.reactor.removeSystemEventTrigger(trigger)
+            except (KeyError, ValueError):
+                # It has fired: the reactor is shutting down.
+                pass
 
 
 _threads: dict[int, SpliceThread] = {}

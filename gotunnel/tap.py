@@ -27,9 +27,9 @@ from twisted.python import usage
 from gotunnel import __version__, logs, rlimits, tls
 from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
-    LOG_LEVELS, MAX_BUSY_POLL, MAX_CONNECTION_RATE, ClientSettings, ConfigError, ConfigFile,
-    ServerSettings,
-    clientEndpointString, findConfigFile, parseLogLang, parseLogLevel, parseMapping,
+    CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, MAX_CONNECTION_RATE, ClientSettings,
+    ConfigError, ConfigFile, ServerSettings, clientEndpointString, findConfigFile,
+    parseConnectionLog, parseLogLang, parseLogLevel, parseMapping, parseVirtualHost,
     readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
@@ -91,6 +91,7 @@ _bandwidth.coerceDoc = "Bytes a second: 10MB, 512KiB, 1GB."  # type: ignore[attr
 _atLeastOne = _wholeNumber(1)
 _atLeastZero = _wholeNumber(0)
 _busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
+_ipv6Prefix = _wholeNumber(1, 128)
 
 
 def _logLevel(text: str) -> str:
@@ -105,6 +106,15 @@ def _logLang(text: str) -> str:
 
 
 _logLang.coerceDoc = f"One of {', '.join(LANGUAGES)}."  # type: ignore[attr-defined]
+
+
+def _connectionLog(text: str) -> str:
+    return parseConnectionLog(text, "--connection-log")
+
+
+_connectionLog.coerceDoc = (  # type: ignore[attr-defined]
+    f"One of {', '.join(CONNECTION_LOG_LEVELS)}.")
+
 
 def _proxyProtocol(text: str) -> str:
     return parseVersion(text, "--proxy-protocol")
@@ -128,6 +138,23 @@ _NO_SPLICE_THREAD = [
     "(splice_thread: false in the config file)."]
 
 
+def _udpOptions(role: str, settingsType: type) -> list[list[Any]]:
+    return [
+        ["udp-session-timeout", None, None,
+         "Seconds a UDP mapping keeps a remote peer's session after its last datagram "
+         f"(default: {settingsType.udp_session_timeout:g}; {role}.udp_session_timeout)",
+         _positive],
+        ["udp-max-sessions", None, None,
+         "Remote peers one UDP mapping serves at once; new peers' datagrams beyond are "
+         f"dropped (default: {settingsType.udp_max_sessions}; {role}.udp_max_sessions)",
+         _atLeastOne],
+    ]
+
+
+_UDP_FIELDS = {"udp-session-timeout": "udp_session_timeout",
+               "udp-max-sessions": "udp_max_sessions"}
+
+
 def _busyPollOption(role: str, settingsType: type) -> list[Any]:
     return ["busy-poll", None, None,
             "Microseconds the splice thread polls for a socket's answer before it sleeps, "
@@ -141,6 +168,10 @@ def _logOptions(role: str) -> list[list[Any]]:
          f"Log events at this level and above (default: info; {role}.log_level)", _logLevel],
         ["log-lang", None, None,
          f"Language of log messages (default: en; {role}.log_lang)", _logLang],
+        ["connection-log", None, None,
+         "The level of the line logged for each user connection that ends, with its bytes, "
+         f"duration and how it ended, or off (default: info; {role}.connection_log)",
+         _connectionLog],
     ]
 
 
@@ -348,6 +379,10 @@ class ServerOptions(_SettingsOptions):
         ["bandwidth-limit", None, None,
          "Bytes a second each mapping may carry each way, e.g. 10MB or 512KiB; 0 for no cap "
          "(server.bandwidth_limit)", _bandwidth],
+        ["ipv6-prefix", None, None,
+         "IPv6 clients in one network of this prefix length count as one address in the "
+         "caps on connections waiting for their first frame "
+         f"(default: {ServerSettings.ipv6_prefix}; server.ipv6_prefix)", _ipv6Prefix],
         ["tls-cert", None, None,
          "Speak TLS on the control address, with this PEM certificate (and its chain) "
          "(server.tls_cert; needs --tls-key)."],
@@ -355,9 +390,37 @@ class ServerOptions(_SettingsOptions):
         ["tls-client-ca", None, None,
          "Mutual TLS: require client certificates signed by the CA in this PEM file; "
          "a certificate's common name must be the client's name (server.tls_client_ca)."],
+        ["http", None, None,
+         "Endpoint of the HTTP virtual-host port, where clients' --http mappings are routed "
+         "by Host, e.g. tcp:80 (server.vhost_http)."],
+        ["https", None, None,
+         "Endpoint of the HTTPS virtual-host port, where clients' --https mappings are routed "
+         "by TLS server name (SNI), e.g. tcp:443 (server.vhost_https)."],
+        ["subdomain-host", None, None,
+         "Clients may claim NAME.DOMAIN on the virtual-host ports, e.g. tunnel.example.com "
+         "(server.subdomain_host)."],
+        ["vhost-head-timeout", None, None,
+         "Seconds a user of a virtual-host port has to send its request head or ClientHello "
+         f"(default: {ServerSettings.vhost_head_timeout:g}; server.vhost_head_timeout)",
+         _positive],
         _busyPollOption("server", ServerSettings),
-    ] + _logOptions("server")
-    optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD]
+        ["admin", None, None,
+         "Serve the admin API, /metrics and the dashboard on this endpoint, e.g. "
+         "tcp:7400:interface=127.0.0.1 or ssl:7400:privateKey=key.pem:certKey=cert.pem "
+         "(default: none; server.admin)."],
+        ["admin-token", None, None,
+         "Bearer token for the admin endpoint (server.admin_token)."],
+        ["admin-user", None, None,
+         "User name for the dashboard's login (server.admin_user; needs --admin-password)."],
+        ["admin-password", None, None,
+         "Password for the dashboard's login (server.admin_password)."],
+    ] + _udpOptions("server", ServerSettings) + _logOptions("server")
+    optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD,
+                ["no-forwarded-headers", None,
+                 "Do not add X-Forwarded-For and X-Forwarded-Proto to requests routed by the "
+                 "HTTP virtual-host port (server.vhost_forwarded_headers: false)."],
+                ["no-udp", None, "Publish no UDP mappings: a client's register of protocol "
+                                 "udp is refused (udp: false in the config file)."]]
 
     role = "server"
     firstOptions = ("token", "listen", "config")
@@ -373,8 +436,14 @@ class ServerOptions(_SettingsOptions):
               "max-users-per-port": "max_users_per_port",
               "max-connection-rate": "max_connection_rate",
               "bandwidth-limit": "bandwidth_limit",
+              "ipv6-prefix": "ipv6_prefix",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
-              "log-level": "log_level", "log-lang": "log_lang"}
+              "http": "vhost_http", "https": "vhost_https", "subdomain-host": "subdomain_host",
+              "vhost-head-timeout": "vhost_head_timeout",
+              "admin": "admin", "admin-token": "admin_token", "admin-user": "admin_user",
+              "admin-password": "admin_password",
+              "log-level": "log_level", "log-lang": "log_lang",
+              "connection-log": "connection_log", **_UDP_FIELDS}
     tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
                   "tls_client_ca": "tls-client-ca"}
 
@@ -387,6 +456,21 @@ class ServerOptions(_SettingsOptions):
         return not values.get("clients")
 
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
+        if self["no-forwarded-headers"]:
+            values["vhost_forwarded_headers"] = False
+        for option, field in (("http", "vhost_http"), ("https", "vhost_https")):
+            if values.get(field):
+                checkEndpoint(values[field], "server", f"--{option}" if self[option]
+                              else f"{source}: server.{field}")
+        if values.get("subdomain_host"):
+            from gotunnel.vhost import normalDomain
+
+            try:
+                values["subdomain_host"] = normalDomain(values["subdomain_host"])
+            except ValueError as e:
+                raise usage.UsageError(f"--subdomain-host: {e}") from None
+        if self["no-udp"]:
+            values["udp"] = False
         # A listed name is its own only if nobody else holds its token: not
         # every holder of the shared token, nor another listed client.
         owners: dict[str, str] = {}
@@ -400,6 +484,13 @@ class ServerOptions(_SettingsOptions):
                            "of its own")
                 # server.clients is read from a file only.
                 raise ConfigError(f"{source}: {problem}")
+        admin = values.get("admin")
+        if admin:
+            checkEndpoint(admin, "server", "--admin" if self["admin"] is not None or not source
+                          else f"{source}: server.admin")
+        if bool(values.get("admin_user")) != bool(values.get("admin_password")):
+            raise usage.UsageError("--admin-user and --admin-password go together "
+                                   "(server.admin_user, server.admin_password)")
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
         tls.checkServerSettings(settings, names, where)
@@ -456,7 +547,7 @@ class ClientOptions(_SettingsOptions):
          "first on every local connection, for mappings that do not set their own "
          "(client.tunnels[].proxy_protocol)", _proxyProtocol],
         _busyPollOption("client", ClientSettings),
-    ] + _logOptions("client")
+    ] + _udpOptions("client", ClientSettings) + _logOptions("client")
     optFlags = [
         ["tls", None, "Connect with TLS and verify the server's certificate and name "
                       "(client.tls)."],
@@ -482,18 +573,49 @@ class ClientOptions(_SettingsOptions):
               "max-pending-data-channels": "max_pending_data_channels",
               "ca": "tls_ca", "server-name": "tls_server_name",
               "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
-              "log-level": "log_level", "log-lang": "log_lang"}
+              "log-level": "log_level", "log-lang": "log_lang",
+              "connection-log": "connection_log", **_UDP_FIELDS}
     tlsOptions = {"tls": "tls", "tls_ca": "ca", "tls_server_name": "server-name",
                   "tls_client_cert": "tls-client-cert", "tls_client_key": "tls-client-key"}
 
     def __init__(self) -> None:
         super().__init__()
         self["map"] = []
+        self["vhosts"] = []
+
+    def opt_http(self, value: str) -> None:
+        """
+        A local web service to publish on the server's HTTP virtual-host port:
+        DOMAIN[,DOMAIN...]=[LOCALHOST:]LOCALPORT; a DOMAIN may be *.example.com, and
+        a name without a dot is a subdomain of the server's subdomain_host (repeatable).
+        """
+        self._vhost(value, "http")
+
+    def opt_https(self, value: str) -> None:
+        """
+        A local TLS service to publish on the server's HTTPS virtual-host port,
+        routed by server name (SNI), its TLS untouched:
+        DOMAIN[,DOMAIN...]=[LOCALHOST:]LOCALPORT (repeatable).
+        """
+        self._vhost(value, "https")
+
+    def _vhost(self, value: str, kind: str) -> None:
+        from gotunnel.vhost import normalDomain
+
+        try:
+            mapping = parseVirtualHost(value, kind)
+            domains = tuple(normalDomain(domain) for domain in mapping.domains)
+            if mapping.subdomain:
+                normalDomain(mapping.subdomain)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["vhosts"].append(dataclasses.replace(mapping, domains=domains))
 
     def opt_map(self, value: str) -> None:
         """
-        A local service to publish: [LOCALHOST:]LOCALPORT:REMOTEPORT
-        (repeatable; replaces the services of the config file).
+        A local service to publish: [udp:][LOCALHOST:]LOCALPORT:REMOTEPORT
+        (repeatable; replaces the services of the config file; udp: publishes
+        a UDP service).
         """
         try:
             self["map"].append(parseMapping(value))
@@ -515,11 +637,12 @@ class ClientOptions(_SettingsOptions):
             values["server"] = clientEndpointString(values["server"])
         if self["exit-on-refusal"]:
             values["exit_on_refusal"] = True
-        if self["map"]:
-            values["mappings"] = list(self["map"])
+        if self["map"] or self["vhosts"]:
+            values["mappings"] = list(self["map"]) + list(self["vhosts"])
         if self["proxy-protocol"] and values.get("mappings"):
+            # Not for UDP: a PROXY header goes first on a TCP connection.
             values["mappings"] = [
-                mapping if mapping.proxy_protocol else
+                mapping if mapping.proxy_protocol or mapping.protocol == "udp" else
                 dataclasses.replace(mapping, proxy_protocol=self["proxy-protocol"])
                 for mapping in values["mappings"]]
         if not values.get("mappings"):
@@ -528,8 +651,10 @@ class ClientOptions(_SettingsOptions):
                     f"{source}: nothing to publish: set client.local_ports (with "
                     f"client.remote_port) or client.tunnels, or give --map")
             raise usage.UsageError(
-                "nothing to publish: give --map [LOCALHOST:]LOCALPORT:REMOTEPORT")
-        remotePorts = [m.remote_port for m in values["mappings"] if m.remote_port]
+                "nothing to publish: give --map [LOCALHOST:]LOCALPORT:REMOTEPORT "
+                "or --http DOMAIN=[LOCALHOST:]LOCALPORT")
+        # 0 (the server chooses) may be asked for more than once; a virtual host has no port.
+        remotePorts = [m.remote_port for m in values["mappings"] if m.remote_port and not m.vhost]
         if len(set(remotePorts)) != len(remotePorts):
             raise usage.UsageError("two --map options name the same remote port")
         if not values.get("name"):

@@ -11,12 +11,13 @@ Endpoint strings (C{ssl:}, C{tls:}) keep working without any of this.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint, ISSLTransport
@@ -119,6 +120,38 @@ def peerCommonName(transport: object) -> Optional[str]:
     if certificate is None:
         return None
     return commonName(certificate.to_cryptography()) or ""
+
+
+def outOfDate(transport: object, now: float) -> Optional[str]:
+    """
+    Why the peer's certificate chain on C{transport}, a TLS connection whose
+    handshake failed verification, is not valid at C{now} (a POSIX time):
+    which certificate expired, or is not valid yet, and when; None if every
+    certificate is within its dates (or the chain cannot be read).
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None
+    # The peer's chain outlives a failed verification, where the peer's
+    # certificate (getPeerCertificate) does not.
+    handle = transport.getHandle()  # type: ignore[attr-defined]
+    if not isinstance(handle, SSL.Connection):
+        return None
+    chain = [c.to_cryptography() for c in handle.get_peer_cert_chain() or ()]
+    at = datetime.fromtimestamp(now, timezone.utc)
+    for position, certificate in enumerate(chain):
+        which = "its certificate" if position == 0 else "a CA certificate of its chain"
+        name = commonName(certificate)
+        if name:
+            which = f"{which} {name!r}"
+        if certificate.not_valid_after_utc < at:
+            when = certificate.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+            return (f"{which} expired on {when} (its notAfter): it needs a new certificate, "
+                    f"unless this machine's clock is wrong")
+        if certificate.not_valid_before_utc > at:
+            when = certificate.not_valid_before_utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+            return (f"{which} is not valid before {when} (its notBefore): check this "
+                    f"machine's clock")
+    return None
 
 
 # ---------------------------------------------------------------------------

@@ -504,7 +504,7 @@ class SplicePump:
                 self.leaveThread()
                 self.thread = None
                 log.warn("cannot hand a connection to the splice thread ({why}); "
-                         "the reactor splices it", why=os.strerror(e.errno))
+                         "the reactor splices it", why=e.strerror or os.strerror(e.errno))
         if self.thread is None:
             self._unguard()
             self._resume()

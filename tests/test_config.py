@@ -751,6 +751,25 @@ class SpliceThreadOptionTests(ZeroCopyOptionTests):
     option = "--no-splice-thread"
 
 
+class Ipv6PrefixOptionTests(ConfigTestCase):
+    """server.ipv6_prefix / --ipv6-prefix."""
+
+    def test_default(self):
+        self.assertEqual(self.server("server:\n  token: t\n").ipv6_prefix, 64)
+
+    def test_fileAndCommandLine(self):
+        self.assertEqual(self.server("server:\n  token: t\n  ipv6_prefix: 56\n").ipv6_prefix, 56)
+        self.assertEqual(self.server("server:\n  token: t\n  ipv6_prefix: 56\n",
+                                     "--ipv6-prefix", "128").ipv6_prefix, 128)
+
+    def test_outOfRangeRefused(self):
+        self.assertConfigError("server", "server:\n  token: t\n  ipv6_prefix: 0\n",
+                               "server.ipv6_prefix must be a whole number from 1 to 128")
+        with self.assertRaises(usage.UsageError) as caught:
+            self.server("server:\n  token: t\n", "--ipv6-prefix", "129")
+        self.assertIn("must be from 1 to 128", str(caught.exception))
+
+
 class PoolOptionTests(ConfigTestCase):
     """client.pool_count / --pool-count and server.max_pool_count / --max-pool-count."""
 

@@ -19,8 +19,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from gotunnel import messages
-from gotunnel.control import MAX_FRAME, MessageReceiver
-from gotunnel.messages import DataChannel, OfflinePort, Ping, Register
+from gotunnel.control import MAX_BACKLOG, MAX_FRAME, MessageReceiver
+from gotunnel.messages import DataChannel, OfflinePort, Ping, Pong, Register
 from gotunnel.sameturn import readWaiting, writeThrough
 
 from tests.support import HOST, User, UserFactory, waitingIn, waitUntil, within
@@ -318,6 +318,155 @@ class SwitchToRawTests(unittest.TestCase):
         self.protocol.dataReceived(PING + self.handshake + b"raw")
         self.assertEqual(self.protocol.received,
                          [Ping(time=7), DataChannel(remote_port=10022, conn_id="c1")])
+        self.assertEqual(self.protocol.raw, [b"raw"])
+
+
+class Answerer(Switcher):
+    """Answers every ping with a pong, as a control channel does."""
+
+    def msg_ping(self, msg) -> None:
+        super().msg_ping(msg)
+        self.sendMessage(Pong(time=msg.time))
+
+
+class SlowReaderTransport(StringTransport):
+    """
+    A transport whose peer reads only when the test says so: like Twisted's
+    own, it pauses a streaming producer once more than C{bufferSize} bytes
+    wait, and resumes it once they have all gone (L{drain}).
+    """
+
+    bufferSize = 100
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+        self.producerPaused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.waiting += len(data)
+        if self.producer is not None and self.waiting > self.bufferSize:
+            self.producerPaused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """The peer reads all that waits."""
+        self.waiting = 0
+        if self.producer is not None and self.producerPaused:
+            self.producerPaused = False
+            self.producer.resumeProducing()
+
+
+class BackedUpWritesTests(unittest.TestCase):
+    """
+    A peer that sends frames and reads none of the answers: the connection
+    stops being read while its write buffer is full, and is closed once the
+    answers held for it pass L{MAX_BACKLOG}.
+    """
+
+    def setUp(self):
+        self.protocol = Answerer()
+        self.transport = SlowReaderTransport()
+        self.protocol.makeConnection(self.transport)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_fullBufferStopsReading(self):
+        """
+        Of a thousand pings in one read, only those answered before the
+        buffer filled are handled, and the transport stops reading; each
+        drain lets a few more through, and the last leaves no producer
+        registered.
+        """
+        self.protocol.dataReceived(PING * 1000)
+        handled = len(self.protocol.received)
+        self.assertLess(handled, 10)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertIs(self.transport.producer, self.protocol)
+        drains = 0
+        while len(self.protocol.received) < 1000 and drains < 1000:
+            self.transport.drain()
+            drains += 1
+        self.assertEqual(len(self.protocol.received), 1000)
+        self.assertGreater(drains, 100)
+        self.transport.drain()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertIsNone(self.transport.producer)
+        self.assertEqual(len(self.transport.value()), 1000 * len(frame(b'{"type":"pong","time":7}')))
+
+    def test_writesWithRoomLeaveNoProducer(self):
+        """While the buffer has room, the transport keeps no producer of ours."""
+        self.protocol.dataReceived(PING)
+        self.assertEqual(self.protocol.received, [Ping(time=7)])
+        self.assertIsNone(self.transport.producer)
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_backlogOverTheCapCloses(self):
+        """
+        Frames we send on our own while the peer reads nothing (open_data_channel
+        for arriving users, say) close the connection once they pass
+        MAX_BACKLOG, with a log line naming the peer.
+        """
+        self.protocol.dataReceived(PING * 10)
+        self.assertEqual(self.transport.producerState, "paused")
+        written = len(self.transport.value())
+        pong = Pong(time=2 ** 40)
+        size = len(messages.encode(pong)) + 4
+        for _ in range(MAX_BACKLOG // size):
+            self.protocol.sendMessage(pong)
+        self.assertFalse(self.transport.disconnecting)
+        self.protocol.sendMessage(pong)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(len(self.transport.value()) - written, size * (MAX_BACKLOG // size))
+        [event] = [e for e in self.events if "reads nothing we send" in e.get("log_format", "")]
+        self.assertEqual(event["peer"], self.protocol.peerDescription)
+        self.assertGreater(event["backlog"], MAX_BACKLOG)
+
+    def test_closingWhileFullReadsNoMore(self):
+        """
+        A connection closed while its buffer is full reads nothing more once
+        it drains, and no longer holds the transport's close up as its
+        producer.
+        """
+        self.protocol.dataReceived(PING * 10)
+        handled = len(self.protocol.received)
+        self.transport.loseConnection()
+        self.transport.drain()
+        self.assertEqual(len(self.protocol.received), handled)
+        self.assertIsNone(self.transport.producer)
+        self.assertEqual(self.transport.producerState, "paused")
+
+    def test_switchToRawLeavesTheTransportFree(self):
+        """
+        A data channel's answer that fills the buffer, then the switch to raw
+        bytes (as the server's handshake does): the transport is left with
+        no producer of ours, so that the splice can register its own, and
+        the raw bytes are handed on.
+        """
+        class BigAnswer(Answerer):
+            def msg_data_channel(self, msg) -> None:
+                self.sendMessage(Pong(time=1), rawAfter=b"early" * 40)
+                super().msg_data_channel(msg)
+
+        self.protocol = BigAnswer()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(frame(
+            b'{"type":"data_channel","remote_port":10022,"conn_id":"c1"}') + b"raw")
+        self.assertTrue(self.transport.producerPaused)
+        self.assertIsNone(self.transport.producer)
+        self.assertEqual(self.protocol.raw, [b"raw"])
+        self.protocol.rawFromNow()
+        self.assertIsNone(self.transport.producer)
+
+    def test_rawFromNowLeavesTheTransportFree(self):
+        """The same for a pooled channel switched outside a frame handler."""
+        self.protocol.dataReceived(PING * 10)
+        self.assertIs(self.transport.producer, self.protocol)
+        self.protocol.rawFromNow()
+        self.assertIsNone(self.transport.producer)
+        self.protocol.dataReceived(b"raw")
         self.assertEqual(self.protocol.raw, [b"raw"])
 
 

@@ -310,10 +310,12 @@ class StalledClientTests(FaultTestCase):
         goodChannel = good.tunnels[0].channel
 
         public = freePort()
+        # Before the register is sent: the server's clock for the timeout
+        # starts when it reads it, a few milliseconds later under load.
+        registeredAt = reactor.seconds()
         stalled = yield connectRaw(self, self.tunnel.controlPort,
                                    jsonFrame(registerMessage(public, "stalled")))
         yield within(stalled.whenFrame(), 15, "the stalled client's register_resp")
-        registeredAt = reactor.seconds()
         stalled.transport.pauseProducing()
         users = []
         for _ in range(3):

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -22,13 +22,16 @@ from twisted.trial import unittest
 
 from gotunnel import messages
 from gotunnel.config import ServerSettings
-from gotunnel.server import PublicUser, ServerChannel, TunnelRegistry
+from gotunnel.server import (
+    MAX_AUTH_FAILURE_SOURCES, MAX_EARLY_BYTES, PublicUser, ServerChannel, TunnelRegistry,
+    addressGroup,
+)
 
 from tests.support import (
     REGISTERED,
     HOST, TOKEN, LogWatcher, Tunnel, connectRaw, connectUser, connectionRefused,
-    dataChannelMessage, echoedThrough, freePort, frameOf, jsonFrame, listenTarget, randomBytes,
-    registerMessage, waitUntil, within,
+    dataChannelMessage, echoedThrough, freePort, frameOf, jsonFrame, listenTarget,
+    openFileDescriptors, randomBytes, registerMessage, waitUntil, within,
 )
 
 WRONG_TOKEN = "wrong-token-4c1d2e"
@@ -371,8 +374,8 @@ class BadSequenceTests(ServerUnderAttack):
 
     @defer.inlineCallbacks
     def test_registerUnsupportedProtocol(self):
-        yield self.assertRefused(jsonFrame(registerMessage(freePort(), "udp", protocol="udp")),
-                                 "protocol 'udp' is not supported, only tcp",
+        yield self.assertRefused(jsonFrame(registerMessage(freePort(), "sctp", protocol="sctp")),
+                                 "protocol 'sctp' is not supported, only tcp",
                                  "refused registration")
         yield self.assertServerStillServes()
 
@@ -598,8 +601,9 @@ class PendingCapTests(ServerUnderAttack):
     def test_registeredClientsAddressIsExempt(self):
         """
         Once a client from 127.0.0.1 is registered, idle connections from
-        127.0.0.1 beyond the per-source cap are held (not refused) and the
-        client's data channels, from the same address, still get through.
+        127.0.0.1 beyond the per-source cap are held (not refused), within
+        the room for its pool, and the client's data channels, from the same
+        address, still get through.
         """
         yield self.registerGood()
         idle = []
@@ -938,20 +942,22 @@ class PendingTotalTests(unittest.TestCase):
 
     def test_strangersRefusedClientsAdmitted(self):
         """
-        Once idle connections fill max_pending_total, a stranger's new
-        connection is refused, while the registered client's address still
-        gets its data channels in.
+        Once idle connections from two addresses fill max_pending_total, a
+        new connection from one of them is refused, while the registered
+        client's address still gets its data channels in.
         """
         harness = Harness()
         harness.settings.max_pending_total = 4
         self.assertEqual(harness.goodRegister(GOOD_PORT, FUZZ_HOST),
                          [REGISTERED])
-        for _ in range(4):
+        for _ in range(2):
             harness.connect("192.0.2.1")
-        self.assertEqual(harness.registry.pending, {"192.0.2.1": 4})
-        stranger, transport = harness.connect("198.51.100.2")
+            harness.connect("192.0.2.2")
+        self.assertEqual(harness.registry.pending, {"192.0.2.1": 2, "192.0.2.2": 2})
+        stranger, transport = harness.connect("192.0.2.2")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(stranger.role, "closed")
+        self.assertEqual(harness.registry.pending, {"192.0.2.1": 2, "192.0.2.2": 2})
         tunnel = harness.registry.tunnels[GOOD_PORT]
         harness.connectUser(0)
         [conn_id] = harness.registry.waitingUsers
@@ -964,3 +970,232 @@ class PendingTotalTests(unittest.TestCase):
         self.assertEqual(harness.users[0][1].value(), b"hello")
         self.assertEqual(tunnel.waiting, {})
         harness.closeAll()
+
+
+class RegisteredAddressCapTests(unittest.TestCase):
+    """
+    The address of a registered client gets room for the data channels its
+    client owes (one per waiting user, and its pool) on top of the
+    per-address cap, and no more.
+    """
+
+    def setUp(self):
+        self.harness = Harness()
+        settings = self.harness.settings
+        settings.max_pending_per_source = 3
+        settings.max_pending_total = 20
+        settings.max_pool_count = 2
+        settings.max_waiting_users = 10
+        self.assertEqual(self.harness.goodRegister(GOOD_PORT, FUZZ_HOST),
+                         [dict(REGISTERED, pool=2)])
+        self.addCleanup(self.harness.closeAll)
+
+    def idle(self, host: str, count: int) -> list[bool]:
+        """Whether each of C{count} new idle connections from C{host} was refused."""
+        return [transport.disconnecting
+                for _, transport in (self.harness.connect(host) for _ in range(count))]
+
+    def test_idleConnectionsOfARegisteredAddressAreCapped(self):
+        """
+        Idle connections from a registered client's address: its pool's two
+        and the per-address three are held, the rest refused at once; they
+        do not fill the global cap, and a stranger still gets in.
+        """
+        self.assertEqual(self.idle(FUZZ_HOST, 30), [False] * 5 + [True] * 25)
+        self.assertEqual(self.harness.registry.pending, {FUZZ_HOST: 5})
+        self.assertEqual(self.idle("198.51.100.2", 1), [False])
+
+    def test_dataChannelsForWaitingUsersAreAdmitted(self):
+        """
+        With its per-address three idle connections held, the client still
+        gets in a data channel for each of six waiting users, and its two
+        pooled ones, all at once; one more connection is refused.
+        """
+        self.assertEqual(self.idle(FUZZ_HOST, 3), [False] * 3)
+        for _ in range(6):
+            self.harness.connectUser(0)
+        waiting = sorted(self.harness.registry.waitingUsers)
+        self.assertEqual(len(waiting), 6)
+        channels = [self.harness.connect(FUZZ_HOST) for _ in range(8)]
+        self.assertEqual([t.disconnecting for _, t in channels], [False] * 8)
+        self.assertEqual(self.idle(FUZZ_HOST, 1), [True])
+        for (channel, transport), conn_id in zip(channels, waiting):
+            channel.dataReceived(jsonFrame(dataChannelMessage(GOOD_PORT, conn_id)))
+            self.assertEqual(channel.role, "data")
+        for channel, transport in channels[6:]:
+            channel.dataReceived(jsonFrame(dict(dataChannelMessage(GOOD_PORT, None), pooled=True)))
+            self.assertEqual(channel.role, "pooled")
+        self.assertEqual(self.harness.registry.pending, {FUZZ_HOST: 3})
+
+
+class GlobalCapFairnessTests(unittest.TestCase):
+    """
+    max_pending_total filled by a flood from many addresses: a new address
+    still gets in, and IPv6 sources count by network.
+    """
+
+    def setUp(self):
+        self.harness = Harness()
+        self.addCleanup(self.harness.closeAll)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def flood(self, addresses: int, each: int) -> list[StringTransport]:
+        return [self.harness.connect(f"203.0.113.{a}")[1]
+                for _ in range(each) for a in range(1, addresses + 1)]
+
+    def test_newAddressRegistersDuringAFlood(self):
+        """
+        64 addresses x 16 idle connections fill the 1024: a new address's
+        connection closes the oldest of them (logged) and registers; the
+        flooding addresses are still held to 16 each.
+        """
+        flood = self.flood(64, 16)
+        self.assertEqual(sum(self.harness.registry.pending.values()), 1024)
+        self.assertFalse(any(t.disconnecting for t in flood))
+        self.assertEqual(self.harness.goodRegister(GOOD_PORT, "192.0.2.10"), [REGISTERED])
+        self.assertEqual([t.disconnecting for t in flood[:2]], [True, False])
+        [event] = [e for e in self.events if "to make room" in e.get("log_format", "")]
+        self.assertEqual(event["held"], 16)
+        self.assertEqual(sum(self.harness.registry.pending.values()), 1023)
+        _, again = self.harness.connect("203.0.113.2")
+        self.assertTrue(again.disconnecting)
+
+    def test_addressesHoldingAsManyAreRefused(self):
+        """
+        Room is made only for an address that holds fewer than the one that
+        holds the most: with four addresses holding one each, a second from
+        one of them is refused, and nobody is closed.
+        """
+        self.harness.settings.max_pending_total = 4
+        flood = self.flood(4, 1)
+        _, again = self.harness.connect("203.0.113.1")
+        self.assertTrue(again.disconnecting)
+        self.assertFalse(any(t.disconnecting for t in flood))
+
+    def test_registeredClientsDataChannelsAreNotClosed(self):
+        """
+        The data channels a registered client owes are never closed to make
+        room: with its pool's eight on the way filling the cap, a stranger is
+        refused instead.
+        """
+        self.harness.settings.max_pending_total = 8
+        self.assertEqual(self.harness.goodRegister(GOOD_PORT, FUZZ_HOST), [REGISTERED])
+        pooled = [self.harness.connect(FUZZ_HOST)[1] for _ in range(8)]
+        _, stranger = self.harness.connect("198.51.100.2")
+        self.assertTrue(stranger.disconnecting)
+        self.assertFalse(any(t.disconnecting for t in pooled))
+
+    def test_ipv6NetworkIsOneAddress(self):
+        """
+        Sixteen connections from different addresses of one /64 are its
+        whole share; another network's address still gets in.
+        """
+        network = [self.harness.connect(f"2001:db8:1:2::{n:x}")[1] for n in range(1, 18)]
+        self.assertEqual([t.disconnecting for t in network], [False] * 16 + [True])
+        self.assertEqual(self.harness.registry.pending, {"2001:db8:1:2::/64": 16})
+        _, other = self.harness.connect("2001:db8:1:3::1")
+        self.assertFalse(other.disconnecting)
+
+    def test_ipv6PrefixIsASetting(self):
+        """With ipv6_prefix 128, each IPv6 address is its own."""
+        self.harness.settings.ipv6_prefix = 128
+        network = [self.harness.connect(f"2001:db8:1:2::{n:x}")[1] for n in range(1, 18)]
+        self.assertFalse(any(t.disconnecting for t in network))
+
+    def test_addressGroup(self):
+        self.assertEqual(addressGroup("2001:db8::1", 64), "2001:db8::/64")
+        self.assertEqual(addressGroup("2001:db8:0:0:ffff::1%eth0", 48), "2001:db8::/48")
+        self.assertEqual(addressGroup("::ffff:192.0.2.1", 64), "192.0.2.1")
+        self.assertEqual(addressGroup("192.0.2.1", 64), "192.0.2.1")
+        self.assertEqual(addressGroup("?", 64), "?")
+
+
+class AuthFailureTableTests(unittest.TestCase):
+    """The back-off table is bounded by forgetting its least recent entries."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.registry = TunnelRegistry(ServerSettings(token=TOKEN, auth_failure_delay_max=5.0),
+                                       self.clock)
+
+    def test_sprayDoesNotResetAGuesser(self):
+        """
+        A guesser that goes on guessing while 20,000 other addresses each
+        fail once keeps its growing delay; the table never holds more than
+        MAX_AUTH_FAILURE_SOURCES, and the sprayed addresses first in are the
+        first forgotten.
+        """
+        delays = [self.registry.authenticationFailed("192.0.2.66") for _ in range(4)]
+        self.assertEqual(delays, [0.0, 0.1, 0.2, 0.4])
+        for n in range(20_000):
+            self.registry.authenticationFailed(f"2001:db8:{n // 256:x}:{n % 256:x}::/64")
+            self.assertLessEqual(len(self.registry.authFailures), MAX_AUTH_FAILURE_SOURCES)
+            if n % 1000 == 999:
+                self.clock.advance(1)
+                delays.append(self.registry.authenticationFailed("192.0.2.66"))
+        self.assertEqual(delays[4:], [0.8, 1.6, 3.2] + [5.0] * 17)
+        self.assertEqual(len(self.registry.authFailures), MAX_AUTH_FAILURE_SOURCES)
+        self.assertNotIn("2001:db8:0:0::/64", self.registry.authFailures)
+        self.assertIn("2001:db8:4e:1f::/64", self.registry.authFailures)
+
+    def test_forgottenAfterAMinute(self):
+        """A failure more than 60 s after the last starts the count again."""
+        self.registry.authenticationFailed("192.0.2.66")
+        self.assertEqual(self.registry.authenticationFailed("192.0.2.66"), 0.1)
+        self.clock.advance(61)
+        self.assertEqual(self.registry.authenticationFailed("192.0.2.66"), 0.0)
+
+
+class UsersGivingUpTests(ServerUnderAttack):
+    """Users that leave while their client sends no data channel."""
+
+    overrides = {"first_frame_timeout": 60.0, "data_channel_timeout": 60.0}
+    registerGoodClient = False
+
+    @defer.inlineCallbacks
+    def test_closedWhileWaitingFreedAtOnce(self):
+        """
+        200 users of a client that never opens a data channel connect and
+        close: the server lets every one go at once (they used to hold a
+        descriptor each for the 60 s data channel timeout), and the
+        server's descriptors are back where they were.
+        """
+        raw, public = yield self.rawControl("hung")
+        registry = self.server.registry
+        before = openFileDescriptors()
+        users = []
+        for _ in range(200):
+            users.append((yield connectUser(self, public)))
+        yield waitUntil(lambda: len(registry.waitingUsers) == 200, 20,
+                        "the server to announce 200 users")
+        self.assertGreaterEqual(openFileDescriptors(), before + 400)
+        for user in users:
+            user.transport.loseConnection()
+        yield within(defer.gatherResults([user.closed for user in users]), 20, "users to close")
+        yield waitUntil(lambda: not registry.waitingUsers and openFileDescriptors() <= before,
+                        20, "the server to let the users go")
+        self.assertEqual(len(raw.frames.items), 1 + 200)
+
+    @defer.inlineCallbacks
+    def test_earlyBytesHeldAreBounded(self):
+        """
+        50 waiting users that each send 256 KiB at once have the server hold
+        less than twice MAX_EARLY_BYTES of it each (it reads them in small
+        pieces and stops), not a 64 KiB read or more each.
+        """
+        raw, public = yield self.rawControl("hung")
+        registry = self.server.registry
+        users = []
+        for _ in range(50):
+            user = yield connectUser(self, public)
+            user.transport.write(b"x" * 256 * 1024)
+            users.append(user)
+
+        def held() -> list[int]:
+            return [user._heldBytes for user in registry.waitingUsers.values()]
+
+        yield waitUntil(lambda: len(held()) == 50 and min(held()) >= MAX_EARLY_BYTES, 20,
+                        "the server to read every user's first bytes")
+        self.assertLess(max(held()), 2 * MAX_EARLY_BYTES)

@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP6ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 from zope.interface import implementer
 

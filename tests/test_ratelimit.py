@@ -85,6 +85,8 @@ class FakeTransport:
 
 class FakeEnd:
     _readClosed = False
+    peer = object()
+    """Spliced (see gotunnel.relay.RelayEnd.peer)."""
 
     def __init__(self):
         self.transport = FakeTransport()
@@ -122,6 +124,19 @@ class ThrottleTests(unittest.TestCase):
         end = FakeEnd()
         throttle.passed(end, 100_000)
         end._readClosed = True
+        clock.advance(1000)
+        self.assertEqual(end.transport.resumed, 0)
+
+    def test_noResumeOfAnEndNoLongerSpliced(self):
+        """
+        A throttle never resumes an end that lost its splice: whatever
+        pauses it then (a waiting user's early-bytes bound) keeps it paused.
+        """
+        clock = Clock()
+        throttle = Throttle(clock, 1000)
+        end = FakeEnd()
+        throttle.passed(end, 100_000)
+        end.peer = None
         clock.advance(1000)
         self.assertEqual(end.transport.resumed, 0)
 

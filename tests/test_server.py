@@ -25,7 +25,7 @@ import gotunnel.server
 from gotunnel.config import ServerSettings
 from gotunnel.messages import RegisterResp, encode
 from gotunnel.server import (
-    PublicUser, ServerChannelFactory, TunnelRegistry, TunnelServerService, withBacklog,
+    MAX_EARLY_BYTES, PublicUser, ServerChannelFactory, TunnelRegistry, TunnelServerService, withBacklog,
 )
 
 TOKEN = "s3cret-Token-0xC0FFEE"
@@ -240,11 +240,11 @@ class RegistrationTests(ServerTestCase):
         self.assertTrue(control.transport.disconnecting)
 
     def test_unsupportedProtocol(self):
-        """A mapping for a protocol other than tcp is refused and nothing listens."""
+        """A mapping for a protocol other than tcp or udp is refused and nothing listens."""
         control = self.connect()
-        control.send(register(protocol="udp"))
+        control.send(register(protocol="sctp"))
         self.assertEqual(control.sent(),
-                         fail("protocol 'udp' is not supported, only tcp"))
+                         fail("protocol 'sctp' is not supported, only tcp"))
         self.assertTrue(control.transport.disconnecting)
         self.assertEqual(self.reactor.tcpServers, [])
 
@@ -461,14 +461,85 @@ class DataChannelTests(ServerTestCase):
     def test_userAnnounced(self):
         """
         A user connecting to the public port is announced on the control
-        channel with open_data_channel {local_port, conn_id}; its reading is
-        held until a data channel arrives.
+        channel with open_data_channel {local_port, conn_id}; it is read on
+        while it waits, so that its close is noticed.
         """
         control = self.registered()
         user = self.connectUser()
         self.assertEqual(control.sent(), openDataChannel("conn-1"))
-        self.assertEqual(user.transport.producerState, "paused")
+        self.assertEqual(user.transport.producerState, "producing")
         self.assertFalse(user.transport.disconnecting)
+
+    def test_earlyBytesHeldUpToALimit(self):
+        """
+        What a waiting user sends is held up to MAX_EARLY_BYTES; then it is
+        no longer read, and all it sent reaches the data channel in order.
+        """
+        self.registered()
+        user = self.connectUser()
+        chunk = b"x" * 1000
+        sent = 0
+        while user.transport.producerState == "producing":
+            user.protocol.dataReceived(chunk)
+            sent += len(chunk)
+        self.assertEqual(sent, 5000)
+        self.assertGreaterEqual(sent, MAX_EARLY_BYTES)
+        data = self.connect()
+        data.send(dataChannel("conn-1"))
+        self.assertEqual(data.sent(), frame(OK) + b"x" * sent)
+        self.assertEqual(user.transport.producerState, "producing")
+
+    def test_smallReadsOnlyWhileWaiting(self):
+        """
+        A waiting user's transport reads MAX_EARLY_BYTES at a time; once its
+        data channel takes it, as much as before (Twisted's bufferSize also
+        sizes the write buffer of the splice).
+        """
+        self.registered()
+        [listener] = self.listening(10022)
+        peer = IPv4Address("TCP", "198.51.100.99", next(self.peerPorts))
+        transport = StringTransport(peerAddress=peer)
+        transport.bufferSize = 65536
+        listener.factory.buildProtocol(peer).makeConnection(transport)
+        self.assertEqual(transport.bufferSize, MAX_EARLY_BYTES)
+        self.connect().send(dataChannel("conn-1"))
+        self.assertEqual(transport.bufferSize, 65536)
+
+    def test_userClosingWhileWaitingIsLetGo(self):
+        """
+        A waiting user that ends its side having sent nothing is closed at
+        once and waits no more: its timeout is cancelled, and a data channel
+        for it finds nobody.
+        """
+        self.registered()
+        user = self.connectUser()
+        user.protocol.readConnectionLost()
+        self.assertTrue(user.transport.disconnecting)
+        self.assertEqual(self.registry.waitingUsers, {})
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_userHalfClosingAfterARequestStillServed(self):
+        """
+        A waiting user that sends a request and then ends its side is still
+        served: the request and the end-of-stream reach the data channel,
+        and the answer reaches the user.
+        """
+        self.registered()
+        user = self.connectUser()
+        user.protocol.dataReceived(b"GET /")
+        user.protocol.readConnectionLost()
+        self.assertFalse(user.transport.disconnecting)
+        peer = IPv4Address("TCP", "192.0.2.10", next(self.peerPorts))
+        # Lenient: the end-of-stream closes a StringTransport (it cannot
+        # half-close), and the splice then resumes it as it would a socket.
+        data = Connection(self.factory.buildProtocol(peer),
+                          StringTransport(peerAddress=peer, lenient=True))
+        data.channel.makeConnection(data.transport)
+        data.send(dataChannel("conn-1"))
+        self.assertEqual(data.sent(), frame(OK) + b"GET /")
+        self.assertTrue(data.transport.disconnecting)
+        data.send(b"200 OK")
+        self.assertEqual(user.transport.value(), b"200 OK")
 
     def test_splicedBothWays(self):
         """

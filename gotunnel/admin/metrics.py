@@ -1,0 +1,124 @@
+"""
+Prometheus metrics at /metrics on the admin endpoint: a collector that reads
+the server's counts when scraped (nothing is counted twice, nothing on the
+hot path), in a CollectorRegistry of the server's own, never the global one.
+
+Every series is named gotunnel_...; per-port series are labelled with the
+public port and the client's name, at most
+L{gotunnel.accounting.MAX_PORT_STATS} label sets, the rest folded into
+remote_port="other", client="other".
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+)
+from twisted.web.resource import Resource
+
+from gotunnel.accounting import ENDINGS, userBytes
+from gotunnel.admin.auth import AdminAuth, refusal
+
+PORT_LABELS = ["remote_port", "client"]
+
+
+def reasonLabel(how: str) -> str:
+    """A connection's ending as a label value: user_closed, data_channel_timeout, ..."""
+    return how.replace(" ", "_").replace("-", "_")
+
+
+class TunnelCollector:
+    """The server's counts as metric families, read at each scrape."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        registry = self.registry
+        stats = registry.stats
+        live: dict[int, list[int]] = {}
+        for user in list(stats.users.values()):
+            bytesIn, bytesOut = userBytes(user)
+            counts = live.setdefault(id(user.tunnel.stats), [0, 0, 0])
+            counts[0] += 1
+            counts[1] += bytesIn
+            counts[2] += bytesOut
+        opened = CounterMetricFamily(
+            "gotunnel_connections_opened", "User connections accepted on a public port",
+            labels=PORT_LABELS)
+        closed = CounterMetricFamily(
+            "gotunnel_connections_closed", "User connections ended, by how they ended",
+            labels=PORT_LABELS + ["reason"])
+        refused = CounterMetricFamily(
+            "gotunnel_connections_refused",
+            "User connections closed before they reached the service, by why",
+            labels=PORT_LABELS + ["reason"])
+        carried = CounterMetricFamily(
+            "gotunnel_bytes",
+            "Bytes relayed: in = from users towards the service, out = from the service to users",
+            labels=PORT_LABELS + ["direction"])
+        active = GaugeMetricFamily(
+            "gotunnel_active_users", "User connections open now", labels=PORT_LABELS)
+        setup = HistogramMetricFamily(
+            "gotunnel_data_channel_setup_seconds",
+            "Seconds from a user's connect to its data channel's splice", labels=PORT_LABELS)
+        for portStats in stats.allPortStats():
+            labels = [portStats.remote_port, portStats.client]
+            users, liveIn, liveOut = live.get(id(portStats), (0, 0, 0))
+            opened.add_metric(labels, portStats.opened)
+            for how in ENDINGS:
+                closed.add_metric(labels + [reasonLabel(how)], portStats.ended.get(how, 0))
+            for why, count in sorted(portStats.refused.items()):
+                refused.add_metric(labels + [why], count)
+            carried.add_metric(labels + ["in"], portStats.bytesIn + liveIn)
+            carried.add_metric(labels + ["out"], portStats.bytesOut + liveOut)
+            active.add_metric(labels, users)
+            setup.add_metric(labels, portStats.setup.cumulative(), portStats.setup.sum)
+        tunnels = [t for t in registry.allTunnels() if not t.closed]
+        clients = GaugeMetricFamily(
+            "gotunnel_clients", "Control channels registered now (one per client mapping)")
+        clients.add_metric([], sum(1 for t in tunnels if t.channel.role == "control"))
+        ports = GaugeMetricFamily(
+            "gotunnel_ports", "Published ports, by state", labels=["state"])
+        ports.add_metric(["online"], sum(1 for t in tunnels if t.online))
+        ports.add_metric(["offline"], sum(1 for t in tunnels if not t.online))
+        pool = GaugeMetricFamily(
+            "gotunnel_pool_size", "Pooled data channels waiting for a user", labels=PORT_LABELS)
+        for tunnel in tunnels:
+            pool.add_metric([tunnel.stats.remote_port, tunnel.stats.client], len(tunnel.pool))
+        authFailures = CounterMetricFamily(
+            "gotunnel_auth_failures",
+            "Wrong credentials: endpoint=control (a client's token), admin (this endpoint)",
+            labels=["endpoint"])
+        for endpoint, count in sorted(stats.authFailures.items()):
+            authFailures.add_metric([endpoint], count)
+        admission = CounterMetricFamily(
+            "gotunnel_admission_refusals",
+            "Connections refused by a cap: pending (control-port connections yet to send "
+            "a frame), waiting_users (users waiting for a data channel)", labels=["cap"])
+        for cap, count in sorted(stats.admissionRefusals.items()):
+            admission.add_metric([cap], count)
+        return [opened, closed, refused, carried, active, setup, clients, ports, pool,
+                authFailures, admission]
+
+
+class MetricsPage(Resource):
+    """/metrics: the text exposition format, behind the admin endpoint's auth."""
+
+    isLeaf = True
+
+    def __init__(self, registry, auth: AdminAuth) -> None:
+        super().__init__()
+        self.auth = auth
+        self.collectors = CollectorRegistry(auto_describe=False)
+        self.collectors.register(TunnelCollector(registry))
+
+    def render_GET(self, request) -> bytes:
+        refused = refusal(self.auth, request)
+        if refused is not None:
+            return refused
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return generate_latest(self.collectors)

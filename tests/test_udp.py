@@ -1,0 +1,968 @@
+"""
+UDP tunnels (issue 19): the datagram framing on string transports, the
+server's and the client's ends on memory reactors and a Clock, and whole
+tunnels over loopback: a DNS-like exchange, many peers, the largest
+datagrams, a flood, a client restart, TLS, and a server without UDP.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from gotunnel import messages, udp
+from gotunnel.client import TunnelClientService
+from gotunnel.config import ClientSettings, Mapping, ServerSettings, parseMapping
+from gotunnel.control import MessageReceiver
+from gotunnel.server import ServerChannelFactory, TunnelRegistry
+
+from .support import (
+    HOST, TOKEN, LogWatcher, Tunnel, freePort, retryUntil, waitUntil, within,
+)
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def jsonFrame(**fields) -> bytes:
+    return frame(json.dumps(fields, separators=(",", ":")).encode("utf-8"))
+
+
+def register(remote_port: int = 10053, protocol: str = "udp", name: str = "edge-1") -> bytes:
+    return jsonFrame(type="register", local_port=53, remote_port=remote_port,
+                     protocol=protocol, token=TOKEN, name=name)
+
+
+CARRIER_ID = "c0ffee0123456789"
+
+
+def carrierHandshake(remote_port: int = 10053, name: str = "edge-1",
+                     conn_id: str = CARRIER_ID) -> bytes:
+    return jsonFrame(type="data_channel", local_port=53, remote_port=remote_port,
+                     protocol="udp", token=TOKEN, name=name, conn_id=conn_id)
+
+
+OK = frame(b'{"type":"register_resp","status":"ok"}')
+UDP_OK = frame(b'{"type":"register_resp","status":"ok","protocol":"udp",'
+               b'"conn_id":"c0ffee0123456789"}')
+
+
+# ---------------------------------------------------------------------------
+# The framing
+
+
+class FrameDecoderTests(unittest.TestCase):
+    def setUp(self):
+        self.frames = []
+        self.decoder = udp.FrameDecoder(lambda peer, payload: self.frames.append((peer, payload)))
+
+    def test_roundTrip(self):
+        """A frame is the payload's 2-byte length, the 4-byte peer id, the payload."""
+        data = udp.encodeFrame(7, b"hello")
+        self.assertEqual(data, b"\x00\x05\x00\x00\x00\x07hello")
+        self.assertIsNone(self.decoder.feed(data))
+        self.assertEqual(self.frames, [(7, b"hello")])
+
+    def test_splitByteByByte(self):
+        """Frames cut anywhere, even one byte at a time, come out whole and in order."""
+        data = (udp.encodeFrame(1, b"a" * 300) + udp.encodeFrame(2, b"")
+                + udp.encodeFrame(0xFFFFFFFF, b"xyz"))
+        for i in range(len(data)):
+            self.assertIsNone(self.decoder.feed(data[i:i + 1]))
+        self.assertEqual(self.frames, [(1, b"a" * 300), (2, b""), (0xFFFFFFFF, b"xyz")])
+        self.assertEqual(self.decoder.buffered, 0)
+
+    def test_coalesced(self):
+        """Many frames in one read are all delivered; a partial tail waits."""
+        data = b"".join(udp.encodeFrame(i, bytes([i]) * i) for i in range(1, 50))
+        tail = udp.encodeFrame(99, b"tail")
+        self.assertIsNone(self.decoder.feed(data + tail[:5]))
+        self.assertEqual(len(self.frames), 49)
+        self.assertEqual(self.decoder.buffered, 5)
+        self.decoder.feed(tail[5:])
+        self.assertEqual(self.frames[-1], (99, b"tail"))
+
+    def test_largestDatagram(self):
+        """65,527 bytes (the largest UDP payload) is a valid frame."""
+        payload = bytes(range(256)) * 255 + b"x" * (udp.MAX_DATAGRAM - 256 * 255)
+        self.assertIsNone(self.decoder.feed(udp.encodeFrame(3, payload)))
+        self.assertEqual(self.frames, [(3, payload)])
+
+    def test_overLongFrame(self):
+        """A length over the largest datagram is an error, and nothing is delivered."""
+        why = self.decoder.feed(struct.pack(">HI", udp.MAX_DATAGRAM + 1, 1))
+        self.assertIn("over the limit", why)
+        self.assertEqual(self.frames, [])
+
+    def test_peerIdZero(self):
+        """Peer id 0 is never given: a frame naming it is an error."""
+        self.assertIn("peer id 0", self.decoder.feed(udp.encodeFrame(0, b"x")))
+
+
+class CarrierTests(unittest.TestCase):
+    def test_dropsWhilePaused(self):
+        """
+        While the transport has paused its producer (its buffer is over the
+        bound), send writes nothing and says so.
+        """
+        transport = StringTransport()
+        carrier = udp.Carrier(transport, lambda *a: None, MemoryReactorClock())
+        self.assertIs(transport.producer, carrier)
+        self.assertTrue(transport.streaming)
+        self.assertTrue(carrier.send(1, b"a"))
+        carrier.pauseProducing()
+        self.assertFalse(carrier.send(1, b"b"))
+        carrier.resumeProducing()
+        self.assertTrue(carrier.send(2, b"c"))
+        self.assertEqual(transport.value(), udp.encodeFrame(1, b"a") + udp.encodeFrame(2, b"c"))
+
+
+# ---------------------------------------------------------------------------
+# The server, on a memory reactor
+
+
+@implementer(IListeningPort)
+class FakeUDPPort:
+    """A UDP port that records what is written to it."""
+
+    def __init__(self, port: int, protocol, interface: str) -> None:
+        self.port = port
+        self.protocol = protocol
+        self.interface = interface
+        self.written: list[tuple[bytes, object]] = []
+        self.connected = None
+        self.stopped = False
+        protocol.makeConnection(self)
+
+    def write(self, data: bytes, addr=None) -> None:
+        self.written.append((data, addr or self.connected))
+
+    def connect(self, host: str, port: int) -> None:
+        self.connected = (host, port)
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        self.stopped = True
+        self.protocol.doStop()
+
+    def getHost(self):
+        return IPv4Address("UDP", self.interface or "0.0.0.0", self.port)
+
+
+class UDPReactor(MemoryReactorClock):
+    """A memory reactor with UDP ports that record their datagrams."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udpPorts: list[FakeUDPPort] = []
+        self.nextPort = 50000
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        self.maxPacketSize = maxPacketSize
+        if port == 0:
+            self.nextPort += 1
+            port = self.nextPort
+        udpPort = FakeUDPPort(port, protocol, interface)
+        self.udpPorts.append(udpPort)
+        return udpPort
+
+
+class ServerTests(unittest.TestCase):
+    def setUp(self):
+        self.reactor = UDPReactor()
+        self.reactor.advance(1000)
+        self.settings = ServerSettings(token=TOKEN, public_interface="203.0.113.5",
+                                       udp_session_timeout=60, udp_max_sessions=3)
+        self.registry = TunnelRegistry(self.settings, reactor=self.reactor)
+        self.factory = ServerChannelFactory(self.registry)
+        self.patch(self.registry, "newConnectionId", lambda: CARRIER_ID)
+
+    def connect(self):
+        peer = IPv4Address("TCP", "192.0.2.10", 40000)
+        transport = StringTransport(peerAddress=peer)
+        channel = self.factory.buildProtocol(peer)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def registered(self):
+        control, transport = self.connect()
+        control.dataReceived(register())
+        self.assertEqual(transport.value(), UDP_OK)
+        carrier, carrierTransport = self.connect()
+        carrier.dataReceived(carrierHandshake())
+        self.assertEqual(carrierTransport.value(), OK)
+        carrierTransport.clear()
+        [port] = self.reactor.udpPorts
+        return port, carrier, carrierTransport
+
+    def test_registerConfirmsUDP(self):
+        """
+        register with protocol udp is answered ok with protocol udp (and no
+        pool), and the public port is a UDP port that reads whole datagrams;
+        nothing listens on TCP.
+        """
+        control, transport = self.connect()
+        control.dataReceived(register())
+        self.assertEqual(transport.value(), UDP_OK)
+        [port] = self.reactor.udpPorts
+        self.assertEqual((port.port, port.interface), (10053, "203.0.113.5"))
+        self.assertEqual(self.reactor.maxPacketSize, udp.READ_SIZE)
+        self.assertEqual(self.reactor.tcpServers, [])
+
+    def test_udpTurnedOff(self):
+        """With server.udp off, a UDP mapping is refused as an unknown protocol."""
+        self.settings.udp = False
+        control, transport = self.connect()
+        control.dataReceived(register())
+        self.assertEqual(transport.value(), frame(
+            b'{"type":"register_resp","status":"fail",'
+            b'"reason":"protocol \'udp\' is not supported, only tcp"}'))
+        self.assertEqual(self.reactor.udpPorts, [])
+
+    def test_sameLimitsAsTCP(self):
+        """allow_ports applies to UDP mappings as to TCP ones."""
+        self.settings.allow_ports = (range(20000, 20001),)
+        control, transport = self.connect()
+        control.dataReceived(register())
+        self.assertIn(b"remote port 10053 is not allowed on this server", transport.value())
+        self.assertEqual(self.reactor.udpPorts, [])
+
+    def test_datagramsBothWays(self):
+        """
+        Each remote address gets its own peer id; datagrams go to the client
+        framed with it, and the client's frames go back to that address.
+        """
+        port, carrier, carrierTransport = self.registered()
+        port.protocol.datagramReceived(b"query-a", ("198.51.100.1", 5000))
+        port.protocol.datagramReceived(b"query-b", ("198.51.100.2", 5000))
+        port.protocol.datagramReceived(b"query-a2", ("198.51.100.1", 5000))
+        self.assertEqual(carrierTransport.value(), udp.encodeFrame(1, b"query-a")
+                         + udp.encodeFrame(2, b"query-b") + udp.encodeFrame(1, b"query-a2"))
+        carrier.dataReceived(udp.encodeFrame(2, b"answer-b") + udp.encodeFrame(1, b"answer-a"))
+        self.assertEqual(port.written, [(b"answer-b", ("198.51.100.2", 5000)),
+                                        (b"answer-a", ("198.51.100.1", 5000))])
+
+    def test_badFrameClosesCarrier(self):
+        """A frame longer than any datagram closes the carrying channel, and only it."""
+        port, carrier, carrierTransport = self.registered()
+        carrier.dataReceived(struct.pack(">HI", 65535, 1))
+        self.assertTrue(carrierTransport.disconnecting)
+        self.assertEqual(port.written, [])
+        self.assertFalse(port.stopped)
+
+    def test_peersCappedAndExpire(self):
+        """
+        Beyond udp_max_sessions peers, a new address's datagrams are dropped
+        and counted; a peer idle for udp_session_timeout is forgotten, which
+        makes room, and a reply to its old id is dropped.
+        """
+        port, carrier, carrierTransport = self.registered()
+        tunnel = self.registry.tunnels[10053]
+        for i in range(4):
+            port.protocol.datagramReceived(b"x", ("198.51.100.1", 5000 + i))
+        self.assertEqual(len(tunnel.peers), 3)
+        self.assertEqual(tunnel.counters.dropped_sessions, 1)
+        self.reactor.advance(30)
+        port.protocol.datagramReceived(b"y", ("198.51.100.1", 5000))
+        self.reactor.advance(45)
+        self.assertEqual(list(tunnel.byId), [1])
+        port.protocol.datagramReceived(b"z", ("198.51.100.1", 5003))
+        self.assertEqual(sorted(tunnel.byId), [1, 4])
+        carrier.dataReceived(udp.encodeFrame(2, b"late"))
+        self.assertEqual(port.written, [])
+        self.assertEqual(tunnel.counters.dropped_unknown, 1)
+
+    def test_floodDropsWhenBackedUp(self):
+        """
+        While the carrying channel's transport has paused us, datagrams are
+        dropped and counted, and nothing more is written to it.
+        """
+        port, carrier, carrierTransport = self.registered()
+        tunnel = self.registry.tunnels[10053]
+        carrierTransport.producer.pauseProducing()
+        for i in range(1000):
+            port.protocol.datagramReceived(b"f" * 1000, ("198.51.100.1", 5000))
+        self.assertEqual(carrierTransport.value(), b"")
+        self.assertEqual(tunnel.counters.dropped_backed_up, 1000)
+        carrierTransport.producer.resumeProducing()
+        port.protocol.datagramReceived(b"after", ("198.51.100.1", 5000))
+        self.assertEqual(carrierTransport.value(), udp.encodeFrame(1, b"after"))
+
+    def test_dropsLogged(self):
+        """
+        What was dropped is logged once per sweep (a quarter of the timeout),
+        by reason, and not again while nothing more is dropped.
+        """
+        logs = LogWatcher(self)
+        port, carrier, carrierTransport = self.registered()
+        carrierTransport.producer.pauseProducing()
+        for i in range(5):
+            port.protocol.datagramReceived(b"x", ("198.51.100.1", 5000 + i))
+        self.reactor.advance(15)
+        dropped = logs.matching(LogWatcher.formatted("UDP {mapping}: dropped"))
+        self.assertEqual([(e["mapping"], e["backed_up"], e["sessions"]) for e in dropped],
+                         [("port 10053", 3, 2)])
+        self.reactor.advance(15)
+        self.assertEqual(len(logs.matching(LogWatcher.formatted("UDP {mapping}: dropped"))), 1)
+
+    def test_offlineAndOnline(self):
+        """offline_port closes the public UDP port; online_port binds it again."""
+        control, transport = self.connect()
+        control.dataReceived(register())
+        control.dataReceived(jsonFrame(type="offline_port", port=10053))
+        [first] = self.reactor.udpPorts
+        self.assertTrue(first.stopped)
+        control.dataReceived(jsonFrame(type="online_port", port=10053))
+        [_, second] = self.reactor.udpPorts
+        self.assertEqual(second.port, 10053)
+        self.assertFalse(second.stopped)
+
+    def test_secondCarrierReplacesFirst(self):
+        """A new carrying channel takes over; the old one is closed and what it sends ignored."""
+        port, carrier, carrierTransport = self.registered()
+        port.protocol.datagramReceived(b"q", ("198.51.100.1", 5000))
+        newer, newerTransport = self.connect()
+        newer.dataReceived(carrierHandshake())
+        self.assertTrue(carrierTransport.disconnecting)
+        carrier.dataReceived(udp.encodeFrame(1, b"from the old one"))
+        newer.dataReceived(udp.encodeFrame(1, b"from the new one"))
+        self.assertEqual(port.written, [(b"from the new one", ("198.51.100.1", 5000))])
+        carrier.connectionLost(None)
+        port.protocol.datagramReceived(b"q2", ("198.51.100.1", 5000))
+        self.assertEqual(newerTransport.value(), OK + udp.encodeFrame(1, b"q2"))
+
+    def test_noPoolNorUsersForUdp(self):
+        """
+        A UDP mapping takes no pooled data channel, and a TCP data channel
+        (a Go client's) finds no user waiting on it.
+        """
+        self.registered()
+        pooled, transport = self.connect()
+        pooled.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
+                                      protocol="", token=TOKEN, name="edge-1", pooled=True))
+        self.assertIn(b"port 10053 is a UDP mapping: it keeps no pooled data channels",
+                      transport.value())
+        goData, transport = self.connect()
+        goData.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
+                                      protocol="", token=TOKEN, name="edge-1"))
+        self.assertIn(b"no user is waiting for this data channel", transport.value())
+
+    def test_carrierNeedsTheSecret(self):
+        """
+        A carrying channel without the secret of the answer to register, or
+        with another, is refused: holding the shared token is not enough to
+        take a mapping's datagrams.
+        """
+        port, carrier, carrierTransport = self.registered()
+        for conn_id in (None, "0123456789abcdef"):
+            thief, transport = self.connect()
+            thief.dataReceived(jsonFrame(
+                type="data_channel", local_port=53, remote_port=10053, protocol="udp",
+                token=TOKEN, name="edge-1", **({"conn_id": conn_id} if conn_id else {})))
+            self.assertIn(b"no UDP mapping of port 10053 to carry", transport.value())
+        self.assertFalse(carrierTransport.disconnecting)
+
+    def test_leaseHoldsTheUdpPort(self):
+        """
+        A UDP mapping whose client vanishes has its port number leased to
+        that client, as a TCP mapping does: another client is refused until
+        the lease ends, and the first one gets its port back.
+        """
+        self.settings.port_lease = 30
+        control, transport = self.connect()
+        control.dataReceived(register(name="edge-1"))
+        control.connectionLost(None)
+        other, otherTransport = self.connect()
+        other.dataReceived(register(name="edge-2"))
+        self.assertIn(b"remote port 10053 is reserved for the client that had it",
+                      otherTransport.value())
+        back, backTransport = self.connect()
+        back.dataReceived(register(name="edge-1"))
+        self.assertEqual(backTransport.value(), UDP_OK)
+        self.assertEqual([p.stopped for p in self.reactor.udpPorts], [True, False])
+
+    def test_carrierOfAnotherPort(self):
+        """A carrying channel for a port with no UDP mapping is refused."""
+        self.registered()
+        carrier, transport = self.connect()
+        carrier.dataReceived(carrierHandshake(remote_port=10054))
+        self.assertIn(b"no UDP mapping of port 10054 to carry", transport.value())
+
+    def test_controlChannelLostClosesAll(self):
+        """The control channel's end closes the UDP port and the carrying channel."""
+        control, transport = self.connect()
+        control.dataReceived(register())
+        carrier, carrierTransport = self.connect()
+        carrier.dataReceived(carrierHandshake())
+        control.connectionLost(None)
+        [port] = self.reactor.udpPorts
+        self.assertTrue(port.stopped)
+        self.assertTrue(carrierTransport.disconnecting)
+        self.assertEqual(self.registry.tunnels, {})
+
+
+class MappingTests(unittest.TestCase):
+    def test_parseUdp(self):
+        """--map udp:HOST:LOCAL:REMOTE is a UDP mapping; without udp: it is TCP."""
+        self.assertEqual(parseMapping("udp:10.0.0.2:53:10053"),
+                         Mapping("10.0.0.2", 53, 10053, "udp"))
+        self.assertEqual(parseMapping("udp:53:10053"), Mapping("127.0.0.1", 53, 10053, "udp"))
+        self.assertEqual(parseMapping("53:10053").protocol, "tcp")
+        self.assertEqual(str(parseMapping("udp:53:10053")), "udp:127.0.0.1:53->10053")
+
+    def test_registerResponseExtension(self):
+        """register_resp's protocol is parsed and sent only when set."""
+        self.assertEqual(messages.parse(b'{"type":"register_resp","status":"ok",'
+                                        b'"protocol":"udp"}').protocol, "udp")
+        self.assertEqual(messages.encode(messages.RegisterResp()),
+                         b'{"type":"register_resp","status":"ok"}')
+        self.assertRaises(messages.ProtocolError, messages.parse,
+                          b'{"type":"register_resp","status":"ok","protocol":5}')
+
+
+# ---------------------------------------------------------------------------
+# Whole tunnels over loopback
+
+
+class DnsResponder(DatagramProtocol):
+    """
+    A DNS-like service: answers each query (a 2-byte id and a name) with the
+    id, the name and an address made from the name; counts its queries.
+    """
+
+    def __init__(self) -> None:
+        self.sources: set = set()
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.sources.add(addr)
+        self.transport.write(data + b"=A:192.0.2." + str(len(data)).encode(), addr)
+
+
+class UdpEcho(DatagramProtocol):
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.transport.write(data, addr)
+
+
+class UdpPeer(DatagramProtocol):
+    """A remote peer: sends to the public port, collects what comes back."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.received.append(data)
+
+
+def listenUdp(testCase, protocol) -> int:
+    port = reactor.listenUDP(0, protocol, interface=HOST, maxPacketSize=udp.READ_SIZE)
+    testCase.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+def freeUdpPort() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 now."""
+    import socket
+    while True:
+        port = freePort()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        return port
+
+
+@defer.inlineCallbacks
+def exchange(peer: UdpPeer, port: int, payload: bytes, timeout: float = 10):
+    """Send C{payload} to C{port} until an answer comes (the first may find no
+    carrying channel yet); returns the first answer."""
+    before = len(peer.received)
+
+    def attempt():
+        if len(peer.received) > before:
+            return True
+        peer.transport.write(payload, (HOST, port))
+        return False
+
+    yield retryUntil(attempt, timeout, "an answer through the UDP tunnel", interval=0.05)
+    return peer.received[before]
+
+
+class UdpTunnelTestCase(unittest.TestCase):
+    def setUp(self):
+        self.logs = LogWatcher(self)
+        self.tunnel = Tunnel(self)
+
+    def startClient(self, target: int, remote: int, **overrides) -> TunnelClientService:
+        settings = ClientSettings(
+            server=f"tcp:{HOST}:{self.tunnel.controlPort}", token=TOKEN, name="udp-client",
+            mappings=[Mapping(HOST, target, remote, "udp")], pool_count=0)
+        for key, value in overrides.items():
+            setattr(settings, key, value)
+        client = TunnelClientService(settings, reactor=reactor)
+        client.startService()
+        self.addCleanup(lambda: client.stopService() if client.running else None)
+        return client
+
+    @defer.inlineCallbacks
+    def publish(self, service, serverOverrides=None, **clientOverrides):
+        """A server, a UDP service and a client publishing it; (client, public port)."""
+        if self.tunnel.server is None:
+            yield self.tunnel.startServer(**(serverOverrides or {}))
+        target = listenUdp(self, service)
+        remote = freeUdpPort()
+        client = self.startClient(target, remote, **clientOverrides)
+        yield within(self.carrying(client), 10, "the carrying channel")
+        return client, remote
+
+    def carrying(self, client) -> defer.Deferred:
+        tunnel = client.tunnels[0]
+        return waitUntil(lambda: tunnel.carrierChannel is not None
+                         and tunnel.carrierChannel.carrier is not None, 10,
+                         "the carrying channel to be up")
+
+    def peer(self) -> UdpPeer:
+        peer = UdpPeer()
+        listenUdp(self, peer)
+        return peer
+
+
+class UdpTunnelTests(UdpTunnelTestCase):
+    @defer.inlineCallbacks
+    def test_dnsQueryAndAnswer(self):
+        """
+        A DNS-like query sent to the public UDP port reaches the service on
+        the client's side, and its answer comes back to the peer that asked.
+        """
+        responder = DnsResponder()
+        client, public = yield self.publish(responder)
+        peer = self.peer()
+        answer = yield exchange(peer, public, b"\x12\x34example.com")
+        self.assertEqual(answer, b"\x12\x34example.com=A:192.0.2.13")
+        tunnel = self.tunnel.server.registry.tunnels[public]
+        self.assertIsInstance(tunnel, udp.UdpTunnel)
+        self.assertEqual(len(responder.sources), 1)
+
+    @defer.inlineCallbacks
+    def test_manyPeersEachGetTheirOwnReplies(self):
+        """
+        Twenty peers at once, each with queries of its own: every peer gets
+        exactly its own answers, and the service sees one source (a session
+        socket on the client) per peer.
+        """
+        responder = DnsResponder()
+        client, public = yield self.publish(responder)
+        peers = [self.peer() for _ in range(20)]
+        yield exchange(peers[0], public, b"warm-up")
+        for round in range(3):
+            for i, peer in enumerate(peers):
+                peer.transport.write(b"peer-%d-query-%d" % (i, round), (HOST, public))
+        yield waitUntil(lambda: all(len(p.received) >= 3 for p in peers[1:])
+                        and len(peers[0].received) >= 4, 10, "every peer's answers")
+        for i, peer in enumerate(peers):
+            mine = [a for a in peer.received if a.startswith(b"peer-%d-" % i)]
+            self.assertEqual(len(mine), 3, peer.received)
+            self.assertEqual(len(peer.received), 3 + (i == 0), peer.received)
+        self.assertEqual(len(responder.sources), 20)
+        self.assertEqual(len(client.tunnels[0].sessions), 20)
+
+    @defer.inlineCallbacks
+    def test_largestDatagrams(self):
+        """
+        Datagrams of 65,507 bytes (IPv4's largest) go through whole and come
+        back whole: every one, on an idle tunnel, none resent.
+        """
+        client, public = yield self.publish(UdpEcho())
+        peer = self.peer()
+        yield exchange(peer, public, b"warm-up")
+        for i in range(10):
+            payload = bytes([i]) * 65507
+            count = len(peer.received)
+            peer.transport.write(payload, (HOST, public))
+            yield waitUntil(lambda: len(peer.received) > count, 10,
+                            f"the echo of datagram {i} of 65,507 bytes")
+            self.assertEqual(peer.received[-1], payload)
+        self.assertEqual(client.tunnels[0].counters.dropped, 0)
+        self.assertEqual(self.tunnel.server.registry.tunnels[public].counters.dropped, 0)
+
+    @defer.inlineCallbacks
+    def test_floodDropsInsteadOfBuffering(self):
+        """
+        With the client not reading its carrying channel, a flood of
+        datagrams fills the kernel's buffers, then is dropped and counted at
+        the server: the carrying channel's user-space buffer stays within
+        Twisted's bound plus one frame.  Once the client reads again, the
+        tunnel answers.
+        """
+        client, public = yield self.publish(UdpEcho())
+        peer = self.peer()
+        yield exchange(peer, public, b"warm-up")
+        server = self.tunnel.server.registry.tunnels[public]
+        client.tunnels[0].carrierChannel.transport.pauseProducing()
+        transport = server.carrierChannel.transport
+        bound = transport.bufferSize + udp.HEADER.size + udp.MAX_DATAGRAM
+        largest = 0
+
+        def flood():
+            nonlocal largest
+            for _ in range(200):
+                peer.transport.write(b"f" * 1400, (HOST, public))
+            buffered = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            largest = max(largest, buffered)
+            return server.counters.dropped_backed_up > 1000
+
+        yield retryUntil(flood, 30, "the server to drop datagrams", interval=0.002)
+        self.assertLessEqual(largest, bound)
+        self.assertGreater(server.counters.forwarded, 0)
+        client.tunnels[0].carrierChannel.transport.resumeProducing()
+        answer = yield exchange(peer, public, b"after the flood", timeout=20)
+        self.assertIn(answer, (b"f" * 1400, b"after the flood"))
+
+    @defer.inlineCallbacks
+    def test_clientRestart(self):
+        """
+        A client that stops and starts again publishes the port again, and
+        the same peer gets answers through the new client.
+        """
+        client, public = yield self.publish(UdpEcho())
+        peer = self.peer()
+        self.assertEqual((yield exchange(peer, public, b"one")), b"one")
+        target = client.tunnels[0].mapping.local_port
+        yield client.stopService()
+        second = self.startClient(target, public)
+        yield within(self.carrying(second), 10, "the second client's carrying channel")
+        answer = yield exchange(peer, public, b"two")
+        self.assertEqual(answer, b"two")
+
+
+class GoServerChannel(MessageReceiver):
+    """A server that speaks as the Go gotunnel: a plain ok to every register."""
+
+    def msg_register(self, msg: messages.Register) -> None:
+        self.factory.registers.append(msg)
+        self.sendMessage(messages.RegisterResp(status="ok"))
+
+    def msg_data_channel(self, msg: messages.DataChannel) -> None:
+        self.factory.dataChannels.append(msg)
+        self.transport.loseConnection()
+
+    def msg_ping(self, msg: messages.Ping) -> None:
+        self.sendMessage(messages.Pong(time=msg.time))
+
+
+class GoServerFactory(Factory):
+    protocol = GoServerChannel
+
+    def __init__(self) -> None:
+        self.registers: list[messages.Register] = []
+        self.dataChannels: list[messages.DataChannel] = []
+
+
+class ServerWithoutUdpTests(UdpTunnelTestCase):
+    @defer.inlineCallbacks
+    def test_goServerPlainOk(self):
+        """
+        A server that answers a UDP register with a plain ok (the Go server,
+        which opens a TCP port) gets one clear line; the client withdraws
+        that mapping (closes its control channel, never registers it again,
+        opens no carrying channel) and keeps its TCP mapping.
+        """
+        factory = GoServerFactory()
+        port = reactor.listenTCP(0, factory, interface=HOST)
+        self.addCleanup(port.stopListening)
+        self.tunnel.controlPort = port.getHost().port
+        settings = ClientSettings(
+            server=f"tcp:{HOST}:{self.tunnel.controlPort}", token=TOKEN, name="c",
+            mappings=[Mapping(HOST, 53, 10053, "udp"), Mapping(HOST, 22, 10022)], pool_count=0)
+        client = TunnelClientService(settings, reactor=reactor)
+        client.startService()
+        self.addCleanup(client.stopService)
+        udpTunnel, tcpTunnel = client.tunnels
+        yield within(self.logs.whenMatched(LogWatcher.formatted(
+            "the server answered {mapping} without confirming UDP",
+            mapping="udp:127.0.0.1:53->10053")), 10, "the line saying the server has no UDP")
+        yield within(tcpTunnel.whenRegistered(), 10, "the TCP mapping")
+        yield waitUntil(lambda: udpTunnel.channel is None and not udpTunnel.connector.running,
+                        10, "the UDP mapping to be withdrawn")
+        self.assertTrue(udpTunnel.withdrawn)
+        self.assertEqual([r.protocol for r in factory.registers], ["udp", "tcp"])
+        self.assertEqual(factory.dataChannels, [])
+        self.assertIsNotNone(tcpTunnel.channel)
+
+    @defer.inlineCallbacks
+    def test_ourServerWithUdpOff(self):
+        """Our server with --no-udp refuses the mapping with its reason."""
+        yield self.tunnel.startServer(udp=False)
+        client = self.startClient(53, freeUdpPort())
+        yield within(self.logs.whenMatched(LogWatcher.formatted(
+            "the server refused {mapping}: {reason}",
+            reason="protocol 'udp' is not supported, only tcp")), 10, "the refusal")
+        self.assertIsNone(client.tunnels[0].channel)
+
+
+class ClientSessionTests(unittest.TestCase):
+    """A UDP mapping's client end on a memory reactor: sessions, their cap and expiry."""
+
+    def setUp(self):
+        self.reactor = UDPReactor()
+        settings = ClientSettings(token=TOKEN, name="c", udp_session_timeout=60,
+                                  udp_max_sessions=2)
+        self.tunnel = udp.UdpTunnelService(settings, Mapping("10.0.0.2", 53, 10053, "udp"),
+                                           None, self.reactor)
+        self.tunnel.sweeper.startService()
+        self.addCleanup(self.tunnel.sweeper.stopService)
+
+    def test_sessionPerPeer(self):
+        """
+        Each peer id gets a UDP socket of its own connected to the local
+        service, reading whole datagrams; a peer's datagrams go out of its socket.
+        """
+        self.tunnel.fromServer(1, b"a")
+        self.tunnel.fromServer(2, b"b")
+        self.tunnel.fromServer(1, b"c")
+        first, second = self.reactor.udpPorts
+        self.assertEqual(first.connected, ("10.0.0.2", 53))
+        self.assertEqual(first.written, [(b"a", ("10.0.0.2", 53)), (b"c", ("10.0.0.2", 53))])
+        self.assertEqual(second.written, [(b"b", ("10.0.0.2", 53))])
+        self.assertEqual(self.reactor.maxPacketSize, udp.READ_SIZE)
+
+    def test_sessionsCapped(self):
+        """Beyond udp_max_sessions, a new peer's datagrams are dropped and counted."""
+        for peer in (1, 2, 3, 3):
+            self.tunnel.fromServer(peer, b"x")
+        self.assertEqual(len(self.reactor.udpPorts), 2)
+        self.assertEqual(self.tunnel.counters.dropped_sessions, 2)
+
+    def test_sessionExpires(self):
+        """
+        A session idle for udp_session_timeout is closed (its socket too);
+        one kept busy, by either direction, stays.
+        """
+        self.tunnel.fromServer(1, b"a")
+        self.tunnel.fromServer(2, b"b")
+        first, second = self.reactor.udpPorts
+        self.reactor.advance(45)
+        second.protocol.datagramReceived(b"reply", ("10.0.0.2", 53))
+        self.reactor.advance(30)
+        self.assertEqual(list(self.tunnel.sessions), [2])
+        self.assertTrue(first.stopped)
+        self.assertFalse(second.stopped)
+        self.reactor.advance(60)
+        self.assertEqual(self.tunnel.sessions, {})
+
+    def test_replyWithoutCarrierDropped(self):
+        """A reply with no carrying channel up is dropped and counted, not kept."""
+        self.tunnel.fromServer(1, b"a")
+        [port] = self.reactor.udpPorts
+        port.protocol.datagramReceived(b"reply", ("10.0.0.2", 53))
+        self.assertEqual(self.tunnel.counters.dropped_backed_up, 1)
+
+    def test_badFrameClosesCarrier(self):
+        """On the client too, a frame longer than any datagram closes the carrying channel."""
+        channel = udp.CarrierChannel(self.tunnel)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(OK + struct.pack(">HI", 65534, 9) + b"x" * 10)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.reactor.udpPorts, [])
+
+
+class UdpOverTLSTests(UdpTunnelTestCase):
+    @defer.inlineCallbacks
+    def test_carryingChannelIsTLS(self):
+        """
+        Under TLS the carrying channel is a TLS connection too (the data
+        channels' endpoint), and datagrams of every size go through it.
+        """
+        from twisted.internet.interfaces import ISSLTransport
+
+        from .support import temporaryDirectory
+        from .test_tls import makeCertificates, sslListen, tlsServer, trustDirectory
+
+        certificates = temporaryDirectory(self)
+        makeCertificates(certificates, "--ip", HOST)
+        trust = trustDirectory(self, certificates)
+        yield self.tunnel.startServer(listen=sslListen(certificates))
+        client, public = yield self.publish(
+            UdpEcho(), server=tlsServer(HOST, self.tunnel.controlPort, trust))
+        peer = self.peer()
+        self.assertEqual((yield exchange(peer, public, b"over tls")), b"over tls")
+        for size in (0, 1400, 65507):
+            payload = b"t" * size
+            count = len(peer.received)
+            peer.transport.write(payload, (HOST, public))
+            yield waitUntil(lambda: len(peer.received) > count, 10, f"{size} bytes over TLS")
+            self.assertEqual(peer.received[-1], payload)
+        self.assertTrue(ISSLTransport.providedBy(client.tunnels[0].carrierChannel.transport))
+        server = self.tunnel.server.registry.tunnels[public]
+        self.assertTrue(ISSLTransport.providedBy(server.carrierChannel.transport))
+
+
+class SettingsTests(unittest.TestCase):
+    """--map udp:..., protocol: udp in config.yaml, and the UDP options."""
+
+    def setUp(self):
+        from .support import temporaryDirectory
+        self.directory = temporaryDirectory(self)
+
+    def parse(self, options, text: str, *argv: str):
+        import os
+        import textwrap
+        path = os.path.join(self.directory, "config.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(textwrap.dedent(text))
+        options.parseOptions(["--config", path, *argv])
+        return options.settings()
+
+    def test_clientConfigAndOptions(self):
+        """A tunnel with protocol: udp, --map udp:..., and the session options."""
+        from gotunnel.tap import ClientOptions
+        settings = self.parse(ClientOptions(), """
+            client:
+              token: t
+              udp_session_timeout: 30
+              udp_max_sessions: 10
+              tunnels:
+                - {local_port: 53, remote_port: 10053, protocol: udp}
+                - {local_port: 22, remote_port: 10022}
+            """)
+        self.assertEqual(settings.mappings, [Mapping("127.0.0.1", 53, 10053, "udp"),
+                                             Mapping("127.0.0.1", 22, 10022, "tcp")])
+        self.assertEqual((settings.udp_session_timeout, settings.udp_max_sessions), (30, 10))
+        settings = self.parse(ClientOptions(), "client: {token: t}\n",
+                              "--map", "udp:[::1]:53:10053", "--udp-max-sessions", "5")
+        self.assertEqual(settings.mappings, [Mapping("::1", 53, 10053, "udp")])
+        self.assertEqual(settings.udp_max_sessions, 5)
+
+    def test_badProtocol(self):
+        """protocol: sctp is refused with the key's name."""
+        from gotunnel.config import ConfigError
+        from gotunnel.tap import ClientOptions
+        with self.assertRaises(ConfigError) as caught:
+            self.parse(ClientOptions(), """
+                client:
+                  token: t
+                  tunnels: [{local_port: 53, remote_port: 10053, protocol: sctp}]
+                """)
+        self.assertIn("client.tunnels[0].protocol must be tcp or udp", str(caught.exception))
+
+    def test_serverOptions(self):
+        """UDP is on by default; --no-udp or udp: false turns it off."""
+        from gotunnel.tap import ServerOptions
+        self.assertTrue(self.parse(ServerOptions(), "server: {token: t}\n").udp)
+        self.assertFalse(self.parse(ServerOptions(), "server: {token: t}\n", "--no-udp").udp)
+        settings = self.parse(ServerOptions(), """
+            server: {token: t, udp: false, udp_session_timeout: 5, udp_max_sessions: 7}
+            """)
+        self.assertEqual((settings.udp, settings.udp_session_timeout,
+                          settings.udp_max_sessions), (False, 5, 7))
+
+
+class CarrierBufferTests(unittest.TestCase):
+    def test_boundRaised(self):
+        """
+        The carrying channel's transport (under TLS, the TCP transport below
+        it) buffers up to CARRIER_BUFFER before it pauses us.
+        """
+        tcpTransport = StringTransport()
+        tcpTransport.bufferSize = 65536
+
+        class TLSLike(StringTransport):
+            transport = tcpTransport
+
+        udp.Carrier(TLSLike(), lambda *a: None, MemoryReactorClock())
+        self.assertEqual(tcpTransport.bufferSize, udp.CARRIER_BUFFER)
+
+    def test_oneSendPerTurn(self):
+        """
+        The first frame of a turn goes to the kernel at once, the others
+        together at the end of the turn, not at the next turn: with the
+        reactor's own writes held back, they still arrive.
+        """
+        import socket
+
+        from twisted.internet import tcp as tcpModule
+
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        clock = MemoryReactorClock()
+
+        class Connection(tcpModule.Connection):
+            def startWriting(self):
+                pass
+
+            def stopWriting(self):
+                pass
+
+        left.setblocking(False)
+        connection = Connection(left, None, reactor=clock)
+        connection.connected = True
+        carrier = udp.Carrier(connection, lambda *a: None, clock)
+        right.settimeout(1)
+        carrier.send(1, b"one")
+        self.assertEqual(right.recv(100), udp.encodeFrame(1, b"one"))
+        carrier.send(2, b"two")
+        carrier.send(3, b"three")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0)
+        self.assertEqual(right.recv(100), udp.encodeFrame(2, b"two")
+                         + udp.encodeFrame(3, b"three"))
+
+
+def ipv6Loopback() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+class UdpOverIPv6Tests(UdpTunnelTestCase):
+    if not ipv6Loopback():
+        skip = "no IPv6 loopback"
+
+    @defer.inlineCallbacks
+    def test_ipv6PeerAndService(self):
+        """
+        A public port on ::1 and a local service on ::1: the peer's IPv6
+        address gets its answer, from a session socket of the IPv6 family.
+        """
+        yield self.tunnel.startServer(public_interface="::1")
+        service = UdpEcho()
+        servicePort = reactor.listenUDP(0, service, interface="::1")
+        self.addCleanup(servicePort.stopListening)
+        remote = freeUdpPort()
+        settings = ClientSettings(
+            server=f"tcp:{HOST}:{self.tunnel.controlPort}", token=TOKEN, name="v6",
+            mappings=[Mapping("::1", servicePort.getHost().port, remote, "udp")], pool_count=0)
+        client = TunnelClientService(settings, reactor=reactor)
+        client.startService()
+        self.addCleanup(client.stopService)
+        yield within(self.carrying(client), 10, "the carrying channel")
+        peer = UdpPeer()
+        peerPort = reactor.listenUDP(0, peer, interface="::1")
+        self.addCleanup(peerPort.stopListening)
+        before = len(peer.received)
+
+        def attempt():
+            if len(peer.received) > before:
+                return True
+            peer.transport.write(b"over ipv6", ("::1", remote))
+            return False
+
+        yield retryUntil(attempt, 10, "an answer over IPv6", interval=0.05)
+        self.assertEqual(peer.received[0], b"over ipv6")
