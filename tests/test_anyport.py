@@ -10,12 +10,22 @@ import os
 
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
+from twisted.python import usage
 from twisted.trial import unittest
 
 from gotunnel import messages
 from gotunnel.config import Mapping, readConfigFile
 from gotunnel.tap import ClientOptions
-from tests.support import HOST, Tunnel, echoedThrough, freePort, listenTarget, waitUntil, within
+from gotunnel.server import RegistrationRefused
+from tests.support import (
+    HOST, TOKEN, Tunnel, echoedThrough, freePort, listenTarget, waitUntil, within,
+)
+
+
+class FakeChannel:
+    """A control channel as register sees it: a transport with no certificate."""
+
+    transport = None
 
 TIMEOUT = 30
 
@@ -43,6 +53,19 @@ class WireAndSettingsTests(unittest.TestCase):
         mappings = readConfigFile(path).clientValues()["mappings"]
         self.assertEqual([m.remote_port for m in mappings], [0, 0])
 
+    def test_notForUdp(self):
+        """Only TCP ports are chosen by the server: a UDP mapping of port 0 is refused."""
+        with self.assertRaises(usage.UsageError) as raised:
+            ClientOptions().parseOptions(["--token", "t", "--map", "udp:53:0",
+                                          "--config", os.devnull])
+        self.assertIn("a UDP mapping needs a remote port of its own", str(raised.exception))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("client:\n  tunnels:\n    - {local_port: 53, remote_port: 0, protocol: udp}\n")
+        with self.assertRaises(Exception) as raised:
+            readConfigFile(path).clientValues()
+        self.assertIn("a udp tunnel needs a remote_port of its own", str(raised.exception))
+
 
 class ServerChoosesTests(unittest.TestCase):
     def setUp(self):
@@ -65,7 +88,11 @@ class ServerChoosesTests(unittest.TestCase):
         client = yield self.publishAny(tunnel)
         port = client.tunnels[0].mapping.remote_port
         self.assertNotEqual(port, 0)
-        self.assertIn(port, tunnel.server.registry.tunnels)
+        registry = tunnel.server.registry
+        self.assertIn(port, registry.tunnels)
+        # Its listener is ordered as any port's, and its totals are the port's.
+        self.assertIs(registry.publicPorts[port].owner, registry.tunnels[port])
+        self.assertEqual(registry.tunnels[port].stats.remote_port, str(port))
         self.assertTrue((yield echoedThrough(self, port, b"hello", TIMEOUT)))
         chosen = [e for e in self.events if e.get("log_format", "").startswith("the server chose")]
         self.assertEqual(chosen[0]["address"], f"{HOST}:{port}")
@@ -85,6 +112,25 @@ class ServerChoosesTests(unittest.TestCase):
         other.tunnels[0].registrationRefused = refusals.append
         yield waitUntil(lambda: refusals, TIMEOUT, "the refusal")
         self.assertIn("no free remote port for 'other'", refusals[0])
+
+    @defer.inlineCallbacks
+    def test_udpRefused(self):
+        """The server refuses a UDP register of port 0, and a register with vhost is no ask."""
+        tunnel = Tunnel(self)
+        yield tunnel.startServer()
+        registry = tunnel.server.registry
+        channel = FakeChannel()
+        for msg, reason in [
+                (messages.Register(local_port=53, remote_port=0, protocol="udp",
+                                   token=TOKEN, name="u"),
+                 "a UDP mapping needs a remote_port of its own (0 is for TCP)"),
+                (messages.Register(local_port=80, remote_port=0, token=TOKEN, name="v",
+                                   vhost="http", subdomain="v"),
+                 "this server has no virtual hosts")]:
+            failure = yield self.assertFailure(registry.register(channel, msg),
+                                               RegistrationRefused)
+            self.assertIn(reason, str(failure))
+        self.assertEqual(registry.tunnels, {})
 
     @defer.inlineCallbacks
     def test_registersAgainWithTheChosenPort(self):

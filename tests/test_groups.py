@@ -120,9 +120,14 @@ class GroupTests(unittest.TestCase):
         a = yield self.member("a", BannerA)
         b = yield self.member("b", BannerB)
         registry = self.tunnel.server.registry
+        port = registry.publicPorts[self.remote]
+        listener = port.listener
         yield a.stopService()
         yield waitUntil(lambda: list(registry.groups[self.remote].members) == ["b"], TIMEOUT,
                         "a to leave")
+        # The same socket, passed on through the port's PublicPort.
+        self.assertIs(port.listener, listener)
+        self.assertIs(port.owner, registry.tunnels[self.remote])
         self.assertEqual((yield self.banners(2)), [b"B\n", b"B\n"])
         self.assertIsNone(registry.leases.get(self.remote))
         yield b.stopService()

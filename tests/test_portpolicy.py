@@ -249,6 +249,14 @@ class ServerEnforcementTests(EnforcementTestCase):
         yield self.assertRefused(tunnel, remote)
 
     @defer.inlineCallbacks
+    def test_refusalsInAccounting(self):
+        """A refusal at accept is counted by the port's accounting, with its reason."""
+        tunnel, remote = yield self.publish(deny_sources=tuple(nets("127.0.0.1")))
+        yield self.assertRefused(tunnel, remote)
+        self.assertEqual(tunnel.server.registry.tunnels[remote].stats.refused,
+                         {"source_address": 1})
+
+    @defer.inlineCallbacks
     def test_clientNarrows(self):
         tunnel, remote = yield self.publish({"allow_sources": ("10.0.0.0/8",)})
         yield self.assertRefused(tunnel, remote)
@@ -357,6 +365,7 @@ class LimitEnforcementTests(EnforcementTestCase):
     def test_maxUsers(self):
         tunnel, remote = yield self.publish(max_users_per_port=2)
         yield self.assertUserLimit(tunnel, remote, 2)
+        self.assertEqual(tunnel.server.registry.tunnels[remote].stats.refused, {"max_users": 1})
 
     @defer.inlineCallbacks
     def test_clientAsksFewerUsers(self):
@@ -376,6 +385,8 @@ class LimitEnforcementTests(EnforcementTestCase):
         self.asked = 0
         yield self.assertRefused(tunnel, remote)
         self.assertEqual(len(tunnel.server.registry.tunnels[remote].sourceRate), 1)
+        self.assertEqual(tunnel.server.registry.tunnels[remote].stats.refused,
+                         {"connection_rate": 1})
 
     @defer.inlineCallbacks
     def test_clientAsksForARate(self):
