@@ -1034,7 +1034,8 @@ class TunnelRegistry:
         port stays open and C{successor} holds it now.
         """
         log.info("client {name} left group {group} of public port {remote_port}; "
-                 "{count} members go on", name=leaving.name, group=leaving.group.name,
+                 "{count} members go on", name=printable(leaving.name),
+                 group=printable(leaving.group.name),
                  remote_port=leaving.remote_port, count=len(leaving.group.members))
         if self.tunnels.get(leaving.remote_port) is not leaving:
             return
@@ -1086,13 +1087,13 @@ class TunnelRegistry:
         if previous is not None:
             log.info("client {name} registered port {remote_port} again; "
                      "dropping its previous control channel",
-                     name=msg.name, remote_port=msg.remote_port)
+                     name=printable(msg.name), remote_port=msg.remote_port)
             previous.close()
             previous.channel.transport.loseConnection()
         group.add(tunnel)
         tunnel.online = True
         log.info("client {name} joined group {group} of public port {remote_port} "
-                 "({count} members)", name=msg.name, group=group.name,
+                 "({count} members)", name=printable(msg.name), group=printable(group.name),
                  remote_port=msg.remote_port, count=len(group.members))
         return defer.succeed(tunnel)
 
@@ -1389,8 +1390,8 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if tunnel is not None and tunnel.group is not None:
             # The port stays open for the group; users go to the other members.
             log.info("client {name} says its service is down; group {group} of port "
-                     "{remote_port} sends it no users", name=tunnel.name,
-                     group=tunnel.group.name, remote_port=tunnel.remote_port)
+                     "{remote_port} sends it no users", name=printable(tunnel.name),
+                     group=printable(tunnel.group.name), remote_port=tunnel.remote_port)
             tunnel.serviceUp = False
         elif tunnel is not None:
             log.info("client {name} says its service is down; port {remote_port} offline",
