@@ -77,9 +77,9 @@ def clientMain(argv: Optional[Sequence[str]] = None) -> int:
     return run("client", sys.argv[1:] if argv is None else argv, "gotunnel-client")
 
 
-USAGE = "Usage: python -m gotunnel {server|client|demo|certs} [options]"
+COMMANDS = "{server|client|status|demo|certs}"
 
-HELP = f"""{USAGE}
+HELP = """Usage: {prog} {commands} [options]
 
 A reverse TCP tunnel, wire-compatible with the Go gotunnel.
 
@@ -88,15 +88,21 @@ Commands:
            (the same as gotunnel-server)
   client   publish local services through a gotunnel server
            (the same as gotunnel-client)
+  status   show a running server's clients, ports and connections (its --admin endpoint)
   demo     a server, a client and a small web page on this machine, to try it
   certs    make a CA, a server certificate and client certificates for TLS
 
-'python -m gotunnel COMMAND --help' lists a command's options.
+'{prog} COMMAND --help' lists a command's options.
 
 Examples:
-  python -m gotunnel server --token s3cret
-  python -m gotunnel client --server tcp:tunnel.example.com:17000 --token s3cret --map 22:10022
+  {prog} server --token s3cret
+  {prog} client --server tcp:tunnel.example.com:17000 --token s3cret --map 22:10022
 """
+
+
+def programName() -> str:
+    """How the person ran us: C{python -m gotunnel}, or the console script C{gotunnel}."""
+    return "python -m gotunnel" if sys.argv[0].endswith("__main__.py") else "gotunnel"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -113,17 +119,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from gotunnel.demo import main as demoMain
 
         return demoMain(args[1:])
+    prog = programName()
     if args and args[0] in ("--help", "-h"):
-        sys.stdout.write(HELP)
+        sys.stdout.write(HELP.format(prog=prog, commands=COMMANDS))
         return 0
     if args and args[0] == "--version":
         sys.stdout.write(tap.versionText() + "\n")
         return 0
     if not args or args[0] not in ROLES:
-        sys.stderr.write(f"{USAGE}\ntry 'python -m gotunnel --help'\n")
+        sys.stderr.write(f"Usage: {prog} {COMMANDS} [options]\ntry '{prog} --help'\n")
         return 2
     role = args.pop(0)
-    return run(role, args, f"gotunnel {role}", f"python -m gotunnel {role}")
+    return run(role, args, f"gotunnel {role}", f"{prog} {role}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Union
 
 from twisted.internet import error
 from twisted.logger import Logger, LogLevel
@@ -176,10 +176,11 @@ class ServerStats:
     def newClientId(self) -> str:
         return f"c{next(self._clientIds)}"
 
-    def portStats(self, remote_port: int, client: str) -> PortStats:
+    def portStats(self, remote_port: Union[int, str], client: str) -> PortStats:
         """
-        The totals of C{remote_port} published by C{client}, held until
-        L{release}: its own while there is room, else "other".
+        The totals of C{remote_port} (or of a virtual host, by its label)
+        published by C{client}, held until L{release}: its own while there
+        is room, else "other".
         """
         key = (remote_port, client)
         stats = self.ports.get(key)

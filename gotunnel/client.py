@@ -25,7 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gotunnel import messages, proxyprotocol, tls
+from gotunnel import messages, proxyprotocol
 from gotunnel.accounting import (
     REFUSED, SERVICE_CLOSED, USER_CLOSED, endingOf, logClientConnection, noteEnding,
 )
@@ -34,9 +34,13 @@ from gotunnel.control import CLIENT_TLS_HINTS, MessageReceiver, tlsFailure
 from gotunnel.printable import printable
 from gotunnel.refusals import lastingRefusal
 from gotunnel.relay import (
-    ConnectionSet, RelayEnd, isReset, setKeepAlive, setNoDelay, splice,
+    ConnectionSet, RelayEnd, isReset, setKeepAlive, setNoDelay,
 )
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError
+from gotunnel.splicer import Splicer
+from gotunnel.tcpinternals import (
+    endpointBindAddress, endpointHost, endpointPort, endpointTimeout,
+)
 
 log = Logger()
 
@@ -107,16 +111,21 @@ class ServerEndpoints:
     def __init__(self, reactor, settings: ClientSettings) -> None:
         self.reactor = reactor
         named = clientFromString(reactor, clientEndpointString(settings.server))
-        host = tls.endpointHost(named)
-        self.options = tls.clientOptions(settings, host) if settings.tls else None
-        self.timeout = getattr(named, "_timeout", 30)
+        host = endpointHost(named)
+        self.options = None
+        if settings.tls:
+            # Only then: a plain client never loads the TLS code.
+            from gotunnel import tls
+
+            self.options = tls.clientOptions(settings, host)
+        self.timeout = endpointTimeout(named, 30)
         # A tcp: string is a TCP4ClientEndpoint, which looks a name up for
         # IPv4 only: a name is looked up for both families on every connect.
         self.pinnable = (isinstance(named, TCP4ClientEndpoint) and bool(host)
                          and not isIPAddress(host) and not isIPv6Address(host))
         if self.pinnable:
-            named = HostnameEndpoint(reactor, host, named._port, timeout=self.timeout,
-                                     bindAddress=named._bindAddress)
+            named = HostnameEndpoint(reactor, host, endpointPort(named), timeout=self.timeout,
+                                     bindAddress=endpointBindAddress(named))
         self.control = self._withTLS(named)
 
     def _withTLS(self, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:
@@ -361,13 +370,15 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
+        # Pooled or not: a server that vanishes silently must not hold this
+        # channel, and the local connection spliced to it, forever.
+        setKeepAlive(self.transport)
         self.tunnel.connections.add(self)
         if self.pooled:
             if self not in self.tunnel.pool:
                 # The pool was emptied (control channel lost) while we connected.
                 self.transport.loseConnection()
                 return
-            setKeepAlive(self.transport)
             ask = {"pooled": True}
             mapping = self.tunnel.mapping
             if mapping.vhost:
@@ -443,10 +454,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
             # First on the local connection, in the same write as the user's
             # first bytes (what this side holds goes to the local side first).
             self._held = [self.proxyHeader] + (self._held or [])
-        settings = self.tunnel.settings
         self.servedLocal = local
-        splice(self, local, zeroCopy=settings.zero_copy, spliceThread=settings.splice_thread,
-               busyPoll=settings.busy_poll / 1e6)
+        self.tunnel.splicer.splice(self, local)
         self._replaceInPool()
 
     def _replaceInPool(self) -> None:
@@ -641,13 +650,21 @@ class TunnelService(MultiService):
 
     def __init__(self, settings: ClientSettings, mapping: Mapping,
                  serverEndpoint: IStreamClientEndpoint, reactor,
-                 dataChannelEndpoint=None) -> None:
+                 dataChannelEndpoint=None, splicer: Optional[Splicer] = None) -> None:
         """
         @param dataChannelEndpoint: given the address the control channel
             reached, the endpoint for a data channel, or None for
             C{serverEndpoint} (see L{ServerEndpoints.dataChannel}).
+        @param splicer: how data channels are spliced to the local service
+            (shared by a client's mappings); by default as C{settings} say,
+            its splice thread a child of this service.
         """
         super().__init__()
+        if splicer is None:
+            splicer = Splicer.fromSettings(settings, reactor)
+            if splicer.spliceThread is not None:
+                splicer.spliceThread.setServiceParent(self)
+        self.splicer = splicer
         self.settings = settings
         self.mapping = mapping
         self.reactor = reactor
@@ -969,7 +986,12 @@ class TunnelClientService(MultiService):
     whenExiting: Optional[Callable[[int], None]] = None
     """Told the exit status before the reactor is stopped (see tap.py, for twistd)."""
 
-    def __init__(self, settings: ClientSettings, reactor=None) -> None:
+    def __init__(self, settings: ClientSettings, reactor=None,
+                 splicer: Optional[Splicer] = None) -> None:
+        """
+        @param splicer: how every mapping's data channels are spliced; by
+            default as C{settings} say.  Its splice thread becomes a child.
+        """
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -977,9 +999,13 @@ class TunnelClientService(MultiService):
         self.settings = settings
         from gotunnel.udp import UdpTunnelService
 
+        self.splicer = splicer or Splicer.fromSettings(settings, reactor)
+        if self.splicer.spliceThread is not None:
+            self.splicer.spliceThread.setServiceParent(self)
         endpoints = ServerEndpoints(reactor, settings)
         self.tunnels = [(UdpTunnelService if mapping.protocol == "udp" else TunnelService)(
-                            settings, mapping, endpoints.control, reactor, endpoints.dataChannel)
+                            settings, mapping, endpoints.control, reactor, endpoints.dataChannel,
+                            self.splicer)
                         for mapping in settings.mappings]
         for tunnel in self.tunnels:
             tunnel.setServiceParent(self)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Any, Callable, NoReturn, Optional
 
-import yaml
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.python import usage
 
@@ -470,6 +469,9 @@ def readConfigFile(path: str) -> ConfigFile:
         raise ConfigError(f"{path}: cannot read it: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+    # Here, not at the top: a run without a config file never loads YAML.
+    import yaml
+
     try:
         data = yaml.safe_load(text)
         # The same document with every scalar as the text it was written

@@ -11,7 +11,7 @@ descriptor.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -43,6 +43,9 @@ class PortLeases:
 
     def __len__(self) -> int:
         return len(self._leases)
+
+    def __iter__(self) -> Iterator[PortLease]:
+        return iter(list(self._leases.values()))
 
     def get(self, remote_port: int) -> Optional[PortLease]:
         return self._leases.get(remote_port)

@@ -17,6 +17,7 @@ from twisted.python import usage
 from twisted.python.reflect import namedAny
 
 from gotunnel.i18n import TranslatingObserver
+from gotunnel.tcpinternals import CLIENT_SERVICE_NAMESPACE, twistdLogObserver
 
 
 def leveledObserver(observer: ILogObserver, level: str, lang: str = "en") -> ILogObserver:
@@ -27,7 +28,7 @@ def leveledObserver(observer: ILogObserver, level: str, lang: str = "en") -> ILo
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     # ClientService announces each retry with an object's repr; the client
     # logs its own line with the mapping and the delay instead.
-    predicate.setLogLevelForNamespace("twisted.application._client_service",
+    predicate.setLogLevelForNamespace(CLIENT_SERVICE_NAMESPACE,
                                       max(LogLevel.warn, LogLevel.levelWithName(level)))
     return FilteringLogObserver(TranslatingObserver(observer, lang), [predicate])
 
@@ -72,12 +73,8 @@ def twistdObserver() -> ILogObserver:
     else:
         # twistd's own choice of observer, by twistd's own code: the loggers
         # of twistd's runner know --logfile, --syslog, --nodaemon and the
-        # platform's defaults.  Both names are private to twistd;
-        # tests/test_cli.py runs twistd to catch a change.
-        from twisted.scripts.twistd import _SomeApplicationRunner
-
-        observer = _SomeApplicationRunner.loggerFactory(
-            _underTwistd["options"] or {})._getLogObserver()
+        # platform's defaults.
+        observer = twistdLogObserver(_underTwistd["options"] or {})
     if not ILogObserver.providedBy(observer):
         observer = LegacyLogObserverWrapper(observer)
     return leveledObserver(observer, _underTwistd["level"], _underTwistd["lang"])

@@ -13,7 +13,7 @@ L{SplicePump} moves the bytes in the kernel instead (see L{gotunnel.zerocopy}).
 from __future__ import annotations
 
 import socket
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList
@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from gotunnel.ratelimit import Throttle
 from gotunnel.sameturn import twistedBuffered, writeThrough
-from gotunnel.zerocopy import SplicePump
+from gotunnel.zerocopy import HAND_OFF_AFTER, SplicePump
 
 
 def setNoDelay(transport: object) -> None:
@@ -241,18 +241,21 @@ class RelayEnd:
             self.peer.shutdownWrite()
 
 
-def splice(a: RelayEnd, b: RelayEnd, zeroCopy: bool = False, spliceThread: bool = False,
-           busyPoll: float = 0.0) -> None:
+def splice(a: RelayEnd, b: RelayEnd, zeroCopy: bool = False, spliceThread: object = None,
+           busyPoll: float = 0.0, handOffAfter: int = HAND_OFF_AFTER,
+           onHandOff: Optional[Callable[[], None]] = None) -> None:
     """
     Join two connected sides: what either reads goes to the other, with
     flow control both ways.  With C{zeroCopy}, and both sides plain TCP on
-    Linux, the kernel moves the bytes (after what the sides held); with
-    C{spliceThread} too, the process's splice thread runs those moves while
-    the connections are steady, and polls for up to C{busyPoll} seconds
-    for a socket's answer before it sleeps.
+    Linux, the kernel moves the bytes (after what the sides held); given
+    C{spliceThread} too (a L{gotunnel.splicethread.SpliceThreadService}),
+    its thread runs those moves while the connections are steady (after
+    C{handOffAfter} reads in the reactor, telling C{onHandOff}), and polls
+    for up to C{busyPoll} seconds for a socket's answer before it sleeps.
     """
     a.peer, b.peer = b, a
-    pump = SplicePump.forEnds(a, b, spliceThread, busyPoll) if zeroCopy else None
+    pump = SplicePump.forEnds(a, b, spliceThread, busyPoll, handOffAfter,
+                              onHandOff) if zeroCopy else None
     if pump is not None:
         a.pumpedOut, b.pumpedOut = pump.sides[a].outgoing, pump.sides[b].outgoing
     if pump is None:

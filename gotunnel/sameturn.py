@@ -15,15 +15,11 @@ now rather than at the next turn, behind whatever else is ready then.
 from __future__ import annotations
 
 from twisted.internet import tcp
-from twisted.internet.abstract import FileDescriptor
+
+from gotunnel.tcpinternals import twistedBuffered, writeDisconnected, writeDisconnecting
 
 READ_SIZE = 65536
 """The most L{readWaiting} takes, as much as Twisted's own reads take."""
-
-
-def twistedBuffered(transport: FileDescriptor) -> int:
-    """How many bytes C{transport}'s own write buffer still holds."""
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 def plainSocket(transport: object) -> bool:
@@ -34,8 +30,8 @@ def plainSocket(transport: object) -> bool:
     # transport.TLS: a TCP connection after startTLS (ssl: endpoints), whose
     # bytes must go through the TLS layer.
     return (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport._writeDisconnecting
-            and not transport._writeDisconnected)
+            and not transport.disconnecting and not writeDisconnecting(transport)
+            and not writeDisconnected(transport))
 
 
 def writeThrough(transport: object, data: bytes) -> None:

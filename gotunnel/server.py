@@ -20,12 +20,12 @@ from typing import Callable, Optional
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer, error
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from gotunnel import messages, tls
+from gotunnel import messages
 from gotunnel.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_CONNECTION_RATE, REFUSED_MAX_USERS, REFUSED_NO_MEMBER,
     REFUSED_SOURCE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
@@ -41,8 +41,9 @@ from gotunnel.portpolicy import (
 from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
 from gotunnel.ratelimit import Throttle
-from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
+from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay
 from gotunnel.sameturn import readWaiting
+from gotunnel.splicer import Splicer
 
 log = Logger()
 
@@ -104,6 +105,18 @@ def addressGroup(host: str, ipv6Prefix: int) -> str:
             return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, ipv6Prefix), strict=False))
     return host
+
+
+def peerCommonName(transport: object) -> Optional[str]:
+    """
+    L{gotunnel.tls.peerCommonName}, imported only for a TLS connection: a
+    plain server never loads the TLS code.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None
+    from gotunnel import tls
+
+    return tls.peerCommonName(transport)
 
 
 def _whenFired(d: defer.Deferred) -> defer.Deferred:
@@ -273,7 +286,7 @@ class Tunnel:
         # What the admin API and the metrics say of this mapping.
         self.clientId = registry.stats.newClientId()
         self.connectedSince = registry.clock.seconds()
-        self.stats = registry.stats.portStats(self.remote_port, self.name)
+        self.stats = registry.stats.portStats(self.statsPort, self.name)
         self._retryCall = None
 
     def __repr__(self) -> str:
@@ -290,6 +303,16 @@ class Tunnel:
     @property
     def key(self) -> object:
         """What the registry knows this mapping by: its port (see L{gotunnel.vhost})."""
+        return self.remote_port
+
+    @property
+    def mappingName(self) -> str:
+        """What users reach this mapping by, for a log line: C{public port 10022}."""
+        return f"public port {self.remote_port}"
+
+    @property
+    def statsPort(self) -> object:
+        """The port its totals and metrics are labelled with (see L{gotunnel.vhost})."""
         return self.remote_port
 
     def checkAllowed(self, name: str) -> None:
@@ -530,6 +553,8 @@ class TunnelRegistry:
         # Wrong tokens in a row per source address, least recent first.
         self.authFailures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.stats = ServerStats(reactor, settings.connection_log)
+        self.splicer = Splicer()
+        """Set by L{TunnelServerService} to its own, as the settings ask."""
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
         self.refusedUsers = 0
@@ -822,7 +847,7 @@ class TunnelRegistry:
                     "this server has no virtual hosts (--http, --https)"))
             return self.virtualHosts.register(channel, msg)
         try:
-            name = self.authenticate(msg.name, msg.token, tls.peerCommonName(channel.transport))
+            name = self.authenticate(msg.name, msg.token, peerCommonName(channel.transport))
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
             tunnelType = Tunnel
@@ -1410,7 +1435,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def msg_data_channel(self, msg: messages.DataChannel) -> None:
         if not self._firstFrame("data_channel"):
             return
-        certificateName = tls.peerCommonName(self.transport)
+        certificateName = peerCommonName(self.transport)
         self.wantsAddresses = bool(msg.addresses)
         try:
             if msg.protocol == "udp":
@@ -1426,6 +1451,10 @@ class ServerChannel(MessageReceiver, RelayEnd):
             self.refuse(str(e))
             return
         self._releasePending()
+        # Every data channel: a pooled one waits idle, and a spliced one
+        # whose client vanished without a FIN or RST (power cut, network
+        # gone) is found dead by the probes, not held with its user forever.
+        setKeepAlive(self.transport)
         if msg.protocol == "udp":
             # The carrying channel of a UDP mapping: datagram frames from now on.
             self.role = "udp"
@@ -1437,7 +1466,6 @@ class ServerChannel(MessageReceiver, RelayEnd):
             # Read on while idle: a pooled channel that closes must leave
             # the pool at once, not when a user is handed to it.
             self.role = "pooled"
-            setKeepAlive(self.transport)
             return
         self.role = "data"
         if self._answer(user, ours=msg.conn_id is not None):
@@ -1504,15 +1532,13 @@ class ServerChannel(MessageReceiver, RelayEnd):
         return True
 
     def _spliceTo(self, user: PublicUser) -> None:
-        settings = self.registry.settings
         user.dataChannel = self
         throttles = user.tunnel.throttles
         if throttles is not None:
             # A capped mapping's bytes go through Python, where reading
             # pauses while the cap is spent (see gotunnel.ratelimit).
             user.throttle, self.throttle = throttles
-        splice(user, self, zeroCopy=settings.zero_copy and throttles is None,
-               spliceThread=settings.splice_thread, busyPoll=settings.busy_poll / 1e6)
+        self.registry.splicer.splice(user, self, zeroCopy=throttles is None)
         if throttles is not None and user.earlyBytes:
             # After splice(), which resumes reading: what the user sent
             # while it waited (read in small pieces, see PublicUser) counts
@@ -1559,9 +1585,17 @@ class ServerChannel(MessageReceiver, RelayEnd):
         role, self.role = self.role, "closed"
         if role == "control":
             self.registry.clientLeft(self.source)
-            log.info("client {name} gone; closing public port {remote_port}",
-                     name=printable(self.tunnel.name), remote_port=self.tunnel.remote_port)
-            self.registry.clientDropped(self.tunnel)
+            tunnel = self.tunnel
+            successor = self.registry.tunnels.get(tunnel.key)
+            if tunnel.closed and successor is not None and successor is not tunnel:
+                # The same name registered again: the port stays open for it.
+                log.info("the old control channel of client {name} closed; its {mapping} "
+                         "is served by the new one", name=printable(tunnel.name),
+                         mapping=tunnel.mappingName, remote_port=tunnel.remote_port)
+            else:
+                log.info("client {name} gone; closing public port {remote_port}",
+                         name=printable(tunnel.name), remote_port=tunnel.remote_port)
+            self.registry.clientDropped(tunnel)
         elif role == "pooled":
             self.tunnel.pooledLost(self)
         elif role == "udp":
@@ -1598,15 +1632,28 @@ class TunnelServerService(MultiService):
     virtualHostService = None
     """The L{gotunnel.vhost.VirtualHostService}, with --http or --https."""
 
-    def __init__(self, settings: ServerSettings, reactor=None) -> None:
+    def __init__(self, settings: ServerSettings, reactor=None,
+                 splicer: Optional[Splicer] = None) -> None:
+        """
+        @param splicer: how users are spliced to data channels; by default
+            as C{settings} say.  Its splice thread becomes a child.
+        """
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
         self.settings = settings
         self.registry = TunnelRegistry(settings, reactor)
+        self.splicer = self.registry.splicer = splicer or Splicer.fromSettings(settings, reactor)
+        if self.splicer.spliceThread is not None:
+            self.splicer.spliceThread.setServiceParent(self)
         listen = withBacklog(settings.listen, settings.control_backlog)
-        self.controlEndpoint = tls.serverEndpoint(
-            reactor, dataclasses.replace(settings, listen=listen))
+        if settings.tls_cert:
+            from gotunnel import tls
+
+            self.controlEndpoint = tls.serverEndpoint(
+                reactor, dataclasses.replace(settings, listen=listen))
+        else:
+            self.controlEndpoint = serverFromString(reactor, listen)
         self._listenWaiters: list[defer.Deferred] = []
         if settings.vhost_http or settings.vhost_https:
             from gotunnel.vhost import VirtualHosts, VirtualHostService

@@ -33,6 +33,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -119,8 +120,8 @@ class SpliceThread:
 
     An exception anywhere in the thread ends it, but never with a pump in
     its hands: every pump goes back to the reactor (whose own C{doRead} and
-    C{doWrite} carry on), the failure is logged there, and L{forReactor}
-    starts a new thread for the pumps to come.
+    C{doWrite} carry on), the failure is logged there, and
+    L{SpliceThreadService} starts a new thread for the pumps to come.
 
     @ivar sides: the L{Side} each descriptor the thread watches belongs to.
     @ivar waiting: how the thread waits for its events.
@@ -282,14 +283,39 @@ class SpliceThread:
                 pass
 
 
-_threads: dict[int, SpliceThread] = {}
-_threadsLock = threading.Lock()
+JOIN_TIMEOUT = 5.0
+"""Seconds L{SpliceThreadService.stopService} waits for the thread to end:
+once told to stop, it ends within one wait of its epoll."""
 
 
-def forReactor(reactor) -> SpliceThread:
-    """The splice thread of C{reactor}, started the first time it is asked for."""
-    with _threadsLock:
-        thread = _threads.get(id(reactor))
-        if thread is None or not thread.thread.is_alive():
-            thread = _threads[id(reactor)] = SpliceThread(reactor)
-        return thread
+class SpliceThreadService(Service):
+    """
+    The splice thread of a server or a client, as a child of its
+    MultiService: started at the first hand-off, started again after a
+    failure ended it (for the pumps to come), and ended, its thread joined,
+    on L{stopService}.
+    """
+
+    _thread: Optional[SpliceThread] = None
+
+    def __init__(self, reactor,
+                 makeThread: Callable[[object], SpliceThread] = SpliceThread) -> None:
+        self.reactor = reactor
+        self.makeThread = makeThread
+        self._lock = threading.Lock()
+
+    def thread(self) -> SpliceThread:
+        """The running splice thread, started if there is none."""
+        with self._lock:
+            if self._thread is None or not self._thread.thread.is_alive():
+                self._thread = self.makeThread(self.reactor)
+            return self._thread
+
+    def stopService(self) -> None:
+        super().stopService()
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.stop()
+            thread.thread.join(JOIN_TIMEOUT)
+            thread._forgetTrigger()

@@ -91,6 +91,13 @@ def table(headings: Sequence[str], rows: list[Sequence[str]], right: set[int]) -
     return "\n".join([line(headings)] + [line(row) for row in rows])
 
 
+def portOf(entry: dict) -> str:
+    """A port, mapping or connection's public side: its port, or a virtual host's domains."""
+    if entry.get("vhost"):
+        return f"{entry['vhost']}://{','.join(entry['domains'])}"
+    return str(entry["remote_port"])
+
+
 def render(overview: dict) -> str:
     """The tables of C{overview} (GET /api/overview)."""
     now = overview["time"]
@@ -102,18 +109,18 @@ def render(overview: dict) -> str:
         [[c["id"], c["name"], c["address"], c["identity"],
           humanSeconds(now - c["connected_since"]),
           humanSeconds(now - c["last_heartbeat"]) + " ago",
-          ", ".join(f"{m['remote_port']}->{m['local_port']}" for m in c["mappings"])]
+          ", ".join(f"{portOf(m)}->{m['local_port']}" for m in c["mappings"])]
          for c in clients], set()), ""]
     out += [f"PORTS ({len(ports)})", table(
         ["PORT", "CLIENT", "LOCAL", "STATE", "USERS", "TOTAL", "IN", "OUT", "POOL"],
-        [[p["remote_port"], p["client"] or "-",
+        [[portOf(p), p["client"] or "-",
           p["local_port"] if p["local_port"] is not None else "-", p["state"],
           p["users_now"], p["users_total"], humanBytes(p["bytes_in"]),
           humanBytes(p["bytes_out"]), p["pool"]] for p in ports],
         {0, 2, 4, 5, 6, 7, 8}), ""]
     out += [f"CONNECTIONS ({len(connections)})", table(
         ["ID", "PORT", "CLIENT", "USER", "IN", "OUT", "AGE"],
-        [[c["id"], c["remote_port"], c["client"], c["user"], humanBytes(c["bytes_in"]),
+        [[c["id"], portOf(c), c["client"], c["user"], humanBytes(c["bytes_in"]),
           humanBytes(c["bytes_out"]), humanSeconds(c["age"])] for c in connections],
         {1, 4, 5, 6})]
     return "\n".join(out) + "\n"

@@ -24,7 +24,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from gotunnel import __version__, logs, rlimits, tls
+from gotunnel import __version__, logs, rlimits
 from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
     CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, MAX_CONNECTION_RATE, ClientSettings,
@@ -287,7 +287,7 @@ class _SettingsOptions(usage.Options):
         return True
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
-        """Raise L{tls.TLSSettingsError} if the TLS settings cannot be used."""
+        """Raise L{gotunnel.tls.TLSSettingsError} if the TLS settings cannot be used."""
 
     def _checkTLS(self, source: Optional[str]) -> None:
         # A TLS setting is named as it was given: --tls-cert, or
@@ -299,6 +299,11 @@ class _SettingsOptions(usage.Options):
         option = self.endpointOption[0]
         where = f"--{option}" if self[option] is not None or not source \
             else f"{self.role}.{option}"
+        if not any(getattr(self._settings, field) for field in self.tlsOptions):
+            # No TLS setting: nothing to check, and no TLS code to import.
+            return
+        from gotunnel import tls
+
         try:
             self.checkTLS(self._settings, names, where)
         except tls.TLSSettingsError as e:
@@ -493,6 +498,8 @@ class ServerOptions(_SettingsOptions):
                                    "(server.admin_user, server.admin_password)")
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
+        from gotunnel import tls
+
         tls.checkServerSettings(settings, names, where)
 
 
@@ -628,6 +635,8 @@ class ClientOptions(_SettingsOptions):
         return configFile.clientValues()
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
+        from gotunnel import tls
+
         tls.checkClientSettings(settings, names, where, names["tls"])
 
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
@@ -661,6 +670,8 @@ class ClientOptions(_SettingsOptions):
             values.pop("name", None)
             if values.get("tls_client_cert"):
                 # With mutual TLS the server knows us by the certificate's name.
+                from gotunnel import tls
+
                 values["name"] = tls.certificateFileName(values["tls_client_cert"])
 
 

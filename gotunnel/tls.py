@@ -28,6 +28,7 @@ from zope.interface import implementer
 from gotunnel import messages
 from gotunnel.config import ClientSettings, ServerSettings
 from gotunnel.control import describePeer
+from gotunnel.tcpinternals import endpointHost
 
 log = Logger()
 
@@ -246,14 +247,6 @@ def serverEndpoint(reactor, settings: ServerSettings) -> IStreamServerEndpoint:
 
 # ---------------------------------------------------------------------------
 # The client
-
-
-def endpointHost(endpoint: object) -> Optional[str]:
-    """The host a TCP client endpoint connects to (Twisted keeps it to itself)."""
-    host = getattr(endpoint, "_host", None)
-    if isinstance(host, bytes):
-        host = host.decode("ascii")
-    return host or None
 
 
 def clientOptions(settings: ClientSettings, host: Optional[str],

@@ -583,8 +583,9 @@ class UdpTunnelService(TunnelService):
     localAddress: Optional[tuple[str, int]] = None
 
     def __init__(self, settings, mapping, serverEndpoint, reactor,
-                 dataChannelEndpoint=None) -> None:
-        super().__init__(settings, mapping, serverEndpoint, reactor, dataChannelEndpoint)
+                 dataChannelEndpoint=None, splicer=None) -> None:
+        super().__init__(settings, mapping, serverEndpoint, reactor, dataChannelEndpoint,
+                         splicer)
         self.timeout = settings.udp_session_timeout
         self.maxSessions = settings.udp_max_sessions
         self.sessions: dict[int, Session] = {}

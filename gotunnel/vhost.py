@@ -78,6 +78,11 @@ def domainMatches(pattern: str, domain: str) -> bool:
     return False
 
 
+def vhostLabel(vhost: str, domains: tuple[str, ...]) -> str:
+    """How a virtual host's totals are labelled in the metrics: C{http:a.example,b.example}."""
+    return f"{vhost}:{','.join(domains)}"
+
+
 class VirtualHostTunnel(Tunnel):
     """
     A mapping published on a virtual-host port under some domains: no
@@ -87,10 +92,10 @@ class VirtualHostTunnel(Tunnel):
 
     def __init__(self, hosts: "VirtualHosts", channel, register: messages.Register,
                  domains: tuple[str, ...]) -> None:
-        super().__init__(hosts.registry, channel, register)
-        self.hosts = hosts
         self.vhost = register.vhost
         self.domains = domains
+        super().__init__(hosts.registry, channel, register)
+        self.hosts = hosts
         self.http_auth = register.http_auth
         self.host_header_rewrite = register.host_header_rewrite
 
@@ -100,6 +105,15 @@ class VirtualHostTunnel(Tunnel):
     @property
     def key(self) -> tuple[str, tuple[str, ...]]:
         return (self.vhost, self.domains)
+
+    @property
+    def mappingName(self) -> str:
+        return f"{self.vhost} virtual host {','.join(self.domains)}"
+
+    @property
+    def statsPort(self) -> str:
+        # Its own totals and metric labels: all virtual hosts have port 0.
+        return vhostLabel(self.vhost, self.domains)
 
     def listen(self) -> defer.Deferred:
         self.online = True

@@ -27,7 +27,7 @@ import fcntl
 import math
 import os
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet import main, tcp
 from twisted.internet.interfaces import IReactorFDSet, ISSLTransport
@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from gotunnel import splicethread
 from gotunnel.splicethread import HUNG_UP, READABLE, WRITABLE
 from gotunnel.sameturn import twistedBuffered
+from gotunnel.tcpinternals import writeDisconnecting
 
 log = Logger()
 
@@ -69,7 +70,7 @@ def usable(transport: object) -> bool:
             and IReactorFDSet.providedBy(transport.reactor)
             and transport.connected
             and not transport.disconnecting
-            and not transport._writeDisconnecting)
+            and not writeDisconnecting(transport))
 
 
 class Direction:
@@ -119,7 +120,7 @@ class Direction:
         return (not self.ended and not self.pending and not self.dropped
                 and source.connected and not source.disconnecting
                 and sink.connected and not sink.disconnecting
-                and not sink._writeDisconnecting and not twistedBuffered(sink))
+                and not writeDisconnecting(sink) and not twistedBuffered(sink))
 
     def resume(self) -> None:
         """Read the source again if it may be read."""
@@ -292,7 +293,7 @@ class Side:
             if incoming.pending:
                 return None
         if (twistedBuffered(transport) or transport.disconnecting
-                or transport._writeDisconnecting):
+                or writeDisconnecting(transport)):
             why = type(transport).doWrite(transport)
             if why is None:
                 incoming.resume()
@@ -384,7 +385,15 @@ class SplicePump:
     """The splice thread must wait for other events on the pump's sockets."""
 
     def __init__(self, a: object, b: object, thread: object = None,
-                 busyPoll: float = 0.0) -> None:
+                 busyPoll: float = 0.0, handOffAfter: int = HAND_OFF_AFTER,
+                 onHandOff: Optional[Callable[[], None]] = None) -> None:
+        """
+        @param handOffAfter: reads in the reactor before the pump goes to
+            C{thread} (see L{HAND_OFF_AFTER}).
+        @param onHandOff: told each time the pump goes to C{thread}.
+        """
+        self.handOffAfter = handOffAfter
+        self.onHandOff = onHandOff
         self.sides = {a: Side(self, a), b: Side(self, b)}
         sideA, sideB = self.sides[a], self.sides[b]
         sideA.outgoing = sideB.incoming = Direction(sideA, sideB)
@@ -395,21 +404,22 @@ class SplicePump:
         self._guards: list[tuple[object, str, object]] = []
 
     @classmethod
-    def forEnds(cls, a: object, b: object, threaded: bool = False,
-                busyPoll: float = 0.0) -> Optional["SplicePump"]:
+    def forEnds(cls, a: object, b: object, threads: object = None, busyPoll: float = 0.0,
+                handOffAfter: int = HAND_OFF_AFTER,
+                onHandOff: Optional[Callable[[], None]] = None) -> Optional["SplicePump"]:
         """
-        A pump for C{a} and C{b}, with its pipes (and, C{threaded}, the
-        reactor's splice thread, polling for up to C{busyPoll} seconds for
-        an answer); None if either is not plain TCP, or if
-        the pipes cannot be made, so that the connection takes the ordinary
-        path instead.
+        A pump for C{a} and C{b}, with its pipes (and, given C{threads}, a
+        L{splicethread.SpliceThreadService}, its splice thread, polling for
+        up to C{busyPoll} seconds for an answer); None if either is not
+        plain TCP, or if the pipes cannot be made, so that the connection
+        takes the ordinary path instead.
         """
         if not (usable(a.transport) and usable(b.transport)):
             return None
         thread = None
-        if threaded and splicethread.available():
-            thread = splicethread.forReactor(a.transport.reactor)
-        pump = cls(a, b, thread, busyPoll)
+        if threads is not None and splicethread.available():
+            thread = threads.thread()
+        pump = cls(a, b, thread, busyPoll, handOffAfter, onHandOff)
         try:
             pump.openPipes()
         except OSError as e:
@@ -470,7 +480,7 @@ class SplicePump:
             transport = side.transport
             if (side.outgoing.ended or side.incoming.dropped or side.broken is not None
                     or side.readFailed or not transport.connected or transport.disconnecting
-                    or transport._writeDisconnecting or twistedBuffered(transport)
+                    or writeDisconnecting(transport) or twistedBuffered(transport)
                     or transport.producer is not None):
                 return False
         return True
@@ -478,9 +488,9 @@ class SplicePump:
     def settle(self) -> None:
         """
         Hand the pump to the splice thread, if it has one, is steady, and
-        has moved bytes in the reactor L{HAND_OFF_AFTER} times.
+        has moved bytes in the reactor C{handOffAfter} times.
         """
-        if (self.thread is not None and self.reactorReads >= HAND_OFF_AFTER
+        if (self.thread is not None and self.reactorReads >= self.handOffAfter
                 and not self._guards and self.steady()):
             self.handOff()
 
@@ -510,6 +520,8 @@ class SplicePump:
             self._resume()
         else:
             self.handOffs += 1
+            if self.onHandOff is not None:
+                self.onHandOff()
 
     def reclaim(self) -> None:
         """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Optional
+from typing import Optional, Union
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -17,12 +17,12 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-import gotunnel.client
 import gotunnel.server
-from gotunnel import relay, zerocopy
+from gotunnel import messages
 from gotunnel.client import TunnelClientService
 from gotunnel.config import ClientSettings, Mapping, ServerSettings
 from gotunnel.server import TunnelServerService
+from gotunnel.splicer import Splicer
 
 HOST = "127.0.0.1"
 TOKEN = "test-token"
@@ -184,6 +184,20 @@ def connectUser(testCase, port: int) -> defer.Deferred:
     return endpoint.connect(UserFactory()).addCallback(connected)
 
 
+class RecordingSplicer(Splicer):
+    """A L{Splicer} that keeps a few of its pumps, to read their byte counts."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.firstPumps: list[object] = []
+        """Not all: a test of leaks counts the objects left."""
+
+    def splice(self, a, b, zeroCopy: bool = True) -> None:
+        super().splice(a, b, zeroCopy)
+        if a.pump is not None and len(self.firstPumps) < 3:
+            self.firstPumps.append(a.pump)
+
+
 class Tunnel:
     """
     A server and a client in this process, ready to map ports.
@@ -218,47 +232,47 @@ class Tunnel:
         self.server: Optional[TunnelServerService] = None
         self.controlPort: Optional[int] = None
         self.zeroCopy = zeroCopy
-        self.splices = 0
-        self.pumped = 0
-        """How many splices were made, and how many of them with a pump."""
-        self.busyPolls: set[float] = set()
-        """The busy-poll budgets splices were given, in seconds."""
-        self.firstPumps: list[object] = []
-        """A few pumps, kept to read their byte counts (not all: a test of
-        leaks counts the objects left)."""
         self.spliceThread = spliceThread
-        self.handOffs = 0
-        """How many times a pump went to the splice thread."""
         self.handOffExpected = True
         """With the splice thread on, whether some pump must go to it: a test
         whose connections are never steady while spliced clears it."""
+        self.splicers: list[RecordingSplicer] = []
+        """The splicers given to the servers and clients this test started."""
         if zeroCopy is not None:
-            for module in (gotunnel.server, gotunnel.client):
-                testCase.patch(module, "splice", self._recordSplice)
             testCase.addCleanup(self._checkSplices)
-        if spliceThread:
-            # Every pump to the thread at its first read: the tests run the
-            # thread's path for short exchanges too.
-            testCase.patch(zerocopy, "HAND_OFF_AFTER", 1)
         if spliceThread is not None:
-            handOff = zerocopy.SplicePump.handOff
-
-            def countingHandOff(pump):
-                handOff(pump)
-                self.handOffs += pump.thread is not None
-
-            testCase.patch(zerocopy.SplicePump, "handOff", countingHandOff)
             testCase.addCleanup(self._checkHandOffs)
 
-    def _recordSplice(self, a, b, zeroCopy: bool = False, spliceThread: bool = False,
-                      busyPoll: float = 0.0) -> None:
-        relay.splice(a, b, zeroCopy, spliceThread, busyPoll)
-        self.splices += 1
-        self.busyPolls.add(busyPoll)
-        if a.pump is not None:
-            self.pumped += 1
-            if len(self.firstPumps) < 3:
-                self.firstPumps.append(a.pump)
+    def splicer(self, settings) -> "RecordingSplicer":
+        """A splicer for a service with C{settings}, counted at cleanup."""
+        splicer = RecordingSplicer.fromSettings(settings, reactor)
+        if self.spliceThread:
+            # Every pump to the thread at its first read: the tests run the
+            # thread's path for short exchanges too.
+            splicer.handOffAfter = 1
+        self.splicers.append(splicer)
+        return splicer
+
+    @property
+    def splices(self) -> int:
+        return sum(splicer.splices for splicer in self.splicers)
+
+    @property
+    def pumped(self) -> int:
+        return sum(splicer.pumped for splicer in self.splicers)
+
+    @property
+    def handOffs(self) -> int:
+        return sum(splicer.handOffs for splicer in self.splicers)
+
+    @property
+    def busyPolls(self) -> set[float]:
+        """The busy-poll budgets splices were given, in seconds."""
+        return {splicer.busyPoll for splicer in self.splicers if splicer.splices}
+
+    @property
+    def firstPumps(self) -> list:
+        return [pump for splicer in self.splicers for pump in splicer.firstPumps]
 
     def _checkSplices(self) -> None:
         if not self.zeroCopy:
@@ -270,7 +284,7 @@ class Tunnel:
                                         "zero copy is on, yet os.splice moved no byte")
 
     def _checkHandOffs(self) -> None:
-        if self.spliceThread and self.pumped and self.handOffExpected:
+        if self.zeroCopy and self.spliceThread and self.pumped and self.handOffExpected:
             self.testCase.assertGreater(self.handOffs, 0,
                                         "the splice thread is on, yet no pump went to it")
         elif not self.spliceThread:
@@ -294,7 +308,8 @@ class Tunnel:
                                   token=TOKEN, public_interface=HOST)
         for key, value in self.settingOverrides(overrides).items():
             setattr(settings, key, value)
-        self.server = TunnelServerService(settings, reactor=reactor)
+        self.server = TunnelServerService(settings, reactor=reactor,
+                                          splicer=self.splicer(settings))
         self.server.startService()
         self.testCase.addCleanup(self._stopServer, self.server)
         port = yield self.server.whenListening()
@@ -315,7 +330,7 @@ class Tunnel:
             pool_count=self.pool)
         for key, value in self.settingOverrides(overrides).items():
             setattr(settings, key, value)
-        client = TunnelClientService(settings, reactor=reactor)
+        client = TunnelClientService(settings, reactor=reactor, splicer=self.splicer(settings))
         client.startService()
         self.testCase.addCleanup(lambda: client.stopService() if client.running else None)
         return client
@@ -711,14 +726,19 @@ import json  # noqa: E402
 from twisted.internet.interfaces import IPullProducer  # noqa: E402
 
 
-def frameOf(body: bytes) -> bytes:
-    """C{body} behind its 4-byte big-endian length, as on the wire."""
+def frame(message: Union[messages.Message, bytes]) -> bytes:
+    """
+    One control frame as on the wire: C{message} encoded as Go writes it
+    (L{messages.encode}), or, given bytes, that body as it is (for frames no
+    message makes), behind its 4-byte big-endian length.
+    """
+    body = message if isinstance(message, bytes) else messages.encode(message)
     return len(body).to_bytes(4, "big") + body
 
 
 def jsonFrame(message: object) -> bytes:
-    """One control frame holding C{message} as compact JSON, as Go writes it."""
-    return frameOf(json.dumps(message, separators=(",", ":")).encode("utf-8"))
+    """One control frame holding C{message} (any JSON value) as compact JSON."""
+    return frame(json.dumps(message, separators=(",", ":")).encode("utf-8"))
 
 
 class RawConnection(Protocol):

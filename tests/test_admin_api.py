@@ -340,6 +340,33 @@ class RouteTests(ServerTestCase):
                          {"closed by admin": 1})
         self.assertEqual(self.call("/api/connections/u1/close", b"POST")[0], 404)
 
+    def test_leasedPort(self):
+        """
+        A port held for a client that went shows as leased, named for the
+        lease holder, with no client id and its totals; gone once the lease ends.
+        """
+        control = self.registered()
+        user = self.connectUser()
+        self.connect().send(dataChannel("conn-1") + b"hello")
+        user.protocol.dataReceived(b"abc")
+        user.protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.registered(remote_port=10023, name="edge-2")
+        control.lose()
+        self.assertIsNotNone(self.registry.leases.get(10022))
+        ports = self.call("/api/ports")[1]["ports"]
+        self.assertEqual([(p["remote_port"], p["state"]) for p in ports],
+                         [(10022, "leased"), (10023, "online")])
+        self.assertEqual(ports[0], {
+            "remote_port": 10022, "client": "edge-1", "client_id": None, "local_port": None,
+            "state": "leased", "users_now": 0, "users_total": 1, "bytes_in": 3,
+            "bytes_out": 5, "pool": 0})
+        self.assertEqual([c["name"] for c in self.call("/api/clients")[1]["clients"]],
+                         ["edge-2"])
+        self.assertEqual(self.call("/api/ports/10022/online", b"POST")[0], 404)
+        self.reactor.advance(self.settings.port_lease)
+        self.assertEqual([p["remote_port"] for p in self.call("/api/ports")[1]["ports"]],
+                         [10023])
+
 
 def gotunnel_token():
     from tests.test_server import TOKEN
@@ -644,3 +671,76 @@ class ServiceTests(unittest.TestCase):
         self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "192.0.2.3", 1)))
         factory.unregisterProtocol(built[0])
         self.assertIsNotNone(factory.buildProtocol(first))
+
+
+class VirtualHostTests(unittest.TestCase):
+    """Virtual hosts in the admin API: each mapping its own entry, with its scheme and domains."""
+
+    def setUp(self):
+        from tests.test_vhost_units import Fixture
+
+        self.fixture = Fixture()
+        self.api = AdminAPI(self.fixture.registry,
+                            AdminAuth(ADMIN_TOKEN, "", "", self.fixture.reactor))
+        self.fixture.register(name="web", domains=("a.example.com",))
+        self.fixture.register(name="web", domains=("b.example.com", "c.example.com"))
+        self.fixture.register(name="web", vhost="https", domains=("a.example.com",))
+
+    def call(self, path: str, method: bytes = b"GET"):
+        req = request(path, method, ADMIN_TOKEN)
+        result = self.api.render(req)
+        if result is not NOT_DONE_YET:
+            req.write(result)
+            req.finish()
+        return req.responseCode or 200, json.loads(b"".join(req.written))
+
+    def test_eachMappingItsOwnEntry(self):
+        """
+        Three virtual hosts of one client are three ports, told apart by
+        vhost and domains, each with its own users and totals.
+        """
+        user, _ = self.fixture.user()
+        user.dataReceived(b"GET / HTTP/1.1\r\nHost: b.example.com\r\n\r\n")
+        ports = self.call("/api/ports")[1]["ports"]
+        self.assertEqual(
+            [(p["remote_port"], p["vhost"], p["domains"], p["client_id"], p["users_now"],
+              p["users_total"]) for p in ports],
+            [(0, "http", ["a.example.com"], "c1", 0, 0),
+             (0, "http", ["b.example.com", "c.example.com"], "c2", 1, 1),
+             (0, "https", ["a.example.com"], "c3", 0, 0)])
+        clients = self.call("/api/clients")[1]["clients"]
+        self.assertEqual([c["mappings"] for c in clients], [
+            [{"remote_port": 0, "local_port": 80, "vhost": "http", "domains": ["a.example.com"]}],
+            [{"remote_port": 0, "local_port": 80, "vhost": "http",
+              "domains": ["b.example.com", "c.example.com"]}],
+            [{"remote_port": 0, "local_port": 80, "vhost": "https", "domains": ["a.example.com"]}]])
+        [conn] = self.call("/api/connections")[1]["connections"]
+        self.assertEqual((conn["remote_port"], conn["vhost"], conn["domains"]),
+                         (0, "http", ["b.example.com", "c.example.com"]))
+
+    def test_metricsLabelEachMapping(self):
+        """The metrics keep a label set per virtual host, not one for port 0."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        page = MetricsPage(self.fixture.registry,
+                           AdminAuth(ADMIN_TOKEN, "", "", self.fixture.reactor))
+        req = request("/metrics", bearer=ADMIN_TOKEN)
+        body = page.render_GET(req).decode()
+        [opened] = [f for f in text_string_to_metric_families(body)
+                    if f.name == "gotunnel_connections_opened"]
+        self.assertEqual(sorted(s.labels["remote_port"] for s in opened.samples),
+                         ["http:a.example.com", "http:b.example.com,c.example.com",
+                          "https:a.example.com"])
+
+    def test_offlineOnlineByClientId(self):
+        """A virtual host has no port of its own: the actions name it by its client id."""
+        self.assertEqual(self.call("/api/ports/c2/offline", b"POST"), (200, {"ok": True}))
+        self.assertEqual([p["state"] for p in self.call("/api/ports")[1]["ports"]],
+                         ["online", "offline", "online"])
+        user, transport = self.fixture.user()
+        user.dataReceived(b"GET / HTTP/1.1\r\nHost: c.example.com\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "))
+        self.assertEqual(self.call("/api/ports/c2/online", b"POST"), (200, {"ok": True}))
+        self.assertEqual(self.call("/api/ports/c2/online", b"POST"), (200, {"ok": True}))
+        self.assertEqual(self.call("/api/ports/c9/offline", b"POST")[0], 404)
+        self.assertEqual(self.call("/api/ports/0/offline", b"POST")[0], 404)

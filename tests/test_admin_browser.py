@@ -217,11 +217,11 @@ class DashboardBrowserTests(unittest.TestCase):
         return threads.deferToThread(step, *args).addErrback(failed)
 
     @defer.inlineCallbacks
-    def openDashboard(self):
+    def openDashboard(self, **serverSettings):
         """A server with its admin endpoint, and the browser logged in to its dashboard."""
         tunnel = Tunnel(self)
         server = yield tunnel.startServer(admin=f"tcp:0:interface={HOST}",
-                                          admin_token=ADMIN_TOKEN)
+                                          admin_token=ADMIN_TOKEN, **serverSettings)
         adminPort = (yield within(server.admin.whenListening(), WAIT,
                                   "the admin endpoint")).getHost().port
         browser = yield self.startBrowser()
@@ -279,7 +279,8 @@ class DashboardBrowserTests(unittest.TestCase):
     def test_operatorClosesAConnectionAndTakesThePortOffline(self):
         """
         The Close button ends a live connection; Take offline stops the
-        public port listening and Bring online starts it again; a session
+        public port listening and Bring online starts it again; a client
+        that goes leaves its port leased, with no action; a session
         the server no longer accepts sends the page back to the login form.
         """
         tunnel, page = yield self.openDashboard()
@@ -306,4 +307,43 @@ class DashboardBrowserTests(unittest.TestCase):
         again.transport.write(b"again")
         yield within(again.whenReceived(5), WAIT, "the echo through the port, online again")
 
+        yield client.stopService()
+        leased = yield self.inBrowser(page, page.port, remotePort, "leased")
+        self.assertEqual((leased["client"], leased["local_port"]), ("office-pc", "–"))
+        stateAndButtons = yield self.inBrowser(page, page.browser.execute_script, (
+            "const row = document.querySelector(arguments[0]);"
+            "return row && [row.dataset.state, row.querySelectorAll('button').length];"),
+            portSelector)
+        self.assertEqual(stateAndButtons, ["leased", 0])
+
         yield self.inBrowser(page, page.sessionEnds)
+
+    @defer.inlineCallbacks
+    def test_virtualHostsEachTheirRow(self):
+        """
+        Two virtual hosts of one client (both port 0) are two rows, named by
+        scheme and domains; Take offline acts on its own row's virtual host.
+        """
+        from tests.test_vhost import VirtualHostFixture, http
+
+        tunnel, page = yield self.openDashboard(vhost_http=f"tcp:0:interface={HOST}")
+        fixture = VirtualHostFixture(self)
+        fixture.tunnel, fixture.server = tunnel, tunnel.server
+        target = listenTarget(self)
+        yield fixture.publish([http(target, ["a.example.com"]),
+                               http(target, ["b.example.com", "c.example.com"])], name="web")
+        names = yield self.inBrowser(page, page.wait, lambda: (lambda names: names
+                                     if len(names) == 2 else None)(page.browser.execute_script(
+                                         "return Array.from(document.querySelectorAll("
+                                         "'#ports tr[data-port=\"0\"] td[data-field=\"remote_port\"]'"
+                                         "), (cell) => cell.textContent).sort()")),
+                                     "two virtual-host rows")
+        self.assertEqual(names, ["http://a.example.com", "http://b.example.com,c.example.com"])
+        row = '#ports tr[data-key="http://b.example.com,c.example.com"]'
+        yield self.inBrowser(page, page.click, row, "offline")
+        yield self.inBrowser(page, page.wait, lambda: (page.row(row) or {}).get("state")
+                             == "offline", "the virtual host offline")
+        states = {tunnel.domains: tunnel.online
+                  for tunnel in fixture.server.registry.tunnels.values()}
+        self.assertEqual(states, {("a.example.com",): True,
+                                  ("b.example.com", "c.example.com"): False})

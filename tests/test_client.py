@@ -7,10 +7,8 @@ health probe, and the Go-style error lines.
 from __future__ import annotations
 
 import io
-import json
 import random
 import re
-import struct
 import sys
 
 from twisted.internet import error
@@ -29,6 +27,8 @@ from gotunnel.client import (
     TunnelClientService, TunnelService, _ProbeFactory, serverAddress,
 )
 from gotunnel.config import ClientSettings, Mapping
+
+from tests.support import frame, jsonFrame as supportJsonFrame
 
 TOKEN = "s3cret-Token-0xC0FFEE"
 SERVER = ("198.51.100.7", 17000)
@@ -59,13 +59,8 @@ GO_DATA_CHANNEL = bytes.fromhex(
     "227d")
 
 
-def frame(body: bytes) -> bytes:
-    """C{body} with its 4-byte big-endian length in front."""
-    return struct.pack(">I", len(body)) + body
-
-
 def jsonFrame(**fields) -> bytes:
-    return frame(json.dumps(fields, separators=(",", ":")).encode("utf-8"))
+    return supportJsonFrame(fields)
 
 
 def innermost(factory):

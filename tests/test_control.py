@@ -23,7 +23,7 @@ from gotunnel.control import MAX_BACKLOG, MAX_FRAME, MessageReceiver
 from gotunnel.messages import DataChannel, OfflinePort, Ping, Pong, Register
 from gotunnel.sameturn import readWaiting, writeThrough
 
-from tests.support import HOST, User, UserFactory, waitingIn, waitUntil, within
+from tests.support import HOST, User, frame, UserFactory, waitingIn, waitUntil, within
 
 WAIT = 30
 
@@ -36,12 +36,7 @@ GO_COALESCED = bytes.fromhex(
     "000000247b2274797065223a226f66666c696e655f706f7274222c22706f7274223a33313030347d")
 
 
-def frame(body: bytes) -> bytes:
-    """C{body} with its 4-byte big-endian length in front."""
-    return struct.pack(">I", len(body)) + body
-
-
-PING = frame(b'{"type":"ping","time":7}')
+PING = frame(Ping(time=7))
 
 
 class Recorder(MessageReceiver):

@@ -21,7 +21,7 @@ from twisted.trial import unittest
 from tests.support import (
     REGISTERED,
     HOST, TOKEN, Collector, LogWatcher, StreamCapture, Tunnel, connectUser, connectionRefused,
-    echoedThrough, freePort, listenTarget, randomBytes, retryUntil, spawn, startTarget,
+    echoedThrough, freePort, jsonFrame, listenTarget, randomBytes, retryUntil, spawn, startTarget,
     startsWith, temporaryDirectory, venvScript, waitUntil, waitUntilRefused, within,
 )
 
@@ -51,19 +51,13 @@ class RawControl(Int32StringReceiver):
         self.closed: defer.Deferred = defer.Deferred()
 
     def connectionMade(self) -> None:
-        self.transport.write(frame(self.register))
+        self.transport.write(jsonFrame(self.register))
 
     def stringReceived(self, body: bytes) -> None:
         self.frames.add(json.loads(body))
 
     def connectionLost(self, reason=None) -> None:
         self.closed.callback(reactor.seconds())
-
-
-def frame(message: dict) -> bytes:
-    """One control frame, as the Go peers write it."""
-    body = json.dumps(message, separators=(",", ":")).encode()
-    return len(body).to_bytes(4, "big") + body
 
 
 @defer.inlineCallbacks
@@ -433,15 +427,15 @@ class PortStateTests(LifecycleTestCase):
             return f["type"] == "pong"
 
         control.transport.write(
-            frame({"type": "offline_port", "port": public}) +
-            frame({"type": "online_port", "port": public}) +
-            frame({"type": "offline_port", "port": public}) +
-            frame({"type": "ping", "time": 1}))
+            jsonFrame({"type": "offline_port", "port": public}) +
+            jsonFrame({"type": "online_port", "port": public}) +
+            jsonFrame({"type": "offline_port", "port": public}) +
+            jsonFrame({"type": "ping", "time": 1}))
         yield within(control.frames.whenMatched(isPong), 15, "pong")
         # A stop in progress completes within a reactor turn or two; these
         # round trips let it (and whatever it triggers) finish.
         for n in (2, 3):
-            control.transport.write(frame({"type": "ping", "time": n}))
+            control.transport.write(jsonFrame({"type": "ping", "time": n}))
             yield within(control.frames.whenMatched(isPong, n), 15, "pong")
         yield waitUntilRefused(public, 5, "the public port to end offline")
         self.assertFalse(server.registry.tunnels[public].online)

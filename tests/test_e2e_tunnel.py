@@ -443,30 +443,28 @@ class LocalServiceDownTests(ServiceTestCase):
         """
         The local service stops after the client's probe found it up (so the
         port stays published): a user's data channel cannot reach it, and the
-        user is closed within 2 s, having received nothing.
+        user is closed, having received nothing.  That no timer stands
+        between is checked on a clock: test_inmemory's
+        test_serviceGoneClosesTheUserWithoutWaiting.
         """
         service = listenService(self)
         _, public = yield self.publish(service)
         yield within(service.stop(), WAIT, "the local service to stop")
-        started = reactor.seconds()
         user = yield connectUser(self, public)
         user.transport.write(b"anyone there?")
         data = yield within(user.closed, 10, "the user to be closed")
-        elapsed = reactor.seconds() - started
         self.assertEqual(data, b"")
-        self.assertLess(elapsed, 2.0, f"the user was closed after {elapsed:.2f} s")
 
     @defer.inlineCallbacks
     def test_nothingListensOnTheLocalPort(self):
         """
         A client mapping a port where nothing ever listened: a user is
         either refused (the client's first probe already took the port
-        offline) or closed, within 2 s either way.
+        offline) or closed, having received nothing.
         """
         client = self.tunnel.startClient(freePort(), health_check_interval=3600)
         mapping = client.tunnels[0]
         yield within(mapping.whenRegistered(), WAIT, "the server to accept the mapping")
-        started = reactor.seconds()
         try:
             user = yield connectUser(self, mapping.mapping.remote_port)
         except error.ConnectionRefusedError:
@@ -475,8 +473,6 @@ class LocalServiceDownTests(ServiceTestCase):
             user.transport.write(b"anyone there?")
             data = yield within(user.closed, 10, "the user to be closed")
             self.assertEqual(data, b"")
-        elapsed = reactor.seconds() - started
-        self.assertLess(elapsed, 2.0, f"the user was closed after {elapsed:.2f} s")
 
 
 class ClosingTests(ServiceTestCase):

@@ -67,17 +67,33 @@ class HelpTests(unittest.TestCase):
                         "[LOCALHOST:]LOCALPORT:REMOTEPORT ...",
                         ["token", "server", "map", "config"], "twistd -n gotunnel-client")
 
+    def assertCommands(self, argv: list[str], prog: str) -> None:
+        """C{argv} lists every command with one line that says what it does, under C{prog}."""
+        result = run(*argv)
+        self.assertEqual((result.returncode, result.stderr), (0, ""), result.stdout)
+        self.assertTrue(result.stdout.startswith(
+            f"Usage: {prog} {{server|client|status|demo|certs}} [options]\n"), result.stdout)
+        listed = result.stdout.split("\nCommands:\n", 1)[1].split("\n\n", 1)[0]
+        commands = [line.split()[0] for line in listed.splitlines() if not line.startswith("    ")]
+        self.assertEqual(commands, ["server", "client", "status", "demo", "certs"], listed)
+        self.assertIn("\n  status   show a running server's clients, ports and connections",
+                      listed)
+        self.assertIn(f"'{prog} COMMAND --help'", result.stdout)
+        self.assertIn(f"\n  {prog} server --token", result.stdout)
+
     def test_pythonDashM(self):
         """python -m gotunnel --help names its commands, and a command's help names it."""
-        result = run(sys.executable, "-m", "gotunnel", "--help")
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertTrue(result.stdout.startswith(
-            "Usage: python -m gotunnel {server|client|demo|certs} [options]\n"), result.stdout)
-        for command in ("server", "client", "demo", "certs"):
-            self.assertIn(f"\n  {command} ", result.stdout)
+        self.assertCommands([sys.executable, "-m", "gotunnel", "--help"], "python -m gotunnel")
         self.assertHelp([sys.executable, "-m", "gotunnel", "server", "--help"],
                         "Usage: python -m gotunnel server [options]",
                         ["token", "listen", "config"], "python -m gotunnel server")
+
+    def test_gotunnelScript(self):
+        """The console script gotunnel --help lists the same commands, under its own name."""
+        self.assertCommands([venvScript("gotunnel"), "--help"], "gotunnel")
+        self.assertHelp([venvScript("gotunnel"), "server", "--help"],
+                        "Usage: gotunnel server [options]",
+                        ["token", "listen", "config"], "gotunnel server")
 
     def test_examplesParse(self):
         """The examples that need no files are command lines the options take."""

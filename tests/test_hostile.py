@@ -30,13 +30,21 @@ from gotunnel.server import (
 from tests.support import (
     REGISTERED,
     HOST, TOKEN, LogWatcher, Tunnel, connectRaw, connectUser, connectionRefused,
-    dataChannelMessage, echoedThrough, freePort, frameOf, jsonFrame, listenTarget,
+    dataChannelMessage, echoedThrough, freePort, frame, jsonFrame, listenTarget,
     openFileDescriptors, randomBytes, registerMessage, waitUntil, within,
 )
 
 WRONG_TOKEN = "wrong-token-4c1d2e"
 OVER_LIMIT = (64 * 1024 + 1).to_bytes(4, "big")
 _fresh = itertools.count(1)
+
+
+def assertTokenNeverLogged(testCase: unittest.TestCase, logs: LogWatcher, token: str) -> None:
+    """No event C{logs} saw holds C{token}, in its text or in any field."""
+    for logged in logs.items:
+        testCase.assertNotIn(token, formatEvent(logged))
+        for key, value in logged.items():
+            testCase.assertNotIn(token, repr(value), f"the token is in the log field {key}")
 
 
 class ServerUnderAttack(unittest.TestCase):
@@ -155,17 +163,54 @@ class ServerUnderAttack(unittest.TestCase):
         yield within(channel.closed, 15, "the data channel to close after the user")
 
     def assertTokenNeverLogged(self, token: str) -> None:
-        for logged in self.logs.items:
-            self.assertNotIn(token, formatEvent(logged))
-            for key, value in logged.items():
-                self.assertNotIn(token, repr(value), f"the token is in the log field {key}")
+        assertTokenNeverLogged(self, self.logs, token)
 
 
-class BadFrameTests(ServerUnderAttack):
-    """Each malformed first frame is a protocol error of its own connection."""
+class BadFrameOverLoopbackTests(ServerUnderAttack):
+    """
+    Two malformed first frames over real sockets: the protocol error closes
+    the connection and the server serves on (the rest of the table runs on
+    StringTransport, in L{BadFrameTests}).
+    """
 
     def test_lengthOverTheLimit(self):
         return self.assertProtocolError(OVER_LIMIT + b"x" * 1000, "65537 bytes is over the limit")
+
+    def test_notJson(self):
+        return self.assertProtocolError(frame(b"GET / HTTP/1.1\r\n\r\n"), "not JSON")
+
+
+class BadFrameTests(unittest.TestCase):
+    """
+    Each malformed first frame is a protocol error of its own connection,
+    on a registry on a fake reactor beside a registered good client.
+    """
+
+    def setUp(self):
+        self.logs = LogWatcher(self)
+        self.harness = Harness()
+        self.goodPublic = FUZZ_PORTS[0]
+        [resp] = self.harness.goodRegister(self.goodPublic, "192.0.2.1")
+        self.assertEqual(resp, REGISTERED)
+
+    def assertProtocolError(self, send: bytes, why: str) -> dict:
+        """
+        C{send} on a new connection is logged as a protocol error naming its
+        address and C{why}; that connection is closed without an answer, and
+        the good client's port stays and a new client registers.
+        """
+        channel, transport = self.harness.connect()
+        self.harness.feed(len(self.harness.channels) - 1, send)
+        self.assertTrue(transport.disconnecting, "the offending connection is still open")
+        events = self.logs.matching(LogWatcher.formatted(
+            "protocol error from", peer=channel.peerDescription))
+        self.assertEqual(len(events), 1)
+        self.assertIn(why, events[0]["why"])
+        self.assertEqual(transport.value(), b"")
+        self.assertNotIn(channel, self.harness.registry.connections)
+        self.assertTrue(self.harness.registry.tunnels[self.goodPublic].online)
+        self.assertEqual(self.harness.goodRegister(FUZZ_PORTS[1], "192.0.2.2"), [REGISTERED])
+        return events[0]
 
     def test_lengthPrefixMaximal(self):
         """0x7fffffff is refused on the prefix alone: the server allocates nothing for it."""
@@ -175,17 +220,14 @@ class BadFrameTests(ServerUnderAttack):
         return self.assertProtocolError(b"\xff\xff\xff\xff" + b"{}", "4294967295 bytes")
 
     def test_zeroLengthFrame(self):
-        return self.assertProtocolError(frameOf(b""), "frame is empty")
+        return self.assertProtocolError(frame(b""), "frame is empty")
 
     def test_notUtf8(self):
-        return self.assertProtocolError(frameOf(b'{"type":"\xff\xfe register"}'), "not UTF-8")
-
-    def test_notJson(self):
-        return self.assertProtocolError(frameOf(b"GET / HTTP/1.1\r\n\r\n"), "not JSON")
+        return self.assertProtocolError(frame(b'{"type":"\xff\xfe register"}'), "not UTF-8")
 
     def test_deeplyNestedJson(self):
         """Nesting deep enough to exhaust the parser's recursion is a protocol error too."""
-        return self.assertProtocolError(frameOf(b"[" * 30000 + b"]" * 30000), "not JSON")
+        return self.assertProtocolError(frame(b"[" * 30000 + b"]" * 30000), "not JSON")
 
     def test_jsonArray(self):
         return self.assertProtocolError(jsonFrame([{"type": "register"}]), "JSON list")
@@ -197,7 +239,7 @@ class BadFrameTests(ServerUnderAttack):
         return self.assertProtocolError(jsonFrame("register"), "JSON str")
 
     def test_missingType(self):
-        message = registerMessage(freePort(), "typeless")
+        message = registerMessage(FUZZ_PORTS[2], "typeless")
         del message["type"]
         return self.assertProtocolError(jsonFrame(message), "no type")
 
@@ -205,16 +247,16 @@ class BadFrameTests(ServerUnderAttack):
         return self.assertProtocolError(jsonFrame({"type": ["register"]}), "type is not a string")
 
     def test_portAsString(self):
-        message = registerMessage(str(freePort()), "stringy")
+        message = registerMessage(str(FUZZ_PORTS[2]), "stringy")
         return self.assertProtocolError(jsonFrame(message), "register.remote_port must be an integer")
 
     def test_portAsBoolean(self):
-        message = registerMessage(freePort(), "boolean", local_port=True)
+        message = registerMessage(FUZZ_PORTS[2], "boolean", local_port=True)
         return self.assertProtocolError(jsonFrame(message), "register.local_port must be an integer")
 
     def test_portAsFloat(self):
         body = jsonFrame(registerMessage(1e400, "floaty"))[4:].replace(b"Infinity", b"1e400")
-        return self.assertProtocolError(frameOf(body), "register.remote_port must be an integer")
+        return self.assertProtocolError(frame(body), "register.remote_port must be an integer")
 
     def test_negativePort(self):
         return self.assertProtocolError(jsonFrame(registerMessage(-1, "negative")),
@@ -226,29 +268,28 @@ class BadFrameTests(ServerUnderAttack):
 
     def test_hugePortNumber(self):
         return self.assertProtocolError(
-            frameOf(b'{"type":"register","remote_port":' + b"9" * 5000 + b"}"), "not JSON")
+            frame(b'{"type":"register","remote_port":' + b"9" * 5000 + b"}"), "not JSON")
 
     def test_tokenAsNumber(self):
-        message = registerMessage(freePort(), "numeric", token=123456)
+        message = registerMessage(FUZZ_PORTS[2], "numeric", token=123456)
         return self.assertProtocolError(jsonFrame(message), "register.token must be a string")
 
-    @defer.inlineCallbacks
     def test_tokenOfWrongTypeNotLogged(self):
         """A token sent as a number is a wrong token: its value is not logged either."""
-        message = registerMessage(freePort(), "numeric", token=987654321)
-        yield self.assertProtocolError(jsonFrame(message), "register.token must be a string")
-        self.assertTokenNeverLogged("987654321")
+        message = registerMessage(FUZZ_PORTS[2], "numeric", token=987654321)
+        self.assertProtocolError(jsonFrame(message), "register.token must be a string")
+        assertTokenNeverLogged(self, self.logs, "987654321")
 
     def test_hugeName(self):
-        message = registerMessage(freePort(), "n" * (messages.MAX_STRING + 1))
+        message = registerMessage(FUZZ_PORTS[2], "n" * (messages.MAX_STRING + 1))
         return self.assertProtocolError(jsonFrame(message), "register.name is longer than 1024")
 
     def test_nameBiggerThanAFrame(self):
-        message = registerMessage(freePort(), "n" * (100 * 1024))
+        message = registerMessage(FUZZ_PORTS[2], "n" * (100 * 1024))
         return self.assertProtocolError(jsonFrame(message), "over the limit")
 
     def test_nameOfWrongType(self):
-        message = registerMessage(freePort(), {"first": "name"})
+        message = registerMessage(FUZZ_PORTS[2], {"first": "name"})
         return self.assertProtocolError(jsonFrame(message), "register.name must be a string")
 
     def test_pingFirst(self):
@@ -259,12 +300,11 @@ class BadFrameTests(ServerUnderAttack):
         return self.assertProtocolError(jsonFrame({"type": "offline_port", "port": self.goodPublic}),
                                         "offline_port before a successful register")
 
-    @defer.inlineCallbacks
     def test_offlinePortFirstLeavesOthersPortAlone(self):
         """A stranger's offline_port for the good client's port closes nothing but itself."""
-        yield self.assertProtocolError(
+        self.assertProtocolError(
             jsonFrame({"type": "offline_port", "port": self.goodPublic}), "offline_port")
-        self.assertTrue(self.server.registry.tunnels[self.goodPublic].online)
+        self.assertTrue(self.harness.registry.tunnels[self.goodPublic].online)
 
     def test_serverMessageFirst(self):
         return self.assertProtocolError(
@@ -315,7 +355,7 @@ class BadSequenceTests(ServerUnderAttack):
         public = freePort()
         raw = yield connectRaw(self, self.controlPort,
                                jsonFrame(registerMessage(public, "garbage")) +
-                               frameOf(b"\x00\x01garbage\xff") + b"\xff" * 64)
+                               frame(b"\x00\x01garbage\xff") + b"\xff" * 64)
         yield within(raw.closed, 15, "the server to close the control channel")
         [event] = self.logs.matching(LogWatcher.formatted("protocol error from",
                                                           peer=raw.peerName))
@@ -815,7 +855,7 @@ def frames(draw, waitingIds: list[str]) -> bytes:
     kind = draw(st.sampled_from(["valid", "valid", "valid", "mutated", "mutated", "json",
                                  "bytes", "length"]))
     if kind == "bytes":
-        return frameOf(draw(st.binary(max_size=64)))
+        return frame(draw(st.binary(max_size=64)))
     if kind == "length":
         return draw(st.integers(64 * 1024 + 1, 2**32 - 1)).to_bytes(4, "big") + \
             draw(st.binary(max_size=16))
@@ -880,7 +920,7 @@ class ServerChannelPropertyTests(unittest.TestCase):
 
     @FUZZ_SETTINGS
     @given(st.one_of(st.binary(max_size=4096), st.lists(st.one_of(
-        st.binary(max_size=64).map(frameOf), st.binary(max_size=8)), max_size=8).map(b"".join)),
+        st.binary(max_size=64).map(frame), st.binary(max_size=8)), max_size=8).map(b"".join)),
         st.lists(st.integers(0, 4096), max_size=12))
     def test_randomBytes(self, data, cuts):
         """

@@ -16,7 +16,7 @@ from gotunnel.i18n import LOCALE_DIR, TranslatingObserver, translation
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, formatError
 
 PO_FILE = LOCALE_DIR / "zh" / "LC_MESSAGES" / "gotunnel.po"
-LOG_METHODS = {"debug", "info", "warn", "error", "critical"}
+LOG_METHODS = {"debug", "info", "warn", "error", "critical", "failure"}
 
 
 def readPo(path: Path) -> dict[str, str]:
@@ -35,20 +35,47 @@ def readPo(path: Path) -> dict[str, str]:
     return entries
 
 
+def logFormat(node: ast.AST):
+    """
+    The literal format string of a Logger call (C{log.info("...")}, or
+    C{log.emit(level, "...")}), or None.
+    """
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+        return None
+    if node.func.attr in LOG_METHODS:
+        position = 0
+    elif node.func.attr == "emit":
+        position = 1
+    else:
+        return None
+    if len(node.args) > position:
+        argument = node.args[position]
+    else:
+        argument = next((k.value for k in node.keywords if k.arg == "format"), None)
+    if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
+        return argument.value
+    return None
+
+
 def logFormats() -> set[str]:
-    """Every literal format string passed to a Logger method in gotunnel/."""
+    """Every literal format string passed to a Logger method in gotunnel/ and its subpackages."""
     formats = set()
-    for path in Path(gotunnel.__file__).parent.glob("*.py"):
+    for path in Path(gotunnel.__file__).parent.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in LOG_METHODS and node.args
-                    and isinstance(node.args[0], ast.Constant)
-                    and isinstance(node.args[0].value, str)):
-                formats.add(node.args[0].value)
+            fmt = logFormat(node)
+            if fmt is not None:
+                formats.add(fmt)
     return formats - {"{line}"}
 
 
 class CatalogueTests(unittest.TestCase):
+    def test_scanFindsEveryLogCall(self):
+        """The scan reads subpackages, and emit()'s format, its second argument."""
+        formats = logFormats()
+        self.assertIn("admin endpoint: a login from {host}", formats)
+        self.assertTrue(any(f.startswith("connection {conn} from {user} to {client} port")
+                            for f in formats))
+
     def test_everyLogMessageTranslated(self):
         """Each format string the code logs has a Chinese entry."""
         missing = logFormats() - set(readPo(PO_FILE))

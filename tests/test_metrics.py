@@ -110,6 +110,18 @@ class MetricsTests(MetricsTestCase):
         user.protocol.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(self.scrape()[key], 10)
 
+    def test_leasedPortsCounted(self):
+        """gotunnel_ports{state="leased"} counts the ports held for clients that went."""
+        self.registered()
+        self.registered(remote_port=10023, name="edge-2").lose()
+        self.assertIsNotNone(self.registry.leases.get(10023))
+        samples = self.scrape()
+        self.assertEqual({state: samples[("gotunnel_ports", frozenset({("state", state)}))]
+                          for state in ("online", "offline", "leased")},
+                         {"online": 1, "offline": 0, "leased": 1})
+        self.reactor.advance(self.settings.port_lease)
+        self.assertEqual(self.scrape()[("gotunnel_ports", frozenset({("state", "leased")}))], 0)
+
     def test_labelSetsBounded(self):
         """
         Past the cap on label sets, ports no tunnel holds are folded into

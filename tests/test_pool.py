@@ -18,12 +18,16 @@ from twisted.trial import unittest
 
 import gotunnel.server
 from gotunnel import messages
-from gotunnel.client import POOL_REFILL_DELAY, POOL_REFUSALS_IN_A_ROW, DataChannelFactory
+from gotunnel.client import (
+    POOL_REFILL_DELAY, POOL_REFUSALS_IN_A_ROW, DataChannelClient, DataChannelFactory,
+)
 from gotunnel.config import ClientPolicy
 from gotunnel.relay import IDLE_KEEPALIVE
 from tests import test_client as client
 from tests import test_server as server
-from tests.support import Tunnel, echoedThrough, listenTarget, randomBytes, waitUntil, within
+from tests.support import (
+    Tunnel, connectUser, echoedThrough, listenTarget, randomBytes, waitUntil, within,
+)
 
 WAIT = 30
 """Seconds any one step over real sockets may take, even on a loaded machine."""
@@ -532,6 +536,40 @@ class PooledTunnelTests(unittest.TestCase):
         echoed = yield echoedThrough(self, self.public, randomBytes(10000), WAIT)
         self.assertTrue(echoed)
         self.assertEqual(self.tunnel.pooledUsers, before + 1)
+
+
+class DataChannelKeepAliveTests(unittest.TestCase):
+    """
+    A data channel opened for one user (no pool) probes its peer too, on
+    both ends: spliced to a user, it is what a client that vanished
+    without a FIN would otherwise hold open forever (issue 15).
+    """
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_dataChannelForAUser(self):
+        tunnel = Tunnel(self, pool=0)
+        server = yield tunnel.startServer()
+        client, public = yield within(tunnel.publish(listenTarget(self)), WAIT,
+                                      "the server to publish the mapping")
+        user = yield within(connectUser(self, public), WAIT, "a user of the public port")
+        user.transport.write(b"hello")
+        yield within(user.whenReceived(5), WAIT, "the echo through a data channel")
+        serverEnds = [c for c in server.registry.connections
+                      if isinstance(c, gotunnel.server.ServerChannel) and c.role == "data"]
+        clientEnds = [c for c in client.tunnels[0].connections
+                      if isinstance(c, DataChannelClient)]
+        self.assertEqual((len(serverEnds), len(clientEnds)), (1, 1))
+        self.assertFalse(clientEnds[0].pooled)
+        for channel in serverEnds + clientEnds:
+            end = channel.transport.getHandle()
+            self.assertEqual(end.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1, channel)
+            self.assertEqual(end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                             IDLE_KEEPALIVE)
+            self.assertEqual(end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                             IDLE_KEEPALIVE // 3)
+            self.assertEqual(end.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), 3)
 
 
 class PooledTunnelTestsWithoutZeroCopy(PooledTunnelTests):

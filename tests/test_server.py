@@ -10,7 +10,6 @@ import itertools
 import json
 import re
 import secrets
-import struct
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
@@ -23,10 +22,12 @@ from zope.interface import implementer
 
 import gotunnel.server
 from gotunnel.config import ServerSettings
-from gotunnel.messages import RegisterResp, encode
+from gotunnel.messages import RegisterResp
 from gotunnel.server import (
     MAX_EARLY_BYTES, PublicUser, ServerChannelFactory, TunnelRegistry, TunnelServerService, withBacklog,
 )
+
+from tests.support import frame, jsonFrame as supportJsonFrame
 
 TOKEN = "s3cret-Token-0xC0FFEE"
 WRONG_TOKEN = "s3cret-Token-0xBADBAD"
@@ -38,13 +39,8 @@ REGISTERED = b'{"type":"register_resp","status":"ok","pool":8}'
 """The answer to register: ok, and the pool of data channels the server keeps."""
 
 
-def frame(body: bytes) -> bytes:
-    """C{body} with its 4-byte big-endian length in front."""
-    return struct.pack(">I", len(body)) + body
-
-
 def jsonFrame(**fields) -> bytes:
-    return frame(json.dumps(fields, separators=(",", ":")).encode("utf-8"))
+    return supportJsonFrame(fields)
 
 
 def fail(reason: str) -> bytes:
@@ -166,7 +162,7 @@ class ServerTestCase(unittest.TestCase):
         control = self.connect()
         control.send(register(remote_port=remote_port, name=name))
         pool = self.settings.max_pool_count or None
-        self.assertEqual(control.sent(), frame(encode(RegisterResp(status="ok", pool=pool))))
+        self.assertEqual(control.sent(), frame(RegisterResp(status="ok", pool=pool)))
         return control
 
     def listeners(self, port: int) -> list[FakePort]:
@@ -849,6 +845,27 @@ class PortLeaseTests(ServerTestCase):
         first.lose()
         self.assertEqual(len(self.registry.leases), 0)
         self.assertEqual(len(self.listening(10022)), 1)
+
+    def test_replacedControlChannelClosingSaysSo(self):
+        """
+        The replaced control channel closing does not claim the port is
+        closing: it says the new channel serves it (and it does).
+        """
+        first = self.registered()
+        self.registered()
+        del self.events[:]
+        first.lose()
+        lines = [(formatEvent(e), e["log_level"]) for e in self.events
+                 if e.get("log_namespace") == "gotunnel.server"]
+        self.assertEqual(lines, [("the old control channel of client edge-1 closed; its "
+                                  "public port 10022 is served by the new one", LogLevel.info)])
+        self.assertEqual(len(self.listening(10022)), 1)
+
+    def test_droppedControlChannelSaysThePortCloses(self):
+        """A control channel that goes with no successor still says its port is closing."""
+        self.registered().lose()
+        self.assertIn("client edge-1 gone; closing public port 10022",
+                      [formatEvent(e) for e in self.events])
 
     def test_zeroTurnsLeasesOff(self):
         """port_lease 0: the port is free as soon as the client is gone."""

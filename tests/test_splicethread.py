@@ -12,9 +12,13 @@ import math
 import select
 from types import SimpleNamespace
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from gotunnel.splicethread import BusyPoll, pollBudget
+from gotunnel.client import TunnelClientService
+from gotunnel.config import ClientSettings, Mapping, ServerSettings
+from gotunnel.server import TunnelServerService
+from gotunnel.splicethread import BusyPoll, SpliceThreadService, pollBudget
 
 US = 1e-6
 BUDGET = 100 * US
@@ -186,3 +190,56 @@ class PollBudgetTests(unittest.TestCase):
         for n in range(5):
             self.assertEqual(pollBudget(a, n * 1e-3), 0.0)
             self.assertEqual(pollBudget(b, n * 1e-3 + US), 0.0)
+
+
+class SpliceThreadServiceTests(unittest.TestCase):
+    """The splice thread as a service: owned by a server or client, joined on stop."""
+
+    def test_stopJoinsTheThread(self):
+        """stopService ends the thread and returns once it has ended."""
+        from twisted.internet import reactor
+
+        service = SpliceThreadService(reactor)
+        service.startService()
+        thread = service.thread()
+        self.assertTrue(thread.thread.is_alive())
+        self.assertIs(service.thread(), thread, "one thread while it runs")
+        service.stopService()
+        self.assertFalse(thread.thread.is_alive())
+
+    def test_startedAgainAfterItEnded(self):
+        """A thread that ended (as after a failure) is replaced for the pumps to come."""
+        from twisted.internet import reactor
+
+        service = SpliceThreadService(reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        first = service.thread()
+        first.stop()
+        first.thread.join(5)
+        second = service.thread()
+        self.assertIsNot(second, first)
+        self.assertTrue(second.thread.is_alive())
+
+    def test_serverAndClientOwnTheirs(self):
+        """
+        With zero_copy and splice_thread, the server's and the client's
+        splicer each have a splice thread service, a child of theirs; with
+        splice_thread off, none.
+        """
+        server = TunnelServerService(
+            ServerSettings(listen="tcp:0", token="t", zero_copy=True, splice_thread=True),
+            reactor=MemoryReactorClock())
+        client = TunnelClientService(
+            ClientSettings(server="tcp:127.0.0.1:1", token="t", zero_copy=True,
+                           splice_thread=True, mappings=[Mapping("127.0.0.1", 2, 3)]),
+            reactor=MemoryReactorClock())
+        for service in (server, client):
+            self.assertIsInstance(service.splicer.spliceThread, SpliceThreadService)
+            self.assertIs(service.splicer.spliceThread.parent, service)
+        self.assertIs(server.registry.splicer, server.splicer)
+        self.assertEqual({tunnel.splicer for tunnel in client.tunnels}, {client.splicer})
+        plain = TunnelServerService(
+            ServerSettings(listen="tcp:0", token="t", zero_copy=True, splice_thread=False),
+            reactor=MemoryReactorClock())
+        self.assertIsNone(plain.splicer.spliceThread)

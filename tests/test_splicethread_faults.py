@@ -49,7 +49,7 @@ class ThreadFailureTests(ZeroCopyTestCase):
     def spliceThrough(self, thread: SpliceThread) -> zerocopy.SplicePump:
         """Splice the two relay ends with a pump that hands off to C{thread}."""
         a, b = self.a.end, self.b.end
-        pump = zerocopy.SplicePump(a, b, thread)
+        pump = zerocopy.SplicePump(a, b, thread, handOffAfter=1)
         pump.openPipes()
         a.peer, b.peer = b, a
         pump.start()

@@ -39,6 +39,29 @@ class FormatTests(unittest.TestCase):
         self.assertEqual(text.count("(none)"), 3)
         self.assertIn("CLIENTS (0)", text)
 
+    def test_leasedPort(self):
+        """A leased port shows its state and the lease holder, with no local port."""
+        text = render({"time": 0, "clients": [], "connections": [], "ports": [{
+            "remote_port": 10022, "client": "office-pc", "client_id": None, "local_port": None,
+            "state": "leased", "users_now": 0, "users_total": 3, "bytes_in": 2048,
+            "bytes_out": 0, "pool": 0}]})
+        self.assertRegex(text, r"10022\s+office-pc\s+-\s+leased\s+0\s+3\s+2\.0 KiB\s+0 B\s+0")
+
+    def test_virtualHosts(self):
+        """A virtual host shows as its scheme and domains, wherever a port would."""
+        vhost = {"remote_port": 0, "vhost": "https", "domains": ["a.example", "b.example"]}
+        text = render({"time": 10, "clients": [{
+            "id": "c4", "name": "web", "address": "192.0.2.1:5000", "identity": "shared-token",
+            "connected_since": 0, "last_heartbeat": 0,
+            "mappings": [dict(vhost, local_port=8443)]}], "ports": [dict(
+                vhost, client="web", client_id="c4", local_port=8443, state="online",
+                users_now=1, users_total=1, bytes_in=0, bytes_out=0, pool=0)],
+            "connections": [dict(vhost, id="u1", client="web", user="198.51.100.1:1",
+                                 bytes_in=0, bytes_out=0, age=1)]})
+        self.assertIn("https://a.example,b.example->8443", text)
+        self.assertRegex(text, r"https://a\.example,b\.example\s+web\s+8443\s+online")
+        self.assertRegex(text, r"u1\s+https://a\.example,b\.example\s+web")
+
 
 class StatusCommandTests(unittest.TestCase):
     @defer.inlineCallbacks

@@ -383,6 +383,19 @@ class OwnershipTests(unittest.TestCase):
         self.assertTrue(firstTransport.disconnecting)
         self.assertEqual(fixture.hosts.route("http", "a.example.com").channel, _)
 
+    def test_replacedControlChannelClosing(self):
+        """The replaced channel's close names the virtual host its successor serves."""
+        fixture = Fixture()
+        first, _ = fixture.register(name="one", domains=("a.example.com",))
+        second, _ = fixture.register(name="one", domains=("a.example.com",))
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        first.connectionLost(None)
+        self.assertIn("the old control channel of client one closed; its http virtual host "
+                      "a.example.com is served by the new one", [formatEvent(e) for e in events])
+        self.assertIs(fixture.hosts.route("http", "a.example.com").channel, second)
+
     def test_leaseHoldsDomainForItsClient(self):
         """
         A client whose control channel goes keeps its domains for

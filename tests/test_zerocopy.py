@@ -20,6 +20,7 @@ import os
 import select
 from datetime import datetime, timezone
 from ipaddress import ip_address
+from typing import Optional
 
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.endpoints import (
@@ -34,6 +35,7 @@ from zope.interface import implementer
 from gotunnel import certs, zerocopy
 from gotunnel.relay import RelayEnd, splice
 from gotunnel.sameturn import twistedBuffered
+from gotunnel.splicethread import SpliceThreadService
 
 from tests.support import HOST, LogWatcher, randomBytes, waitingIn, waitUntil, within
 
@@ -192,13 +194,12 @@ class ZeroCopyTestCase(unittest.TestCase):
     timeout = 120
     spliceThread = False
     busyPoll = 0.0
+    handOffAfter: Optional[int] = None
+    """None: with the thread, every pump goes to it at its first event, so
+    that these tests run the thread's path, not the reactor's first reads."""
 
     @defer.inlineCallbacks
     def setUp(self):
-        if self.spliceThread:
-            # Every pump to the thread at its first event, so that these
-            # tests run the thread's path, not the reactor's first reads.
-            self.patch(zerocopy, "HAND_OFF_AFTER", 1)
         self.recordPipes()
         self.a = yield connectedPair(self)
         self.b = yield connectedPair(self)
@@ -231,8 +232,14 @@ class ZeroCopyTestCase(unittest.TestCase):
                          "pipes left open")
 
     def splice(self, zeroCopy: bool = True, expectPump: bool = True):
-        splice(self.a.end, self.b.end, zeroCopy=zeroCopy, spliceThread=self.spliceThread,
-               busyPoll=self.busyPoll)
+        threads = None
+        if self.spliceThread:
+            threads = SpliceThreadService(reactor)
+            threads.startService()
+            self.addCleanup(threads.stopService)
+        splice(self.a.end, self.b.end, zeroCopy=zeroCopy, spliceThread=threads,
+               busyPoll=self.busyPoll,
+               handOffAfter=self.handOffAfter or (1 if self.spliceThread else HAND_OFF_AFTER))
         self.pump = self.a.end.pump
         if expectPump:
             self.assertIsNotNone(self.pump, "plain TCP on Linux should take the splice path")
@@ -779,7 +786,7 @@ class SpliceThreadTests(ZeroCopyTestCase):
         A pump goes to the thread only after HAND_OFF_AFTER reads in the
         reactor: a request and its answer never pay for the hand-off.
         """
-        self.patch(zerocopy, "HAND_OFF_AFTER", HAND_OFF_AFTER)
+        self.handOffAfter = HAND_OFF_AFTER
         self.splice()
         for n in range(HAND_OFF_AFTER - 1):
             before = len(self.b.outside.received)

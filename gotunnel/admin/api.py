@@ -48,6 +48,17 @@ def identityOf(tunnel) -> str:
     return "shared-token"
 
 
+def vhostOf(tunnel) -> dict:
+    """
+    A virtual host's scheme and domains, the fields that tell its entries
+    apart (its remote_port is 0); nothing for a mapping of a port.
+    """
+    domains = getattr(tunnel, "domains", None)
+    if domains is None:
+        return {}
+    return {"vhost": tunnel.vhost, "domains": list(domains)}
+
+
 def clientOf(tunnel) -> dict:
     return {
         "id": tunnel.clientId,
@@ -56,7 +67,8 @@ def clientOf(tunnel) -> dict:
         "identity": identityOf(tunnel),
         "connected_since": float(tunnel.connectedSince),
         "last_heartbeat": float(tunnel.lastSeen),
-        "mappings": [{"remote_port": tunnel.remote_port, "local_port": tunnel.local_port}],
+        "mappings": [{"remote_port": tunnel.remote_port, "local_port": tunnel.local_port,
+                      **vhostOf(tunnel)}],
     }
 
 
@@ -68,20 +80,21 @@ class Snapshot:
         self.now = registry.clock.seconds()
         self.tunnels = sorted((t for t in registry.allTunnels() if not t.closed),
                               key=lambda t: t.remote_port)
-        self.usersNow: dict[int, int] = {}
-        self.liveBytes: dict[int, list[int]] = {}
+        # Users now and their bytes so far, per mapping's totals: virtual
+        # hosts share remote_port 0, each with totals of its own.
+        self.live: dict[int, list[int]] = {}
         self.connections = []
         for user in list(registry.stats.users.values()):
             tunnel = user.tunnel
             bytesIn, bytesOut = userBytes(user)
-            self.usersNow[tunnel.remote_port] = self.usersNow.get(tunnel.remote_port, 0) + 1
-            live = self.liveBytes.setdefault(id(tunnel.stats), [0, 0])
-            live[0] += bytesIn
-            live[1] += bytesOut
+            live = self.live.setdefault(id(tunnel.stats), [0, 0, 0])
+            live[0] += 1
+            live[1] += bytesIn
+            live[2] += bytesOut
             self.connections.append({
-                "id": user.userId, "remote_port": tunnel.remote_port, "client": tunnel.name,
-                "user": user.peerAddress, "bytes_in": bytesIn, "bytes_out": bytesOut,
-                "age": self.now - user.connectedAt,
+                "id": user.userId, "remote_port": tunnel.remote_port, **vhostOf(tunnel),
+                "client": tunnel.name, "user": user.peerAddress, "bytes_in": bytesIn,
+                "bytes_out": bytesOut, "age": self.now - user.connectedAt,
             })
 
     def clients(self) -> list[dict]:
@@ -92,17 +105,37 @@ class Snapshot:
         ports = []
         for tunnel in self.tunnels:
             stats = tunnel.stats
-            live = self.liveBytes.get(id(stats), (0, 0))
+            users, liveIn, liveOut = self.live.get(id(stats), (0, 0, 0))
             ports.append({
-                "remote_port": tunnel.remote_port, "client": tunnel.name,
+                "remote_port": tunnel.remote_port, **vhostOf(tunnel), "client": tunnel.name,
                 "client_id": tunnel.clientId, "local_port": tunnel.local_port,
                 "state": "online" if tunnel.online else "offline",
-                "users_now": self.usersNow.get(tunnel.remote_port, 0),
-                "users_total": stats.opened,
-                "bytes_in": stats.bytesIn + live[0], "bytes_out": stats.bytesOut + live[1],
+                "users_now": users, "users_total": stats.opened,
+                "bytes_in": stats.bytesIn + liveIn, "bytes_out": stats.bytesOut + liveOut,
                 "pool": len(tunnel.pool),
             })
-        return ports
+        ports.extend(self.leased())
+        return sorted(ports, key=lambda port: port["remote_port"])
+
+    def leased(self) -> list[dict]:
+        """
+        The ports held for a client that went (see L{gotunnel.leases}): no
+        listener, no client id, counted under the lease holder's name.
+        """
+        leased = []
+        for lease in self.registry.leases:
+            stats = self.registry.stats.ports.get((lease.remote_port, lease.name))
+            # Users spliced before the client went go on, counted live.
+            users, liveIn, liveOut = self.live.get(id(stats), (0, 0, 0))
+            leased.append({
+                "remote_port": lease.remote_port, "client": lease.name, "client_id": None,
+                "local_port": None, "state": "leased", "users_now": users,
+                "users_total": stats.opened if stats else 0,
+                "bytes_in": (stats.bytesIn if stats else 0) + liveIn,
+                "bytes_out": (stats.bytesOut if stats else 0) + liveOut,
+                "pool": 0,
+            })
+        return leased
 
 
 def _answerLater(request, outcome: defer.Deferred) -> object:
@@ -193,7 +226,13 @@ class AdminAPI(Resource):
         return jsonAnswer(request, 200, {"session": session})
 
     def _tunnelOnPort(self, port: str):
-        return self.registry.tunnels.get(int(port)) if port.isdigit() else None
+        """The mapping of a public port, or of a client id (a virtual host has no port)."""
+        if port.isdigit():
+            return self.registry.tunnels.get(int(port))
+        for tunnel in list(self.registry.tunnels.values()):
+            if tunnel.clientId == port and not tunnel.closed:
+                return tunnel
+        return None
 
     def disconnectClient(self, clientId: str, request) -> bytes:
         for tunnel in self.registry.allTunnels():

@@ -84,6 +84,7 @@ class TunnelCollector:
             "gotunnel_ports", "Published ports, by state", labels=["state"])
         ports.add_metric(["online"], sum(1 for t in tunnels if t.online))
         ports.add_metric(["offline"], sum(1 for t in tunnels if not t.online))
+        ports.add_metric(["leased"], len(registry.leases))
         pool = GaugeMetricFamily(
             "gotunnel_pool_size", "Pooled data channels waiting for a user", labels=PORT_LABELS)
         for tunnel in tunnels:

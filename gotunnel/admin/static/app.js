@@ -165,7 +165,7 @@
         return "api/clients/" + encodeURIComponent(row.dataset.clientId) + "/disconnect";
       case "offline":
       case "online":
-        return "api/ports/" + encodeURIComponent(row.dataset.port) + "/" + button.dataset.action;
+        return "api/ports/" + encodeURIComponent(row.dataset.target) + "/" + button.dataset.action;
       case "close":
         return "api/connections/" + encodeURIComponent(row.dataset.connId) + "/close";
     }
@@ -335,6 +335,11 @@
     if (element.textContent !== label) element.textContent = label;
   }
 
+  function noButton(row, field) {
+    const element = cell(row, field).querySelector("button");
+    if (element) element.remove();
+  }
+
   function badge(row, field, state) {
     const target = cell(row, field);
     let element = target.querySelector("span");
@@ -355,12 +360,17 @@
                        "age", "actions"];
   const CONN_NUMERIC = ["bytes_in", "bytes_out", "rate_in", "rate_out", "age"];
 
+  // A virtual host has remote_port 0, as every other: its scheme and domains tell it apart.
+  function portName(p) {
+    return p.vhost ? p.vhost + "://" + (p.domains || []).join(",") : String(p.remote_port);
+  }
+
   function render(data) {
     const time = data.time;
     const clients = data.clients || [];
     const ports = data.ports || [];
     const connections = data.connections || [];
-    const portRates = rates(seen.ports, ports, (p) => p.remote_port, time);
+    const portRates = rates(seen.ports, ports, portName, time);
     const connRates = rates(seen.connections, connections, (c) => c.id, time);
 
     reconcile($("clients"), clients, (c) => c.id,
@@ -374,23 +384,25 @@
         set(row, "name", c.name);
         set(row, "address", c.address);
         set(row, "identity", c.identity);
-        set(row, "mappings", (c.mappings || []).map((m) => m.remote_port + " → " + m.local_port).join(", "));
+        set(row, "mappings", (c.mappings || []).map((m) => portName(m) + " → " + m.local_port).join(", "));
         set(row, "connected", duration(time - c.connected_since), c.connected_since);
         set(row, "heartbeat", duration(time - c.last_heartbeat) + " ago", c.last_heartbeat);
         button(row, "actions", "disconnect", "Disconnect", "Client " + c.name + " disconnected.", "danger");
       },
       "No client is connected.");
 
-    reconcile($("ports"), ports, (p) => p.remote_port,
+    reconcile($("ports"), ports, portName,
       (p) => {
         const row = makeRow(PORT_FIELDS, PORT_NUMERIC);
         row.dataset.port = String(p.remote_port);
         return row;
       },
       (row, p) => {
-        const r = portRates.get(String(p.remote_port));
+        const r = portRates.get(portName(p));
+        // The actions name a port, or a virtual host by its client id (new when it registers again).
+        row.dataset.target = p.vhost ? p.client_id : String(p.remote_port);
         row.dataset.state = p.state;
-        set(row, "remote_port", p.remote_port);
+        set(row, "remote_port", portName(p));
         set(row, "client", p.client);
         set(row, "local_port", p.local_port);
         badge(row, "state", p.state);
@@ -400,10 +412,13 @@
         set(row, "rate_in", rate(r.in), r.in === null ? "" : r.in);
         set(row, "rate_out", rate(r.out), r.out === null ? "" : r.out);
         set(row, "pool", p.pool);
-        if (p.state === "offline") {
-          button(row, "actions", "online", "Bring online", "Port " + p.remote_port + " is online.", "");
+        if (p.state === "leased") {
+          // Held for a client that went: no listener to take offline or bring online.
+          noButton(row, "actions");
+        } else if (p.state === "offline") {
+          button(row, "actions", "online", "Bring online", "Port " + portName(p) + " is online.", "");
         } else {
-          button(row, "actions", "offline", "Take offline", "Port " + p.remote_port + " is offline.", "");
+          button(row, "actions", "offline", "Take offline", "Port " + portName(p) + " is offline.", "");
         }
       },
       "No port is open.");
@@ -418,7 +433,7 @@
         const r = connRates.get(String(c.id));
         row.dataset.port = String(c.remote_port);
         set(row, "id", c.id);
-        set(row, "remote_port", c.remote_port);
+        set(row, "remote_port", portName(c));
         set(row, "client", c.client);
         set(row, "user", c.user);
         set(row, "bytes_in", bytes(c.bytes_in), c.bytes_in);
