@@ -42,6 +42,14 @@ REFUSED_CLIENT_GONE = "client_gone"
 """A user still waiting when its client's control channel went."""
 REFUSED_TIMEOUT = "data_channel_timeout"
 """A user whose data channel did not come in time."""
+REFUSED_SOURCE = "source_address"
+"""A user refused at accept by the port's source lists (L{gotunnel.portpolicy})."""
+REFUSED_MAX_USERS = "max_users"
+"""A user refused at accept: the port already has its most users at once."""
+REFUSED_CONNECTION_RATE = "connection_rate"
+"""A user refused at accept: its address opened connections faster than allowed."""
+REFUSED_NO_MEMBER = "no_group_member"
+"""A user refused at accept: no member of the port's group has its service up."""
 
 SETUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                  10.0, 30.0, 60.0)
@@ -209,10 +217,16 @@ class ServerStats:
         user.tunnel.stats.opened += 1
         user.tunnel.stats.holders += 1
 
+    def portRefused(self, stats: PortStats, why: str) -> None:
+        """
+        A connection to the port of C{stats} is refused for C{why}; one
+        refused at accept (source lists, per-port limits) never was a user.
+        """
+        stats.refused[why] = stats.refused.get(why, 0) + 1
+
     def userRefused(self, user, why: str) -> None:
         """C{user} is closed before it reached the service, for C{why}."""
-        refused = user.tunnel.stats.refused
-        refused[why] = refused.get(why, 0) + 1
+        self.portRefused(user.tunnel.stats, why)
         if why == REFUSED_WAITING_USERS:
             self.admissionRefusals[why] += 1
         noteEnding(user, TIMED_OUT if why == REFUSED_TIMEOUT else REFUSED)

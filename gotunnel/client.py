@@ -6,6 +6,7 @@ service.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 from typing import Callable, Optional
@@ -24,7 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gotunnel import messages
+from gotunnel import messages, proxyprotocol
 from gotunnel.accounting import (
     REFUSED, SERVICE_CLOSED, USER_CLOSED, endingOf, logClientConnection, noteEnding,
 )
@@ -228,7 +229,11 @@ class ControlChannel(MessageReceiver):
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
             protocol=mapping.protocol, token=settings.token, name=settings.name, mux=mux,
-            **virtualHost))
+            allow_sources=mapping.allow_sources or None,
+            deny_sources=mapping.deny_sources or None, max_users=mapping.max_users or None,
+            max_connection_rate=mapping.max_connection_rate or None,
+            bandwidth_limit=mapping.bandwidth_limit or None, group=mapping.group or None,
+            group_key=mapping.group_key or None, **virtualHost))
         # A server that never answers (hung, or not a gotunnel server) would
         # otherwise hold this mapping unpublished, silently, for good.
         self.registerTimeout = self.tunnel.reactor.callLater(
@@ -266,6 +271,8 @@ class ControlChannel(MessageReceiver):
             return
         self.registered = True
         self.answer = msg
+        if self.tunnel.mapping.remote_port == 0 and not self.tunnel.mapping.vhost:
+            self.tunnel.portChosen(msg.remote_port, self.transport.getPeer())
         self.lastPong = self.tunnel.reactor.seconds()
         self.heartbeat.start(self.tunnel.settings.heartbeat_interval, now=False)
         # A Go server sends no pool: it gets no pooled data channels.
@@ -349,6 +356,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
     answerTimeout = None
     early = False
     """This channel holds one of its mapping's early local connections."""
+    proxyHeader = b""
+    """The PROXY protocol header to write first on the local connection."""
     servedLocal: Optional["LocalServiceConnection"] = None
     """The local connection this channel was spliced to."""
     endedBy: Optional[str] = None
@@ -383,6 +392,8 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         else:
             ask = {"conn_id": self.request.conn_id}
         mapping, settings = self.tunnel.mapping, self.tunnel.settings
+        if mapping.proxy_protocol is not None:
+            ask["addresses"] = True
         self.sendMessage(messages.DataChannel(
             local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
             token=settings.token, name=settings.name, **ask))
@@ -424,6 +435,11 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         if self.pooled:
             self.tunnel.pooledChannelTaken(self)
             self.startedAt = self.tunnel.reactor.seconds()
+        version = self.tunnel.mapping.proxy_protocol
+        if version is not None:
+            self.proxyHeader = proxyprotocol.header(
+                version, _address(msg.user_host, msg.user_port),
+                _address(msg.public_host, msg.public_port))
         self.switchToRaw()
         if self.local is not None:
             self._splice(self.local)
@@ -439,6 +455,10 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     def _splice(self, local: "LocalServiceConnection") -> None:
         self._earlyDone()
+        if self.proxyHeader:
+            # First on the local connection, in the same write as the user's
+            # first bytes (what this side holds goes to the local side first).
+            self._held = [self.proxyHeader] + (self._held or [])
         self.servedLocal = local
         self.tunnel.splicer.splice(self, local)
         self._replaceInPool()
@@ -541,6 +561,13 @@ class _Always(Factory):
 
     def buildProtocol(self, addr):
         return self.protocol
+
+
+def _address(host: Optional[str], port: Optional[int]) -> Optional[tuple[str, int]]:
+    """(host, port) where the server told both, else None."""
+    if host is None or port is None:
+        return None
+    return host, port
 
 
 class DataChannelFactory(Factory):
@@ -727,6 +754,22 @@ class TunnelService(MultiService):
         waiters, self._registrationWaiters = self._registrationWaiters, []
         for waiter in waiters:
             waiter.callback(channel)
+
+    def portChosen(self, remote_port: Optional[int], server: object) -> None:
+        """
+        The server chose C{remote_port} for a mapping that asked for 0:
+        from now on the mapping is that port's, and registering again asks
+        for it (and so gets it back within the server's port lease).
+        """
+        if not remote_port:
+            log.warn("the server published {mapping} on a port of its choosing but did not "
+                     "say which (a Go server?)", mapping=str(self.mapping))
+            return
+        self.mapping = dataclasses.replace(self.mapping, remote_port=remote_port)
+        host = getattr(server, "host", "?")
+        log.info("the server chose public port {remote_port} for {mapping}: users connect to "
+                 "{address}", remote_port=remote_port, mapping=str(self.mapping),
+                 address=f"[{host}]:{remote_port}" if ":" in host else f"{host}:{remote_port}")
 
     def registrationRefused(self, reason: str) -> None:
         if reason == "authentication failed":

@@ -18,6 +18,9 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted.python import usage
 
 from gotunnel.i18n import LANGUAGES
+from gotunnel.portpolicy import MAX_REQUESTED_SOURCES, parseNetwork
+from gotunnel.proxyprotocol import parseVersion
+from gotunnel.ratelimit import parseRate
 
 DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
@@ -29,6 +32,7 @@ DEFAULT_BUSY_POLL = 250
 """Microseconds the splice thread polls for a socket's answer: longer than a
 service on the same machine, or a hop on a local network, takes to answer."""
 MAX_BUSY_POLL = 10_000
+MAX_CONNECTION_RATE = 1_000_000
 
 
 @dataclass
@@ -56,6 +60,17 @@ class ServerSettings:
     """Remote ports clients may register; empty: any port."""
     clients: dict[str, "ClientPolicy"] = field(default_factory=dict)
     """Clients with a token and limits of their own, by name."""
+    allow_sources: tuple = ()
+    """Networks users of a public port may come from; empty: any (see portpolicy.py)."""
+    deny_sources: tuple = ()
+    """Networks users of a public port may not come from."""
+    max_users_per_port: int = 0
+    """Users connected at once to one public port; more are refused (0: no limit)."""
+    max_connection_rate: float = 0.0
+    """New connections a second one source address may open to one public
+    port; more are refused (0: no limit)."""
+    bandwidth_limit: int = 0
+    """Bytes a second each mapping may carry each way (0: no cap)."""
     max_mappings_per_client: int = 16
     """Mappings one client name may hold at once."""
     max_pool_count: int = 8
@@ -111,6 +126,16 @@ class ClientPolicy:
     """None: server.max_mappings_per_client applies."""
     domains: tuple[str, ...] = ()
     """Domains (and *.DOMAIN patterns) it may claim on the virtual-host ports."""
+    allow_sources: tuple = ()
+    """Empty: server.allow_sources applies to this client's ports."""
+    deny_sources: tuple = ()
+    """Denied on this client's ports, as well as server.deny_sources."""
+    max_users_per_port: int = 0
+    """0: server.max_users_per_port applies; else the stricter of the two."""
+    max_connection_rate: float = 0.0
+    """0: server.max_connection_rate applies; else the stricter of the two."""
+    bandwidth_limit: int = 0
+    """0: server.bandwidth_limit applies; else the stricter of the two."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +158,22 @@ class Mapping:
     http_auth: str = field(default="", repr=False)
     """USER:PASSWORD the server asks users for ("http" only)."""
     host_header_rewrite: str = ""
+    proxy_protocol: Optional[str] = None
+    """"v1" or "v2": the PROXY protocol header goes first on every local connection."""
+    allow_sources: tuple[str, ...] = ()
+    """Networks asked of the server as the only ones its users may come from."""
+    deny_sources: tuple[str, ...] = ()
+    """Networks asked of the server as ones its users may not come from."""
+    max_users: int = 0
+    """Users at once asked of the server (it keeps its own limit if stricter)."""
+    max_connection_rate: float = 0.0
+    """New connections a second per source asked of the server (likewise)."""
+    bandwidth_limit: int = 0
+    """Bytes a second each way asked of the server (likewise)."""
+    group: str = ""
+    """Serve remote_port together with other clients of this group (see groups.py)."""
+    group_key: str = field(default="", repr=False)
+    """The group's secret."""
 
     def __str__(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
@@ -227,16 +268,17 @@ class ClientSettings:
     log_lang: str = "en"
 
 
-def parsePort(text: str, what: str) -> int:
+def parsePort(text: str, what: str, lowest: int = 1) -> int:
     """
-    A TCP port from 1 to 65535, or ValueError naming C{what}.
+    A TCP port from C{lowest} (1; 0 for a remote port the server chooses)
+    to 65535, or ValueError naming C{what}.
     """
     try:
         port = int(text)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a port number, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{what} must be from 1 to 65535, got {port}")
+    if not lowest <= port <= 65535:
+        raise ValueError(f"{what} must be from {lowest} to 65535, got {port}")
     return port
 
 
@@ -248,6 +290,9 @@ def parseMapping(text: str) -> Mapping:
     for protocol in ("udp", "tcp"):
         if text.startswith(protocol + ":"):
             mapping = parseMapping(text[len(protocol) + 1:])
+            if protocol == "udp" and mapping.remote_port == 0:
+                raise ValueError(f"bad mapping {text!r}: a UDP mapping needs a remote port of "
+                                 f"its own; only TCP ports can be chosen by the server (0)")
             return Mapping(mapping.local_host, mapping.local_port, mapping.remote_port,
                            protocol)
     host = "127.0.0.1"
@@ -269,7 +314,7 @@ def parseMapping(text: str) -> Mapping:
             f"bad mapping {text!r}: the host {host!r} is a number; expected "
             f"[LOCALHOST:]LOCALPORT:REMOTEPORT, e.g. 22:10022 or 192.168.1.5:22:10022")
     return Mapping(host, parsePort(parts[0], f"local port in {text!r}"),
-                   parsePort(parts[1], f"remote port in {text!r}"))
+                   parsePort(parts[1], f"remote port in {text!r}", lowest=0))
 
 
 def clientEndpointString(description: str) -> str:
@@ -380,7 +425,8 @@ class ConfigFile:
                        f"client.remote_port {remotePort} and the ports after it; "
                        f"{mappings[-1].remote_port} is above 65535")
         mappings += values.pop("tunnels", [])
-        remotePorts = [m.remote_port for m in mappings if not m.vhost]
+        # 0 (the server chooses) may be asked for more than once; a virtual host has no port.
+        remotePorts = [m.remote_port for m in mappings if m.remote_port and not m.vhost]
         for port in remotePorts:
             if remotePorts.count(port) > 1:
                 self._fail(f"remote port {port} is published twice "
@@ -591,6 +637,46 @@ def _portRange(value: Any, text: Any, name: str) -> range:
     return range(port, port + 1)
 
 
+def _proxyProtocol(value: Any, text: Any, name: str) -> str:
+    return parseVersion(_text(value, text, name), name)
+
+
+def _network(value: Any, text: Any, name: str):
+    return parseNetwork(_text(value, text, name), name)
+
+
+def _networks(value: Any, text: Any, name: str) -> tuple:
+    return tuple(_listOf(_network)(value, text, name))
+
+
+def _requestedNetworks(value: Any, text: Any, name: str) -> tuple[str, ...]:
+    networks = _networks(value, text, name)
+    if len(networks) > MAX_REQUESTED_SOURCES:
+        raise ValueError(f"{name} has {len(networks)} networks; a client may ask for at most "
+                         f"{MAX_REQUESTED_SOURCES}")
+    return tuple(str(network) for network in networks)
+
+
+def _bandwidth(value: Any, text: Any, name: str) -> int:
+    return parseRate(value, name)
+
+
+def _rate(value: Any, text: Any, name: str) -> float:
+    value = _number(value)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0 or value > MAX_CONNECTION_RATE):
+        raise ValueError(f"{name} must be a number of connections a second from 0 to "
+                         f"{MAX_CONNECTION_RATE}, got {value!r}")
+    return float(value)
+
+
+def _remotePort(value: Any, text: Any, name: str) -> int:
+    value = _number(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a port number from 0 to 65535, got {value!r}")
+    return parsePort(value, name, lowest=0)
+
+
 def _vhostType(value: Any, text: Any, name: str) -> str:
     kind = _text(value, text, name).lower()
     if kind not in ("tcp", "http", "https"):
@@ -623,9 +709,13 @@ def _protocol(value: Any, text: Any, name: str) -> str:
     return protocol
 
 
-_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _port,
+_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _remotePort,
                 "protocol": _protocol, "type": _vhostType, "domains": _domains, "subdomain": _subdomain,
-                "http_user": _text, "http_password": _text, "host_header_rewrite": _text}
+                "http_user": _text, "http_password": _text, "host_header_rewrite": _text,
+                "proxy_protocol": _proxyProtocol, "allow_sources": _requestedNetworks,
+                "deny_sources": _requestedNetworks, "max_users": _countOrZero,
+                "max_connection_rate": _rate, "bandwidth_limit": _bandwidth, "group": _text,
+                "group_key": _text}
 
 
 
@@ -634,7 +724,10 @@ def _portRanges(value: Any, text: Any, name: str) -> tuple[range, ...]:
 
 
 _CLIENT_POLICY_KEYS: dict[str, Callable] = {
-    "token": _text, "allow_ports": _portRanges, "max_mappings": _count, "domains": _domains}
+    "token": _text, "allow_ports": _portRanges, "max_mappings": _count, "domains": _domains,
+    "allow_sources": _networks, "deny_sources": _networks,
+    "max_users_per_port": _countOrZero, "max_connection_rate": _rate,
+    "bandwidth_limit": _bandwidth}
 
 
 def _clients(value: Any, text: Any, name: str) -> dict[str, ClientPolicy]:
@@ -693,6 +786,8 @@ def _tunnel(value: Any, text: Any, name: str) -> Mapping:
             fields["http_auth"] = f"{user}:{password}"
         if "local_port" not in fields:
             raise ValueError(f"{name}.local_port is missing")
+        if fields.get("group"):
+            raise ValueError(f"{name}: a group needs a remote_port of its own, not a virtual host")
         return Mapping(remote_port=0, vhost=kind, **fields)
     for key in ("domains", "subdomain", "host_header_rewrite"):
         if key in fields or user is not None or password is not None:
@@ -703,6 +798,15 @@ def _tunnel(value: Any, text: Any, name: str) -> Mapping:
             raise ValueError(f"{name}.{key} is missing")
     if not fields["local_host"]:
         raise ValueError(f"{name}.local_host must not be empty")
+    if bool(fields.get("group")) != bool(fields.get("group_key")):
+        raise ValueError(f"{name}: group and group_key go together")
+    if fields.get("group") and fields["remote_port"] == 0:
+        raise ValueError(f"{name}: a group needs a remote_port of its own, not 0")
+    if fields.get("protocol") == "udp" and fields.get("proxy_protocol"):
+        raise ValueError(f"{name}.proxy_protocol is for TCP tunnels, not udp")
+    if fields.get("protocol") == "udp" and fields["remote_port"] == 0:
+        raise ValueError(f"{name}: a udp tunnel needs a remote_port of its own; only TCP "
+                         f"ports can be chosen by the server (remote_port 0)")
     return Mapping(**fields)
 
 
@@ -720,6 +824,11 @@ _SERVER_KEYS: dict[str, Callable] = {
     "heartbeat_timeout": _seconds,
     "port_lease": _secondsOrZero,
     "clients": _clients,
+    "allow_sources": _networks,
+    "deny_sources": _networks,
+    "max_users_per_port": _countOrZero,
+    "max_connection_rate": _rate,
+    "bandwidth_limit": _bandwidth,
     "max_mappings_per_client": _count,
     "max_pool_count": _countOrZero,
     "mux": _flag,

@@ -34,6 +34,23 @@ class Register:
     protocol: str = "tcp"
     token: str = _field(default="", repr=False)
     name: str = ""
+    allow_sources: Optional[tuple[str, ...]] = None
+    """ext: the only networks the client wants users to come from (CIDRs);
+    the server's own lists still apply: a client can only narrow them."""
+    deny_sources: Optional[tuple[str, ...]] = None
+    """ext: networks the client wants users refused from."""
+    max_users: Optional[int] = None
+    """ext: users at once the client wants on its port (the stricter of
+    this and the server's limit applies)."""
+    max_connection_rate: Optional[float] = None
+    """ext: new connections a second per source address the client wants."""
+    bandwidth_limit: Optional[int] = None
+    """ext: bytes a second each way the client wants its mapping capped at."""
+    group: Optional[str] = None
+    """ext: serve C{remote_port} together with the other clients that name
+    this group (and its key), see L{gotunnel.groups}."""
+    group_key: Optional[str] = _field(default=None, repr=False)
+    """ext: the group's secret, the same for all its members."""
     vhost: Optional[str] = None
     """ext: "http" or "https": publish on the server's virtual-host port,
     routed by C{domains} and C{subdomain}, not on C{remote_port} (sent as 0)."""
@@ -59,6 +76,17 @@ class RegisterResp:
     pool: Optional[int] = None
     """ext, in the answer to C{register}: how many pooled data channels the
     server keeps for the mapping (see L{DataChannel.pooled})."""
+    user_host: Optional[str] = None
+    """ext, in the answer to a data channel that asked for them
+    (L{DataChannel.addresses}): the user's address, for the PROXY protocol
+    header (see L{gotunnel.proxyprotocol})."""
+    user_port: Optional[int] = None
+    public_host: Optional[str] = None
+    """ext, with C{user_host}: the server's address the user connected to."""
+    public_port: Optional[int] = None
+    remote_port: Optional[int] = None
+    """ext, in the answer to a C{register} for C{remote_port} 0: the port
+    the server chose."""
     vhost: Optional[str] = None
     """ext, in the answer to a C{register} with C{vhost}: the same value, to say
     that this server routes it (a Go server answers a plain ok)."""
@@ -122,6 +150,9 @@ class DataChannel:
     pooled: Optional[bool] = None
     """ext: opened ahead of any user, to wait at the server for the next one;
     the server's C{register_resp} comes when it hands the channel a user."""
+    addresses: Optional[bool] = None
+    """ext: tell me the user's and the public address in your answer (see
+    L{RegisterResp.user_host}), for a PROXY protocol header."""
     vhost: Optional[str] = None
     """ext, with C{pooled}: the mapping is this virtual host (as in C{register})."""
     domains: Optional[tuple[str, ...]] = None
@@ -159,20 +190,29 @@ MESSAGE_TYPES: dict[str, type] = {
     )
 }
 
-_PORT_FIELDS = frozenset({"local_port", "remote_port", "port"})
+_PORT_FIELDS = frozenset({"local_port", "remote_port", "port", "user_port", "public_port"})
 
 _EXTENSION_TYPES: dict[str, type] = {
-    "conn_id": str, "pool": int, "pooled": bool, "vhost": str, "domains": tuple,
-    "subdomain": str, "http_auth": str, "host_header_rewrite": str,
-    "register_resp.protocol": str, "mux": int}
+    "conn_id": str, "pool": int, "pooled": bool, "user_host": str, "user_port": int,
+    "public_host": str, "public_port": int, "addresses": bool,
+    "allow_sources": tuple, "deny_sources": tuple, "max_users": int,
+    "max_connection_rate": float, "register_resp.remote_port": int, "bandwidth_limit": int,
+    "group": str, "group_key": str,
+    "vhost": str, "domains": tuple, "subdomain": str, "http_auth": str,
+    "host_header_rewrite": str, "register_resp.protocol": str, "mux": int,
+}
 """Our optional fields, absent (or null) from a Go peer's frames (by name, or
-by type.name where the name is a Go field in other messages)."""
+by type.name where the name is a Go field in other messages).  Only a field
+that defaults to None is looked up here: a Go field never is an extension."""
 
 MAX_DOMAINS = 64
 """The most C{register.domains} we accept."""
 
 MAX_POOL = 1024
 """The largest C{register_resp.pool} we accept."""
+
+MAX_LIST = 1024
+"""The most items of a list field we accept (C{register.allow_sources})."""
 
 
 def _jsonType(value: object) -> str:
@@ -192,18 +232,27 @@ def _checkField(typeName: str, name: str, expected: type, value: object) -> None
             raise ProtocolError(f"{typeName}.time is out of range")
         if name == "mux" and value not in (0, 1):
             raise ProtocolError(f"{typeName}.mux must be 0 or 1, got {value}")
+        if name == "bandwidth_limit" and not 0 <= value <= 2**53:
+            raise ProtocolError(f"{typeName}.bandwidth_limit must be from 0 to {2**53}")
+        if name == "max_users" and not 0 <= value <= 2**31:
+            raise ProtocolError(f"{typeName}.max_users must be from 0 to {2**31}")
         if name == "pool" and not 0 <= value <= MAX_POOL:
             raise ProtocolError(f"{typeName}.pool must be from 0 to {MAX_POOL}, got {value}")
     elif expected is tuple:
         if not isinstance(value, list):
             raise ProtocolError(f"{typeName}.{name} must be an array, got a {_jsonType(value)}")
-        if len(value) > MAX_DOMAINS:
-            raise ProtocolError(f"{typeName}.{name} has more than {MAX_DOMAINS} items")
+        most = MAX_DOMAINS if name == "domains" else MAX_LIST
+        if len(value) > most:
+            raise ProtocolError(f"{typeName}.{name} has more than {most} items")
         for item in value:
             _checkField(typeName, name, str, item)
     elif expected is bool:
         if not isinstance(value, bool):
             raise ProtocolError(f"{typeName}.{name} must be true or false, got a {_jsonType(value)}")
+    elif expected is float:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not 0 <= value <= 1e6):
+            raise ProtocolError(f"{typeName}.{name} must be a number from 0 to 1000000")
     elif expected is str:
         if not isinstance(value, str):
             raise ProtocolError(f"{typeName}.{name} must be a string, got a {_jsonType(value)}")
@@ -245,8 +294,10 @@ def parse(body: bytes) -> Optional[Message]:
         if field.name not in obj:
             continue
         value = obj[field.name]
-        expected = _EXTENSION_TYPES.get(f"{typeName}.{field.name}",
-                                        _EXTENSION_TYPES.get(field.name))
+        # Our extensions, and only they, default to None (absent).
+        expected = (_EXTENSION_TYPES.get(f"{typeName}.{field.name}",
+                                         _EXTENSION_TYPES.get(field.name))
+                    if field.default is None else None)
         if expected is not None and value is None:
             continue
         if expected is None:

@@ -74,6 +74,34 @@ class PublicPort:
         self._settle()
         return self.whenSettled()
 
+    def adopt(self, tunnel: "Tunnel", factory: Factory, listener: IListeningPort) -> None:
+        """
+        Take on C{listener}, bound elsewhere for C{tunnel} through C{factory}
+        (on a port number the system chose), as if L{listen} had bound it.
+        """
+        self._wanted = (tunnel, factory)
+        self.listener, self.owner = listener, tunnel
+        log.info("public port {remote_port} listening for {name}",
+                 remote_port=self.remote_port, name=printable(tunnel.name))
+
+    def handOver(self, leaving: "Tunnel", successor: "Tunnel") -> Optional[Factory]:
+        """
+        Pass C{leaving}'s request, and the socket if it serves it, on to
+        C{successor} without closing it (a group's port stays open when its
+        holder leaves, see L{gotunnel.groups}).
+
+        @return: the factory the socket serves users through, for the
+            caller to point at C{successor}; None if C{leaving} did not ask
+            for this port.
+        """
+        if self._wanted is None or self._wanted[0] is not leaving:
+            return None
+        factory = self._wanted[1]
+        self._wanted = (successor, factory)
+        if self.owner is leaving:
+            self.owner = successor
+        return factory
+
     def whenSettled(self) -> defer.Deferred:
         """A Deferred that fires once no step is under way."""
         if self._settling is None:

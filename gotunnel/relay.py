@@ -23,6 +23,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gotunnel.ratelimit import Throttle
 from gotunnel.sameturn import twistedBuffered, writeThrough
 from gotunnel.zerocopy import HAND_OFF_AFTER, SplicePump
 
@@ -97,6 +98,8 @@ class RelayEnd:
     transport: object
     peer: Optional["RelayEnd"] = None
     pump: Optional[SplicePump] = None
+    throttle: Optional[Throttle] = None
+    """The bandwidth cap of what this side reads, if any (see gotunnel.ratelimit)."""
     _held: Optional[list[bytes]] = None
     _readClosed = False
     _writeClosed = False
@@ -147,6 +150,8 @@ class RelayEnd:
             self._held = [data]
         else:
             self._held.append(data)
+        if self.throttle is not None:
+            self.throttle.passed(self, len(data))
 
     def readConnectionLost(self) -> None:
         """
@@ -197,6 +202,8 @@ class RelayEnd:
         pump, self.pump = self.pump, None
         if pump is not None:
             pump.lost(self)
+        if self.throttle is not None:
+            self.throttle.forget(self)
         if peer is not None:
             peer.peer = None
             # As in shutdownWrite: a dead producer would be resumed instead

@@ -27,15 +27,21 @@ from twisted.logger import Logger
 
 from gotunnel import messages
 from gotunnel.accounting import (
-    REFUSED_CLIENT_GONE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
+    REFUSED_CLIENT_GONE, REFUSED_CONNECTION_RATE, REFUSED_MAX_USERS, REFUSED_NO_MEMBER,
+    REFUSED_SOURCE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
     ServerStats, endingOf, noteEnding,
 )
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, describePeer, tlsFailure
+from gotunnel.groups import Group
 from gotunnel.leases import PortLeases
 from gotunnel.mux import MuxSession, StreamEnd
+from gotunnel.portpolicy import (
+    RefusalLog, SourcePolicy, SourceRate, narrowest, parseNetwork, permitted,
+)
 from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
+from gotunnel.ratelimit import Throttle
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
 from gotunnel.splicer import Splicer
@@ -61,6 +67,9 @@ def withBacklog(description: str, backlog: int) -> str:
         return description
     return f"{description}:backlog={backlog}"
 
+
+ANY_PORT_ATTEMPTS = 16
+"""Ports tried for a C{register} of remote port 0 before it is refused."""
 
 MAX_AUTH_FAILURE_SOURCES = 10_000
 """Source addresses whose wrong tokens in a row the server remembers."""
@@ -152,14 +161,18 @@ class PublicUser(Protocol, RelayEnd):
     """How the connection ended (L{gotunnel.accounting.ENDINGS}), once it has."""
     _heldBytes = 0
     _readSize: Optional[int] = None
+    earlyBytes = 0
+    """What it sent before its data channel's answer, sent with that answer."""
 
     def __init__(self, tunnel: "Tunnel") -> None:
         self.tunnel = tunnel
+        self.remote_port = tunnel.remote_port
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
         self.peerAddress = describePeer(self.transport)
         self.tunnel.registry.connections.add(self)
+        self.tunnel.registry.userArrived(self.remote_port)
         self.tunnel.registry.stats.userOpened(self)
         self.tunnel.userConnected(self)
 
@@ -205,6 +218,7 @@ class PublicUser(Protocol, RelayEnd):
     def connectionLost(self, reason=None) -> None:
         self.tunnel.registry.stats.userClosed(self, reason)
         self.tunnel.userLost(self)
+        self.tunnel.registry.userLeft(self.remote_port)
         self.tunnel.registry.connections.discard(self)
         self.relayConnectionLost(reason)
 
@@ -215,8 +229,20 @@ class PublicUserFactory(Factory):
     def __init__(self, tunnel: "Tunnel") -> None:
         self.tunnel = tunnel
 
-    def buildProtocol(self, addr) -> PublicUser:
-        return PublicUser(self.tunnel)
+    def buildProtocol(self, addr) -> Optional[PublicUser]:
+        # Refused here, before a byte is read or the client hears of it:
+        # Twisted closes the socket of a connection given no protocol.
+        if not self.tunnel.admitUser(addr):
+            return None
+        tunnel = self.tunnel
+        if tunnel.group is not None:
+            # The port's listener serves its whole group: the next member up.
+            tunnel = tunnel.group.pick()
+            if tunnel is None:
+                self.tunnel.refused(getattr(addr, "host", "?"), "no member of the group is up",
+                                    REFUSED_NO_MEMBER)
+                return None
+        return PublicUser(tunnel)
 
 
 class Tunnel:
@@ -245,6 +271,19 @@ class Tunnel:
         # or waiting to try a busy port again.
         self.online = False
         self._stopping: defer.Deferred = defer.succeed(None)
+        self.sources: tuple[SourcePolicy, ...] = ()
+        """Who may connect: every one of these must let a user in."""
+        self.maxUsers = 0
+        """Users connected to this port at once (0: no limit)."""
+        self.sourceRate: Optional[SourceRate] = None
+        """New connections a second per source address, if limited."""
+        self.throttles: Optional[tuple[Throttle, Throttle]] = None
+        """The bandwidth cap, if any: of what users send, and of what they get."""
+        self.group: Optional[Group] = None
+        """The group this mapping serves its port with, if any (see gotunnel.groups)."""
+        self.serviceUp = True
+        """The client's local service answers (offline_port / online_port)."""
+        self.refusals = RefusalLog(registry.clock, self.remote_port)
         # What the admin API and the metrics say of this mapping.
         self.clientId = registry.stats.newClientId()
         self.connectedSince = registry.clock.seconds()
@@ -357,6 +396,37 @@ class Tunnel:
 
     def heartbeat(self) -> None:
         self.lastSeen = self.registry.clock.seconds()
+
+    def admitUser(self, addr: object) -> bool:
+        """
+        Whether a user connecting from C{addr} may use this port; a refusal
+        is counted (here and in the port's accounting) and logged (at most
+        a line per interval).
+        """
+        host = getattr(addr, "host", "?")
+        if not permitted(self.sources, host):
+            self.refused(host, "source address not allowed", REFUSED_SOURCE)
+            return False
+        if self.maxUsers and self.registry.usersOf(self.remote_port) >= self.maxUsers:
+            self.refused(host, f"{self.maxUsers} users already connected", REFUSED_MAX_USERS)
+            return False
+        if self.sourceRate is not None and not self.sourceRate.admit(host):
+            self.refused(host, f"more than {self.sourceRate.rate:g} new connections a second "
+                               "from one address", REFUSED_CONNECTION_RATE)
+            return False
+        return True
+
+    def refused(self, host: str, reason: str, why: str) -> None:
+        """A user from C{host} refused at accept for C{reason} (C{why}: accounting's name)."""
+        self.refusals.refused(host, reason)
+        self.registry.refusedUsers += 1
+        self.registry.stats.portRefused(self.stats, why)
+
+    def portChosen(self, remote_port: int) -> None:
+        """The system chose C{remote_port} for this mapping, registered for port 0."""
+        self.remote_port = self.refusals.remote_port = remote_port
+        self.registry.stats.release(self.stats)
+        self.stats = self.registry.stats.portStats(remote_port, self.name)
 
     def userConnected(self, user: PublicUser) -> None:
         clock = self.registry.clock
@@ -499,6 +569,10 @@ class Tunnel:
             # Its streams are users already spliced: they go on, and the
             # connection closes when the last one ends.
             session.goAway()
+        self.refusals.stop()
+        if self.listener is None and self.group is not None:
+            # A group member whose port's listener went on with the group.
+            return _whenFired(self._stopping)
         return self.stopListening()
 
 
@@ -529,12 +603,49 @@ class TunnelRegistry:
         """Set by L{TunnelServerService} to its own, as the settings ask."""
         self._stoppingListeners: set[defer.Deferred] = set()
         self.leases = PortLeases(self.clock)
+        self.refusedUsers = 0
+        """Users public ports refused (source policy, limits), since the start."""
+        self._sourcePolicies: dict[Optional[str], tuple[SourcePolicy, ...]] = {}
+        self.groups: dict[int, Group] = {}
+        """The group of each public port several clients serve."""
+        self._users: dict[int, int] = {}
+        """Users connected, per public port (a mapping registered again keeps its count)."""
         self.publicPorts: dict[int, PublicPort] = {}
         self.virtualHosts = None
         """The L{gotunnel.vhost.VirtualHosts}, on a server with virtual-host ports."""
         self.udpPorts: dict[int, PublicPort] = {}
         """The public UDP ports of UDP mappings (L{gotunnel.udp}), apart: a
         port number's UDP socket is not its TCP socket."""
+
+    def userArrived(self, remote_port: int) -> None:
+        self._users[remote_port] = self._users.get(remote_port, 0) + 1
+
+    def userLeft(self, remote_port: int) -> None:
+        left = self._users.get(remote_port, 0) - 1
+        if left > 0:
+            self._users[remote_port] = left
+        else:
+            self._users.pop(remote_port, None)
+
+    def usersOf(self, remote_port: int) -> int:
+        """Users connected to C{remote_port} now."""
+        return self._users.get(remote_port, 0)
+
+    def applyLimits(self, tunnel: "Tunnel", msg: messages.Register) -> None:
+        """
+        C{tunnel}'s limits on users: the stricter of the server's (or a
+        listed client's), and what the client asked for.
+        """
+        settings, client = self.settings, self.settings.clients.get(tunnel.name)
+        tunnel.maxUsers = int(narrowest(
+            settings.max_users_per_port, client and client.max_users_per_port, msg.max_users))
+        rate = narrowest(settings.max_connection_rate, client and client.max_connection_rate,
+                         msg.max_connection_rate)
+        tunnel.sourceRate = SourceRate(self.clock, rate) if rate else None
+        bandwidth = narrowest(settings.bandwidth_limit, client and client.bandwidth_limit,
+                              msg.bandwidth_limit)
+        tunnel.throttles = (Throttle(self.clock, bandwidth), Throttle(self.clock, bandwidth)) \
+            if bandwidth else None
 
     def trackStopping(self, stopping: defer.Deferred) -> defer.Deferred:
         """
@@ -607,7 +718,7 @@ class TunnelRegistry:
         """
         room = self.settings.max_pool_count
         return sum(len(tunnel.waiting) + max(room - len(tunnel.pool), 0)
-                   for tunnel in self.tunnels.values()
+                   for tunnel in self.allTunnels()
                    if getattr(tunnel.channel, "source", None) == source)
 
     def release(self, channel: "ServerChannel") -> None:
@@ -698,9 +809,11 @@ class TunnelRegistry:
         Refuse a port outside what C{name} may publish, or one mapping too
         many for C{name}.
         """
-        self.checkPort(name, remote_port)
+        if remote_port:
+            # 0: the server chooses one that name may publish.
+            self.checkPort(name, remote_port)
         limit = self.mappingLimit(name)
-        held = sum(1 for tunnel in self.tunnels.values()
+        held = sum(1 for tunnel in self.allTunnels()
                    if tunnel.name == name and tunnel.remote_port != remote_port)
         if held >= limit:
             raise RegistrationRefused(
@@ -713,16 +826,55 @@ class TunnelRegistry:
             return client.max_mappings
         return self.settings.max_mappings_per_client
 
+    def allowedPorts(self, name: str) -> tuple[range, ...]:
+        """The ports C{name} may publish; empty: any."""
+        client = self.settings.clients.get(name)
+        if client is not None and client.allow_ports:
+            return client.allow_ports
+        return self.settings.allow_ports
+
     def checkPort(self, name: str, remote_port: int) -> None:
         """Refuse a port outside what C{name} may publish."""
         client = self.settings.clients.get(name)
-        allowed = self.settings.allow_ports
-        if client is not None and client.allow_ports:
-            allowed = client.allow_ports
+        allowed = self.allowedPorts(name)
         if allowed and not any(remote_port in ports for ports in allowed):
             where = f"for client {name!r}" if client is not None and client.allow_ports \
                 else "on this server"
             raise RegistrationRefused(f"remote port {remote_port} is not allowed {where}")
+
+    def sourcePolicies(self, name: str, msg: messages.Register) -> tuple[SourcePolicy, ...]:
+        """
+        The source policies of a mapping C{name} registers: the server's
+        (a listed client's own allow list instead of server.allow_sources,
+        its deny list as well as server.deny_sources), then what the
+        client asks for, which can only narrow them.
+
+        @raise RegistrationRefused: the client's lists are not networks.
+        """
+        # Built once per listed client, once for all the others: 1,000
+        # networks are not parsed again for every register.
+        key = name if name in self.settings.clients else None
+        policies = self._sourcePolicies.get(key)
+        if policies is None:
+            settings, client = self.settings, self.settings.clients.get(name)
+            allow, deny = settings.allow_sources, settings.deny_sources
+            if client is not None:
+                allow = client.allow_sources or allow
+                deny = tuple(deny) + tuple(client.deny_sources)
+            policy = SourcePolicy.of(allow, deny)
+            policies = (policy,) if policy else ()
+            self._sourcePolicies[key] = policies
+        if msg.allow_sources or msg.deny_sources:
+            try:
+                asked = SourcePolicy.of(
+                    [parseNetwork(text, "register.allow_sources")
+                     for text in msg.allow_sources or ()],
+                    [parseNetwork(text, "register.deny_sources")
+                     for text in msg.deny_sources or ()])
+            except ValueError as e:
+                raise RegistrationRefused(str(e)) from None
+            policies += (asked,)
+        return policies
 
     def ownsItsName(self, name: str) -> bool:
         """Whether C{name} can be held by one client only: a listed one, or with mutual TLS."""
@@ -750,12 +902,26 @@ class TunnelRegistry:
                 tunnelType = UdpTunnel
             elif msg.protocol not in ("tcp", ""):
                 raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
-            if not 1 <= msg.remote_port <= 65535:
-                raise RegistrationRefused(f"remote port {msg.remote_port} is not from 1 to 65535")
+            if not 0 <= msg.remote_port <= 65535:
+                raise RegistrationRefused(f"remote port {msg.remote_port} is not from 0 to 65535")
             self.checkLimits(msg.name, msg.remote_port)
+            sources = self.sourcePolicies(msg.name, msg)
+            if msg.remote_port == 0:
+                if tunnelType is not Tunnel:
+                    raise RegistrationRefused(
+                        "a UDP mapping needs a remote_port of its own (0 is for TCP)")
+                return self._registerAnyPort(channel, msg, sources)
+            if msg.group and tunnelType is not Tunnel:
+                raise RegistrationRefused("groups are for TCP mappings, not UDP")
             self._takeLease(msg.name, msg.remote_port)
         except RegistrationRefused as e:
             return defer.fail(e)
+        try:
+            joined = self._joinGroup(channel, msg, sources)
+        except RegistrationRefused as e:
+            return defer.fail(e)
+        if joined is not None:
+            return joined
         previous = self.tunnels.get(msg.remote_port)
         if previous is not None:
             if previous.name != msg.name:
@@ -767,6 +933,12 @@ class TunnelRegistry:
             previous.close()
             previous.channel.transport.loseConnection()
         tunnel = tunnelType(self, channel, msg)
+        tunnel.sources = sources
+        self.applyLimits(tunnel, msg)
+        if msg.group:
+            group = Group(msg.remote_port, msg.group, msg.group_key or "")
+            group.add(tunnel)
+            self.groups[msg.remote_port] = group
         self.tunnels[msg.remote_port] = tunnel
 
         def listening(listens: bool) -> Tunnel:
@@ -784,6 +956,89 @@ class TunnelRegistry:
                 f"cannot listen on port {msg.remote_port}: {reason}")
 
         return tunnel.listen().addCallbacks(listening, refused)
+
+    def _registerAnyPort(self, channel: "ServerChannel", msg: messages.Register,
+                         sources: tuple[SourcePolicy, ...]) -> defer.Deferred:
+        """
+        Publish a port the server chooses for C{msg} (whose C{remote_port}
+        is 0): a free one of those C{msg.name} may publish, or, where any is
+        allowed, one the OS chooses.  A port free of tunnels and leases that
+        the OS will not bind is skipped, up to L{ANY_PORT_ATTEMPTS} times.
+        """
+        allowed = self.allowedPorts(msg.name)
+        candidates = self._freeAllowedPorts(allowed) if allowed else None
+        attempts = iter(range(ANY_PORT_ATTEMPTS))
+
+        def attempt(_=None):
+            if next(attempts, None) is None:
+                raise RegistrationRefused(
+                    f"no free remote port for {msg.name!r} after {ANY_PORT_ATTEMPTS} tries")
+            if candidates is None:
+                return self._listenEphemeral(channel, msg, sources).addCallback(
+                    lambda tunnel: tunnel if tunnel is not None else attempt())
+            port = next(candidates, None)
+            if port is None:
+                raise RegistrationRefused(f"no free remote port for {msg.name!r}: every port "
+                                          "it may publish is taken or reserved")
+            d = self.register(channel, dataclasses.replace(msg, remote_port=port))
+            return d.addErrback(notBound)
+
+        def notBound(failure):
+            failure.trap(RegistrationRefused)
+            if not str(failure.value).startswith("cannot listen on port"):
+                return failure
+            return attempt()
+
+        return defer.maybeDeferred(attempt)
+
+    def _freeAllowedPorts(self, allowed: tuple[range, ...]):
+        """Ports of C{allowed} neither published nor reserved, from a random one on."""
+        total = sum(len(ports) for ports in allowed)
+        start = secrets.randbelow(total)
+        for i in range(total):
+            index = (start + i) % total
+            for ports in allowed:
+                if index < len(ports):
+                    port = ports[index]
+                    break
+                index -= len(ports)
+            if port not in self.tunnels and self.leases.get(port) is None:
+                yield port
+
+    def _listenEphemeral(self, channel: "ServerChannel", msg: messages.Register,
+                         sources: tuple[SourcePolicy, ...]) -> defer.Deferred:
+        """
+        Publish C{msg} on a port the OS chooses; fires with the L{Tunnel},
+        or None if the OS chose a port another client holds or has reserved.
+        """
+        tunnel = Tunnel(self, channel, msg)
+        tunnel.sources = sources
+        self.applyLimits(tunnel, msg)
+
+        def listening(port: IListeningPort) -> Optional[Tunnel]:
+            number = port.getHost().port
+            lease = self.leases.get(number)
+            if (number in self.tunnels or number in self.publicPorts
+                    or (lease is not None and lease.name != msg.name)):
+                self.trackStopping(defer.maybeDeferred(port.stopListening))
+                return None
+            if lease is not None:
+                self.leases.end(number)
+            tunnel.portChosen(number)
+            self.tunnels[number] = tunnel
+            # From now on the port's listener is ordered as any other's.
+            self.publicPort(number).adopt(tunnel, factory, port)
+            tunnel.online = True
+            return tunnel
+
+        def refused(failure):
+            failure.trap(error.CannotListenError)
+            raise RegistrationRefused(
+                f"cannot listen on a port the system chooses: {failure.value.socketError}")
+
+        factory = PublicUserFactory(tunnel)
+        endpoint = self.publicEndpoint(0)
+        return endpoint.listen(factory).addCallbacks(listening, refused)
 
     def _takeLease(self, name: str, remote_port: int) -> None:
         """
@@ -819,6 +1074,10 @@ class TunnelRegistry:
         """
         if tunnel.closed:
             return
+        if tunnel.group is not None and len(tunnel.group.members) > 1:
+            # The port stays open for the rest of the group: no lease.
+            tunnel.close()
+            return
         tunnel.dropped()
 
     def newConnectionId(self) -> str:
@@ -829,8 +1088,85 @@ class TunnelRegistry:
         return secrets.token_hex(8)
 
     def forget(self, tunnel: Tunnel) -> None:
+        group = tunnel.group
+        if group is not None:
+            group.remove(tunnel)
+            if group.members:
+                self._handOver(tunnel, next(iter(group.members.values())))
+                return
+            if self.groups.get(tunnel.remote_port) is group:
+                del self.groups[tunnel.remote_port]
         if self.tunnels.get(tunnel.key) is tunnel:
             del self.tunnels[tunnel.key]
+
+    def _handOver(self, leaving: Tunnel, successor: Tunnel) -> None:
+        """
+        C{leaving} leaves its group: if it held the port's listener, the
+        port stays open and C{successor} holds it now.
+        """
+        log.info("client {name} left group {group} of public port {remote_port}; "
+                 "{count} members go on", name=printable(leaving.name),
+                 group=printable(leaving.group.name),
+                 remote_port=leaving.remote_port, count=len(leaving.group.members))
+        if self.tunnels.get(leaving.remote_port) is not leaving:
+            return
+        self.tunnels[leaving.remote_port] = successor
+        port = self.publicPorts.get(leaving.remote_port)
+        factory = port.handOver(leaving, successor) if port is not None else None
+        if factory is not None:
+            # The same socket, and its factory, serve the successor now.
+            factory.tunnel = successor
+            successor.online = True
+
+    def allTunnels(self) -> list[Tunnel]:
+        """Every registered mapping: the holder of each port, and the other members of groups."""
+        tunnels = list(self.tunnels.values())
+        for group in self.groups.values():
+            tunnels.extend(member for member in group.members.values()
+                           if self.tunnels.get(member.remote_port) is not member)
+        return tunnels
+
+    def _joinGroup(self, channel: "ServerChannel", msg: messages.Register,
+                   sources: tuple[SourcePolicy, ...]) -> Optional[defer.Deferred]:
+        """
+        Add C{msg}'s mapping to the group of its port, if the port has one
+        that C{msg} names with the right key; None if it is not a join.
+
+        @raise RegistrationRefused: the port's group is another, or the key
+            is wrong.
+        """
+        group = self.groups.get(msg.remote_port)
+        if group is None:
+            return None
+        if not msg.group:
+            if list(group.members) == [msg.name]:
+                # Its only member, now without a group: it takes the port over.
+                return None
+            raise RegistrationRefused(
+                f"remote port {msg.remote_port} is served by a group of clients")
+        if not group.admits(msg.group, msg.group_key or ""):
+            raise RegistrationRefused(
+                f"remote port {msg.remote_port} is served by another group, or the group key "
+                "is wrong")
+        previous = group.members.get(msg.name)
+        if previous is not None and len(group.members) == 1:
+            # Its only member again (a reconnect): as for any mapping.
+            return None
+        tunnel = Tunnel(self, channel, msg)
+        tunnel.sources = sources
+        self.applyLimits(tunnel, msg)
+        if previous is not None:
+            log.info("client {name} registered port {remote_port} again; "
+                     "dropping its previous control channel",
+                     name=printable(msg.name), remote_port=msg.remote_port)
+            previous.close()
+            previous.channel.transport.loseConnection()
+        group.add(tunnel)
+        tunnel.online = True
+        log.info("client {name} joined group {group} of public port {remote_port} "
+                 "({count} members)", name=printable(msg.name), group=printable(group.name),
+                 remote_port=msg.remote_port, count=len(group.members))
+        return defer.succeed(tunnel)
 
     def holderOf(self, name: str) -> Optional[str]:
         """
@@ -904,6 +1240,10 @@ class TunnelRegistry:
             tunnel = self.virtualHosts.mappingOf(msg)
         else:
             tunnel = self.tunnels.get(msg.remote_port)
+            group = self.groups.get(msg.remote_port)
+            if group is not None:
+                # Each member pools for itself: its own local service answers.
+                tunnel = group.members.get(msg.name or certificateName or "")
         if tunnel is None or not mine(tunnel):
             raise RegistrationRefused(f"no mapping of port {msg.remote_port} to pool for")
         tunnel.addPooled(channel)
@@ -929,7 +1269,7 @@ class TunnelRegistry:
     def checkHeartbeats(self) -> None:
         """Drop control channels that have been silent too long."""
         deadline = self.clock.seconds() - self.settings.heartbeat_timeout
-        for tunnel in list(self.tunnels.values()):
+        for tunnel in self.allTunnels():
             if tunnel.lastSeen < deadline:
                 log.warn("heartbeat timeout: client {name} (port {remote_port}) sent nothing "
                          "for {timeout} s; dropping it",
@@ -946,7 +1286,7 @@ class TunnelRegistry:
         self.leases.clear()
         if self.virtualHosts is not None:
             self.virtualHosts.clear()
-        for tunnel in list(self.tunnels.values()):
+        for tunnel in self.allTunnels():
             tunnel.close()
         stopping = defer.DeferredList([_whenFired(d) for d in list(self._stoppingListeners)])
         return stopping.addCallback(lambda _: self.connections.closeAll(
@@ -967,6 +1307,10 @@ class ServerChannel(MessageReceiver, RelayEnd):
                        "--tls-cert and --tls-key, or connect without TLS")
     firstFrameCall = None
     refusalCall = None
+    askedAnyPort = False
+    """The register asked for remote port 0: the answer says which port."""
+    wantsAddresses = False
+    """The data channel asked for the user's addresses (messages.DataChannel.addresses)."""
     pending = False
     """Counted by the registry among the connections yet to send their first frame."""
     source = "?"
@@ -1067,6 +1411,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if not self._firstFrame("register"):
             return
         self.role = "registering"
+        self.askedAnyPort = msg.remote_port == 0 and msg.vhost is None
         self.registry.register(self, msg).addCallbacks(
             self._registered, self._refused, errbackArgs=(msg,))
 
@@ -1088,7 +1433,10 @@ class ServerChannel(MessageReceiver, RelayEnd):
                      peer=self.peerDescription, local_port=tunnel.local_port, vhost=vhost,
                      domains=",".join(tunnel.domains))
             return
-        self.sendMessage(tunnel.registerResp())
+        answer = tunnel.registerResp()
+        if self.askedAnyPort:
+            answer = dataclasses.replace(answer, remote_port=tunnel.remote_port)
+        self.sendMessage(answer)
         log.info("client {name} registered from {peer}: local port {local_port} -> "
                  "public port {remote_port}", name=printable(tunnel.name),
                  peer=self.peerDescription, local_port=tunnel.local_port,
@@ -1128,14 +1476,22 @@ class ServerChannel(MessageReceiver, RelayEnd):
 
     def msg_offline_port(self, msg: messages.OfflinePort) -> None:
         tunnel = self._portChange(msg, "offline_port")
-        if tunnel is not None:
+        if tunnel is not None and tunnel.group is not None:
+            # The port stays open for the group; users go to the other members.
+            log.info("client {name} says its service is down; group {group} of port "
+                     "{remote_port} sends it no users", name=printable(tunnel.name),
+                     group=printable(tunnel.group.name), remote_port=tunnel.remote_port)
+            tunnel.serviceUp = False
+        elif tunnel is not None:
             log.info("client {name} says its service is down; port {remote_port} offline",
                      name=printable(tunnel.name), remote_port=tunnel.remote_port)
             tunnel.stopListening()
 
     def msg_online_port(self, msg: messages.OnlinePort) -> None:
         tunnel = self._portChange(msg, "online_port")
-        if tunnel is not None and not tunnel.online:
+        if tunnel is not None and tunnel.group is not None:
+            tunnel.serviceUp = True
+        elif tunnel is not None and not tunnel.online:
             log.info("client {name} says its service is back; port {remote_port} online",
                      name=printable(tunnel.name), remote_port=tunnel.remote_port)
             tunnel.goOnline()
@@ -1144,6 +1500,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if not self._firstFrame("data_channel"):
             return
         certificateName = peerCommonName(self.transport)
+        self.wantsAddresses = bool(msg.addresses)
         if msg.mux == 1:
             self._startMux(msg, certificateName)
             return
@@ -1237,8 +1594,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         Accept this data channel for C{user}.  To our own client, what the
         user has sent so far goes in the same segment as the answer: the
         client reads both at once, and a request that came with its
-        connection reaches the service a wake-up sooner.  A Go client gets
-        the answer alone, as the Go server sends it.
+        connection reaches the service a wake-up sooner; and the answer
+        tells the user's and the public address if it asked for them.  A Go
+        client gets the answer alone, as the Go server sends it.
 
         False if that read found the user's connection reset while it
         waited: both connections are then reset, which the client passes
@@ -1256,12 +1614,32 @@ class ServerChannel(MessageReceiver, RelayEnd):
             # sent since; the held bytes were counted as they came.
             user.relayed += len(waiting)
             early = user.takeHeld() + waiting
-        self.sendMessage(messages.RegisterResp(status="ok"), rawAfter=early)
+        # A capped mapping's throttle is charged for these once spliced.
+        user.earlyBytes = len(early)
+        answer = messages.RegisterResp(status="ok")
+        if ours and self.wantsAddresses:
+            # For our client's PROXY protocol header (see gotunnel.proxyprotocol).
+            peer, host = user.transport.getPeer(), user.transport.getHost()
+            answer = dataclasses.replace(
+                answer, user_host=getattr(peer, "host", None),
+                user_port=getattr(peer, "port", None), public_host=getattr(host, "host", None),
+                public_port=getattr(host, "port", None))
+        self.sendMessage(answer, rawAfter=early)
         return True
 
     def _spliceTo(self, user: PublicUser) -> None:
         user.dataChannel = self
-        self.registry.splicer.splice(user, self)
+        throttles = user.tunnel.throttles
+        if throttles is not None:
+            # A capped mapping's bytes go through Python, where reading
+            # pauses while the cap is spent (see gotunnel.ratelimit).
+            user.throttle, self.throttle = throttles
+        self.registry.splicer.splice(user, self, zeroCopy=throttles is None)
+        if throttles is not None and user.earlyBytes:
+            # After splice(), which resumes reading: what the user sent
+            # while it waited (read in small pieces, see PublicUser) counts
+            # against the cap too, and may pause the user again at once.
+            user.throttle.passed(user, user.earlyBytes)
         self.registry.stats.dataChannelReady(user, self.registry.clock.seconds() - user.connectedAt)
         # One line per user connection: at debug level, where the formatting
         # and the write cost nothing unless asked for.

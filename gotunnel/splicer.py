@@ -63,10 +63,13 @@ class Splicer:
             thread = SpliceThreadService(reactor)
         return cls(zeroCopy, thread, settings.busy_poll / 1e6)
 
-    def splice(self, a: relay.RelayEnd, b: relay.RelayEnd) -> None:
-        """Join C{a} and C{b} (see L{relay.splice})."""
-        relay.splice(a, b, self.zeroCopy, self.spliceThread, self.busyPoll, self.handOffAfter,
-                     self._handedOff)
+    def splice(self, a: relay.RelayEnd, b: relay.RelayEnd, zeroCopy: bool = True) -> None:
+        """
+        Join C{a} and C{b} (see L{relay.splice}); C{zeroCopy} False keeps
+        their bytes in Python (a capped mapping's, see L{gotunnel.ratelimit}).
+        """
+        relay.splice(a, b, self.zeroCopy and zeroCopy, self.spliceThread, self.busyPoll,
+                     self.handOffAfter, self._handedOff)
         self.splices += 1
         if a.pump is not None:
             self.pumped += 1

@@ -27,11 +27,14 @@ from twisted.python import usage
 from gotunnel import __version__, logs, rlimits
 from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
 from gotunnel.config import (
-    CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, ClientSettings, ConfigError, ConfigFile,
-    ServerSettings, clientEndpointString, findConfigFile, parseConnectionLog, parseLogLang,
-    parseLogLevel, parseMapping, parseVirtualHost, readConfigFile,
+    CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, MAX_CONNECTION_RATE, ClientSettings,
+    ConfigError, ConfigFile, ServerSettings, clientEndpointString, findConfigFile,
+    parseConnectionLog, parseLogLang, parseLogLevel, parseMapping, parseVirtualHost,
+    readConfigFile,
 )
 from gotunnel.i18n import LANGUAGES
+from gotunnel.proxyprotocol import parseVersion
+from gotunnel.ratelimit import parseRate
 
 log = Logger()
 
@@ -70,6 +73,21 @@ def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str],
     return coerce
 
 
+def _rate(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or not 0 <= value <= MAX_CONNECTION_RATE:
+        raise ValueError(f"must be from 0 to {MAX_CONNECTION_RATE}")
+    return value
+
+
+_rate.coerceDoc = "Connections a second, 0 for no limit."  # type: ignore[attr-defined]
+
+def _bandwidth(text: str) -> int:
+    return parseRate(text, "--bandwidth-limit")
+
+
+_bandwidth.coerceDoc = "Bytes a second: 10MB, 512KiB, 1GB."  # type: ignore[attr-defined]
+
 _atLeastOne = _wholeNumber(1)
 _atLeastZero = _wholeNumber(0)
 _busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
@@ -96,6 +114,13 @@ def _connectionLog(text: str) -> str:
 
 _connectionLog.coerceDoc = (  # type: ignore[attr-defined]
     f"One of {', '.join(CONNECTION_LOG_LEVELS)}.")
+
+
+def _proxyProtocol(text: str) -> str:
+    return parseVersion(text, "--proxy-protocol")
+
+
+_proxyProtocol.coerceDoc = "v1 or v2."  # type: ignore[attr-defined]
 
 _CONFIG_OPTION = [
     "config", "c", None,
@@ -347,6 +372,18 @@ class ServerOptions(_SettingsOptions):
          "Data channels a client may open ahead of its users, per mapping; 0 turns "
          f"pooling off (default: {ServerSettings.max_pool_count}; server.max_pool_count)",
          _atLeastZero],
+        ["max-users-per-port", None, None,
+         "Users connected at once to one public port; more are refused at accept, 0 for no "
+         f"limit (default: {ServerSettings.max_users_per_port}; server.max_users_per_port)",
+         _atLeastZero],
+        ["max-connection-rate", None, None,
+         "New connections a second one source address may open to one public port; more "
+         "are refused at accept, 0 for no limit "
+         f"(default: {ServerSettings.max_connection_rate:g}; server.max_connection_rate)",
+         _rate],
+        ["bandwidth-limit", None, None,
+         "Bytes a second each mapping may carry each way, e.g. 10MB or 512KiB; 0 for no cap "
+         "(server.bandwidth_limit)", _bandwidth],
         ["ipv6-prefix", None, None,
          "IPv6 clients in one network of this prefix length count as one address in the "
          "caps on connections waiting for their first frame "
@@ -404,6 +441,9 @@ class ServerOptions(_SettingsOptions):
               "port-lease": "port_lease",
               "max-mappings-per-client": "max_mappings_per_client",
               "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
+              "max-users-per-port": "max_users_per_port",
+              "max-connection-rate": "max_connection_rate",
+              "bandwidth-limit": "bandwidth_limit",
               "ipv6-prefix": "ipv6_prefix",
               "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
               "http": "vhost_http", "https": "vhost_https", "subdomain-host": "subdomain_host",
@@ -514,6 +554,10 @@ class ClientOptions(_SettingsOptions):
          "dropped) "
          f"(default: {ClientSettings.max_pending_data_channels}; "
          "client.max_pending_data_channels)", _atLeastOne],
+        ["proxy-protocol", None, None,
+         "Write a PROXY protocol header (v1: text, v2: binary) with the user's address "
+         "first on every local connection, for mappings that do not set their own "
+         "(client.tunnels[].proxy_protocol)", _proxyProtocol],
         _busyPollOption("client", ClientSettings),
     ] + _udpOptions("client", ClientSettings) + _logOptions("client")
     optFlags = [
@@ -613,6 +657,12 @@ class ClientOptions(_SettingsOptions):
             values["mux"] = True
         if self["map"] or self["vhosts"]:
             values["mappings"] = list(self["map"]) + list(self["vhosts"])
+        if self["proxy-protocol"] and values.get("mappings"):
+            # Not for UDP: a PROXY header goes first on a TCP connection.
+            values["mappings"] = [
+                mapping if mapping.proxy_protocol or mapping.protocol == "udp" else
+                dataclasses.replace(mapping, proxy_protocol=self["proxy-protocol"])
+                for mapping in values["mappings"]]
         if not values.get("mappings"):
             if source:
                 raise ConfigError(
@@ -621,7 +671,8 @@ class ClientOptions(_SettingsOptions):
             raise usage.UsageError(
                 "nothing to publish: give --map [LOCALHOST:]LOCALPORT:REMOTEPORT "
                 "or --http DOMAIN=[LOCALHOST:]LOCALPORT")
-        remotePorts = [m.remote_port for m in values["mappings"] if not m.vhost]
+        # 0 (the server chooses) may be asked for more than once; a virtual host has no port.
+        remotePorts = [m.remote_port for m in values["mappings"] if m.remote_port and not m.vhost]
         if len(set(remotePorts)) != len(remotePorts):
             raise usage.UsageError("two --map options name the same remote port")
         if not values.get("name"):

@@ -32,8 +32,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gotunnel import messages
+from gotunnel.accounting import REFUSED_SOURCE
 from gotunnel.client import POOL_REFILL_DELAY, TunnelService
 from gotunnel.control import MessageReceiver
+from gotunnel.portpolicy import permitted
 from gotunnel.relay import setNoDelay
 from gotunnel.sameturn import twistedBuffered, writeThrough
 from gotunnel.printable import printable
@@ -379,6 +381,12 @@ class UdpTunnel(Tunnel):
         peer = self.peers.get(address)
         now = self.registry.clock.seconds()
         if peer is None:
+            if not permitted(self.sources, address[0]):
+                # The port's source lists hold for datagrams too: a new
+                # peer they refuse gets no session (counted, logged as
+                # users refused at accept are).
+                self.refused(address[0], "source address not allowed", REFUSED_SOURCE)
+                return
             if len(self.peers) >= self.maxPeers:
                 self.counters.dropped_sessions += 1
                 return

@@ -192,8 +192,8 @@ class RecordingSplicer(Splicer):
         self.firstPumps: list[object] = []
         """Not all: a test of leaks counts the objects left."""
 
-    def splice(self, a, b) -> None:
-        super().splice(a, b)
+    def splice(self, a, b, zeroCopy: bool = True) -> None:
+        super().splice(a, b, zeroCopy)
         if a.pump is not None and len(self.firstPumps) < 3:
             self.firstPumps.append(a.pump)
 

@@ -443,7 +443,8 @@ class AccessConfigTests(ConfigFileTestCase):
         self.assertConfigError(
             "server", "server:\n  clients:\n    alice: {token: a, ports: 22}\n",
             "server.clients.alice.ports is not a known key "
-            "(expected token, allow_ports, max_mappings, domains)")
+            "(expected token, allow_ports, max_mappings, domains, allow_sources, deny_sources, "
+            "max_users_per_port, max_connection_rate, bandwidth_limit)")
 
     def test_maxMappingsAtLeastOne(self):
         self.assertConfigError(

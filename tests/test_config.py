@@ -444,14 +444,15 @@ class BadConfigTests(ConfigTestCase):
                 ("client", "client:\n  token: t\n  local_ports: [0]\n", "client.local_ports[0]"),
                 ("client", "client:\n  token: t\n  server_addr: 'h:65536'\n",
                  "the port in client.server_addr"),
-                ("client", "client:\n  token: t\n  tunnels:\n"
-                 "    - {local_port: 22, remote_port: 99999}\n",
-                 "client.tunnels[0].remote_port"),
                 ("server", "server:\n  token: t\n  addr: '0.0.0.0:0'\n",
                  "the port in server.addr"),
                 ("server", "server:\n  token: t\n  allow_ports: [65536]\n",
                  "server.allow_ports[0]")]:
             self.assertConfigError(role, text, f"{key} must be from 1 to 65535")
+        # 0 asks the server to choose.
+        self.assertConfigError(
+            "client", "client:\n  token: t\n  tunnels:\n    - {local_port: 22, remote_port: 99999}\n",
+            "client.tunnels[0].remote_port must be from 0 to 65535")
 
     def test_localPortsRunPast65535(self):
         self.assertConfigError(

@@ -420,12 +420,6 @@ class BadSequenceTests(ServerUnderAttack):
         yield self.assertServerStillServes()
 
     @defer.inlineCallbacks
-    def test_registerPortZero(self):
-        yield self.assertRefused(jsonFrame(registerMessage(0, "zero")),
-                                 "remote port 0 is not from 1 to 65535", "refused registration")
-        yield self.assertServerStillServes()
-
-    @defer.inlineCallbacks
     def test_registerPortInUse(self):
         """A port the server cannot listen on (its own control port) is refused with the cause."""
         raw = yield connectRaw(self, self.controlPort,

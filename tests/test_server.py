@@ -7,6 +7,7 @@ their splice, and the ways a connection is refused.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import secrets
 
@@ -243,12 +244,24 @@ class RegistrationTests(ServerTestCase):
         self.assertTrue(control.transport.disconnecting)
         self.assertEqual(self.reactor.tcpServers, [])
 
-    def test_portZeroRefused(self):
-        """remote_port 0 (which would listen on a random port) is refused."""
+    def test_portZeroChosenByTheServer(self):
+        """
+        remote_port 0: the server picks a free port of allow_ports, skipping
+        one it cannot bind, and its answer says which.
+        """
+        self.registry.settings.allow_ports = (range(20000, 20002),)
+        self.reactor.portsInUse.update({20000, 20001})
         control = self.connect()
         control.send(register(remote_port=0))
-        self.assertEqual(control.sent(), fail("remote port 0 is not from 1 to 65535"))
-        self.assertEqual(self.reactor.tcpServers, [])
+        self.assertEqual(control.sent(), fail("no free remote port for 'edge-1': every port it "
+                                              "may publish is taken or reserved"))
+        self.reactor.portsInUse.discard(20001)
+        control = self.connect()
+        control.send(register(remote_port=0))
+        self.assertEqual(json.loads(control.sent()[4:]),
+                         {"type": "register_resp", "status": "ok", "remote_port": 20001,
+                          "pool": self.registry.settings.max_pool_count})
+        self.assertEqual(list(self.registry.tunnels), [20001])
 
     def test_cannotListen(self):
         """

@@ -7,6 +7,7 @@ datagrams, a flood, a client restart, TLS, and a server without UDP.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import struct
 
@@ -252,6 +253,17 @@ class ServerTests(unittest.TestCase):
         carrier.dataReceived(udp.encodeFrame(2, b"answer-b") + udp.encodeFrame(1, b"answer-a"))
         self.assertEqual(port.written, [(b"answer-b", ("198.51.100.2", 5000)),
                                         (b"answer-a", ("198.51.100.1", 5000))])
+
+    def test_sourceListsHoldForDatagrams(self):
+        """A new peer that the server's source lists refuse gets no session, counted."""
+        self.settings.deny_sources = (ipaddress.ip_network("198.51.100.0/24"),)
+        port, carrier, carrierTransport = self.registered()
+        port.protocol.datagramReceived(b"query-a", ("198.51.100.1", 5000))
+        port.protocol.datagramReceived(b"query-b", ("192.0.2.7", 5000))
+        self.assertEqual(carrierTransport.value(), udp.encodeFrame(1, b"query-b"))
+        tunnel = self.registry.tunnels[10053]
+        self.assertEqual((tunnel.refusals.total, tunnel.stats.refused),
+                         (1, {"source_address": 1}))
 
     def test_badFrameClosesCarrier(self):
         """A frame longer than any datagram closes the carrying channel, and only it."""

@@ -78,7 +78,7 @@ class Snapshot:
     def __init__(self, registry) -> None:
         self.registry = registry
         self.now = registry.clock.seconds()
-        self.tunnels = sorted((t for t in registry.tunnels.values() if not t.closed),
+        self.tunnels = sorted((t for t in registry.allTunnels() if not t.closed),
                               key=lambda t: t.remote_port)
         # Users now and their bytes so far, per mapping's totals: virtual
         # hosts share remote_port 0, each with totals of its own.
@@ -235,7 +235,7 @@ class AdminAPI(Resource):
         return None
 
     def disconnectClient(self, clientId: str, request) -> bytes:
-        for tunnel in list(self.registry.tunnels.values()):
+        for tunnel in self.registry.allTunnels():
             if tunnel.clientId == clientId and not tunnel.closed:
                 log.info("admin endpoint: disconnecting client {name} ({id}) at {peer}",
                          name=tunnel.name, id=clientId, peer=tunnel.channel.peerDescription)

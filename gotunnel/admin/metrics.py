@@ -76,7 +76,7 @@ class TunnelCollector:
             carried.add_metric(labels + ["out"], portStats.bytesOut + liveOut)
             active.add_metric(labels, users)
             setup.add_metric(labels, portStats.setup.cumulative(), portStats.setup.sum)
-        tunnels = [t for t in registry.tunnels.values() if not t.closed]
+        tunnels = [t for t in registry.allTunnels() if not t.closed]
         clients = GaugeMetricFamily(
             "gotunnel_clients", "Control channels registered now (one per client mapping)")
         clients.add_metric([], sum(1 for t in tunnels if t.channel.role == "control"))
