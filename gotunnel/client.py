@@ -224,8 +224,11 @@ class ControlChannel(MessageReceiver):
                                http_auth=mapping.http_auth or None,
                                host_header_rewrite=mapping.host_header_rewrite or None)
         # A virtual host is routed by the user's first bytes, and UDP has its
-        # carrying channel: no streams for them.
-        mux = 1 if settings.mux and not mapping.vhost and mapping.protocol == "tcp" else None
+        # carrying channel: no streams for them.  A stream's opening carries
+        # no user address, which a PROXY protocol header needs: such a
+        # mapping keeps to data channels.
+        mux = 1 if (settings.mux and not mapping.vhost and mapping.protocol == "tcp"
+                    and mapping.proxy_protocol is None) else None
         self.sendMessage(messages.Register(
             local_port=mapping.local_port, remote_port=mapping.remote_port,
             protocol=mapping.protocol, token=settings.token, name=settings.name, mux=mux,

@@ -6,6 +6,7 @@ health probe, and the Go-style error lines.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import re
@@ -21,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import directlyProvides
 
-from gotunnel import client, report
+from gotunnel import client, messages, report
 from gotunnel.client import (
     EARLY_LOCAL_CONNECTS, ControlChannelFactory, DataChannelFactory, LocalServiceFactory,
     TunnelClientService, TunnelService, _ProbeFactory, serverAddress,
@@ -166,6 +167,19 @@ class RegisterTests(ClientTestCase):
         self.assertEqual(transport.value(), frame(
             b'{"type":"register","local_port":8022,"remote_port":10022,"protocol":"tcp",'
             b'"token":"s3cret-Token-0xC0FFEE","name":"edge-1"}'))
+
+    def test_muxOfferedExceptWithProxyProtocol(self):
+        """
+        With mux on, register offers it, but not for a mapping that writes a
+        PROXY protocol header: a stream carries no user address.
+        """
+        for proxy, offered in ((None, 1), ("v1", None), ("v2", None)):
+            mapping = dataclasses.replace(self.mapping, proxy_protocol=proxy)
+            self.settings = dataclasses.replace(self.settings, mux=True, mappings=[mapping])
+            self.service = TunnelService(self.settings, mapping,
+                                         TCP4ClientEndpoint(self.reactor, *SERVER), self.reactor)
+            _, transport = self.control()
+            self.assertEqual(messages.parse(transport.value()[4:]).mux, offered, proxy)
 
     def test_registeredFiresWaiters(self):
         """register_resp ok makes the channel the service's, and whenRegistered fires."""
