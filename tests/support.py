@@ -163,13 +163,56 @@ class User(Protocol):
         self.closed.callback(self.data)
 
 
+class StreamReceived:
+    """What a L{StreamUser} has received: how many bytes, and whether intact."""
+
+    def __init__(self, count: int, intact: bool) -> None:
+        self.count = count
+        self.intact = intact
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class StreamUser(User):
+    """
+    A user of L{StreamOrEcho}'s endless stream: checks each piece as it
+    arrives and keeps none.  A stream runs at hundreds of MB/s; kept, its
+    bytes would take gigabytes, and joining them would stall the reactor for
+    seconds, long enough for the server to time out every client in the test.
+    """
+
+    intact = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.intact:
+            start = self._count % len(STREAM_PERIOD)
+            repeats = (start + len(data)) // len(STREAM_PERIOD) + 1
+            self.intact = data == (STREAM_PERIOD * repeats)[start:start + len(data)]
+        self._count += len(data)
+        still = []
+        for size, waiter in self._waiters:
+            if self._count >= size:
+                waiter.callback(self.data)
+            else:
+                still.append((size, waiter))
+        self._waiters = still
+
+    @property
+    def data(self) -> StreamReceived:  # type: ignore[override]
+        return StreamReceived(self._count, self.intact)
+
+
 class UserFactory(Factory):
     noisy = False
     protocol = User
 
 
-def connectUser(testCase, port: int) -> defer.Deferred:
-    """Connect a L{User} to 127.0.0.1:C{port}; it is closed when the test ends."""
+def connectUser(testCase, port: int, protocol: type = User) -> defer.Deferred:
+    """
+    Connect a C{protocol} (a L{User}) to 127.0.0.1:C{port}; it is closed
+    when the test ends.
+    """
 
     def connected(user: User) -> User:
         def cleanup():
@@ -181,7 +224,9 @@ def connectUser(testCase, port: int) -> defer.Deferred:
         return user
 
     endpoint = TCP4ClientEndpoint(reactor, HOST, port)
-    return endpoint.connect(UserFactory()).addCallback(connected)
+    factory = UserFactory()
+    factory.protocol = protocol
+    return endpoint.connect(factory).addCallback(connected)
 
 
 class RecordingSplicer(Splicer):
@@ -882,6 +927,10 @@ def dataChannelMessage(remote_port: int, conn_id: Optional[str], token: str = TO
     return message
 
 
+STREAM_PERIOD = bytes(range(256))
+"""L{StreamOrEcho}'s stream repeats these bytes."""
+
+
 @implementer(IPullProducer)
 class StreamOrEcho(Echo):
     """
@@ -890,7 +939,7 @@ class StreamOrEcho(Echo):
     the connection drains, flow-controlled) until it closes.
     """
 
-    chunk = bytes(range(256)) * 256
+    chunk = STREAM_PERIOD * 256
     mode: Optional[bytes] = None
 
     def dataReceived(self, data: bytes) -> None:
@@ -914,8 +963,13 @@ class StreamOrEcho(Echo):
         pass
 
 
-def isStreamPrefix(data: bytes) -> bool:
-    """C{data} is a prefix of L{StreamOrEcho}'s endless stream."""
+def isStreamPrefix(data) -> bool:
+    """
+    C{data} (bytes, or what a L{StreamUser} received) is a prefix of
+    L{StreamOrEcho}'s endless stream.
+    """
+    if isinstance(data, StreamReceived):
+        return data.intact
     chunk = StreamOrEcho.chunk
     whole, rest = divmod(len(data), len(chunk))
     return data == chunk * whole + chunk[:rest]

@@ -21,7 +21,7 @@ from gotunnel.config import Mapping
 from gotunnel.server import PublicUser
 from tests.support import (
     isStreamPrefix,
-    HOST, AnswerAtEnd, Banner, ServiceConnection, Source, StreamOrEcho, Tunnel, connectUser,
+    HOST, AnswerAtEnd, Banner, ServiceConnection, Source, StreamOrEcho, StreamUser, Tunnel, connectUser,
     freePort, listenService, listenTarget, listenWeb, randomBytes, startTarget, waitUntil,
     within, writeAndDrain,
 )
@@ -486,7 +486,7 @@ class ClosingTests(ServiceTestCase):
         """
         target = startTarget(self, StreamOrEcho)
         public = yield self.publishPort(target.port)
-        user = yield connectUser(self, public)
+        user = yield connectUser(self, public, StreamUser)
         user.transport.write(b"S")
         got = yield within(user.whenReceived(256 * 1024), WAIT, "the stream to flow")
         self.assertTrue(isStreamPrefix(got), "the stream arrived corrupted")

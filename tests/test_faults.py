@@ -22,8 +22,8 @@ from gotunnel.server import PublicUser, ServerChannel
 
 from tests.support import (
     isStreamPrefix,
-    HOST, TOKEN, LogWatcher, StreamOrEcho, Tunnel, connectRaw, connectUser, connectionRefused,
-    echoedThrough, freePort, jsonFrame, randomBytes, registerMessage, retryUntil, spawn,
+    HOST, TOKEN, LogWatcher, StreamOrEcho, StreamUser, Tunnel, connectRaw, connectUser,
+    connectionRefused, echoedThrough, freePort, jsonFrame, randomBytes, registerMessage, retryUntil, spawn,
     startTarget, temporaryDirectory, venvScript, waitUntil, waitUntilRefused, within,
 )
 
@@ -54,7 +54,7 @@ class FaultTestCase(unittest.TestCase):
     @defer.inlineCallbacks
     def streamingUser(self, port: int):
         """A user of C{port} receiving the target's endless stream; returns it once it flows."""
-        user = yield connectUser(self, port)
+        user = yield connectUser(self, port, StreamUser)
         user.transport.write(b"S")
         yield within(user.whenReceived(STREAM_START), 30, "the stream to flow to the user")
         return user
