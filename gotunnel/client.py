@@ -17,7 +17,7 @@ from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import (
-    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString, wrapClientTLS,
+    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString,
 )
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -132,7 +132,9 @@ class ServerEndpoints:
     def _withTLS(self, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:
         if self.options is None:
             return endpoint
-        return wrapClientTLS(self.options, endpoint)
+        from gotunnel.tlshalfclose import HalfCloseableTLSEndpoint
+
+        return HalfCloseableTLSEndpoint(self.options, endpoint)
 
     def dataChannel(self, reached: object) -> Optional[IStreamClientEndpoint]:
         """

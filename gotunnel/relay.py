@@ -21,7 +21,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableDescriptor, IHalfCloseableProtocol, ISSLTransport,
 )
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from gotunnel.ratelimit import Throttle
 from gotunnel.sameturn import twistedBuffered, writeThrough
@@ -66,14 +66,24 @@ def setKeepAlive(transport: object, idle: int = IDLE_KEEPALIVE) -> None:
         pass
 
 
+class IHalfCloseableTLS(Interface):
+    """
+    A TLS transport whose C{loseWriteConnection} sends a close_notify and
+    goes on reading (L{gotunnel.tlshalfclose}).
+    """
+
+
 def canHalfClose(transport: object) -> bool:
     """
     Whether C{transport} can send end-of-stream and go on reading.  A TLS
-    transport cannot, though it claims to: it copies the interfaces of the
-    TCP transport below it, whose loseWriteConnection would put a bare FIN
-    under the TLS stream and leave the TLS layer to close a socket that is
-    already gone (an AttributeError inside twisted.protocols.tls).
+    transport of Twisted's own cannot, though it claims to: it copies the
+    interfaces of the TCP transport below it, whose loseWriteConnection
+    would put a bare FIN under the TLS stream and leave the TLS layer to
+    close a socket that is already gone (an AttributeError inside
+    twisted.protocols.tls).  Ours can (L{IHalfCloseableTLS}).
     """
+    if IHalfCloseableTLS.providedBy(transport):
+        return True
     return (IHalfCloseableDescriptor.providedBy(transport)
             and not ISSLTransport.providedBy(transport))
 
@@ -183,10 +193,11 @@ class RelayEnd:
         if canHalfClose(self.transport):
             self.transport.loseWriteConnection()
         elif ISSLTransport.providedBy(self.transport):
-            # Twisted's TLS answers a close_notify by closing both ways, so
-            # sending one would cut off the answer the far end still owes:
-            # the end-of-stream is not carried, and the connection closes
-            # when the other direction ends.
+            # Twisted's own TLS (an ssl: endpoint string) answers a
+            # close_notify by closing both ways, so sending one would cut
+            # off the answer the far end still owes: the end-of-stream is
+            # not carried, and the connection closes when the other
+            # direction ends.
             pass
         else:
             self.transport.loseConnection()

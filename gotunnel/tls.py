@@ -22,13 +22,14 @@ from twisted.internet import ssl
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint, ISSLTransport
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from gotunnel import messages
 from gotunnel.config import ClientSettings, ServerSettings
 from gotunnel.control import describePeer
 from gotunnel.tcpinternals import endpointHost
+from gotunnel.tlshalfclose import HalfCloseableTLS
 
 log = Logger()
 
@@ -196,9 +197,10 @@ def checkServerSettings(settings: ServerSettings, names: dict[str, str] = SERVER
         serverContextFactory(settings, names)
 
 
-class _TLSServerProtocol(TLSMemoryBIOProtocol):
+class _TLSServerProtocol(HalfCloseableTLS):
     """
-    TLS, except that a peer whose first byte cannot start a TLS handshake
+    TLS, half-closeable (a data channel carries each direction's end on its
+    own), except that a peer whose first byte cannot start a TLS handshake
     (a plain gotunnel client) is answered in plain C{register_resp} fail,
     naming the cause, and closed.
     """
