@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from gotunnel import relay
 from gotunnel.splicethread import SpliceThreadService
 from gotunnel.tcpinternals import missingForZeroCopy
+from gotunnel.tlspump import TLSPump
 from gotunnel.zerocopy import HAND_OFF_AFTER
 
 log = Logger()
@@ -26,16 +27,22 @@ class Splicer:
     @ivar spliceThread: the L{SpliceThreadService} steady pumps go to (a
         child of the service that owns this splicer), or None.
     @ivar splices: ends spliced so far; C{pumped}: of those, how many with
-        a zero-copy pump; C{handOffs}: times a pump went to the thread.
+        a zero-copy pump; C{handOffs}: times a pump went to the thread;
+        C{tlsPumped}: of those spliced, how many with a L{TLSPump}.
+    @ivar tlsThread: whether a TLS data channel's bytes go to the splice
+        thread too (see L{gotunnel.tlspump}).
     """
 
     splices = 0
     pumped = 0
     handOffs = 0
+    tlsPumped = 0
 
     def __init__(self, zeroCopy: bool = False,
                  spliceThread: Optional[SpliceThreadService] = None,
-                 busyPoll: float = 0.0, handOffAfter: int = HAND_OFF_AFTER) -> None:
+                 busyPoll: float = 0.0, handOffAfter: int = HAND_OFF_AFTER,
+                 tlsThread: bool = True) -> None:
+        self.tlsThread = tlsThread
         self.zeroCopy = zeroCopy
         self.spliceThread = spliceThread
         self.busyPoll = busyPoll
@@ -63,16 +70,29 @@ class Splicer:
             thread = SpliceThreadService(reactor)
         return cls(zeroCopy, thread, settings.busy_poll / 1e6)
 
-    def splice(self, a: relay.RelayEnd, b: relay.RelayEnd, zeroCopy: bool = True) -> None:
+    def splice(self, a: relay.RelayEnd, b: relay.RelayEnd,
+               zeroCopy: bool = True) -> Optional[object]:
         """
         Join C{a} and C{b} (see L{relay.splice}); C{zeroCopy} False keeps
         their bytes in Python (a capped mapping's, see L{gotunnel.ratelimit}).
+        Returns their pump (a L{gotunnel.zerocopy.SplicePump} or a
+        L{TLSPump}), if they have one.
         """
         relay.splice(a, b, self.zeroCopy and zeroCopy, self.spliceThread, self.busyPoll,
                      self.handOffAfter, self._handedOff)
         self.splices += 1
         if a.pump is not None:
             self.pumped += 1
+            return a.pump
+        if self.tlsThread and self.zeroCopy and zeroCopy:
+            pump = TLSPump.forEnds(a, b, self.spliceThread, self.busyPoll,
+                                   self.handOffAfter, self._handedOff)
+            if pump is not None:
+                self.tlsPumped += 1
+                a.pumpedOut, b.pumpedOut = pump.sides[a].outgoing, pump.sides[b].outgoing
+                pump.start()
+                return pump
+        return None
 
     def _handedOff(self) -> None:
         self.handOffs += 1
