@@ -118,6 +118,10 @@ class RelayEnd:
     pumpedOut = None
     """With zero copy, the pump's direction from this side: its C{moved}
     counts the bytes the kernel passed on (see L{bytesRead})."""
+    pumpedIn = None
+    """With a TLS pump (L{gotunnel.tlspump}), its direction to this side:
+    what the splice thread holds for this side's socket, which the
+    reactor's transport knows nothing of."""
 
     def bytesRead(self, final: bool = False) -> int:
         """
@@ -230,6 +234,8 @@ class RelayEnd:
         held = twistedBuffered(self.transport) if hasattr(self.transport, "dataBuffer") else 0
         if self.pump is not None:
             held += self.pump.bufferedFor(self)
+        if self.pumpedIn is not None:
+            held += self.pumpedIn.pending
         return held
 
     def isBackedUp(self) -> bool:
@@ -239,6 +245,10 @@ class RelayEnd:
         """
         if self.pump is not None:
             return self.pump.backedUp(self)
+        if self.pumpedIn is not None and self.pumpedIn.pending:
+            # The splice thread holds bytes for this socket and reads the
+            # other side no more until they are written.
+            return True
         return bool(getattr(self.transport, "producerPaused", False))
 
     def _flushHeld(self) -> None:

@@ -90,6 +90,7 @@ class Splicer:
             if pump is not None:
                 self.tlsPumped += 1
                 a.pumpedOut, b.pumpedOut = pump.sides[a].outgoing, pump.sides[b].outgoing
+                a.pumpedIn, b.pumpedIn = pump.sides[a].incoming, pump.sides[b].incoming
                 pump.start()
                 return pump
         return None
