@@ -289,6 +289,8 @@ class MuxSession:
     The streams of one data connection.  C{opens}: whether this end opens
     streams (the server) or accepts them (the client, through C{accept}, a
     callable given each new stream; it sets the stream's protocol).
+    C{admit}, if given, is asked before each stream the peer opens: False
+    answers it with a reset.
     """
 
     transport = None
@@ -308,10 +310,12 @@ class MuxSession:
                  accept: Optional[Callable[[MuxStream], None]] = None,
                  maxStreams: int = MAX_STREAMS,
                  onClose: Optional[Callable[["MuxSession"], None]] = None,
-                 budget: int = SESSION_BUDGET) -> None:
+                 budget: int = SESSION_BUDGET,
+                 admit: Optional[Callable[[], bool]] = None) -> None:
         self.clock = clock
         self.opens = opens
         self.accept = accept
+        self.admit = admit
         self.maxStreams = maxStreams
         self.onClose = onClose
         self.budget = budget
@@ -465,7 +469,8 @@ class MuxSession:
         if flags & SYN:
             if self.opens or stream is not None or streamId % 2 != 1:
                 raise MuxError(f"the peer cannot open stream {streamId}")
-            if len(self.streams) >= self.maxStreams or self.goneAway:
+            if (len(self.streams) >= self.maxStreams or self.goneAway
+                    or (self.admit is not None and not self.admit())):
                 self.sendFrame(WINDOW_UPDATE, RST, streamId, 0)
                 return
             stream = MuxStream(self, streamId)
