@@ -7,6 +7,7 @@ local service.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional
 
 from twisted.internet.protocol import Factory, Protocol
@@ -45,11 +46,14 @@ class MuxDataChannel(MessageReceiver):
     """Streams the server opened that we reset: too many open, or being connected."""
     _refusedUnlogged = 0
     _refusedLogCall = None
+    _connectingWaiting = False
 
     def __init__(self, tunnel) -> None:
         self.tunnel = tunnel
         self.connecting: set[MuxStream] = set()
         """Streams whose connection to the local service is being made."""
+        self.waiting: deque[StreamEnd] = deque()
+        """Streams accepted whose connection waits for one of L{connecting} to be made."""
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
@@ -80,15 +84,8 @@ class MuxDataChannel(MessageReceiver):
         self.session.dataReceived(data)
 
     def _admit(self) -> bool:
-        """
-        Whether a stream the server opens may have a local connection: at
-        most L{maxStreams} at once, and, as data channels,
-        C{max_pending_data_channels} being connected.
-        """
+        """Whether the server may open one more stream: at most L{maxStreams} at once."""
         if len(self.session.streams) >= self.maxStreams:
-            self._refused()
-            return False
-        if len(self.connecting) >= self.tunnel.settings.max_pending_data_channels:
             self._refused()
             return False
         return True
@@ -107,25 +104,50 @@ class MuxDataChannel(MessageReceiver):
             self._refusedLogCall = None
             return
         log.warn("reset {count} streams the server opened for {mapping} ({total} in all): "
-                 "{open} streams are open (at most {most}) and {connecting} connections to "
-                 "the local service are being made (at most {pending})",
+                 "{open} streams are open, the most a multiplexed connection takes",
                  count=count, total=self.refusedStreams, mapping=str(self.tunnel.mapping),
-                 open=len(self.session.streams), most=self.maxStreams,
-                 connecting=len(self.connecting),
-                 pending=self.tunnel.settings.max_pending_data_channels)
+                 open=len(self.session.streams))
         self._refusedLogCall = self.tunnel.reactor.callLater(
             REFUSED_STREAMS_LOG_INTERVAL, self._logRefused)
 
     def _accept(self, stream: MuxStream) -> None:
         end = StreamEnd(stream)
         end.holdReading()
-        self.connecting.add(stream)
-        connecting = self.tunnel.localEndpoint.connect(_LocalFactory(self.tunnel, end))
-        connecting.addBoth(self._connected, stream)
-        connecting.addErrback(self._localUnreachable, stream)
+        if len(self.waiting) >= len(self.session.streams):
+            # Some wait no more (reset by the server meanwhile): a server
+            # that opens and resets streams without end must not grow this.
+            self.waiting = deque(e for e in self.waiting if not e.transport.closed)
+        self.waiting.append(end)
+        self._connectWaiting()
+
+    def _connectWaiting(self) -> None:
+        """
+        Connect waiting streams to the local service, at most
+        C{max_pending_data_channels} at once as for data channels: a burst
+        of users reaches the service in turn, and a server that opens
+        streams without end holds a bounded number of our connects.
+        """
+        if self._connectingWaiting:
+            # A connect that failed at once, inside the loop below.
+            return
+        self._connectingWaiting = True
+        try:
+            limit = self.tunnel.settings.max_pending_data_channels
+            while self.waiting and len(self.connecting) < limit:
+                end = self.waiting.popleft()
+                stream = end.transport
+                if stream.closed:
+                    continue
+                self.connecting.add(stream)
+                connecting = self.tunnel.localEndpoint.connect(_LocalFactory(self.tunnel, end))
+                connecting.addBoth(self._connected, stream)
+                connecting.addErrback(self._localUnreachable, stream)
+        finally:
+            self._connectingWaiting = False
 
     def _connected(self, result, stream: MuxStream):
         self.connecting.discard(stream)
+        self._connectWaiting()
         return result
 
     def _localUnreachable(self, failure, stream: MuxStream) -> None:
@@ -154,6 +176,7 @@ class MuxDataChannel(MessageReceiver):
         if self._refusedLogCall is not None and self._refusedLogCall.active():
             self._refusedLogCall.cancel()
         self._refusedLogCall = None
+        self.waiting.clear()
         if self.session is not None:
             self.session.connectionLost()
         self.tunnel.muxLost(self)

@@ -65,27 +65,33 @@ class StreamCapTests(ClientTestCase):
         self.wire.clear()
         return answered
 
-    def test_connectingStreamsCapped(self):
+    def test_connectingStreamsWaitTheirTurn(self):
         """
-        Past max_pending_data_channels local connections being made, a new
-        stream is reset, and no connection is made for it; once one is
-        made, a new stream is accepted again.
+        Streams are accepted, but at most max_pending_data_channels local
+        connections are made at once: the others wait, first come first
+        served, and one reset meanwhile is skipped.
         """
-        events = self.logged()
-        answered = self.open(5)
-        self.assertEqual(answered, [(mux.WINDOW_UPDATE, mux.ACK, 1), (mux.WINDOW_UPDATE, mux.ACK, 3),
-                                    (mux.WINDOW_UPDATE, mux.ACK, 5), (mux.WINDOW_UPDATE, mux.RST, 7),
-                                    (mux.WINDOW_UPDATE, mux.RST, 9)])
+        answered = self.open(6)
+        self.assertEqual([flags for _, flags, _ in answered], [mux.ACK] * 6)
         self.assertEqual(len(self.localAttempts(_LocalFactory)), 3)
-        self.assertEqual(self.mux.refusedStreams, 2)
+        self.channel.dataReceived(HEADER.pack(0, mux.WINDOW_UPDATE, mux.RST, 7, 0))
         self.complete(self.localAttempts(_LocalFactory)[0])
-        self.assertEqual(self.open(1), [(mux.WINDOW_UPDATE, mux.ACK, 11)])
-        self.assertEqual(len(self.localAttempts(_LocalFactory)), 4)
-        self.assertEqual(
-            [formatEvent(e) for e in events if e.get("log_format", "").startswith("reset ")],
-            ["reset 1 streams the server opened for 127.0.0.1:8022->10022 (1 in all): 3 streams "
-             "are open (at most 16384) and 3 connections to the local service are being made "
-             "(at most 3)"])
+        self.refuse(self.localAttempts(_LocalFactory)[1])
+        attempts = self.localAttempts(_LocalFactory)
+        self.assertEqual(len(attempts), 5)
+        self.assertEqual([innermost(self.reactor.tcpClients[i][2]).end.transport.streamId
+                          for i in attempts], [1, 3, 5, 9, 11])
+        self.assertEqual(self.mux.refusedStreams, 0)
+
+    def test_resetWhileWaitingHoldsNothing(self):
+        """A server that opens and resets streams while connects hang holds no growing queue."""
+        self.open(3)
+        for _ in range(1000):
+            streamId = self.nextId
+            self.open(1)
+            self.channel.dataReceived(HEADER.pack(0, mux.WINDOW_UPDATE, mux.RST, streamId, 0))
+        self.assertLessEqual(len(self.mux.waiting), len(self.mux.session.streams) + 1)
+        self.assertEqual(len(self.localAttempts(_LocalFactory)), 3)
 
     def test_openStreamsCapped(self):
         """Past maxStreams open, a new stream is reset; one ending makes room."""
@@ -102,6 +108,7 @@ class StreamCapTests(ClientTestCase):
     def test_refusalsLoggedOncePerInterval(self):
         """A flood of streams is one line, then one per interval with the count since."""
         events = self.logged()
+        self.mux.maxStreams = 3
         self.open(3 + 500)
         self.reactor.advance(5)
         self.open(20)
@@ -112,3 +119,7 @@ class StreamCapTests(ClientTestCase):
                           if e.get("log_format", "").startswith("reset ")],
                          [(1, 1), (519, 520)])
         self.assertEqual(self.mux.refusedStreams, 520)
+        self.assertEqual(
+            formatEvent(lines[0]),
+            "reset 1 streams the server opened for 127.0.0.1:8022->10022 (1 in all): 3 streams "
+            "are open, the most a multiplexed connection takes")
