@@ -148,8 +148,9 @@ class MuxStream:
     def registerProducer(self, producer, streaming: bool) -> None:
         self.producer = producer
         self.producerPaused = False
-        self.session.reading.add(self)
-        self.syncProducer()
+        if not self.closed:
+            self.session.reading.add(self)
+            self.syncProducer()
 
     def unregisterProducer(self) -> None:
         self.producer = None
