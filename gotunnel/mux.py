@@ -47,6 +47,25 @@ MAX_STREAMS = 65536
 KEEPALIVE = 30.0
 """Seconds between pings; a session that answers none for two is dropped."""
 
+SESSION_BUDGET = 16 * 1024 * 1024
+"""
+The most bytes a session's streams keep queued toward the peer, all streams
+together.  A window bounds one stream; without this, a peer that takes
+nothing would hold a window per stream of ours, thousands of them.  Past it,
+only a stream whose next read can go out at once keeps reading, until half
+of it has gone.
+"""
+
+READ_SIZE = 64 * 1024
+"""
+What the producer feeding a stream may hand it in one go (Twisted reads a
+TCP connection 64 KiB at a time): over budget, a stream keeps reading only
+with at least this much window and nothing queued.
+"""
+
+BUDGET_LOG_INTERVAL = 60.0
+"""Seconds between two lines about one session being over its budget."""
+
 
 class MuxError(Exception):
     """The peer broke the framing; the session closes."""
@@ -63,7 +82,8 @@ class MuxStream:
     disconnecting = False
     producer = None
     producerPaused = False
-    """The queue holds a window or more: the producer writing to us is paused."""
+    """The producer writing to us is paused: our queue is full, or the session over budget."""
+    _queueFull = False
     paused = False
     _finSent = False
     _finWanted = False
@@ -90,10 +110,9 @@ class MuxStream:
             return
         self._queue += data
         self.queued += len(data)
-        if self.queued >= WINDOW and self.producer is not None and not self.producerPaused:
-            self.producerPaused = True
-            self.producer.pauseProducing()
+        self.session.queuedChanged(len(data))
         self.session.wantsToSend(self)
+        self.syncProducer()
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
@@ -129,9 +148,34 @@ class MuxStream:
     def registerProducer(self, producer, streaming: bool) -> None:
         self.producer = producer
         self.producerPaused = False
+        if not self.closed:
+            self.session.reading.add(self)
+            self.syncProducer()
 
     def unregisterProducer(self) -> None:
         self.producer = None
+        self.session.reading.discard(self)
+
+    def syncProducer(self) -> None:
+        """Pause or resume the producer writing to us, as our queue and the session's budget say."""
+        producer = self.producer
+        if producer is None or self.closed:
+            return
+        if self.queued >= WINDOW:
+            self._queueFull = True
+        elif self.queued < WINDOW // 2:
+            self._queueFull = False
+        session = self.session
+        pause = self._queueFull or (session.overBudget and (
+            self.queued > 0 or self.sendWindow < READ_SIZE or session.paused))
+        if pause and not self.producerPaused:
+            self.producerPaused = True
+            session.reading.discard(self)
+            producer.pauseProducing()
+        elif not pause and self.producerPaused:
+            self.producerPaused = False
+            session.reading.add(self)
+            producer.resumeProducing()
 
     # IPushProducer: the protocol reading this stream is full or not.
     def pauseProducing(self) -> None:
@@ -185,6 +229,7 @@ class MuxStream:
             raise MuxError(f"stream {self.streamId} window overflows")
         self.sendWindow += delta
         self.session.wantsToSend(self)
+        self.syncProducer()
 
     def reset(self) -> None:
         self._close(Failure(error.ConnectionLost("stream reset by the peer")))
@@ -206,9 +251,8 @@ class MuxStream:
             self.session.sendFrame(DATA, flags, self.streamId, len(piece), piece)
             if flags:
                 self._finSent = True
-            if self.producerPaused and self.queued < WINDOW // 2 and self.producer is not None:
-                self.producerPaused = False
-                self.producer.resumeProducing()
+            self.session.queuedChanged(-len(piece))
+            self.syncProducer()
         elif self._finWanted and not self._finSent and not self.queued:
             self._finSent = True
             self.session.sendFrame(WINDOW_UPDATE, FIN, self.streamId, 0)
@@ -225,9 +269,13 @@ class MuxStream:
             return
         self.closed = True
         self.disconnecting = True
+        dropped = self.queued
         self._queue, self.queued = bytearray(), 0
         self._inbox, self.inboxed = [], 0
+        self.session.reading.discard(self)
         self.session.streamClosed(self)
+        if dropped:
+            self.session.queuedChanged(-dropped)
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
             protocol.connectionLost(reason or Failure(error.ConnectionDone()))
@@ -242,29 +290,44 @@ class MuxSession:
     The streams of one data connection.  C{opens}: whether this end opens
     streams (the server) or accepts them (the client, through C{accept}, a
     callable given each new stream; it sets the stream's protocol).
+    C{admit}, if given, is asked before each stream the peer opens: False
+    answers it with a reset.
     """
 
     transport = None
     goneAway = False
     closed = False
+    paused = False
+    """The connection's buffer is full: nothing more is written to it for now."""
+    overBudget = False
+    """The streams' queues reached L{budget}, and have not yet drained to half of it."""
+    queued = 0
+    """Bytes all streams keep queued toward the peer."""
     _pingCall = None
     _lastHeard = 0.0
+    _budgetLogged = None
 
     def __init__(self, clock, opens: bool,
                  accept: Optional[Callable[[MuxStream], None]] = None,
                  maxStreams: int = MAX_STREAMS,
-                 onClose: Optional[Callable[["MuxSession"], None]] = None) -> None:
+                 onClose: Optional[Callable[["MuxSession"], None]] = None,
+                 budget: int = SESSION_BUDGET,
+                 admit: Optional[Callable[[], bool]] = None) -> None:
         self.clock = clock
         self.opens = opens
         self.accept = accept
+        self.admit = admit
         self.maxStreams = maxStreams
         self.onClose = onClose
+        self.budget = budget
         self.streams: dict[int, MuxStream] = {}
+        self.reading: set[MuxStream] = set()
+        """Streams whose producer is running: over budget, they are few."""
         self._ready: OrderedDict[int, None] = OrderedDict()
         self._buffer = bytearray()
         self._nextId = 1
-        self._paused = False
         self._pingId = 0
+        self._heldByConnection: list[MuxStream] = []
 
     def start(self, transport) -> None:
         """Carry frames over C{transport}, which pushes back through L{pauseProducing}."""
@@ -284,10 +347,36 @@ class MuxSession:
             self._ready[stream.streamId] = None
         self._pump()
 
+    def queuedChanged(self, delta: int) -> None:
+        """A stream queued (or sent or dropped) C{delta} bytes toward the peer."""
+        self.queued += delta
+        if delta > 0 and not self.overBudget and self.queued >= self.budget:
+            self.overBudget = True
+            self._logOverBudget()
+            # Only running producers can add to the queues; a stream that
+            # has its own queue to send, or too little window, waits.
+            for stream in list(self.reading):
+                stream.syncProducer()
+        elif delta < 0 and self.overBudget and self.queued <= self.budget // 2:
+            self.overBudget = False
+            self._heldByConnection = []
+            for stream in list(self.streams.values()):
+                stream.syncProducer()
+
+    def _logOverBudget(self) -> None:
+        now = self.clock.seconds()
+        if self._budgetLogged is not None and now - self._budgetLogged < BUDGET_LOG_INTERVAL:
+            return
+        self._budgetLogged = now
+        log.info("the streams of a multiplexed connection to {peer} queued {queued} bytes the "
+                 "peer has not taken (budget {budget}); streams that cannot send stop reading "
+                 "until half of it has gone", peer=_peer(self.transport), queued=self.queued,
+                 budget=self.budget)
+
     def _pump(self) -> None:
         # Round robin: one chunk per ready stream per turn, until the
         # connection's buffer is full (we are paused) or nothing is ready.
-        while self._ready and not self._paused and not self.closed:
+        while self._ready and not self.paused and not self.closed:
             streamId, _ = self._ready.popitem(last=False)
             stream = self.streams.get(streamId)
             if stream is None:
@@ -297,14 +386,23 @@ class MuxSession:
                 self._ready[streamId] = None
 
     def pauseProducing(self) -> None:
-        self._paused = True
+        self.paused = True
+        if self.overBudget:
+            # What the few running streams read now could not go out.
+            running = list(self.reading)
+            for stream in running:
+                stream.syncProducer()
+            self._heldByConnection.extend(running)
 
     def resumeProducing(self) -> None:
-        self._paused = False
+        self.paused = False
         self._pump()
+        held, self._heldByConnection = self._heldByConnection, []
+        for stream in held:
+            stream.syncProducer()
 
     def stopProducing(self) -> None:
-        self._paused = True
+        self.paused = True
 
     # Streams
     def openStream(self) -> Optional[MuxStream]:
@@ -354,7 +452,7 @@ class MuxSession:
         if kind == PING:
             if streamId != 0:
                 raise MuxError("a ping on a stream")
-            if flags & SYN and not self._paused:
+            if flags & SYN and not self.paused:
                 # Not while the peer reads nothing of ours: a flood of pings
                 # must not pile answers up in our buffer.
                 self.sendFrame(PING, ACK, 0, length)
@@ -372,7 +470,8 @@ class MuxSession:
         if flags & SYN:
             if self.opens or stream is not None or streamId % 2 != 1:
                 raise MuxError(f"the peer cannot open stream {streamId}")
-            if len(self.streams) >= self.maxStreams or self.goneAway:
+            if (len(self.streams) >= self.maxStreams or self.goneAway
+                    or (self.admit is not None and not self.admit())):
                 self.sendFrame(WINDOW_UPDATE, RST, streamId, 0)
                 return
             stream = MuxStream(self, streamId)

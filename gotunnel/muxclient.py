@@ -7,6 +7,7 @@ local service.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional
 
 from twisted.internet.protocol import Factory, Protocol
@@ -21,6 +22,17 @@ from gotunnel.sameturn import twistedBuffered
 
 log = Logger()
 
+MAX_OPEN_STREAMS = 16384
+"""
+The streams a multiplexed connection holds at once; the server's further
+ones are reset.  Each is a connection to the local service: a server that
+opens streams without end (hostile or broken) must not take every
+descriptor of ours, nor flood the service.
+"""
+
+REFUSED_STREAMS_LOG_INTERVAL = 10.0
+"""Seconds between two lines about streams refused."""
+
 
 class MuxDataChannel(MessageReceiver):
     """
@@ -29,9 +41,19 @@ class MuxDataChannel(MessageReceiver):
     """
 
     session: Optional[MuxSession] = None
+    maxStreams = MAX_OPEN_STREAMS
+    refusedStreams = 0
+    """Streams the server opened that we reset: too many open, or being connected."""
+    _refusedUnlogged = 0
+    _refusedLogCall = None
+    _connectingWaiting = False
 
     def __init__(self, tunnel) -> None:
         self.tunnel = tunnel
+        self.connecting: set[MuxStream] = set()
+        """Streams whose connection to the local service is being made."""
+        self.waiting: deque[StreamEnd] = deque()
+        """Streams accepted whose connection waits for one of L{connecting} to be made."""
 
     def connectionMade(self) -> None:
         setNoDelay(self.transport)
@@ -51,7 +73,8 @@ class MuxDataChannel(MessageReceiver):
             self.transport.loseConnection()
             return
         self.switchToRaw()
-        self.session = MuxSession(self.tunnel.reactor, opens=False, accept=self._accept)
+        self.session = MuxSession(self.tunnel.reactor, opens=False, accept=self._accept,
+                                  admit=self._admit)
         self.session.start(self.transport)
         if self.tunnel.muxChannel is not self:
             # The control channel went while the server answered.
@@ -60,11 +83,72 @@ class MuxDataChannel(MessageReceiver):
     def rawDataReceived(self, data: bytes) -> None:
         self.session.dataReceived(data)
 
+    def _admit(self) -> bool:
+        """Whether the server may open one more stream: at most L{maxStreams} at once."""
+        if len(self.session.streams) >= self.maxStreams:
+            self._refused()
+            return False
+        return True
+
+    def _refused(self) -> None:
+        self.refusedStreams += 1
+        self._refusedUnlogged += 1
+        if self._refusedLogCall is None:
+            self._logRefused()
+
+    def _logRefused(self) -> None:
+        # One line at the first refusal, then at most one per interval: a
+        # flood of streams must not become a flood of lines.
+        count, self._refusedUnlogged = self._refusedUnlogged, 0
+        if not count or self.session is None or self.session.closed:
+            self._refusedLogCall = None
+            return
+        log.warn("reset {count} streams the server opened for {mapping} ({total} in all): "
+                 "{open} streams are open, the most a multiplexed connection takes",
+                 count=count, total=self.refusedStreams, mapping=str(self.tunnel.mapping),
+                 open=len(self.session.streams))
+        self._refusedLogCall = self.tunnel.reactor.callLater(
+            REFUSED_STREAMS_LOG_INTERVAL, self._logRefused)
+
     def _accept(self, stream: MuxStream) -> None:
         end = StreamEnd(stream)
         end.holdReading()
-        connecting = self.tunnel.localEndpoint.connect(_LocalFactory(self.tunnel, end))
-        connecting.addErrback(self._localUnreachable, stream)
+        if len(self.waiting) >= len(self.session.streams):
+            # Some wait no more (reset by the server meanwhile): a server
+            # that opens and resets streams without end must not grow this.
+            self.waiting = deque(e for e in self.waiting if not e.transport.closed)
+        self.waiting.append(end)
+        self._connectWaiting()
+
+    def _connectWaiting(self) -> None:
+        """
+        Connect waiting streams to the local service, at most
+        C{max_pending_data_channels} at once as for data channels: a burst
+        of users reaches the service in turn, and a server that opens
+        streams without end holds a bounded number of our connects.
+        """
+        if self._connectingWaiting:
+            # A connect that failed at once, inside the loop below.
+            return
+        self._connectingWaiting = True
+        try:
+            limit = self.tunnel.settings.max_pending_data_channels
+            while self.waiting and len(self.connecting) < limit:
+                end = self.waiting.popleft()
+                stream = end.transport
+                if stream.closed:
+                    continue
+                self.connecting.add(stream)
+                connecting = self.tunnel.localEndpoint.connect(_LocalFactory(self.tunnel, end))
+                connecting.addBoth(self._connected, stream)
+                connecting.addErrback(self._localUnreachable, stream)
+        finally:
+            self._connectingWaiting = False
+
+    def _connected(self, result, stream: MuxStream):
+        self.connecting.discard(stream)
+        self._connectWaiting()
+        return result
 
     def _localUnreachable(self, failure, stream: MuxStream) -> None:
         log.warn("local service {host}:{port} is unreachable ({why}); closing the user's "
@@ -89,6 +173,10 @@ class MuxDataChannel(MessageReceiver):
 
     def connectionLost(self, reason=None) -> None:
         self.tunnel.connections.discard(self)
+        if self._refusedLogCall is not None and self._refusedLogCall.active():
+            self._refusedLogCall.cancel()
+        self._refusedLogCall = None
+        self.waiting.clear()
         if self.session is not None:
             self.session.connectionLost()
         self.tunnel.muxLost(self)

@@ -47,10 +47,11 @@ class Producer:
 class Pair:
     """A server session and a client session, bytes moved by L{flow}."""
 
-    def __init__(self, clientMaxStreams: int = mux.MAX_STREAMS) -> None:
+    def __init__(self, clientMaxStreams: int = mux.MAX_STREAMS,
+                 serverBudget: int = mux.SESSION_BUDGET) -> None:
         self.clock = Clock()
         self.accepted: list[Recorder] = []
-        self.server = MuxSession(self.clock, opens=True)
+        self.server = MuxSession(self.clock, opens=True, budget=serverBudget)
         self.client = MuxSession(self.clock, opens=False, accept=self._accept,
                                  maxStreams=clientMaxStreams)
         self.serverWire = StringTransport()
@@ -202,6 +203,96 @@ class WindowTests(SynchronousTestCase):
             order.append(streamId)
             wire = wire[HEADER.size + (length if kind == mux.DATA else 0):]
         self.assertEqual(order, [a.stream.streamId, b.stream.streamId] * 3)
+
+
+class BudgetTests(SynchronousTestCase):
+    """The session's budget: what all its streams together keep queued toward the peer."""
+
+    BUDGET = 1024 * 1024
+    STALLED = 12
+    """Streams whose reader takes nothing: a window each would be 3 MiB."""
+
+    def _stall(self, pair: Pair) -> list[tuple[Recorder, Recorder, Producer]]:
+        stalled = []
+        for _ in range(self.STALLED):
+            near, far = pair.open()
+            far.stream.pauseProducing()
+            writer = Producer()
+            near.stream.registerProducer(writer, True)
+            stalled.append((near, far, writer))
+        return stalled
+
+    def _feed(self, pair: Pair, writers, rounds: int) -> int:
+        """Each running writer writes a read's worth a round; the most the server queued."""
+        most = 0
+        for _ in range(rounds):
+            for near, writer in writers:
+                if not writer.paused and not near.stream.closed:
+                    near.stream.write(b"s" * mux.READ_SIZE)
+                    most = max(most, pair.server.queued)
+            pair.flow()
+        return most
+
+    def test_stalledStreamsHoldNoMoreThanTheBudget(self) -> None:
+        """
+        Many streams whose readers take nothing hold the budget (and one
+        read past it) together, not a window each; a busy stream opened
+        beside them still moves all its bytes; once the stalled readers read
+        again, their writers go on.
+        """
+        pair = Pair(serverBudget=self.BUDGET)
+        stalled = self._stall(pair)
+        most = self._feed(pair, [(near, writer) for near, _, writer in stalled], rounds=10)
+        self.assertLessEqual(most, self.BUDGET + mux.READ_SIZE)
+        self.assertTrue(pair.server.overBudget)
+        self.assertTrue(all(writer.paused for _, _, writer in stalled))
+
+        busyNear, busyFar = pair.open()
+        busyWriter = Producer()
+        busyNear.stream.registerProducer(busyWriter, True)
+        self._feed(pair, [(busyNear, busyWriter)], rounds=64)
+        self.assertEqual(len(busyFar.data), 64 * mux.READ_SIZE)
+        self.assertFalse(busyWriter.paused)
+        self.assertLessEqual(pair.server.queued, self.BUDGET + mux.READ_SIZE)
+
+        for _, far, _ in stalled:
+            far.stream.resumeProducing()
+        pair.flow()
+        self.assertFalse(pair.server.overBudget)
+        self.assertFalse(any(writer.paused for _, _, writer in stalled))
+        self._feed(pair, [(near, writer) for near, _, writer in stalled], rounds=4)
+        sent = [len(far.data) for _, far, _ in stalled]
+        self.assertEqual(pair.server.queued, 0)
+        self.assertTrue(all(count > mux.WINDOW for count in sent), sent)
+
+    def test_blockedConnectionOverBudgetPausesTheRunningStreams(self) -> None:
+        """
+        Over budget, a connection that takes nothing more pauses the streams
+        still reading, whose bytes could not go out; they read again once it
+        takes bytes again.
+        """
+        pair = Pair(serverBudget=self.BUDGET)
+        stalled = self._stall(pair)
+        self._feed(pair, [(near, writer) for near, _, writer in stalled], rounds=10)
+        busyNear, busyFar = pair.open()
+        busyWriter = Producer()
+        busyNear.stream.registerProducer(busyWriter, True)
+        self.assertFalse(busyWriter.paused)
+        pair.server.pauseProducing()
+        self.assertTrue(busyWriter.paused)
+        pair.server.resumeProducing()
+        self.assertFalse(busyWriter.paused)
+        self.assertTrue(all(writer.paused for _, _, writer in stalled))
+
+    def test_closedStreamsGiveTheirQueueBack(self) -> None:
+        """A reset stream's queue leaves the session's count."""
+        pair = Pair(serverBudget=self.BUDGET)
+        stalled = self._stall(pair)
+        self._feed(pair, [(near, writer) for near, _, writer in stalled], rounds=10)
+        for near, _, _ in stalled:
+            near.stream.abortConnection()
+        self.assertEqual(pair.server.queued, 0)
+        self.assertFalse(pair.server.overBudget)
 
 
 class EndingTests(SynchronousTestCase):

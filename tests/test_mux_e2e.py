@@ -177,3 +177,33 @@ class FallbackTests(unittest.TestCase):
         self.assertEqual(messages.parse(b'{"type":"register","mux":1}').mux, 1)
         self.assertRaises(messages.ProtocolError, messages.parse,
                           b'{"type":"register","mux":2}')
+
+
+class ManyUsersTests(unittest.TestCase):
+    """Issue 21's many users through one tunnel, short (bench/manyusers.py has 10,000)."""
+
+    timeout = 120
+    USERS = 500
+
+    @defer.inlineCallbacks
+    def test_manyUsersAtOnceEachEchoing16KiB(self):
+        """
+        500 users open at once over one multiplexed connection, each echoing
+        16 KiB that carry its number: every one gets its own bytes back, and
+        the server holds a stream for each (one descriptor per user).
+        """
+        tunnel = Tunnel(self, zeroCopy=False, mux=True)
+        yield tunnel.startServer()
+        target = listenTarget(self)
+        _, public = yield tunnel.publish(target)
+        users = yield within(defer.gatherResults(
+            [connectUser(self, public) for _ in range(self.USERS)]), WAIT, "the users' connects")
+        block = randomBytes(16 * 1024)
+        payloads = [n.to_bytes(8, "big") + block[8:] for n in range(self.USERS)]
+        for user, payload in zip(users, payloads):
+            user.transport.write(payload)
+        got = yield within(defer.gatherResults(
+            [user.whenReceived(len(block)) for user in users]), WAIT, "every user's echo")
+        self.assertEqual(got, payloads)
+        self.assertEqual(len(tunnel.server.registry.tunnels[public].muxSession.streams),
+                         self.USERS)
