@@ -78,6 +78,11 @@ SWEEPS_PER_TIMEOUT = 4
 """How often, per idle timeout, idle peers and sessions are looked for."""
 
 
+def udpLabel(remote_port: int) -> str:
+    """How a UDP port's totals are labelled in the metrics and the admin API: C{udp:53}."""
+    return f"udp:{remote_port}"
+
+
 def enlargeBuffers(port, size: int) -> None:
     """Ask for C{size} bytes of kernel buffer on a UDP port's socket, each way."""
     handle = getattr(port, "socket", None)
@@ -316,6 +321,23 @@ class UdpTunnel(Tunnel):
     def __repr__(self) -> str:
         return f"<UdpTunnel {self.name!r} :{self.remote_port}>"
 
+    @staticmethod
+    def portKey(remote_port: int) -> object:
+        """
+        A port number's UDP port is not its TCP port: both are published at
+        once, by the same client or by two.
+        """
+        return ("udp", remote_port)
+
+    @property
+    def statsPort(self) -> str:
+        # Its own totals and metric labels, apart from TCP's on the same number.
+        return udpLabel(self.remote_port)
+
+    @property
+    def mappingName(self) -> str:
+        return f"public UDP port {self.remote_port}"
+
     def registerResp(self) -> messages.RegisterResp:
         """ok, confirming UDP, with the carrying channel's secret; no pool."""
         return messages.RegisterResp(status="ok", protocol="udp", conn_id=self.carrierId)
@@ -371,10 +393,6 @@ class UdpTunnel(Tunnel):
             self._retryCall = None
         self._stopping = self.publicPort().stop(self)
         return _whenFired(self._stopping)
-
-    def addPooled(self, channel) -> None:
-        raise RegistrationRefused(
-            f"port {self.remote_port} is a UDP mapping: it keeps no pooled data channels")
 
     def fromPeer(self, data: bytes, address) -> None:
         """A datagram from the public: on to the client, or dropped and counted."""
@@ -477,7 +495,7 @@ def attachCarrier(registry: TunnelRegistry, msg: messages.DataChannel,
         to its C{register}).
     """
     mine = registry._dataChannelOwner(msg, certificateName)
-    tunnel = registry.tunnels.get(msg.remote_port)
+    tunnel = registry.tunnels.get(UdpTunnel.portKey(msg.remote_port))
     if (not isinstance(tunnel, UdpTunnel) or not mine(tunnel)
             or not tokensMatch(msg.conn_id or "", tunnel.carrierId)):
         raise RegistrationRefused(f"no UDP mapping of port {msg.remote_port} to carry")

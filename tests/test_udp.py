@@ -179,7 +179,7 @@ class UDPReactor(MemoryReactorClock):
         return udpPort
 
 
-class ServerTests(unittest.TestCase):
+class ServerTestCase(unittest.TestCase):
     def setUp(self):
         self.reactor = UDPReactor()
         self.reactor.advance(1000)
@@ -207,6 +207,8 @@ class ServerTests(unittest.TestCase):
         [port] = self.reactor.udpPorts
         return port, carrier, carrierTransport
 
+
+class ServerTests(ServerTestCase):
     def test_registerConfirmsUDP(self):
         """
         register with protocol udp is answered ok with protocol udp (and no
@@ -261,7 +263,7 @@ class ServerTests(unittest.TestCase):
         port.protocol.datagramReceived(b"query-a", ("198.51.100.1", 5000))
         port.protocol.datagramReceived(b"query-b", ("192.0.2.7", 5000))
         self.assertEqual(carrierTransport.value(), udp.encodeFrame(1, b"query-b"))
-        tunnel = self.registry.tunnels[10053]
+        tunnel = self.registry.tunnels[("udp", 10053)]
         self.assertEqual((tunnel.refusals.total, tunnel.stats.refused),
                          (1, {"source_address": 1}))
 
@@ -280,7 +282,7 @@ class ServerTests(unittest.TestCase):
         makes room, and a reply to its old id is dropped.
         """
         port, carrier, carrierTransport = self.registered()
-        tunnel = self.registry.tunnels[10053]
+        tunnel = self.registry.tunnels[("udp", 10053)]
         for i in range(4):
             port.protocol.datagramReceived(b"x", ("198.51.100.1", 5000 + i))
         self.assertEqual(len(tunnel.peers), 3)
@@ -301,7 +303,7 @@ class ServerTests(unittest.TestCase):
         dropped and counted, and nothing more is written to it.
         """
         port, carrier, carrierTransport = self.registered()
-        tunnel = self.registry.tunnels[10053]
+        tunnel = self.registry.tunnels[("udp", 10053)]
         carrierTransport.producer.pauseProducing()
         for i in range(1000):
             port.protocol.datagramReceived(b"f" * 1000, ("198.51.100.1", 5000))
@@ -363,8 +365,7 @@ class ServerTests(unittest.TestCase):
         pooled, transport = self.connect()
         pooled.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
                                       protocol="", token=TOKEN, name="edge-1", pooled=True))
-        self.assertIn(b"port 10053 is a UDP mapping: it keeps no pooled data channels",
-                      transport.value())
+        self.assertIn(b"no mapping of port 10053 to pool for", transport.value())
         goData, transport = self.connect()
         goData.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
                                       protocol="", token=TOKEN, name="edge-1"))
@@ -422,6 +423,98 @@ class ServerTests(unittest.TestCase):
         self.assertTrue(port.stopped)
         self.assertTrue(carrierTransport.disconnecting)
         self.assertEqual(self.registry.tunnels, {})
+
+
+class PortNumberTests(ServerTestCase):
+    """A port number's UDP port and its TCP port are two ports, registered apart."""
+
+    def setUp(self):
+        super().setUp()
+        self.settings.port_lease = 30
+
+    def registerBoth(self, udpName: str = "edge-1", tcpName: str = "edge-2"):
+        udpControl, udpTransport = self.connect()
+        udpControl.dataReceived(register(name=udpName))
+        tcpControl, tcpTransport = self.connect()
+        tcpControl.dataReceived(register(protocol="tcp", name=tcpName))
+        return (udpControl, udpTransport), (tcpControl, tcpTransport)
+
+    def test_tcpAndUdpOfOneNumberByTwoClients(self):
+        """
+        One client publishes UDP 10053 and another TCP 10053 at once; each
+        port's channels find their own mapping, and closing one leaves the
+        other open.
+        """
+        (udpControl, udpTransport), (tcpControl, tcpTransport) = self.registerBoth()
+        self.assertEqual(udpTransport.value(), UDP_OK)
+        self.assertIn(b'"status":"ok"', tcpTransport.value())
+        self.assertEqual([p.port for p in self.reactor.udpPorts], [10053])
+        self.assertEqual([p[0] for p in self.reactor.tcpServers], [10053])
+        udpTunnel = self.registry.tunnels[("udp", 10053)]
+        tcpTunnel = self.registry.tunnels[10053]
+        self.assertEqual((udpTunnel.name, tcpTunnel.name), ("edge-1", "edge-2"))
+        carrier, carrierTransport = self.connect()
+        carrier.dataReceived(carrierHandshake())
+        self.assertEqual(carrierTransport.value(), OK)
+        pooled, pooledTransport = self.connect()
+        pooled.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
+                                      token=TOKEN, name="edge-2", pooled=True))
+        self.assertEqual(list(tcpTunnel.pool), [pooled])
+        tcpControl.connectionLost(None)
+        self.assertFalse(self.reactor.udpPorts[0].stopped)
+        self.assertIs(self.registry.tunnels[("udp", 10053)], udpTunnel)
+        self.assertNotIn(10053, self.registry.tunnels)
+
+    def test_tcpAndUdpOfOneNumberByOneClient(self):
+        """The same client publishes TCP 10053 and UDP 10053: two mappings."""
+        (_, udpTransport), (_, tcpTransport) = self.registerBoth("edge-1", "edge-1")
+        self.assertEqual(udpTransport.value(), UDP_OK)
+        self.assertIn(b'"status":"ok"', tcpTransport.value())
+        self.assertEqual(sorted(map(str, self.registry.tunnels)), ["('udp', 10053)", "10053"])
+
+    def test_mappingLimitCountsBoth(self):
+        """
+        max_mappings_per_client counts the TCP and the UDP port of a number
+        as two mappings; registering the same UDP port again replaces it.
+        """
+        self.settings.max_mappings_per_client = 1
+        (udpControl, udpTransport), (_, tcpTransport) = self.registerBoth("edge-1", "edge-1")
+        self.assertEqual(udpTransport.value(), UDP_OK)
+        self.assertIn(b"too many mappings for client 'edge-1'", tcpTransport.value())
+        again, againTransport = self.connect()
+        again.dataReceived(register(name="edge-1"))
+        self.assertEqual(againTransport.value(), UDP_OK)
+
+    def test_leasesApart(self):
+        """
+        A lease on UDP 10053 holds UDP 10053 only: another client may take
+        TCP 10053 meanwhile, not UDP 10053; and the other way round.
+        """
+        (udpControl, _), (tcpControl, _) = self.registerBoth("edge-1", "edge-2")
+        udpControl.connectionLost(None)
+        tcpControl.connectionLost(None)
+        self.assertEqual(sorted((lease.protocol, lease.name) for lease in self.registry.leases),
+                         [("tcp", "edge-2"), ("udp", "edge-1")])
+        (_, udpTransport), (_, tcpTransport) = self.registerBoth("edge-2", "edge-1")
+        self.assertIn(b"remote port 10053 is reserved for the client that had it",
+                      udpTransport.value())
+        self.assertIn(b"remote port 10053 is reserved for the client that had it",
+                      tcpTransport.value())
+        (_, udpTransport), (_, tcpTransport) = self.registerBoth("edge-1", "edge-2")
+        self.assertEqual(udpTransport.value(), UDP_OK)
+        self.assertIn(b'"status":"ok"', tcpTransport.value())
+        self.assertEqual(len(self.registry.leases), 0)
+
+    def test_tcpGroupLeavesUdpAlone(self):
+        """A TCP port served by a group does not stop a UDP mapping of its number."""
+        group, groupTransport = self.connect()
+        group.dataReceived(jsonFrame(type="register", local_port=53, remote_port=10053,
+                                     protocol="tcp", token=TOKEN, name="edge-2",
+                                     group="g", group_key="k"))
+        self.assertIn(b'"status":"ok"', groupTransport.value())
+        control, transport = self.connect()
+        control.dataReceived(register(name="edge-1"))
+        self.assertEqual(transport.value(), UDP_OK)
 
 
 class MappingTests(unittest.TestCase):
@@ -562,7 +655,7 @@ class UdpTunnelTests(UdpTunnelTestCase):
         peer = self.peer()
         answer = yield exchange(peer, public, b"\x12\x34example.com")
         self.assertEqual(answer, b"\x12\x34example.com=A:192.0.2.13")
-        tunnel = self.tunnel.server.registry.tunnels[public]
+        tunnel = self.tunnel.server.registry.tunnels[("udp", public)]
         self.assertIsInstance(tunnel, udp.UdpTunnel)
         self.assertEqual(len(responder.sources), 1)
 
@@ -606,7 +699,7 @@ class UdpTunnelTests(UdpTunnelTestCase):
                             f"the echo of datagram {i} of 65,507 bytes")
             self.assertEqual(peer.received[-1], payload)
         self.assertEqual(client.tunnels[0].counters.dropped, 0)
-        self.assertEqual(self.tunnel.server.registry.tunnels[public].counters.dropped, 0)
+        self.assertEqual(self.tunnel.server.registry.tunnels[("udp", public)].counters.dropped, 0)
 
     @defer.inlineCallbacks
     def test_floodDropsInsteadOfBuffering(self):
@@ -620,7 +713,7 @@ class UdpTunnelTests(UdpTunnelTestCase):
         client, public = yield self.publish(UdpEcho())
         peer = self.peer()
         yield exchange(peer, public, b"warm-up")
-        server = self.tunnel.server.registry.tunnels[public]
+        server = self.tunnel.server.registry.tunnels[("udp", public)]
         client.tunnels[0].carrierChannel.transport.pauseProducing()
         transport = server.carrierChannel.transport
         bound = transport.bufferSize + udp.HEADER.size + udp.MAX_DATAGRAM
@@ -817,7 +910,7 @@ class UdpOverTLSTests(UdpTunnelTestCase):
             yield waitUntil(lambda: len(peer.received) > count, 10, f"{size} bytes over TLS")
             self.assertEqual(peer.received[-1], payload)
         self.assertTrue(ISSLTransport.providedBy(client.tunnels[0].carrierChannel.transport))
-        server = self.tunnel.server.registry.tunnels[public]
+        server = self.tunnel.server.registry.tunnels[("udp", public)]
         self.assertTrue(ISSLTransport.providedBy(server.carrierChannel.transport))
 
 

@@ -124,7 +124,7 @@ class Snapshot:
         """
         leased = []
         for lease in self.registry.leases:
-            stats = self.registry.stats.ports.get((lease.remote_port, lease.name))
+            stats = self.registry.stats.ports.get((lease.statsPort, lease.name))
             # Users spliced before the client went go on, counted live.
             users, liveIn, liveOut = self.live.get(id(stats), (0, 0, 0))
             leased.append({
