@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 from twisted.application.internet import TimerService
@@ -32,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gotunnel import messages
-from gotunnel.accounting import REFUSED_SOURCE
+from gotunnel.accounting import REFUSED_SOURCE, DatagramCounters
 from gotunnel.client import POOL_REFILL_DELAY, TunnelService
 from gotunnel.control import MessageReceiver
 from gotunnel.portpolicy import permitted
@@ -138,26 +137,6 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
-
-
-@dataclass
-class DatagramCounters:
-    """What one UDP mapping's end forwarded and dropped, by reason."""
-
-    forwarded: int = 0
-    dropped_backed_up: int = 0
-    """The carrying channel was over its bound, or not up."""
-    dropped_sessions: int = 0
-    """A new peer beyond the cap on sessions (or, on the client, no socket for it)."""
-    dropped_unknown: int = 0
-    """For a peer id no longer known (expired), or the socket would not send."""
-
-    @property
-    def dropped(self) -> int:
-        return self.dropped_backed_up + self.dropped_sessions + self.dropped_unknown
-
-    def snapshot(self) -> dict[str, int]:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
 @implementer(IPushProducer)
@@ -309,8 +288,11 @@ class UdpTunnel(Tunnel):
         self.peers: dict[tuple, Peer] = {}
         self.byId: dict[int, Peer] = {}
         self.nextPeerId = 1
-        self.counters = DatagramCounters()
-        self._reported: dict[str, int] = {}
+        # The port's totals: they go on over registrations, as its users' do.
+        if self.stats.datagrams is None:
+            self.stats.datagrams = DatagramCounters()
+        self.counters = self.stats.datagrams
+        self._reported = self.counters.snapshot()
         self.carrierId = registry.newConnectionId()
         """Only the client that registered knows it: no other holder of the
         shared token can take this mapping's datagrams."""
@@ -417,7 +399,7 @@ class UdpTunnel(Tunnel):
         if carrier is None or not carrier.send(peer.peer_id, data):
             self.counters.dropped_backed_up += 1
             return
-        self.counters.forwarded += 1
+        self.counters.forwarded_in += 1
 
     def fromClient(self, peer_id: int, payload: bytes) -> None:
         """A datagram from the client's local service, back to its peer."""
@@ -432,7 +414,7 @@ class UdpTunnel(Tunnel):
         except (OSError, error.MessageLengthError):
             self.counters.dropped_unknown += 1
             return
-        self.counters.forwarded += 1
+        self.counters.forwarded_out += 1
 
     def attachCarrier(self, channel) -> None:
         """
@@ -715,7 +697,7 @@ class UdpTunnelService(TunnelService):
             self.sessions[peer_id] = session
         session.lastSeen = now
         if session.send(payload):
-            self.counters.forwarded += 1
+            self.counters.forwarded_in += 1
         else:
             self.counters.dropped_unknown += 1
 
@@ -727,7 +709,7 @@ class UdpTunnelService(TunnelService):
         if carrier is None or not carrier.send(session.peer_id, data):
             self.counters.dropped_backed_up += 1
             return
-        self.counters.forwarded += 1
+        self.counters.forwarded_out += 1
 
     def sweep(self) -> None:
         """End sessions idle for the timeout; log what was dropped since the last sweep."""

@@ -517,6 +517,128 @@ class PortNumberTests(ServerTestCase):
         self.assertEqual(transport.value(), UDP_OK)
 
 
+class UdpAccountingTests(ServerTestCase):
+    """
+    A UDP port's datagrams, drops and sessions in /metrics and the admin
+    API's port listing, apart from the TCP port of its number.
+    """
+
+    ADMIN_TOKEN = "udp-admin-Token-0x53"
+
+    def setUp(self):
+        super().setUp()
+        from gotunnel.admin.api import AdminAPI
+        from gotunnel.admin.auth import AdminAuth
+        from gotunnel.admin.metrics import MetricsPage
+
+        auth = AdminAuth(self.ADMIN_TOKEN, "", "", self.reactor)
+        self.api = AdminAPI(self.registry, auth)
+        self.metrics = MetricsPage(self.registry, auth)
+
+    def call(self, path: str, method: bytes = b"GET"):
+        from tests.test_admin_api import request
+
+        req = request(path, method, self.ADMIN_TOKEN)
+        resource = self.metrics if path == "/metrics" else self.api
+        result = resource.render(req)
+        if isinstance(result, bytes):
+            req.write(result)
+            req.finish()
+        self.assertTrue(req.finished)
+        return req.responseCode or 200, b"".join(req.written).decode()
+
+    def scrape(self) -> dict:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        code, body = self.call("/metrics")
+        self.assertEqual(code, 200)
+        return {(sample.name, frozenset(sample.labels.items())): sample.value
+                for family in text_string_to_metric_families(body)
+                for sample in family.samples}
+
+    def traffic(self):
+        """Two peers, one reply, one of each drop; and a TCP mapping of the same number."""
+        port, carrier, carrierTransport = self.registered()
+        tcp, tcpTransport = self.connect()
+        tcp.dataReceived(register(protocol="tcp", name="edge-2"))
+        port.protocol.datagramReceived(b"q1", ("198.51.100.1", 5000))
+        port.protocol.datagramReceived(b"q2", ("198.51.100.2", 5000))
+        port.protocol.datagramReceived(b"q3", ("198.51.100.2", 5000))
+        carrier.dataReceived(udp.encodeFrame(1, b"a1") + udp.encodeFrame(9, b"lost"))
+        for i in range(3):
+            port.protocol.datagramReceived(b"new", ("198.51.100.3", 6000 + i))
+        carrierTransport.producer.pauseProducing()
+        port.protocol.datagramReceived(b"q4", ("198.51.100.1", 5000))
+        return port, carrier
+
+    def test_metrics(self):
+        """
+        gotunnel_udp_datagrams_total by direction, gotunnel_udp_dropped_total
+        by reason and gotunnel_udp_sessions, labelled remote_port="udp:10053";
+        the TCP port of that number has none of them.
+        """
+        self.traffic()
+        samples = self.scrape()
+        port = {("remote_port", "udp:10053"), ("client", "edge-1")}
+
+        def value(name, **labels):
+            return samples[(name, frozenset(labels.items()) | frozenset(port))]
+
+        self.assertEqual(value("gotunnel_udp_datagrams_total", direction="in"), 4)
+        self.assertEqual(value("gotunnel_udp_datagrams_total", direction="out"), 1)
+        self.assertEqual(value("gotunnel_udp_dropped_total", reason="backed_up"), 1)
+        self.assertEqual(value("gotunnel_udp_dropped_total", reason="sessions"), 2)
+        self.assertEqual(value("gotunnel_udp_dropped_total", reason="unknown_peer"), 1)
+        self.assertEqual(value("gotunnel_udp_sessions"), 3)
+        udpSeries = {dict(labels)["remote_port"] for name, labels in samples
+                     if name.startswith("gotunnel_udp_")}
+        self.assertEqual(udpSeries, {"udp:10053"})
+        self.assertEqual(samples[("gotunnel_connections_opened_total", frozenset(
+            {("remote_port", "10053"), ("client", "edge-2")}))], 0)
+        self.reactor.advance(61)
+        self.assertEqual(self.scrape()[("gotunnel_udp_sessions", frozenset(port))], 0)
+
+    def test_countersOutliveARegistration(self):
+        """The same client registering its UDP port again keeps counting from where it was."""
+        self.traffic()
+        again, transport = self.connect()
+        again.dataReceived(register())
+        self.assertEqual(transport.value(), UDP_OK)
+        key = ("gotunnel_udp_datagrams_total", frozenset(
+            {("remote_port", "udp:10053"), ("client", "edge-1"), ("direction", "in")}))
+        self.assertEqual(self.scrape()[key], 4)
+
+    def test_portListing(self):
+        """
+        /api/ports lists the UDP port with protocol "udp", its sessions,
+        datagrams and drops, next to the TCP port of its number; a leased
+        UDP port keeps its counts; udp:10053 names it in the actions.
+        """
+        self.settings.port_lease = 30
+        self.traffic()
+        code, body = self.call("/api/ports")
+        self.assertEqual(code, 200)
+        ports = json.loads(body)["ports"]
+        self.assertEqual([(p["remote_port"], p.get("protocol"), p["client"]) for p in ports],
+                         [(10053, "udp", "edge-1"), (10053, None, "edge-2")])
+        self.assertEqual(ports[0]["udp"], {
+            "sessions": 3, "datagrams_in": 4, "datagrams_out": 1,
+            "dropped": {"backed_up": 1, "sessions": 2, "unknown_peer": 1}})
+        self.assertNotIn("udp", ports[1])
+        [udpClient] = [c for c in json.loads(self.call("/api/clients")[1])["clients"]
+                       if c["name"] == "edge-1"]
+        self.assertEqual(udpClient["mappings"],
+                         [{"remote_port": 10053, "local_port": 53, "protocol": "udp"}])
+        self.assertEqual(self.call("/api/ports/udp:10053/offline", b"POST")[0], 200)
+        self.assertTrue(self.reactor.udpPorts[0].stopped)
+        self.assertEqual(len(self.reactor.tcpServers), 1)
+        self.registry.tunnels[("udp", 10053)].channel.connectionLost(None)
+        [leased] = [p for p in json.loads(self.call("/api/ports")[1])["ports"]
+                    if p["state"] == "leased"]
+        self.assertEqual((leased["protocol"], leased["udp"]["datagrams_in"],
+                          leased["udp"]["sessions"]), ("udp", 4, 0))
+
+
 class MappingTests(unittest.TestCase):
     def test_parseUdp(self):
         """--map udp:HOST:LOCAL:REMOTE is a UDP mapping; without udp: it is TCP."""
