@@ -94,6 +94,27 @@ def enlargeBuffers(port, size: int) -> None:
             pass
 
 
+def readInBatches(port, batch) -> None:
+    """
+    Call C{batch.batchStarted()} before and C{batch.batchEnded()} after each
+    of C{port}'s reads: Twisted reads a UDP socket until it is empty (up to
+    256 KiB), so that is one burst of datagrams, written on in one send
+    (L{Carrier.cork}).  A port without C{doRead} (a test's) is read as it is.
+    """
+    doRead = getattr(port, "doRead", None)
+    if doRead is None:
+        return
+
+    def doReadBatch():
+        batch.batchStarted()
+        try:
+            return doRead()
+        finally:
+            batch.batchEnded()
+
+    port.doRead = doReadBatch
+
+
 def encodeFrame(peer_id: int, payload: bytes) -> bytes:
     """One frame of the carrying channel."""
     return HEADER.pack(len(payload), peer_id) + payload
@@ -148,11 +169,11 @@ class Carrier:
     """
 
     paused = False
-    flushCall = None
+    corked: Optional[list[bytes]] = None
+    """The frames of the batch being read (see L{cork}), or None between batches."""
 
-    def __init__(self, transport, deliver: Callable[[int, bytes], None], clock) -> None:
+    def __init__(self, transport, deliver: Callable[[int, bytes], None]) -> None:
         self.transport = transport
-        self.clock = clock
         self.decoder = FrameDecoder(deliver)
         # Under TLS the buffer that fills is the TCP transport's, below.
         self.tcp = None
@@ -167,32 +188,42 @@ class Carrier:
         """Write one datagram's frame; False (nothing written) while backed up."""
         if self.paused:
             return False
-        if self.flushCall is None and self.tcp is self.transport:
-            # Plain TCP: the first frame of this turn goes to the kernel at
-            # once, so a lone datagram (a query, a ping) waits for nothing.
-            writeThrough(self.transport, HEADER.pack(len(payload), peer_id) + payload)
+        frame = HEADER.pack(len(payload), peer_id) + payload
+        if self.corked is not None:
+            self.corked.append(frame)
         else:
-            self.transport.writeSequence((HEADER.pack(len(payload), peer_id), payload))
-        if self.flushCall is None and self.tcp is not None:
-            self.flushCall = self.clock.callLater(0, self.flush)
+            self._write(frame)
         return True
 
-    def flush(self) -> None:
+    def cork(self) -> None:
         """
-        Hand the frames written in this turn after its first to the kernel
-        now, in one send, rather than at the reactor's next turn (see
-        L{gotunnel.sameturn}).
+        Hold the frames sent from now until L{uncork}, to write them in one
+        send: a UDP socket's datagrams are read in batches (L{readInBatches}),
+        and a burst in one send costs a fraction of a send each.  A batch is
+        bounded by what Twisted reads in one go (256 KiB).
         """
-        self.flushCall = None
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        """Write the frames held since L{cork}, in one send."""
+        frames, self.corked = self.corked, None
+        if frames:
+            self._write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _write(self, data: bytes) -> None:
+        # To the kernel now, not at the reactor's next turn (a lone datagram,
+        # a query or a ping, waits for nothing; see gotunnel.sameturn).
+        writeThrough(self.transport, data)
         connection = self.tcp
-        if (connection is not None and connection.connected and not connection.disconnecting
+        if (connection is not None and connection is not self.transport
+                and connection.connected and not connection.disconnecting
                 and twistedBuffered(connection)):
+            # TLS: its records wait in the TCP transport below.
             connection.doWrite()
 
     def stop(self) -> None:
-        if self.flushCall is not None and self.flushCall.active():
-            self.flushCall.cancel()
-        self.flushCall = None
+        self.corked = None
 
     def feed(self, data: bytes) -> Optional[str]:
         return self.decoder.feed(data)
@@ -254,6 +285,7 @@ class PublicUDPEndpoint:
         except error.CannotListenError:
             return defer.fail()
         enlargeBuffers(listener, PUBLIC_SOCKET_BUFFER)
+        readInBatches(listener, protocol)
         return defer.succeed(listener)
 
 
@@ -267,6 +299,16 @@ class PublicDatagrams(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr) -> None:
         self.tunnel.fromPeer(data, addr)
+
+    def batchStarted(self) -> None:
+        carrier = self.tunnel.carrier
+        if carrier is not None:
+            carrier.cork()
+
+    def batchEnded(self) -> None:
+        carrier = self.tunnel.carrier
+        if carrier is not None:
+            carrier.uncork()
 
 
 class UdpTunnel(Tunnel):
@@ -410,8 +452,12 @@ class UdpTunnel(Tunnel):
             return
         peer.lastSeen = self.registry.clock.seconds()
         try:
-            listener.write(payload, peer.address)
-        except (OSError, error.MessageLengthError):
+            # The port's socket itself: the address came from recvfrom, so
+            # Twisted's checks of it (three parses a datagram) are not needed.
+            listener.socket.sendto(payload, peer.address)
+        except OSError:
+            # Too large for the path, or the kernel's buffer is full: lost,
+            # as UDP may lose it.
             self.counters.dropped_unknown += 1
             return
         self.counters.forwarded_out += 1
@@ -423,7 +469,7 @@ class UdpTunnel(Tunnel):
         """
         previous, previousCarrier = self.carrierChannel, self.carrier
         self.carrierChannel = channel
-        self.carrier = Carrier(channel.transport, self.fromClient, self.registry.clock)
+        self.carrier = Carrier(channel.transport, self.fromClient)
         if previous is not None:
             previousCarrier.stop()
             previous.transport.loseConnection()
@@ -504,6 +550,16 @@ class Session(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr) -> None:
         self.tunnel.fromLocal(self, data)
 
+    def batchStarted(self) -> None:
+        carrier = self.tunnel.carrier()
+        if carrier is not None:
+            carrier.cork()
+
+    def batchEnded(self) -> None:
+        carrier = self.tunnel.carrier()
+        if carrier is not None:
+            carrier.uncork()
+
     def connectionRefused(self) -> None:
         # The local service is not listening (ICMP port unreachable): the
         # datagram is lost, as it would be without the tunnel.
@@ -544,7 +600,7 @@ class CarrierChannel(MessageReceiver):
             self.transport.loseConnection()
             return
         self.switchToRaw()
-        self.carrier = Carrier(self.transport, self.tunnel.fromServer, self.tunnel.reactor)
+        self.carrier = Carrier(self.transport, self.tunnel.fromServer)
 
     def rawDataReceived(self, data: bytes) -> None:
         why = self.carrier.feed(data)
@@ -689,6 +745,7 @@ class UdpTunnelService(TunnelService):
                                                  else "", maxPacketSize=READ_SIZE)
                 udpPort.connect(host, port)
                 enlargeBuffers(udpPort, SESSION_SOCKET_BUFFER)
+                readInBatches(udpPort, session)
             except (OSError, error.CannotListenError) as e:
                 log.warn("cannot open a UDP socket for {mapping}: {why}",
                          mapping=str(self.mapping), why=str(e))
@@ -701,11 +758,15 @@ class UdpTunnelService(TunnelService):
         else:
             self.counters.dropped_unknown += 1
 
+    def carrier(self) -> Optional[Carrier]:
+        """The carrying channel's frames, while it is up."""
+        channel = self.carrierChannel
+        return channel.carrier if channel is not None else None
+
     def fromLocal(self, session: Session, data: bytes) -> None:
         """The local service's reply to a session: back to its peer."""
         session.lastSeen = self.reactor.seconds()
-        channel = self.carrierChannel
-        carrier = channel.carrier if channel is not None else None
+        carrier = self.carrier()
         if carrier is None or not carrier.send(session.peer_id, data):
             self.counters.dropped_backed_up += 1
             return

@@ -116,7 +116,7 @@ class CarrierTests(unittest.TestCase):
         bound), send writes nothing and says so.
         """
         transport = StringTransport()
-        carrier = udp.Carrier(transport, lambda *a: None, MemoryReactorClock())
+        carrier = udp.Carrier(transport, lambda *a: None)
         self.assertIs(transport.producer, carrier)
         self.assertTrue(transport.streaming)
         self.assertTrue(carrier.send(1, b"a"))
@@ -142,10 +142,17 @@ class FakeUDPPort:
         self.written: list[tuple[bytes, object]] = []
         self.connected = None
         self.stopped = False
+        self.socket = self
         protocol.makeConnection(self)
 
     def write(self, data: bytes, addr=None) -> None:
         self.written.append((data, addr or self.connected))
+
+    def sendto(self, data: bytes, addr) -> None:
+        self.written.append((data, addr))
+
+    def setsockopt(self, *args) -> None:
+        pass
 
     def connect(self, host: str, port: int) -> None:
         self.connected = (host, port)
@@ -1108,15 +1115,11 @@ class CarrierBufferTests(unittest.TestCase):
         class TLSLike(StringTransport):
             transport = tcpTransport
 
-        udp.Carrier(TLSLike(), lambda *a: None, MemoryReactorClock())
+        udp.Carrier(TLSLike(), lambda *a: None)
         self.assertEqual(tcpTransport.bufferSize, udp.CARRIER_BUFFER)
 
-    def test_oneSendPerTurn(self):
-        """
-        The first frame of a turn goes to the kernel at once, the others
-        together at the end of the turn, not at the next turn: with the
-        reactor's own writes held back, they still arrive.
-        """
+    def carrierOnSocket(self):
+        """A carrier on a real TCP connection (one end of a socket pair), and the other end."""
         import socket
 
         from twisted.internet import tcp as tcpModule
@@ -1134,18 +1137,94 @@ class CarrierBufferTests(unittest.TestCase):
                 pass
 
         left.setblocking(False)
+        right.setblocking(False)
         connection = Connection(left, None, reactor=clock)
         connection.connected = True
-        carrier = udp.Carrier(connection, lambda *a: None, clock)
-        right.settimeout(1)
+        return udp.Carrier(connection, lambda *a: None), right, clock
+
+    def test_loneFrameAtOnce(self):
+        """
+        A frame sent outside a batch goes to the kernel at once, with no
+        timed call left behind for the reactor to run.
+        """
+        carrier, right, clock = self.carrierOnSocket()
         carrier.send(1, b"one")
         self.assertEqual(right.recv(100), udp.encodeFrame(1, b"one"))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_oneSendPerBatch(self):
+        """
+        The frames of one batch of reads go to the kernel together when the
+        batch ends, in one send: none before, all of them then.
+        """
+        carrier, right, clock = self.carrierOnSocket()
+        carrier.cork()
         carrier.send(2, b"two")
         carrier.send(3, b"three")
-        self.assertEqual(len(clock.getDelayedCalls()), 1)
-        clock.advance(0)
+        self.assertRaises(BlockingIOError, right.recv, 100)
+        carrier.uncork()
         self.assertEqual(right.recv(100), udp.encodeFrame(2, b"two")
                          + udp.encodeFrame(3, b"three"))
+        carrier.uncork()
+        self.assertRaises(BlockingIOError, right.recv, 100)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_readsInBatches(self):
+        """
+        readInBatches brackets each of a port's reads (however many
+        datagrams it delivers) with batchStarted and batchEnded, even one
+        that fails.
+        """
+        events = []
+
+        class Port:
+            def doRead(self):
+                events.append("read")
+                if len(events) > 3:
+                    raise OSError("broken")
+
+        class Batch:
+            def batchStarted(self):
+                events.append("started")
+
+            def batchEnded(self):
+                events.append("ended")
+
+        port = Port()
+        udp.readInBatches(port, Batch())
+        port.doRead()
+        self.assertRaises(OSError, port.doRead)
+        self.assertEqual(events, ["started", "read", "ended", "started", "read", "ended"])
+
+    def test_publicPortBatchesToOneSend(self):
+        """
+        A burst read from the server's public port in one read is written
+        to the carrying channel in one write.
+        """
+        writes = []
+
+        class Transport(StringTransport):
+            def write(self, data):
+                writes.append(data)
+                super().write(data)
+
+        class Tunnel:
+            carrier = udp.Carrier(Transport(), lambda *a: None)
+
+            def fromPeer(self, data, addr):
+                self.carrier.send(1, data)
+
+        protocol = udp.PublicDatagrams(Tunnel())
+
+        class Port:
+            def doRead(self):
+                for i in range(3):
+                    protocol.datagramReceived(b"d%d" % i, ("198.51.100.1", 5000))
+
+        port = Port()
+        udp.readInBatches(port, protocol)
+        port.doRead()
+        self.assertEqual(writes, [b"".join(udp.encodeFrame(1, b"d%d" % i) for i in range(3))])
 
 
 def ipv6Loopback() -> bool:
