@@ -28,6 +28,7 @@ starts is in its own process group and is stopped by that id at the end.
 
     .venv/bin/python bench/udpbench.py
     .venv/bin/python bench/udpbench.py --repeat 5 --seconds 2 --sizes 64,1400
+    .venv/bin/python bench/udpbench.py --workloads rtt --repeat 5
 """
 
 from __future__ import annotations
@@ -315,10 +316,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--start-rate", type=float, default=25000)
     parser.add_argument("--step-seconds", type=float, default=0.3)
     parser.add_argument("--profiles", default=",".join(PROFILES))
+    parser.add_argument("--workloads", default="pps,rtt",
+                        help="pps (max, sustained, at-socat), rtt, or both")
     parser.add_argument("--server-args", default="")
     parser.add_argument("--client-args", default="")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    workloads = args.workloads.split(",")
+    sizes = [int(s) for s in args.sizes.split(",")] if "pps" in workloads else []
     profiles = args.profiles.split(",")
 
     targetPort, controlPort = freePort(), freePort()
@@ -345,7 +349,7 @@ def main(argv: list[str]) -> int:
                 for name in profiles:
                     pps, loss, _ = send(relays[name], size, args.seconds, socatRate, controlPort)
                     results.setdefault(("paced", size, name), []).append((socatRate, loss))
-            for name in profiles:
+            for name in profiles if "rtt" in workloads else ():
                 results.setdefault(("rtt", name), []).append(
                     roundTrips(relays[name], args.rtt_count))
             print(f"repeat {repeat + 1} of {args.repeat} done", file=sys.stderr)
@@ -377,10 +381,13 @@ def main(argv: list[str]) -> int:
             rows.append([str(size), name, f"{pps:,.0f}", f"{loss * 100:.1f}%",
                          ratio(pps, socatPps), f"{cpu:.1f}" if name != "direct" else "-",
                          f"{held:,.0f}", ratio(held, socatHeld), pacedText])
-    table(f"UDP packets per second: sender unpaced for {args.seconds:g} s; sustained with "
-          f"<= 1% loss (median of {args.repeat})",
-          ["bytes", "profile", "unpaced/s", "loss", "x socat", "relay CPU us/pkt",
-           "sustained/s", "x socat", "loss at socat's sustained rate"], rows)
+    if rows:
+        table(f"UDP packets per second: sender unpaced for {args.seconds:g} s; sustained with "
+              f"<= 1% loss (median of {args.repeat})",
+              ["bytes", "profile", "unpaced/s", "loss", "x socat", "relay CPU us/pkt",
+               "sustained/s", "x socat", "loss at socat's sustained rate"], rows)
+    if "rtt" not in workloads:
+        return 0
     rows = []
     socatRtt = median(r[0] for r in results.get(("rtt", "socat"), [(float("nan"),)]))
     for name in profiles:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import OrderedDict
+from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 from twisted.internet import error
@@ -126,6 +127,37 @@ class Histogram:
         self.count += other.count
 
 
+@dataclass
+class DatagramCounters:
+    """What one UDP mapping's end forwarded and dropped, by reason (see L{gotunnel.udp})."""
+
+    forwarded_in: int = 0
+    """From remote peers towards the local service."""
+    forwarded_out: int = 0
+    """From the local service back to its peers."""
+    dropped_backed_up: int = 0
+    """The carrying channel was over its bound, or not up."""
+    dropped_sessions: int = 0
+    """A new peer beyond the cap on sessions (or, on the client, no socket for it)."""
+    dropped_unknown: int = 0
+    """For a peer id no longer known (expired), or the socket would not send."""
+
+    @property
+    def forwarded(self) -> int:
+        return self.forwarded_in + self.forwarded_out
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_backed_up + self.dropped_sessions + self.dropped_unknown
+
+    def snapshot(self) -> dict[str, int]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    def add(self, other: "DatagramCounters") -> None:
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
 class PortStats:
     """
     Totals of one public port as published by one client name, over every
@@ -142,6 +174,8 @@ class PortStats:
         self.bytesIn = 0
         self.bytesOut = 0
         self.setup = Histogram()
+        self.datagrams: Optional[DatagramCounters] = None
+        """A UDP port's datagrams (None for a TCP port)."""
         self.holders = 0
         """Tunnels and live users counting on these totals now (not folded while any do)."""
 
@@ -154,6 +188,10 @@ class PortStats:
         self.bytesIn += other.bytesIn
         self.bytesOut += other.bytesOut
         self.setup.add(other.setup)
+        if other.datagrams is not None:
+            if self.datagrams is None:
+                self.datagrams = DatagramCounters()
+            self.datagrams.add(other.datagrams)
 
 
 class ServerStats:
@@ -208,7 +246,8 @@ class ServerStats:
         return False
 
     def allPortStats(self) -> list[PortStats]:
-        return list(self.ports.values()) + ([self.other] if self.other.opened else [])
+        folded = self.other.opened or self.other.datagrams is not None
+        return list(self.ports.values()) + ([self.other] if folded else [])
 
     def userOpened(self, user) -> None:
         """C{user} connected to a public port."""

@@ -425,11 +425,15 @@ class ConfigFile:
                        f"client.remote_port {remotePort} and the ports after it; "
                        f"{mappings[-1].remote_port} is above 65535")
         mappings += values.pop("tunnels", [])
-        # 0 (the server chooses) may be asked for more than once; a virtual host has no port.
-        remotePorts = [m.remote_port for m in mappings if m.remote_port and not m.vhost]
-        for port in remotePorts:
-            if remotePorts.count(port) > 1:
-                self._fail(f"remote port {port} is published twice "
+        # 0 (the server chooses) may be asked for more than once; a virtual host has no port;
+        # a port number's UDP port is another port than its TCP one.
+        remotePorts = [(m.protocol, m.remote_port) for m in mappings
+                       if m.remote_port and not m.vhost]
+        for key in remotePorts:
+            if remotePorts.count(key) > 1:
+                protocol, port = key
+                what = "UDP remote port" if protocol == "udp" else "remote port"
+                self._fail(f"{what} {port} is published twice "
                            f"(client.local_ports, client.remote_port, client.tunnels)")
         if mappings:
             values["mappings"] = mappings

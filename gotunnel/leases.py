@@ -24,22 +24,31 @@ log = Logger()
 class PortLease:
     """One public port held for the client name that had it, until C{expiry}."""
 
-    def __init__(self, name: str, remote_port: int, expiry: IDelayedCall) -> None:
+    def __init__(self, name: str, remote_port: int, expiry: IDelayedCall,
+                 protocol: str = "tcp") -> None:
         self.name = name
         self.remote_port = remote_port
         self.expiry = expiry
+        self.protocol = protocol
+        """"tcp", or "udp": a port number's UDP port is leased apart from its TCP port."""
+
+    @property
+    def statsPort(self) -> object:
+        """What the port's totals are kept under (see L{gotunnel.accounting.ServerStats})."""
+        return self.remote_port if self.protocol == "tcp" else f"{self.protocol}:{self.remote_port}"
 
 
 class PortLeases:
     """
-    The leases of one server, at most one per port, ending on C{clock}.
+    The leases of one server, at most one per port and protocol, ending on
+    C{clock}.
     A lease is for a name: the same name can only be registered with the
     same token (or certificate) as before, see L{TunnelRegistry.authenticate}.
     """
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        self._leases: dict[int, PortLease] = {}
+        self._leases: dict[tuple[str, int], PortLease] = {}
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -47,14 +56,15 @@ class PortLeases:
     def __iter__(self) -> Iterator[PortLease]:
         return iter(list(self._leases.values()))
 
-    def get(self, remote_port: int) -> Optional[PortLease]:
-        return self._leases.get(remote_port)
+    def get(self, remote_port: int, protocol: str = "tcp") -> Optional[PortLease]:
+        return self._leases.get((protocol, remote_port))
 
     def remaining(self, lease: PortLease) -> float:
         """Seconds until C{lease} ends."""
         return max(lease.expiry.getTime() - self.clock.seconds(), 0.0)
 
-    def start(self, name: str, remote_port: int, duration: float) -> None:
+    def start(self, name: str, remote_port: int, duration: float,
+              protocol: str = "tcp") -> None:
         """
         Hold C{remote_port} for C{name} for C{duration} seconds; nothing if
         that is 0.  The port's own L{gotunnel.publicport.PublicPort} orders the closing of the
@@ -62,20 +72,23 @@ class PortLeases:
         """
         if duration <= 0:
             return
-        self.end(remote_port)
-        expiry = self.clock.callLater(duration, self._expired, remote_port)
-        self._leases[remote_port] = PortLease(name, remote_port, expiry)
+        self.end(remote_port, protocol)
+        key = (protocol, remote_port)
+        expiry = self.clock.callLater(duration, self._expired, key)
+        self._leases[key] = PortLease(name, remote_port, expiry, protocol)
         log.info("public port {remote_port} reserved for {name} for {seconds:g} s",
-                 remote_port=remote_port, name=printable(name), seconds=duration)
+                 remote_port=remote_port, name=printable(name), seconds=duration,
+                 protocol=protocol)
 
-    def _expired(self, remote_port: int) -> None:
-        lease = self._leases.pop(remote_port)
+    def _expired(self, key: tuple[str, int]) -> None:
+        lease = self._leases.pop(key)
         log.info("lease of public port {remote_port} for {name} expired; the port is free",
-                 remote_port=remote_port, name=printable(lease.name))
+                 remote_port=lease.remote_port, name=printable(lease.name),
+                 protocol=lease.protocol)
 
-    def end(self, remote_port: int) -> None:
-        """End the lease of C{remote_port}, if any."""
-        lease = self._leases.pop(remote_port, None)
+    def end(self, remote_port: int, protocol: str = "tcp") -> None:
+        """End the lease of C{remote_port} (of C{protocol}), if any."""
+        lease = self._leases.pop((protocol, remote_port), None)
         if lease is not None and lease.expiry.active():
             lease.expiry.cancel()
 
@@ -85,5 +98,5 @@ class PortLeases:
 
     def clear(self) -> None:
         """End every lease (the server is stopping)."""
-        for remote_port in list(self._leases):
-            self.end(remote_port)
+        for protocol, remote_port in list(self._leases):
+            self.end(remote_port, protocol)

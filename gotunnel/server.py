@@ -309,7 +309,15 @@ class Tunnel:
     @property
     def key(self) -> object:
         """What the registry knows this mapping by: its port (see L{gotunnel.vhost})."""
-        return self.remote_port
+        return self.portKey(self.remote_port)
+
+    @staticmethod
+    def portKey(remote_port: int) -> object:
+        """
+        What the registry knows a mapping of this kind on C{remote_port} by:
+        the number for TCP (see L{gotunnel.udp.UdpTunnel.portKey}).
+        """
+        return remote_port
 
     @property
     def mappingName(self) -> str:
@@ -334,7 +342,8 @@ class Tunnel:
         client for C{settings.port_lease} seconds.
         """
         self.close()
-        self.registry.leases.start(self.name, self.remote_port, self.registry.settings.port_lease)
+        self.registry.leases.start(self.name, self.remote_port, self.registry.settings.port_lease,
+                                   self.protocol or "tcp")
 
     def registerResp(self) -> messages.RegisterResp:
         """The answer to the C{register} that made this mapping."""
@@ -804,17 +813,18 @@ class TunnelRegistry:
             raise RegistrationRefused("authentication failed")
         return name
 
-    def checkLimits(self, name: str, remote_port: int) -> None:
+    def checkLimits(self, name: str, remote_port: int, protocol: Optional[str] = None) -> None:
         """
         Refuse a port outside what C{name} may publish, or one mapping too
-        many for C{name}.
+        many for C{name}.  C{protocol}: None for TCP, "udp" (a mapping of
+        the same port number and protocol is replaced, not added).
         """
         if remote_port:
             # 0: the server chooses one that name may publish.
             self.checkPort(name, remote_port)
         limit = self.mappingLimit(name)
-        held = sum(1 for tunnel in self.allTunnels()
-                   if tunnel.name == name and tunnel.remote_port != remote_port)
+        held = sum(1 for tunnel in self.allTunnels() if tunnel.name == name
+                   and (tunnel.remote_port, tunnel.protocol) != (remote_port, protocol))
         if held >= limit:
             raise RegistrationRefused(
                 f"too many mappings for client {name!r}: it may hold {limit} at once")
@@ -904,7 +914,8 @@ class TunnelRegistry:
                 raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
             if not 0 <= msg.remote_port <= 65535:
                 raise RegistrationRefused(f"remote port {msg.remote_port} is not from 0 to 65535")
-            self.checkLimits(msg.name, msg.remote_port)
+            protocol = tunnelType.protocol
+            self.checkLimits(msg.name, msg.remote_port, protocol)
             sources = self.sourcePolicies(msg.name, msg)
             if msg.remote_port == 0:
                 if tunnelType is not Tunnel:
@@ -913,16 +924,19 @@ class TunnelRegistry:
                 return self._registerAnyPort(channel, msg, sources)
             if msg.group and tunnelType is not Tunnel:
                 raise RegistrationRefused("groups are for TCP mappings, not UDP")
-            self._takeLease(msg.name, msg.remote_port)
+            self._takeLease(msg.name, msg.remote_port, protocol)
         except RegistrationRefused as e:
             return defer.fail(e)
-        try:
-            joined = self._joinGroup(channel, msg, sources)
-        except RegistrationRefused as e:
-            return defer.fail(e)
-        if joined is not None:
-            return joined
-        previous = self.tunnels.get(msg.remote_port)
+        if tunnelType is Tunnel:
+            # Groups are of TCP ports: UDP on the same number is another port.
+            try:
+                joined = self._joinGroup(channel, msg, sources)
+            except RegistrationRefused as e:
+                return defer.fail(e)
+            if joined is not None:
+                return joined
+        key = tunnelType.portKey(msg.remote_port)
+        previous = self.tunnels.get(key)
         if previous is not None:
             if previous.name != msg.name:
                 return defer.fail(RegistrationRefused(
@@ -939,7 +953,7 @@ class TunnelRegistry:
             group = Group(msg.remote_port, msg.group, msg.group_key or "")
             group.add(tunnel)
             self.groups[msg.remote_port] = group
-        self.tunnels[msg.remote_port] = tunnel
+        self.tunnels[key] = tunnel
 
         def listening(listens: bool) -> Tunnel:
             if not listens:
@@ -1040,7 +1054,7 @@ class TunnelRegistry:
         endpoint = self.publicEndpoint(0)
         return endpoint.listen(factory).addCallbacks(listening, refused)
 
-    def _takeLease(self, name: str, remote_port: int) -> None:
+    def _takeLease(self, name: str, remote_port: int, protocol: Optional[str] = None) -> None:
         """
         End the lease on C{remote_port} if C{name} holds it: C{name} is
         back.  Also ends C{name}'s oldest leases on other ports past what
@@ -1048,21 +1062,22 @@ class TunnelRegistry:
 
         @raise RegistrationRefused: another name holds the lease.
         """
-        lease = self.leases.get(remote_port)
+        leased = protocol or "tcp"
+        lease = self.leases.get(remote_port, leased)
         if lease is not None and lease.name != name:
             raise RegistrationRefused(
                 f"remote port {remote_port} is reserved for the client that had it, "
                 f"for {self.leases.remaining(lease):.0f} s more")
-        held = sum(1 for tunnel in self.tunnels.values()
-                   if tunnel.name == name and tunnel.remote_port != remote_port)
+        held = sum(1 for tunnel in self.tunnels.values() if tunnel.name == name
+                   and (tunnel.remote_port, tunnel.protocol) != (remote_port, protocol))
         others = [other for other in self.leases.heldBy(name) if other is not lease]
         for other in others[:max(held + len(others) + 1 - self.mappingLimit(name), 0)]:
-            self.leases.end(other.remote_port)
+            self.leases.end(other.remote_port, other.protocol)
             log.info("lease of public port {remote_port} for {name} ended: {name} "
                      "registered another port", remote_port=other.remote_port,
                      name=printable(name))
         if lease is not None:
-            self.leases.end(remote_port)
+            self.leases.end(remote_port, leased)
             log.info("client {name} is back: public port {remote_port} is its again",
                      name=printable(name), remote_port=remote_port)
 

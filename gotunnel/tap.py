@@ -671,8 +671,10 @@ class ClientOptions(_SettingsOptions):
             raise usage.UsageError(
                 "nothing to publish: give --map [LOCALHOST:]LOCALPORT:REMOTEPORT "
                 "or --http DOMAIN=[LOCALHOST:]LOCALPORT")
-        # 0 (the server chooses) may be asked for more than once; a virtual host has no port.
-        remotePorts = [m.remote_port for m in values["mappings"] if m.remote_port and not m.vhost]
+        # 0 (the server chooses) may be asked for more than once; a virtual host has no port;
+        # UDP 53 and TCP 53 are two ports.
+        remotePorts = [(m.protocol, m.remote_port) for m in values["mappings"]
+                       if m.remote_port and not m.vhost]
         if len(set(remotePorts)) != len(remotePorts):
             raise usage.UsageError("two --map options name the same remote port")
         if not values.get("name"):

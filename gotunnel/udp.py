@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 from twisted.application.internet import TimerService
@@ -32,7 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gotunnel import messages
-from gotunnel.accounting import REFUSED_SOURCE
+from gotunnel.accounting import REFUSED_SOURCE, DatagramCounters
 from gotunnel.client import POOL_REFILL_DELAY, TunnelService
 from gotunnel.control import MessageReceiver
 from gotunnel.portpolicy import permitted
@@ -78,6 +77,11 @@ SWEEPS_PER_TIMEOUT = 4
 """How often, per idle timeout, idle peers and sessions are looked for."""
 
 
+def udpLabel(remote_port: int) -> str:
+    """How a UDP port's totals are labelled in the metrics and the admin API: C{udp:53}."""
+    return f"udp:{remote_port}"
+
+
 def enlargeBuffers(port, size: int) -> None:
     """Ask for C{size} bytes of kernel buffer on a UDP port's socket, each way."""
     handle = getattr(port, "socket", None)
@@ -88,6 +92,27 @@ def enlargeBuffers(port, size: int) -> None:
             handle.setsockopt(socket.SOL_SOCKET, option, size)
         except OSError:
             pass
+
+
+def readInBatches(port, batch) -> None:
+    """
+    Call C{batch.batchStarted()} before and C{batch.batchEnded()} after each
+    of C{port}'s reads: Twisted reads a UDP socket until it is empty (up to
+    256 KiB), so that is one burst of datagrams, written on in one send
+    (L{Carrier.cork}).  A port without C{doRead} (a test's) is read as it is.
+    """
+    doRead = getattr(port, "doRead", None)
+    if doRead is None:
+        return
+
+    def doReadBatch():
+        batch.batchStarted()
+        try:
+            return doRead()
+        finally:
+            batch.batchEnded()
+
+    port.doRead = doReadBatch
 
 
 def encodeFrame(peer_id: int, payload: bytes) -> bytes:
@@ -135,26 +160,6 @@ class FrameDecoder:
         return len(self._buffer)
 
 
-@dataclass
-class DatagramCounters:
-    """What one UDP mapping's end forwarded and dropped, by reason."""
-
-    forwarded: int = 0
-    dropped_backed_up: int = 0
-    """The carrying channel was over its bound, or not up."""
-    dropped_sessions: int = 0
-    """A new peer beyond the cap on sessions (or, on the client, no socket for it)."""
-    dropped_unknown: int = 0
-    """For a peer id no longer known (expired), or the socket would not send."""
-
-    @property
-    def dropped(self) -> int:
-        return self.dropped_backed_up + self.dropped_sessions + self.dropped_unknown
-
-    def snapshot(self) -> dict[str, int]:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
-
-
 @implementer(IPushProducer)
 class Carrier:
     """
@@ -164,11 +169,11 @@ class Carrier:
     """
 
     paused = False
-    flushCall = None
+    corked: Optional[list[bytes]] = None
+    """The frames of the batch being read (see L{cork}), or None between batches."""
 
-    def __init__(self, transport, deliver: Callable[[int, bytes], None], clock) -> None:
+    def __init__(self, transport, deliver: Callable[[int, bytes], None]) -> None:
         self.transport = transport
-        self.clock = clock
         self.decoder = FrameDecoder(deliver)
         # Under TLS the buffer that fills is the TCP transport's, below.
         self.tcp = None
@@ -183,32 +188,42 @@ class Carrier:
         """Write one datagram's frame; False (nothing written) while backed up."""
         if self.paused:
             return False
-        if self.flushCall is None and self.tcp is self.transport:
-            # Plain TCP: the first frame of this turn goes to the kernel at
-            # once, so a lone datagram (a query, a ping) waits for nothing.
-            writeThrough(self.transport, HEADER.pack(len(payload), peer_id) + payload)
+        frame = HEADER.pack(len(payload), peer_id) + payload
+        if self.corked is not None:
+            self.corked.append(frame)
         else:
-            self.transport.writeSequence((HEADER.pack(len(payload), peer_id), payload))
-        if self.flushCall is None and self.tcp is not None:
-            self.flushCall = self.clock.callLater(0, self.flush)
+            self._write(frame)
         return True
 
-    def flush(self) -> None:
+    def cork(self) -> None:
         """
-        Hand the frames written in this turn after its first to the kernel
-        now, in one send, rather than at the reactor's next turn (see
-        L{gotunnel.sameturn}).
+        Hold the frames sent from now until L{uncork}, to write them in one
+        send: a UDP socket's datagrams are read in batches (L{readInBatches}),
+        and a burst in one send costs a fraction of a send each.  A batch is
+        bounded by what Twisted reads in one go (256 KiB).
         """
-        self.flushCall = None
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        """Write the frames held since L{cork}, in one send."""
+        frames, self.corked = self.corked, None
+        if frames:
+            self._write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _write(self, data: bytes) -> None:
+        # To the kernel now, not at the reactor's next turn (a lone datagram,
+        # a query or a ping, waits for nothing; see gotunnel.sameturn).
+        writeThrough(self.transport, data)
         connection = self.tcp
-        if (connection is not None and connection.connected and not connection.disconnecting
+        if (connection is not None and connection is not self.transport
+                and connection.connected and not connection.disconnecting
                 and twistedBuffered(connection)):
+            # TLS: its records wait in the TCP transport below.
             connection.doWrite()
 
     def stop(self) -> None:
-        if self.flushCall is not None and self.flushCall.active():
-            self.flushCall.cancel()
-        self.flushCall = None
+        self.corked = None
 
     def feed(self, data: bytes) -> Optional[str]:
         return self.decoder.feed(data)
@@ -270,6 +285,7 @@ class PublicUDPEndpoint:
         except error.CannotListenError:
             return defer.fail()
         enlargeBuffers(listener, PUBLIC_SOCKET_BUFFER)
+        readInBatches(listener, protocol)
         return defer.succeed(listener)
 
 
@@ -283,6 +299,16 @@ class PublicDatagrams(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr) -> None:
         self.tunnel.fromPeer(data, addr)
+
+    def batchStarted(self) -> None:
+        carrier = self.tunnel.carrier
+        if carrier is not None:
+            carrier.cork()
+
+    def batchEnded(self) -> None:
+        carrier = self.tunnel.carrier
+        if carrier is not None:
+            carrier.uncork()
 
 
 class UdpTunnel(Tunnel):
@@ -304,8 +330,11 @@ class UdpTunnel(Tunnel):
         self.peers: dict[tuple, Peer] = {}
         self.byId: dict[int, Peer] = {}
         self.nextPeerId = 1
-        self.counters = DatagramCounters()
-        self._reported: dict[str, int] = {}
+        # The port's totals: they go on over registrations, as its users' do.
+        if self.stats.datagrams is None:
+            self.stats.datagrams = DatagramCounters()
+        self.counters = self.stats.datagrams
+        self._reported = self.counters.snapshot()
         self.carrierId = registry.newConnectionId()
         """Only the client that registered knows it: no other holder of the
         shared token can take this mapping's datagrams."""
@@ -315,6 +344,23 @@ class UdpTunnel(Tunnel):
 
     def __repr__(self) -> str:
         return f"<UdpTunnel {self.name!r} :{self.remote_port}>"
+
+    @staticmethod
+    def portKey(remote_port: int) -> object:
+        """
+        A port number's UDP port is not its TCP port: both are published at
+        once, by the same client or by two.
+        """
+        return ("udp", remote_port)
+
+    @property
+    def statsPort(self) -> str:
+        # Its own totals and metric labels, apart from TCP's on the same number.
+        return udpLabel(self.remote_port)
+
+    @property
+    def mappingName(self) -> str:
+        return f"public UDP port {self.remote_port}"
 
     def registerResp(self) -> messages.RegisterResp:
         """ok, confirming UDP, with the carrying channel's secret; no pool."""
@@ -372,10 +418,6 @@ class UdpTunnel(Tunnel):
         self._stopping = self.publicPort().stop(self)
         return _whenFired(self._stopping)
 
-    def addPooled(self, channel) -> None:
-        raise RegistrationRefused(
-            f"port {self.remote_port} is a UDP mapping: it keeps no pooled data channels")
-
     def fromPeer(self, data: bytes, address) -> None:
         """A datagram from the public: on to the client, or dropped and counted."""
         peer = self.peers.get(address)
@@ -399,7 +441,7 @@ class UdpTunnel(Tunnel):
         if carrier is None or not carrier.send(peer.peer_id, data):
             self.counters.dropped_backed_up += 1
             return
-        self.counters.forwarded += 1
+        self.counters.forwarded_in += 1
 
     def fromClient(self, peer_id: int, payload: bytes) -> None:
         """A datagram from the client's local service, back to its peer."""
@@ -410,11 +452,15 @@ class UdpTunnel(Tunnel):
             return
         peer.lastSeen = self.registry.clock.seconds()
         try:
-            listener.write(payload, peer.address)
-        except (OSError, error.MessageLengthError):
+            # The port's socket itself: the address came from recvfrom, so
+            # Twisted's checks of it (three parses a datagram) are not needed.
+            listener.socket.sendto(payload, peer.address)
+        except OSError:
+            # Too large for the path, or the kernel's buffer is full: lost,
+            # as UDP may lose it.
             self.counters.dropped_unknown += 1
             return
-        self.counters.forwarded += 1
+        self.counters.forwarded_out += 1
 
     def attachCarrier(self, channel) -> None:
         """
@@ -423,7 +469,7 @@ class UdpTunnel(Tunnel):
         """
         previous, previousCarrier = self.carrierChannel, self.carrier
         self.carrierChannel = channel
-        self.carrier = Carrier(channel.transport, self.fromClient, self.registry.clock)
+        self.carrier = Carrier(channel.transport, self.fromClient)
         if previous is not None:
             previousCarrier.stop()
             previous.transport.loseConnection()
@@ -477,7 +523,7 @@ def attachCarrier(registry: TunnelRegistry, msg: messages.DataChannel,
         to its C{register}).
     """
     mine = registry._dataChannelOwner(msg, certificateName)
-    tunnel = registry.tunnels.get(msg.remote_port)
+    tunnel = registry.tunnels.get(UdpTunnel.portKey(msg.remote_port))
     if (not isinstance(tunnel, UdpTunnel) or not mine(tunnel)
             or not tokensMatch(msg.conn_id or "", tunnel.carrierId)):
         raise RegistrationRefused(f"no UDP mapping of port {msg.remote_port} to carry")
@@ -503,6 +549,16 @@ class Session(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr) -> None:
         self.tunnel.fromLocal(self, data)
+
+    def batchStarted(self) -> None:
+        carrier = self.tunnel.carrier()
+        if carrier is not None:
+            carrier.cork()
+
+    def batchEnded(self) -> None:
+        carrier = self.tunnel.carrier()
+        if carrier is not None:
+            carrier.uncork()
 
     def connectionRefused(self) -> None:
         # The local service is not listening (ICMP port unreachable): the
@@ -544,7 +600,7 @@ class CarrierChannel(MessageReceiver):
             self.transport.loseConnection()
             return
         self.switchToRaw()
-        self.carrier = Carrier(self.transport, self.tunnel.fromServer, self.tunnel.reactor)
+        self.carrier = Carrier(self.transport, self.tunnel.fromServer)
 
     def rawDataReceived(self, data: bytes) -> None:
         why = self.carrier.feed(data)
@@ -689,6 +745,7 @@ class UdpTunnelService(TunnelService):
                                                  else "", maxPacketSize=READ_SIZE)
                 udpPort.connect(host, port)
                 enlargeBuffers(udpPort, SESSION_SOCKET_BUFFER)
+                readInBatches(udpPort, session)
             except (OSError, error.CannotListenError) as e:
                 log.warn("cannot open a UDP socket for {mapping}: {why}",
                          mapping=str(self.mapping), why=str(e))
@@ -697,19 +754,23 @@ class UdpTunnelService(TunnelService):
             self.sessions[peer_id] = session
         session.lastSeen = now
         if session.send(payload):
-            self.counters.forwarded += 1
+            self.counters.forwarded_in += 1
         else:
             self.counters.dropped_unknown += 1
+
+    def carrier(self) -> Optional[Carrier]:
+        """The carrying channel's frames, while it is up."""
+        channel = self.carrierChannel
+        return channel.carrier if channel is not None else None
 
     def fromLocal(self, session: Session, data: bytes) -> None:
         """The local service's reply to a session: back to its peer."""
         session.lastSeen = self.reactor.seconds()
-        channel = self.carrierChannel
-        carrier = channel.carrier if channel is not None else None
+        carrier = self.carrier()
         if carrier is None or not carrier.send(session.peer_id, data):
             self.counters.dropped_backed_up += 1
             return
-        self.counters.forwarded += 1
+        self.counters.forwarded_out += 1
 
     def sweep(self) -> None:
         """End sessions idle for the timeout; log what was dropped since the last sweep."""

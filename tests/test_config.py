@@ -459,6 +459,30 @@ class BadConfigTests(ConfigTestCase):
             "client", "client:\n  token: t\n  local_ports: [1, 2]\n  remote_port: 65535\n",
             "client.local_ports", "65536 is above 65535")
 
+    def test_tcpAndUdpOfOneRemotePort(self):
+        """TCP 10053 and UDP 10053 are two ports: a client may publish both."""
+        path = self.write("client:\n  token: t\n  tunnels:\n"
+                          "    - {local_port: 53, remote_port: 10053, protocol: udp}\n"
+                          "    - {local_port: 53, remote_port: 10053}\n")
+        options = ClientOptions()
+        options.parseOptions(["--config", path])
+        self.assertEqual([(m.protocol, m.remote_port) for m in options.settings().mappings],
+                         [("udp", 10053), ("tcp", 10053)])
+        options = ClientOptions()
+        options.parseOptions(["--token", "t", "--map", "udp:53:10053", "--map", "53:10053"])
+        self.assertEqual(len(options.settings().mappings), 2)
+
+    def test_udpRemotePortTwice(self):
+        self.assertConfigError(
+            "client", "client:\n  token: t\n  tunnels:\n"
+            "    - {local_port: 53, remote_port: 10053, protocol: udp}\n"
+            "    - {local_port: 54, remote_port: 10053, protocol: udp}\n",
+            "UDP remote port 10053 is published twice")
+        with self.assertRaises(usage.UsageError) as caught:
+            ClientOptions().parseOptions(["--token", "t", "--map", "udp:53:10053",
+                                          "--map", "udp:54:10053"])
+        self.assertIn("same remote port", str(caught.exception))
+
     def test_remotePortTwice(self):
         self.assertConfigError(
             "client", "client:\n  token: t\n  local_ports: [22]\n"

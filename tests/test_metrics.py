@@ -157,6 +157,12 @@ class DocumentedTests(MetricsTestCase):
         user.protocol.connectionLost(Failure(error.ConnectionDone()))
         self.connectUser()
         self.reactor.advance(self.settings.data_channel_timeout)
+        # And a UDP mapping, for its own series.
+        from tests.test_udp import FakeUDPPort
+
+        self.reactor.listenUDP = (lambda port, protocol, interface="", maxPacketSize=0:
+                                  FakeUDPPort(port, protocol, interface))
+        self.connect().send(register(remote_port=10053, protocol="udp"))
         served = {re.sub(r"_(bucket|sum|count)$", "", name) for name, _ in self.scrape()}
         self.assertEqual(documented, served)
 

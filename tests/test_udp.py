@@ -116,7 +116,7 @@ class CarrierTests(unittest.TestCase):
         bound), send writes nothing and says so.
         """
         transport = StringTransport()
-        carrier = udp.Carrier(transport, lambda *a: None, MemoryReactorClock())
+        carrier = udp.Carrier(transport, lambda *a: None)
         self.assertIs(transport.producer, carrier)
         self.assertTrue(transport.streaming)
         self.assertTrue(carrier.send(1, b"a"))
@@ -142,10 +142,17 @@ class FakeUDPPort:
         self.written: list[tuple[bytes, object]] = []
         self.connected = None
         self.stopped = False
+        self.socket = self
         protocol.makeConnection(self)
 
     def write(self, data: bytes, addr=None) -> None:
         self.written.append((data, addr or self.connected))
+
+    def sendto(self, data: bytes, addr) -> None:
+        self.written.append((data, addr))
+
+    def setsockopt(self, *args) -> None:
+        pass
 
     def connect(self, host: str, port: int) -> None:
         self.connected = (host, port)
@@ -179,7 +186,7 @@ class UDPReactor(MemoryReactorClock):
         return udpPort
 
 
-class ServerTests(unittest.TestCase):
+class ServerTestCase(unittest.TestCase):
     def setUp(self):
         self.reactor = UDPReactor()
         self.reactor.advance(1000)
@@ -207,6 +214,8 @@ class ServerTests(unittest.TestCase):
         [port] = self.reactor.udpPorts
         return port, carrier, carrierTransport
 
+
+class ServerTests(ServerTestCase):
     def test_registerConfirmsUDP(self):
         """
         register with protocol udp is answered ok with protocol udp (and no
@@ -261,7 +270,7 @@ class ServerTests(unittest.TestCase):
         port.protocol.datagramReceived(b"query-a", ("198.51.100.1", 5000))
         port.protocol.datagramReceived(b"query-b", ("192.0.2.7", 5000))
         self.assertEqual(carrierTransport.value(), udp.encodeFrame(1, b"query-b"))
-        tunnel = self.registry.tunnels[10053]
+        tunnel = self.registry.tunnels[("udp", 10053)]
         self.assertEqual((tunnel.refusals.total, tunnel.stats.refused),
                          (1, {"source_address": 1}))
 
@@ -280,7 +289,7 @@ class ServerTests(unittest.TestCase):
         makes room, and a reply to its old id is dropped.
         """
         port, carrier, carrierTransport = self.registered()
-        tunnel = self.registry.tunnels[10053]
+        tunnel = self.registry.tunnels[("udp", 10053)]
         for i in range(4):
             port.protocol.datagramReceived(b"x", ("198.51.100.1", 5000 + i))
         self.assertEqual(len(tunnel.peers), 3)
@@ -301,7 +310,7 @@ class ServerTests(unittest.TestCase):
         dropped and counted, and nothing more is written to it.
         """
         port, carrier, carrierTransport = self.registered()
-        tunnel = self.registry.tunnels[10053]
+        tunnel = self.registry.tunnels[("udp", 10053)]
         carrierTransport.producer.pauseProducing()
         for i in range(1000):
             port.protocol.datagramReceived(b"f" * 1000, ("198.51.100.1", 5000))
@@ -363,8 +372,7 @@ class ServerTests(unittest.TestCase):
         pooled, transport = self.connect()
         pooled.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
                                       protocol="", token=TOKEN, name="edge-1", pooled=True))
-        self.assertIn(b"port 10053 is a UDP mapping: it keeps no pooled data channels",
-                      transport.value())
+        self.assertIn(b"no mapping of port 10053 to pool for", transport.value())
         goData, transport = self.connect()
         goData.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
                                       protocol="", token=TOKEN, name="edge-1"))
@@ -422,6 +430,220 @@ class ServerTests(unittest.TestCase):
         self.assertTrue(port.stopped)
         self.assertTrue(carrierTransport.disconnecting)
         self.assertEqual(self.registry.tunnels, {})
+
+
+class PortNumberTests(ServerTestCase):
+    """A port number's UDP port and its TCP port are two ports, registered apart."""
+
+    def setUp(self):
+        super().setUp()
+        self.settings.port_lease = 30
+
+    def registerBoth(self, udpName: str = "edge-1", tcpName: str = "edge-2"):
+        udpControl, udpTransport = self.connect()
+        udpControl.dataReceived(register(name=udpName))
+        tcpControl, tcpTransport = self.connect()
+        tcpControl.dataReceived(register(protocol="tcp", name=tcpName))
+        return (udpControl, udpTransport), (tcpControl, tcpTransport)
+
+    def test_tcpAndUdpOfOneNumberByTwoClients(self):
+        """
+        One client publishes UDP 10053 and another TCP 10053 at once; each
+        port's channels find their own mapping, and closing one leaves the
+        other open.
+        """
+        (udpControl, udpTransport), (tcpControl, tcpTransport) = self.registerBoth()
+        self.assertEqual(udpTransport.value(), UDP_OK)
+        self.assertIn(b'"status":"ok"', tcpTransport.value())
+        self.assertEqual([p.port for p in self.reactor.udpPorts], [10053])
+        self.assertEqual([p[0] for p in self.reactor.tcpServers], [10053])
+        udpTunnel = self.registry.tunnels[("udp", 10053)]
+        tcpTunnel = self.registry.tunnels[10053]
+        self.assertEqual((udpTunnel.name, tcpTunnel.name), ("edge-1", "edge-2"))
+        carrier, carrierTransport = self.connect()
+        carrier.dataReceived(carrierHandshake())
+        self.assertEqual(carrierTransport.value(), OK)
+        pooled, pooledTransport = self.connect()
+        pooled.dataReceived(jsonFrame(type="data_channel", local_port=53, remote_port=10053,
+                                      token=TOKEN, name="edge-2", pooled=True))
+        self.assertEqual(list(tcpTunnel.pool), [pooled])
+        tcpControl.connectionLost(None)
+        self.assertFalse(self.reactor.udpPorts[0].stopped)
+        self.assertIs(self.registry.tunnels[("udp", 10053)], udpTunnel)
+        self.assertNotIn(10053, self.registry.tunnels)
+
+    def test_tcpAndUdpOfOneNumberByOneClient(self):
+        """The same client publishes TCP 10053 and UDP 10053: two mappings."""
+        (_, udpTransport), (_, tcpTransport) = self.registerBoth("edge-1", "edge-1")
+        self.assertEqual(udpTransport.value(), UDP_OK)
+        self.assertIn(b'"status":"ok"', tcpTransport.value())
+        self.assertEqual(sorted(map(str, self.registry.tunnels)), ["('udp', 10053)", "10053"])
+
+    def test_mappingLimitCountsBoth(self):
+        """
+        max_mappings_per_client counts the TCP and the UDP port of a number
+        as two mappings; registering the same UDP port again replaces it.
+        """
+        self.settings.max_mappings_per_client = 1
+        (udpControl, udpTransport), (_, tcpTransport) = self.registerBoth("edge-1", "edge-1")
+        self.assertEqual(udpTransport.value(), UDP_OK)
+        self.assertIn(b"too many mappings for client 'edge-1'", tcpTransport.value())
+        again, againTransport = self.connect()
+        again.dataReceived(register(name="edge-1"))
+        self.assertEqual(againTransport.value(), UDP_OK)
+
+    def test_leasesApart(self):
+        """
+        A lease on UDP 10053 holds UDP 10053 only: another client may take
+        TCP 10053 meanwhile, not UDP 10053; and the other way round.
+        """
+        (udpControl, _), (tcpControl, _) = self.registerBoth("edge-1", "edge-2")
+        udpControl.connectionLost(None)
+        tcpControl.connectionLost(None)
+        self.assertEqual(sorted((lease.protocol, lease.name) for lease in self.registry.leases),
+                         [("tcp", "edge-2"), ("udp", "edge-1")])
+        (_, udpTransport), (_, tcpTransport) = self.registerBoth("edge-2", "edge-1")
+        self.assertIn(b"remote port 10053 is reserved for the client that had it",
+                      udpTransport.value())
+        self.assertIn(b"remote port 10053 is reserved for the client that had it",
+                      tcpTransport.value())
+        (_, udpTransport), (_, tcpTransport) = self.registerBoth("edge-1", "edge-2")
+        self.assertEqual(udpTransport.value(), UDP_OK)
+        self.assertIn(b'"status":"ok"', tcpTransport.value())
+        self.assertEqual(len(self.registry.leases), 0)
+
+    def test_tcpGroupLeavesUdpAlone(self):
+        """A TCP port served by a group does not stop a UDP mapping of its number."""
+        group, groupTransport = self.connect()
+        group.dataReceived(jsonFrame(type="register", local_port=53, remote_port=10053,
+                                     protocol="tcp", token=TOKEN, name="edge-2",
+                                     group="g", group_key="k"))
+        self.assertIn(b'"status":"ok"', groupTransport.value())
+        control, transport = self.connect()
+        control.dataReceived(register(name="edge-1"))
+        self.assertEqual(transport.value(), UDP_OK)
+
+
+class UdpAccountingTests(ServerTestCase):
+    """
+    A UDP port's datagrams, drops and sessions in /metrics and the admin
+    API's port listing, apart from the TCP port of its number.
+    """
+
+    ADMIN_TOKEN = "udp-admin-Token-0x53"
+
+    def setUp(self):
+        super().setUp()
+        from gotunnel.admin.api import AdminAPI
+        from gotunnel.admin.auth import AdminAuth
+        from gotunnel.admin.metrics import MetricsPage
+
+        auth = AdminAuth(self.ADMIN_TOKEN, "", "", self.reactor)
+        self.api = AdminAPI(self.registry, auth)
+        self.metrics = MetricsPage(self.registry, auth)
+
+    def call(self, path: str, method: bytes = b"GET"):
+        from tests.test_admin_api import request
+
+        req = request(path, method, self.ADMIN_TOKEN)
+        resource = self.metrics if path == "/metrics" else self.api
+        result = resource.render(req)
+        if isinstance(result, bytes):
+            req.write(result)
+            req.finish()
+        self.assertTrue(req.finished)
+        return req.responseCode or 200, b"".join(req.written).decode()
+
+    def scrape(self) -> dict:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        code, body = self.call("/metrics")
+        self.assertEqual(code, 200)
+        return {(sample.name, frozenset(sample.labels.items())): sample.value
+                for family in text_string_to_metric_families(body)
+                for sample in family.samples}
+
+    def traffic(self):
+        """Two peers, one reply, one of each drop; and a TCP mapping of the same number."""
+        port, carrier, carrierTransport = self.registered()
+        tcp, tcpTransport = self.connect()
+        tcp.dataReceived(register(protocol="tcp", name="edge-2"))
+        port.protocol.datagramReceived(b"q1", ("198.51.100.1", 5000))
+        port.protocol.datagramReceived(b"q2", ("198.51.100.2", 5000))
+        port.protocol.datagramReceived(b"q3", ("198.51.100.2", 5000))
+        carrier.dataReceived(udp.encodeFrame(1, b"a1") + udp.encodeFrame(9, b"lost"))
+        for i in range(3):
+            port.protocol.datagramReceived(b"new", ("198.51.100.3", 6000 + i))
+        carrierTransport.producer.pauseProducing()
+        port.protocol.datagramReceived(b"q4", ("198.51.100.1", 5000))
+        return port, carrier
+
+    def test_metrics(self):
+        """
+        gotunnel_udp_datagrams_total by direction, gotunnel_udp_dropped_total
+        by reason and gotunnel_udp_sessions, labelled remote_port="udp:10053";
+        the TCP port of that number has none of them.
+        """
+        self.traffic()
+        samples = self.scrape()
+        port = {("remote_port", "udp:10053"), ("client", "edge-1")}
+
+        def value(name, **labels):
+            return samples[(name, frozenset(labels.items()) | frozenset(port))]
+
+        self.assertEqual(value("gotunnel_udp_datagrams_total", direction="in"), 4)
+        self.assertEqual(value("gotunnel_udp_datagrams_total", direction="out"), 1)
+        self.assertEqual(value("gotunnel_udp_dropped_total", reason="backed_up"), 1)
+        self.assertEqual(value("gotunnel_udp_dropped_total", reason="sessions"), 2)
+        self.assertEqual(value("gotunnel_udp_dropped_total", reason="unknown_peer"), 1)
+        self.assertEqual(value("gotunnel_udp_sessions"), 3)
+        udpSeries = {dict(labels)["remote_port"] for name, labels in samples
+                     if name.startswith("gotunnel_udp_")}
+        self.assertEqual(udpSeries, {"udp:10053"})
+        self.assertEqual(samples[("gotunnel_connections_opened_total", frozenset(
+            {("remote_port", "10053"), ("client", "edge-2")}))], 0)
+        self.reactor.advance(61)
+        self.assertEqual(self.scrape()[("gotunnel_udp_sessions", frozenset(port))], 0)
+
+    def test_countersOutliveARegistration(self):
+        """The same client registering its UDP port again keeps counting from where it was."""
+        self.traffic()
+        again, transport = self.connect()
+        again.dataReceived(register())
+        self.assertEqual(transport.value(), UDP_OK)
+        key = ("gotunnel_udp_datagrams_total", frozenset(
+            {("remote_port", "udp:10053"), ("client", "edge-1"), ("direction", "in")}))
+        self.assertEqual(self.scrape()[key], 4)
+
+    def test_portListing(self):
+        """
+        /api/ports lists the UDP port with protocol "udp", its sessions,
+        datagrams and drops, next to the TCP port of its number; a leased
+        UDP port keeps its counts; udp:10053 names it in the actions.
+        """
+        self.settings.port_lease = 30
+        self.traffic()
+        code, body = self.call("/api/ports")
+        self.assertEqual(code, 200)
+        ports = json.loads(body)["ports"]
+        self.assertEqual([(p["remote_port"], p.get("protocol"), p["client"]) for p in ports],
+                         [(10053, "udp", "edge-1"), (10053, None, "edge-2")])
+        self.assertEqual(ports[0]["udp"], {
+            "sessions": 3, "datagrams_in": 4, "datagrams_out": 1,
+            "dropped": {"backed_up": 1, "sessions": 2, "unknown_peer": 1}})
+        self.assertNotIn("udp", ports[1])
+        [udpClient] = [c for c in json.loads(self.call("/api/clients")[1])["clients"]
+                       if c["name"] == "edge-1"]
+        self.assertEqual(udpClient["mappings"],
+                         [{"remote_port": 10053, "local_port": 53, "protocol": "udp"}])
+        self.assertEqual(self.call("/api/ports/udp:10053/offline", b"POST")[0], 200)
+        self.assertTrue(self.reactor.udpPorts[0].stopped)
+        self.assertEqual(len(self.reactor.tcpServers), 1)
+        self.registry.tunnels[("udp", 10053)].channel.connectionLost(None)
+        [leased] = [p for p in json.loads(self.call("/api/ports")[1])["ports"]
+                    if p["state"] == "leased"]
+        self.assertEqual((leased["protocol"], leased["udp"]["datagrams_in"],
+                          leased["udp"]["sessions"]), ("udp", 4, 0))
 
 
 class MappingTests(unittest.TestCase):
@@ -562,7 +784,7 @@ class UdpTunnelTests(UdpTunnelTestCase):
         peer = self.peer()
         answer = yield exchange(peer, public, b"\x12\x34example.com")
         self.assertEqual(answer, b"\x12\x34example.com=A:192.0.2.13")
-        tunnel = self.tunnel.server.registry.tunnels[public]
+        tunnel = self.tunnel.server.registry.tunnels[("udp", public)]
         self.assertIsInstance(tunnel, udp.UdpTunnel)
         self.assertEqual(len(responder.sources), 1)
 
@@ -606,7 +828,7 @@ class UdpTunnelTests(UdpTunnelTestCase):
                             f"the echo of datagram {i} of 65,507 bytes")
             self.assertEqual(peer.received[-1], payload)
         self.assertEqual(client.tunnels[0].counters.dropped, 0)
-        self.assertEqual(self.tunnel.server.registry.tunnels[public].counters.dropped, 0)
+        self.assertEqual(self.tunnel.server.registry.tunnels[("udp", public)].counters.dropped, 0)
 
     @defer.inlineCallbacks
     def test_floodDropsInsteadOfBuffering(self):
@@ -620,7 +842,7 @@ class UdpTunnelTests(UdpTunnelTestCase):
         client, public = yield self.publish(UdpEcho())
         peer = self.peer()
         yield exchange(peer, public, b"warm-up")
-        server = self.tunnel.server.registry.tunnels[public]
+        server = self.tunnel.server.registry.tunnels[("udp", public)]
         client.tunnels[0].carrierChannel.transport.pauseProducing()
         transport = server.carrierChannel.transport
         bound = transport.bufferSize + udp.HEADER.size + udp.MAX_DATAGRAM
@@ -817,7 +1039,7 @@ class UdpOverTLSTests(UdpTunnelTestCase):
             yield waitUntil(lambda: len(peer.received) > count, 10, f"{size} bytes over TLS")
             self.assertEqual(peer.received[-1], payload)
         self.assertTrue(ISSLTransport.providedBy(client.tunnels[0].carrierChannel.transport))
-        server = self.tunnel.server.registry.tunnels[public]
+        server = self.tunnel.server.registry.tunnels[("udp", public)]
         self.assertTrue(ISSLTransport.providedBy(server.carrierChannel.transport))
 
 
@@ -893,15 +1115,11 @@ class CarrierBufferTests(unittest.TestCase):
         class TLSLike(StringTransport):
             transport = tcpTransport
 
-        udp.Carrier(TLSLike(), lambda *a: None, MemoryReactorClock())
+        udp.Carrier(TLSLike(), lambda *a: None)
         self.assertEqual(tcpTransport.bufferSize, udp.CARRIER_BUFFER)
 
-    def test_oneSendPerTurn(self):
-        """
-        The first frame of a turn goes to the kernel at once, the others
-        together at the end of the turn, not at the next turn: with the
-        reactor's own writes held back, they still arrive.
-        """
+    def carrierOnSocket(self):
+        """A carrier on a real TCP connection (one end of a socket pair), and the other end."""
         import socket
 
         from twisted.internet import tcp as tcpModule
@@ -919,18 +1137,94 @@ class CarrierBufferTests(unittest.TestCase):
                 pass
 
         left.setblocking(False)
+        right.setblocking(False)
         connection = Connection(left, None, reactor=clock)
         connection.connected = True
-        carrier = udp.Carrier(connection, lambda *a: None, clock)
-        right.settimeout(1)
+        return udp.Carrier(connection, lambda *a: None), right, clock
+
+    def test_loneFrameAtOnce(self):
+        """
+        A frame sent outside a batch goes to the kernel at once, with no
+        timed call left behind for the reactor to run.
+        """
+        carrier, right, clock = self.carrierOnSocket()
         carrier.send(1, b"one")
         self.assertEqual(right.recv(100), udp.encodeFrame(1, b"one"))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_oneSendPerBatch(self):
+        """
+        The frames of one batch of reads go to the kernel together when the
+        batch ends, in one send: none before, all of them then.
+        """
+        carrier, right, clock = self.carrierOnSocket()
+        carrier.cork()
         carrier.send(2, b"two")
         carrier.send(3, b"three")
-        self.assertEqual(len(clock.getDelayedCalls()), 1)
-        clock.advance(0)
+        self.assertRaises(BlockingIOError, right.recv, 100)
+        carrier.uncork()
         self.assertEqual(right.recv(100), udp.encodeFrame(2, b"two")
                          + udp.encodeFrame(3, b"three"))
+        carrier.uncork()
+        self.assertRaises(BlockingIOError, right.recv, 100)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_readsInBatches(self):
+        """
+        readInBatches brackets each of a port's reads (however many
+        datagrams it delivers) with batchStarted and batchEnded, even one
+        that fails.
+        """
+        events = []
+
+        class Port:
+            def doRead(self):
+                events.append("read")
+                if len(events) > 3:
+                    raise OSError("broken")
+
+        class Batch:
+            def batchStarted(self):
+                events.append("started")
+
+            def batchEnded(self):
+                events.append("ended")
+
+        port = Port()
+        udp.readInBatches(port, Batch())
+        port.doRead()
+        self.assertRaises(OSError, port.doRead)
+        self.assertEqual(events, ["started", "read", "ended", "started", "read", "ended"])
+
+    def test_publicPortBatchesToOneSend(self):
+        """
+        A burst read from the server's public port in one read is written
+        to the carrying channel in one write.
+        """
+        writes = []
+
+        class Transport(StringTransport):
+            def write(self, data):
+                writes.append(data)
+                super().write(data)
+
+        class Tunnel:
+            carrier = udp.Carrier(Transport(), lambda *a: None)
+
+            def fromPeer(self, data, addr):
+                self.carrier.send(1, data)
+
+        protocol = udp.PublicDatagrams(Tunnel())
+
+        class Port:
+            def doRead(self):
+                for i in range(3):
+                    protocol.datagramReceived(b"d%d" % i, ("198.51.100.1", 5000))
+
+        port = Port()
+        udp.readInBatches(port, protocol)
+        port.doRead()
+        self.assertEqual(writes, [b"".join(udp.encodeFrame(1, b"d%d" % i) for i in range(3))])
 
 
 def ipv6Loopback() -> bool:

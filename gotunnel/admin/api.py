@@ -59,6 +59,27 @@ def vhostOf(tunnel) -> dict:
     return {"vhost": tunnel.vhost, "domains": list(domains)}
 
 
+def udpOf(tunnel) -> dict:
+    """
+    A UDP port's protocol, the field that tells it apart from the TCP port
+    of its number, and its datagrams and sessions; nothing for TCP.
+    """
+    peers = getattr(tunnel, "peers", None)
+    if peers is None:
+        return {}
+    return {"protocol": "udp", "udp": datagramsOf(tunnel.stats.datagrams, len(peers))}
+
+
+def datagramsOf(counters, sessions: int) -> dict:
+    """A UDP port's counts, as the API gives them (see L{gotunnel.accounting.DatagramCounters})."""
+    return {"sessions": sessions,
+            "datagrams_in": counters.forwarded_in if counters else 0,
+            "datagrams_out": counters.forwarded_out if counters else 0,
+            "dropped": {"backed_up": counters.dropped_backed_up if counters else 0,
+                        "sessions": counters.dropped_sessions if counters else 0,
+                        "unknown_peer": counters.dropped_unknown if counters else 0}}
+
+
 def clientOf(tunnel) -> dict:
     return {
         "id": tunnel.clientId,
@@ -68,7 +89,8 @@ def clientOf(tunnel) -> dict:
         "connected_since": float(tunnel.connectedSince),
         "last_heartbeat": float(tunnel.lastSeen),
         "mappings": [{"remote_port": tunnel.remote_port, "local_port": tunnel.local_port,
-                      **vhostOf(tunnel)}],
+                      **vhostOf(tunnel),
+                      **({"protocol": "udp"} if tunnel.protocol == "udp" else {})}],
     }
 
 
@@ -112,7 +134,7 @@ class Snapshot:
                 "state": "online" if tunnel.online else "offline",
                 "users_now": users, "users_total": stats.opened,
                 "bytes_in": stats.bytesIn + liveIn, "bytes_out": stats.bytesOut + liveOut,
-                "pool": len(tunnel.pool),
+                "pool": len(tunnel.pool), **udpOf(tunnel),
             })
         ports.extend(self.leased())
         return sorted(ports, key=lambda port: port["remote_port"])
@@ -124,16 +146,19 @@ class Snapshot:
         """
         leased = []
         for lease in self.registry.leases:
-            stats = self.registry.stats.ports.get((lease.remote_port, lease.name))
+            stats = self.registry.stats.ports.get((lease.statsPort, lease.name))
             # Users spliced before the client went go on, counted live.
             users, liveIn, liveOut = self.live.get(id(stats), (0, 0, 0))
+            udp = {} if lease.protocol == "tcp" else {
+                "protocol": lease.protocol,
+                "udp": datagramsOf(stats.datagrams if stats else None, 0)}
             leased.append({
                 "remote_port": lease.remote_port, "client": lease.name, "client_id": None,
                 "local_port": None, "state": "leased", "users_now": users,
                 "users_total": stats.opened if stats else 0,
                 "bytes_in": (stats.bytesIn if stats else 0) + liveIn,
                 "bytes_out": (stats.bytesOut if stats else 0) + liveOut,
-                "pool": 0,
+                "pool": 0, **udp,
             })
         return leased
 
@@ -226,9 +251,14 @@ class AdminAPI(Resource):
         return jsonAnswer(request, 200, {"session": session})
 
     def _tunnelOnPort(self, port: str):
-        """The mapping of a public port, or of a client id (a virtual host has no port)."""
+        """
+        The mapping of a public port (C{10053} for TCP, C{udp:10053}), or of
+        a client id (a virtual host has no port).
+        """
         if port.isdigit():
             return self.registry.tunnels.get(int(port))
+        if port.startswith("udp:") and port[4:].isdigit():
+            return self.registry.tunnels.get(("udp", int(port[4:])))
         for tunnel in list(self.registry.tunnels.values()):
             if tunnel.clientId == port and not tunnel.closed:
                 return tunnel

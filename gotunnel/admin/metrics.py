@@ -23,6 +23,10 @@ from gotunnel.admin.auth import AdminAuth, refusal
 
 PORT_LABELS = ["remote_port", "client"]
 
+DROP_REASONS = (("backed_up", "dropped_backed_up"), ("sessions", "dropped_sessions"),
+                ("unknown_peer", "dropped_unknown"))
+"""The reason label of a dropped datagram, and its L{DatagramCounters} field."""
+
 
 def reasonLabel(how: str) -> str:
     """A connection's ending as a label value: user_closed, data_channel_timeout, ..."""
@@ -64,8 +68,22 @@ class TunnelCollector:
         setup = HistogramMetricFamily(
             "gotunnel_data_channel_setup_seconds",
             "Seconds from a user's connect to its data channel's splice", labels=PORT_LABELS)
+        datagrams = CounterMetricFamily(
+            "gotunnel_udp_datagrams",
+            "Datagrams a UDP port forwarded: in = from peers towards the service, out = back",
+            labels=PORT_LABELS + ["direction"])
+        dropped = CounterMetricFamily(
+            "gotunnel_udp_dropped",
+            "Datagrams a UDP port dropped, by why: backed_up, sessions, unknown_peer",
+            labels=PORT_LABELS + ["reason"])
         for portStats in stats.allPortStats():
             labels = [portStats.remote_port, portStats.client]
+            counters = portStats.datagrams
+            if counters is not None:
+                datagrams.add_metric(labels + ["in"], counters.forwarded_in)
+                datagrams.add_metric(labels + ["out"], counters.forwarded_out)
+                for reason, field in DROP_REASONS:
+                    dropped.add_metric(labels + [reason], getattr(counters, field))
             users, liveIn, liveOut = live.get(id(portStats), (0, 0, 0))
             opened.add_metric(labels, portStats.opened)
             for how in ENDINGS:
@@ -87,8 +105,14 @@ class TunnelCollector:
         ports.add_metric(["leased"], len(registry.leases))
         pool = GaugeMetricFamily(
             "gotunnel_pool_size", "Pooled data channels waiting for a user", labels=PORT_LABELS)
+        sessions = GaugeMetricFamily(
+            "gotunnel_udp_sessions", "Remote peers a UDP port serves now", labels=PORT_LABELS)
         for tunnel in tunnels:
-            pool.add_metric([tunnel.stats.remote_port, tunnel.stats.client], len(tunnel.pool))
+            labels = [tunnel.stats.remote_port, tunnel.stats.client]
+            pool.add_metric(labels, len(tunnel.pool))
+            peers = getattr(tunnel, "peers", None)
+            if peers is not None:
+                sessions.add_metric(labels, len(peers))
         authFailures = CounterMetricFamily(
             "gotunnel_auth_failures",
             "Wrong credentials: endpoint=control (a client's token), admin (this endpoint)",
@@ -102,7 +126,7 @@ class TunnelCollector:
         for cap, count in sorted(stats.admissionRefusals.items()):
             admission.add_metric([cap], count)
         return [opened, closed, refused, carried, active, setup, clients, ports, pool,
-                authFailures, admission]
+                authFailures, admission, datagrams, dropped, sessions]
 
 
 class MetricsPage(Resource):

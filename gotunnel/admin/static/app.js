@@ -361,8 +361,12 @@
   const CONN_NUMERIC = ["bytes_in", "bytes_out", "rate_in", "rate_out", "age"];
 
   // A virtual host has remote_port 0, as every other: its scheme and domains tell it apart.
+  // A UDP port is another port than the TCP one of its number: udp:53.
   function portName(p) {
-    return p.vhost ? p.vhost + "://" + (p.domains || []).join(",") : String(p.remote_port);
+    if (p.vhost) {
+      return p.vhost + "://" + (p.domains || []).join(",");
+    }
+    return (p.protocol === "udp" ? "udp:" : "") + String(p.remote_port);
   }
 
   function render(data) {
@@ -400,7 +404,7 @@
       (row, p) => {
         const r = portRates.get(portName(p));
         // The actions name a port, or a virtual host by its client id (new when it registers again).
-        row.dataset.target = p.vhost ? p.client_id : String(p.remote_port);
+        row.dataset.target = p.vhost ? p.client_id : portName(p);
         row.dataset.state = p.state;
         set(row, "remote_port", portName(p));
         set(row, "client", p.client);
