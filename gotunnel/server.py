@@ -10,7 +10,6 @@ frames into calls on it.  L{TunnelServerService} owns the lifetime.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import ipaddress
 import re
 import secrets
@@ -25,7 +24,9 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime, ISSLTransp
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from gotunnel import messages
+from gotunnel import access, messages
+# RegistrationRefused and tokensMatch are imported from here by gotunnel.udp and gotunnel.vhost.
+from gotunnel.access import RegistrationRefused, tokensMatch  # noqa: F401
 from gotunnel.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_CONNECTION_RATE, REFUSED_MAX_USERS, REFUSED_NO_MEMBER,
     REFUSED_SOURCE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
@@ -37,7 +38,7 @@ from gotunnel.groups import Group
 from gotunnel.leases import PortLeases
 from gotunnel.mux import MuxSession, StreamEnd
 from gotunnel.portpolicy import (
-    RefusalLog, SourcePolicy, SourceRate, narrowest, parseNetwork, permitted,
+    RefusalLog, SourcePolicy, SourceRate, permitted,
 )
 from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
@@ -80,15 +81,6 @@ Seconds to wait before each new try to listen on a public port that the
 client asked back online but that could not be bound; about two minutes in
 all, then the port stays offline until the client asks again.
 """
-
-
-class RegistrationRefused(Exception):
-    """The server will not do what a client asked; the message is the reason sent back."""
-
-
-def tokensMatch(given: str, expected: str) -> bool:
-    """Compare tokens in constant time."""
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
 def addressGroup(host: str, ipv6Prefix: int) -> str:
@@ -636,14 +628,10 @@ class TunnelRegistry:
         C{tunnel}'s limits on users: the stricter of the server's (or a
         listed client's), and what the client asked for.
         """
-        settings, client = self.settings, self.settings.clients.get(tunnel.name)
-        tunnel.maxUsers = int(narrowest(
-            settings.max_users_per_port, client and client.max_users_per_port, msg.max_users))
-        rate = narrowest(settings.max_connection_rate, client and client.max_connection_rate,
-                         msg.max_connection_rate)
+        limits = access.userLimits(self.settings, msg)
+        tunnel.maxUsers = limits.max_users
+        rate, bandwidth = limits.connection_rate, limits.bandwidth
         tunnel.sourceRate = SourceRate(self.clock, rate) if rate else None
-        bandwidth = narrowest(settings.bandwidth_limit, client and client.bandwidth_limit,
-                              msg.bandwidth_limit)
         tunnel.throttles = (Throttle(self.clock, bandwidth), Throttle(self.clock, bandwidth)) \
             if bandwidth else None
 
@@ -783,26 +771,8 @@ class TunnelRegistry:
                             interface=interface)
 
     def authenticate(self, name: str, token: str, certificateName: Optional[str]) -> str:
-        """
-        The client's name once its token (and certificate, with mutual TLS)
-        is checked: a client listed in C{settings.clients} needs its own
-        token, any other the shared one, if the server has one.  With a
-        client certificate, its common name is the client's name.
-
-        @raise RegistrationRefused: why not.
-        """
-        if certificateName is not None:
-            if not name:
-                name = certificateName
-            elif name != certificateName:
-                raise RegistrationRefused(
-                    f"client name {name!r} is not the name in the client's certificate "
-                    f"({certificateName!r})")
-        client = self.settings.clients.get(name)
-        expected = client.token if client is not None else self.settings.token
-        if not expected or not tokensMatch(token, expected):
-            raise RegistrationRefused("authentication failed")
-        return name
+        """L{access.authenticate} under this server's settings."""
+        return access.authenticate(self.settings, name, token, certificateName)
 
     def checkLimits(self, name: str, remote_port: int) -> None:
         """
@@ -812,42 +782,22 @@ class TunnelRegistry:
         if remote_port:
             # 0: the server chooses one that name may publish.
             self.checkPort(name, remote_port)
-        limit = self.mappingLimit(name)
-        held = sum(1 for tunnel in self.allTunnels()
-                   if tunnel.name == name and tunnel.remote_port != remote_port)
-        if held >= limit:
-            raise RegistrationRefused(
-                f"too many mappings for client {name!r}: it may hold {limit} at once")
+        access.checkMappingCount(self.settings, name, sum(
+            1 for tunnel in self.allTunnels()
+            if tunnel.name == name and tunnel.remote_port != remote_port))
 
     def mappingLimit(self, name: str) -> int:
         """How many mappings C{name} may hold at once."""
-        client = self.settings.clients.get(name)
-        if client is not None and client.max_mappings is not None:
-            return client.max_mappings
-        return self.settings.max_mappings_per_client
-
-    def allowedPorts(self, name: str) -> tuple[range, ...]:
-        """The ports C{name} may publish; empty: any."""
-        client = self.settings.clients.get(name)
-        if client is not None and client.allow_ports:
-            return client.allow_ports
-        return self.settings.allow_ports
+        return access.mappingLimit(self.settings, name)
 
     def checkPort(self, name: str, remote_port: int) -> None:
         """Refuse a port outside what C{name} may publish."""
-        client = self.settings.clients.get(name)
-        allowed = self.allowedPorts(name)
-        if allowed and not any(remote_port in ports for ports in allowed):
-            where = f"for client {name!r}" if client is not None and client.allow_ports \
-                else "on this server"
-            raise RegistrationRefused(f"remote port {remote_port} is not allowed {where}")
+        access.checkPort(self.settings, name, remote_port)
 
     def sourcePolicies(self, name: str, msg: messages.Register) -> tuple[SourcePolicy, ...]:
         """
-        The source policies of a mapping C{name} registers: the server's
-        (a listed client's own allow list instead of server.allow_sources,
-        its deny list as well as server.deny_sources), then what the
-        client asks for, which can only narrow them.
+        The source policies of a mapping C{name} registers: the server's,
+        then what the client asks for (see L{access.serverSources}).
 
         @raise RegistrationRefused: the client's lists are not networks.
         """
@@ -856,29 +806,8 @@ class TunnelRegistry:
         key = name if name in self.settings.clients else None
         policies = self._sourcePolicies.get(key)
         if policies is None:
-            settings, client = self.settings, self.settings.clients.get(name)
-            allow, deny = settings.allow_sources, settings.deny_sources
-            if client is not None:
-                allow = client.allow_sources or allow
-                deny = tuple(deny) + tuple(client.deny_sources)
-            policy = SourcePolicy.of(allow, deny)
-            policies = (policy,) if policy else ()
-            self._sourcePolicies[key] = policies
-        if msg.allow_sources or msg.deny_sources:
-            try:
-                asked = SourcePolicy.of(
-                    [parseNetwork(text, "register.allow_sources")
-                     for text in msg.allow_sources or ()],
-                    [parseNetwork(text, "register.deny_sources")
-                     for text in msg.deny_sources or ()])
-            except ValueError as e:
-                raise RegistrationRefused(str(e)) from None
-            policies += (asked,)
-        return policies
-
-    def ownsItsName(self, name: str) -> bool:
-        """Whether C{name} can be held by one client only: a listed one, or with mutual TLS."""
-        return name in self.settings.clients or bool(self.settings.tls_client_ca)
+            policies = self._sourcePolicies[key] = access.serverSources(self.settings, name)
+        return policies + access.askedSources(msg)
 
     def register(self, channel: "ServerChannel", msg: messages.Register) -> defer.Deferred:
         """
@@ -897,22 +826,13 @@ class TunnelRegistry:
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
             tunnelType = Tunnel
-            if msg.protocol == "udp" and self.settings.udp:
+            if access.isUdp(self.settings, msg):
                 from gotunnel.udp import UdpTunnel
                 tunnelType = UdpTunnel
-            elif msg.protocol not in ("tcp", ""):
-                raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
-            if not 0 <= msg.remote_port <= 65535:
-                raise RegistrationRefused(f"remote port {msg.remote_port} is not from 0 to 65535")
             self.checkLimits(msg.name, msg.remote_port)
             sources = self.sourcePolicies(msg.name, msg)
             if msg.remote_port == 0:
-                if tunnelType is not Tunnel:
-                    raise RegistrationRefused(
-                        "a UDP mapping needs a remote_port of its own (0 is for TCP)")
                 return self._registerAnyPort(channel, msg, sources)
-            if msg.group and tunnelType is not Tunnel:
-                raise RegistrationRefused("groups are for TCP mappings, not UDP")
             self._takeLease(msg.name, msg.remote_port)
         except RegistrationRefused as e:
             return defer.fail(e)
@@ -965,7 +885,7 @@ class TunnelRegistry:
         allowed, one the OS chooses.  A port free of tunnels and leases that
         the OS will not bind is skipped, up to L{ANY_PORT_ATTEMPTS} times.
         """
-        allowed = self.allowedPorts(msg.name)
+        allowed = access.allowedPorts(self.settings, msg.name)
         candidates = self._freeAllowedPorts(allowed) if allowed else None
         attempts = iter(range(ANY_PORT_ATTEMPTS))
 
@@ -1168,29 +1088,17 @@ class TunnelRegistry:
                  remote_port=msg.remote_port, count=len(group.members))
         return defer.succeed(tunnel)
 
-    def holderOf(self, name: str) -> Optional[str]:
-        """
-        Who holds what is registered under C{name}: the name itself when
-        only one client can hold it (see L{ownsItsName}), or None for the
-        shared token, which every holder of it shares.
-        """
-        return name if self.ownsItsName(name) else None
-
     def _dataChannelOwner(self, msg: messages.DataChannel,
                           certificateName: Optional[str]) -> Callable[[Tunnel], bool]:
         """
         Check a data channel's credentials; return a test of whether a
         tunnel is one this data channel may serve: one registered by the
-        same holder (L{holderOf}), on a port that holder may publish.
+        same holder (L{access.sameHolder}), on a port that holder may publish.
         """
         name = self.authenticate(msg.name, msg.token, certificateName)
-        holder = self.holderOf(name)
 
         def mine(tunnel: Tunnel) -> bool:
-            # A shared-token mapping is served by the shared token whatever
-            # the name (a Go client's data channel is matched by token
-            # alone); a listed client's token is not the shared one.
-            if self.holderOf(tunnel.name) != holder:
+            if not access.sameHolder(self.settings, name, tunnel.name):
                 log.warn("a data channel of {name!r} asked for a user of {owner!r}",
                          name=name, owner=tunnel.name)
                 return False
