@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from gotunnel import access, messages
 # RegistrationRefused and tokensMatch are imported from here by gotunnel.udp and gotunnel.vhost.
 from gotunnel.access import RegistrationRefused, tokensMatch  # noqa: F401
+from gotunnel.admission import Admission
 from gotunnel.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_CONNECTION_RATE, REFUSED_MAX_USERS, REFUSED_NO_MEMBER,
     REFUSED_SOURCE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
@@ -71,9 +72,6 @@ def withBacklog(description: str, backlog: int) -> str:
 
 ANY_PORT_ATTEMPTS = 16
 """Ports tried for a C{register} of remote port 0 before it is refused."""
-
-MAX_AUTH_FAILURE_SOURCES = 10_000
-"""Source addresses whose wrong tokens in a row the server remembers."""
 
 ONLINE_RETRY_DELAYS = (1, 2, 4, 8, 16, 30, 30, 30)
 """
@@ -581,15 +579,9 @@ class TunnelRegistry:
         self.tunnels: dict[int, Tunnel] = {}
         self.waitingUsers: dict[str, PublicUser] = {}
         self.connections = ConnectionSet()
-        # Connections that have not yet sent their first frame, oldest
-        # first, per source address (see addressGroup): strangers must not be
-        # able to hold all our descriptors.
-        self._pending: dict[str, OrderedDict[ServerChannel, None]] = {}
-        # Addresses with a registered control channel: the data channels
-        # their clients owe us (see owedTo) are not held to the caps.
-        self.clientHosts: dict[str, int] = {}
-        # Wrong tokens in a row per source address, least recent first.
-        self.authFailures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # Per source address (see addressGroup).
+        self.admission = Admission(settings, self.clock, self.owedTo,
+                                   lambda channel: channel.role in ("new", "refused"))
         self.stats = ServerStats(reactor, settings.connection_log)
         self.splicer = Splicer()
         """Set by L{TunnelServerService} to its own, as the settings ask."""
@@ -651,52 +643,11 @@ class TunnelRegistry:
     @property
     def pending(self) -> dict[str, int]:
         """How many connections wait for their first frame, per source address."""
-        return {source: len(channels) for source, channels in self._pending.items()}
+        return self.admission.pending
 
     def admit(self, channel: "ServerChannel") -> Optional[str]:
-        """
-        Count a new connection that has yet to say what it is; the reason to
-        refuse it, or None.  When all the room is taken, the oldest such
-        connection of the address that holds the most makes room for one
-        from an address that holds fewer.
-        """
-        settings = self.settings
-        source = channel.source
-        count = len(self._pending.get(source, ()))
-        owed = self.owedTo(source) if source in self.clientHosts else 0
-        if count >= owed:
-            if count - owed >= settings.max_pending_per_source:
-                return (f"{settings.max_pending_per_source} connections from this address are "
-                        "already waiting for their first frame")
-            if (sum(len(channels) for channels in self._pending.values())
-                    >= settings.max_pending_total and not self._evictFor(count - owed)):
-                return (f"{settings.max_pending_total} connections are already waiting "
-                        "for their first frame")
-        # Below what it is owed: data channels we asked this address's
-        # clients for come in bursts, and strangers' idle connections must
-        # not starve them.
-        self._pending.setdefault(source, OrderedDict())[channel] = None
-        return None
-
-    def _evictFor(self, held: int) -> bool:
-        """
-        Close the oldest idle connection of the address that holds the most
-        beyond what it is owed, if that is more than C{held}; whether one
-        was closed.
-        """
-        most, heaviest = held, None
-        for source, channels in self._pending.items():
-            excess = len(channels) - (self.owedTo(source) if source in self.clientHosts else 0)
-            if excess > most:
-                most, heaviest = excess, source
-        if heaviest is None:
-            return False
-        for victim in self._pending[heaviest]:
-            # One that sent its first frame is being registered: it is not idle.
-            if victim.role in ("new", "refused"):
-                victim.evict(most)
-                return True
-        return False
+        """A new connection that has yet to say what it is: L{Admission.admit}."""
+        return self.admission.admit(channel)
 
     def owedTo(self, source: str) -> int:
         """
@@ -711,41 +662,18 @@ class TunnelRegistry:
 
     def release(self, channel: "ServerChannel") -> None:
         """A connection counted by L{admit} has sent its first frame, or gone."""
-        channels = self._pending.get(channel.source)
-        if channels is not None:
-            channels.pop(channel, None)
-            if not channels:
-                del self._pending[channel.source]
+        self.admission.release(channel)
 
     def clientArrived(self, host: str) -> None:
-        self.clientHosts[host] = self.clientHosts.get(host, 0) + 1
+        self.admission.clientArrived(host)
 
     def clientLeft(self, host: str) -> None:
-        left = self.clientHosts.get(host, 0) - 1
-        if left > 0:
-            self.clientHosts[host] = left
-        else:
-            self.clientHosts.pop(host, None)
+        self.admission.clientLeft(host)
 
     def authenticationFailed(self, host: str) -> float:
-        """
-        Record a wrong token from C{host}; how long to wait before answering,
-        growing with each failure in a row so that guessing is slow.
-        """
+        """A wrong token from C{host}: how long to wait before answering (L{Admission})."""
         self.stats.authFailures["control"] += 1
-        now = self.clock.seconds()
-        count, last = self.authFailures.pop(host, (0, now))
-        if now - last > 60:
-            count = 0
-        count += 1
-        self.authFailures[host] = (count, now)
-        if len(self.authFailures) > MAX_AUTH_FAILURE_SOURCES:
-            # The least recent: clearing the whole table instead would let
-            # a spray of addresses reset a guesser's back-off.
-            self.authFailures.popitem(last=False)
-        if count == 1:
-            return 0.0
-        return min(0.1 * 2 ** (count - 2), self.settings.auth_failure_delay_max)
+        return self.admission.authenticationFailed(host)
 
     def publicPort(self, remote_port: int) -> PublicPort:
         """
