@@ -2,8 +2,10 @@
 The tunnel server: one port where clients open control channels and data
 channels, and a public listener for every registered mapping.
 
-L{TunnelRegistry} owns the policy and the shared state (who holds which
-port, which users wait for a data channel); L{ServerChannel} only turns
+L{TunnelRegistry} is what the channels talk to: it composes admission to
+the control port (L{gotunnel.admission}), the access rules
+(L{gotunnel.access}) and the tables of published ports and waiting users
+(L{gotunnel.published}), and acts on them.  L{ServerChannel} only turns
 frames into calls on it.  L{TunnelServerService} owns the lifetime.
 """
 
@@ -14,6 +16,7 @@ import ipaddress
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 from twisted.application.internet import TimerService
@@ -43,6 +46,7 @@ from gotunnel.portpolicy import (
 )
 from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
+from gotunnel.published import PublishedPorts, WaitingUsers
 from gotunnel.ratelimit import Throttle
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
@@ -252,7 +256,6 @@ class Tunnel:
         self.name = register.name
         self.local_port = register.local_port
         self.remote_port = register.remote_port
-        self.waiting: OrderedDict[str, PublicUser] = OrderedDict()
         self.pool: OrderedDict[ServerChannel, None] = OrderedDict()
         self.lastSeen = registry.clock.seconds()
         self.closed = False
@@ -287,6 +290,11 @@ class Tunnel:
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
+
+    @property
+    def waiting(self) -> Mapping[str, PublicUser]:
+        """The users waiting for a data channel of this mapping, oldest first."""
+        return self.registry.waitingUsers.of(self)
 
     @property
     def listener(self) -> Optional[IListeningPort]:
@@ -438,8 +446,7 @@ class Tunnel:
         user.waitForDataChannel()
         user.timeoutCall = clock.callLater(
             self.registry.settings.data_channel_timeout, self._userTimedOut, user)
-        self.waiting[user.conn_id] = user
-        self.registry.waitingUsers[user.conn_id] = user
+        self.registry.waitingUsers.add(user)
         self.channel.sendMessage(messages.OpenDataChannel(
             local_port=self.local_port, conn_id=user.conn_id))
 
@@ -477,8 +484,7 @@ class Tunnel:
 
     def _forget(self, user: PublicUser) -> None:
         user.doneWaiting()
-        self.waiting.pop(user.conn_id, None)
-        self.registry.waitingUsers.pop(user.conn_id, None)
+        self.registry.waitingUsers.remove(user)
         if user.timeoutCall is not None and user.timeoutCall.active():
             user.timeoutCall.cancel()
         user.timeoutCall = None
@@ -511,10 +517,9 @@ class Tunnel:
         a peer that sends none, the one that has waited longest.
         """
         if conn_id is None:
-            if not self.waiting:
-                return None
-            conn_id = next(iter(self.waiting))
-        user = self.waiting.get(conn_id)
+            user = self.registry.waitingUsers.oldestOf(self)
+        else:
+            user = self.waiting.get(conn_id)
         if user is not None:
             self._forget(user)
         return user
@@ -568,16 +573,16 @@ class Tunnel:
 
 class TunnelRegistry:
     """
-    Which client holds which public port, and the policy for registering,
-    matching data channels, and dropping silent clients.
+    Registering mappings, matching data channels to users, and dropping
+    silent clients: the server's state (L{admission}, L{published}) and
+    rules (L{gotunnel.access}) put to work.
     """
 
     def __init__(self, settings: ServerSettings, reactor) -> None:
         self.settings = settings
         self.reactor = reactor
         self.clock: IReactorTime = reactor
-        self.tunnels: dict[int, Tunnel] = {}
-        self.waitingUsers: dict[str, PublicUser] = {}
+        self.published = PublishedPorts()
         self.connections = ConnectionSet()
         # Per source address (see addressGroup).
         self.admission = Admission(settings, self.clock, self.owedTo,
@@ -590,30 +595,38 @@ class TunnelRegistry:
         self.refusedUsers = 0
         """Users public ports refused (source policy, limits), since the start."""
         self._sourcePolicies: dict[Optional[str], tuple[SourcePolicy, ...]] = {}
-        self.groups: dict[int, Group] = {}
-        """The group of each public port several clients serve."""
-        self._users: dict[int, int] = {}
-        """Users connected, per public port (a mapping registered again keeps its count)."""
-        self.publicPorts: dict[int, PublicPort] = {}
         self.virtualHosts = None
         """The L{gotunnel.vhost.VirtualHosts}, on a server with virtual-host ports."""
         self.udpPorts: dict[int, PublicPort] = {}
         """The public UDP ports of UDP mappings (L{gotunnel.udp}), apart: a
         port number's UDP socket is not its TCP socket."""
 
+    @property
+    def tunnels(self) -> dict:
+        """The mapping that holds each port, by L{Tunnel.key} (see L{PublishedPorts})."""
+        return self.published.tunnels
+
+    @property
+    def groups(self) -> dict[int, Group]:
+        return self.published.groups
+
+    @property
+    def publicPorts(self) -> dict[int, PublicPort]:
+        return self.published.publicPorts
+
+    @property
+    def waitingUsers(self) -> WaitingUsers:
+        return self.published.waiting
+
     def userArrived(self, remote_port: int) -> None:
-        self._users[remote_port] = self._users.get(remote_port, 0) + 1
+        self.published.userArrived(remote_port)
 
     def userLeft(self, remote_port: int) -> None:
-        left = self._users.get(remote_port, 0) - 1
-        if left > 0:
-            self._users[remote_port] = left
-        else:
-            self._users.pop(remote_port, None)
+        self.published.userLeft(remote_port)
 
     def usersOf(self, remote_port: int) -> int:
         """Users connected to C{remote_port} now."""
-        return self._users.get(remote_port, 0)
+        return self.published.usersOf(remote_port)
 
     def applyLimits(self, tunnel: "Tunnel", msg: messages.Register) -> None:
         """
@@ -685,12 +698,8 @@ class TunnelRegistry:
         if port is None:
             port = self.publicPorts[remote_port] = PublicPort(
                 self.publicEndpoint(remote_port), remote_port, self.trackStopping,
-                self._publicPortIdle)
+                self.published.portIdle)
         return port
-
-    def _publicPortIdle(self, port: PublicPort) -> None:
-        if self.publicPorts.get(port.remote_port) is port:
-            del self.publicPorts[port.remote_port]
 
     def publicEndpoint(self, port: int):
         interface = self.settings.public_interface
@@ -968,11 +977,7 @@ class TunnelRegistry:
 
     def allTunnels(self) -> list[Tunnel]:
         """Every registered mapping: the holder of each port, and the other members of groups."""
-        tunnels = list(self.tunnels.values())
-        for group in self.groups.values():
-            tunnels.extend(member for member in group.members.values()
-                           if self.tunnels.get(member.remote_port) is not member)
-        return tunnels
+        return self.published.allTunnels()
 
     def _joinGroup(self, channel: "ServerChannel", msg: messages.Register,
                    sources: tuple[SourcePolicy, ...]) -> Optional[defer.Deferred]:

@@ -1,0 +1,111 @@
+"""
+What the server publishes: which mapping holds each public port (or
+virtual host), the groups of clients that share a port, the users connected
+to each port, and the users waiting for a data channel.
+
+Only the tables, no sockets and no policy: L{gotunnel.server.TunnelRegistry}
+decides, these remember.  A waiting user is one record in one table
+(L{WaitingUsers}), added and removed in one place, and found there by its
+C{conn_id} or as the oldest of its mapping.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Hashable, Optional
+
+from gotunnel.admission import countDown
+
+if TYPE_CHECKING:
+    from gotunnel.groups import Group
+    from gotunnel.publicport import PublicPort
+    from gotunnel.server import PublicUser, Tunnel
+
+
+class WaitingUsers(Mapping):
+    """
+    The users waiting for a data channel, by C{conn_id}.  Each is recorded
+    once, with its mapping (C{user.tunnel}); the mapping's users are kept in
+    the order they came, so that a data channel that names none (a Go
+    client's) takes the one that waited longest without a search.
+    """
+
+    def __init__(self) -> None:
+        self._byId: dict[str, PublicUser] = {}
+        self._byTunnel: dict[Tunnel, dict[str, PublicUser]] = {}
+
+    def __getitem__(self, conn_id: str) -> PublicUser:
+        return self._byId[conn_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._byId)
+
+    def __len__(self) -> int:
+        return len(self._byId)
+
+    def add(self, user: PublicUser) -> None:
+        """C{user}, with its C{conn_id} and C{tunnel} set, now waits."""
+        self._byId[user.conn_id] = user
+        self._byTunnel.setdefault(user.tunnel, {})[user.conn_id] = user
+
+    def remove(self, user: PublicUser) -> bool:
+        """C{user} no longer waits; whether it did."""
+        if self._byId.get(user.conn_id) is not user:
+            return False
+        del self._byId[user.conn_id]
+        mine = self._byTunnel[user.tunnel]
+        del mine[user.conn_id]
+        if not mine:
+            del self._byTunnel[user.tunnel]
+        return True
+
+    def of(self, tunnel: Tunnel) -> Mapping[str, PublicUser]:
+        """The users waiting on C{tunnel}, oldest first (read only)."""
+        return self._byTunnel.get(tunnel, {})
+
+    def oldestOf(self, tunnel: Tunnel) -> Optional[PublicUser]:
+        """The user that has waited longest on C{tunnel}, if any."""
+        return next(iter(self.of(tunnel).values()), None)
+
+
+class PublishedPorts:
+    """
+    The mapping that holds each public port (or virtual host, by its key),
+    the group of each port that several clients serve, the socket of each
+    public port, users connected per port and users waiting.
+    """
+
+    def __init__(self) -> None:
+        self.tunnels: dict[Hashable, Tunnel] = {}
+        """The holder of each port (L{Tunnel.key}): a group's holds its listener."""
+        self.groups: dict[int, Group] = {}
+        """The group of each public port several clients serve."""
+        self.publicPorts: dict[int, PublicPort] = {}
+        """The socket of each public TCP port, shared by the tunnels that hold it in turn."""
+        self.waiting = WaitingUsers()
+        self._users: Counter[int] = Counter()
+        """Users connected, per public port (a mapping registered again keeps its count)."""
+
+    def userArrived(self, remote_port: int) -> None:
+        self._users[remote_port] += 1
+
+    def userLeft(self, remote_port: int) -> None:
+        countDown(self._users, remote_port)
+
+    def usersOf(self, remote_port: int) -> int:
+        """Users connected to C{remote_port} now."""
+        return self._users[remote_port]
+
+    def allTunnels(self) -> list[Tunnel]:
+        """Every registered mapping: the holder of each port, and the other members of groups."""
+        tunnels = list(self.tunnels.values())
+        for group in self.groups.values():
+            tunnels.extend(member for member in group.members.values()
+                           if self.tunnels.get(member.remote_port) is not member)
+        return tunnels
+
+    def portIdle(self, port: PublicPort) -> None:
+        """C{port}'s socket is closed and no tunnel waits for it."""
+        if self.publicPorts.get(port.remote_port) is port:
+            del self.publicPorts[port.remote_port]

@@ -1,0 +1,112 @@
+"""
+The tables of what the server publishes (gotunnel.published) on their own:
+waiting users, one record each, found by conn_id or as the oldest of their
+mapping; users per port; every mapping, group members included.
+"""
+
+from __future__ import annotations
+
+from twisted.trial import unittest
+
+from gotunnel.groups import Group
+from gotunnel.published import PublishedPorts, WaitingUsers
+
+
+class FakeTunnel:
+    def __init__(self, name: str, remote_port: int) -> None:
+        self.name = name
+        self.remote_port = remote_port
+        self.group = None
+
+
+class FakeUser:
+    def __init__(self, tunnel: FakeTunnel, conn_id: str) -> None:
+        self.tunnel = tunnel
+        self.conn_id = conn_id
+
+
+class WaitingUsersTests(unittest.TestCase):
+    def setUp(self):
+        self.waiting = WaitingUsers()
+        self.a, self.b = FakeTunnel("a", 1), FakeTunnel("b", 2)
+
+    def wait(self, tunnel: FakeTunnel, conn_id: str) -> FakeUser:
+        user = FakeUser(tunnel, conn_id)
+        self.waiting.add(user)
+        return user
+
+    def test_byIdAndByTunnel(self):
+        a1, b1, a2 = self.wait(self.a, "a1"), self.wait(self.b, "b1"), self.wait(self.a, "a2")
+        self.assertEqual(self.waiting, {"a1": a1, "b1": b1, "a2": a2})
+        self.assertEqual(list(self.waiting.of(self.a)), ["a1", "a2"])
+        self.assertEqual(list(self.waiting.of(self.b)), ["b1"])
+        self.assertIs(self.waiting.oldestOf(self.a), a1)
+        self.assertIs(self.waiting["b1"], b1)
+
+    def test_removeFromBoth(self):
+        """One removal and the user is gone by its id and from its mapping's line."""
+        a1, a2 = self.wait(self.a, "a1"), self.wait(self.a, "a2")
+        self.assertTrue(self.waiting.remove(a1))
+        self.assertNotIn("a1", self.waiting)
+        self.assertIs(self.waiting.oldestOf(self.a), a2)
+        self.assertTrue(self.waiting.remove(a2))
+        self.assertEqual(self.waiting, {})
+        self.assertEqual(self.waiting.of(self.a), {})
+        self.assertIsNone(self.waiting.oldestOf(self.a))
+
+    def test_removeWhatDoesNotWait(self):
+        """
+        Removing twice, a user that never waited, or another user under a
+        waiting one's conn_id leaves the table as it was.
+        """
+        a1 = self.wait(self.a, "a1")
+        self.assertTrue(self.waiting.remove(a1))
+        self.assertFalse(self.waiting.remove(a1))
+        self.assertFalse(self.waiting.remove(FakeUser(self.a, None)))
+        b1 = self.wait(self.b, "b1")
+        self.assertFalse(self.waiting.remove(FakeUser(self.b, "b1")))
+        self.assertEqual(self.waiting, {"b1": b1})
+        self.assertEqual(list(self.waiting.of(self.b)), ["b1"])
+
+
+class PublishedPortsTests(unittest.TestCase):
+    def setUp(self):
+        self.ports = PublishedPorts()
+
+    def test_usersPerPort(self):
+        # (arrivals, departures, users left)
+        cases = [(0, 0, 0), (1, 0, 1), (3, 1, 2), (2, 2, 0), (1, 3, 0)]
+        for arrived, left, expected in cases:
+            with self.subTest(arrived=arrived, left=left):
+                ports = PublishedPorts()
+                for _ in range(arrived):
+                    ports.userArrived(10022)
+                for _ in range(left):
+                    ports.userLeft(10022)
+                self.assertEqual(ports.usersOf(10022), expected)
+                self.assertEqual(ports.usersOf(10023), 0)
+                # An idle port is forgotten, not kept at zero.
+                self.assertEqual(10022 in ports._users, expected > 0)
+
+    def test_allTunnels(self):
+        """The holder of each port, and the other members of each group, once each."""
+        solo, first, second = FakeTunnel("solo", 1), FakeTunnel("x", 2), FakeTunnel("y", 2)
+        group = Group(2, "web", "key")
+        group.add(first)
+        group.add(second)
+        self.ports.tunnels.update({1: solo, 2: first})
+        self.ports.groups[2] = group
+        self.assertEqual(self.ports.allTunnels(), [solo, first, second])
+
+    def test_portIdle(self):
+        """An idle socket is forgotten, unless another has taken its number since."""
+
+        class Port:
+            remote_port = 10022
+
+        old, new = Port(), Port()
+        self.ports.publicPorts[10022] = new
+        self.ports.portIdle(old)
+        self.assertIs(self.ports.publicPorts[10022], new)
+        self.ports.portIdle(new)
+        self.assertEqual(self.ports.publicPorts, {})
