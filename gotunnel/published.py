@@ -15,12 +15,17 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Hashable, Optional
 
+from twisted.logger import Logger
+
 from gotunnel.admission import countDown
+from gotunnel.printable import printable
 
 if TYPE_CHECKING:
     from gotunnel.groups import Group
     from gotunnel.publicport import PublicPort
     from gotunnel.server import PublicUser, Tunnel
+
+log = Logger()
 
 
 class WaitingUsers(Mapping):
@@ -109,3 +114,38 @@ class PublishedPorts:
         """C{port}'s socket is closed and no tunnel waits for it."""
         if self.publicPorts.get(port.remote_port) is port:
             del self.publicPorts[port.remote_port]
+
+    def forget(self, tunnel: Tunnel) -> None:
+        """
+        C{tunnel} is closed: it no longer holds its port, nor belongs to its
+        group; a group that goes on keeps the port open for its next member.
+        """
+        group = tunnel.group
+        if group is not None:
+            group.remove(tunnel)
+            if group.members:
+                self._handOver(tunnel, next(iter(group.members.values())))
+                return
+            if self.groups.get(tunnel.remote_port) is group:
+                del self.groups[tunnel.remote_port]
+        if self.tunnels.get(tunnel.key) is tunnel:
+            del self.tunnels[tunnel.key]
+
+    def _handOver(self, leaving: Tunnel, successor: Tunnel) -> None:
+        """
+        C{leaving} leaves its group: if it held the port's listener, the
+        port stays open and C{successor} holds it now.
+        """
+        log.info("client {name} left group {group} of public port {remote_port}; "
+                 "{count} members go on", name=printable(leaving.name),
+                 group=printable(leaving.group.name),
+                 remote_port=leaving.remote_port, count=len(leaving.group.members))
+        if self.tunnels.get(leaving.remote_port) is not leaving:
+            return
+        self.tunnels[leaving.remote_port] = successor
+        port = self.publicPorts.get(leaving.remote_port)
+        factory = port.handOver(leaving, successor) if port is not None else None
+        if factory is not None:
+            # The same socket, and its factory, serve the successor now.
+            factory.tunnel = successor
+            successor.online = True

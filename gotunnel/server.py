@@ -945,35 +945,8 @@ class TunnelRegistry:
         return secrets.token_hex(8)
 
     def forget(self, tunnel: Tunnel) -> None:
-        group = tunnel.group
-        if group is not None:
-            group.remove(tunnel)
-            if group.members:
-                self._handOver(tunnel, next(iter(group.members.values())))
-                return
-            if self.groups.get(tunnel.remote_port) is group:
-                del self.groups[tunnel.remote_port]
-        if self.tunnels.get(tunnel.key) is tunnel:
-            del self.tunnels[tunnel.key]
-
-    def _handOver(self, leaving: Tunnel, successor: Tunnel) -> None:
-        """
-        C{leaving} leaves its group: if it held the port's listener, the
-        port stays open and C{successor} holds it now.
-        """
-        log.info("client {name} left group {group} of public port {remote_port}; "
-                 "{count} members go on", name=printable(leaving.name),
-                 group=printable(leaving.group.name),
-                 remote_port=leaving.remote_port, count=len(leaving.group.members))
-        if self.tunnels.get(leaving.remote_port) is not leaving:
-            return
-        self.tunnels[leaving.remote_port] = successor
-        port = self.publicPorts.get(leaving.remote_port)
-        factory = port.handOver(leaving, successor) if port is not None else None
-        if factory is not None:
-            # The same socket, and its factory, serve the successor now.
-            factory.tunnel = successor
-            successor.online = True
+        """C{tunnel} is closed: L{PublishedPorts.forget}."""
+        self.published.forget(tunnel)
 
     def allTunnels(self) -> list[Tunnel]:
         """Every registered mapping: the holder of each port, and the other members of groups."""

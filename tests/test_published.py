@@ -16,7 +16,9 @@ class FakeTunnel:
     def __init__(self, name: str, remote_port: int) -> None:
         self.name = name
         self.remote_port = remote_port
+        self.key = remote_port
         self.group = None
+        self.online = False
 
 
 class FakeUser:
@@ -110,3 +112,54 @@ class PublishedPortsTests(unittest.TestCase):
         self.assertIs(self.ports.publicPorts[10022], new)
         self.ports.portIdle(new)
         self.assertEqual(self.ports.publicPorts, {})
+
+    def test_forgetOne(self):
+        """A closed mapping is forgotten; one that a new registration replaced leaves it be."""
+        old, new = FakeTunnel("a", 1), FakeTunnel("a", 1)
+        self.ports.tunnels[1] = new
+        self.ports.forget(old)
+        self.assertEqual(self.ports.tunnels, {1: new})
+        self.ports.forget(new)
+        self.assertEqual(self.ports.tunnels, {})
+
+    def test_groupGoesOn(self):
+        """
+        The holder of a group's port leaves: the next member holds the port,
+        and the socket's factory serves it; the last member takes the group.
+        """
+        holder, member = FakeTunnel("x", 2), FakeTunnel("y", 2)
+        group = Group(2, "web", "key")
+        group.add(holder)
+        group.add(member)
+        self.ports.tunnels[2], self.ports.groups[2] = holder, group
+
+        class Factory:
+            tunnel = holder
+
+        factory = Factory()
+
+        class Port:
+            def handOver(self, leaving, successor):
+                self.handed = (leaving, successor)
+                return factory
+
+        port = self.ports.publicPorts[2] = Port()
+        self.ports.forget(holder)
+        self.assertEqual(port.handed, (holder, member))
+        self.assertIs(self.ports.tunnels[2], member)
+        self.assertIs(factory.tunnel, member)
+        self.assertTrue(member.online)
+        self.assertEqual(self.ports.allTunnels(), [member])
+        self.ports.forget(member)
+        self.assertEqual((self.ports.tunnels, self.ports.groups), ({}, {}))
+
+    def test_memberLeaves(self):
+        """A member that does not hold the port leaves the holder and the group be."""
+        holder, member = FakeTunnel("x", 2), FakeTunnel("y", 2)
+        group = Group(2, "web", "key")
+        group.add(holder)
+        group.add(member)
+        self.ports.tunnels[2], self.ports.groups[2] = holder, group
+        self.ports.forget(member)
+        self.assertEqual(self.ports.tunnels, {2: holder})
+        self.assertEqual(list(group.members.values()), [holder])
