@@ -11,13 +11,16 @@ C{conn_id} or as the oldest of its mapping.
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Hashable, Optional
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gotunnel.admission import countDown
+from gotunnel.leases import PortLeases
 from gotunnel.printable import printable
 
 if TYPE_CHECKING:
@@ -78,16 +81,19 @@ class PublishedPorts:
     """
     The mapping that holds each public port (or virtual host, by its key),
     the group of each port that several clients serve, the socket of each
-    public port, users connected per port and users waiting.
+    public port, the ports held for clients that went away, users connected
+    per port and users waiting.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self.tunnels: dict[Hashable, Tunnel] = {}
         """The holder of each port (L{Tunnel.key}): a group's holds its listener."""
         self.groups: dict[int, Group] = {}
         """The group of each public port several clients serve."""
         self.publicPorts: dict[int, PublicPort] = {}
         """The socket of each public TCP port, shared by the tunnels that hold it in turn."""
+        self.leases = PortLeases(clock)
+        """Ports held for the client that had them (see L{gotunnel.leases})."""
         self.waiting = WaitingUsers()
         self._users: Counter[int] = Counter()
         """Users connected, per public port (a mapping registered again keeps its count)."""
@@ -109,6 +115,20 @@ class PublishedPorts:
             tunnels.extend(member for member in group.members.values()
                            if self.tunnels.get(member.remote_port) is not member)
         return tunnels
+
+    def freePorts(self, allowed: tuple[range, ...]) -> Iterator[int]:
+        """Ports of C{allowed} neither published nor reserved, from a random one on."""
+        total = sum(len(ports) for ports in allowed)
+        start = secrets.randbelow(total)
+        for i in range(total):
+            index = (start + i) % total
+            for ports in allowed:
+                if index < len(ports):
+                    port = ports[index]
+                    break
+                index -= len(ports)
+            if port not in self.tunnels and self.leases.get(port) is None:
+                yield port
 
     def portIdle(self, port: PublicPort) -> None:
         """C{port}'s socket is closed and no tunnel waits for it."""

@@ -582,7 +582,7 @@ class TunnelRegistry:
         self.settings = settings
         self.reactor = reactor
         self.clock: IReactorTime = reactor
-        self.published = PublishedPorts()
+        self.published = PublishedPorts(self.clock)
         self.connections = ConnectionSet()
         # Per source address (see addressGroup).
         self.admission = Admission(settings, self.clock, self.owedTo,
@@ -591,7 +591,6 @@ class TunnelRegistry:
         self.splicer = Splicer()
         """Set by L{TunnelServerService} to its own, as the settings ask."""
         self._stoppingListeners: set[defer.Deferred] = set()
-        self.leases = PortLeases(self.clock)
         self.refusedUsers = 0
         """Users public ports refused (source policy, limits), since the start."""
         self._sourcePolicies: dict[Optional[str], tuple[SourcePolicy, ...]] = {}
@@ -617,6 +616,10 @@ class TunnelRegistry:
     @property
     def waitingUsers(self) -> WaitingUsers:
         return self.published.waiting
+
+    @property
+    def leases(self) -> PortLeases:
+        return self.published.leases
 
     def userArrived(self, remote_port: int) -> None:
         self.published.userArrived(remote_port)
@@ -823,7 +826,7 @@ class TunnelRegistry:
         the OS will not bind is skipped, up to L{ANY_PORT_ATTEMPTS} times.
         """
         allowed = access.allowedPorts(self.settings, msg.name)
-        candidates = self._freeAllowedPorts(allowed) if allowed else None
+        candidates = self.published.freePorts(allowed) if allowed else None
         attempts = iter(range(ANY_PORT_ATTEMPTS))
 
         def attempt(_=None):
@@ -847,20 +850,6 @@ class TunnelRegistry:
             return attempt()
 
         return defer.maybeDeferred(attempt)
-
-    def _freeAllowedPorts(self, allowed: tuple[range, ...]):
-        """Ports of C{allowed} neither published nor reserved, from a random one on."""
-        total = sum(len(ports) for ports in allowed)
-        start = secrets.randbelow(total)
-        for i in range(total):
-            index = (start + i) % total
-            for ports in allowed:
-                if index < len(ports):
-                    port = ports[index]
-                    break
-                index -= len(ports)
-            if port not in self.tunnels and self.leases.get(port) is None:
-                yield port
 
     def _listenEphemeral(self, channel: "ServerChannel", msg: messages.Register,
                          sources: tuple[SourcePolicy, ...]) -> defer.Deferred:

@@ -6,6 +6,7 @@ mapping; users per port; every mapping, group members included.
 
 from __future__ import annotations
 
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from gotunnel.groups import Group
@@ -73,14 +74,14 @@ class WaitingUsersTests(unittest.TestCase):
 
 class PublishedPortsTests(unittest.TestCase):
     def setUp(self):
-        self.ports = PublishedPorts()
+        self.ports = PublishedPorts(Clock())
 
     def test_usersPerPort(self):
         # (arrivals, departures, users left)
         cases = [(0, 0, 0), (1, 0, 1), (3, 1, 2), (2, 2, 0), (1, 3, 0)]
         for arrived, left, expected in cases:
             with self.subTest(arrived=arrived, left=left):
-                ports = PublishedPorts()
+                ports = PublishedPorts(Clock())
                 for _ in range(arrived):
                     ports.userArrived(10022)
                 for _ in range(left):
@@ -163,3 +164,22 @@ class PublishedPortsTests(unittest.TestCase):
         self.ports.forget(member)
         self.assertEqual(self.ports.tunnels, {2: holder})
         self.assertEqual(list(group.members.values()), [holder])
+
+    def test_freePorts(self):
+        """Every allowed port neither held nor leased, each once."""
+        # (allowed ranges, published ports, leased ports, free ports)
+        cases = [
+            ((range(10, 13),), (), (), {10, 11, 12}),
+            ((range(10, 13),), (11,), (), {10, 12}),
+            ((range(10, 13), range(20, 22)), (10,), (21,), {11, 12, 20}),
+            ((range(10, 12),), (10,), (11,), set()),
+        ]
+        for allowed, published, leased, free in cases:
+            with self.subTest(allowed=allowed, published=published, leased=leased):
+                ports = PublishedPorts(Clock())
+                for number in published:
+                    ports.tunnels[number] = FakeTunnel("a", number)
+                for number in leased:
+                    ports.leases.start("b", number, 60)
+                found = list(ports.freePorts(allowed))
+                self.assertEqual(sorted(found), sorted(free))
