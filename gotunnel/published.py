@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Hashable, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from gotunnel.access import RegistrationRefused
 from gotunnel.admission import countDown
 from gotunnel.leases import PortLeases
 from gotunnel.printable import printable
@@ -129,6 +130,33 @@ class PublishedPorts:
                 index -= len(ports)
             if port not in self.tunnels and self.leases.get(port) is None:
                 yield port
+
+    def takeLease(self, name: str, remote_port: int, limit: int) -> None:
+        """
+        End the lease on C{remote_port} if C{name} holds it: C{name} is
+        back.  Also ends C{name}'s oldest leases on other ports past the
+        C{limit} of mappings it may hold at once, so that leases stay
+        within it.
+
+        @raise RegistrationRefused: another name holds the lease.
+        """
+        lease = self.leases.get(remote_port)
+        if lease is not None and lease.name != name:
+            raise RegistrationRefused(
+                f"remote port {remote_port} is reserved for the client that had it, "
+                f"for {self.leases.remaining(lease):.0f} s more")
+        held = sum(1 for tunnel in self.tunnels.values()
+                   if tunnel.name == name and tunnel.remote_port != remote_port)
+        others = [other for other in self.leases.heldBy(name) if other is not lease]
+        for other in others[:max(held + len(others) + 1 - limit, 0)]:
+            self.leases.end(other.remote_port)
+            log.info("lease of public port {remote_port} for {name} ended: {name} "
+                     "registered another port", remote_port=other.remote_port,
+                     name=printable(name))
+        if lease is not None:
+            self.leases.end(remote_port)
+            log.info("client {name} is back: public port {remote_port} is its again",
+                     name=printable(name), remote_port=remote_port)
 
     def portIdle(self, port: PublicPort) -> None:
         """C{port}'s socket is closed and no tunnel waits for it."""

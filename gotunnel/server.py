@@ -773,7 +773,7 @@ class TunnelRegistry:
             sources = self.sourcePolicies(msg.name, msg)
             if msg.remote_port == 0:
                 return self._registerAnyPort(channel, msg, sources)
-            self._takeLease(msg.name, msg.remote_port)
+            self.published.takeLease(msg.name, msg.remote_port, self.mappingLimit(msg.name))
         except RegistrationRefused as e:
             return defer.fail(e)
         try:
@@ -885,32 +885,6 @@ class TunnelRegistry:
         factory = PublicUserFactory(tunnel)
         endpoint = self.publicEndpoint(0)
         return endpoint.listen(factory).addCallbacks(listening, refused)
-
-    def _takeLease(self, name: str, remote_port: int) -> None:
-        """
-        End the lease on C{remote_port} if C{name} holds it: C{name} is
-        back.  Also ends C{name}'s oldest leases on other ports past what
-        it may hold at once, so that leases stay within its mapping limit.
-
-        @raise RegistrationRefused: another name holds the lease.
-        """
-        lease = self.leases.get(remote_port)
-        if lease is not None and lease.name != name:
-            raise RegistrationRefused(
-                f"remote port {remote_port} is reserved for the client that had it, "
-                f"for {self.leases.remaining(lease):.0f} s more")
-        held = sum(1 for tunnel in self.tunnels.values()
-                   if tunnel.name == name and tunnel.remote_port != remote_port)
-        others = [other for other in self.leases.heldBy(name) if other is not lease]
-        for other in others[:max(held + len(others) + 1 - self.mappingLimit(name), 0)]:
-            self.leases.end(other.remote_port)
-            log.info("lease of public port {remote_port} for {name} ended: {name} "
-                     "registered another port", remote_port=other.remote_port,
-                     name=printable(name))
-        if lease is not None:
-            self.leases.end(remote_port)
-            log.info("client {name} is back: public port {remote_port} is its again",
-                     name=printable(name), remote_port=remote_port)
 
     def clientDropped(self, tunnel: Tunnel) -> None:
         """

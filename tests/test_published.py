@@ -9,6 +9,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from gotunnel.access import RegistrationRefused
 from gotunnel.groups import Group
 from gotunnel.published import PublishedPorts, WaitingUsers
 
@@ -183,3 +184,36 @@ class PublishedPortsTests(unittest.TestCase):
                     ports.leases.start("b", number, 60)
                 found = list(ports.freePorts(allowed))
                 self.assertEqual(sorted(found), sorted(free))
+
+    def test_takeLease(self):
+        """
+        A client back on its leased port ends that lease, and its oldest
+        leases elsewhere past its limit; another client's lease refuses.
+        """
+        # (leases as (name, port) oldest first, ports alice publishes, the port she
+        #  registers, her limit, the leases left, or the refusal)
+        cases = [
+            ([], [], 10, 3, []),
+            ([("alice", 10)], [], 10, 3, []),
+            ([("alice", 10), ("alice", 11)], [], 10, 3, [("alice", 11)]),
+            ([("alice", 11), ("alice", 12)], [], 10, 2, [("alice", 12)]),
+            ([("alice", 11), ("alice", 12)], [13], 10, 2, []),
+            ([("alice", 11), ("bob", 12)], [], 10, 1, [("bob", 12)]),
+            ([("bob", 10)], [], 10, 3,
+             "remote port 10 is reserved for the client that had it, for 60 s more"),
+        ]
+        for leases, published, port, limit, expected in cases:
+            with self.subTest(leases=leases, published=published, limit=limit):
+                ports = PublishedPorts(Clock())
+                for name, number in leases:
+                    ports.leases.start(name, number, 60)
+                for number in published:
+                    ports.tunnels[number] = FakeTunnel("alice", number)
+                if isinstance(expected, str):
+                    with self.assertRaises(RegistrationRefused) as caught:
+                        ports.takeLease("alice", port, limit)
+                    self.assertEqual(str(caught.exception), expected)
+                else:
+                    ports.takeLease("alice", port, limit)
+                    self.assertEqual([(lease.name, lease.remote_port) for lease in ports.leases],
+                                     expected)
