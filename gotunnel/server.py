@@ -782,6 +782,14 @@ class TunnelRegistry:
             return defer.fail(e)
         if joined is not None:
             return joined
+        return self._publish(channel, msg, tunnelType, sources)
+
+    def _publish(self, channel: "ServerChannel", msg: messages.Register, tunnelType: type,
+                 sources: tuple[SourcePolicy, ...]) -> defer.Deferred:
+        """
+        Publish C{msg}'s port, allowed to its client, for a new mapping of
+        C{tunnelType}, taking it over from the same client's previous one.
+        """
         previous = self.tunnels.get(msg.remote_port)
         if previous is not None:
             if previous.name != msg.name:
