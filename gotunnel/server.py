@@ -30,12 +30,12 @@ from twisted.logger import Logger
 from gotunnel import access, messages
 # RegistrationRefused and tokensMatch are imported from here by gotunnel.udp and gotunnel.vhost.
 from gotunnel.access import RegistrationRefused, tokensMatch  # noqa: F401
-from gotunnel.admission import Admission
 from gotunnel.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_CONNECTION_RATE, REFUSED_MAX_USERS, REFUSED_NO_MEMBER,
     REFUSED_SOURCE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
     ServerStats, endingOf, noteEnding,
 )
+from gotunnel.admission import Admission
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, describePeer, tlsFailure
 from gotunnel.groups import Group
