@@ -2,19 +2,21 @@
 The tunnel server: one port where clients open control channels and data
 channels, and a public listener for every registered mapping.
 
-L{TunnelRegistry} owns the policy and the shared state (who holds which
-port, which users wait for a data channel); L{ServerChannel} only turns
+L{TunnelRegistry} is what the channels talk to: it composes admission to
+the control port (L{gotunnel.admission}), the access rules
+(L{gotunnel.access}) and the tables of published ports and waiting users
+(L{gotunnel.published}), and acts on them.  L{ServerChannel} only turns
 frames into calls on it.  L{TunnelServerService} owns the lifetime.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import ipaddress
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 from twisted.application.internet import TimerService
@@ -25,22 +27,26 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime, ISSLTransp
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from gotunnel import messages
+from gotunnel import access, messages
+# RegistrationRefused and tokensMatch are imported from here by gotunnel.udp and gotunnel.vhost.
+from gotunnel.access import RegistrationRefused, tokensMatch  # noqa: F401
 from gotunnel.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_CONNECTION_RATE, REFUSED_MAX_USERS, REFUSED_NO_MEMBER,
     REFUSED_SOURCE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
     ServerStats, endingOf, noteEnding,
 )
+from gotunnel.admission import Admission
 from gotunnel.config import ServerSettings
 from gotunnel.control import MessageReceiver, describePeer, tlsFailure
 from gotunnel.groups import Group
 from gotunnel.leases import PortLeases
 from gotunnel.mux import MuxSession, StreamEnd
 from gotunnel.portpolicy import (
-    RefusalLog, SourcePolicy, SourceRate, narrowest, parseNetwork, permitted,
+    RefusalLog, SourcePolicy, SourceRate, permitted,
 )
 from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
+from gotunnel.published import PublishedPorts, WaitingUsers
 from gotunnel.ratelimit import Throttle
 from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
@@ -71,24 +77,12 @@ def withBacklog(description: str, backlog: int) -> str:
 ANY_PORT_ATTEMPTS = 16
 """Ports tried for a C{register} of remote port 0 before it is refused."""
 
-MAX_AUTH_FAILURE_SOURCES = 10_000
-"""Source addresses whose wrong tokens in a row the server remembers."""
-
 ONLINE_RETRY_DELAYS = (1, 2, 4, 8, 16, 30, 30, 30)
 """
 Seconds to wait before each new try to listen on a public port that the
 client asked back online but that could not be bound; about two minutes in
 all, then the port stays offline until the client asks again.
 """
-
-
-class RegistrationRefused(Exception):
-    """The server will not do what a client asked; the message is the reason sent back."""
-
-
-def tokensMatch(given: str, expected: str) -> bool:
-    """Compare tokens in constant time."""
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
 def addressGroup(host: str, ipv6Prefix: int) -> str:
@@ -262,7 +256,6 @@ class Tunnel:
         self.name = register.name
         self.local_port = register.local_port
         self.remote_port = register.remote_port
-        self.waiting: OrderedDict[str, PublicUser] = OrderedDict()
         self.pool: OrderedDict[ServerChannel, None] = OrderedDict()
         self.lastSeen = registry.clock.seconds()
         self.closed = False
@@ -297,6 +290,11 @@ class Tunnel:
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.name!r} :{self.remote_port}>"
+
+    @property
+    def waiting(self) -> Mapping[str, PublicUser]:
+        """The users waiting for a data channel of this mapping, oldest first."""
+        return self.registry.waitingUsers.of(self)
 
     @property
     def listener(self) -> Optional[IListeningPort]:
@@ -457,8 +455,7 @@ class Tunnel:
         user.waitForDataChannel()
         user.timeoutCall = clock.callLater(
             self.registry.settings.data_channel_timeout, self._userTimedOut, user)
-        self.waiting[user.conn_id] = user
-        self.registry.waitingUsers[user.conn_id] = user
+        self.registry.waitingUsers.add(user)
         self.channel.sendMessage(messages.OpenDataChannel(
             local_port=self.local_port, conn_id=user.conn_id))
 
@@ -496,8 +493,7 @@ class Tunnel:
 
     def _forget(self, user: PublicUser) -> None:
         user.doneWaiting()
-        self.waiting.pop(user.conn_id, None)
-        self.registry.waitingUsers.pop(user.conn_id, None)
+        self.registry.waitingUsers.remove(user)
         if user.timeoutCall is not None and user.timeoutCall.active():
             user.timeoutCall.cancel()
         user.timeoutCall = None
@@ -530,10 +526,9 @@ class Tunnel:
         a peer that sends none, the one that has waited longest.
         """
         if conn_id is None:
-            if not self.waiting:
-                return None
-            conn_id = next(iter(self.waiting))
-        user = self.waiting.get(conn_id)
+            user = self.registry.waitingUsers.oldestOf(self)
+        else:
+            user = self.waiting.get(conn_id)
         if user is not None:
             self._forget(user)
         return user
@@ -587,72 +582,73 @@ class Tunnel:
 
 class TunnelRegistry:
     """
-    Which client holds which public port, and the policy for registering,
-    matching data channels, and dropping silent clients.
+    Registering mappings, matching data channels to users, and dropping
+    silent clients: the server's state (L{admission}, L{published}) and
+    rules (L{gotunnel.access}) put to work.
     """
 
     def __init__(self, settings: ServerSettings, reactor) -> None:
         self.settings = settings
         self.reactor = reactor
         self.clock: IReactorTime = reactor
-        self.tunnels: dict[int, Tunnel] = {}
-        self.waitingUsers: dict[str, PublicUser] = {}
+        self.published = PublishedPorts(self.clock)
         self.connections = ConnectionSet()
-        # Connections that have not yet sent their first frame, oldest
-        # first, per source address (see addressGroup): strangers must not be
-        # able to hold all our descriptors.
-        self._pending: dict[str, OrderedDict[ServerChannel, None]] = {}
-        # Addresses with a registered control channel: the data channels
-        # their clients owe us (see owedTo) are not held to the caps.
-        self.clientHosts: dict[str, int] = {}
-        # Wrong tokens in a row per source address, least recent first.
-        self.authFailures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # Per source address (see addressGroup).
+        self.admission = Admission(settings, self.clock, self.owedTo,
+                                   lambda channel: channel.role in ("new", "refused"))
         self.stats = ServerStats(reactor, settings.connection_log)
         self.splicer = Splicer()
         """Set by L{TunnelServerService} to its own, as the settings ask."""
         self._stoppingListeners: set[defer.Deferred] = set()
-        self.leases = PortLeases(self.clock)
         self.refusedUsers = 0
         """Users public ports refused (source policy, limits), since the start."""
         self._sourcePolicies: dict[Optional[str], tuple[SourcePolicy, ...]] = {}
-        self.groups: dict[int, Group] = {}
-        """The group of each public port several clients serve."""
-        self._users: dict[int, int] = {}
-        """Users connected, per public port (a mapping registered again keeps its count)."""
-        self.publicPorts: dict[int, PublicPort] = {}
         self.virtualHosts = None
         """The L{gotunnel.vhost.VirtualHosts}, on a server with virtual-host ports."""
         self.udpPorts: dict[int, PublicPort] = {}
         """The public UDP ports of UDP mappings (L{gotunnel.udp}), apart: a
         port number's UDP socket is not its TCP socket."""
 
+    @property
+    def tunnels(self) -> dict:
+        """The mapping that holds each port, by L{Tunnel.key} (see L{PublishedPorts})."""
+        return self.published.tunnels
+
+    @property
+    def groups(self) -> dict[int, Group]:
+        return self.published.groups
+
+    @property
+    def publicPorts(self) -> dict[int, PublicPort]:
+        return self.published.publicPorts
+
+    @property
+    def waitingUsers(self) -> WaitingUsers:
+        return self.published.waiting
+
+    @property
+    def leases(self) -> PortLeases:
+        return self.published.leases
+
     def userArrived(self, remote_port: int) -> None:
-        self._users[remote_port] = self._users.get(remote_port, 0) + 1
+        self.published.userArrived(remote_port)
 
     def userLeft(self, remote_port: int) -> None:
-        left = self._users.get(remote_port, 0) - 1
-        if left > 0:
-            self._users[remote_port] = left
-        else:
-            self._users.pop(remote_port, None)
+        self.published.userLeft(remote_port)
 
     def usersOf(self, remote_port: int) -> int:
         """Users connected to C{remote_port} now."""
-        return self._users.get(remote_port, 0)
+        return self.published.usersOf(remote_port)
 
     def applyLimits(self, tunnel: "Tunnel", msg: messages.Register) -> None:
         """
         C{tunnel}'s limits on users: the stricter of the server's (or a
         listed client's), and what the client asked for.
         """
-        settings, client = self.settings, self.settings.clients.get(tunnel.name)
-        tunnel.maxUsers = int(narrowest(
-            settings.max_users_per_port, client and client.max_users_per_port, msg.max_users))
-        rate = narrowest(settings.max_connection_rate, client and client.max_connection_rate,
-                         msg.max_connection_rate)
+        limits = access.userLimits(self.settings, msg)
+        tunnel.maxUsers = limits.max_users
+        rate, bandwidth = limits.connection_rate, limits.bandwidth
         tunnel.sourceRate = SourceRate(self.clock, rate) if rate else None
-        bandwidth = narrowest(settings.bandwidth_limit, client and client.bandwidth_limit,
-                              msg.bandwidth_limit)
         tunnel.throttles = (Throttle(self.clock, bandwidth), Throttle(self.clock, bandwidth)) \
             if bandwidth else None
 
@@ -672,52 +668,11 @@ class TunnelRegistry:
     @property
     def pending(self) -> dict[str, int]:
         """How many connections wait for their first frame, per source address."""
-        return {source: len(channels) for source, channels in self._pending.items()}
+        return self.admission.pending
 
     def admit(self, channel: "ServerChannel") -> Optional[str]:
-        """
-        Count a new connection that has yet to say what it is; the reason to
-        refuse it, or None.  When all the room is taken, the oldest such
-        connection of the address that holds the most makes room for one
-        from an address that holds fewer.
-        """
-        settings = self.settings
-        source = channel.source
-        count = len(self._pending.get(source, ()))
-        owed = self.owedTo(source) if source in self.clientHosts else 0
-        if count >= owed:
-            if count - owed >= settings.max_pending_per_source:
-                return (f"{settings.max_pending_per_source} connections from this address are "
-                        "already waiting for their first frame")
-            if (sum(len(channels) for channels in self._pending.values())
-                    >= settings.max_pending_total and not self._evictFor(count - owed)):
-                return (f"{settings.max_pending_total} connections are already waiting "
-                        "for their first frame")
-        # Below what it is owed: data channels we asked this address's
-        # clients for come in bursts, and strangers' idle connections must
-        # not starve them.
-        self._pending.setdefault(source, OrderedDict())[channel] = None
-        return None
-
-    def _evictFor(self, held: int) -> bool:
-        """
-        Close the oldest idle connection of the address that holds the most
-        beyond what it is owed, if that is more than C{held}; whether one
-        was closed.
-        """
-        most, heaviest = held, None
-        for source, channels in self._pending.items():
-            excess = len(channels) - (self.owedTo(source) if source in self.clientHosts else 0)
-            if excess > most:
-                most, heaviest = excess, source
-        if heaviest is None:
-            return False
-        for victim in self._pending[heaviest]:
-            # One that sent its first frame is being registered: it is not idle.
-            if victim.role in ("new", "refused"):
-                victim.evict(most)
-                return True
-        return False
+        """A new connection that has yet to say what it is: L{Admission.admit}."""
+        return self.admission.admit(channel)
 
     def owedTo(self, source: str) -> int:
         """
@@ -732,41 +687,18 @@ class TunnelRegistry:
 
     def release(self, channel: "ServerChannel") -> None:
         """A connection counted by L{admit} has sent its first frame, or gone."""
-        channels = self._pending.get(channel.source)
-        if channels is not None:
-            channels.pop(channel, None)
-            if not channels:
-                del self._pending[channel.source]
+        self.admission.release(channel)
 
     def clientArrived(self, host: str) -> None:
-        self.clientHosts[host] = self.clientHosts.get(host, 0) + 1
+        self.admission.clientArrived(host)
 
     def clientLeft(self, host: str) -> None:
-        left = self.clientHosts.get(host, 0) - 1
-        if left > 0:
-            self.clientHosts[host] = left
-        else:
-            self.clientHosts.pop(host, None)
+        self.admission.clientLeft(host)
 
     def authenticationFailed(self, host: str) -> float:
-        """
-        Record a wrong token from C{host}; how long to wait before answering,
-        growing with each failure in a row so that guessing is slow.
-        """
+        """A wrong token from C{host}: how long to wait before answering (L{Admission})."""
         self.stats.authFailures["control"] += 1
-        now = self.clock.seconds()
-        count, last = self.authFailures.pop(host, (0, now))
-        if now - last > 60:
-            count = 0
-        count += 1
-        self.authFailures[host] = (count, now)
-        if len(self.authFailures) > MAX_AUTH_FAILURE_SOURCES:
-            # The least recent: clearing the whole table instead would let
-            # a spray of addresses reset a guesser's back-off.
-            self.authFailures.popitem(last=False)
-        if count == 1:
-            return 0.0
-        return min(0.1 * 2 ** (count - 2), self.settings.auth_failure_delay_max)
+        return self.admission.authenticationFailed(host)
 
     def publicPort(self, remote_port: int) -> PublicPort:
         """
@@ -778,12 +710,8 @@ class TunnelRegistry:
         if port is None:
             port = self.publicPorts[remote_port] = PublicPort(
                 self.publicEndpoint(remote_port), remote_port, self.trackStopping,
-                self._publicPortIdle)
+                self.published.portIdle)
         return port
-
-    def _publicPortIdle(self, port: PublicPort) -> None:
-        if self.publicPorts.get(port.remote_port) is port:
-            del self.publicPorts[port.remote_port]
 
     def publicEndpoint(self, port: int):
         interface = self.settings.public_interface
@@ -792,26 +720,8 @@ class TunnelRegistry:
                             interface=interface)
 
     def authenticate(self, name: str, token: str, certificateName: Optional[str]) -> str:
-        """
-        The client's name once its token (and certificate, with mutual TLS)
-        is checked: a client listed in C{settings.clients} needs its own
-        token, any other the shared one, if the server has one.  With a
-        client certificate, its common name is the client's name.
-
-        @raise RegistrationRefused: why not.
-        """
-        if certificateName is not None:
-            if not name:
-                name = certificateName
-            elif name != certificateName:
-                raise RegistrationRefused(
-                    f"client name {name!r} is not the name in the client's certificate "
-                    f"({certificateName!r})")
-        client = self.settings.clients.get(name)
-        expected = client.token if client is not None else self.settings.token
-        if not expected or not tokensMatch(token, expected):
-            raise RegistrationRefused("authentication failed")
-        return name
+        """L{access.authenticate} under this server's settings."""
+        return access.authenticate(self.settings, name, token, certificateName)
 
     def checkLimits(self, name: str, remote_port: int, protocol: Optional[str] = None) -> None:
         """
@@ -822,42 +732,22 @@ class TunnelRegistry:
         if remote_port:
             # 0: the server chooses one that name may publish.
             self.checkPort(name, remote_port)
-        limit = self.mappingLimit(name)
-        held = sum(1 for tunnel in self.allTunnels() if tunnel.name == name
-                   and (tunnel.remote_port, tunnel.protocol) != (remote_port, protocol))
-        if held >= limit:
-            raise RegistrationRefused(
-                f"too many mappings for client {name!r}: it may hold {limit} at once")
+        access.checkMappingCount(self.settings, name, sum(
+            1 for tunnel in self.allTunnels() if tunnel.name == name
+            and (tunnel.remote_port, tunnel.protocol) != (remote_port, protocol)))
 
     def mappingLimit(self, name: str) -> int:
         """How many mappings C{name} may hold at once."""
-        client = self.settings.clients.get(name)
-        if client is not None and client.max_mappings is not None:
-            return client.max_mappings
-        return self.settings.max_mappings_per_client
-
-    def allowedPorts(self, name: str) -> tuple[range, ...]:
-        """The ports C{name} may publish; empty: any."""
-        client = self.settings.clients.get(name)
-        if client is not None and client.allow_ports:
-            return client.allow_ports
-        return self.settings.allow_ports
+        return access.mappingLimit(self.settings, name)
 
     def checkPort(self, name: str, remote_port: int) -> None:
         """Refuse a port outside what C{name} may publish."""
-        client = self.settings.clients.get(name)
-        allowed = self.allowedPorts(name)
-        if allowed and not any(remote_port in ports for ports in allowed):
-            where = f"for client {name!r}" if client is not None and client.allow_ports \
-                else "on this server"
-            raise RegistrationRefused(f"remote port {remote_port} is not allowed {where}")
+        access.checkPort(self.settings, name, remote_port)
 
     def sourcePolicies(self, name: str, msg: messages.Register) -> tuple[SourcePolicy, ...]:
         """
-        The source policies of a mapping C{name} registers: the server's
-        (a listed client's own allow list instead of server.allow_sources,
-        its deny list as well as server.deny_sources), then what the
-        client asks for, which can only narrow them.
+        The source policies of a mapping C{name} registers: the server's,
+        then what the client asks for (see L{access.serverSources}).
 
         @raise RegistrationRefused: the client's lists are not networks.
         """
@@ -866,29 +756,8 @@ class TunnelRegistry:
         key = name if name in self.settings.clients else None
         policies = self._sourcePolicies.get(key)
         if policies is None:
-            settings, client = self.settings, self.settings.clients.get(name)
-            allow, deny = settings.allow_sources, settings.deny_sources
-            if client is not None:
-                allow = client.allow_sources or allow
-                deny = tuple(deny) + tuple(client.deny_sources)
-            policy = SourcePolicy.of(allow, deny)
-            policies = (policy,) if policy else ()
-            self._sourcePolicies[key] = policies
-        if msg.allow_sources or msg.deny_sources:
-            try:
-                asked = SourcePolicy.of(
-                    [parseNetwork(text, "register.allow_sources")
-                     for text in msg.allow_sources or ()],
-                    [parseNetwork(text, "register.deny_sources")
-                     for text in msg.deny_sources or ()])
-            except ValueError as e:
-                raise RegistrationRefused(str(e)) from None
-            policies += (asked,)
-        return policies
-
-    def ownsItsName(self, name: str) -> bool:
-        """Whether C{name} can be held by one client only: a listed one, or with mutual TLS."""
-        return name in self.settings.clients or bool(self.settings.tls_client_ca)
+            policies = self._sourcePolicies[key] = access.serverSources(self.settings, name)
+        return policies + access.askedSources(msg)
 
     def register(self, channel: "ServerChannel", msg: messages.Register) -> defer.Deferred:
         """
@@ -907,24 +776,16 @@ class TunnelRegistry:
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
             tunnelType = Tunnel
-            if msg.protocol == "udp" and self.settings.udp:
+            if access.isUdp(self.settings, msg):
                 from gotunnel.udp import UdpTunnel
                 tunnelType = UdpTunnel
-            elif msg.protocol not in ("tcp", ""):
-                raise RegistrationRefused(f"protocol {msg.protocol!r} is not supported, only tcp")
-            if not 0 <= msg.remote_port <= 65535:
-                raise RegistrationRefused(f"remote port {msg.remote_port} is not from 0 to 65535")
             protocol = tunnelType.protocol
             self.checkLimits(msg.name, msg.remote_port, protocol)
             sources = self.sourcePolicies(msg.name, msg)
             if msg.remote_port == 0:
-                if tunnelType is not Tunnel:
-                    raise RegistrationRefused(
-                        "a UDP mapping needs a remote_port of its own (0 is for TCP)")
                 return self._registerAnyPort(channel, msg, sources)
-            if msg.group and tunnelType is not Tunnel:
-                raise RegistrationRefused("groups are for TCP mappings, not UDP")
-            self._takeLease(msg.name, msg.remote_port, protocol)
+            self.published.takeLease(msg.name, msg.remote_port, self.mappingLimit(msg.name),
+                                     protocol)
         except RegistrationRefused as e:
             return defer.fail(e)
         if tunnelType is Tunnel:
@@ -935,6 +796,14 @@ class TunnelRegistry:
                 return defer.fail(e)
             if joined is not None:
                 return joined
+        return self._publish(channel, msg, tunnelType, sources)
+
+    def _publish(self, channel: "ServerChannel", msg: messages.Register, tunnelType: type,
+                 sources: tuple[SourcePolicy, ...]) -> defer.Deferred:
+        """
+        Publish C{msg}'s port, allowed to its client, for a new mapping of
+        C{tunnelType}, taking it over from the same client's previous one.
+        """
         key = tunnelType.portKey(msg.remote_port)
         previous = self.tunnels.get(key)
         if previous is not None:
@@ -979,8 +848,8 @@ class TunnelRegistry:
         allowed, one the OS chooses.  A port free of tunnels and leases that
         the OS will not bind is skipped, up to L{ANY_PORT_ATTEMPTS} times.
         """
-        allowed = self.allowedPorts(msg.name)
-        candidates = self._freeAllowedPorts(allowed) if allowed else None
+        allowed = access.allowedPorts(self.settings, msg.name)
+        candidates = self.published.freePorts(allowed) if allowed else None
         attempts = iter(range(ANY_PORT_ATTEMPTS))
 
         def attempt(_=None):
@@ -1004,20 +873,6 @@ class TunnelRegistry:
             return attempt()
 
         return defer.maybeDeferred(attempt)
-
-    def _freeAllowedPorts(self, allowed: tuple[range, ...]):
-        """Ports of C{allowed} neither published nor reserved, from a random one on."""
-        total = sum(len(ports) for ports in allowed)
-        start = secrets.randbelow(total)
-        for i in range(total):
-            index = (start + i) % total
-            for ports in allowed:
-                if index < len(ports):
-                    port = ports[index]
-                    break
-                index -= len(ports)
-            if port not in self.tunnels and self.leases.get(port) is None:
-                yield port
 
     def _listenEphemeral(self, channel: "ServerChannel", msg: messages.Register,
                          sources: tuple[SourcePolicy, ...]) -> defer.Deferred:
@@ -1054,33 +909,6 @@ class TunnelRegistry:
         endpoint = self.publicEndpoint(0)
         return endpoint.listen(factory).addCallbacks(listening, refused)
 
-    def _takeLease(self, name: str, remote_port: int, protocol: Optional[str] = None) -> None:
-        """
-        End the lease on C{remote_port} if C{name} holds it: C{name} is
-        back.  Also ends C{name}'s oldest leases on other ports past what
-        it may hold at once, so that leases stay within its mapping limit.
-
-        @raise RegistrationRefused: another name holds the lease.
-        """
-        leased = protocol or "tcp"
-        lease = self.leases.get(remote_port, leased)
-        if lease is not None and lease.name != name:
-            raise RegistrationRefused(
-                f"remote port {remote_port} is reserved for the client that had it, "
-                f"for {self.leases.remaining(lease):.0f} s more")
-        held = sum(1 for tunnel in self.tunnels.values() if tunnel.name == name
-                   and (tunnel.remote_port, tunnel.protocol) != (remote_port, protocol))
-        others = [other for other in self.leases.heldBy(name) if other is not lease]
-        for other in others[:max(held + len(others) + 1 - self.mappingLimit(name), 0)]:
-            self.leases.end(other.remote_port, other.protocol)
-            log.info("lease of public port {remote_port} for {name} ended: {name} "
-                     "registered another port", remote_port=other.remote_port,
-                     name=printable(name))
-        if lease is not None:
-            self.leases.end(remote_port, leased)
-            log.info("client {name} is back: public port {remote_port} is its again",
-                     name=printable(name), remote_port=remote_port)
-
     def clientDropped(self, tunnel: Tunnel) -> None:
         """
         C{tunnel}'s control channel went away without its mapping being
@@ -1103,43 +931,12 @@ class TunnelRegistry:
         return secrets.token_hex(8)
 
     def forget(self, tunnel: Tunnel) -> None:
-        group = tunnel.group
-        if group is not None:
-            group.remove(tunnel)
-            if group.members:
-                self._handOver(tunnel, next(iter(group.members.values())))
-                return
-            if self.groups.get(tunnel.remote_port) is group:
-                del self.groups[tunnel.remote_port]
-        if self.tunnels.get(tunnel.key) is tunnel:
-            del self.tunnels[tunnel.key]
-
-    def _handOver(self, leaving: Tunnel, successor: Tunnel) -> None:
-        """
-        C{leaving} leaves its group: if it held the port's listener, the
-        port stays open and C{successor} holds it now.
-        """
-        log.info("client {name} left group {group} of public port {remote_port}; "
-                 "{count} members go on", name=printable(leaving.name),
-                 group=printable(leaving.group.name),
-                 remote_port=leaving.remote_port, count=len(leaving.group.members))
-        if self.tunnels.get(leaving.remote_port) is not leaving:
-            return
-        self.tunnels[leaving.remote_port] = successor
-        port = self.publicPorts.get(leaving.remote_port)
-        factory = port.handOver(leaving, successor) if port is not None else None
-        if factory is not None:
-            # The same socket, and its factory, serve the successor now.
-            factory.tunnel = successor
-            successor.online = True
+        """C{tunnel} is closed: L{PublishedPorts.forget}."""
+        self.published.forget(tunnel)
 
     def allTunnels(self) -> list[Tunnel]:
         """Every registered mapping: the holder of each port, and the other members of groups."""
-        tunnels = list(self.tunnels.values())
-        for group in self.groups.values():
-            tunnels.extend(member for member in group.members.values()
-                           if self.tunnels.get(member.remote_port) is not member)
-        return tunnels
+        return self.published.allTunnels()
 
     def _joinGroup(self, channel: "ServerChannel", msg: messages.Register,
                    sources: tuple[SourcePolicy, ...]) -> Optional[defer.Deferred]:
@@ -1183,29 +980,17 @@ class TunnelRegistry:
                  remote_port=msg.remote_port, count=len(group.members))
         return defer.succeed(tunnel)
 
-    def holderOf(self, name: str) -> Optional[str]:
-        """
-        Who holds what is registered under C{name}: the name itself when
-        only one client can hold it (see L{ownsItsName}), or None for the
-        shared token, which every holder of it shares.
-        """
-        return name if self.ownsItsName(name) else None
-
     def _dataChannelOwner(self, msg: messages.DataChannel,
                           certificateName: Optional[str]) -> Callable[[Tunnel], bool]:
         """
         Check a data channel's credentials; return a test of whether a
         tunnel is one this data channel may serve: one registered by the
-        same holder (L{holderOf}), on a port that holder may publish.
+        same holder (L{access.sameHolder}), on a port that holder may publish.
         """
         name = self.authenticate(msg.name, msg.token, certificateName)
-        holder = self.holderOf(name)
 
         def mine(tunnel: Tunnel) -> bool:
-            # A shared-token mapping is served by the shared token whatever
-            # the name (a Go client's data channel is matched by token
-            # alone); a listed client's token is not the shared one.
-            if self.holderOf(tunnel.name) != holder:
+            if not access.sameHolder(self.settings, name, tunnel.name):
                 log.warn("a data channel of {name!r} asked for a user of {owner!r}",
                          name=name, owner=tunnel.name)
                 return False

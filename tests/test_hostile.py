@@ -21,10 +21,10 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from gotunnel import messages
+from gotunnel.admission import MAX_AUTH_FAILURE_SOURCES
 from gotunnel.config import ServerSettings
 from gotunnel.server import (
-    MAX_AUTH_FAILURE_SOURCES, MAX_EARLY_BYTES, PublicUser, ServerChannel, TunnelRegistry,
-    addressGroup,
+    MAX_EARLY_BYTES, PublicUser, ServerChannel, TunnelRegistry, addressGroup,
 )
 
 from tests.support import (
@@ -910,7 +910,7 @@ class ServerChannelPropertyTests(unittest.TestCase):
         self.assertEqual(registry.tunnels, {})
         self.assertEqual(registry.waitingUsers, {})
         self.assertEqual(registry.pending, {})
-        self.assertEqual(registry.clientHosts, {})
+        self.assertEqual(registry.admission.clientHosts, {})
         self.assertEqual(len(registry.connections), 0)
         self.assertEqual(harness.clock.getDelayedCalls(), [])
         # ... and, once they are gone, the same address does too.
@@ -1171,14 +1171,15 @@ class AuthFailureTableTests(unittest.TestCase):
         self.assertEqual(delays, [0.0, 0.1, 0.2, 0.4])
         for n in range(20_000):
             self.registry.authenticationFailed(f"2001:db8:{n // 256:x}:{n % 256:x}::/64")
-            self.assertLessEqual(len(self.registry.authFailures), MAX_AUTH_FAILURE_SOURCES)
+            self.assertLessEqual(len(self.registry.admission.authFailures),
+                                 MAX_AUTH_FAILURE_SOURCES)
             if n % 1000 == 999:
                 self.clock.advance(1)
                 delays.append(self.registry.authenticationFailed("192.0.2.66"))
         self.assertEqual(delays[4:], [0.8, 1.6, 3.2] + [5.0] * 17)
-        self.assertEqual(len(self.registry.authFailures), MAX_AUTH_FAILURE_SOURCES)
-        self.assertNotIn("2001:db8:0:0::/64", self.registry.authFailures)
-        self.assertIn("2001:db8:4e:1f::/64", self.registry.authFailures)
+        self.assertEqual(len(self.registry.admission.authFailures), MAX_AUTH_FAILURE_SOURCES)
+        self.assertNotIn("2001:db8:0:0::/64", self.registry.admission.authFailures)
+        self.assertIn("2001:db8:4e:1f::/64", self.registry.admission.authFailures)
 
     def test_forgottenAfterAMinute(self):
         """A failure more than 60 s after the last starts the count again."""
