@@ -28,8 +28,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from gotunnel import access, messages
-# RegistrationRefused and tokensMatch are imported from here by gotunnel.udp and gotunnel.vhost.
-from gotunnel.access import RegistrationRefused, tokensMatch  # noqa: F401
+# RegistrationRefused is imported from here by gotunnel.udp and gotunnel.vhost.
+from gotunnel.access import RegistrationRefused
 from gotunnel.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_CONNECTION_RATE, REFUSED_MAX_USERS, REFUSED_NO_MEMBER,
     REFUSED_SOURCE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,

@@ -37,10 +37,11 @@ from gotunnel.control import MessageReceiver
 from gotunnel.portpolicy import permitted
 from gotunnel.relay import setNoDelay
 from gotunnel.sameturn import twistedBuffered, writeThrough
+from gotunnel.access import tokensMatch
 from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
 from gotunnel.server import (
-    RegistrationRefused, Tunnel, TunnelRegistry, _whenFired, tokensMatch,
+    RegistrationRefused, Tunnel, TunnelRegistry, _whenFired,
 )
 
 log = Logger()
