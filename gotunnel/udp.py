@@ -31,13 +31,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gotunnel import messages
+from gotunnel.access import tokensMatch
 from gotunnel.accounting import REFUSED_SOURCE, DatagramCounters
 from gotunnel.client import POOL_REFILL_DELAY, TunnelService
 from gotunnel.control import MessageReceiver
 from gotunnel.portpolicy import permitted
 from gotunnel.relay import setNoDelay
 from gotunnel.sameturn import twistedBuffered, writeThrough
-from gotunnel.access import tokensMatch
 from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
 from gotunnel.server import (
