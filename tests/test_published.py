@@ -15,6 +15,9 @@ from gotunnel.published import PublishedPorts, WaitingUsers
 
 
 class FakeTunnel:
+    protocol = None
+    """TCP, as L{gotunnel.server.Tunnel}'s."""
+
     def __init__(self, name: str, remote_port: int) -> None:
         self.name = name
         self.remote_port = remote_port
