@@ -25,10 +25,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from gotunnel import messages, proxyprotocol
-from gotunnel.accounting import (
-    REFUSED, SERVICE_CLOSED, USER_CLOSED, endingOf, logClientConnection, noteEnding,
-)
+from gotunnel import datachannelstates, messages
+from gotunnel.accounting import REFUSED, SERVICE_CLOSED, endingOf, noteEnding
 from gotunnel.config import ClientSettings, Mapping, clientEndpointString
 from gotunnel.control import CLIENT_TLS_HINTS, MessageReceiver, tlsFailure
 from gotunnel.muxclient import MuxDataChannel
@@ -352,12 +350,13 @@ class DataChannelClient(MessageReceiver, RelayEnd):
 
     Beyond L{EARLY_LOCAL_CONNECTS} such early connections at once, the local
     connection waits for the server's answer instead.
+
+    How far it has come (connecting, asking, answered, spliced, refused,
+    closed) is its L{state} object (see L{gotunnel.datachannelstates}).
     """
 
     localConnecting: Optional[defer.Deferred] = None
     local: Optional["LocalServiceConnection"] = None
-    localFailed = False
-    lost = False
     answerTimeout = None
     early = False
     """This channel holds one of its mapping's early local connections."""
@@ -373,6 +372,7 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         self.tunnel = tunnel
         self.request = request
         self.startedAt = tunnel.reactor.seconds()
+        self.state: datachannelstates.DataChannelState = datachannelstates.Connecting(self)
 
     @property
     def pooled(self) -> bool:
@@ -384,117 +384,53 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         # channel, and the local connection spliced to it, forever.
         setKeepAlive(self.transport)
         self.tunnel.connections.add(self)
-        if self.pooled:
-            if self not in self.tunnel.pool:
-                # The pool was emptied (control channel lost) while we connected.
-                self.transport.loseConnection()
-                return
-            ask = {"pooled": True}
-            mapping = self.tunnel.mapping
-            if mapping.vhost:
-                ask.update(vhost=mapping.vhost, domains=mapping.domains or None,
-                           subdomain=mapping.subdomain or None)
-        else:
-            ask = {"conn_id": self.request.conn_id}
-        mapping, settings = self.tunnel.mapping, self.tunnel.settings
-        if mapping.proxy_protocol is not None:
-            ask["addresses"] = True
-        self.sendMessage(messages.DataChannel(
-            local_port=mapping.local_port, remote_port=mapping.remote_port, protocol="",
-            token=settings.token, name=settings.name, **ask))
-        if not self.pooled:
-            # A pooled channel waits for a user as long as the server likes;
-            # a user's is answered at once by a server that works.
-            self.answerTimeout = self.tunnel.reactor.callLater(
-                settings.register_timeout, self._unanswered)
-        if self.localFailed:
-            # The server still learns which user this was for, and closes it.
-            self.transport.loseConnection()
+        self.state.connected()
 
-    def _unanswered(self) -> None:
+    def unanswered(self) -> None:
         self.answerTimeout = None
         log.warn("the server did not answer a data channel for {mapping} within {seconds:g} s; "
                  "closing it", mapping=str(self.tunnel.mapping),
                  seconds=self.tunnel.settings.register_timeout)
         self.transport.abortConnection()
 
-    def _answered(self) -> None:
+    def answered(self) -> None:
         if self.answerTimeout is not None and self.answerTimeout.active():
             self.answerTimeout.cancel()
         self.answerTimeout = None
         self.tunnel.dataChannelAnswered(self)
 
-    def msg_register_resp(self, msg: messages.RegisterResp) -> None:
-        self._answered()
-        if not msg.ok:
-            log.warn("server refused a data channel: {reason}", reason=printable(msg.reason))
-            noteEnding(self, REFUSED)
-            if self.pooled:
-                self.tunnel.poolRefused(self)
-            # The user this was for is gone (it closed or reset while it
-            # waited, having sent nothing): the service's connection made
-            # for it is abandoned, not ended by anyone.
-            self._dropLocal(reset=True)
-            self.transport.loseConnection()
-            return
-        if self.pooled:
-            self.tunnel.pooledChannelTaken(self)
-            self.startedAt = self.tunnel.reactor.seconds()
-        version = self.tunnel.mapping.proxy_protocol
-        if version is not None:
-            self.proxyHeader = proxyprotocol.header(
-                version, _address(msg.user_host, msg.user_port),
-                _address(msg.public_host, msg.public_port))
-        self.switchToRaw()
-        if self.local is not None:
-            self._splice(self.local)
-            return
-        self.holdReading()
-        if self.localConnecting is None:
-            self.connectLocal()
+    def messageReceived(self, message: messages.Message) -> None:
+        self.state.messageReceived(message)
+
+    def connectEarly(self) -> None:
+        """Connect to the local service now, ahead of the server's answer."""
+        self.state.connectEarly()
 
     def connectLocal(self) -> None:
         """Start the connection to the local service."""
         self.localConnecting = self.tunnel.connectLocal(self)
         self.localConnecting.addErrback(self._localUnreachable)
 
-    def _splice(self, local: "LocalServiceConnection") -> None:
-        self._earlyDone()
-        if self.proxyHeader:
-            # First on the local connection, in the same write as the user's
-            # first bytes (what this side holds goes to the local side first).
-            self._held = [self.proxyHeader] + (self._held or [])
-        self.servedLocal = local
-        self.tunnel.splicer.splice(self, local)
-        self._replaceInPool()
-
-    def _replaceInPool(self) -> None:
+    def replaceInPool(self) -> None:
         # The replacement is opened once the user's connection is set up, not
         # when the server hands this channel a user: its connect would go
         # ahead of the local connection's.
         if self.pooled:
             self.tunnel.fillPool()
 
-    def _earlyDone(self) -> None:
+    def earlyDone(self) -> None:
         if self.early:
             self.early = False
             self.tunnel.earlyLocalConnections -= 1
 
     def cannotConnect(self, failure):
         """The data channel could not be made: the local connection goes too."""
-        self.lost = True
-        self.tunnel.dataChannelAnswered(self)
-        self._dropLocal()
+        self.state.cannotConnect()
         return failure
 
     def localConnected(self, local: "LocalServiceConnection") -> None:
         self.localConnecting = None
-        if self.lost:
-            local.transport.loseConnection()
-            return
-        self.local = local
-        if self._raw:
-            self._splice(local)
+        self.state.localConnected(local)
 
     def _localUnreachable(self, failure) -> None:
         self.localConnecting = None
@@ -511,14 +447,12 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         The local service refused, or closed before the splice: close the
         data channel (at once if it is up, else right after its first frame).
         """
-        self._earlyDone()
+        self.earlyDone()
         self.local = None
-        self.localFailed = True
-        if self.transport is not None and not self.lost:
-            self.transport.loseConnection()
+        self.state.localLost()
 
-    def _dropLocal(self, reset: bool = False) -> None:
-        self._earlyDone()
+    def dropLocal(self, reset: bool = False) -> None:
+        self.earlyDone()
         connecting, self.localConnecting = self.localConnecting, None
         if connecting is not None:
             connecting.cancel()
@@ -531,28 +465,17 @@ class DataChannelClient(MessageReceiver, RelayEnd):
                 local.transport.loseConnection()
 
     def rawDataReceived(self, data: bytes) -> None:
-        self.relayReceived(data)
+        self.state.rawDataReceived(data)
 
     def readConnectionLost(self) -> None:
-        if self._raw:
-            noteEnding(self, USER_CLOSED)
-            RelayEnd.readConnectionLost(self)
-        else:
-            self.transport.loseConnection()
+        self.state.readConnectionLost()
 
     def connectionLost(self, reason=None) -> None:
-        self.lost = True
-        self._answered()
-        if self._raw or not self.pooled:
-            # A user's connection (a pooled channel never handed one has none).
-            noteEnding(self, endingOf(reason, USER_CLOSED))
-            logClientConnection(self.tunnel.settings.connection_log, self, self.tunnel.reactor)
+        ending, self.state = self.state, datachannelstates.Closed(self)
+        self.answered()
         self.tunnel.connections.discard(self)
-        if self.pooled and not self._raw:
-            self.tunnel.pooledChannelLost(self)
-        elif self.peer is None:
-            self._replaceInPool()
-        self._dropLocal(isReset(reason))
+        ending.connectionLost(reason)
+        self.dropLocal(isReset(reason))
         self.relayConnectionLost(reason)
 
 
@@ -566,13 +489,6 @@ class _Always(Factory):
 
     def buildProtocol(self, addr):
         return self.protocol
-
-
-def _address(host: Optional[str], port: Optional[int]) -> Optional[tuple[str, int]]:
-    """(host, port) where the server told both, else None."""
-    if host is None or port is None:
-        return None
-    return host, port
 
 
 class DataChannelFactory(Factory):
@@ -1007,10 +923,8 @@ class TunnelService(MultiService):
         channel = DataChannelClient(self, request)
         self.opening.add(channel)
         self._connectDataChannel(channel)
-        if not channel.lost and self.earlyLocalConnections < EARLY_LOCAL_CONNECTS:
-            self.earlyLocalConnections += 1
-            channel.early = True
-            channel.connectLocal()
+        if self.earlyLocalConnections < EARLY_LOCAL_CONNECTS:
+            channel.connectEarly()
 
     def _connectDataChannel(self, channel: DataChannelClient) -> None:
         def failed(failure):

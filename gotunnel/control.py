@@ -265,6 +265,10 @@ class MessageReceiver(Int32StringReceiver):
         if message is None:
             self.log.debug("ignoring a frame of unknown type from {peer}", peer=self.peerDescription)
             return
+        self.messageReceived(message)
+
+    def messageReceived(self, message: Message) -> None:
+        """Hand C{message} to the C{msg_<type>} method; a type without one breaks the protocol."""
         handler = getattr(self, "msg_" + message.type, None)
         if handler is None:
             self.protocolError(f"unexpected {message.type} message")

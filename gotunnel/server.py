@@ -27,17 +27,17 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime, ISSLTransp
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from gotunnel import access, messages
+from gotunnel import access, channelstates, messages
 # RegistrationRefused is imported from here by gotunnel.udp and gotunnel.vhost.
 from gotunnel.access import RegistrationRefused
 from gotunnel.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_CONNECTION_RATE, REFUSED_MAX_USERS, REFUSED_NO_MEMBER,
-    REFUSED_SOURCE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, SERVICE_CLOSED, USER_CLOSED,
-    ServerStats, endingOf, noteEnding,
+    REFUSED_SOURCE, REFUSED_TIMEOUT, REFUSED_WAITING_USERS, USER_CLOSED,
+    ServerStats, noteEnding,
 )
 from gotunnel.admission import Admission
 from gotunnel.config import ServerSettings
-from gotunnel.control import MessageReceiver, describePeer, tlsFailure
+from gotunnel.control import MessageReceiver, describePeer
 from gotunnel.groups import Group
 from gotunnel.leases import PortLeases
 from gotunnel.mux import MuxSession, StreamEnd
@@ -48,7 +48,7 @@ from gotunnel.printable import printable
 from gotunnel.publicport import PublicPort
 from gotunnel.published import PublishedPorts, WaitingUsers
 from gotunnel.ratelimit import Throttle
-from gotunnel.relay import ConnectionSet, RelayEnd, setKeepAlive, setNoDelay, splice
+from gotunnel.relay import ConnectionSet, RelayEnd, setNoDelay, splice
 from gotunnel.sameturn import readWaiting
 from gotunnel.splicer import Splicer
 
@@ -580,6 +580,11 @@ class Tunnel:
         return self.stopListening()
 
 
+def _idle(channel: "ServerChannel") -> bool:
+    """Whether C{channel} may be evicted: it has not registered, or was refused."""
+    return isinstance(channel.state, (channelstates.Handshake, channelstates.Refused))
+
+
 class TunnelRegistry:
     """
     Registering mappings, matching data channels to users, and dropping
@@ -594,8 +599,7 @@ class TunnelRegistry:
         self.published = PublishedPorts(self.clock)
         self.connections = ConnectionSet()
         # Per source address (see addressGroup).
-        self.admission = Admission(settings, self.clock, self.owedTo,
-                                   lambda channel: channel.role in ("new", "refused"))
+        self.admission = Admission(settings, self.clock, self.owedTo, _idle)
         self.stats = ServerStats(reactor, settings.connection_log)
         self.splicer = Splicer()
         """Set by L{TunnelServerService} to its own, as the settings ask."""
@@ -1097,11 +1101,11 @@ class ServerChannel(MessageReceiver, RelayEnd):
     """
     A connection to the control port.  Its first frame makes it a control
     channel (C{register}) or a data channel (C{data_channel}); a data
-    channel then carries raw bytes, spliced to its user.
+    channel then carries raw bytes, spliced to its user.  What it does in
+    each role is its current L{state} (see L{gotunnel.channelstates}).
     """
 
     tunnel: Optional[Tunnel] = None
-    role = "new"  # then "registering", "control", "pooled", "mux", "data" or "refused"
     mux: Optional[MuxSession] = None
     tlsMismatchHint = ("a TLS client talking to this plain-TCP port? give the server "
                        "--tls-cert and --tls-key, or connect without TLS")
@@ -1118,6 +1122,12 @@ class ServerChannel(MessageReceiver, RelayEnd):
 
     def __init__(self, registry: TunnelRegistry) -> None:
         self.registry = registry
+        self.state: channelstates.ChannelState = channelstates.Handshake(self)
+
+    @property
+    def role(self) -> str:
+        """The name of the current role, for those who watch: "new", "control", "data" ..."""
+        return self.state.name
 
     @property
     def host(self) -> str:
@@ -1132,14 +1142,14 @@ class ServerChannel(MessageReceiver, RelayEnd):
             log.warn("refusing a connection from {peer}: {why}",
                      peer=self.peerDescription, why=refusal)
             self.registry.stats.admissionRefusals["pending"] += 1
-            self.role = "refused"
+            self.state = channelstates.Refused(self)
             self.transport.abortConnection()
             return
         self.pending = True
         self.firstFrameCall = self.registry.clock.callLater(
             self.registry.settings.first_frame_timeout, self._firstFrameTimedOut)
 
-    def _releasePending(self) -> None:
+    def releasePending(self) -> None:
         """
         This connection is now a control or data channel, or gone: it no
         longer counts against the caps on connections not yet accepted.
@@ -1147,9 +1157,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
         if self.pending:
             self.pending = False
             self.registry.release(self)
-        self._cancelFirstFrameTimeout()
+        self.cancelFirstFrameTimeout()
 
-    def _cancelFirstFrameTimeout(self) -> None:
+    def cancelFirstFrameTimeout(self) -> None:
         if self.firstFrameCall is not None:
             self.firstFrameCall.cancel()
             self.firstFrameCall = None
@@ -1159,7 +1169,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         Answer C{register_resp} fail and close; a wrong token is answered
         after a delay that grows with the address's failures in a row.
         """
-        self.role = "refused"
+        self.state = channelstates.Refused(self)
         delay = 0.0
         if reason == "authentication failed":
             delay = self.registry.authenticationFailed(self.source)
@@ -1182,181 +1192,23 @@ class ServerChannel(MessageReceiver, RelayEnd):
         log.warn("{peer} is the oldest of {held} connections from its address waiting for "
                  "their first frame; closing it to make room for another address's",
                  peer=self.peerDescription, held=held)
-        self._releasePending()
+        self.releasePending()
         self.transport.abortConnection()
 
     def _firstFrameTimedOut(self) -> None:
         self.firstFrameCall = None
-        self._releasePending()
+        self.releasePending()
         log.warn("{peer} sent no register or data_channel within {timeout} s; closing",
                  peer=self.peerDescription, timeout=self.registry.settings.first_frame_timeout)
         self.transport.abortConnection()
 
-    def _firstFrame(self, kind: str) -> bool:
-        if self.role != "new":
-            self.protocolError(f"{kind} on a connection that is already a {self.role} channel")
-            return False
-        # Still counted as pending until accepted: a connection held for a
-        # delayed refusal must stay under the caps.
-        self._cancelFirstFrameTimeout()
-        return True
+    def registered(self, tunnel: Tunnel) -> None:
+        """The registry opened the port asked for (or the group took us in)."""
+        self.state.registered(tunnel)
 
-    def _requireControl(self, kind: str) -> bool:
-        if self.role != "control":
-            self.protocolError(f"{kind} before a successful register")
-            return False
-        return True
-
-    def msg_register(self, msg: messages.Register) -> None:
-        if not self._firstFrame("register"):
-            return
-        self.role = "registering"
-        self.askedAnyPort = msg.remote_port == 0 and msg.vhost is None
-        self.registry.register(self, msg).addCallbacks(
-            self._registered, self._refused, errbackArgs=(msg,))
-
-    def _registered(self, tunnel: Tunnel) -> None:
-        if self.role != "registering":
-            # The connection went away while the port was being opened.
-            tunnel.close()
-            return
-        self.role = "control"
-        self.tunnel = tunnel
-        self._releasePending()
-        self.registry.clientArrived(self.source)
-        vhost = getattr(tunnel, "vhost", None)
-        if vhost is not None:
-            self.sendMessage(messages.RegisterResp(
-                status="ok", pool=self.registry.settings.max_pool_count or None, vhost=vhost))
-            log.info("client {name} registered from {peer}: local port {local_port} -> "
-                     "{vhost} virtual host {domains}", name=printable(tunnel.name),
-                     peer=self.peerDescription, local_port=tunnel.local_port, vhost=vhost,
-                     domains=",".join(tunnel.domains))
-            return
-        answer = tunnel.registerResp()
-        if self.askedAnyPort:
-            answer = dataclasses.replace(answer, remote_port=tunnel.remote_port)
-        self.sendMessage(answer)
-        log.info("client {name} registered from {peer}: local port {local_port} -> "
-                 "public port {remote_port}", name=printable(tunnel.name),
-                 peer=self.peerDescription, local_port=tunnel.local_port,
-                 remote_port=tunnel.remote_port)
-
-    def _refused(self, failure, msg: messages.Register) -> None:
+    def registrationRefused(self, failure, msg: messages.Register) -> None:
         failure.trap(RegistrationRefused)
-        if self.role != "registering":
-            return
-        if msg.vhost is not None:
-            names = ",".join(msg.domains or ()) or f"{msg.subdomain}.*"
-            log.warn("refused {vhost} virtual host {domains} of {name!r} from {peer}: {reason}",
-                     vhost=msg.vhost[:16], domains=names[:256], name=msg.name,
-                     peer=self.peerDescription, reason=str(failure.value))
-            self.refuse(str(failure.value))
-            return
-        log.warn("refused registration of port {remote_port} by {name!r} from {peer}: {reason}",
-                 remote_port=msg.remote_port, name=msg.name, peer=self.peerDescription,
-                 reason=str(failure.value))
-        self.refuse(str(failure.value))
-
-    def msg_ping(self, msg: messages.Ping) -> None:
-        if self._requireControl("ping"):
-            self.tunnel.heartbeat()
-            self.sendMessage(messages.Pong(time=int(self.registry.clock.seconds())))
-
-    def _portChange(self, msg, kind: str) -> Optional[Tunnel]:
-        if not self._requireControl(kind):
-            return None
-        self.tunnel.heartbeat()
-        if msg.port != self.tunnel.remote_port:
-            log.warn("{name} sent {kind} for port {port}, but its port is {remote_port}; ignored",
-                     name=printable(self.tunnel.name), kind=kind, port=msg.port,
-                     remote_port=self.tunnel.remote_port)
-            return None
-        return self.tunnel
-
-    def msg_offline_port(self, msg: messages.OfflinePort) -> None:
-        tunnel = self._portChange(msg, "offline_port")
-        if tunnel is not None and tunnel.group is not None:
-            # The port stays open for the group; users go to the other members.
-            log.info("client {name} says its service is down; group {group} of port "
-                     "{remote_port} sends it no users", name=printable(tunnel.name),
-                     group=printable(tunnel.group.name), remote_port=tunnel.remote_port)
-            tunnel.serviceUp = False
-        elif tunnel is not None:
-            log.info("client {name} says its service is down; port {remote_port} offline",
-                     name=printable(tunnel.name), remote_port=tunnel.remote_port)
-            tunnel.stopListening()
-
-    def msg_online_port(self, msg: messages.OnlinePort) -> None:
-        tunnel = self._portChange(msg, "online_port")
-        if tunnel is not None and tunnel.group is not None:
-            tunnel.serviceUp = True
-        elif tunnel is not None and not tunnel.online:
-            log.info("client {name} says its service is back; port {remote_port} online",
-                     name=printable(tunnel.name), remote_port=tunnel.remote_port)
-            tunnel.goOnline()
-
-    def msg_data_channel(self, msg: messages.DataChannel) -> None:
-        if not self._firstFrame("data_channel"):
-            return
-        certificateName = peerCommonName(self.transport)
-        self.wantsAddresses = bool(msg.addresses)
-        if msg.mux == 1:
-            self._startMux(msg, certificateName)
-            return
-        try:
-            if msg.protocol == "udp":
-                from gotunnel.udp import attachCarrier
-                self.tunnel = attachCarrier(self.registry, msg, certificateName)
-            elif msg.pooled:
-                self.tunnel = self.registry.poolDataChannel(self, msg, certificateName)
-            else:
-                user = self.registry.attachDataChannel(msg, certificateName)
-        except RegistrationRefused as e:
-            log.warn("refused a data channel from {peer} for port {remote_port}: {reason}",
-                     peer=self.peerDescription, remote_port=msg.remote_port, reason=str(e))
-            self.refuse(str(e))
-            return
-        self._releasePending()
-        # Every data channel: a pooled one waits idle, and a spliced one
-        # whose client vanished without a FIN or RST (power cut, network
-        # gone) is found dead by the probes, not held with its user forever.
-        setKeepAlive(self.transport)
-        if msg.protocol == "udp":
-            # The carrying channel of a UDP mapping: datagram frames from now on.
-            self.role = "udp"
-            self.sendMessage(messages.RegisterResp(status="ok"))
-            self.switchToRaw()
-            self.tunnel.attachCarrier(self)
-            return
-        if msg.pooled:
-            # Read on while idle: a pooled channel that closes must leave
-            # the pool at once, not when a user is handed to it.
-            self.role = "pooled"
-            return
-        self.role = "data"
-        if self._answer(user, ours=msg.conn_id is not None):
-            self.switchToRaw()
-            self._spliceTo(user)
-
-    def _startMux(self, msg: messages.DataChannel, certificateName: Optional[str]) -> None:
-        self.mux = MuxSession(self.registry.clock, opens=True, onClose=self._muxClosed)
-        try:
-            self.tunnel = self.registry.muxDataChannel(self.mux, msg, certificateName)
-        except RegistrationRefused as e:
-            log.warn("refused a data channel from {peer} for port {remote_port}: {reason}",
-                     peer=self.peerDescription, remote_port=msg.remote_port, reason=str(e))
-            self.refuse(str(e))
-            return
-        self._releasePending()
-        self.role = "mux"
-        setKeepAlive(self.transport)
-        self.sendMessage(messages.RegisterResp(status="ok"))
-        self.switchToRaw()
-        self.mux.start(self.transport)
-        log.info("client {name} carries the users of port {remote_port} over one connection "
-                 "from {peer}", name=printable(self.tunnel.name),
-                 remote_port=self.tunnel.remote_port, peer=self.peerDescription)
+        self.state.refused(msg, str(failure.value))
 
     def bufferedBytes(self) -> int:
         held = RelayEnd.bufferedBytes(self)
@@ -1364,7 +1216,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
             held += self.mux.bufferedBytes()
         return held
 
-    def _muxClosed(self, session: MuxSession) -> None:
+    def muxClosed(self, session: MuxSession) -> None:
         if self.tunnel is not None:
             self.tunnel.muxSessionLost(session)
 
@@ -1373,21 +1225,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
         This pooled data channel now serves C{user}; False if it broke the
         protocol (and is closed) instead.
         """
-        if self.transport.disconnecting:
-            return False
-        if self._unprocessed:
-            # The client sends nothing on a pooled channel before our
-            # answer: these bytes would be neither a frame nor the user's.
-            self.protocolError("bytes on a pooled data channel before a user was handed to it")
-            return False
-        self.role = "data"
-        # Only our client pools data channels.
-        if not self._answer(user, ours=True):
-            return True
-        # Outside a frame handler, so switchToRaw's pause is not needed.
-        self.rawFromNow()
-        self._spliceTo(user)
-        return True
+        return self.state.attachUser(user)
 
     def _answer(self, user: PublicUser, ours: bool) -> bool:
         """
@@ -1448,63 +1286,29 @@ class ServerChannel(MessageReceiver, RelayEnd):
                   ms=(self.registry.clock.seconds() - user.connectedAt) * 1000)
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self.role == "mux":
-            self.mux.dataReceived(data)
-            return
-        if self.role == "udp":
-            self.tunnel.carrierData(self, data)
-            return
-        self.relayReceived(data)
+        self.state.rawDataReceived(data)
 
     def readConnectionLost(self) -> None:
-        if self.role == "data":
-            if self.peer is not None:
-                noteEnding(self.peer, SERVICE_CLOSED)
-            RelayEnd.readConnectionLost(self)
-        else:
-            self.transport.loseConnection()
+        self.state.readConnectionLost()
 
     def stringReceived(self, body: bytes) -> None:
-        if self.role == "pooled":
-            self.protocolError("a frame on a pooled data channel")
-            return
+        self.state.frameReceived(body)
+
+    def parseFrame(self, body: bytes) -> None:
+        """Parse a frame and hand its message to the current state."""
         super().stringReceived(body)
 
+    def messageReceived(self, message: messages.Message) -> None:
+        self.state.messageReceived(message)
+
     def connectionLost(self, reason=None) -> None:
-        if self.role == "new":
-            why = tlsFailure(reason)
-            if why is not None:
-                log.warn("TLS handshake with {peer} failed: {why}",
-                         peer=self.peerDescription, why=why)
-        self._releasePending()
+        self.releasePending()
         if self.refusalCall is not None:
             self.refusalCall.cancel()
             self.refusalCall = None
         self.registry.connections.discard(self)
-        role, self.role = self.role, "closed"
-        if role == "control":
-            self.registry.clientLeft(self.source)
-            tunnel = self.tunnel
-            successor = self.registry.tunnels.get(tunnel.key)
-            if tunnel.closed and successor is not None and successor is not tunnel:
-                # The same name registered again: the port stays open for it.
-                log.info("the old control channel of client {name} closed; its {mapping} "
-                         "is served by the new one", name=printable(tunnel.name),
-                         mapping=tunnel.mappingName, remote_port=tunnel.remote_port)
-            else:
-                log.info("client {name} gone; closing public port {remote_port}",
-                         name=printable(tunnel.name), remote_port=tunnel.remote_port)
-            self.registry.clientDropped(tunnel)
-        elif role == "pooled":
-            self.tunnel.pooledLost(self)
-        elif role == "mux":
-            self.mux.connectionLost()
-        elif role == "udp":
-            self.tunnel.carrierLost(self)
-        elif role == "data":
-            if self.peer is not None:
-                noteEnding(self.peer, endingOf(reason, SERVICE_CLOSED))
-            self.relayConnectionLost(reason)
+        ending, self.state = self.state, channelstates.Closed(self)
+        ending.connectionLost(reason)
 
 
 class ServerChannelFactory(Factory):

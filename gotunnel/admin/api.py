@@ -22,6 +22,7 @@ from gotunnel.accounting import BY_ADMIN, noteEnding, userBytes
 from gotunnel.admin.auth import (
     AdminAuth, clientHost, jsonAnswer, refusal, tooManyFailures, unauthorized,
 )
+from gotunnel.channelstates import Control
 
 log = Logger()
 
@@ -121,7 +122,8 @@ class Snapshot:
 
     def clients(self) -> list[dict]:
         # A control channel whose port is still being opened is not a client yet.
-        return [clientOf(tunnel) for tunnel in self.tunnels if tunnel.channel.role == "control"]
+        return [clientOf(tunnel) for tunnel in self.tunnels
+                if isinstance(tunnel.channel.state, Control)]
 
     def ports(self) -> list[dict]:
         ports = []

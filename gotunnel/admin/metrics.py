@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 
 from gotunnel.accounting import ENDINGS, userBytes
 from gotunnel.admin.auth import AdminAuth, refusal
+from gotunnel.channelstates import Control
 
 PORT_LABELS = ["remote_port", "client"]
 
@@ -97,7 +98,7 @@ class TunnelCollector:
         tunnels = [t for t in registry.allTunnels() if not t.closed]
         clients = GaugeMetricFamily(
             "gotunnel_clients", "Control channels registered now (one per client mapping)")
-        clients.add_metric([], sum(1 for t in tunnels if t.channel.role == "control"))
+        clients.add_metric([], sum(1 for t in tunnels if isinstance(t.channel.state, Control)))
         ports = GaugeMetricFamily(
             "gotunnel_ports", "Published ports, by state", labels=["state"])
         ports.add_metric(["online"], sum(1 for t in tunnels if t.online))
