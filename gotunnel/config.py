@@ -1,14 +1,14 @@
 """
 Settings of the server and the client: one typed object each, built at the
 edge from config.yaml (the Go gotunnel's keys, plus a few of ours) and
-command-line options.
+command-line options.  Each setting is declared once, on its field (see
+gotunnel.settingspec): the config file's keys and the command-line options
+(gotunnel.tap) are made from the declarations.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -17,125 +17,255 @@ from typing import Any, Callable, NoReturn, Optional
 from twisted.internet.endpoints import quoteStringArgument
 from twisted.python import usage
 
-from gotunnel.i18n import LANGUAGES
-from gotunnel.portpolicy import MAX_REQUESTED_SOURCES, parseNetwork
-from gotunnel.proxyprotocol import parseVersion
-from gotunnel.ratelimit import parseRate
+from gotunnel.settingkinds import (
+    BANDWIDTH, BUSY_POLL, CONNECTION_LOG, COUNT, COUNT_OR_ZERO, DOMAIN, DOMAINS, FLAG,
+    IPV6_PREFIX, LISTEN_ADDRESS, LOG_LANG, LOG_LEVEL, NETWORKS, PORT, PORT_RANGES,
+    PROTOCOL, PROXY_PROTOCOL, RATE, REMOTE_PORT, REQUESTED_NETWORKS, SECONDS,
+    SECONDS_OR_ZERO, SERVER_ADDRESS, SUBDOMAIN, TEXT, VHOST_TYPE, Kind, listOf, parsePort,
+)
+from gotunnel.settingspec import setting, yamlKeys
 
 DEFAULT_CONTROL_PORT = 17000
 DEFAULT_REMOTE_PORT = 10022
 CONFIG_FILE = "config.yaml"
-LOG_LEVELS = ("debug", "info", "warn", "error")
-CONNECTION_LOG_LEVELS = ("info", "debug", "off")
-"""Where the line about each ended user connection goes (connection_log)."""
 DEFAULT_BUSY_POLL = 250
 """Microseconds the splice thread polls for a socket's answer: longer than a
 service on the same machine, or a hop on a local network, takes to answer."""
-MAX_BUSY_POLL = 10_000
-MAX_CONNECTION_RATE = 1_000_000
+
+
+# Settings both programs have, declared once for both.
+
+
+def _zeroCopy() -> Any:
+    return setting(True, FLAG, option="no-zero-copy",
+                   help="Move relayed bytes through Python instead of with os.splice")
+
+
+def _spliceThread() -> Any:
+    return setting(True, FLAG, option="no-splice-thread",
+                   help="Run the splices in the reactor's thread instead of a thread of their "
+                        "own")
+
+
+def _busyPoll() -> Any:
+    return setting(DEFAULT_BUSY_POLL, BUSY_POLL, option="busy-poll",
+                   help="Microseconds the splice thread polls for a socket's answer before it "
+                        "sleeps, for sockets that answered that fast the last time; 0 never "
+                        "polls")
+
+
+def _udpSessionTimeout() -> Any:
+    return setting(60.0, SECONDS, option="udp-session-timeout",
+                   help="Seconds a UDP mapping keeps a remote peer's session after its last "
+                        "datagram")
+
+
+def _udpMaxSessions() -> Any:
+    return setting(1024, COUNT, option="udp-max-sessions",
+                   help="Remote peers one UDP mapping serves at once; new peers' datagrams "
+                        "beyond are dropped")
+
+
+def _connectionLog() -> Any:
+    return setting("info", CONNECTION_LOG, option="connection-log",
+                   help="The level of the line logged for each user connection that ends, "
+                        "with its bytes, duration and how it ended, or off")
+
+
+def _logLevel() -> Any:
+    return setting("info", LOG_LEVEL, option="log-level",
+                   help="Log events at this level and above")
+
+
+def _logLang() -> Any:
+    return setting("en", LOG_LANG, option="log-lang", help="Language of log messages")
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """What one client listed in server.clients may do (its keys there: its fields)."""
+
+    token: str = setting(kind=TEXT)
+    allow_ports: tuple[range, ...] = setting((), PORT_RANGES)
+    """Empty: server.allow_ports applies."""
+    max_mappings: Optional[int] = setting(None, COUNT)
+    """None: server.max_mappings_per_client applies."""
+    domains: tuple[str, ...] = setting((), DOMAINS)
+    """Domains (and *.DOMAIN patterns) it may claim on the virtual-host ports."""
+    allow_sources: tuple = setting((), NETWORKS)
+    """Empty: server.allow_sources applies to this client's ports."""
+    deny_sources: tuple = setting((), NETWORKS)
+    """Denied on this client's ports, as well as server.deny_sources."""
+    max_users_per_port: int = setting(0, COUNT_OR_ZERO)
+    """0: server.max_users_per_port applies; else the stricter of the two."""
+    max_connection_rate: float = setting(0.0, RATE)
+    """0: server.max_connection_rate applies; else the stricter of the two."""
+    bandwidth_limit: int = setting(0, BANDWIDTH)
+    """0: server.bandwidth_limit applies; else the stricter of the two."""
+
+
+_CLIENT_POLICY_KEYS = yamlKeys(ClientPolicy)
+
+
+def _clients(value: Any, text: Any, name: str) -> dict[str, ClientPolicy]:
+    """server.clients: NAME -> {token, allow_ports, max_mappings}."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must map client names to {{token: ..., allow_ports: ..., "
+                         f"max_mappings: ...}}, got {value!r}")
+    texts = text if isinstance(text, dict) and len(text) == len(value) else {}
+    clients = {}
+    for (client, entry), clientText in zip(value.items(), list(texts) or [None] * len(value)):
+        clientName = TEXT.read(client, clientText, f"a client name in {name}")
+        where = f"{name}.{clientName}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping with a token, got {entry!r}")
+        entryTexts = texts.get(clientText)
+        entryTexts = entryTexts if isinstance(entryTexts, dict) else {}
+        fields = {}
+        for key, item in entry.items():
+            if key not in _CLIENT_POLICY_KEYS:
+                raise ValueError(f"{where}.{key} is not a known key "
+                                 f"(expected {', '.join(_CLIENT_POLICY_KEYS)})")
+            if item is not None:
+                fields[key] = _CLIENT_POLICY_KEYS[key](item, entryTexts.get(key), f"{where}.{key}")
+        if not fields.get("token"):
+            raise ValueError(f"{where}.token is missing: every listed client needs its own token")
+        clients[clientName] = ClientPolicy(**fields)
+    return clients
 
 
 @dataclass
 class ServerSettings:
-    listen: str = f"tcp:{DEFAULT_CONTROL_PORT}"
-    token: str = ""
-    public_interface: str = "0.0.0.0"
+    listen: str = setting(f"tcp:{DEFAULT_CONTROL_PORT}", TEXT, option="listen", short="l",
+                          aliases={"addr": LISTEN_ADDRESS},
+                          help="Control endpoint clients connect to (a Twisted endpoint "
+                               "string, e.g. tcp:17000 or "
+                               "ssl:17000:privateKey=key.pem:certKey=cert.pem)")
+    token: str = setting("", TEXT, option="token", short="t", shown="required",
+                         help="Shared secret clients must present")
+    public_interface: str = setting("0.0.0.0", TEXT, option="public-interface",
+                                    help="Address the public ports listen on (:: for IPv6 "
+                                         "and IPv4)")
     public_backlog: int = 1024
     control_backlog: int = 1024
     """The control listener's, unless C{listen} sets backlog=: data channels come in bursts."""
-    data_channel_timeout: float = 60.0
-    heartbeat_timeout: float = 30.0
-    port_lease: float = 30.0
+    data_channel_timeout: float = setting(60.0, SECONDS, option="data-timeout",
+                                          help="Seconds a user waits for the client's data "
+                                               "channel before being closed")
+    heartbeat_timeout: float = setting(30.0, SECONDS, option="heartbeat-timeout",
+                                       help="Seconds of silence after which a client is "
+                                            "dropped")
+    port_lease: float = setting(30.0, SECONDS_OR_ZERO, option="port-lease",
+                                help="Seconds a client whose control channel went keeps its "
+                                     "public ports reserved for it; 0 frees them at once")
     """Seconds a dropped client's public ports stay reserved for it (0: not at all)."""
     heartbeat_check_interval: float = 5.0
     first_frame_timeout: float = 10.0
     max_pending_per_source: int = 16
     max_pending_total: int = 1024
-    ipv6_prefix: int = 64
+    ipv6_prefix: int = setting(64, IPV6_PREFIX, option="ipv6-prefix",
+                               help="IPv6 clients in one network of this prefix length count "
+                                    "as one address in the caps on connections waiting for "
+                                    "their first frame")
     """IPv6 sources in one network of this prefix length count as one address in the caps."""
     max_waiting_users: int = 4096
     auth_failure_delay_max: float = 5.0
     shutdown_timeout: float = 10.0
-    allow_ports: tuple[range, ...] = ()
+    allow_ports: tuple[range, ...] = setting((), PORT_RANGES)
     """Remote ports clients may register; empty: any port."""
-    clients: dict[str, "ClientPolicy"] = field(default_factory=dict)
+    clients: dict[str, ClientPolicy] = setting(default_factory=dict, kind=Kind(_clients))
     """Clients with a token and limits of their own, by name."""
-    allow_sources: tuple = ()
+    allow_sources: tuple = setting((), NETWORKS)
     """Networks users of a public port may come from; empty: any (see portpolicy.py)."""
-    deny_sources: tuple = ()
+    deny_sources: tuple = setting((), NETWORKS)
     """Networks users of a public port may not come from."""
-    max_users_per_port: int = 0
+    max_users_per_port: int = setting(0, COUNT_OR_ZERO, option="max-users-per-port",
+                                      help="Users connected at once to one public port; more "
+                                           "are refused at accept, 0 for no limit")
     """Users connected at once to one public port; more are refused (0: no limit)."""
-    max_connection_rate: float = 0.0
+    max_connection_rate: float = setting(0.0, RATE, option="max-connection-rate",
+                                         help="New connections a second one source address "
+                                              "may open to one public port; more are refused "
+                                              "at accept, 0 for no limit")
     """New connections a second one source address may open to one public
     port; more are refused (0: no limit)."""
-    bandwidth_limit: int = 0
+    bandwidth_limit: int = setting(0, BANDWIDTH, option="bandwidth-limit",
+                                   help="Bytes a second each mapping may carry each way, e.g. "
+                                        "10MB or 512KiB; 0 for no cap")
     """Bytes a second each mapping may carry each way (0: no cap)."""
-    max_mappings_per_client: int = 16
+    max_mappings_per_client: int = setting(16, COUNT, option="max-mappings-per-client",
+                                           help="Mappings one client name may hold at once")
     """Mappings one client name may hold at once."""
-    max_pool_count: int = 8
+    max_pool_count: int = setting(8, COUNT_OR_ZERO, option="max-pool-count",
+                                  help="Data channels a client may open ahead of its users, "
+                                       "per mapping; 0 turns pooling off")
     """Data channels a mapping's client may open ahead of its users (0: none)."""
-    mux: bool = True
+    mux: bool = setting(True, FLAG, option="no-mux",
+                        help="Refuse to carry a mapping's users as streams of one data "
+                             "connection when a client offers it")
     """Agree to carry a mapping's users as streams of one connection when its client offers."""
-    udp: bool = True
+    udp: bool = setting(True, FLAG, option="no-udp",
+                        help="Publish no UDP mappings: a client's register of protocol udp is "
+                             "refused")
     """Publish mappings registered with protocol "udp" as UDP ports (see gotunnel.udp)."""
-    udp_session_timeout: float = 60.0
+    udp_session_timeout: float = _udpSessionTimeout()
     """Seconds a remote UDP peer keeps its peer id after its last datagram."""
-    udp_max_sessions: int = 1024
+    udp_max_sessions: int = _udpMaxSessions()
     """Remote UDP peers one UDP mapping tracks at once; new peers beyond are dropped."""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
+    tls_cert: str = setting("", TEXT, option="tls-cert",
+                            help="Speak TLS on the control address, with this PEM certificate "
+                                 "(and its chain); needs --tls-key")
+    tls_key: str = setting("", TEXT, option="tls-key", help="The PEM private key of --tls-cert")
+    tls_client_ca: str = setting("", TEXT, option="tls-client-ca",
+                                 help="Mutual TLS: require client certificates signed by the "
+                                      "CA in this PEM file; a certificate's common name must "
+                                      "be the client's name")
     """With it, clients must present a certificate signed by this CA (mutual TLS)."""
-    zero_copy: bool = True
+    zero_copy: bool = _zeroCopy()
     """Move spliced plain-TCP bytes with os.splice, where Linux has it."""
-    splice_thread: bool = True
+    splice_thread: bool = _spliceThread()
     """Run those splices on a thread of their own while connections are steady."""
-    busy_poll: int = DEFAULT_BUSY_POLL
+    busy_poll: int = _busyPoll()
     """Microseconds that thread polls for a socket's answer before it sleeps
     (0: never)."""
-    vhost_http: str = ""
+    vhost_http: str = setting("", TEXT, option="http",
+                              help="Endpoint of the HTTP virtual-host port, where clients' "
+                                   "--http mappings are routed by Host, e.g. tcp:80")
     """Endpoint of the HTTP virtual-host port, routed by Host (empty: none)."""
-    vhost_https: str = ""
+    vhost_https: str = setting("", TEXT, option="https",
+                               help="Endpoint of the HTTPS virtual-host port, where clients' "
+                                    "--https mappings are routed by TLS server name (SNI), "
+                                    "e.g. tcp:443")
     """Endpoint of the HTTPS virtual-host port, routed by TLS SNI (empty: none)."""
-    subdomain_host: str = ""
+    subdomain_host: str = setting("", DOMAIN, option="subdomain-host",
+                                  help="Clients may claim NAME.DOMAIN on the virtual-host "
+                                       "ports, e.g. tunnel.example.com")
     """Clients may claim NAME.subdomain_host (empty: no subdomains)."""
-    vhost_forwarded_headers: bool = True
+    vhost_forwarded_headers: bool = setting(True, FLAG, option="no-forwarded-headers",
+                                            help="Do not add X-Forwarded-For and "
+                                                 "X-Forwarded-Proto to requests routed by the "
+                                                 "HTTP virtual-host port")
     """Add X-Forwarded-For and X-Forwarded-Proto to the HTTP requests routed."""
-    vhost_head_timeout: float = 10.0
+    vhost_head_timeout: float = setting(10.0, SECONDS, option="vhost-head-timeout",
+                                        help="Seconds a user of a virtual-host port has to "
+                                             "send its request head or ClientHello")
     """Seconds a user has to send its request head (or ClientHello)."""
-    connection_log: str = "info"
+    connection_log: str = _connectionLog()
     """The level of the line logged for each user connection that ends, or "off"."""
-    admin: str = ""
+    admin: str = setting("", TEXT, option="admin", shown="default: none",
+                         help="Serve the admin API, /metrics and the dashboard on this "
+                              "endpoint, e.g. tcp:7400:interface=127.0.0.1 or "
+                              "ssl:7400:privateKey=key.pem:certKey=cert.pem")
     """The admin endpoint's server endpoint string (API, metrics, dashboard); empty: none."""
-    admin_token: str = field(default="", repr=False)
-    admin_user: str = ""
-    admin_password: str = field(default="", repr=False)
-    log_level: str = "info"
-    log_lang: str = "en"
-
-
-@dataclass(frozen=True)
-class ClientPolicy:
-    """What one client listed in server.clients may do."""
-
-    token: str
-    allow_ports: tuple[range, ...] = ()
-    """Empty: server.allow_ports applies."""
-    max_mappings: Optional[int] = None
-    """None: server.max_mappings_per_client applies."""
-    domains: tuple[str, ...] = ()
-    """Domains (and *.DOMAIN patterns) it may claim on the virtual-host ports."""
-    allow_sources: tuple = ()
-    """Empty: server.allow_sources applies to this client's ports."""
-    deny_sources: tuple = ()
-    """Denied on this client's ports, as well as server.deny_sources."""
-    max_users_per_port: int = 0
-    """0: server.max_users_per_port applies; else the stricter of the two."""
-    max_connection_rate: float = 0.0
-    """0: server.max_connection_rate applies; else the stricter of the two."""
-    bandwidth_limit: int = 0
-    """0: server.bandwidth_limit applies; else the stricter of the two."""
+    admin_token: str = setting("", TEXT, option="admin-token", repr=False,
+                               help="Bearer token for the admin endpoint")
+    admin_user: str = setting("", TEXT, option="admin-user",
+                              help="User name for the dashboard's login; needs "
+                                   "--admin-password")
+    admin_password: str = setting("", TEXT, option="admin-password", repr=False,
+                                  help="Password for the dashboard's login")
+    log_level: str = _logLevel()
+    log_lang: str = _logLang()
 
 
 @dataclass(frozen=True)
@@ -216,70 +346,160 @@ def parseVirtualHost(text: str, vhost: str) -> Mapping:
                    domains=tuple(domains), subdomain=subdomain)
 
 
+
+_TUNNEL_KEYS = {"local_host": TEXT.read, "local_port": PORT.read,
+                "remote_port": REMOTE_PORT.read, "protocol": PROTOCOL.read,
+                "type": VHOST_TYPE.read, "domains": DOMAINS.read, "subdomain": SUBDOMAIN.read,
+                "http_user": TEXT.read, "http_password": TEXT.read,
+                "host_header_rewrite": TEXT.read, "proxy_protocol": PROXY_PROTOCOL.read,
+                "allow_sources": REQUESTED_NETWORKS.read,
+                "deny_sources": REQUESTED_NETWORKS.read, "max_users": COUNT_OR_ZERO.read,
+                "max_connection_rate": RATE.read, "bandwidth_limit": BANDWIDTH.read,
+                "group": TEXT.read, "group_key": TEXT.read}
+
+
+def _tunnel(value: Any, text: Any, name: str) -> Mapping:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping with local_port and remote_port, "
+                         f"got {value!r}")
+    texts = text if isinstance(text, dict) else {}
+    fields = {"local_host": "127.0.0.1"}
+    for key, item in value.items():
+        if key not in _TUNNEL_KEYS:
+            raise ValueError(f"{name}.{key} is not a known key "
+                             f"(expected {', '.join(_TUNNEL_KEYS)})")
+        if item is not None:
+            fields[key] = _TUNNEL_KEYS[key](item, texts.get(key), f"{name}.{key}")
+    kind = fields.pop("type", "tcp")
+    user, password = fields.pop("http_user", None), fields.pop("http_password", None)
+    if kind != "tcp":
+        if "remote_port" in fields:
+            raise ValueError(f"{name}.remote_port is not for type {kind}: it is published on "
+                             f"the server's {kind.upper()} virtual-host port")
+        if not fields.get("domains") and not fields.get("subdomain"):
+            raise ValueError(f"{name} of type {kind} needs domains or a subdomain")
+        if (user is None) != (password is None):
+            raise ValueError(f"{name}: http_user and http_password go together")
+        if user is not None:
+            if kind != "http" or ":" in user:
+                raise ValueError(f"{name}.http_user: basic auth is for type http, "
+                                 f"with a user name without ':'")
+            fields["http_auth"] = f"{user}:{password}"
+        if "local_port" not in fields:
+            raise ValueError(f"{name}.local_port is missing")
+        if fields.get("group"):
+            raise ValueError(f"{name}: a group needs a remote_port of its own, not a virtual host")
+        return Mapping(remote_port=0, vhost=kind, **fields)
+    for key in ("domains", "subdomain", "host_header_rewrite"):
+        if key in fields or user is not None or password is not None:
+            raise ValueError(f"{name}: {key if key in fields else 'http_user'} needs "
+                             f"type: http or https")
+    for key in ("local_port", "remote_port"):
+        if key not in fields:
+            raise ValueError(f"{name}.{key} is missing")
+    if not fields["local_host"]:
+        raise ValueError(f"{name}.local_host must not be empty")
+    if bool(fields.get("group")) != bool(fields.get("group_key")):
+        raise ValueError(f"{name}: group and group_key go together")
+    if fields.get("group") and fields["remote_port"] == 0:
+        raise ValueError(f"{name}: a group needs a remote_port of its own, not 0")
+    if fields.get("protocol") == "udp" and fields.get("proxy_protocol"):
+        raise ValueError(f"{name}.proxy_protocol is for TCP tunnels, not udp")
+    if fields.get("protocol") == "udp" and fields["remote_port"] == 0:
+        raise ValueError(f"{name}: a udp tunnel needs a remote_port of its own; only TCP "
+                         f"ports can be chosen by the server (remote_port 0)")
+    return Mapping(**fields)
+
+
 @dataclass
 class ClientSettings:
-    server: str = f"tcp:127.0.0.1:{DEFAULT_CONTROL_PORT}"
-    token: str = ""
-    name: str = field(default_factory=socket.gethostname)
-    mappings: list[Mapping] = field(default_factory=list)
-    heartbeat_interval: float = 10.0
-    health_check_interval: float = 30.0
+    server: str = setting(f"tcp:127.0.0.1:{DEFAULT_CONTROL_PORT}", TEXT, option="server",
+                          short="s", aliases={"server_addr": SERVER_ADDRESS},
+                          help="The server's control endpoint (a Twisted endpoint string, e.g. "
+                               "tcp:tunnel.example.com:17000, tcp:[::1]:17000 or "
+                               "tls:tunnel.example.com:17000)")
+    token: str = setting("", TEXT, option="token", short="t", shown="required",
+                         help="Shared secret of the server")
+    name: str = setting(kind=TEXT, default_factory=socket.gethostname, option="name",
+                        short="n", shown="default: the host name", help="This client's name")
+    mappings: list[Mapping] = setting(
+        default_factory=list, key=False,
+        aliases={"local_ports": listOf(PORT), "remote_port": PORT,
+                 "tunnels": listOf(Kind(_tunnel))})
+    """From --map, --http and --https, or else from local_ports (with
+    remote_port) and tunnels."""
+    heartbeat_interval: float = setting(10.0, SECONDS, option="heartbeat-interval",
+                                        help="Seconds between pings")
+    health_check_interval: float = setting(30.0, SECONDS, option="health-check-interval",
+                                           help="Seconds between probes of the local services")
     reconnect_max_delay: float = 16.0
     # A server that answers no ping for this long is taken for dead (the Go
     # server's own timeout for a silent client).
     server_timeout: float = 30.0
-    register_timeout: float = 10.0
+    register_timeout: float = setting(10.0, SECONDS, option="register-timeout",
+                                      help="Seconds to wait for the server's answer to "
+                                           "register, and to each data channel, before closing "
+                                           "that connection (and, for register, connecting "
+                                           "again)")
     """Seconds to wait for the server's answer to register (and to each
     data channel asked for by a user) before giving up on that connection."""
-    max_pending_data_channels: int = 256
+    max_pending_data_channels: int = setting(256, COUNT, option="max-pending-data-channels",
+                                             help="Data channels per mapping being opened for "
+                                                  "users at once; the server's further "
+                                                  "requests wait their turn (up to a bound, "
+                                                  "then they are dropped)")
     """Data channels per mapping opened for users and not yet answered by
     the server; the server's further requests wait (see client.py)."""
-    exit_on_refusal: bool = False
+    exit_on_refusal: bool = setting(False, FLAG, option="exit-on-refusal",
+                                    help="Exit when the server refuses a mapping for a reason "
+                                         "that asking again will not change (wrong token 3, "
+                                         "port not allowed 4, port taken by another client 5, "
+                                         "port busy on the server 6) instead of asking again")
     """Exit (see refusals.py for the status) on a refusal that asking
     again will not change, instead of asking again."""
     shutdown_timeout: float = 10.0
-    tls: bool = False
-    tls_ca: str = ""
+    tls: bool = setting(False, FLAG, option="tls",
+                        help="Connect with TLS and verify the server's certificate and name")
+    tls_ca: str = setting("", TEXT, option="ca", shown="default: the system's trusted CAs",
+                          help="With --tls: trust the CA certificates in this PEM file")
     """Empty: the system's trusted CAs."""
-    tls_server_name: str = ""
+    tls_server_name: str = setting("", TEXT, option="server-name",
+                                   shown="default: the host of --server",
+                                   help="With --tls: the name the server's certificate must "
+                                        "hold")
     """Empty: the host of C{server}."""
-    tls_client_cert: str = ""
-    tls_client_key: str = ""
-    zero_copy: bool = True
+    tls_client_cert: str = setting("", TEXT, option="tls-client-cert",
+                                   help="With --tls: present this PEM certificate to a server "
+                                        "that asks for one (mutual TLS; needs "
+                                        "--tls-client-key)")
+    tls_client_key: str = setting("", TEXT, option="tls-client-key",
+                                  help="The PEM private key of --tls-client-cert")
+    zero_copy: bool = _zeroCopy()
     """Move spliced plain-TCP bytes with os.splice, where Linux has it."""
-    splice_thread: bool = True
+    splice_thread: bool = _spliceThread()
     """Run those splices on a thread of their own while connections are steady."""
-    busy_poll: int = DEFAULT_BUSY_POLL
+    busy_poll: int = _busyPoll()
     """Microseconds that thread polls for a socket's answer before it sleeps
     (0: never)."""
-    pool_count: int = 4
+    pool_count: int = setting(4, COUNT_OR_ZERO, option="pool-count",
+                              help="Data channels per mapping kept open ahead of users, so "
+                                   "that a new connection does not wait for one; at most what "
+                                   "the server allows, 0 for none")
     """Data channels per mapping opened ahead of users, so that a user's
     connection need not wait for one (at most what the server allows)."""
-    mux: bool = False
+    mux: bool = setting(False, FLAG, option="mux",
+                        help="Carry each mapping's users as streams of one data connection, "
+                             "where the server agrees; off by default, see bench/README.md")
     """Offer to carry each mapping's users as streams of one data connection."""
-    connection_log: str = "info"
+    connection_log: str = _connectionLog()
     """The level of the line logged for each user connection that ends, or "off"."""
-    udp_session_timeout: float = 60.0
+    udp_session_timeout: float = _udpSessionTimeout()
     """Seconds a UDP mapping's session (one local socket per remote peer)
     lives after its last datagram."""
-    udp_max_sessions: int = 1024
+    udp_max_sessions: int = _udpMaxSessions()
     """Sessions one UDP mapping holds at once; new peers' datagrams beyond are dropped."""
-    log_level: str = "info"
-    log_lang: str = "en"
-
-
-def parsePort(text: str, what: str, lowest: int = 1) -> int:
-    """
-    A TCP port from C{lowest} (1; 0 for a remote port the server chooses)
-    to 65535, or ValueError naming C{what}.
-    """
-    try:
-        port = int(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a port number, got {text!r}") from None
-    if not lowest <= port <= 65535:
-        raise ValueError(f"{what} must be from {lowest} to 65535, got {port}")
-    return port
+    log_level: str = _logLevel()
+    log_lang: str = _logLang()
 
 
 def parseMapping(text: str) -> Mapping:
@@ -329,40 +549,6 @@ def clientEndpointString(description: str) -> str:
         return description
     return f"tcp:{quoteStringArgument(rest[1:end])}{rest[end + 1:]}"
 
-
-def parseLogLevel(text: str, what: str = "the log level") -> str:
-    """
-    One of L{LOG_LEVELS}, in any case; Go's "warning" means "warn".
-    ValueError naming C{what} otherwise.
-    """
-    level = str(text).lower()
-    level = "warn" if level == "warning" else level
-    if level not in LOG_LEVELS:
-        raise ValueError(f"{what} must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
-    return level
-
-
-def parseConnectionLog(text: str, what: str = "the connection log") -> str:
-    """
-    One of L{CONNECTION_LOG_LEVELS}, in any case; ValueError naming C{what}
-    otherwise.
-    """
-    setting = str(text).lower()
-    if setting not in CONNECTION_LOG_LEVELS:
-        raise ValueError(f"{what} must be one of {', '.join(CONNECTION_LOG_LEVELS)}, "
-                         f"got {text!r}")
-    return setting
-
-
-def parseLogLang(text: str, what: str = "the log language") -> str:
-    """
-    One of the languages we have log messages in ("en", "zh"), in any case;
-    ValueError naming C{what} otherwise.
-    """
-    lang = str(text).lower()
-    if lang not in LANGUAGES:
-        raise ValueError(f"{what} must be one of {', '.join(LANGUAGES)}, got {text!r}")
-    return lang
 
 
 # ---------------------------------------------------------------------------
@@ -502,390 +688,5 @@ def readConfigFile(path: str) -> ConfigFile:
     return ConfigFile(path, data, texts)
 
 
-# Each key's reader takes (value, the text it was written as, key name) and
-# returns the value for the settings, or raises ValueError naming the key.
-
-
-def _text(value: Any, text: Any, name: str) -> str:
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, (list, dict)) and isinstance(text, str):
-        return text
-    raise ValueError(f"{name} must be text, got {value!r}")
-
-
-def _number(value: Any) -> Any:
-    """
-    A number written in quotes ("10022", "2.5") as the number, as Go's viper
-    reads it; any other value unchanged.
-    """
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
-        return float(value) if "." in value else int(value)
-    return value
-
-
-def _port(value: Any, text: Any, name: str) -> int:
-    value = _number(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a port number from 1 to 65535, got {value!r}")
-    return parsePort(value, name)
-
-
-def _seconds(value: Any, text: Any, name: str) -> float:
-    value = _number(value)
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value <= 0):
-        raise ValueError(f"{name} must be a number of seconds greater than 0, got {value!r}")
-    return float(value)
-
-
-def _secondsOrZero(value: Any, text: Any, name: str) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f"{name} must be a number of seconds, 0 or more, got {value!r}")
-    return float(value)
-
-
-def _flag(value: Any, text: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[Any, Any, str], int]:
-    """A key's check: a whole number of at least C{minimum} (and at most C{maximum})."""
-    bounds = f"of at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-
-    def check(value: Any, text: Any, name: str) -> int:
-        value = _number(value)
-        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
-                or (maximum is not None and value > maximum)):
-            raise ValueError(f"{name} must be a whole number {bounds}, got {value!r}")
-        return value
-
-    return check
-
-
-_count = _wholeNumber(1)
-_countOrZero = _wholeNumber(0)
-_busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
-_ipv6Prefix = _wholeNumber(1, 128)
-
-
-def _logLevel(value: Any, text: Any, name: str) -> str:
-    return parseLogLevel(_text(value, text, name), name)
-
-
-def _logLang(value: Any, text: Any, name: str) -> str:
-    return parseLogLang(_text(value, text, name), name)
-
-
-def _connectionLog(value: Any, text: Any, name: str) -> str:
-    # YAML reads a bare off as false.
-    if value is False:
-        return "off"
-    return parseConnectionLog(_text(value, text, name), name)
-
-
-def _hostAndPort(value: Any, text: Any, name: str) -> tuple[str, int]:
-    """HOST:PORT, [IPV6]:PORT or :PORT, as Go's net package writes addresses."""
-    address = _text(value, text, name)
-    host, colon, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        colon = ""
-    if not colon or not port.isdigit():
-        raise ValueError(f"{name} must be HOST:PORT (an IPv6 host in brackets, "
-                         f"[::1]:17000), got {address!r}")
-    return host, parsePort(port, f"the port in {name}")
-
-
-def _listenAddress(value: Any, text: Any, name: str) -> str:
-    host, port = _hostAndPort(value, text, name)
-    return f"tcp:{port}:interface={quoteStringArgument(host)}" if host else f"tcp:{port}"
-
-
-def _serverAddress(value: Any, text: Any, name: str) -> str:
-    host, port = _hostAndPort(value, text, name)
-    return f"tcp:{quoteStringArgument(host or '127.0.0.1')}:{port}"
-
-
-def _listOf(read: Callable) -> Callable:
-    """A reader of a list of items (or of one item alone) that C{read} reads."""
-
-    def readList(value: Any, text: Any, name: str) -> list:
-        if not isinstance(value, list):
-            value, text = [value], [text]
-        texts = text if isinstance(text, list) and len(text) == len(value) else [None] * len(value)
-        return [read(item, itemText, f"{name}[{i}]")
-                for i, (item, itemText) in enumerate(zip(value, texts))]
-
-    return readList
-
-
-def _portRange(value: Any, text: Any, name: str) -> range:
-    if isinstance(value, str) and "-" in value:
-        first, _, last = (part.strip() for part in value.partition("-"))
-        if first.isdigit() and last.isdigit():
-            low, high = parsePort(first, name), parsePort(last, name)
-            if low > high:
-                raise ValueError(f"{name} must be a range LOW-HIGH with LOW <= HIGH, "
-                                 f"got {value!r}")
-            return range(low, high + 1)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a port or a range like 10000-10100, got {value!r}")
-    port = parsePort(value, name)
-    return range(port, port + 1)
-
-
-def _proxyProtocol(value: Any, text: Any, name: str) -> str:
-    return parseVersion(_text(value, text, name), name)
-
-
-def _network(value: Any, text: Any, name: str):
-    return parseNetwork(_text(value, text, name), name)
-
-
-def _networks(value: Any, text: Any, name: str) -> tuple:
-    return tuple(_listOf(_network)(value, text, name))
-
-
-def _requestedNetworks(value: Any, text: Any, name: str) -> tuple[str, ...]:
-    networks = _networks(value, text, name)
-    if len(networks) > MAX_REQUESTED_SOURCES:
-        raise ValueError(f"{name} has {len(networks)} networks; a client may ask for at most "
-                         f"{MAX_REQUESTED_SOURCES}")
-    return tuple(str(network) for network in networks)
-
-
-def _bandwidth(value: Any, text: Any, name: str) -> int:
-    return parseRate(value, name)
-
-
-def _rate(value: Any, text: Any, name: str) -> float:
-    value = _number(value)
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < 0 or value > MAX_CONNECTION_RATE):
-        raise ValueError(f"{name} must be a number of connections a second from 0 to "
-                         f"{MAX_CONNECTION_RATE}, got {value!r}")
-    return float(value)
-
-
-def _remotePort(value: Any, text: Any, name: str) -> int:
-    value = _number(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a port number from 0 to 65535, got {value!r}")
-    return parsePort(value, name, lowest=0)
-
-
-def _vhostType(value: Any, text: Any, name: str) -> str:
-    kind = _text(value, text, name).lower()
-    if kind not in ("tcp", "http", "https"):
-        raise ValueError(f"{name} must be tcp, http or https, got {value!r}")
-    return kind
-
-
-def _domain(value: Any, text: Any, name: str) -> str:
-    from gotunnel.vhost import normalDomain
-
-    return normalDomain(_text(value, text, name))
-
-
-def _subdomain(value: Any, text: Any, name: str) -> str:
-    label = _domain(value, text, name)
-    if "." in label or "*" in label:
-        raise ValueError(f"{name} must be one DNS label (NAME of NAME.subdomain_host), "
-                         f"got {value!r}")
-    return label
-
-
-def _domains(value: Any, text: Any, name: str) -> tuple[str, ...]:
-    return tuple(_listOf(_domain)(value, text, name))
-
-
-def _protocol(value: Any, text: Any, name: str) -> str:
-    protocol = _text(value, text, name).lower()
-    if protocol not in ("tcp", "udp"):
-        raise ValueError(f"{name} must be tcp or udp, got {value!r}")
-    return protocol
-
-
-_TUNNEL_KEYS = {"local_host": _text, "local_port": _port, "remote_port": _remotePort,
-                "protocol": _protocol, "type": _vhostType, "domains": _domains, "subdomain": _subdomain,
-                "http_user": _text, "http_password": _text, "host_header_rewrite": _text,
-                "proxy_protocol": _proxyProtocol, "allow_sources": _requestedNetworks,
-                "deny_sources": _requestedNetworks, "max_users": _countOrZero,
-                "max_connection_rate": _rate, "bandwidth_limit": _bandwidth, "group": _text,
-                "group_key": _text}
-
-
-
-def _portRanges(value: Any, text: Any, name: str) -> tuple[range, ...]:
-    return tuple(_listOf(_portRange)(value, text, name))
-
-
-_CLIENT_POLICY_KEYS: dict[str, Callable] = {
-    "token": _text, "allow_ports": _portRanges, "max_mappings": _count, "domains": _domains,
-    "allow_sources": _networks, "deny_sources": _networks,
-    "max_users_per_port": _countOrZero, "max_connection_rate": _rate,
-    "bandwidth_limit": _bandwidth}
-
-
-def _clients(value: Any, text: Any, name: str) -> dict[str, ClientPolicy]:
-    """server.clients: NAME -> {token, allow_ports, max_mappings}."""
-    if not isinstance(value, dict):
-        raise ValueError(f"{name} must map client names to {{token: ..., allow_ports: ..., "
-                         f"max_mappings: ...}}, got {value!r}")
-    texts = text if isinstance(text, dict) and len(text) == len(value) else {}
-    clients = {}
-    for (client, entry), clientText in zip(value.items(), list(texts) or [None] * len(value)):
-        clientName = _text(client, clientText, f"a client name in {name}")
-        where = f"{name}.{clientName}"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where} must be a mapping with a token, got {entry!r}")
-        entryTexts = texts.get(clientText)
-        entryTexts = entryTexts if isinstance(entryTexts, dict) else {}
-        fields = {}
-        for key, item in entry.items():
-            if key not in _CLIENT_POLICY_KEYS:
-                raise ValueError(f"{where}.{key} is not a known key "
-                                 f"(expected {', '.join(_CLIENT_POLICY_KEYS)})")
-            if item is not None:
-                fields[key] = _CLIENT_POLICY_KEYS[key](item, entryTexts.get(key), f"{where}.{key}")
-        if not fields.get("token"):
-            raise ValueError(f"{where}.token is missing: every listed client needs its own token")
-        clients[clientName] = ClientPolicy(**fields)
-    return clients
-
-
-def _tunnel(value: Any, text: Any, name: str) -> Mapping:
-    if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a mapping with local_port and remote_port, "
-                         f"got {value!r}")
-    texts = text if isinstance(text, dict) else {}
-    fields = {"local_host": "127.0.0.1"}
-    for key, item in value.items():
-        if key not in _TUNNEL_KEYS:
-            raise ValueError(f"{name}.{key} is not a known key "
-                             f"(expected {', '.join(_TUNNEL_KEYS)})")
-        if item is not None:
-            fields[key] = _TUNNEL_KEYS[key](item, texts.get(key), f"{name}.{key}")
-    kind = fields.pop("type", "tcp")
-    user, password = fields.pop("http_user", None), fields.pop("http_password", None)
-    if kind != "tcp":
-        if "remote_port" in fields:
-            raise ValueError(f"{name}.remote_port is not for type {kind}: it is published on "
-                             f"the server's {kind.upper()} virtual-host port")
-        if not fields.get("domains") and not fields.get("subdomain"):
-            raise ValueError(f"{name} of type {kind} needs domains or a subdomain")
-        if (user is None) != (password is None):
-            raise ValueError(f"{name}: http_user and http_password go together")
-        if user is not None:
-            if kind != "http" or ":" in user:
-                raise ValueError(f"{name}.http_user: basic auth is for type http, "
-                                 f"with a user name without ':'")
-            fields["http_auth"] = f"{user}:{password}"
-        if "local_port" not in fields:
-            raise ValueError(f"{name}.local_port is missing")
-        if fields.get("group"):
-            raise ValueError(f"{name}: a group needs a remote_port of its own, not a virtual host")
-        return Mapping(remote_port=0, vhost=kind, **fields)
-    for key in ("domains", "subdomain", "host_header_rewrite"):
-        if key in fields or user is not None or password is not None:
-            raise ValueError(f"{name}: {key if key in fields else 'http_user'} needs "
-                             f"type: http or https")
-    for key in ("local_port", "remote_port"):
-        if key not in fields:
-            raise ValueError(f"{name}.{key} is missing")
-    if not fields["local_host"]:
-        raise ValueError(f"{name}.local_host must not be empty")
-    if bool(fields.get("group")) != bool(fields.get("group_key")):
-        raise ValueError(f"{name}: group and group_key go together")
-    if fields.get("group") and fields["remote_port"] == 0:
-        raise ValueError(f"{name}: a group needs a remote_port of its own, not 0")
-    if fields.get("protocol") == "udp" and fields.get("proxy_protocol"):
-        raise ValueError(f"{name}.proxy_protocol is for TCP tunnels, not udp")
-    if fields.get("protocol") == "udp" and fields["remote_port"] == 0:
-        raise ValueError(f"{name}: a udp tunnel needs a remote_port of its own; only TCP "
-                         f"ports can be chosen by the server (remote_port 0)")
-    return Mapping(**fields)
-
-
-_SERVER_KEYS: dict[str, Callable] = {
-    # The Go gotunnel's keys.
-    "addr": _listenAddress,
-    "token": _text,
-    "log_level": _logLevel,
-    "log_lang": _logLang,
-    # Ours.
-    "listen": _text,
-    "allow_ports": _listOf(_portRange),
-    "public_interface": _text,
-    "data_channel_timeout": _seconds,
-    "heartbeat_timeout": _seconds,
-    "port_lease": _secondsOrZero,
-    "clients": _clients,
-    "allow_sources": _networks,
-    "deny_sources": _networks,
-    "max_users_per_port": _countOrZero,
-    "max_connection_rate": _rate,
-    "bandwidth_limit": _bandwidth,
-    "max_mappings_per_client": _count,
-    "max_pool_count": _countOrZero,
-    "mux": _flag,
-    "ipv6_prefix": _ipv6Prefix,
-    "udp": _flag,
-    "udp_session_timeout": _seconds,
-    "udp_max_sessions": _count,
-    "tls_cert": _text,
-    "tls_key": _text,
-    "tls_client_ca": _text,
-    "zero_copy": _flag,
-    "splice_thread": _flag,
-    "busy_poll": _busyPoll,
-    "vhost_http": _text,
-    "vhost_https": _text,
-    "subdomain_host": _domain,
-    "vhost_forwarded_headers": _flag,
-    "vhost_head_timeout": _seconds,
-    "connection_log": _connectionLog,
-    "admin": _text,
-    "admin_token": _text,
-    "admin_user": _text,
-    "admin_password": _text,
-}
-
-_CLIENT_KEYS: dict[str, Callable] = {
-    # The Go gotunnel's keys.
-    "name": _text,
-    "token": _text,
-    "server_addr": _serverAddress,
-    "local_ports": _listOf(_port),
-    "remote_port": _port,
-    "heartbeat_interval": _seconds,
-    "health_check_interval": _seconds,
-    "log_level": _logLevel,
-    "log_lang": _logLang,
-    # Ours.
-    "server": _text,
-    "tunnels": _listOf(_tunnel),
-    "tls": _flag,
-    "tls_ca": _text,
-    "tls_server_name": _text,
-    "tls_client_cert": _text,
-    "tls_client_key": _text,
-    "zero_copy": _flag,
-    "splice_thread": _flag,
-    "busy_poll": _busyPoll,
-    "pool_count": _countOrZero,
-    "mux": _flag,
-    "register_timeout": _seconds,
-    "max_pending_data_channels": _count,
-    "exit_on_refusal": _flag,
-    "connection_log": _connectionLog,
-    "udp_session_timeout": _seconds,
-    "udp_max_sessions": _count,
-}
+_SERVER_KEYS = yamlKeys(ServerSettings)
+_CLIENT_KEYS = yamlKeys(ClientSettings)

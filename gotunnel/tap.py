@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import math
 import os
 import platform
 import sys
@@ -25,155 +24,32 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from gotunnel import __version__, logs, rlimits
-from gotunnel.client import MAX_WAITING_DATA_CHANNEL_REQUESTS, TunnelClientService
+from gotunnel.client import TunnelClientService
 from gotunnel.config import (
-    CONNECTION_LOG_LEVELS, LOG_LEVELS, MAX_BUSY_POLL, MAX_CONNECTION_RATE, ClientSettings,
-    ConfigError, ConfigFile, ServerSettings, clientEndpointString, findConfigFile,
-    parseConnectionLog, parseLogLang, parseLogLevel, parseMapping, parseVirtualHost,
-    readConfigFile,
+    ClientSettings, ConfigError, ConfigFile, ServerSettings, clientEndpointString,
+    findConfigFile, parseMapping, parseVirtualHost, readConfigFile,
 )
-from gotunnel.i18n import LANGUAGES
-from gotunnel.proxyprotocol import parseVersion
-from gotunnel.ratelimit import parseRate
+from gotunnel.settingkinds import PROXY_PROTOCOL
+from gotunnel.settingspec import CommandLine, coercer, commandLine
 
 log = Logger()
 
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise ValueError("must be greater than 0")
-    return value
-
-
-_positive.coerceDoc = "Seconds, greater than 0."  # type: ignore[attr-defined]
-
-
-def _secondsOrZero(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError("must be a number of seconds, 0 or more")
-    return value
-
-
-_secondsOrZero.coerceDoc = "Seconds, 0 or more."  # type: ignore[attr-defined]
-
-
-def _wholeNumber(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
-    """An option's coerce function: a whole number from C{minimum} (to C{maximum})."""
-    bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-
-    def coerce(text: str) -> int:
-        value = int(text)
-        if value < minimum or (maximum is not None and value > maximum):
-            raise ValueError(f"must be {bounds}")
-        return value
-
-    coerce.coerceDoc = f"A whole number, {bounds}."  # type: ignore[attr-defined]
-    return coerce
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or not 0 <= value <= MAX_CONNECTION_RATE:
-        raise ValueError(f"must be from 0 to {MAX_CONNECTION_RATE}")
-    return value
-
-
-_rate.coerceDoc = "Connections a second, 0 for no limit."  # type: ignore[attr-defined]
-
-def _bandwidth(text: str) -> int:
-    return parseRate(text, "--bandwidth-limit")
-
-
-_bandwidth.coerceDoc = "Bytes a second: 10MB, 512KiB, 1GB."  # type: ignore[attr-defined]
-
-_atLeastOne = _wholeNumber(1)
-_atLeastZero = _wholeNumber(0)
-_busyPoll = _wholeNumber(0, MAX_BUSY_POLL)
-_ipv6Prefix = _wholeNumber(1, 128)
-
-
-def _logLevel(text: str) -> str:
-    return parseLogLevel(text, "--log-level")
-
-
-_logLevel.coerceDoc = f"One of {', '.join(LOG_LEVELS)}."  # type: ignore[attr-defined]
-
-
-def _logLang(text: str) -> str:
-    return parseLogLang(text, "--log-lang")
-
-
-_logLang.coerceDoc = f"One of {', '.join(LANGUAGES)}."  # type: ignore[attr-defined]
-
-
-def _connectionLog(text: str) -> str:
-    return parseConnectionLog(text, "--connection-log")
-
-
-_connectionLog.coerceDoc = (  # type: ignore[attr-defined]
-    f"One of {', '.join(CONNECTION_LOG_LEVELS)}.")
-
-
-def _proxyProtocol(text: str) -> str:
-    return parseVersion(text, "--proxy-protocol")
-
-
-_proxyProtocol.coerceDoc = "v1 or v2."  # type: ignore[attr-defined]
 
 _CONFIG_OPTION = [
     "config", "c", None,
     "Read settings from this YAML file (default: ./config.yaml, if it exists). "
     "Options given here override its keys."]
 
-_NO_ZERO_COPY = [
-    "no-zero-copy", None,
-    "Move relayed bytes through Python instead of with os.splice "
-    "(zero_copy: false in the config file)."]
-
-_NO_SPLICE_THREAD = [
-    "no-splice-thread", None,
-    "Run the splices in the reactor's thread instead of a thread of their own "
-    "(splice_thread: false in the config file)."]
+_SERVER_OPTIONS = commandLine(ServerSettings, "server")
+_CLIENT_OPTIONS = commandLine(ClientSettings, "client")
 
 
-def _udpOptions(role: str, settingsType: type) -> list[list[Any]]:
-    return [
-        ["udp-session-timeout", None, None,
-         "Seconds a UDP mapping keeps a remote peer's session after its last datagram "
-         f"(default: {settingsType.udp_session_timeout:g}; {role}.udp_session_timeout)",
-         _positive],
-        ["udp-max-sessions", None, None,
-         "Remote peers one UDP mapping serves at once; new peers' datagrams beyond are "
-         f"dropped (default: {settingsType.udp_max_sessions}; {role}.udp_max_sessions)",
-         _atLeastOne],
-    ]
-
-
-_UDP_FIELDS = {"udp-session-timeout": "udp_session_timeout",
-               "udp-max-sessions": "udp_max_sessions"}
-
-
-def _busyPollOption(role: str, settingsType: type) -> list[Any]:
-    return ["busy-poll", None, None,
-            "Microseconds the splice thread polls for a socket's answer before it sleeps, "
-            "for sockets that answered that fast the last time; 0 never polls "
-            f"(default: {settingsType.busy_poll}; {role}.busy_poll)", _busyPoll]
-
-
-def _logOptions(role: str) -> list[list[Any]]:
-    return [
-        ["log-level", None, None,
-         f"Log events at this level and above (default: info; {role}.log_level)", _logLevel],
-        ["log-lang", None, None,
-         f"Language of log messages (default: en; {role}.log_lang)", _logLang],
-        ["connection-log", None, None,
-         "The level of the line logged for each user connection that ends, with its bytes, "
-         f"duration and how it ended, or off (default: info; {role}.connection_log)",
-         _connectionLog],
-    ]
-
+def _tlsOptions(options: CommandLine) -> dict[str, str]:
+    """Settings field -> option name, for the TLS settings among C{options}."""
+    byField = {field: option for option, field in options.fields.items()}
+    byField.update((field, option) for option, (field, _) in options.flagValues.items())
+    return {field: option for field, option in byField.items()
+            if field == "tls" or field.startswith("tls_")}
 
 def _endpointPort(endpoint: object) -> Optional[int]:
     # Twisted's endpoints keep their port to themselves; look through
@@ -223,6 +99,8 @@ class _SettingsOptions(usage.Options):
     settingsType: Callable[..., Any]
     fields: dict[str, str]
     """Option name -> settings field, for the options that override the file."""
+    flagValues: dict[str, tuple[str, Any]]
+    """Flag -> (settings field, the value it sets), for the flags that override the file."""
     firstOptions: tuple[str, ...]
     """The options a person needs first, in the order --help lists them."""
     examples: tuple[str, ...]
@@ -314,10 +192,7 @@ class _SettingsOptions(usage.Options):
         values = self.fileValues(readConfigFile(source)) if source else {}
         values.update((field, self[option]) for option, field in self.fields.items()
                       if self[option] is not None)
-        if self["no-zero-copy"]:
-            values["zero_copy"] = False
-        if self["no-splice-thread"]:
-            values["splice_thread"] = False
+        values.update(setting for option, setting in self.flagValues.items() if self[option])
         if not values.get("token") and self.tokenRequired(values):
             if source:
                 raise ConfigError(f"{source}: {self.role}.token is missing "
@@ -342,93 +217,8 @@ class ServerOptions(_SettingsOptions):
     longdesc = ("Publish the services of gotunnel clients on this machine's ports. "
                 "Clients connect to the control endpoint.")
 
-    optParameters = [
-        _CONFIG_OPTION,
-        ["listen", "l", None,
-         "Control endpoint clients connect to (a Twisted endpoint string, "
-         "e.g. tcp:17000 or ssl:17000:privateKey=key.pem:certKey=cert.pem) "
-         f"(default: {ServerSettings.listen}; server.listen or server.addr)."],
-        ["token", "t", None, "Shared secret clients must present (required; server.token)."],
-        ["public-interface", None, None,
-         "Address the public ports listen on (:: for IPv6 and IPv4) "
-         f"(default: {ServerSettings.public_interface}; server.public_interface)."],
-        ["data-timeout", None, None,
-         "Seconds a user waits for the client's data channel before being closed "
-         f"(default: {ServerSettings.data_channel_timeout:g}; server.data_channel_timeout)",
-         _positive],
-        ["heartbeat-timeout", None, None,
-         "Seconds of silence after which a client is dropped "
-         f"(default: {ServerSettings.heartbeat_timeout:g}; server.heartbeat_timeout)",
-         _positive],
-        ["port-lease", None, None,
-         "Seconds a client whose control channel went keeps its public ports reserved "
-         "for it; 0 frees them at once "
-         f"(default: {ServerSettings.port_lease:g}; server.port_lease)", _secondsOrZero],
-        ["max-mappings-per-client", None, None,
-         "Mappings one client name may hold at once "
-         f"(default: {ServerSettings.max_mappings_per_client}; "
-         "server.max_mappings_per_client)", _atLeastOne],
-        ["max-pool-count", None, None,
-         "Data channels a client may open ahead of its users, per mapping; 0 turns "
-         f"pooling off (default: {ServerSettings.max_pool_count}; server.max_pool_count)",
-         _atLeastZero],
-        ["max-users-per-port", None, None,
-         "Users connected at once to one public port; more are refused at accept, 0 for no "
-         f"limit (default: {ServerSettings.max_users_per_port}; server.max_users_per_port)",
-         _atLeastZero],
-        ["max-connection-rate", None, None,
-         "New connections a second one source address may open to one public port; more "
-         "are refused at accept, 0 for no limit "
-         f"(default: {ServerSettings.max_connection_rate:g}; server.max_connection_rate)",
-         _rate],
-        ["bandwidth-limit", None, None,
-         "Bytes a second each mapping may carry each way, e.g. 10MB or 512KiB; 0 for no cap "
-         "(server.bandwidth_limit)", _bandwidth],
-        ["ipv6-prefix", None, None,
-         "IPv6 clients in one network of this prefix length count as one address in the "
-         "caps on connections waiting for their first frame "
-         f"(default: {ServerSettings.ipv6_prefix}; server.ipv6_prefix)", _ipv6Prefix],
-        ["tls-cert", None, None,
-         "Speak TLS on the control address, with this PEM certificate (and its chain) "
-         "(server.tls_cert; needs --tls-key)."],
-        ["tls-key", None, None, "The PEM private key of --tls-cert (server.tls_key)."],
-        ["tls-client-ca", None, None,
-         "Mutual TLS: require client certificates signed by the CA in this PEM file; "
-         "a certificate's common name must be the client's name (server.tls_client_ca)."],
-        ["http", None, None,
-         "Endpoint of the HTTP virtual-host port, where clients' --http mappings are routed "
-         "by Host, e.g. tcp:80 (server.vhost_http)."],
-        ["https", None, None,
-         "Endpoint of the HTTPS virtual-host port, where clients' --https mappings are routed "
-         "by TLS server name (SNI), e.g. tcp:443 (server.vhost_https)."],
-        ["subdomain-host", None, None,
-         "Clients may claim NAME.DOMAIN on the virtual-host ports, e.g. tunnel.example.com "
-         "(server.subdomain_host)."],
-        ["vhost-head-timeout", None, None,
-         "Seconds a user of a virtual-host port has to send its request head or ClientHello "
-         f"(default: {ServerSettings.vhost_head_timeout:g}; server.vhost_head_timeout)",
-         _positive],
-        _busyPollOption("server", ServerSettings),
-        ["admin", None, None,
-         "Serve the admin API, /metrics and the dashboard on this endpoint, e.g. "
-         "tcp:7400:interface=127.0.0.1 or ssl:7400:privateKey=key.pem:certKey=cert.pem "
-         "(default: none; server.admin)."],
-        ["admin-token", None, None,
-         "Bearer token for the admin endpoint (server.admin_token)."],
-        ["admin-user", None, None,
-         "User name for the dashboard's login (server.admin_user; needs --admin-password)."],
-        ["admin-password", None, None,
-         "Password for the dashboard's login (server.admin_password)."],
-    ] + _udpOptions("server", ServerSettings) + _logOptions("server")
-    optFlags = [_NO_ZERO_COPY, _NO_SPLICE_THREAD,
-                ["no-mux", None,
-                 "Refuse to carry a mapping's users as streams of one data connection when "
-                 "a client offers it (server.mux: false)."],
-                ["no-forwarded-headers", None,
-                 "Do not add X-Forwarded-For and X-Forwarded-Proto to requests routed by the "
-                 "HTTP virtual-host port (server.vhost_forwarded_headers: false)."],
-                ["no-udp", None, "Publish no UDP mappings: a client's register of protocol "
-                                 "udp is refused (udp: false in the config file)."]]
+    optParameters = [_CONFIG_OPTION] + _SERVER_OPTIONS.parameters
+    optFlags = _SERVER_OPTIONS.flags
 
     role = "server"
     firstOptions = ("token", "listen", "config")
@@ -436,24 +226,9 @@ class ServerOptions(_SettingsOptions):
                 "--listen tcp:17000 --token s3cret --tls-cert server.pem --tls-key server.key")
     endpointOption = ("listen", "server")
     settingsType = ServerSettings
-    fields = {"listen": "listen", "token": "token", "public-interface": "public_interface",
-              "data-timeout": "data_channel_timeout", "heartbeat-timeout": "heartbeat_timeout",
-              "port-lease": "port_lease",
-              "max-mappings-per-client": "max_mappings_per_client",
-              "max-pool-count": "max_pool_count", "busy-poll": "busy_poll",
-              "max-users-per-port": "max_users_per_port",
-              "max-connection-rate": "max_connection_rate",
-              "bandwidth-limit": "bandwidth_limit",
-              "ipv6-prefix": "ipv6_prefix",
-              "tls-cert": "tls_cert", "tls-key": "tls_key", "tls-client-ca": "tls_client_ca",
-              "http": "vhost_http", "https": "vhost_https", "subdomain-host": "subdomain_host",
-              "vhost-head-timeout": "vhost_head_timeout",
-              "admin": "admin", "admin-token": "admin_token", "admin-user": "admin_user",
-              "admin-password": "admin_password",
-              "log-level": "log_level", "log-lang": "log_lang",
-              "connection-log": "connection_log", **_UDP_FIELDS}
-    tlsOptions = {"tls_cert": "tls-cert", "tls_key": "tls-key",
-                  "tls_client_ca": "tls-client-ca"}
+    fields = _SERVER_OPTIONS.fields
+    flagValues = _SERVER_OPTIONS.flagValues
+    tlsOptions = _tlsOptions(_SERVER_OPTIONS)
 
     def fileValues(self, configFile: ConfigFile) -> dict[str, Any]:
         return configFile.serverValues()
@@ -464,10 +239,6 @@ class ServerOptions(_SettingsOptions):
         return not values.get("clients")
 
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
-        if self["no-mux"]:
-            values["mux"] = False
-        if self["no-forwarded-headers"]:
-            values["vhost_forwarded_headers"] = False
         for option, field in (("http", "vhost_http"), ("https", "vhost_https")):
             if values.get(field):
                 checkEndpoint(values[field], "server", f"--{option}" if self[option]
@@ -479,8 +250,6 @@ class ServerOptions(_SettingsOptions):
                 values["subdomain_host"] = normalDomain(values["subdomain_host"])
             except ValueError as e:
                 raise usage.UsageError(f"--subdomain-host: {e}") from None
-        if self["no-udp"]:
-            values["udp"] = False
         # A listed name is its own only if nobody else holds its token: not
         # every holder of the shared token, nor another listed client.
         owners: dict[str, str] = {}
@@ -513,65 +282,14 @@ class ClientOptions(_SettingsOptions):
     longdesc = ("Publish local services through a gotunnel server. Each --map "
                 "makes LOCALHOST:LOCALPORT reachable on the server's REMOTEPORT.")
 
-    optParameters = [
-        _CONFIG_OPTION,
-        ["server", "s", None,
-         "The server's control endpoint (a Twisted endpoint string, e.g. "
-         "tcp:tunnel.example.com:17000, tcp:[::1]:17000 or tls:tunnel.example.com:17000) "
-         f"(default: {ClientSettings.server}; client.server or client.server_addr)."],
-        ["token", "t", None, "Shared secret of the server (required; client.token)."],
-        ["name", "n", None, "This client's name (default: the host name; client.name)."],
-        ["heartbeat-interval", None, None,
-         f"Seconds between pings (default: {ClientSettings.heartbeat_interval:g}; "
-         "client.heartbeat_interval)", _positive],
-        ["health-check-interval", None, None,
-         "Seconds between probes of the local services "
-         f"(default: {ClientSettings.health_check_interval:g}; "
-         "client.health_check_interval)", _positive],
-        ["pool-count", None, None,
-         "Data channels per mapping kept open ahead of users, so that a new connection "
-         "does not wait for one; at most what the server allows, 0 for none "
-         f"(default: {ClientSettings.pool_count}; client.pool_count)", _atLeastZero],
-        ["ca", None, None,
-         "With --tls: trust the CA certificates in this PEM file "
-         "(default: the system's trusted CAs; client.tls_ca)."],
-        ["server-name", None, None,
-         "With --tls: the name the server's certificate must hold "
-         "(default: the host of --server; client.tls_server_name)."],
-        ["tls-client-cert", None, None,
-         "With --tls: present this PEM certificate to a server that asks for one "
-         "(mutual TLS; client.tls_client_cert; needs --tls-client-key)."],
-        ["tls-client-key", None, None,
-         "The PEM private key of --tls-client-cert (client.tls_client_key)."],
-        ["register-timeout", None, None,
-         "Seconds to wait for the server's answer to register, and to each data channel, "
-         "before closing that connection (and, for register, connecting again) "
-         f"(default: {ClientSettings.register_timeout:g}; client.register_timeout)",
-         _positive],
-        ["max-pending-data-channels", None, None,
-         "Data channels per mapping being opened for users at once; the server's further "
-         f"requests wait their turn (up to {MAX_WAITING_DATA_CHANNEL_REQUESTS}, then they are "
-         "dropped) "
-         f"(default: {ClientSettings.max_pending_data_channels}; "
-         "client.max_pending_data_channels)", _atLeastOne],
+    optParameters = [_CONFIG_OPTION] + _CLIENT_OPTIONS.parameters + [
         ["proxy-protocol", None, None,
          "Write a PROXY protocol header (v1: text, v2: binary) with the user's address "
          "first on every local connection, for mappings that do not set their own "
-         "(client.tunnels[].proxy_protocol)", _proxyProtocol],
-        _busyPollOption("client", ClientSettings),
-    ] + _udpOptions("client", ClientSettings) + _logOptions("client")
-    optFlags = [
-        ["tls", None, "Connect with TLS and verify the server's certificate and name "
-                      "(client.tls)."],
-        ["exit-on-refusal", None,
-         "Exit when the server refuses a mapping for a reason that asking again will not "
-         "change (wrong token 3, port not allowed 4, port taken by another client 5, port "
-         "busy on the server 6) instead of asking again (client.exit_on_refusal)."],
-        ["mux", None, "Carry each mapping's users as streams of one data connection, where "
-                      "the server agrees (client.mux; off by default, see bench/README.md)."],
-        _NO_ZERO_COPY,
-        _NO_SPLICE_THREAD,
+         "(client.tunnels[].proxy_protocol)",
+         coercer(PROXY_PROTOCOL, "proxy-protocol")],
     ]
+    optFlags = _CLIENT_OPTIONS.flags
 
     role = "client"
     firstOptions = ("token", "server", "map", "config")
@@ -579,18 +297,9 @@ class ClientOptions(_SettingsOptions):
                 "--config /etc/gotunnel/config.yaml")
     endpointOption = ("server", "client")
     settingsType = ClientSettings
-    fields = {"server": "server", "token": "token", "name": "name",
-              "heartbeat-interval": "heartbeat_interval",
-              "health-check-interval": "health_check_interval",
-              "pool-count": "pool_count", "busy-poll": "busy_poll",
-              "register-timeout": "register_timeout",
-              "max-pending-data-channels": "max_pending_data_channels",
-              "ca": "tls_ca", "server-name": "tls_server_name",
-              "tls-client-cert": "tls_client_cert", "tls-client-key": "tls_client_key",
-              "log-level": "log_level", "log-lang": "log_lang",
-              "connection-log": "connection_log", **_UDP_FIELDS}
-    tlsOptions = {"tls": "tls", "tls_ca": "ca", "tls_server_name": "server-name",
-                  "tls_client_cert": "tls-client-cert", "tls_client_key": "tls-client-key"}
+    fields = _CLIENT_OPTIONS.fields
+    flagValues = _CLIENT_OPTIONS.flagValues
+    tlsOptions = _tlsOptions(_CLIENT_OPTIONS)
 
     def __init__(self) -> None:
         super().__init__()
@@ -647,14 +356,8 @@ class ClientOptions(_SettingsOptions):
         tls.checkClientSettings(settings, names, where, names["tls"])
 
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
-        if self["tls"]:
-            values["tls"] = True
         if values.get("server"):
             values["server"] = clientEndpointString(values["server"])
-        if self["exit-on-refusal"]:
-            values["exit_on_refusal"] = True
-        if self["mux"]:
-            values["mux"] = True
         if self["map"] or self["vhosts"]:
             values["mappings"] = list(self["map"]) + list(self["vhosts"])
         if self["proxy-protocol"] and values.get("mappings"):
