@@ -28,15 +28,27 @@ CHOSEN = re.compile(r"the server chose public port (\d+)")
 TOKEN = "install-check-token"
 
 
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "_trial_temp*",
+    ".pytest_cache")
+"""What a checkout without git holds beside its source (see L{copySource})."""
+
+
 def copySource(destination: str) -> None:
     """
     A copy of the source tree as a commit would hold it (files not yet added
     too, ignored ones not): without build/ or *.egg-info left by an earlier
-    build, whose stale files setuptools would put in the wheel.
+    build, whose stale files setuptools would put in the wheel.  A checkout
+    that is not a git repository (an exported tree) is copied without what
+    builds and test runs leave in it.
     """
-    listed = subprocess.run(
-        ["git", "-C", REPO, "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        capture_output=True, check=True).stdout.decode()
+    try:
+        listed = subprocess.run(
+            ["git", "-C", REPO, "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            capture_output=True, check=True).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):
+        shutil.copytree(REPO, destination, ignore=NOT_SOURCE, dirs_exist_ok=True)
+        return
     for path in listed.split("\0"):
         if path and os.path.isfile(os.path.join(REPO, path)):
             target = os.path.join(destination, path)
