@@ -128,6 +128,10 @@ class User(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received.append(data)
         self._count += len(data)
+        self._fireWaiters()
+
+    def _fireWaiters(self) -> None:
+        """Fire the L{whenReceived} waiters whose size has arrived."""
         still = []
         for size, waiter in self._waiters:
             if self._count >= size:
@@ -191,13 +195,7 @@ class StreamUser(User):
             repeats = (start + len(data)) // len(STREAM_PERIOD) + 1
             self.intact = data == (STREAM_PERIOD * repeats)[start:start + len(data)]
         self._count += len(data)
-        still = []
-        for size, waiter in self._waiters:
-            if self._count >= size:
-                waiter.callback(self.data)
-            else:
-                still.append((size, waiter))
-        self._waiters = still
+        self._fireWaiters()
 
     @property
     def data(self) -> StreamReceived:  # type: ignore[override]
