@@ -20,10 +20,10 @@ from twisted.internet import defer, reactor, task  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # noqa: E402
 from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 
-from gotunnel.client import TunnelClientService  # noqa: E402
-from gotunnel.config import ClientSettings, Mapping, ServerSettings  # noqa: E402
-from gotunnel.ratelimit import parseRate  # noqa: E402
-from gotunnel.server import TunnelServerService  # noqa: E402
+from gotunnel.client.service import TunnelClientService  # noqa: E402
+from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings  # noqa: E402
+from gotunnel.relay.ratelimit import parseRate  # noqa: E402
+from gotunnel.server.service import TunnelServerService  # noqa: E402
 
 HOST = "127.0.0.1"
 CHUNK = b"\0" * (1 << 20)

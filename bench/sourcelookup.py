@@ -17,7 +17,7 @@ import timeit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gotunnel.portpolicy import SourcePolicy, permitted  # noqa: E402
+from gotunnel.server.portpolicy import SourcePolicy, permitted  # noqa: E402
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
-from gotunnel import logs, tap
-from gotunnel.config import ConfigError
+from gotunnel import logs
+from gotunnel.cli import tap
+from gotunnel.config.settings import ConfigError
 
 def _notOnStderr(event: dict) -> PredicateResult:
     if event.get("log_namespace") == "gotunnel.report":
@@ -108,15 +109,15 @@ def programName() -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "certs":
-        from gotunnel.certs import main as certsMain
+        from gotunnel.tls.certs import main as certsMain
 
         return certsMain(args[1:])
     if args and args[0] == "status":
-        from gotunnel.status import main as statusMain
+        from gotunnel.cli.status import main as statusMain
 
         return statusMain(args[1:])
     if args and args[0] == "demo":
-        from gotunnel.demo import main as demoMain
+        from gotunnel.cli.demo import main as demoMain
 
         return demoMain(args[1:])
     prog = programName()

@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.python.reflect import namedAny
 
 from gotunnel.i18n import TranslatingObserver
-from gotunnel.tcpinternals import CLIENT_SERVICE_NAMESPACE, twistdLogObserver
+from gotunnel.relay.tcpinternals import CLIENT_SERVICE_NAMESPACE, twistdLogObserver
 
 
 def leveledObserver(observer: ILogObserver, level: str, lang: str = "en") -> ILogObserver:

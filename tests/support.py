@@ -17,13 +17,13 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-import gotunnel.server
-from gotunnel import messages
-from gotunnel.client import TunnelClientService
-from gotunnel.config import ClientSettings, Mapping, ServerSettings
-from gotunnel.server import TunnelServerService
-from gotunnel.splicer import Splicer
-from gotunnel.zerocopy import SplicePump
+import gotunnel.server.service
+from gotunnel.wire import messages
+from gotunnel.client.service import TunnelClientService
+from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings
+from gotunnel.server.service import TunnelServerService
+from gotunnel.relay.splicer import Splicer
+from gotunnel.relay.zerocopy import SplicePump
 
 HOST = "127.0.0.1"
 TOKEN = "test-token"
@@ -267,24 +267,24 @@ class Tunnel:
         self.mux = mux
         self.streams = 0
         if mux:
-            openStreamFor = gotunnel.server.Tunnel._openStreamFor
+            openStreamFor = gotunnel.server.service.Tunnel._openStreamFor
 
             def countingOpenStreamFor(tunnel, user):
                 opened = openStreamFor(tunnel, user)
                 self.streams += opened
                 return opened
 
-            testCase.patch(gotunnel.server.Tunnel, "_openStreamFor", countingOpenStreamFor)
+            testCase.patch(gotunnel.server.service.Tunnel, "_openStreamFor", countingOpenStreamFor)
             testCase.addCleanup(self._checkStreams)
         if pool:
-            attachUser = gotunnel.server.ServerChannel.attachUser
+            attachUser = gotunnel.server.service.ServerChannel.attachUser
 
             def countingAttachUser(channel, user):
                 attached = attachUser(channel, user)
                 self.pooledUsers += attached
                 return attached
 
-            testCase.patch(gotunnel.server.ServerChannel, "attachUser", countingAttachUser)
+            testCase.patch(gotunnel.server.service.ServerChannel, "attachUser", countingAttachUser)
             testCase.addCleanup(self._checkPooled)
         self.server: Optional[TunnelServerService] = None
         self.controlPort: Optional[int] = None
@@ -316,7 +316,7 @@ class Tunnel:
 
     @property
     def pumped(self) -> int:
-        """Splices with a pump: a zero-copy one, or a TLS one (see gotunnel.tlspump)."""
+        """Splices with a pump: a zero-copy one, or a TLS one (see gotunnel.relay.tlspump)."""
         return sum(splicer.pumped + splicer.tlsPumped for splicer in self.splicers)
 
     @property

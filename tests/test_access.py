@@ -15,9 +15,9 @@ from typing import Optional
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from gotunnel import certs
-from gotunnel.config import ClientPolicy, ConfigError, ServerSettings, readConfigFile
-from gotunnel.tap import ClientOptions, ServerOptions
+from gotunnel.tls import certs
+from gotunnel.config.settings import ClientPolicy, ConfigError, ServerSettings, readConfigFile
+from gotunnel.cli.tap import ClientOptions, ServerOptions
 from tests.support import (
     HOST, TOKEN, LogWatcher, Tunnel, connectRaw, connectUser, dataChannelMessage, freePort,
     jsonFrame, listenTarget, registerMessage, temporaryDirectory, waitUntil, within,

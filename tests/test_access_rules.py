@@ -1,5 +1,5 @@
 """
-The server's access rules (gotunnel.access) on their own: pure functions of
+The server's access rules (gotunnel.server.access) on their own: pure functions of
 the settings and a request, each checked over a table of cases.
 """
 
@@ -10,11 +10,11 @@ import ipaddress
 
 from twisted.trial import unittest
 
-from gotunnel import access
-from gotunnel.access import RegistrationRefused
-from gotunnel.config import ClientPolicy, ServerSettings
-from gotunnel.messages import Register
-from gotunnel.portpolicy import permitted
+from gotunnel.server import access
+from gotunnel.server.access import RegistrationRefused
+from gotunnel.config.settings import ClientPolicy, ServerSettings
+from gotunnel.wire.messages import Register
+from gotunnel.server.portpolicy import permitted
 
 SHARED = "shared-token"
 ALICE = "alice-token"

@@ -13,9 +13,9 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from gotunnel import accounting
-from gotunnel.config import ConfigFile
-from gotunnel.tap import ClientOptions, ServerOptions
+from gotunnel.server import accounting
+from gotunnel.config.settings import ConfigFile
+from gotunnel.cli.tap import ClientOptions, ServerOptions
 from tests.support import (
     LogWatcher, Tunnel, connectUser, listenTarget, randomBytes, within,
 )

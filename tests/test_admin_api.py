@@ -28,7 +28,7 @@ from gotunnel.admin import auth as authModule
 from gotunnel.admin.api import MAX_BODY, AdminAPI, BoundedRequest
 from gotunnel.admin.auth import AdminAuth
 from gotunnel.admin.metrics import MetricsPage
-from gotunnel.tap import ServerOptions
+from gotunnel.cli.tap import ServerOptions
 from tests.support import (
     HOST, Tunnel, connectUser, connectionRefused, listenTarget, randomBytes, waitUntil, within,
 )
@@ -286,7 +286,7 @@ class RouteTests(ServerTestCase):
 
     def test_identity(self):
         """A client listed in server.clients shows as token:NAME."""
-        from gotunnel.config import ClientPolicy
+        from gotunnel.config.settings import ClientPolicy
 
         self.settings.clients = {"edge-1": ClientPolicy(token=gotunnel_token())}
         self.registered()
@@ -605,8 +605,8 @@ class OptionTests(unittest.TestCase):
                                           "--admin-user", "u"])
 
     def test_offByDefault(self):
-        from gotunnel.config import ServerSettings
-        from gotunnel.server import TunnelServerService
+        from gotunnel.config.settings import ServerSettings
+        from gotunnel.server.service import TunnelServerService
 
         self.assertIsNone(TunnelServerService(ServerSettings(token="t")).admin)
 
@@ -640,8 +640,8 @@ class ServiceTests(unittest.TestCase):
         from twisted.internet.endpoints import TCP4ServerEndpoint
         from twisted.internet.protocol import Factory
 
-        from gotunnel.config import ServerSettings
-        from gotunnel.server import TunnelServerService
+        from gotunnel.config.settings import ServerSettings
+        from gotunnel.server.service import TunnelServerService
 
         taken = yield TCP4ServerEndpoint(reactor, 0, interface=HOST).listen(Factory())
         self.addCleanup(taken.stopListening)

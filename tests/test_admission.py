@@ -1,5 +1,5 @@
 """
-Admission to the control port (gotunnel.admission) on its own: the caps on
+Admission to the control port (gotunnel.server.admission) on its own: the caps on
 connections yet to send their first frame, what registered clients are
 owed, and the back-off on wrong tokens, on a task.Clock.
 """
@@ -11,10 +11,10 @@ from collections import Counter
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from gotunnel.admission import (
+from gotunnel.server.admission import (
     AUTH_FAILURE_MEMORY, MAX_AUTH_FAILURE_SOURCES, Admission, countDown,
 )
-from gotunnel.config import ServerSettings
+from gotunnel.config.settings import ServerSettings
 
 
 class Newcomer:

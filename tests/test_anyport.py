@@ -13,10 +13,10 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
-from gotunnel import messages
-from gotunnel.config import Mapping, readConfigFile
-from gotunnel.tap import ClientOptions
-from gotunnel.server import RegistrationRefused
+from gotunnel.wire import messages
+from gotunnel.config.settings import Mapping, readConfigFile
+from gotunnel.cli.tap import ClientOptions
+from gotunnel.server.service import RegistrationRefused
 from tests.support import (
     HOST, TOKEN, Tunnel, echoedThrough, freePort, listenTarget, waitUntil, within,
 )

@@ -22,7 +22,7 @@ from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, St
 from twisted.internet import ssl
 from twisted.trial import unittest
 
-from gotunnel import certs
+from gotunnel.tls import certs
 from tests.support import temporaryDirectory
 
 NOW = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)

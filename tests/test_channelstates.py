@@ -1,5 +1,5 @@
 """
-Each role of a connection to the control port (gotunnel.channelstates), on
+Each role of a connection to the control port (gotunnel.server.channelstates), on
 a memory reactor and string transports: the messages it refuses, with the
 protocol error line and the connection closed, and the moves from one role
 to the next.
@@ -15,9 +15,10 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from gotunnel import channelstates, messages
-from gotunnel.config import ServerSettings
-from gotunnel.server import PublicUser, ServerChannel, ServerChannelFactory, TunnelRegistry
+from gotunnel.server import channelstates
+from gotunnel.wire import messages
+from gotunnel.config.settings import ServerSettings
+from gotunnel.server.service import PublicUser, ServerChannel, ServerChannelFactory, TunnelRegistry
 
 from tests.support import LogWatcher, frame
 from tests.test_udp import UDPReactor

@@ -22,12 +22,14 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import directlyProvides
 
-from gotunnel import client, messages, report
-from gotunnel.client import (
+from gotunnel import report
+from gotunnel.client import service as client
+from gotunnel.wire import messages
+from gotunnel.client.service import (
     EARLY_LOCAL_CONNECTS, ControlChannelFactory, DataChannelFactory, LocalServiceFactory,
     TunnelClientService, TunnelService, _ProbeFactory, serverAddress,
 )
-from gotunnel.config import ClientSettings, Mapping
+from gotunnel.config.settings import ClientSettings, Mapping
 
 from tests.support import frame, jsonFrame as supportJsonFrame
 

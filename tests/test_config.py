@@ -19,10 +19,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from gotunnel import logs
-from gotunnel.config import (
+from gotunnel.config.settings import (
     ClientSettings, ConfigError, Mapping, ServerSettings, readConfigFile,
 )
-from gotunnel.tap import ClientOptions, ServerOptions
+from gotunnel.cli.tap import ClientOptions, ServerOptions
 from tests.support import temporaryDirectory
 
 # The Go project's config_template.yaml, values filled in.

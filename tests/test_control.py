@@ -2,7 +2,7 @@
 The framing every connection starts with: frames however TCP cuts them,
 dispatch to msg_<type>, bad frames closing the connection, and the switch to
 raw bytes after a data channel's handshake; and reading and writing a socket in the
-same turn of the reactor (gotunnel.sameturn).
+same turn of the reactor (gotunnel.relay.eagerio).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from gotunnel import messages
-from gotunnel.control import MAX_BACKLOG, MAX_FRAME, MessageReceiver
-from gotunnel.messages import DataChannel, OfflinePort, Ping, Pong, Register
-from gotunnel.sameturn import readWaiting, writeThrough
+from gotunnel.wire import messages
+from gotunnel.wire.framing import MAX_BACKLOG, MAX_FRAME, MessageReceiver
+from gotunnel.wire.messages import DataChannel, OfflinePort, Ping, Pong, Register
+from gotunnel.relay.eagerio import readWaiting, writeThrough
 
 from tests.support import HOST, User, frame, UserFactory, waitingIn, waitUntil, within
 

@@ -1,5 +1,5 @@
 """
-Each state of the client's data channel (gotunnel.datachannelstates), on a
+Each state of the client's data channel (gotunnel.client.datachannelstates), on a
 memory reactor and string transports: the messages it refuses, with the
 protocol error line and the connection closed, and the moves from one state
 to the next as the server answers and the local service connects or fails.
@@ -11,8 +11,9 @@ from twisted.internet import error
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from gotunnel import datachannelstates, messages
-from gotunnel.client import DataChannelClient, DataChannelFactory, LocalServiceConnection
+from gotunnel.client import datachannelstates
+from gotunnel.wire import messages
+from gotunnel.client.service import DataChannelClient, DataChannelFactory, LocalServiceConnection
 
 from tests.support import LogWatcher, frame
 from tests.test_client import OK, ClientTestCase, innermost

@@ -12,8 +12,8 @@ from twisted.internet import defer, reactor
 from twisted.python import usage
 from twisted.trial import unittest
 
-from gotunnel import demo as demoModule
-from gotunnel.demo import Demo, DemoOptions, PublicPortUnavailable, hostForURL, startDemo
+from gotunnel.cli import demo as demoModule
+from gotunnel.cli.demo import Demo, DemoOptions, PublicPortUnavailable, hostForURL, startDemo
 from tests.support import (
     connectUser, connectionRefused, spawn, startTarget, temporaryDirectory, within,
 )

@@ -16,7 +16,7 @@ import subprocess
 
 from twisted.trial import unittest
 
-from gotunnel.tap import ClientOptions, ServerOptions
+from gotunnel.cli.tap import ClientOptions, ServerOptions
 from tests.support import temporaryDirectory, venvScript
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,9 +18,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel.client import ServerEndpoints
-from gotunnel.config import ClientSettings, Mapping
-from gotunnel.server import ServerChannel
+from gotunnel.client.service import ServerEndpoints
+from gotunnel.config.settings import ClientSettings, Mapping
+from gotunnel.server.service import ServerChannel
 from tests.support import (
     Tunnel, connectUser, echoedThrough, listenService, listenTarget, randomBytes, waitUntil,
     within,

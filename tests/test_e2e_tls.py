@@ -5,14 +5,14 @@ random payloads both ways, fifty connections at once, a banner, bytes
 before the data channel, closes, half-closes and resets from the user's
 side, and a service that closes after answering: each direction's
 end-of-stream crosses a TLS data channel as a close_notify
-(L{gotunnel.tlshalfclose}).
+(L{gotunnel.tls.halfclose}).
 """
 
 from __future__ import annotations
 
 import os
 
-from gotunnel import certs
+from gotunnel.tls import certs
 from tests import support, test_e2e_tunnel
 from tests.support import HOST, temporaryDirectory
 from tests.test_tls import SERVER_NAME, makeCertificates

@@ -17,8 +17,8 @@ from twisted.trial import unittest
 from twisted.web import resource, static
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
-from gotunnel.config import Mapping
-from gotunnel.server import PublicUser
+from gotunnel.config.settings import Mapping
+from gotunnel.server.service import PublicUser
 from tests.support import (
     isStreamPrefix,
     HOST, AnswerAtEnd, Banner, ServiceConnection, Source, StreamOrEcho, StreamUser, Tunnel, connectUser,

@@ -12,7 +12,7 @@ import re
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from gotunnel.refusals import EXIT_AUTHENTICATION_FAILED, EXIT_PORT_TAKEN
+from gotunnel.server.refusals import EXIT_AUTHENTICATION_FAILED, EXIT_PORT_TAKEN
 from tests.support import freePort, listenTarget, spawn, temporaryDirectory, venvScript, within
 
 TWISTD = venvScript("twistd")
@@ -100,7 +100,7 @@ class DeploymentDocTests(unittest.TestCase):
         docs/deployment.md's client unit runs with --exit-on-refusal and
         tells systemd not to restart on exactly the refusal statuses.
         """
-        from gotunnel import refusals
+        from gotunnel.server import refusals
 
         path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "deployment.md")
         with open(path, encoding="utf-8") as f:

@@ -17,8 +17,8 @@ from typing import Optional
 from twisted.internet import defer, error, reactor
 from twisted.trial import unittest
 
-from gotunnel.client import DataChannelClient, LocalServiceConnection
-from gotunnel.server import PublicUser, ServerChannel
+from gotunnel.client.service import DataChannelClient, LocalServiceConnection
+from gotunnel.server.service import PublicUser, ServerChannel
 
 from tests.support import (
     isStreamPrefix,

@@ -9,9 +9,9 @@ from __future__ import annotations
 from twisted.internet import defer, error
 from twisted.trial import unittest
 
-from gotunnel import messages
-from gotunnel.config import Mapping, readConfigFile
-from gotunnel.groups import Group
+from gotunnel.wire import messages
+from gotunnel.config.settings import Mapping, readConfigFile
+from gotunnel.server.groups import Group
 from tests.support import (
     HOST, Banner, Tunnel, connectUser, freePort, listenTarget, waitUntil, within,
 )

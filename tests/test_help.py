@@ -13,7 +13,7 @@ import sys
 from twisted.trial import unittest
 
 import gotunnel
-from gotunnel.tap import ClientOptions, ServerOptions
+from gotunnel.cli.tap import ClientOptions, ServerOptions
 from tests.support import venvScript
 
 EXIT_TIMEOUT = 60

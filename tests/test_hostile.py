@@ -20,10 +20,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from gotunnel import messages
-from gotunnel.admission import MAX_AUTH_FAILURE_SOURCES
-from gotunnel.config import ServerSettings
-from gotunnel.server import (
+from gotunnel.wire import messages
+from gotunnel.server.admission import MAX_AUTH_FAILURE_SOURCES
+from gotunnel.config.settings import ServerSettings
+from gotunnel.server.service import (
     MAX_EARLY_BYTES, PublicUser, ServerChannel, TunnelRegistry, addressGroup,
 )
 

@@ -14,8 +14,8 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.trial import unittest
 
-from gotunnel.client import TunnelClientService
-from gotunnel.config import ClientSettings, Mapping
+from gotunnel.client.service import TunnelClientService
+from gotunnel.config.settings import ClientSettings, Mapping
 from tests.support import (
     HOST, Collector, deferLater, freePort, listenTarget, waitUntil, within,
 )

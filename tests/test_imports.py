@@ -18,7 +18,7 @@ from tests.support import temporaryDirectory
 
 PLAIN_RUN = """
 import json, sys
-from gotunnel import tap
+from gotunnel.cli import tap
 
 server = tap.ServerOptions()
 server.parseOptions(["--token", "t", "--listen", "tcp:0:interface=127.0.0.1"])
@@ -32,8 +32,8 @@ for service in services:
     service.stopService()
 """
 
-UNUSED = ("yaml", "gotunnel.tls", "gotunnel.certs", "gotunnel.vhost", "gotunnel.admin",
-          "gotunnel.demo", "gotunnel.status", "twisted.web", "prometheus_client")
+UNUSED = ("yaml", "gotunnel.tls.contexts", "gotunnel.tls.certs", "gotunnel.server.vhost",
+          "gotunnel.admin", "gotunnel.cli.demo", "gotunnel.cli.status", "twisted.web", "prometheus_client")
 """Packages and modules a plain server and client have no use for."""
 
 

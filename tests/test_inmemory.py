@@ -14,9 +14,9 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial import unittest
 
-from gotunnel.client import TunnelClientService
-from gotunnel.config import ClientSettings, Mapping, ServerSettings
-from gotunnel.server import TunnelServerService
+from gotunnel.client.service import TunnelClientService
+from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings
+from gotunnel.server.service import TunnelServerService
 
 from tests.support import TOKEN, ConnectionTracker, Echo, User
 

@@ -14,8 +14,8 @@ from twisted.internet import defer, error
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from gotunnel.publicport import PublicPort
-from gotunnel.server import ONLINE_RETRY_DELAYS
+from gotunnel.server.publicport import PublicPort
+from gotunnel.server.service import ONLINE_RETRY_DELAYS
 
 from tests.support import (
     REGISTERED, LogWatcher, Tunnel, connectRaw, connectUser, freePort, jsonFrame,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from gotunnel import messages
-from gotunnel.messages import (
+from gotunnel.wire import messages
+from gotunnel.wire.messages import (
     DataChannel, OfflinePort, OnlinePort, OpenDataChannel, Ping, Pong, ProtocolError,
     Register, RegisterResp,
 )

@@ -14,7 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from gotunnel import accounting
+from gotunnel.server import accounting
 from gotunnel.admin.auth import AdminAuth
 from gotunnel.admin.metrics import MetricsPage
 from tests.test_server import ServerTestCase, dataChannel, register
@@ -173,7 +173,7 @@ class DocumentedTests(MetricsTestCase):
 
         import yaml
 
-        from gotunnel.config import ConfigFile
+        from gotunnel.config.settings import ConfigFile
 
         path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "operations.md")
         with open(path, encoding="utf-8") as f:

@@ -1,5 +1,5 @@
 """
-The multiplexed session (gotunnel.mux) as a state machine: two sessions
+The multiplexed session (gotunnel.mux.streams) as a state machine: two sessions
 joined by in-memory transports, time on a Clock.
 """
 
@@ -10,8 +10,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from gotunnel import mux
-from gotunnel.mux import HEADER, MuxSession, MuxStream
+from gotunnel.mux import streams as mux
+from gotunnel.mux.streams import HEADER, MuxSession, MuxStream
 
 
 class Recorder:

@@ -1,5 +1,5 @@
 """
-Users carried as streams of one multiplexed connection (gotunnel.mux), over
+Users carried as streams of one multiplexed connection (gotunnel.mux.streams), over
 real loopback sockets: the tunnel's integrity tests again over TLS, a
 stalled stream beside a busy one on the same connection, and the fallback
 to data channels when the server does not agree.
@@ -10,9 +10,10 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-import gotunnel.server
-from gotunnel import messages, mux
-from gotunnel.server import RegistrationRefused
+import gotunnel.server.service
+from gotunnel.wire import messages
+from gotunnel.mux import streams as mux
+from gotunnel.server.service import RegistrationRefused
 from tests.support import (
     HOST, Source, Tunnel, connectUser, listenService, listenTarget, randomBytes, temporaryDirectory,
     waitUntil, within,
@@ -155,7 +156,7 @@ class FallbackTests(unittest.TestCase):
         def refuse(tunnel, session):
             raise RegistrationRefused("no mapping of port 1 agreed to multiplexing")
 
-        self.patch(gotunnel.server.Tunnel, "addMuxSession", refuse)
+        self.patch(gotunnel.server.service.Tunnel, "addMuxSession", refuse)
         tunnel = Tunnel(self, zeroCopy=False, pool=2)
         yield tunnel.startServer()
         target = listenTarget(self)

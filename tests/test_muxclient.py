@@ -10,10 +10,10 @@ import dataclasses
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import formatEvent
 
-from gotunnel import mux
-from gotunnel.client import TunnelService
-from gotunnel.mux import HEADER
-from gotunnel.muxclient import MuxDataChannel, _LocalFactory
+from gotunnel.mux import streams as mux
+from gotunnel.client.service import TunnelService
+from gotunnel.mux.streams import HEADER
+from gotunnel.mux.client import MuxDataChannel, _LocalFactory
 
 from tests.support import frame
 from tests.test_client import OK, SERVER, ClientTestCase, innermost

@@ -16,13 +16,13 @@ import socket
 from twisted.internet import defer
 from twisted.trial import unittest
 
-import gotunnel.server
-from gotunnel import messages
-from gotunnel.client import (
+import gotunnel.server.service
+from gotunnel.wire import messages
+from gotunnel.client.service import (
     POOL_REFILL_DELAY, POOL_REFUSALS_IN_A_ROW, DataChannelClient, DataChannelFactory,
 )
-from gotunnel.config import ClientPolicy
-from gotunnel.relay import IDLE_KEEPALIVE
+from gotunnel.config.settings import ClientPolicy
+from gotunnel.relay.splice import IDLE_KEEPALIVE
 from tests import test_client as client
 from tests import test_server as server
 from tests.support import (
@@ -137,7 +137,7 @@ class ServerPoolTests(server.ServerTestCase):
         writes: list[bytes] = []
         write = data.transport.write
         self.patch(data.transport, "write", lambda b: (writes.append(b), write(b)))
-        self.patch(gotunnel.server, "readWaiting", lambda transport: b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.patch(gotunnel.server.service, "readWaiting", lambda transport: b"SSH-2.0-OpenSSH_9.2\r\n")
         self.connectUser()
         self.assertEqual(writes, [server.frame(server.OK) + b"SSH-2.0-OpenSSH_9.2\r\n"])
 
@@ -557,7 +557,7 @@ class DataChannelKeepAliveTests(unittest.TestCase):
         user.transport.write(b"hello")
         yield within(user.whenReceived(5), WAIT, "the echo through a data channel")
         serverEnds = [c for c in server.registry.connections
-                      if isinstance(c, gotunnel.server.ServerChannel) and c.role == "data"]
+                      if isinstance(c, gotunnel.server.service.ServerChannel) and c.role == "data"]
         clientEnds = [c for c in client.tunnels[0].connections
                       if isinstance(c, DataChannelClient)]
         self.assertEqual((len(serverEnds), len(clientEnds)), (1, 1))

@@ -15,13 +15,13 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from gotunnel import messages
-from gotunnel.config import ClientPolicy, Mapping, readConfigFile
-from gotunnel.portpolicy import (
+from gotunnel.wire import messages
+from gotunnel.config.settings import ClientPolicy, Mapping, readConfigFile
+from gotunnel.server.portpolicy import (
     RefusalLog, SourcePolicy, SourceRate, SourceSet, narrowest, parseNetwork, permitted,
     sourceAddress,
 )
-from gotunnel.tap import ServerOptions
+from gotunnel.cli.tap import ServerOptions
 from tests.support import (
     HOST, TOKEN, Tunnel, connectUser, echoedThrough, freePort, listenTarget, waitUntil, within,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from gotunnel.printable import printable
+from gotunnel.wire.printable import printable
 
 from tests.test_client import ClientTestCase, jsonFrame as clientJsonFrame
 from tests.test_server import ServerTestCase, jsonFrame, register

@@ -18,10 +18,11 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from gotunnel import messages, proxyprotocol
-from gotunnel.config import Mapping, readConfigFile
-from gotunnel.server import ServerChannel
-from gotunnel.tap import ClientOptions
+from gotunnel.wire import messages
+from gotunnel.wire import proxyprotocol
+from gotunnel.config.settings import Mapping, readConfigFile
+from gotunnel.server.service import ServerChannel
+from gotunnel.cli.tap import ClientOptions
 from tests.support import (
     HOST, Tunnel, User, freePort, listenTarget, retryUntil, spawn, temporaryDirectory,
     waitUntil, within,

@@ -1,5 +1,5 @@
 """
-The tables of what the server publishes (gotunnel.published) on their own:
+The tables of what the server publishes (gotunnel.server.published) on their own:
 waiting users, one record each, found by conn_id or as the oldest of their
 mapping; users per port; every mapping, group members included.
 """
@@ -9,14 +9,14 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from gotunnel.access import RegistrationRefused
-from gotunnel.groups import Group
-from gotunnel.published import PublishedPorts, WaitingUsers
+from gotunnel.server.access import RegistrationRefused
+from gotunnel.server.groups import Group
+from gotunnel.server.published import PublishedPorts, WaitingUsers
 
 
 class FakeTunnel:
     protocol = None
-    """TCP, as L{gotunnel.server.Tunnel}'s."""
+    """TCP, as L{gotunnel.server.service.Tunnel}'s."""
 
     def __init__(self, name: str, remote_port: int) -> None:
         self.name = name

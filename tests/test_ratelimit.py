@@ -12,10 +12,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from gotunnel import messages
-from gotunnel.config import ClientPolicy, Mapping, readConfigFile
-from gotunnel.ratelimit import Throttle, TokenBucket, parseRate
-from gotunnel.tap import ServerOptions
+from gotunnel.wire import messages
+from gotunnel.config.settings import ClientPolicy, Mapping, readConfigFile
+from gotunnel.relay.ratelimit import Throttle, TokenBucket, parseRate
+from gotunnel.cli.tap import ServerOptions
 from tests.support import HOST, Tunnel, connectUser, freePort, listenTarget, within
 
 TIMEOUT = 60
@@ -86,7 +86,7 @@ class FakeTransport:
 class FakeEnd:
     _readClosed = False
     peer = object()
-    """Spliced (see gotunnel.relay.RelayEnd.peer)."""
+    """Spliced (see gotunnel.relay.splice.RelayEnd.peer)."""
 
     def __init__(self):
         self.transport = FakeTransport()

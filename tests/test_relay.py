@@ -15,8 +15,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel.relay import RelayEnd, canHalfClose
-from gotunnel.sameturn import twistedBuffered, writeThrough
+from gotunnel.relay.splice import RelayEnd, canHalfClose
+from gotunnel.relay.eagerio import twistedBuffered, writeThrough
 
 from tests.support import randomBytes, within
 from tests.test_zerocopy import connectedPair

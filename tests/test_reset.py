@@ -13,7 +13,7 @@ import select
 from twisted.internet import defer, error
 from twisted.trial import unittest
 
-from gotunnel.sameturn import readWaiting
+from gotunnel.relay.eagerio import readWaiting
 
 from tests.support import (
     ServiceConnection, Tunnel, connectUser, listenService, waitUntil, within,

@@ -7,7 +7,7 @@ import resource
 
 from twisted.trial import unittest
 
-from gotunnel.rlimits import raiseOpenFileLimit
+from gotunnel.cli.rlimits import raiseOpenFileLimit
 
 
 class RaiseOpenFileLimitTests(unittest.TestCase):

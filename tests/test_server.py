@@ -20,10 +20,10 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-import gotunnel.server
-from gotunnel.config import ServerSettings
-from gotunnel.messages import RegisterResp
-from gotunnel.server import (
+import gotunnel.server.service
+from gotunnel.config.settings import ServerSettings
+from gotunnel.wire.messages import RegisterResp
+from gotunnel.server.service import (
     MAX_EARLY_BYTES, PublicUser, ServerChannelFactory, TunnelRegistry, TunnelServerService, withBacklog,
 )
 
@@ -613,7 +613,7 @@ class DataChannelTests(ServerTestCase):
         self.registered()
         user = self.connectUser()
         held = {user.transport: b"GET / HTTP/1.1\r\n"}
-        self.patch(gotunnel.server, "readWaiting", lambda transport: held.pop(transport, b""))
+        self.patch(gotunnel.server.service, "readWaiting", lambda transport: held.pop(transport, b""))
         data = self.connect()
         writes = self.writesTo(data)
         data.send(dataChannel("conn-1"))
@@ -627,7 +627,7 @@ class DataChannelTests(ServerTestCase):
         self.registered()
         user = self.connectUser()
         asked = []
-        self.patch(gotunnel.server, "readWaiting", lambda transport: (asked.append(transport), b"x")[1])
+        self.patch(gotunnel.server.service, "readWaiting", lambda transport: (asked.append(transport), b"x")[1])
         data = self.connect()
         writes = self.writesTo(data)
         data.send(dataChannel())

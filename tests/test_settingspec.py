@@ -13,11 +13,11 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from gotunnel import config
-from gotunnel.config import ClientPolicy, ClientSettings, ServerSettings
-from gotunnel.settingkinds import FLAG, SECONDS
-from gotunnel.settingspec import commandLine, declared, keysOf, setting, yamlKeys
-from gotunnel.tap import ClientOptions, ServerOptions
+from gotunnel.config import settings as config
+from gotunnel.config.settings import ClientPolicy, ClientSettings, ServerSettings
+from gotunnel.config.kinds import FLAG, SECONDS
+from gotunnel.config.spec import commandLine, declared, keysOf, setting, yamlKeys
+from gotunnel.cli.tap import ClientOptions, ServerOptions
 
 CONFIGURATION = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "configuration.md")
 

@@ -1,5 +1,5 @@
 """
-How the splice thread waits for its events (gotunnel.splicethread): how it
+How the splice thread waits for its events (gotunnel.relay.splicethread): how it
 polls before it sleeps, on a scripted clock and epoll (BusyPoll), and for
 which answers it polls (pollBudget).  The thread itself, moving bytes, is tested over
 loopback in test_zerocopy (SpliceThreadTests and the ...InSpliceThread
@@ -15,10 +15,10 @@ from types import SimpleNamespace
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from gotunnel.client import TunnelClientService
-from gotunnel.config import ClientSettings, Mapping, ServerSettings
-from gotunnel.server import TunnelServerService
-from gotunnel.splicethread import BusyPoll, SpliceThreadService, pollBudget
+from gotunnel.client.service import TunnelClientService
+from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings
+from gotunnel.server.service import TunnelServerService
+from gotunnel.relay.splicethread import BusyPoll, SpliceThreadService, pollBudget
 
 US = 1e-6
 BUDGET = 100 * US

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 from twisted.internet import defer, reactor
 
-from gotunnel import zerocopy
-from gotunnel.splicethread import BusyPoll, SpliceThread
+from gotunnel.relay import zerocopy
+from gotunnel.relay.splicethread import BusyPoll, SpliceThread
 
 from tests.support import LogWatcher, randomBytes, waitUntil, within
 from tests.test_zerocopy import WAIT, Sender, ZeroCopyTestCase

@@ -14,7 +14,7 @@ import sys
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from gotunnel.status import humanBytes, humanSeconds, render
+from gotunnel.cli.status import humanBytes, humanSeconds, render
 from tests.support import (
     HOST, Tunnel, connectUser, freePort, listenTarget, spawn, temporaryDirectory, venvScript,
     within,
@@ -136,7 +136,7 @@ class TLSStatusTests(unittest.TestCase):
         An ssl: admin endpoint: gotunnel status reads it over https:// with
         --ca, and refuses a certificate it cannot verify without.
         """
-        from gotunnel import certs
+        from gotunnel.tls import certs
         from tests.test_tls import makeCertificates, sslListen
 
         certificates = temporaryDirectory(self)

@@ -1,6 +1,6 @@
 """
 The start-up self-check of what zero copy reads of Twisted's TCP transports
-(gotunnel.tcpinternals), and what the splicer does when it fails.
+(gotunnel.relay.tcpinternals), and what the splicer does when it fails.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from twisted.internet import tcp
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from gotunnel import tcpinternals
-from gotunnel.config import ServerSettings
-from gotunnel.splicer import Splicer
+from gotunnel.relay import tcpinternals
+from gotunnel.config.settings import ServerSettings
+from gotunnel.relay.splicer import Splicer
 
 from tests.support import LogWatcher
 

@@ -1,6 +1,6 @@
 """
 The tunnel over TLS, on real loopback sockets: certificates made by
-L{gotunnel.certs} in a temporary directory, a server listening with an
+L{gotunnel.tls.certs} in a temporary directory, a server listening with an
 C{ssl:} endpoint string, clients connecting with C{tls:} endpoint strings
 that verify the server against a CA.  Also the commands of docs/tls.md, run
 as a person runs them.
@@ -22,8 +22,8 @@ from twisted.internet.endpoints import quoteStringArgument
 from twisted.internet.interfaces import ISSLTransport
 from twisted.trial import unittest
 
-from gotunnel import certs
-from gotunnel.client import DataChannelClient
+from gotunnel.tls import certs
+from gotunnel.client.service import DataChannelClient
 from tests.support import (
     HOST, LogWatcher, StreamCapture, Tunnel, connectUser, connectionRefused, freePort,
     listenTarget, randomBytes, spawn, temporaryDirectory, venvScript, waitUntil, within,
@@ -203,7 +203,7 @@ class TLSFailureReportTests(TLSTestCase):
     @defer.inlineCallbacks
     def test_serverLogsFailedHandshake(self):
         """
-        A gotunnel.server warning that names the failed TLS handshake and the
+        A gotunnel.server.service warning that names the failed TLS handshake and the
         peer, once the server has dropped the connection.
         """
         yield self.startServer()

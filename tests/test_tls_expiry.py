@@ -2,7 +2,7 @@
 What the client and the server say when a TLS handshake fails because of a
 certificate's dates, or a certificate from another CA: the client names the
 expired certificate and when it ended, and each side's hint names only its
-own options.  Over loopback TLS, with certificates made by L{gotunnel.certs}.
+own options.  Over loopback TLS, with certificates made by L{gotunnel.tls.certs}.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from twisted.internet import defer
 
-from gotunnel import certs
+from gotunnel.tls import certs
 
 from tests.support import HOST, LogWatcher, temporaryDirectory, within
 from tests.test_tls import SERVER_NAME

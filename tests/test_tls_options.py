@@ -20,10 +20,11 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
-from gotunnel import certs, tls
-from gotunnel.client import DataChannelClient
-from gotunnel.config import ClientSettings, ServerSettings
-from gotunnel.tap import ClientOptions
+from gotunnel.tls import certs
+from gotunnel.tls import contexts as tls
+from gotunnel.client.service import DataChannelClient
+from gotunnel.config.settings import ClientSettings, ServerSettings
+from gotunnel.cli.tap import ClientOptions
 from tests.support import (
     REGISTERED,
     HOST, LogWatcher, RawConnection, StreamCapture, Tunnel, connectRaw, connectUser,

@@ -1,5 +1,5 @@
 """
-L{gotunnel.tlshalfclose} in memory: two TLS ends joined by
+L{gotunnel.tls.halfclose} in memory: two TLS ends joined by
 L{twisted.test.iosim}, each direction's end-of-stream carried on its own
 as a close_notify, in TLS 1.3 and 1.2, and against Twisted's own TLS (which
 closes both ways, as a Go peer does).
@@ -21,9 +21,9 @@ from twisted.test import iosim
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel import certs
-from gotunnel.relay import canHalfClose
-from gotunnel.tlshalfclose import HalfCloseableClientTLSFactory, HalfCloseableTLS
+from gotunnel.tls import certs
+from gotunnel.relay.splice import canHalfClose
+from gotunnel.tls.halfclose import HalfCloseableClientTLSFactory, HalfCloseableTLS
 
 NAME = "tunnel.example.com"
 

@@ -12,7 +12,7 @@ import os
 
 from twisted.internet import defer
 
-from gotunnel.tlspump import TLSPump
+from gotunnel.relay.tlspump import TLSPump
 from tests import test_e2e_tls, test_e2e_tunnel
 from tests.support import (
     Echo, connectUser, randomBytes, startTarget, waitUntil, within,

@@ -19,11 +19,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel import messages, udp
-from gotunnel.client import TunnelClientService
-from gotunnel.config import ClientSettings, Mapping, ServerSettings, parseMapping
-from gotunnel.control import MessageReceiver
-from gotunnel.server import ServerChannelFactory, TunnelRegistry
+from gotunnel.wire import messages
+from gotunnel.udp import tunnels as udp
+from gotunnel.client.service import TunnelClientService
+from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings, parseMapping
+from gotunnel.wire.framing import MessageReceiver
+from gotunnel.server.service import ServerChannelFactory, TunnelRegistry
 
 from .support import (
     HOST, TOKEN, LogWatcher, Tunnel, freePort, retryUntil, waitUntil, within,
@@ -1061,7 +1062,7 @@ class SettingsTests(unittest.TestCase):
 
     def test_clientConfigAndOptions(self):
         """A tunnel with protocol: udp, --map udp:..., and the session options."""
-        from gotunnel.tap import ClientOptions
+        from gotunnel.cli.tap import ClientOptions
         settings = self.parse(ClientOptions(), """
             client:
               token: t
@@ -1081,8 +1082,8 @@ class SettingsTests(unittest.TestCase):
 
     def test_badProtocol(self):
         """protocol: sctp is refused with the key's name."""
-        from gotunnel.config import ConfigError
-        from gotunnel.tap import ClientOptions
+        from gotunnel.config.settings import ConfigError
+        from gotunnel.cli.tap import ClientOptions
         with self.assertRaises(ConfigError) as caught:
             self.parse(ClientOptions(), """
                 client:
@@ -1093,7 +1094,7 @@ class SettingsTests(unittest.TestCase):
 
     def test_serverOptions(self):
         """UDP is on by default; --no-udp or udp: false turns it off."""
-        from gotunnel.tap import ServerOptions
+        from gotunnel.cli.tap import ServerOptions
         self.assertTrue(self.parse(ServerOptions(), "server: {token: t}\n").udp)
         self.assertFalse(self.parse(ServerOptions(), "server: {token: t}\n", "--no-udp").udp)
         settings = self.parse(ServerOptions(), """

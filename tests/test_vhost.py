@@ -24,9 +24,9 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from gotunnel import certs
-from gotunnel.client import TunnelClientService
-from gotunnel.config import ClientSettings, Mapping
+from gotunnel.tls import certs
+from gotunnel.client.service import TunnelClientService
+from gotunnel.config.settings import ClientSettings, Mapping
 from tests.support import (
     HOST, TOKEN, Tunnel, User, freePort, spawn, temporaryDirectory, venvScript, waitUntil,
     within,

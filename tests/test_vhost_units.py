@@ -16,16 +16,16 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
-from gotunnel import messages
-from gotunnel.config import ClientPolicy, Mapping, ServerSettings, parseVirtualHost
-from gotunnel.httphead import MAX_HEAD, BadHead, checkBasicAuth, headEnd, parseHead
-from gotunnel.server import RegistrationRefused, ServerChannelFactory, TunnelRegistry
-from gotunnel.sni import MAX_HELLO, BadHello, NeedMore, serverName
-from gotunnel.tap import ClientOptions, ServerOptions
-from gotunnel.vhost import (
+from gotunnel.wire import messages
+from gotunnel.config.settings import ClientPolicy, Mapping, ServerSettings, parseVirtualHost
+from gotunnel.server.httphead import MAX_HEAD, BadHead, checkBasicAuth, headEnd, parseHead
+from gotunnel.server.service import RegistrationRefused, ServerChannelFactory, TunnelRegistry
+from gotunnel.tls.sni import MAX_HELLO, BadHello, NeedMore, serverName
+from gotunnel.cli.tap import ClientOptions, ServerOptions
+from gotunnel.server.vhost import (
     LINGER, MAX_READING_PER_SOURCE, VirtualHosts, VirtualHostUser, normalDomain,
 )
-from gotunnel.client import DataChannelFactory
+from gotunnel.client.service import DataChannelFactory
 from tests.test_client import ClientTestCase, frame
 
 TOKEN = "s3cret"
@@ -611,7 +611,7 @@ class ConfigFileTests(unittest.TestCase):
         import os
         import tempfile
 
-        from gotunnel.config import readConfigFile
+        from gotunnel.config.settings import readConfigFile
 
         fd, path = tempfile.mkstemp(suffix=".yaml")
         self.addCleanup(os.unlink, path)
@@ -633,7 +633,7 @@ class ConfigFileTests(unittest.TestCase):
             Mapping("127.0.0.1", 8443, 0, vhost="https", subdomain="blog")])
 
     def test_badTunnels(self):
-        from gotunnel.config import ConfigError
+        from gotunnel.config.settings import ConfigError
 
         for entry in ("{type: http, local_port: 80}",
                       "{type: http, local_port: 80, remote_port: 80, domains: [a.b]}",

@@ -1,5 +1,5 @@
 """
-The zero-copy relay path (gotunnel.zerocopy) on its own, over loopback: two
+The zero-copy relay path (gotunnel.relay.zerocopy) on its own, over loopback: two
 connections, each accepted by a L{RelayEnd}, spliced with C{zeroCopy} on;
 outside each, a peer that writes and collects.  Bytes are checked both
 ways, half-closes each way, closes and resets of either side, a slow
@@ -7,7 +7,7 @@ reader, bytes held before the splice, and the fallback for transports that
 are not plain TCP.
 
 Each of those runs twice: with the pump in the reactor's thread, and
-handed to the splice thread (gotunnel.splicethread) while it is steady.
+handed to the splice thread (gotunnel.relay.splicethread) while it is steady.
 
 Every wait is on an event, bounded by L{within}; nothing sleeps.
 """
@@ -32,10 +32,11 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel import certs, zerocopy
-from gotunnel.relay import RelayEnd, splice
-from gotunnel.sameturn import twistedBuffered
-from gotunnel.splicethread import SpliceThreadService
+from gotunnel.tls import certs
+from gotunnel.relay import zerocopy
+from gotunnel.relay.splice import RelayEnd, splice
+from gotunnel.relay.eagerio import twistedBuffered
+from gotunnel.relay.splicethread import SpliceThreadService
 
 from tests.support import HOST, LogWatcher, randomBytes, waitingIn, waitUntil, within
 

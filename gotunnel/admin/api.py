@@ -17,12 +17,12 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from gotunnel import tls
-from gotunnel.accounting import BY_ADMIN, noteEnding, userBytes
+from gotunnel.tls import contexts as tls
+from gotunnel.server.accounting import BY_ADMIN, noteEnding, userBytes
 from gotunnel.admin.auth import (
     AdminAuth, clientHost, jsonAnswer, refusal, tooManyFailures, unauthorized,
 )
-from gotunnel.channelstates import Control
+from gotunnel.server.channelstates import Control
 
 log = Logger()
 
@@ -72,7 +72,7 @@ def udpOf(tunnel) -> dict:
 
 
 def datagramsOf(counters, sessions: int) -> dict:
-    """A UDP port's counts, as the API gives them (see L{gotunnel.accounting.DatagramCounters})."""
+    """A UDP port's counts, as the API gives them (see L{gotunnel.server.accounting.DatagramCounters})."""
     return {"sessions": sessions,
             "datagrams_in": counters.forwarded_in if counters else 0,
             "datagrams_out": counters.forwarded_out if counters else 0,
@@ -143,7 +143,7 @@ class Snapshot:
 
     def leased(self) -> list[dict]:
         """
-        The ports held for a client that went (see L{gotunnel.leases}): no
+        The ports held for a client that went (see L{gotunnel.server.leases}): no
         listener, no client id, counted under the lease holder's name.
         """
         leased = []

@@ -5,7 +5,7 @@ hot path), in a CollectorRegistry of the server's own, never the global one.
 
 Every series is named gotunnel_...; per-port series are labelled with the
 public port and the client's name, at most
-L{gotunnel.accounting.MAX_PORT_STATS} label sets, the rest folded into
+L{gotunnel.server.accounting.MAX_PORT_STATS} label sets, the rest folded into
 remote_port="other", client="other".
 """
 
@@ -18,9 +18,9 @@ from prometheus_client.core import (
 )
 from twisted.web.resource import Resource
 
-from gotunnel.accounting import ENDINGS, userBytes
+from gotunnel.server.accounting import ENDINGS, userBytes
 from gotunnel.admin.auth import AdminAuth, refusal
-from gotunnel.channelstates import Control
+from gotunnel.server.channelstates import Control
 
 PORT_LABELS = ["remote_port", "client"]
 

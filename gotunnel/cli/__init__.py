@@ -1,0 +1,3 @@
+"""
+Command lines: the twistd plugins' options, the console scripts' commands.
+"""

@@ -1,0 +1,3 @@
+"""
+The mux extension: many user streams over one data connection.
+"""

@@ -1,0 +1,3 @@
+"""
+UDP tunnels (the udp extension, docs/protocol.md).
+"""

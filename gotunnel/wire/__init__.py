@@ -1,0 +1,3 @@
+"""
+The wire protocol: its messages and the framing every connection starts with.
+"""
