@@ -21,7 +21,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # no
 from twisted.internet.protocol import Factory, Protocol  # noqa: E402
 
 from gotunnel.client.service import TunnelClientService  # noqa: E402
-from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings  # noqa: E402
+from gotunnel.config.mappings import Mapping  # noqa: E402
+from gotunnel.config.settings import ClientSettings, ServerSettings  # noqa: E402
 from gotunnel.relay.ratelimit import parseRate  # noqa: E402
 from gotunnel.server.service import TunnelServerService  # noqa: E402
 

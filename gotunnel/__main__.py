@@ -16,7 +16,7 @@ from twisted.python import usage
 
 from gotunnel import logs
 from gotunnel.cli import tap
-from gotunnel.config.settings import ConfigError
+from gotunnel.config.yamlfile import ConfigError
 
 def _notOnStderr(event: dict) -> PredicateResult:
     if event.get("log_namespace") == "gotunnel.report":

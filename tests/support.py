@@ -20,7 +20,8 @@ from zope.interface import implementer
 import gotunnel.server.service
 from gotunnel.wire import messages
 from gotunnel.client.service import TunnelClientService
-from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientSettings, ServerSettings
 from gotunnel.server.service import TunnelServerService
 from gotunnel.relay.splicer import Splicer
 from gotunnel.relay.zerocopy import SplicePump

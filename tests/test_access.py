@@ -16,7 +16,8 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from gotunnel.tls import certs
-from gotunnel.config.settings import ClientPolicy, ConfigError, ServerSettings, readConfigFile
+from gotunnel.config.settings import ClientPolicy, ServerSettings
+from gotunnel.config.yamlfile import ConfigError, readConfigFile
 from gotunnel.cli.tap import ClientOptions, ServerOptions
 from tests.support import (
     HOST, TOKEN, LogWatcher, Tunnel, connectRaw, connectUser, dataChannelMessage, freePort,

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from gotunnel.server import accounting
-from gotunnel.config.settings import ConfigFile
+from gotunnel.config.yamlfile import ConfigFile
 from gotunnel.cli.tap import ClientOptions, ServerOptions
 from tests.support import (
     LogWatcher, Tunnel, connectUser, listenTarget, randomBytes, within,

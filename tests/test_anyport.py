@@ -14,7 +14,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from gotunnel.wire import messages
-from gotunnel.config.settings import Mapping, readConfigFile
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.yamlfile import readConfigFile
 from gotunnel.cli.tap import ClientOptions
 from gotunnel.server.service import RegistrationRefused
 from tests.support import (

@@ -29,7 +29,8 @@ from gotunnel.client.service import (
     EARLY_LOCAL_CONNECTS, ControlChannelFactory, DataChannelFactory, LocalServiceFactory,
     TunnelClientService, TunnelService, _ProbeFactory, serverAddress,
 )
-from gotunnel.config.settings import ClientSettings, Mapping
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientSettings
 
 from tests.support import frame, jsonFrame as supportJsonFrame
 

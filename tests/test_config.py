@@ -19,9 +19,9 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from gotunnel import logs
-from gotunnel.config.settings import (
-    ClientSettings, ConfigError, Mapping, ServerSettings, readConfigFile,
-)
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientSettings, ServerSettings
+from gotunnel.config.yamlfile import ConfigError, readConfigFile
 from gotunnel.cli.tap import ClientOptions, ServerOptions
 from tests.support import temporaryDirectory
 

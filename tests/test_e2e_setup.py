@@ -19,7 +19,8 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from gotunnel.client.service import ServerEndpoints
-from gotunnel.config.settings import ClientSettings, Mapping
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientSettings
 from gotunnel.server.service import ServerChannel
 from tests.support import (
     Tunnel, connectUser, echoedThrough, listenService, listenTarget, randomBytes, waitUntil,

@@ -17,7 +17,7 @@ from twisted.trial import unittest
 from twisted.web import resource, static
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
-from gotunnel.config.settings import Mapping
+from gotunnel.config.mappings import Mapping
 from gotunnel.server.service import PublicUser
 from tests.support import (
     isStreamPrefix,

@@ -10,7 +10,8 @@ from twisted.internet import defer, error
 from twisted.trial import unittest
 
 from gotunnel.wire import messages
-from gotunnel.config.settings import Mapping, readConfigFile
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.yamlfile import readConfigFile
 from gotunnel.server.groups import Group
 from tests.support import (
     HOST, Banner, Tunnel, connectUser, freePort, listenTarget, waitUntil, within,

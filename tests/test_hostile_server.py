@@ -15,7 +15,8 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.trial import unittest
 
 from gotunnel.client.service import TunnelClientService
-from gotunnel.config.settings import ClientSettings, Mapping
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientSettings
 from tests.support import (
     HOST, Collector, deferLater, freePort, listenTarget, waitUntil, within,
 )

@@ -15,7 +15,8 @@ from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial import unittest
 
 from gotunnel.client.service import TunnelClientService
-from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientSettings, ServerSettings
 from gotunnel.server.service import TunnelServerService
 
 from tests.support import TOKEN, ConnectionTracker, Echo, User

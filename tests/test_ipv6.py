@@ -18,7 +18,8 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from gotunnel.client.service import ServerEndpoints
-from gotunnel.config.settings import ClientSettings, Mapping, clientEndpointString
+from gotunnel.config.mappings import Mapping, clientEndpointString
+from gotunnel.config.settings import ClientSettings
 from tests.support import (
     ConnectionTracker, Echo, User, spawn, temporaryDirectory, venvScript, within,
 )

@@ -173,7 +173,7 @@ class DocumentedTests(MetricsTestCase):
 
         import yaml
 
-        from gotunnel.config.settings import ConfigFile
+        from gotunnel.config.yamlfile import ConfigFile
 
         path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "operations.md")
         with open(path, encoding="utf-8") as f:

@@ -16,7 +16,9 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from gotunnel.wire import messages
-from gotunnel.config.settings import ClientPolicy, Mapping, readConfigFile
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientPolicy
+from gotunnel.config.yamlfile import readConfigFile
 from gotunnel.server.portpolicy import (
     RefusalLog, SourcePolicy, SourceRate, SourceSet, narrowest, parseNetwork, permitted,
     sourceAddress,

@@ -20,7 +20,8 @@ from twisted.trial import unittest
 
 from gotunnel.wire import messages
 from gotunnel.wire import proxyprotocol
-from gotunnel.config.settings import Mapping, readConfigFile
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.yamlfile import readConfigFile
 from gotunnel.server.service import ServerChannel
 from gotunnel.cli.tap import ClientOptions
 from tests.support import (

@@ -13,7 +13,9 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from gotunnel.wire import messages
-from gotunnel.config.settings import ClientPolicy, Mapping, readConfigFile
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientPolicy
+from gotunnel.config.yamlfile import readConfigFile
 from gotunnel.relay.ratelimit import Throttle, TokenBucket, parseRate
 from gotunnel.cli.tap import ServerOptions
 from tests.support import HOST, Tunnel, connectUser, freePort, listenTarget, within

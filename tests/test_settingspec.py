@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from gotunnel.config import settings as config
+from gotunnel.config import mappings, yamlfile
 from gotunnel.config.settings import ClientPolicy, ClientSettings, ServerSettings
 from gotunnel.config.kinds import FLAG, SECONDS
 from gotunnel.config.spec import commandLine, declared, keysOf, setting, yamlKeys
@@ -54,8 +54,8 @@ class DeclarationTests(unittest.TestCase):
 
     def test_keysKeepTheirSpellings(self):
         """The Go keys and ours, aliases included, each read by its field's declaration."""
-        self.assertIn("addr", config._SERVER_KEYS)
-        self.assertIn("server_addr", config._CLIENT_KEYS)
+        self.assertIn("addr", yamlfile._SERVER_KEYS)
+        self.assertIn("server_addr", yamlfile._CLIENT_KEYS)
         self.assertEqual(set(yamlKeys(ClientPolicy)), {
             "token", "allow_ports", "max_mappings", "domains", "allow_sources",
             "deny_sources", "max_users_per_port", "max_connection_rate", "bandwidth_limit"})
@@ -116,7 +116,7 @@ class DocumentedTablesTests(unittest.TestCase):
                 key, _, sub = name.partition("[].")
                 self.assertIn(key, keys, f"{heading}: {name!r} is not a {role}: key")
                 if sub:
-                    self.assertIn(sub.split(":")[0], config._TUNNEL_KEYS, name)
+                    self.assertIn(sub.split(":")[0], mappings._TUNNEL_KEYS, name)
                 else:
                     documentedKeys.add(key)
             named = {word.lstrip("-") for word in re.findall(r"`(-[-\w]+)", optionCell)}

@@ -16,7 +16,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from gotunnel.client.service import TunnelClientService
-from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientSettings, ServerSettings
 from gotunnel.server.service import TunnelServerService
 from gotunnel.relay.splicethread import BusyPoll, SpliceThreadService, pollBudget
 

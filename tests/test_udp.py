@@ -22,7 +22,8 @@ from zope.interface import implementer
 from gotunnel.wire import messages
 from gotunnel.udp import tunnels as udp
 from gotunnel.client.service import TunnelClientService
-from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings, parseMapping
+from gotunnel.config.mappings import Mapping, parseMapping
+from gotunnel.config.settings import ClientSettings, ServerSettings
 from gotunnel.wire.framing import MessageReceiver
 from gotunnel.server.service import ServerChannelFactory, TunnelRegistry
 
@@ -1082,7 +1083,7 @@ class SettingsTests(unittest.TestCase):
 
     def test_badProtocol(self):
         """protocol: sctp is refused with the key's name."""
-        from gotunnel.config.settings import ConfigError
+        from gotunnel.config.yamlfile import ConfigError
         from gotunnel.cli.tap import ClientOptions
         with self.assertRaises(ConfigError) as caught:
             self.parse(ClientOptions(), """

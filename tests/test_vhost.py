@@ -26,7 +26,8 @@ from twisted.web.http_headers import Headers
 
 from gotunnel.tls import certs
 from gotunnel.client.service import TunnelClientService
-from gotunnel.config.settings import ClientSettings, Mapping
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientSettings
 from tests.support import (
     HOST, TOKEN, Tunnel, User, freePort, spawn, temporaryDirectory, venvScript, waitUntil,
     within,

@@ -17,7 +17,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from gotunnel.wire import messages
-from gotunnel.config.settings import ClientPolicy, Mapping, ServerSettings, parseVirtualHost
+from gotunnel.config.mappings import Mapping, parseVirtualHost
+from gotunnel.config.settings import ClientPolicy, ServerSettings
 from gotunnel.server.httphead import MAX_HEAD, BadHead, checkBasicAuth, headEnd, parseHead
 from gotunnel.server.service import RegistrationRefused, ServerChannelFactory, TunnelRegistry
 from gotunnel.tls.sni import MAX_HELLO, BadHello, NeedMore, serverName
@@ -611,7 +612,7 @@ class ConfigFileTests(unittest.TestCase):
         import os
         import tempfile
 
-        from gotunnel.config.settings import readConfigFile
+        from gotunnel.config.yamlfile import readConfigFile
 
         fd, path = tempfile.mkstemp(suffix=".yaml")
         self.addCleanup(os.unlink, path)
@@ -633,7 +634,7 @@ class ConfigFileTests(unittest.TestCase):
             Mapping("127.0.0.1", 8443, 0, vhost="https", subdomain="blog")])
 
     def test_badTunnels(self):
-        from gotunnel.config.settings import ConfigError
+        from gotunnel.config.yamlfile import ConfigError
 
         for entry in ("{type: http, local_port: 80}",
                       "{type: http, local_port: 80, remote_port: 80, domains: [a.b]}",

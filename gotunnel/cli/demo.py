@@ -29,7 +29,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from gotunnel.client.service import TunnelClientService
-from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientSettings, ServerSettings
 from gotunnel.server.service import Tunnel, TunnelServerService
 
 PROG = "gotunnel demo"

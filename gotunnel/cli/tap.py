@@ -26,10 +26,9 @@ from twisted.python import usage
 from gotunnel import __version__, logs
 from gotunnel.cli import rlimits
 from gotunnel.client.service import TunnelClientService
-from gotunnel.config.settings import (
-    ClientSettings, ConfigError, ConfigFile, ServerSettings, clientEndpointString,
-    findConfigFile, parseMapping, parseVirtualHost, readConfigFile,
-)
+from gotunnel.config.mappings import clientEndpointString, parseMapping, parseVirtualHost
+from gotunnel.config.settings import ClientSettings, ServerSettings
+from gotunnel.config.yamlfile import ConfigError, ConfigFile, findConfigFile, readConfigFile
 from gotunnel.config.kinds import PROXY_PROTOCOL
 from gotunnel.config.spec import CommandLine, coercer, commandLine
 

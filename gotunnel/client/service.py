@@ -28,7 +28,8 @@ from zope.interface import implementer
 from gotunnel.client import datachannelstates
 from gotunnel.wire import messages
 from gotunnel.server.accounting import REFUSED, SERVICE_CLOSED, endingOf, noteEnding
-from gotunnel.config.settings import ClientSettings, Mapping, clientEndpointString
+from gotunnel.config.mappings import Mapping, clientEndpointString
+from gotunnel.config.settings import ClientSettings
 from gotunnel.wire.framing import CLIENT_TLS_HINTS, MessageReceiver, tlsFailure
 from gotunnel.mux.client import MuxDataChannel
 from gotunnel.wire.printable import printable

@@ -4,7 +4,7 @@ Settings of the server and the client, declared once (see L{gotunnel.config.spec
 
 import importlib
 
-_API = {'ClientSettings': 'gotunnel.config.settings', 'Mapping': 'gotunnel.config.settings', 'ServerSettings': 'gotunnel.config.settings'}
+_API = {'ClientSettings': 'gotunnel.config.settings', 'Mapping': 'gotunnel.config.mappings', 'ServerSettings': 'gotunnel.config.settings'}
 __all__ = sorted(_API)
 
 
