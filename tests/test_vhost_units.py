@@ -23,9 +23,8 @@ from gotunnel.server.httphead import MAX_HEAD, BadHead, checkBasicAuth, headEnd,
 from gotunnel.server.service import RegistrationRefused, ServerChannelFactory, TunnelRegistry
 from gotunnel.tls.sni import MAX_HELLO, BadHello, NeedMore, serverName
 from gotunnel.cli.tap import ClientOptions, ServerOptions
-from gotunnel.server.vhost import (
-    LINGER, MAX_READING_PER_SOURCE, VirtualHosts, VirtualHostUser, normalDomain,
-)
+from gotunnel.server.vhostports import LINGER, VirtualHostUser
+from gotunnel.server.vhostroutes import MAX_READING_PER_SOURCE, VirtualHosts, normalDomain
 from gotunnel.client.service import DataChannelFactory
 from tests.test_client import ClientTestCase, frame
 

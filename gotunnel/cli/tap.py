@@ -244,7 +244,7 @@ class ServerOptions(_SettingsOptions):
                 checkEndpoint(values[field], "server", f"--{option}" if self[option]
                               else f"{source}: server.{field}")
         if values.get("subdomain_host"):
-            from gotunnel.server.vhost import normalDomain
+            from gotunnel.server.vhostroutes import normalDomain
 
             try:
                 values["subdomain_host"] = normalDomain(values["subdomain_host"])
@@ -323,7 +323,7 @@ class ClientOptions(_SettingsOptions):
         self._vhost(value, "https")
 
     def _vhost(self, value: str, kind: str) -> None:
-        from gotunnel.server.vhost import normalDomain
+        from gotunnel.server.vhostroutes import normalDomain
 
         try:
             mapping = parseVirtualHost(value, kind)

@@ -294,7 +294,7 @@ def _vhostType(value: Any, text: Any, name: str) -> str:
 
 
 def _domain(value: Any, text: Any, name: str) -> str:
-    from gotunnel.server.vhost import normalDomain
+    from gotunnel.server.vhostroutes import normalDomain
 
     return normalDomain(_text(value, text, name))
 

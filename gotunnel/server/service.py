@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from gotunnel.server import access
 from gotunnel.server import channelstates
 from gotunnel.wire import messages
-# RegistrationRefused is imported from here by gotunnel.udp.tunnels and gotunnel.server.vhost.
+# RegistrationRefused is imported from here by gotunnel.udp.tunnels and gotunnel.server.vhostroutes.
 from gotunnel.server.access import RegistrationRefused
 from gotunnel.server.accounting import (
     REFUSED_CLIENT_GONE, REFUSED_CONNECTION_RATE, REFUSED_MAX_USERS, REFUSED_NO_MEMBER,
@@ -1363,7 +1363,8 @@ class TunnelServerService(MultiService):
             self.controlEndpoint = serverFromString(reactor, listen)
         self._listenWaiters: list[defer.Deferred] = []
         if settings.vhost_http or settings.vhost_https:
-            from gotunnel.server.vhost import VirtualHosts, VirtualHostService
+            from gotunnel.server.vhostports import VirtualHostService
+            from gotunnel.server.vhostroutes import VirtualHosts
 
             endpoints = {scheme: description for scheme, description in (
                 ("http", settings.vhost_http), ("https", settings.vhost_https)) if description}
