@@ -1,5 +1,5 @@
 """
-The multiplexed session (gotunnel.mux.streams) as a state machine: two sessions
+The multiplexed session (gotunnel.mux.session) as a state machine: two sessions
 joined by in-memory transports, time on a Clock.
 """
 
@@ -10,8 +10,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from gotunnel.mux import streams as mux
-from gotunnel.mux.streams import HEADER, MuxSession, MuxStream
+from gotunnel.mux.frames import ACK, DATA, HEADER, PING, SYN, WINDOW, WINDOW_UPDATE
+from gotunnel.mux.session import KEEPALIVE, MAX_STREAMS, SESSION_BUDGET, MuxSession
+from gotunnel.mux.stream import CHUNK, READ_SIZE, MuxStream
 
 
 class Recorder:
@@ -47,8 +48,8 @@ class Producer:
 class Pair:
     """A server session and a client session, bytes moved by L{flow}."""
 
-    def __init__(self, clientMaxStreams: int = mux.MAX_STREAMS,
-                 serverBudget: int = mux.SESSION_BUDGET) -> None:
+    def __init__(self, clientMaxStreams: int = MAX_STREAMS,
+                 serverBudget: int = SESSION_BUDGET) -> None:
         self.clock = Clock()
         self.accepted: list[Recorder] = []
         self.server = MuxSession(self.clock, opens=True, budget=serverBudget)
@@ -106,24 +107,24 @@ class FramingTests(SynchronousTestCase):
         return pair
 
     def test_badVersionClosesTheSession(self) -> None:
-        self._badFrame(HEADER.pack(1, mux.DATA, 0, 1, 0))
+        self._badFrame(HEADER.pack(1, DATA, 0, 1, 0))
 
     def test_unknownTypeClosesTheSession(self) -> None:
         self._badFrame(HEADER.pack(0, 9, 0, 1, 0))
 
     def test_dataOverTheWindowClosesTheSession(self) -> None:
-        self._badFrame(HEADER.pack(0, mux.DATA, 0, 1, mux.WINDOW + 1) + b"x" * (mux.WINDOW + 1))
+        self._badFrame(HEADER.pack(0, DATA, 0, 1, WINDOW + 1) + b"x" * (WINDOW + 1))
 
     def test_peerCannotOpenStreamsOnTheServer(self) -> None:
         """Only the server opens streams: a client's SYN closes the session."""
         pair = Pair()
-        pair.server.dataReceived(HEADER.pack(0, mux.WINDOW_UPDATE, mux.SYN, 1, 0))
+        pair.server.dataReceived(HEADER.pack(0, WINDOW_UPDATE, SYN, 1, 0))
         self.assertTrue(pair.serverWire.disconnecting)
 
     def test_streamIdReusedClosesTheSession(self) -> None:
         pair = Pair()
         pair.open()
-        pair.client.dataReceived(HEADER.pack(0, mux.WINDOW_UPDATE, mux.SYN, 1, 0))
+        pair.client.dataReceived(HEADER.pack(0, WINDOW_UPDATE, SYN, 1, 0))
         self.assertTrue(pair.clientWire.disconnecting)
 
     def test_maxStreams(self) -> None:
@@ -157,8 +158,8 @@ class WindowTests(SynchronousTestCase):
         pair.flow()
         self.assertTrue(writer.paused)
         self.assertEqual(far.data, b"")
-        self.assertEqual(far.stream.inboxed, mux.WINDOW)
-        self.assertEqual(near.stream.queued, len(payload) - mux.WINDOW)
+        self.assertEqual(far.stream.inboxed, WINDOW)
+        self.assertEqual(near.stream.queued, len(payload) - WINDOW)
         far.stream.resumeProducing()
         pair.flow()
         self.assertEqual(bytes(far.data), payload)
@@ -184,8 +185,8 @@ class WindowTests(SynchronousTestCase):
         self.assertEqual(len(busyFar.data), len(payload))
         self.assertTrue(stalledWriter.paused)
         self.assertEqual(stalledFar.data, b"")
-        self.assertLessEqual(pair.client.bufferedBytes(), mux.WINDOW)
-        self.assertLessEqual(pair.server.bufferedBytes(), mux.WINDOW + 65536)
+        self.assertLessEqual(pair.client.bufferedBytes(), WINDOW)
+        self.assertLessEqual(pair.server.bufferedBytes(), WINDOW + 65536)
 
     def test_roundRobin(self) -> None:
         """Queued streams take turns on the connection, a chunk each."""
@@ -193,15 +194,15 @@ class WindowTests(SynchronousTestCase):
         a, _ = pair.open()
         b, _ = pair.open()
         pair.server.pauseProducing()
-        a.stream.write(b"a" * (3 * mux.CHUNK))
-        b.stream.write(b"b" * (3 * mux.CHUNK))
+        a.stream.write(b"a" * (3 * CHUNK))
+        b.stream.write(b"b" * (3 * CHUNK))
         pair.server.resumeProducing()
         wire = pair.serverWire.value()
         order = []
         while wire:
             _, kind, _, streamId, length = HEADER.unpack_from(wire)
             order.append(streamId)
-            wire = wire[HEADER.size + (length if kind == mux.DATA else 0):]
+            wire = wire[HEADER.size + (length if kind == DATA else 0):]
         self.assertEqual(order, [a.stream.streamId, b.stream.streamId] * 3)
 
 
@@ -228,7 +229,7 @@ class BudgetTests(SynchronousTestCase):
         for _ in range(rounds):
             for near, writer in writers:
                 if not writer.paused and not near.stream.closed:
-                    near.stream.write(b"s" * mux.READ_SIZE)
+                    near.stream.write(b"s" * READ_SIZE)
                     most = max(most, pair.server.queued)
             pair.flow()
         return most
@@ -243,7 +244,7 @@ class BudgetTests(SynchronousTestCase):
         pair = Pair(serverBudget=self.BUDGET)
         stalled = self._stall(pair)
         most = self._feed(pair, [(near, writer) for near, _, writer in stalled], rounds=10)
-        self.assertLessEqual(most, self.BUDGET + mux.READ_SIZE)
+        self.assertLessEqual(most, self.BUDGET + READ_SIZE)
         self.assertTrue(pair.server.overBudget)
         self.assertTrue(all(writer.paused for _, _, writer in stalled))
 
@@ -251,9 +252,9 @@ class BudgetTests(SynchronousTestCase):
         busyWriter = Producer()
         busyNear.stream.registerProducer(busyWriter, True)
         self._feed(pair, [(busyNear, busyWriter)], rounds=64)
-        self.assertEqual(len(busyFar.data), 64 * mux.READ_SIZE)
+        self.assertEqual(len(busyFar.data), 64 * READ_SIZE)
         self.assertFalse(busyWriter.paused)
-        self.assertLessEqual(pair.server.queued, self.BUDGET + mux.READ_SIZE)
+        self.assertLessEqual(pair.server.queued, self.BUDGET + READ_SIZE)
 
         for _, far, _ in stalled:
             far.stream.resumeProducing()
@@ -263,7 +264,7 @@ class BudgetTests(SynchronousTestCase):
         self._feed(pair, [(near, writer) for near, _, writer in stalled], rounds=4)
         sent = [len(far.data) for _, far, _ in stalled]
         self.assertEqual(pair.server.queued, 0)
-        self.assertTrue(all(count > mux.WINDOW for count in sent), sent)
+        self.assertTrue(all(count > WINDOW for count in sent), sent)
 
     def test_blockedConnectionOverBudgetPausesTheRunningStreams(self) -> None:
         """
@@ -321,13 +322,13 @@ class EndingTests(SynchronousTestCase):
         pair = Pair()
         near, far = pair.open()
         far.stream.pauseProducing()
-        near.stream.write(b"x" * (mux.WINDOW + 10))
+        near.stream.write(b"x" * (WINDOW + 10))
         near.stream.loseWriteConnection()
         pair.flow()
         self.assertFalse(far.readEnded)
         far.stream.resumeProducing()
         pair.flow()
-        self.assertEqual(len(far.data), mux.WINDOW + 10)
+        self.assertEqual(len(far.data), WINDOW + 10)
         self.assertTrue(far.readEnded)
 
     def test_reset(self) -> None:
@@ -371,7 +372,7 @@ class KeepaliveTests(SynchronousTestCase):
     def test_pingAnswered(self) -> None:
         pair = Pair()
         for _ in range(5):
-            pair.clock.advance(mux.KEEPALIVE)
+            pair.clock.advance(KEEPALIVE)
             pair.flow()
         self.assertFalse(pair.serverWire.disconnecting)
         self.assertFalse(pair.clientWire.disconnecting)
@@ -380,18 +381,18 @@ class KeepaliveTests(SynchronousTestCase):
         """A flood of pings from a peer that reads nothing piles no answers up."""
         pair = Pair()
         pair.server.pauseProducing()
-        pair.server.dataReceived(HEADER.pack(0, mux.PING, mux.SYN, 0, 7) * 1000)
+        pair.server.dataReceived(HEADER.pack(0, PING, SYN, 0, 7) * 1000)
         self.assertEqual(pair.serverWire.value(), b"")
         pair.server.resumeProducing()
-        pair.server.dataReceived(HEADER.pack(0, mux.PING, mux.SYN, 0, 7))
-        self.assertEqual(pair.serverWire.value(), HEADER.pack(0, mux.PING, mux.ACK, 0, 7))
+        pair.server.dataReceived(HEADER.pack(0, PING, SYN, 0, 7))
+        self.assertEqual(pair.serverWire.value(), HEADER.pack(0, PING, ACK, 0, 7))
 
     def test_silentPeerDropped(self) -> None:
         """A peer that answers nothing for two intervals loses the session."""
         pair = Pair()
         near, far = pair.open()
-        pair.clock.advance(mux.KEEPALIVE)
+        pair.clock.advance(KEEPALIVE)
         self.assertFalse(pair.serverWire.disconnecting)
-        pair.clock.advance(mux.KEEPALIVE)
+        pair.clock.advance(KEEPALIVE)
         self.assertTrue(pair.serverWire.disconnecting)
         self.assertTrue(near.lost.check(error.ConnectionLost))

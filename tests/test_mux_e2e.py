@@ -1,5 +1,5 @@
 """
-Users carried as streams of one multiplexed connection (gotunnel.mux.streams), over
+Users carried as streams of one multiplexed connection (gotunnel.mux.session), over
 real loopback sockets: the tunnel's integrity tests again over TLS, a
 stalled stream beside a busy one on the same connection, and the fallback
 to data channels when the server does not agree.
@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 import gotunnel.server.service
 from gotunnel.wire import messages
-from gotunnel.mux import streams as mux
+from gotunnel.mux.frames import WINDOW
 from gotunnel.server.service import RegistrationRefused
 from tests.support import (
     HOST, Source, Tunnel, connectUser, listenService, listenTarget, randomBytes, temporaryDirectory,
@@ -98,7 +98,7 @@ class WindowTests(unittest.TestCase):
         self.assertLess(source.sent, len(payload), "the stalled user's service was not held back")
         for session in (serverSession, clientSession):
             stream = session.streams[min(session.streams)]
-            self.assertLessEqual(stream.bufferedBytes(), mux.WINDOW + 2 * Source.chunkSize)
+            self.assertLessEqual(stream.bufferedBytes(), WINDOW + 2 * Source.chunkSize)
         stalled.transport.resumeProducing()
         got = yield within(stalled.readClosed, WAIT, "16 MiB at the stalled user once it reads")
         self.assertEqual(got, payload)

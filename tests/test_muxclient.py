@@ -10,9 +10,8 @@ import dataclasses
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import formatEvent
 
-from gotunnel.mux import streams as mux
+from gotunnel.mux.frames import ACK, DATA, HEADER, RST, SYN, WINDOW_UPDATE
 from gotunnel.client.service import TunnelService
-from gotunnel.mux.streams import HEADER
 from gotunnel.mux.client import MuxDataChannel, _LocalFactory
 
 from tests.support import frame
@@ -27,7 +26,7 @@ def frames(wire: bytes) -> list[tuple[int, int, int]]:
     while wire:
         _, kind, flags, streamId, length = HEADER.unpack_from(wire)
         found.append((kind, flags, streamId))
-        wire = wire[HEADER.size + (length if kind == mux.DATA else 0):]
+        wire = wire[HEADER.size + (length if kind == DATA else 0):]
     return found
 
 
@@ -59,7 +58,7 @@ class StreamCapTests(ClientTestCase):
     def open(self, count: int) -> list[tuple[int, int, int]]:
         """The server opens C{count} streams; what the client answered."""
         for _ in range(count):
-            self.channel.dataReceived(HEADER.pack(0, mux.WINDOW_UPDATE, mux.SYN, self.nextId, 0))
+            self.channel.dataReceived(HEADER.pack(0, WINDOW_UPDATE, SYN, self.nextId, 0))
             self.nextId += 2
         answered = frames(self.wire.value())
         self.wire.clear()
@@ -72,9 +71,9 @@ class StreamCapTests(ClientTestCase):
         served, and one reset meanwhile is skipped.
         """
         answered = self.open(6)
-        self.assertEqual([flags for _, flags, _ in answered], [mux.ACK] * 6)
+        self.assertEqual([flags for _, flags, _ in answered], [ACK] * 6)
         self.assertEqual(len(self.localAttempts(_LocalFactory)), 3)
-        self.channel.dataReceived(HEADER.pack(0, mux.WINDOW_UPDATE, mux.RST, 7, 0))
+        self.channel.dataReceived(HEADER.pack(0, WINDOW_UPDATE, RST, 7, 0))
         self.complete(self.localAttempts(_LocalFactory)[0])
         self.refuse(self.localAttempts(_LocalFactory)[1])
         attempts = self.localAttempts(_LocalFactory)
@@ -89,7 +88,7 @@ class StreamCapTests(ClientTestCase):
         for _ in range(1000):
             streamId = self.nextId
             self.open(1)
-            self.channel.dataReceived(HEADER.pack(0, mux.WINDOW_UPDATE, mux.RST, streamId, 0))
+            self.channel.dataReceived(HEADER.pack(0, WINDOW_UPDATE, RST, streamId, 0))
         self.assertLessEqual(len(self.mux.waiting), len(self.mux.session.streams) + 1)
         self.assertEqual(len(self.localAttempts(_LocalFactory)), 3)
 
@@ -100,10 +99,10 @@ class StreamCapTests(ClientTestCase):
             self.open(1)
             self.complete(self.localAttempts(_LocalFactory)[-1])
         answered = self.open(3)
-        self.assertEqual([flags for _, flags, _ in answered], [mux.RST] * 3)
+        self.assertEqual([flags for _, flags, _ in answered], [RST] * 3)
         self.assertEqual(len(self.localAttempts(_LocalFactory)), 4)
-        self.channel.dataReceived(HEADER.pack(0, mux.WINDOW_UPDATE, mux.RST, 1, 0))
-        self.assertEqual([flags for _, flags, _ in self.open(1)], [mux.ACK])
+        self.channel.dataReceived(HEADER.pack(0, WINDOW_UPDATE, RST, 1, 0))
+        self.assertEqual([flags for _, flags, _ in self.open(1)], [ACK])
 
     def test_refusalsLoggedOncePerInterval(self):
         """A flood of streams is one line, then one per interval with the count since."""

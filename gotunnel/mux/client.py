@@ -15,7 +15,8 @@ from twisted.logger import Logger
 
 from gotunnel.wire import messages
 from gotunnel.wire.framing import MessageReceiver
-from gotunnel.mux.streams import MuxSession, MuxStream, StreamEnd
+from gotunnel.mux.session import MuxSession
+from gotunnel.mux.stream import MuxStream, StreamEnd
 from gotunnel.wire.printable import printable
 from gotunnel.relay.splice import RelayEnd, setKeepAlive, setNoDelay, splice
 from gotunnel.relay.eagerio import twistedBuffered

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from gotunnel.wire import messages
 from gotunnel.server.accounting import SERVICE_CLOSED, endingOf, noteEnding
 from gotunnel.wire.framing import tlsFailure
-from gotunnel.mux.streams import MuxSession
+from gotunnel.mux.session import MuxSession
 from gotunnel.wire.printable import printable
 from gotunnel.relay.splice import RelayEnd, setKeepAlive
 
@@ -312,7 +312,7 @@ class Data(ChannelState):
 
 
 class Mux(ChannelState):
-    """One connection carrying every user of its mapping as streams (gotunnel.mux.streams)."""
+    """One connection carrying every user of its mapping as streams (gotunnel.mux.session)."""
 
     name = "mux"
 

@@ -42,7 +42,8 @@ from gotunnel.config.settings import ServerSettings
 from gotunnel.wire.framing import MessageReceiver, describePeer
 from gotunnel.server.groups import Group
 from gotunnel.server.leases import PortLeases
-from gotunnel.mux.streams import MuxSession, StreamEnd
+from gotunnel.mux.session import MuxSession
+from gotunnel.mux.stream import StreamEnd
 from gotunnel.server.portpolicy import (
     RefusalLog, SourcePolicy, SourceRate, permitted,
 )

@@ -63,7 +63,7 @@ class Register:
     host_header_rewrite: Optional[str] = None
     """ext, with C{vhost} "http": the Host the service is sent instead of the user's."""
     mux: Optional[int] = None
-    """ext: 1 offers to carry users as streams of one data connection (L{gotunnel.mux.streams})."""
+    """ext: 1 offers to carry users as streams of one data connection (L{gotunnel.mux.session})."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class DataChannel:
     domains: Optional[tuple[str, ...]] = None
     subdomain: Optional[str] = None
     mux: Optional[int] = None
-    """ext: 1 makes this the mapping's multiplexed data connection (L{gotunnel.mux.streams})."""
+    """ext: 1 makes this the mapping's multiplexed data connection (L{gotunnel.mux.session})."""
 
 
 @dataclass(frozen=True)
