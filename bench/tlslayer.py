@@ -30,7 +30,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from gotunnel import certs  # noqa: E402
+from gotunnel.tls import certmaking  # noqa: E402
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError  # noqa: E402
 from twisted.protocols.policies import ProtocolWrapper  # noqa: E402
@@ -159,12 +159,12 @@ class Pipe(StringTransport):
 def pair(protocolClass: type, directory: str):
     from datetime import datetime, timezone
     now = datetime.now(timezone.utc)
-    ca = certs.makeCA("bench CA", now)
-    server = certs.makeServer(ca, ["bench.example"], [], now)
+    ca = certmaking.makeCA("bench CA", now)
+    server = certmaking.makeServer(ca, ["bench.example"], [], now)
     serverOptions = ssl.CertificateOptions(certificate=server.certificate,
                                            privateKey=server.key)
     trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(
-        certs.certificatePEM(ca.certificate))])
+        certmaking.certificatePEM(ca.certificate))])
     clientOptions = ssl.optionsForClientTLS("bench.example", trustRoot=trust)
     clock = Clock()
     made = []

@@ -32,8 +32,9 @@ for service in services:
     service.stopService()
 """
 
-UNUSED = ("yaml", "gotunnel.tls.contexts", "gotunnel.tls.certs", "gotunnel.server.vhostroutes",
-          "gotunnel.server.vhostports", "gotunnel.admin", "gotunnel.cli.demo", "gotunnel.cli.status", "twisted.web", "prometheus_client")
+UNUSED = ("yaml", "gotunnel.tls.contexts", "gotunnel.tls.certs", "gotunnel.tls.certmaking",
+          "gotunnel.server.vhostroutes", "gotunnel.server.vhostports", "gotunnel.admin",
+          "gotunnel.cli.demo", "gotunnel.cli.status", "twisted.web", "prometheus_client")
 """Packages and modules a plain server and client have no use for."""
 
 

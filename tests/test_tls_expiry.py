@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from twisted.internet import defer
 
-from gotunnel.tls import certs
+from gotunnel.tls import certmaking, certs
 
 from tests.support import HOST, LogWatcher, temporaryDirectory, within
 from tests.test_tls import SERVER_NAME
@@ -27,15 +27,15 @@ class CertificateFailureTests(FriendlyTLSTestCase):
         ended 20 days ago: its certificate and key files, and its notAfter.
         """
         ca = certs.loadCA(self.certificates)
-        issued = certs.makeServer(ca, [SERVER_NAME], [ipaddress.ip_address(HOST)],
+        issued = certmaking.makeServer(ca, [SERVER_NAME], [ipaddress.ip_address(HOST)],
                                   datetime.now(timezone.utc) - timedelta(days=30), days=10)
         directory = temporaryDirectory(self)
         cert, key = (os.path.join(directory, name)
                      for name in (certs.SERVER_CERT, certs.SERVER_KEY))
         with open(cert, "wb") as f:
-            f.write(certs.certificatePEM(issued.certificate))
+            f.write(certmaking.certificatePEM(issued.certificate))
         with open(key, "wb") as f:
-            f.write(certs.keyPEM(issued.key))
+            f.write(certmaking.keyPEM(issued.key))
         return cert, key, issued.certificate.not_valid_after_utc
 
     @defer.inlineCallbacks

@@ -21,7 +21,7 @@ from twisted.test import iosim
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel.tls import certs
+from gotunnel.tls import certmaking
 from gotunnel.relay.splice import canHalfClose
 from gotunnel.tls.halfclose import HalfCloseableClientTLSFactory, HalfCloseableTLS
 
@@ -31,8 +31,8 @@ NAME = "tunnel.example.com"
 def tlsOptions(maximum=None) -> tuple[object, object]:
     """Server and client TLS options for L{NAME}, at most TLS version C{maximum}."""
     now = datetime.now(timezone.utc)
-    ca = certs.makeCA("test CA", now)
-    server = certs.makeServer(ca, [NAME], [ip_address("127.0.0.1")], now)
+    ca = certmaking.makeCA("test CA", now)
+    server = certmaking.makeServer(ca, [NAME], [ip_address("127.0.0.1")], now)
     limit = {} if maximum is None else {"lowerMaximumSecurityTo": maximum}
     serverOptions = ssl.CertificateOptions(certificate=server.certificate,
                                            privateKey=server.key, **limit)

@@ -24,7 +24,7 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from gotunnel.tls import certs
+from gotunnel.tls import certmaking
 from gotunnel.client.service import TunnelClientService
 from gotunnel.config.mappings import Mapping
 from gotunnel.config.settings import ClientSettings
@@ -364,14 +364,14 @@ class HTTPSRoutingTests(unittest.TestCase):
         nobody published is closed.
         """
         now = datetime.now(timezone.utc)
-        ca = certs.makeCA("test CA", now)
-        trust = ssl.Certificate.loadPEM(certs.certificatePEM(ca.certificate))
+        ca = certmaking.makeCA("test CA", now)
+        trust = ssl.Certificate.loadPEM(certmaking.certificatePEM(ca.certificate))
         fixture = VirtualHostFixture(self)
         yield fixture.start(vhost_http="", vhost_https=f"tcp:0:interface={HOST}")
         for name in ("one.example.com", "two.example.com"):
-            issued = certs.makeServer(ca, [name], [], now)
+            issued = certmaking.makeServer(ca, [name], [], now)
             options = ssl.PrivateCertificate.loadPEM(
-                certs.certificatePEM(issued.certificate) + certs.keyPEM(issued.key)).options()
+                certmaking.certificatePEM(issued.certificate) + certmaking.keyPEM(issued.key)).options()
             factory = Factory.forProtocol(NamedEcho)
             factory.noisy = False
             factory.name = name.encode()

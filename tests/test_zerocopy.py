@@ -32,7 +32,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel.tls import certs
+from gotunnel.tls import certmaking
 from gotunnel.relay import zerocopy
 from gotunnel.relay.splice import RelayEnd, splice
 from gotunnel.relay.eagerio import twistedBuffered
@@ -626,10 +626,10 @@ class TLSFallbackTests(ZeroCopyTestCase):
     @defer.inlineCallbacks
     def setUp(self):
         now = datetime.now(timezone.utc)
-        ca = certs.makeCA("zero copy test CA", now)
-        issued = certs.makeServer(ca, ["localhost"], [ip_address(HOST)], now)
+        ca = certmaking.makeCA("zero copy test CA", now)
+        issued = certmaking.makeServer(ca, ["localhost"], [ip_address(HOST)], now)
         server = ssl.PrivateCertificate.loadPEM(
-            certs.certificatePEM(issued.certificate) + certs.keyPEM(issued.key))
+            certmaking.certificatePEM(issued.certificate) + certmaking.keyPEM(issued.key))
         self.recordPipes()
         self.a = yield connectedPair(
             self, SSL4ServerEndpoint(reactor, 0, server.options(), interface=HOST),
