@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from gotunnel.wire import messages
 from gotunnel.config.settings import Mapping, readConfigFile
 from gotunnel.cli.tap import ClientOptions
-from gotunnel.server.service import RegistrationRefused
+from gotunnel.server.access import RegistrationRefused
 from tests.support import (
     HOST, TOKEN, Tunnel, echoedThrough, freePort, listenTarget, waitUntil, within,
 )

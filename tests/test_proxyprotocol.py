@@ -21,7 +21,7 @@ from twisted.trial import unittest
 from gotunnel.wire import messages
 from gotunnel.wire import proxyprotocol
 from gotunnel.config.settings import Mapping, readConfigFile
-from gotunnel.server.service import ServerChannel
+from gotunnel.server.channel import ServerChannel
 from gotunnel.cli.tap import ClientOptions
 from tests.support import (
     HOST, Tunnel, User, freePort, listenTarget, retryUntil, spawn, temporaryDirectory,

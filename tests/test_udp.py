@@ -24,7 +24,8 @@ from gotunnel.udp import tunnels as udp
 from gotunnel.client.service import TunnelClientService
 from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings, parseMapping
 from gotunnel.wire.framing import MessageReceiver
-from gotunnel.server.service import ServerChannelFactory, TunnelRegistry
+from gotunnel.server.channel import ServerChannelFactory
+from gotunnel.server.registry import TunnelRegistry
 
 from .support import (
     HOST, TOKEN, LogWatcher, Tunnel, freePort, retryUntil, waitUntil, within,

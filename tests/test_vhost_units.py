@@ -19,7 +19,9 @@ from twisted.trial import unittest
 from gotunnel.wire import messages
 from gotunnel.config.settings import ClientPolicy, Mapping, ServerSettings, parseVirtualHost
 from gotunnel.server.httphead import MAX_HEAD, BadHead, checkBasicAuth, headEnd, parseHead
-from gotunnel.server.service import RegistrationRefused, ServerChannelFactory, TunnelRegistry
+from gotunnel.server.access import RegistrationRefused
+from gotunnel.server.channel import ServerChannelFactory
+from gotunnel.server.registry import TunnelRegistry
 from gotunnel.tls.sni import MAX_HELLO, BadHello, NeedMore, serverName
 from gotunnel.cli.tap import ClientOptions, ServerOptions
 from gotunnel.server.vhost import (

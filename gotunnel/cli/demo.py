@@ -30,7 +30,8 @@ from twisted.web.server import Site
 
 from gotunnel.client.service import TunnelClientService
 from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings
-from gotunnel.server.service import Tunnel, TunnelServerService
+from gotunnel.server.mapping import Tunnel
+from gotunnel.server.service import TunnelServerService
 
 PROG = "gotunnel demo"
 LOOPBACK = "127.0.0.1"

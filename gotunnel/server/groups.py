@@ -12,7 +12,7 @@ import hmac
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from gotunnel.server.service import Tunnel
+    from gotunnel.server.mapping import Tunnel
 
 
 class Group:

@@ -21,7 +21,7 @@ from twisted.logger import Logger, LogLevel
 from gotunnel.wire.printable import printable
 
 if TYPE_CHECKING:
-    from gotunnel.server.service import Tunnel
+    from gotunnel.server.mapping import Tunnel
 
 log = Logger("gotunnel.server")
 

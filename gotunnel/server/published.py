@@ -3,7 +3,7 @@ What the server publishes: which mapping holds each public port (or
 virtual host), the groups of clients that share a port, the users connected
 to each port, and the users waiting for a data channel.
 
-Only the tables, no sockets and no policy: L{gotunnel.server.service.TunnelRegistry}
+Only the tables, no sockets and no policy: L{gotunnel.server.registry.TunnelRegistry}
 decides, these remember.  A waiting user is one record in one table
 (L{WaitingUsers}), added and removed in one place, and found there by its
 C{conn_id} or as the oldest of its mapping.
@@ -27,7 +27,8 @@ from gotunnel.wire.printable import printable
 if TYPE_CHECKING:
     from gotunnel.server.groups import Group
     from gotunnel.server.publicport import PublicPort
-    from gotunnel.server.service import PublicUser, Tunnel
+    from gotunnel.server.mapping import Tunnel
+    from gotunnel.server.publicusers import PublicUser
 
 log = Logger(namespace="gotunnel.published")
 

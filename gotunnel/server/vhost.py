@@ -34,7 +34,10 @@ from gotunnel.server.httphead import (
     MAX_HEAD, BadHead, Head, checkBasicAuth, errorPage, headEnd, hostName, parseHead,
 )
 from gotunnel.relay.splice import canHalfClose, setNoDelay
-from gotunnel.server.service import PublicUser, RegistrationRefused, Tunnel, TunnelRegistry
+from gotunnel.server.access import RegistrationRefused
+from gotunnel.server.mapping import Tunnel
+from gotunnel.server.publicusers import PublicUser
+from gotunnel.server.registry import TunnelRegistry
 from gotunnel.tls.sni import BadHello, NeedMore, serverName
 
 log = Logger(namespace="gotunnel.vhost")
