@@ -268,14 +268,15 @@ class Tunnel:
         self.mux = mux
         self.streams = 0
         if mux:
-            openStreamFor = gotunnel.server.mapping.Tunnel._openStreamFor
+            openStreamFor = gotunnel.server.mapping.PublishedMapping._openStreamFor
 
             def countingOpenStreamFor(tunnel, user):
                 opened = openStreamFor(tunnel, user)
                 self.streams += opened
                 return opened
 
-            testCase.patch(gotunnel.server.mapping.Tunnel, "_openStreamFor", countingOpenStreamFor)
+            testCase.patch(gotunnel.server.mapping.PublishedMapping, "_openStreamFor",
+                           countingOpenStreamFor)
             testCase.addCleanup(self._checkStreams)
         if pool:
             attachUser = gotunnel.server.channel.ServerChannel.attachUser

@@ -156,7 +156,7 @@ class FallbackTests(unittest.TestCase):
         def refuse(tunnel, session):
             raise RegistrationRefused("no mapping of port 1 agreed to multiplexing")
 
-        self.patch(gotunnel.server.mapping.Tunnel, "addMuxSession", refuse)
+        self.patch(gotunnel.server.mapping.PublishedMapping, "addMuxSession", refuse)
         tunnel = Tunnel(self, zeroCopy=False, pool=2)
         yield tunnel.startServer()
         target = listenTarget(self)

@@ -23,7 +23,7 @@ from gotunnel.relay.splice import RelayEnd, setNoDelay
 from gotunnel.relay.eagerio import readWaiting
 
 if TYPE_CHECKING:
-    from gotunnel.server.mapping import Tunnel
+    from gotunnel.server.mapping import PublishedMapping
     from gotunnel.server.publicusers import PublicUser
     from gotunnel.server.registry import TunnelRegistry
 
@@ -55,7 +55,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
     each role is its current L{state} (see L{gotunnel.server.channelstates}).
     """
 
-    tunnel: Optional[Tunnel] = None
+    tunnel: Optional[PublishedMapping] = None
     mux: Optional[MuxSession] = None
     tlsMismatchHint = ("a TLS client talking to this plain-TCP port? give the server "
                        "--tls-cert and --tls-key, or connect without TLS")
@@ -152,7 +152,7 @@ class ServerChannel(MessageReceiver, RelayEnd):
                  peer=self.peerDescription, timeout=self.registry.settings.first_frame_timeout)
         self.transport.abortConnection()
 
-    def registered(self, tunnel: Tunnel) -> None:
+    def registered(self, tunnel: PublishedMapping) -> None:
         """The registry opened the port asked for (or the group took us in)."""
         self.state.registered(tunnel)
 

@@ -31,7 +31,7 @@ from gotunnel.relay.splice import RelayEnd, setKeepAlive
 
 if TYPE_CHECKING:
     from gotunnel.server.channel import ServerChannel
-    from gotunnel.server.mapping import Tunnel
+    from gotunnel.server.mapping import PublishedMapping
     from gotunnel.server.publicusers import PublicUser
 
 # The channel's lines keep the namespace they always had: log filters and
@@ -152,7 +152,7 @@ class Registering(ChannelState):
 
     name = "registering"
 
-    def registered(self, tunnel: "Tunnel") -> None:
+    def registered(self, tunnel: "PublishedMapping") -> None:
         channel = self.channel
         channel.state = Control(channel)
         channel.tunnel = tunnel
@@ -196,14 +196,14 @@ class Control(ChannelState):
     name = "control"
 
     @property
-    def tunnel(self) -> "Tunnel":
+    def tunnel(self) -> "PublishedMapping":
         return self.channel.tunnel
 
     def msg_ping(self, msg: messages.Ping) -> None:
         self.tunnel.heartbeat()
         self.channel.sendMessage(messages.Pong(time=int(self.channel.registry.clock.seconds())))
 
-    def _portChange(self, msg, kind: str) -> Optional["Tunnel"]:
+    def _portChange(self, msg, kind: str) -> Optional["PublishedMapping"]:
         tunnel = self.tunnel
         tunnel.heartbeat()
         if msg.port != tunnel.remote_port:
@@ -360,7 +360,7 @@ class Closed(ChannelState):
 
     name = "closed"
 
-    def registered(self, tunnel: "Tunnel") -> None:
+    def registered(self, tunnel: "PublishedMapping") -> None:
         # The connection went away while the port was being opened.
         tunnel.close()
 

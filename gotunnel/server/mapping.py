@@ -57,7 +57,7 @@ def _whenFired(d: defer.Deferred) -> defer.Deferred:
     return fired
 
 
-class Tunnel:
+class PublishedMapping:
     """
     One registered mapping: its control channel, its public listener, the
     users waiting for a data channel, and the data channels waiting for a
@@ -107,7 +107,7 @@ class Tunnel:
         self.muxSession: Optional[MuxSession] = None
 
     def __repr__(self) -> str:
-        return f"<Tunnel {self.name!r} :{self.remote_port}>"
+        return f"<PublishedMapping {self.name!r} :{self.remote_port}>"
 
     @property
     def waiting(self) -> Mapping[str, PublicUser]:

@@ -15,7 +15,7 @@ from gotunnel.relay.splice import RelayEnd, setNoDelay
 
 if TYPE_CHECKING:
     from gotunnel.server.channel import ServerChannel
-    from gotunnel.server.mapping import Tunnel
+    from gotunnel.server.mapping import PublishedMapping
 
 
 MAX_EARLY_BYTES = 4 * 1024
@@ -47,7 +47,7 @@ class PublicUser(Protocol, RelayEnd):
     earlyBytes = 0
     """What it sent before its data channel's answer, sent with that answer."""
 
-    def __init__(self, tunnel: "Tunnel") -> None:
+    def __init__(self, tunnel: "PublishedMapping") -> None:
         self.tunnel = tunnel
         self.remote_port = tunnel.remote_port
 
@@ -109,7 +109,7 @@ class PublicUser(Protocol, RelayEnd):
 class PublicUserFactory(Factory):
     noisy = False
 
-    def __init__(self, tunnel: "Tunnel") -> None:
+    def __init__(self, tunnel: "PublishedMapping") -> None:
         self.tunnel = tunnel
 
     def buildProtocol(self, addr) -> Optional[PublicUser]:

@@ -27,7 +27,7 @@ from gotunnel.wire.printable import printable
 if TYPE_CHECKING:
     from gotunnel.server.groups import Group
     from gotunnel.server.publicport import PublicPort
-    from gotunnel.server.mapping import Tunnel
+    from gotunnel.server.mapping import PublishedMapping
     from gotunnel.server.publicusers import PublicUser
 
 log = Logger(namespace="gotunnel.published")
@@ -43,7 +43,7 @@ class WaitingUsers(Mapping):
 
     def __init__(self) -> None:
         self._byId: dict[str, PublicUser] = {}
-        self._byTunnel: dict[Tunnel, dict[str, PublicUser]] = {}
+        self._byTunnel: dict[PublishedMapping, dict[str, PublicUser]] = {}
 
     def __getitem__(self, conn_id: str) -> PublicUser:
         return self._byId[conn_id]
@@ -70,11 +70,11 @@ class WaitingUsers(Mapping):
             del self._byTunnel[user.tunnel]
         return True
 
-    def of(self, tunnel: Tunnel) -> Mapping[str, PublicUser]:
+    def of(self, tunnel: PublishedMapping) -> Mapping[str, PublicUser]:
         """The users waiting on C{tunnel}, oldest first (read only)."""
         return self._byTunnel.get(tunnel, {})
 
-    def oldestOf(self, tunnel: Tunnel) -> Optional[PublicUser]:
+    def oldestOf(self, tunnel: PublishedMapping) -> Optional[PublicUser]:
         """The user that has waited longest on C{tunnel}, if any."""
         return next(iter(self.of(tunnel).values()), None)
 
@@ -88,8 +88,8 @@ class PublishedPorts:
     """
 
     def __init__(self, clock: IReactorTime) -> None:
-        self.tunnels: dict[Hashable, Tunnel] = {}
-        """The holder of each port (L{Tunnel.key}): a group's holds its listener."""
+        self.tunnels: dict[Hashable, PublishedMapping] = {}
+        """The holder of each port (L{PublishedMapping.key}): a group's holds its listener."""
         self.groups: dict[int, Group] = {}
         """The group of each public port several clients serve."""
         self.publicPorts: dict[int, PublicPort] = {}
@@ -110,7 +110,7 @@ class PublishedPorts:
         """Users connected to C{remote_port} now."""
         return self._users[remote_port]
 
-    def allTunnels(self) -> list[Tunnel]:
+    def allTunnels(self) -> list[PublishedMapping]:
         """Every registered mapping: the holder of each port, and the other members of groups."""
         tunnels = list(self.tunnels.values())
         for group in self.groups.values():
@@ -166,7 +166,7 @@ class PublishedPorts:
         if self.publicPorts.get(port.remote_port) is port:
             del self.publicPorts[port.remote_port]
 
-    def forget(self, tunnel: Tunnel) -> None:
+    def forget(self, tunnel: PublishedMapping) -> None:
         """
         C{tunnel} is closed: it no longer holds its port, nor belongs to its
         group; a group that goes on keeps the port open for its next member.
@@ -182,7 +182,7 @@ class PublishedPorts:
         if self.tunnels.get(tunnel.key) is tunnel:
             del self.tunnels[tunnel.key]
 
-    def _handOver(self, leaving: Tunnel, successor: Tunnel) -> None:
+    def _handOver(self, leaving: PublishedMapping, successor: PublishedMapping) -> None:
         """
         C{leaving} leaves its group: if it held the port's listener, the
         port stays open and C{successor} holds it now.

@@ -19,7 +19,7 @@ from gotunnel.server import access
 from gotunnel.wire import messages
 from gotunnel.server.access import RegistrationRefused
 from gotunnel.server.groups import Group
-from gotunnel.server.mapping import Tunnel
+from gotunnel.server.mapping import PublishedMapping
 from gotunnel.server.portpolicy import SourcePolicy, SourceRate
 from gotunnel.wire.printable import printable
 from gotunnel.server.publicusers import PublicUserFactory
@@ -54,7 +54,7 @@ class MappingRegistration:
     (L{gotunnel.server.published.PublishedPorts}).
     """
 
-    def applyLimits(self, tunnel: "Tunnel", msg: messages.Register) -> None:
+    def applyLimits(self, tunnel: "PublishedMapping", msg: messages.Register) -> None:
         """
         C{tunnel}'s limits on users: the stricter of the server's (or a
         listed client's), and what the client asked for.
@@ -110,7 +110,7 @@ class MappingRegistration:
         """
         Publish C{msg.remote_port} for C{channel}.
 
-        @return: a Deferred that fires with the L{Tunnel}, or fails with
+        @return: a Deferred that fires with the L{PublishedMapping}, or fails with
             L{RegistrationRefused}.
         """
         if msg.vhost is not None:
@@ -122,7 +122,7 @@ class MappingRegistration:
             name = self.authenticate(msg.name, msg.token, peerCommonName(channel.transport))
             if name != msg.name:
                 msg = dataclasses.replace(msg, name=name)
-            tunnelType = Tunnel
+            tunnelType = PublishedMapping
             if access.isUdp(self.settings, msg):
                 from gotunnel.udp.tunnels import UdpTunnel
                 tunnelType = UdpTunnel
@@ -135,7 +135,7 @@ class MappingRegistration:
                                      protocol)
         except RegistrationRefused as e:
             return defer.fail(e)
-        if tunnelType is Tunnel:
+        if tunnelType is PublishedMapping:
             # Groups are of TCP ports: UDP on the same number is another port.
             try:
                 joined = self._joinGroup(channel, msg, sources)
@@ -171,7 +171,7 @@ class MappingRegistration:
             self.groups[msg.remote_port] = group
         self.tunnels[key] = tunnel
 
-        def listening(listens: bool) -> Tunnel:
+        def listening(listens: bool) -> PublishedMapping:
             if not listens:
                 tunnel.close()
                 raise RegistrationRefused(
@@ -224,14 +224,14 @@ class MappingRegistration:
     def _listenEphemeral(self, channel: "ServerChannel", msg: messages.Register,
                          sources: tuple[SourcePolicy, ...]) -> defer.Deferred:
         """
-        Publish C{msg} on a port the OS chooses; fires with the L{Tunnel},
+        Publish C{msg} on a port the OS chooses; fires with the L{PublishedMapping},
         or None if the OS chose a port another client holds or has reserved.
         """
-        tunnel = Tunnel(self, channel, msg)
+        tunnel = PublishedMapping(self, channel, msg)
         tunnel.sources = sources
         self.applyLimits(tunnel, msg)
 
-        def listening(port: IListeningPort) -> Optional[Tunnel]:
+        def listening(port: IListeningPort) -> Optional[PublishedMapping]:
             number = port.getHost().port
             lease = self.leases.get(number)
             if (number in self.tunnels or number in self.publicPorts
@@ -282,7 +282,7 @@ class MappingRegistration:
         if previous is not None and len(group.members) == 1:
             # Its only member again (a reconnect): as for any mapping.
             return None
-        tunnel = Tunnel(self, channel, msg)
+        tunnel = PublishedMapping(self, channel, msg)
         tunnel.sources = sources
         self.applyLimits(tunnel, msg)
         if previous is not None:

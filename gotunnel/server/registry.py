@@ -38,7 +38,7 @@ from gotunnel.relay.splicer import Splicer
 
 if TYPE_CHECKING:
     from gotunnel.server.channel import ServerChannel
-    from gotunnel.server.mapping import Tunnel
+    from gotunnel.server.mapping import PublishedMapping
     from gotunnel.server.publicusers import PublicUser
 
 log = Logger(namespace="gotunnel.server")
@@ -80,7 +80,7 @@ class TunnelRegistry(MappingRegistration):
 
     @property
     def tunnels(self) -> dict:
-        """The mapping that holds each port, by L{Tunnel.key} (see L{PublishedPorts})."""
+        """The mapping that holds each port, by L{PublishedMapping.key} (see L{PublishedPorts})."""
         return self.published.tunnels
 
     @property
@@ -176,7 +176,7 @@ class TunnelRegistry(MappingRegistration):
         return endpointType(self.reactor, port, backlog=self.settings.public_backlog,
                             interface=interface)
 
-    def clientDropped(self, tunnel: Tunnel) -> None:
+    def clientDropped(self, tunnel: PublishedMapping) -> None:
         """
         C{tunnel}'s control channel went away without its mapping being
         replaced or the server stopping: close it, and hold its port for
@@ -197,16 +197,16 @@ class TunnelRegistry(MappingRegistration):
         """
         return secrets.token_hex(8)
 
-    def forget(self, tunnel: Tunnel) -> None:
+    def forget(self, tunnel: PublishedMapping) -> None:
         """C{tunnel} is closed: L{PublishedPorts.forget}."""
         self.published.forget(tunnel)
 
-    def allTunnels(self) -> list[Tunnel]:
+    def allTunnels(self) -> list[PublishedMapping]:
         """Every registered mapping: the holder of each port, and the other members of groups."""
         return self.published.allTunnels()
 
     def _dataChannelOwner(self, msg: messages.DataChannel,
-                          certificateName: Optional[str]) -> Callable[[Tunnel], bool]:
+                          certificateName: Optional[str]) -> Callable[[PublishedMapping], bool]:
         """
         Check a data channel's credentials; return a test of whether a
         tunnel is one this data channel may serve: one registered by the
@@ -214,7 +214,7 @@ class TunnelRegistry(MappingRegistration):
         """
         name = self.authenticate(msg.name, msg.token, certificateName)
 
-        def mine(tunnel: Tunnel) -> bool:
+        def mine(tunnel: PublishedMapping) -> bool:
             if not access.sameHolder(self.settings, name, tunnel.name):
                 log.warn("a data channel of {name!r} asked for a user of {owner!r}",
                          name=name, owner=tunnel.name)
@@ -252,7 +252,7 @@ class TunnelRegistry(MappingRegistration):
         return user
 
     def poolDataChannel(self, channel: "ServerChannel", msg: messages.DataChannel,
-                        certificateName: Optional[str] = None) -> Tunnel:
+                        certificateName: Optional[str] = None) -> PublishedMapping:
         """
         Keep C{channel}, a data channel opened ahead of any user, in the
         pool of the mapping it names.
@@ -275,7 +275,7 @@ class TunnelRegistry(MappingRegistration):
         return tunnel
 
     def muxDataChannel(self, session: MuxSession, msg: messages.DataChannel,
-                       certificateName: Optional[str] = None) -> Tunnel:
+                       certificateName: Optional[str] = None) -> PublishedMapping:
         """
         Make C{session} the multiplexed connection of the mapping C{msg} names.
 

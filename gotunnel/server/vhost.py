@@ -35,7 +35,7 @@ from gotunnel.server.httphead import (
 )
 from gotunnel.relay.splice import canHalfClose, setNoDelay
 from gotunnel.server.access import RegistrationRefused
-from gotunnel.server.mapping import Tunnel
+from gotunnel.server.mapping import PublishedMapping as Tunnel
 from gotunnel.server.publicusers import PublicUser
 from gotunnel.server.registry import TunnelRegistry
 from gotunnel.tls.sni import BadHello, NeedMore, serverName

@@ -41,7 +41,7 @@ from gotunnel.relay.eagerio import twistedBuffered, writeThrough
 from gotunnel.wire.printable import printable
 from gotunnel.server.publicport import PublicPort
 from gotunnel.server.access import RegistrationRefused
-from gotunnel.server.mapping import Tunnel, _whenFired
+from gotunnel.server.mapping import PublishedMapping as Tunnel, _whenFired
 from gotunnel.server.registry import TunnelRegistry
 
 log = Logger(namespace="gotunnel.udp")
