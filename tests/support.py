@@ -17,7 +17,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-import gotunnel.server.service
+import gotunnel.server.channel
+import gotunnel.server.mapping
 from gotunnel.wire import messages
 from gotunnel.client.service import TunnelClientService
 from gotunnel.config.mappings import Mapping
@@ -268,24 +269,25 @@ class Tunnel:
         self.mux = mux
         self.streams = 0
         if mux:
-            openStreamFor = gotunnel.server.service.Tunnel._openStreamFor
+            openStreamFor = gotunnel.server.mapping.PublishedMapping._openStreamFor
 
             def countingOpenStreamFor(tunnel, user):
                 opened = openStreamFor(tunnel, user)
                 self.streams += opened
                 return opened
 
-            testCase.patch(gotunnel.server.service.Tunnel, "_openStreamFor", countingOpenStreamFor)
+            testCase.patch(gotunnel.server.mapping.PublishedMapping, "_openStreamFor",
+                           countingOpenStreamFor)
             testCase.addCleanup(self._checkStreams)
         if pool:
-            attachUser = gotunnel.server.service.ServerChannel.attachUser
+            attachUser = gotunnel.server.channel.ServerChannel.attachUser
 
             def countingAttachUser(channel, user):
                 attached = attachUser(channel, user)
                 self.pooledUsers += attached
                 return attached
 
-            testCase.patch(gotunnel.server.service.ServerChannel, "attachUser", countingAttachUser)
+            testCase.patch(gotunnel.server.channel.ServerChannel, "attachUser", countingAttachUser)
             testCase.addCleanup(self._checkPooled)
         self.server: Optional[TunnelServerService] = None
         self.controlPort: Optional[int] = None

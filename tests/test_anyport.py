@@ -17,7 +17,7 @@ from gotunnel.wire import messages
 from gotunnel.config.mappings import Mapping
 from gotunnel.config.yamlfile import readConfigFile
 from gotunnel.cli.tap import ClientOptions
-from gotunnel.server.service import RegistrationRefused
+from gotunnel.server.access import RegistrationRefused
 from tests.support import (
     HOST, TOKEN, Tunnel, echoedThrough, freePort, listenTarget, waitUntil, within,
 )

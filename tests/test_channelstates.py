@@ -18,7 +18,9 @@ from twisted.trial import unittest
 from gotunnel.server import channelstates
 from gotunnel.wire import messages
 from gotunnel.config.settings import ServerSettings
-from gotunnel.server.service import PublicUser, ServerChannel, ServerChannelFactory, TunnelRegistry
+from gotunnel.server.channel import ServerChannel, ServerChannelFactory
+from gotunnel.server.publicusers import PublicUser
+from gotunnel.server.registry import TunnelRegistry
 
 from tests.support import LogWatcher, frame
 from tests.test_udp import UDPReactor

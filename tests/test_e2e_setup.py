@@ -21,7 +21,7 @@ from zope.interface import implementer
 from gotunnel.client.service import ServerEndpoints
 from gotunnel.config.mappings import Mapping
 from gotunnel.config.settings import ClientSettings
-from gotunnel.server.service import ServerChannel
+from gotunnel.server.channel import ServerChannel
 from tests.support import (
     Tunnel, connectUser, echoedThrough, listenService, listenTarget, randomBytes, waitUntil,
     within,

@@ -18,7 +18,7 @@ from twisted.web import resource, static
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from gotunnel.config.mappings import Mapping
-from gotunnel.server.service import PublicUser
+from gotunnel.server.publicusers import PublicUser
 from tests.support import (
     isStreamPrefix,
     HOST, AnswerAtEnd, Banner, ServiceConnection, Source, StreamOrEcho, StreamUser, Tunnel, connectUser,

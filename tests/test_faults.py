@@ -18,7 +18,8 @@ from twisted.internet import defer, error, reactor
 from twisted.trial import unittest
 
 from gotunnel.client.service import DataChannelClient, LocalServiceConnection
-from gotunnel.server.service import PublicUser, ServerChannel
+from gotunnel.server.channel import ServerChannel
+from gotunnel.server.publicusers import PublicUser
 
 from tests.support import (
     isStreamPrefix,

@@ -23,9 +23,9 @@ from twisted.trial import unittest
 from gotunnel.wire import messages
 from gotunnel.server.admission import MAX_AUTH_FAILURE_SOURCES
 from gotunnel.config.settings import ServerSettings
-from gotunnel.server.service import (
-    MAX_EARLY_BYTES, PublicUser, ServerChannel, TunnelRegistry, addressGroup,
-)
+from gotunnel.server.channel import ServerChannel, addressGroup
+from gotunnel.server.publicusers import MAX_EARLY_BYTES, PublicUser
+from gotunnel.server.registry import TunnelRegistry
 
 from tests.support import (
     REGISTERED,

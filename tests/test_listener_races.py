@@ -15,7 +15,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from gotunnel.server.publicport import PublicPort
-from gotunnel.server.service import ONLINE_RETRY_DELAYS
+from gotunnel.server.mapping import ONLINE_RETRY_DELAYS
 
 from tests.support import (
     REGISTERED, LogWatcher, Tunnel, connectRaw, connectUser, freePort, jsonFrame,

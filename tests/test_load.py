@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel.server.service import ServerChannel
+from gotunnel.server.channel import ServerChannel
 
 from tests.support import (
     HOST, Tunnel, gotunnelObjects, openFileDescriptors, waitUntil, within,

@@ -10,10 +10,10 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.trial import unittest
 
-import gotunnel.server.service
+import gotunnel.server.mapping
 from gotunnel.wire import messages
 from gotunnel.mux.frames import WINDOW
-from gotunnel.server.service import RegistrationRefused
+from gotunnel.server.access import RegistrationRefused
 from tests.support import (
     HOST, Source, Tunnel, connectUser, listenService, listenTarget, randomBytes, temporaryDirectory,
     waitUntil, within,
@@ -156,7 +156,7 @@ class FallbackTests(unittest.TestCase):
         def refuse(tunnel, session):
             raise RegistrationRefused("no mapping of port 1 agreed to multiplexing")
 
-        self.patch(gotunnel.server.service.Tunnel, "addMuxSession", refuse)
+        self.patch(gotunnel.server.mapping.PublishedMapping, "addMuxSession", refuse)
         tunnel = Tunnel(self, zeroCopy=False, pool=2)
         yield tunnel.startServer()
         target = listenTarget(self)

@@ -16,7 +16,7 @@ import socket
 from twisted.internet import defer
 from twisted.trial import unittest
 
-import gotunnel.server.service
+import gotunnel.server.channel
 from gotunnel.wire import messages
 from gotunnel.client.service import (
     POOL_REFILL_DELAY, POOL_REFUSALS_IN_A_ROW, DataChannelClient, DataChannelFactory,
@@ -137,7 +137,7 @@ class ServerPoolTests(server.ServerTestCase):
         writes: list[bytes] = []
         write = data.transport.write
         self.patch(data.transport, "write", lambda b: (writes.append(b), write(b)))
-        self.patch(gotunnel.server.service, "readWaiting", lambda transport: b"SSH-2.0-OpenSSH_9.2\r\n")
+        self.patch(gotunnel.server.channel, "readWaiting", lambda transport: b"SSH-2.0-OpenSSH_9.2\r\n")
         self.connectUser()
         self.assertEqual(writes, [server.frame(server.OK) + b"SSH-2.0-OpenSSH_9.2\r\n"])
 
@@ -557,7 +557,7 @@ class DataChannelKeepAliveTests(unittest.TestCase):
         user.transport.write(b"hello")
         yield within(user.whenReceived(5), WAIT, "the echo through a data channel")
         serverEnds = [c for c in server.registry.connections
-                      if isinstance(c, gotunnel.server.service.ServerChannel) and c.role == "data"]
+                      if isinstance(c, gotunnel.server.channel.ServerChannel) and c.role == "data"]
         clientEnds = [c for c in client.tunnels[0].connections
                       if isinstance(c, DataChannelClient)]
         self.assertEqual((len(serverEnds), len(clientEnds)), (1, 1))

@@ -22,7 +22,7 @@ from gotunnel.wire import messages
 from gotunnel.wire import proxyprotocol
 from gotunnel.config.mappings import Mapping
 from gotunnel.config.yamlfile import readConfigFile
-from gotunnel.server.service import ServerChannel
+from gotunnel.server.channel import ServerChannel
 from gotunnel.cli.tap import ClientOptions
 from tests.support import (
     HOST, Tunnel, User, freePort, listenTarget, retryUntil, spawn, temporaryDirectory,

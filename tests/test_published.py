@@ -16,7 +16,7 @@ from gotunnel.server.published import PublishedPorts, WaitingUsers
 
 class FakeTunnel:
     protocol = None
-    """TCP, as L{gotunnel.server.service.Tunnel}'s."""
+    """TCP, as L{gotunnel.server.mapping.PublishedMapping}'s."""
 
     def __init__(self, name: str, remote_port: int) -> None:
         self.name = name

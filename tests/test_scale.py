@@ -19,7 +19,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
-from gotunnel.server.service import ServerChannel
+from gotunnel.server.channel import ServerChannel
 
 from tests.support import HOST, Tunnel, waitUntil, within
 from tests.test_load import HashingUser, listenLiveEcho

@@ -20,12 +20,13 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-import gotunnel.server.service
+import gotunnel.server.channel
 from gotunnel.config.settings import ServerSettings
 from gotunnel.wire.messages import RegisterResp
-from gotunnel.server.service import (
-    MAX_EARLY_BYTES, PublicUser, ServerChannelFactory, TunnelRegistry, TunnelServerService, withBacklog,
-)
+from gotunnel.server.channel import ServerChannelFactory
+from gotunnel.server.publicusers import MAX_EARLY_BYTES, PublicUser
+from gotunnel.server.registry import TunnelRegistry
+from gotunnel.server.service import TunnelServerService, withBacklog
 
 from tests.support import frame, jsonFrame as supportJsonFrame
 
@@ -613,7 +614,7 @@ class DataChannelTests(ServerTestCase):
         self.registered()
         user = self.connectUser()
         held = {user.transport: b"GET / HTTP/1.1\r\n"}
-        self.patch(gotunnel.server.service, "readWaiting", lambda transport: held.pop(transport, b""))
+        self.patch(gotunnel.server.channel, "readWaiting", lambda transport: held.pop(transport, b""))
         data = self.connect()
         writes = self.writesTo(data)
         data.send(dataChannel("conn-1"))
@@ -627,7 +628,7 @@ class DataChannelTests(ServerTestCase):
         self.registered()
         user = self.connectUser()
         asked = []
-        self.patch(gotunnel.server.service, "readWaiting", lambda transport: (asked.append(transport), b"x")[1])
+        self.patch(gotunnel.server.channel, "readWaiting", lambda transport: (asked.append(transport), b"x")[1])
         data = self.connect()
         writes = self.writesTo(data)
         data.send(dataChannel())

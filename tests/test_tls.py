@@ -203,7 +203,7 @@ class TLSFailureReportTests(TLSTestCase):
     @defer.inlineCallbacks
     def test_serverLogsFailedHandshake(self):
         """
-        A gotunnel.server.service warning that names the failed TLS handshake and the
+        A gotunnel.server warning that names the failed TLS handshake and the
         peer, once the server has dropped the connection.
         """
         yield self.startServer()

@@ -25,7 +25,8 @@ from gotunnel.client.service import TunnelClientService
 from gotunnel.config.mappings import Mapping, parseMapping
 from gotunnel.config.settings import ClientSettings, ServerSettings
 from gotunnel.wire.framing import MessageReceiver
-from gotunnel.server.service import ServerChannelFactory, TunnelRegistry
+from gotunnel.server.channel import ServerChannelFactory
+from gotunnel.server.registry import TunnelRegistry
 
 from .support import (
     HOST, TOKEN, LogWatcher, Tunnel, freePort, retryUntil, waitUntil, within,

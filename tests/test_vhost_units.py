@@ -20,7 +20,9 @@ from gotunnel.wire import messages
 from gotunnel.config.mappings import Mapping, parseVirtualHost
 from gotunnel.config.settings import ClientPolicy, ServerSettings
 from gotunnel.server.httphead import MAX_HEAD, BadHead, checkBasicAuth, headEnd, parseHead
-from gotunnel.server.service import RegistrationRefused, ServerChannelFactory, TunnelRegistry
+from gotunnel.server.access import RegistrationRefused
+from gotunnel.server.channel import ServerChannelFactory
+from gotunnel.server.registry import TunnelRegistry
 from gotunnel.tls.sni import MAX_HELLO, BadHello, NeedMore, serverName
 from gotunnel.cli.tap import ClientOptions, ServerOptions
 from gotunnel.server.vhostports import LINGER, VirtualHostUser

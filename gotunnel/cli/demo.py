@@ -31,7 +31,8 @@ from twisted.web.server import Site
 from gotunnel.client.service import TunnelClientService
 from gotunnel.config.mappings import Mapping
 from gotunnel.config.settings import ClientSettings, ServerSettings
-from gotunnel.server.service import Tunnel, TunnelServerService
+from gotunnel.server.mapping import PublishedMapping
+from gotunnel.server.service import TunnelServerService
 
 PROG = "gotunnel demo"
 LOOPBACK = "127.0.0.1"
@@ -118,7 +119,7 @@ class Demo:
     webPort: Optional[IListeningPort] = None
     server: Optional[TunnelServerService] = None
     client: Optional[TunnelClientService] = None
-    published: Optional[Tunnel] = None
+    published: Optional[PublishedMapping] = None
     # Registration fails only if another program takes the public port
     # between our check and the server's listen; then give up, not retry.
     registrationTimeout = 10.0

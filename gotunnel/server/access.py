@@ -4,7 +4,7 @@ publish and how many, which users and data channels its mappings take.
 
 Pure functions of the settings and the request, with no I/O and no state
 beyond their arguments, so that each rule reads (and is tested) on its
-own; L{gotunnel.server.service.TunnelRegistry} asks them and acts on the answer.
+own; L{gotunnel.server.registry.TunnelRegistry} asks them and acts on the answer.
 A refusal is raised as L{RegistrationRefused}, whose message is the reason
 sent back to the client.
 """

@@ -5,7 +5,7 @@ makes guessing tokens slow.
 
 Strangers must not be able to hold all our descriptors, nor starve the
 data channels we asked a registered client for: what a source address's
-clients are owed (see L{gotunnel.server.service.TunnelRegistry.owedTo}) is not held
+clients are owed (see L{gotunnel.server.registry.TunnelRegistry.owedTo}) is not held
 to the caps.  Only counts and times here; closing a connection is the
 channel's own business (C{evict}).
 """

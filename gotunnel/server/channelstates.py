@@ -1,7 +1,7 @@
 """
 The roles of a connection to the server's control port, one class each.
 
-A L{gotunnel.server.service.ServerChannel} stays the Twisted protocol (framing, flow
+A L{gotunnel.server.channel.ServerChannel} stays the Twisted protocol (framing, flow
 control, the splice); what it does with a message, with raw bytes and at
 its end is decided by its current state object.  A state class defines a
 C{msg_<type>} method only for the messages legal in its role, and the
@@ -30,7 +30,9 @@ from gotunnel.wire.printable import printable
 from gotunnel.relay.splice import RelayEnd, setKeepAlive
 
 if TYPE_CHECKING:
-    from gotunnel.server.service import PublicUser, ServerChannel, Tunnel
+    from gotunnel.server.channel import ServerChannel
+    from gotunnel.server.mapping import PublishedMapping
+    from gotunnel.server.publicusers import PublicUser
 
 # The channel's lines keep the namespace they always had: log filters and
 # tests select gotunnel.server's events.
@@ -98,7 +100,8 @@ class Handshake(ChannelState):
             channel.registered, channel.registrationRefused, errbackArgs=(msg,))
 
     def msg_data_channel(self, msg: messages.DataChannel) -> None:
-        from gotunnel.server.service import RegistrationRefused, peerCommonName
+        from gotunnel.server.access import RegistrationRefused
+        from gotunnel.server.registration import peerCommonName
         from gotunnel.udp.tunnels import attachCarrier
 
         channel = self.channel
@@ -149,7 +152,7 @@ class Registering(ChannelState):
 
     name = "registering"
 
-    def registered(self, tunnel: "Tunnel") -> None:
+    def registered(self, tunnel: "PublishedMapping") -> None:
         channel = self.channel
         channel.state = Control(channel)
         channel.tunnel = tunnel
@@ -193,14 +196,14 @@ class Control(ChannelState):
     name = "control"
 
     @property
-    def tunnel(self) -> "Tunnel":
+    def tunnel(self) -> "PublishedMapping":
         return self.channel.tunnel
 
     def msg_ping(self, msg: messages.Ping) -> None:
         self.tunnel.heartbeat()
         self.channel.sendMessage(messages.Pong(time=int(self.channel.registry.clock.seconds())))
 
-    def _portChange(self, msg, kind: str) -> Optional["Tunnel"]:
+    def _portChange(self, msg, kind: str) -> Optional["PublishedMapping"]:
         tunnel = self.tunnel
         tunnel.heartbeat()
         if msg.port != tunnel.remote_port:
@@ -357,7 +360,7 @@ class Closed(ChannelState):
 
     name = "closed"
 
-    def registered(self, tunnel: "Tunnel") -> None:
+    def registered(self, tunnel: "PublishedMapping") -> None:
         # The connection went away while the port was being opened.
         tunnel.close()
 

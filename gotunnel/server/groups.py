@@ -12,7 +12,7 @@ import hmac
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from gotunnel.server.service import Tunnel
+    from gotunnel.server.mapping import PublishedMapping
 
 
 class Group:
@@ -22,7 +22,7 @@ class Group:
         self.remote_port = remote_port
         self.name = name
         self._key = key
-        self.members: dict[str, "Tunnel"] = {}
+        self.members: dict[str, "PublishedMapping"] = {}
         self._turn = 0
 
     def __repr__(self) -> str:
@@ -33,15 +33,15 @@ class Group:
         return name == self.name and hmac.compare_digest(key.encode("utf-8"),
                                                          self._key.encode("utf-8"))
 
-    def add(self, tunnel: "Tunnel") -> None:
+    def add(self, tunnel: "PublishedMapping") -> None:
         self.members[tunnel.name] = tunnel
         tunnel.group = self
 
-    def remove(self, tunnel: "Tunnel") -> None:
+    def remove(self, tunnel: "PublishedMapping") -> None:
         if self.members.get(tunnel.name) is tunnel:
             del self.members[tunnel.name]
 
-    def pick(self) -> Optional["Tunnel"]:
+    def pick(self) -> Optional["PublishedMapping"]:
         """The next member whose local service is up (round robin), or None."""
         members = [member for member in self.members.values() if member.serviceUp]
         if not members:

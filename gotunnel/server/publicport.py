@@ -21,7 +21,7 @@ from twisted.logger import Logger, LogLevel
 from gotunnel.wire.printable import printable
 
 if TYPE_CHECKING:
-    from gotunnel.server.service import Tunnel
+    from gotunnel.server.mapping import PublishedMapping
 
 log = Logger("gotunnel.server")
 
@@ -43,13 +43,13 @@ class PublicPort:
         self._track = track
         self._idle = idle
         self.listener: Optional[IListeningPort] = None
-        self.owner: Optional[Tunnel] = None
+        self.owner: Optional[PublishedMapping] = None
         # The last request: the tunnel the port should serve, or None.
-        self._wanted: Optional[tuple[Tunnel, Factory]] = None
-        self._waiters: list[tuple[Tunnel, defer.Deferred]] = []
+        self._wanted: Optional[tuple[PublishedMapping, Factory]] = None
+        self._waiters: list[tuple[PublishedMapping, defer.Deferred]] = []
         self._settling: Optional[defer.Deferred] = None
 
-    def listen(self, tunnel: "Tunnel", factory: Factory) -> defer.Deferred:
+    def listen(self, tunnel: "PublishedMapping", factory: Factory) -> defer.Deferred:
         """
         Ask for the port to serve C{tunnel}'s users through C{factory}.
 
@@ -64,7 +64,7 @@ class PublicPort:
         self._settle()
         return answer
 
-    def stop(self, tunnel: "Tunnel") -> defer.Deferred:
+    def stop(self, tunnel: "PublishedMapping") -> defer.Deferred:
         """
         Withdraw C{tunnel}'s request; the Deferred fires once the socket
         that served it is closed.
@@ -74,7 +74,7 @@ class PublicPort:
         self._settle()
         return self.whenSettled()
 
-    def adopt(self, tunnel: "Tunnel", factory: Factory, listener: IListeningPort) -> None:
+    def adopt(self, tunnel: "PublishedMapping", factory: Factory, listener: IListeningPort) -> None:
         """
         Take on C{listener}, bound elsewhere for C{tunnel} through C{factory}
         (on a port number the system chose), as if L{listen} had bound it.
@@ -84,7 +84,8 @@ class PublicPort:
         log.info("public port {remote_port} listening for {name}",
                  remote_port=self.remote_port, name=printable(tunnel.name))
 
-    def handOver(self, leaving: "Tunnel", successor: "Tunnel") -> Optional[Factory]:
+    def handOver(self, leaving: "PublishedMapping",
+                 successor: "PublishedMapping") -> Optional[Factory]:
         """
         Pass C{leaving}'s request, and the socket if it serves it, on to
         C{successor} without closing it (a group's port stays open when its
@@ -141,13 +142,13 @@ class PublicPort:
             return
         self._settled()
 
-    def _listening(self, listener: IListeningPort, tunnel: "Tunnel") -> None:
+    def _listening(self, listener: IListeningPort, tunnel: "PublishedMapping") -> None:
         # Kept even if no longer wanted: the next step closes it.
         self.listener, self.owner = listener, tunnel
         log.info("public port {remote_port} listening for {name}",
                  remote_port=self.remote_port, name=printable(tunnel.name))
 
-    def _cannotListen(self, failure, tunnel: "Tunnel") -> None:
+    def _cannotListen(self, failure, tunnel: "PublishedMapping") -> None:
         if self._wanted is not None and self._wanted[0] is tunnel:
             # Answered with the failure: whoever asked decides what next.
             self._wanted = None

@@ -3,7 +3,7 @@ What the server publishes: which mapping holds each public port (or
 virtual host), the groups of clients that share a port, the users connected
 to each port, and the users waiting for a data channel.
 
-Only the tables, no sockets and no policy: L{gotunnel.server.service.TunnelRegistry}
+Only the tables, no sockets and no policy: L{gotunnel.server.registry.TunnelRegistry}
 decides, these remember.  A waiting user is one record in one table
 (L{WaitingUsers}), added and removed in one place, and found there by its
 C{conn_id} or as the oldest of its mapping.
@@ -27,7 +27,8 @@ from gotunnel.wire.printable import printable
 if TYPE_CHECKING:
     from gotunnel.server.groups import Group
     from gotunnel.server.publicport import PublicPort
-    from gotunnel.server.service import PublicUser, Tunnel
+    from gotunnel.server.mapping import PublishedMapping
+    from gotunnel.server.publicusers import PublicUser
 
 log = Logger(namespace="gotunnel.published")
 
@@ -42,7 +43,7 @@ class WaitingUsers(Mapping):
 
     def __init__(self) -> None:
         self._byId: dict[str, PublicUser] = {}
-        self._byTunnel: dict[Tunnel, dict[str, PublicUser]] = {}
+        self._byTunnel: dict[PublishedMapping, dict[str, PublicUser]] = {}
 
     def __getitem__(self, conn_id: str) -> PublicUser:
         return self._byId[conn_id]
@@ -69,11 +70,11 @@ class WaitingUsers(Mapping):
             del self._byTunnel[user.tunnel]
         return True
 
-    def of(self, tunnel: Tunnel) -> Mapping[str, PublicUser]:
+    def of(self, tunnel: PublishedMapping) -> Mapping[str, PublicUser]:
         """The users waiting on C{tunnel}, oldest first (read only)."""
         return self._byTunnel.get(tunnel, {})
 
-    def oldestOf(self, tunnel: Tunnel) -> Optional[PublicUser]:
+    def oldestOf(self, tunnel: PublishedMapping) -> Optional[PublicUser]:
         """The user that has waited longest on C{tunnel}, if any."""
         return next(iter(self.of(tunnel).values()), None)
 
@@ -87,8 +88,8 @@ class PublishedPorts:
     """
 
     def __init__(self, clock: IReactorTime) -> None:
-        self.tunnels: dict[Hashable, Tunnel] = {}
-        """The holder of each port (L{Tunnel.key}): a group's holds its listener."""
+        self.tunnels: dict[Hashable, PublishedMapping] = {}
+        """The holder of each port (L{PublishedMapping.key}): a group's holds its listener."""
         self.groups: dict[int, Group] = {}
         """The group of each public port several clients serve."""
         self.publicPorts: dict[int, PublicPort] = {}
@@ -109,7 +110,7 @@ class PublishedPorts:
         """Users connected to C{remote_port} now."""
         return self._users[remote_port]
 
-    def allTunnels(self) -> list[Tunnel]:
+    def allTunnels(self) -> list[PublishedMapping]:
         """Every registered mapping: the holder of each port, and the other members of groups."""
         tunnels = list(self.tunnels.values())
         for group in self.groups.values():
@@ -165,7 +166,7 @@ class PublishedPorts:
         if self.publicPorts.get(port.remote_port) is port:
             del self.publicPorts[port.remote_port]
 
-    def forget(self, tunnel: Tunnel) -> None:
+    def forget(self, tunnel: PublishedMapping) -> None:
         """
         C{tunnel} is closed: it no longer holds its port, nor belongs to its
         group; a group that goes on keeps the port open for its next member.
@@ -181,7 +182,7 @@ class PublishedPorts:
         if self.tunnels.get(tunnel.key) is tunnel:
             del self.tunnels[tunnel.key]
 
-    def _handOver(self, leaving: Tunnel, successor: Tunnel) -> None:
+    def _handOver(self, leaving: PublishedMapping, successor: PublishedMapping) -> None:
         """
         C{leaving} leaves its group: if it held the port's listener, the
         port stays open and C{successor} holds it now.

@@ -27,7 +27,8 @@ from gotunnel.server.httphead import (
     MAX_HEAD, BadHead, Head, checkBasicAuth, errorPage, headEnd, hostName, parseHead,
 )
 from gotunnel.relay.splice import canHalfClose, setNoDelay
-from gotunnel.server.service import PublicUser, TunnelRegistry
+from gotunnel.server.publicusers import PublicUser
+from gotunnel.server.registry import TunnelRegistry
 from gotunnel.server.vhostroutes import MAX_READING_PER_SOURCE, VirtualHostMapping, VirtualHosts
 from gotunnel.tls.sni import BadHello, NeedMore, serverName
 

@@ -23,7 +23,9 @@ from twisted.logger import Logger
 
 from gotunnel.wire import messages
 from gotunnel.tls import contexts as tls
-from gotunnel.server.service import RegistrationRefused, Tunnel, TunnelRegistry
+from gotunnel.server.access import RegistrationRefused
+from gotunnel.server.mapping import PublishedMapping
+from gotunnel.server.registry import TunnelRegistry
 
 log = Logger(namespace="gotunnel.vhost")
 
@@ -65,7 +67,7 @@ def vhostLabel(vhost: str, domains: tuple[str, ...]) -> str:
     return f"{vhost}:{','.join(domains)}"
 
 
-class VirtualHostMapping(Tunnel):
+class VirtualHostMapping(PublishedMapping):
     """
     A mapping published on a virtual-host port under some domains: no
     listener of its own; L{VirtualHosts} routes users to it while it is

@@ -40,9 +40,9 @@ from gotunnel.relay.splice import setNoDelay
 from gotunnel.relay.eagerio import twistedBuffered, writeThrough
 from gotunnel.wire.printable import printable
 from gotunnel.server.publicport import PublicPort
-from gotunnel.server.service import (
-    RegistrationRefused, Tunnel, TunnelRegistry, _whenFired,
-)
+from gotunnel.server.access import RegistrationRefused
+from gotunnel.server.mapping import PublishedMapping as Tunnel, _whenFired
+from gotunnel.server.registry import TunnelRegistry
 
 log = Logger(namespace="gotunnel.udp")
 
