@@ -25,7 +25,7 @@ from gotunnel.cli.tap import ClientOptions, ServerOptions
 from gotunnel.server.vhost import (
     LINGER, MAX_READING_PER_SOURCE, VirtualHosts, VirtualHostUser, normalDomain,
 )
-from gotunnel.client.service import DataChannelFactory
+from gotunnel.client.datachannel import DataChannelFactory
 from tests.test_client import ClientTestCase, frame
 
 TOKEN = "s3cret"
