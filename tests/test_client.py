@@ -23,12 +23,14 @@ from twisted.trial import unittest
 from zope.interface import directlyProvides
 
 from gotunnel import report
-from gotunnel.client import service as client
+from gotunnel.client import datachannelrequests
 from gotunnel.wire import messages
-from gotunnel.client.service import (
-    EARLY_LOCAL_CONNECTS, ControlChannelFactory, DataChannelFactory, LocalServiceFactory,
-    TunnelClientService, TunnelService, _ProbeFactory, serverAddress,
-)
+from gotunnel.client.control import ControlChannelFactory
+from gotunnel.client.datachannel import DataChannelFactory, LocalServiceFactory
+from gotunnel.client.datachannelrequests import EARLY_LOCAL_CONNECTS
+from gotunnel.client.endpoints import serverAddress
+from gotunnel.client.mapping import ClientMappingService, _ProbeFactory
+from gotunnel.client.service import TunnelClientService
 from gotunnel.config.mappings import Mapping
 from gotunnel.config.settings import ClientSettings
 
@@ -95,8 +97,8 @@ class ClientTestCase(unittest.TestCase):
         self.reactor.advance(START)
         self.settings = ClientSettings(server="unused", token=self.token, name=self.name,
                                        mappings=[self.mapping])
-        self.service = TunnelService(self.settings, self.mapping,
-                                     TCP4ClientEndpoint(self.reactor, *SERVER), self.reactor)
+        self.service = ClientMappingService(
+            self.settings, self.mapping, TCP4ClientEndpoint(self.reactor, *SERVER), self.reactor)
 
     def attempts(self, host: str, port: int, factoryType: type) -> list[int]:
         """Indices in reactor.tcpClients of connections to host:port for factoryType."""
@@ -179,8 +181,8 @@ class RegisterTests(ClientTestCase):
         for proxy, offered in ((None, 1), ("v1", None), ("v2", None)):
             mapping = dataclasses.replace(self.mapping, proxy_protocol=proxy)
             self.settings = dataclasses.replace(self.settings, mux=True, mappings=[mapping])
-            self.service = TunnelService(self.settings, mapping,
-                                         TCP4ClientEndpoint(self.reactor, *SERVER), self.reactor)
+            self.service = ClientMappingService(
+                self.settings, mapping, TCP4ClientEndpoint(self.reactor, *SERVER), self.reactor)
             _, transport = self.control()
             self.assertEqual(messages.parse(transport.value()[4:]).mux, offered, proxy)
 
@@ -354,8 +356,8 @@ class ReconnectTests(ClientTestCase):
     def test_jitterBelowOneSecond(self):
         """The random part of each delay is from 0 to 1 s."""
         self.patch(random, "random", random.Random(1234).random)
-        service = TunnelService(self.settings, self.mapping,
-                                TCP4ClientEndpoint(self.reactor, *SERVER), self.reactor)
+        service = ClientMappingService(
+            self.settings, self.mapping, TCP4ClientEndpoint(self.reactor, *SERVER), self.reactor)
         for attempt, base in ((1, 1), (2, 2), (3, 4), (4, 8), (5, 16), (9, 16)):
             jitter = service._retryDelay(attempt) - base
             self.assertTrue(0 <= jitter < 1, f"attempt {attempt}: jitter {jitter}")
@@ -855,7 +857,7 @@ class PendingDataChannelTests(ClientTestCase):
         Requests past the waiting limit are dropped and counted, with one
         line at once and then at most one per 10 s.
         """
-        self.patch(client, "MAX_WAITING_DATA_CHANNEL_REQUESTS", 2)
+        self.patch(datachannelrequests, "MAX_WAITING_DATA_CHANNEL_REQUESTS", 2)
         events = self.logged()
 
         def lines():
@@ -870,19 +872,19 @@ class PendingDataChannelTests(ClientTestCase):
             "users when it stops waiting for their data channels"])
         self.ask(*(f"d{n}" for n in range(500)))
         self.assertEqual(len(lines()), 1)
-        self.reactor.advance(client.DROPPED_REQUESTS_LOG_INTERVAL)
+        self.reactor.advance(datachannelrequests.DROPPED_REQUESTS_LOG_INTERVAL)
         self.assertEqual(self.service.droppedRequests, 501)
         self.assertEqual(len(lines()), 2)
         self.assertIn("dropped 500 requests", lines()[1])
         self.assertIn("(501 in all)", lines()[1])
-        self.reactor.advance(client.DROPPED_REQUESTS_LOG_INTERVAL)
+        self.reactor.advance(datachannelrequests.DROPPED_REQUESTS_LOG_INTERVAL)
         self.assertEqual(len(lines()), 2)
         self.assertEqual(len(self.service.waitingRequests), 2)
         self.assertEqual(len(self.serverAttempts(DataChannelFactory)), 3)
 
     def test_stopForgetsWaitingAndTheNextDropLine(self):
         """Stopping leaves no request waiting and no drop line to come."""
-        self.patch(client, "MAX_WAITING_DATA_CHANNEL_REQUESTS", 1)
+        self.patch(datachannelrequests, "MAX_WAITING_DATA_CHANNEL_REQUESTS", 1)
         self.ask(*(f"c{n}" for n in range(6)))
         call = self.service._droppedLogCall
         self.assertTrue(call.active())

@@ -13,7 +13,9 @@ from twisted.python.failure import Failure
 
 from gotunnel.client import datachannelstates
 from gotunnel.wire import messages
-from gotunnel.client.service import DataChannelClient, DataChannelFactory, LocalServiceConnection
+from gotunnel.client.datachannel import (
+    DataChannelClient, DataChannelFactory, LocalServiceConnection,
+)
 
 from tests.support import LogWatcher, frame
 from tests.test_client import OK, ClientTestCase, innermost

@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel.client.service import ServerEndpoints
+from gotunnel.client.endpoints import ServerEndpoints
 from gotunnel.config.mappings import Mapping
 from gotunnel.config.settings import ClientSettings
 from gotunnel.server.channel import ServerChannel

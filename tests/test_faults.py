@@ -17,7 +17,7 @@ from typing import Optional
 from twisted.internet import defer, error, reactor
 from twisted.trial import unittest
 
-from gotunnel.client.service import DataChannelClient, LocalServiceConnection
+from gotunnel.client.datachannel import DataChannelClient, LocalServiceConnection
 from gotunnel.server.channel import ServerChannel
 from gotunnel.server.publicusers import PublicUser
 

@@ -17,7 +17,7 @@ from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel.client.service import ServerEndpoints
+from gotunnel.client.endpoints import ServerEndpoints
 from gotunnel.config.mappings import Mapping, clientEndpointString
 from gotunnel.config.settings import ClientSettings
 from tests.support import (

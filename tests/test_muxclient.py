@@ -11,7 +11,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import formatEvent
 
 from gotunnel.mux.frames import ACK, DATA, HEADER, RST, SYN, WINDOW_UPDATE
-from gotunnel.client.service import TunnelService
+from gotunnel.client.mapping import ClientMappingService
 from gotunnel.mux.client import MuxDataChannel, _LocalFactory
 
 from tests.support import frame
@@ -42,8 +42,8 @@ class StreamCapTests(ClientTestCase):
         super().setUp()
         self.settings = dataclasses.replace(self.settings, mux=True,
                                             max_pending_data_channels=3)
-        self.service = TunnelService(self.settings, self.mapping,
-                                     TCP4ClientEndpoint(self.reactor, *SERVER), self.reactor)
+        self.service = ClientMappingService(
+            self.settings, self.mapping, TCP4ClientEndpoint(self.reactor, *SERVER), self.reactor)
         channel, _ = self.control()
         channel.dataReceived(frame(MUX_OK))
         [index] = [i for i, (h, p, factory, _, _) in enumerate(self.reactor.tcpClients)

@@ -18,9 +18,8 @@ from twisted.trial import unittest
 
 import gotunnel.server.channel
 from gotunnel.wire import messages
-from gotunnel.client.service import (
-    POOL_REFILL_DELAY, POOL_REFUSALS_IN_A_ROW, DataChannelClient, DataChannelFactory,
-)
+from gotunnel.client.datachannel import DataChannelClient, DataChannelFactory
+from gotunnel.client.pool import POOL_REFILL_DELAY, POOL_REFUSALS_IN_A_ROW
 from gotunnel.config.settings import ClientPolicy
 from gotunnel.relay.splice import IDLE_KEEPALIVE
 from tests import test_client as client

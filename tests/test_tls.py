@@ -23,7 +23,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.trial import unittest
 
 from gotunnel.tls import certs
-from gotunnel.client.service import DataChannelClient
+from gotunnel.client.datachannel import DataChannelClient
 from tests.support import (
     HOST, LogWatcher, StreamCapture, Tunnel, connectUser, connectionRefused, freePort,
     listenTarget, randomBytes, spawn, temporaryDirectory, venvScript, waitUntil, within,

@@ -22,7 +22,7 @@ from twisted.trial import unittest
 
 from gotunnel.tls import certs
 from gotunnel.tls import contexts as tls
-from gotunnel.client.service import DataChannelClient
+from gotunnel.client.datachannel import DataChannelClient
 from gotunnel.config.settings import ClientSettings, ServerSettings
 from gotunnel.cli.tap import ClientOptions
 from tests.support import (

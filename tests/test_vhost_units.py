@@ -27,7 +27,7 @@ from gotunnel.tls.sni import MAX_HELLO, BadHello, NeedMore, serverName
 from gotunnel.cli.tap import ClientOptions, ServerOptions
 from gotunnel.server.vhostports import LINGER, VirtualHostUser
 from gotunnel.server.vhostroutes import MAX_READING_PER_SOURCE, VirtualHosts, normalDomain
-from gotunnel.client.service import DataChannelFactory
+from gotunnel.client.datachannel import DataChannelFactory
 from tests.test_client import ClientTestCase, frame
 
 TOKEN = "s3cret"

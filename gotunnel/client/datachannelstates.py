@@ -1,5 +1,5 @@
 """
-The states of the client's data channel (L{gotunnel.client.service.DataChannelClient}),
+The states of the client's data channel (L{gotunnel.client.datachannel.DataChannelClient}),
 one class each.
 
 The channel stays the Twisted protocol; its state object decides what a
@@ -28,7 +28,7 @@ from gotunnel.wire.printable import printable
 from gotunnel.relay.splice import RelayEnd
 
 if TYPE_CHECKING:
-    from gotunnel.client.service import DataChannelClient, LocalServiceConnection
+    from gotunnel.client.datachannel import DataChannelClient, LocalServiceConnection
 
 # The lines keep gotunnel.client's namespace, as before the states had a module.
 log = Logger(namespace="gotunnel.client")

@@ -70,7 +70,7 @@ def connectionLogLevel(setting: str) -> Optional[LogLevel]:
 def logClientConnection(setting: str, channel, clock) -> None:
     """
     The client's line for a user connection that ended, from the data
-    channel that served it (see L{gotunnel.client.service.DataChannelClient}).
+    channel that served it (see L{gotunnel.client.datachannel.DataChannelClient}).
     """
     level = connectionLogLevel(setting)
     if level is None:

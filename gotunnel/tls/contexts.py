@@ -4,7 +4,7 @@ TLS from the friendly settings: the server's certificate, key and client CA
 C{--ca}, C{--server-name} and client certificate.  PEM files are read and
 checked when the options are parsed, and read again into the context
 factories when the service is made (the client's data channels use the
-same TLS options as its control channel: L{gotunnel.client.service.ServerEndpoints}).
+same TLS options as its control channel: L{gotunnel.client.endpoints.ServerEndpoints}).
 
 Endpoint strings (C{ssl:}, C{tls:}) keep working without any of this.
 """

@@ -172,7 +172,7 @@ class HalfCloseableTLSEndpoint:
 
     def __init__(self, connectionCreator, wrappedEndpoint: IStreamClientEndpoint) -> None:
         self.connectionCreator = connectionCreator
-        # Named as Twisted's wrapper names it: gotunnel.client.service.serverAddress
+        # Named as Twisted's wrapper names it: gotunnel.client.endpoints.serverAddress
         # finds the address through it.
         self._wrappedEndpoint = wrappedEndpoint
 

@@ -33,7 +33,8 @@ from zope.interface import implementer
 from gotunnel.wire import messages
 from gotunnel.server.access import tokensMatch
 from gotunnel.server.accounting import REFUSED_SOURCE, DatagramCounters
-from gotunnel.client.service import POOL_REFILL_DELAY, TunnelService
+from gotunnel.client.mapping import ClientMappingService as TunnelService
+from gotunnel.client.pool import POOL_REFILL_DELAY
 from gotunnel.wire.framing import MessageReceiver
 from gotunnel.server.portpolicy import permitted
 from gotunnel.relay.splice import setNoDelay
