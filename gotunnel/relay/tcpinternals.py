@@ -220,6 +220,22 @@ def endpointTimeout(endpoint: object, default: float) -> float:
     return getattr(endpoint, "_timeout", default)
 
 
+HALF_CLOSE_TLS_OVERRIDES = ("_flushReceiveBIO", "_checkHandshakeStatus",
+                            "_unbufferPendingWrites", "_write", "_shutdownTLS",
+                            "_flushSendBIO", "_tlsShutdownFinished")
+"""The private methods of Twisted's C{TLSMemoryBIOProtocol} that
+L{gotunnel.tls.halfclose.HalfCloseableTLS}, a subclass, overrides or
+calls (it reads some of its attributes too, set per connection)."""
+
+
+def missingForHalfCloseTLS() -> list[str]:
+    """The names of L{HALF_CLOSE_TLS_OVERRIDES} the installed Twisted lacks."""
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    return [name for name in HALF_CLOSE_TLS_OVERRIDES
+            if not callable(getattr(TLSMemoryBIOProtocol, name, None))]
+
+
 CLIENT_SERVICE_NAMESPACE = "twisted.application._client_service"
 """The log namespace of ClientService's own events (a private module's name)."""
 
