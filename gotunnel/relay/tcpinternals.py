@@ -20,12 +20,11 @@ ZERO_COPY_READS = {
     "writeDisconnected": ("_writeDisconnected",),
     "takeOverIO": ("doRead", "doWrite"),
     "twistedDoWrite": ("doWrite",),
-    "spliceSocket": ("fileno", "reactor"),
 }
 """Each function here that zero copy (and writing through in the same turn)
 uses on a C{tcp.Connection}, and what it reads or replaces there: its write
 buffer, its half-close state, the read and write handlers a
-L{gotunnel.relay.zerocopy.SplicePump} takes over, its descriptor."""
+L{gotunnel.relay.zerocopy.SplicePump} takes over."""
 
 ZERO_COPY_NEEDS = tuple(dict.fromkeys(
     name for names in ZERO_COPY_READS.values() for name in names))
@@ -83,7 +82,6 @@ def _tryEach(connection: object) -> list[str]:
     check("writeDisconnected", lambda: writeDisconnected(connection) is False)
     check("takeOverIO", takenAndGivenBack)
     check("twistedDoWrite", lambda: callable(type(connection).doWrite))
-    check("spliceSocket", lambda: isinstance(connection.fileno(), int))
     return failed
 
 
