@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 
 from gotunnel.tls import contexts as tls
 from gotunnel.server.accounting import BY_ADMIN, noteEnding, userBytes
+from gotunnel.relay.splice import closeConnectionOf
 from gotunnel.admin.auth import (
     AdminAuth, clientHost, jsonAnswer, refusal, tooManyFailures, unauthorized,
 )
@@ -313,7 +314,8 @@ class AdminAPI(Resource):
         log.info("admin endpoint: closing connection {conn} from {user}",
                  conn=connId, user=user.peerAddress)
         noteEnding(user, BY_ADMIN)
-        user.transport.abortConnection()
+        # Through its relay end: a splice thread may hold its socket.
+        closeConnectionOf(user, abort=True)
         return jsonAnswer(request, 200, {"ok": True})
 
 

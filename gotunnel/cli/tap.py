@@ -31,6 +31,7 @@ from gotunnel.config.settings import ClientSettings, ServerSettings
 from gotunnel.config.yamlfile import ConfigError, ConfigFile, findConfigFile, readConfigFile
 from gotunnel.config.kinds import PROXY_PROTOCOL
 from gotunnel.config.spec import CommandLine, coercer, commandLine
+from gotunnel.relay.tcpinternals import listeningPort
 
 log = Logger(namespace="gotunnel.tap")
 
@@ -51,16 +52,6 @@ def _tlsOptions(options: CommandLine) -> dict[str, str]:
     return {field: option for field, option in byField.items()
             if field == "tls" or field.startswith("tls_")}
 
-def _endpointPort(endpoint: object) -> Optional[int]:
-    # Twisted's endpoints keep their port to themselves; look through
-    # wrappers (tls:) for the one that has it.
-    while endpoint is not None:
-        port = getattr(endpoint, "_port", None)
-        if isinstance(port, int):
-            return port
-        endpoint = getattr(endpoint, "_wrappedEndpoint", None)
-    return None
-
 
 def checkEndpoint(description: str, kind: str, where: str) -> None:
     """
@@ -76,7 +67,8 @@ def checkEndpoint(description: str, kind: str, where: str) -> None:
     except Exception as e:
         raise usage.UsageError(
             f"{where} {description!r} is not a usable endpoint: {e}") from None
-    port = _endpointPort(endpoint)
+    # Twisted's endpoints keep their port to themselves (see tcpinternals).
+    port = listeningPort(endpoint)
     lowest = 0 if kind == "server" else 1
     if port is not None and not lowest <= port <= 65535:
         raise usage.UsageError(

@@ -20,7 +20,7 @@ from zope.interface import implementer
 from gotunnel.config.settings import ClientSettings, clientEndpointString
 from gotunnel.report import SERVER_UNREACHABLE, reportError
 from gotunnel.relay.tcpinternals import (
-    endpointBindAddress, endpointHost, endpointPort, endpointTimeout,
+    endpointAddress, endpointBindAddress, endpointHost, endpointPort, endpointTimeout,
 )
 
 LOCAL_CONNECT_TIMEOUT = 10
@@ -97,15 +97,11 @@ def serverAddress(endpoint: object) -> Optional[str]:
     HOST:PORT (an IPv6 host in brackets) that a client endpoint connects
     to, for a person to read; None where Twisted's endpoint does not tell.
     """
-    while endpoint is not None:
-        host = getattr(endpoint, "_hostText", None) or getattr(endpoint, "_host", None)
-        port = getattr(endpoint, "_port", None)
-        if isinstance(host, bytes):
-            host = host.decode("ascii", "replace")
-        if host and isinstance(port, int):
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        endpoint = getattr(endpoint, "_wrappedEndpoint", None)
-    return None
+    address = endpointAddress(endpoint)
+    if address is None:
+        return None
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @implementer(IStreamClientEndpoint)

@@ -19,7 +19,7 @@ from gotunnel.mux.session import MuxSession
 from gotunnel.mux.stream import MuxStream, StreamEnd
 from gotunnel.wire.printable import printable
 from gotunnel.relay.splice import RelayEnd, setKeepAlive, setNoDelay, splice
-from gotunnel.relay.eagerio import twistedBuffered
+from gotunnel.relay.tcpinternals import heldByTwisted
 
 log = Logger(namespace="gotunnel.muxclient")
 
@@ -166,7 +166,7 @@ class MuxDataChannel(MessageReceiver):
 
     def bufferedBytes(self) -> int:
         """What this connection and its streams hold, not yet written."""
-        held = twistedBuffered(self.transport) if hasattr(self.transport, "dataBuffer") else 0
+        held = heldByTwisted(self.transport)
         return held + (self.session.bufferedBytes() if self.session is not None else 0)
 
     def readConnectionLost(self) -> None:

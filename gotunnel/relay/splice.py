@@ -8,6 +8,13 @@ the other side's transport, and each transport is registered as the other's
 streaming producer, so a slow reader pauses the fast writer instead of
 filling our memory.  Where both sides are plain TCP on Linux, a
 L{SplicePump} moves the bytes in the kernel instead (see L{gotunnel.relay.zerocopy}).
+
+Once spliced, whatever writes to or closes a side's connection does it
+through the side's L{RelayEnd} (L{RelayEnd.writeToConnection},
+L{RelayEnd.shutdownWrite}, L{RelayEnd.closeConnection}, or
+L{closeConnectionOf} for any protocol), never through the transport: a pump
+may have the connection's socket in its splice thread, and must hand it
+back to the reactor first.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from gotunnel.relay.ratelimit import Throttle
-from gotunnel.relay.eagerio import twistedBuffered, writeThrough
+from gotunnel.relay.eagerio import writeThrough
+from gotunnel.relay.tcpinternals import heldByTwisted
 from gotunnel.relay.zerocopy import HAND_OFF_AFTER, SplicePump
 
 
@@ -123,6 +131,11 @@ class RelayEnd:
     what the splice thread holds for this side's socket, which the
     reactor's transport knows nothing of."""
 
+    @property
+    def readClosed(self) -> bool:
+        """The far end will send nothing more (its end-of-stream was read)."""
+        return self._readClosed
+
     def bytesRead(self, final: bool = False) -> int:
         """
         Bytes read from this side's connection for the other so far: one
@@ -159,7 +172,7 @@ class RelayEnd:
         elif peer is not None:
             # Only the read that made the splice gets here: Twisted's buffer
             # goes out before the pump's pipe.
-            peer.transport.write(data)
+            peer.writeToConnection(data)
         elif self._held is None:
             self._held = [data]
         else:
@@ -178,11 +191,29 @@ class RelayEnd:
         if self.peer is not None:
             self.peer.shutdownWrite()
         if self._writeClosed:
-            self.transport.loseConnection()
+            self.closeConnection()
 
     def writeConnectionLost(self) -> None:
         self._writeClosed = True
         if self._readClosed:
+            self.closeConnection()
+
+    def writeToConnection(self, data: bytes) -> None:
+        """Write C{data} to this side's connection, after what it holds."""
+        if self.pump is not None:
+            self.pump.handBack()
+        self.transport.write(data)
+
+    def closeConnection(self, abort: bool = False) -> None:
+        """
+        Close this side's connection once what it holds is written, or at
+        once with C{abort}; a pump that holds its socket finishes it.
+        """
+        if self.pump is not None:
+            self.pump.finish(self, abort)
+        elif abort:
+            self.transport.abortConnection()
+        else:
             self.transport.loseConnection()
 
     def shutdownWrite(self) -> None:
@@ -193,6 +224,8 @@ class RelayEnd:
         # The other side has read its last byte: it must not stay our
         # producer, or a full buffer draining would resume it instead of
         # sending the end-of-stream (see FileDescriptor.doWrite).
+        if self.pump is not None:
+            self.pump.handBack()
         self.transport.unregisterProducer()
         if canHalfClose(self.transport):
             self.transport.loseWriteConnection()
@@ -204,7 +237,7 @@ class RelayEnd:
             # direction ends.
             pass
         else:
-            self.transport.loseConnection()
+            self.closeConnection()
 
     def relayConnectionLost(self, reason: Optional[Failure] = None) -> None:
         """
@@ -224,14 +257,11 @@ class RelayEnd:
             # As in shutdownWrite: a dead producer would be resumed instead
             # of the connection being closed once its buffer drains.
             peer.transport.unregisterProducer()
-            if isReset(reason):
-                peer.transport.abortConnection()
-            else:
-                peer.transport.loseConnection()
+            peer.closeConnection(abort=isReset(reason))
 
     def bufferedBytes(self) -> int:
         """Bytes the relay holds for this side's connection, not yet written to it."""
-        held = twistedBuffered(self.transport) if hasattr(self.transport, "dataBuffer") else 0
+        held = heldByTwisted(self.transport)
         if self.pump is not None:
             held += self.pump.bufferedFor(self)
         if self.pumpedIn is not None:
@@ -291,6 +321,20 @@ def splice(a: RelayEnd, b: RelayEnd, zeroCopy: bool = False, spliceThread: objec
         pump.start()
 
 
+def closeConnectionOf(protocol: object, abort: bool = False) -> None:
+    """
+    Close C{protocol}'s connection (at once, with C{abort}): through its
+    L{RelayEnd}, if it is one, which may have to take its socket back from
+    a splice thread first.
+    """
+    if isinstance(protocol, RelayEnd):
+        protocol.closeConnection(abort)
+    elif abort:
+        protocol.transport.abortConnection()
+    else:
+        protocol.transport.loseConnection()
+
+
 class ConnectionSet:
     """
     The live connections a service owns, so that stopping it can close them
@@ -324,13 +368,13 @@ class ConnectionSet:
             waiter: Deferred = Deferred()
             waiters.append(waiter)
             waiting.append(waiter)
-            protocol.transport.loseConnection()
+            closeConnectionOf(protocol)
         if not waiting:
             return DeferredList([])
 
         def abortTheRest() -> None:
             for protocol in list(self._live):
-                protocol.transport.abortConnection()
+                closeConnectionOf(protocol, abort=True)
 
         deadline = clock.callLater(timeout, abortTheRest)
         allGone = DeferredList(waiting)

@@ -12,10 +12,11 @@ which waits on an epoll of its own and runs nothing but the splices.
 The thread moves bytes and nothing else.  Whatever else it meets (end of
 stream, an error, a hang-up, a broken socket) hands the pump back to the
 reactor, where the pump's ordinary C{doRead} and C{doWrite} meet it again
-and close or half-close as they always do.  Whatever the reactor does to
-either transport (write, close, abort, half-close, pause) takes the pump
-back first (see L{SplicePump.handOff}), under the pump's lock: the thread
-never touches a descriptor that the reactor is about to close.
+and close or half-close as they always do.  Whatever the relay does to
+either connection (write, close, abort, half-close) it does through its
+relay end, which takes the pump back first (see L{SplicePump.handBack}),
+under the pump's lock: the thread never touches a descriptor that the
+reactor is about to close.
 
 Between events the thread may poll for a moment before it sleeps
 (L{BusyPoll}), where a socket is expected to answer that soon

@@ -38,8 +38,8 @@ from twisted.python.failure import Failure
 from gotunnel.relay import splicethread
 from gotunnel.relay.eagerio import twistedBuffered
 from gotunnel.relay.splicethread import HUNG_UP, READABLE, WRITABLE
-from gotunnel.relay.tcpinternals import writeDisconnecting
-from gotunnel.relay.zerocopy import GUARDED, HAND_OFF_AFTER, usable
+from gotunnel.relay.tcpinternals import GUARDED, writeDisconnecting
+from gotunnel.relay.zerocopy import HAND_OFF_AFTER, usable
 
 log = Logger(namespace="gotunnel.tlspump")
 

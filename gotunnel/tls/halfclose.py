@@ -31,6 +31,8 @@ close_notify handled), C{_checkHandshakeStatus}, C{_unbufferPendingWrites},
 C{_write}, C{_shutdownTLS}, C{_flushSendBIO}, C{_tlsShutdownFinished}, and
 the attributes C{_tlsConnection}, C{_appSendBuffer}, C{_handshakeDone},
 C{_lostTLSConnection}, C{_aborted}; C{BufferingTLSTransport._aggregator}.
+The methods are listed in L{gotunnel.relay.tcpinternals.HALF_CLOSE_TLS_OVERRIDES},
+whose check a test runs.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from gotunnel.wire.framing import MessageReceiver
 from gotunnel.server.portpolicy import permitted
 from gotunnel.relay.splice import setNoDelay
 from gotunnel.relay.eagerio import twistedBuffered, writeThrough
+from gotunnel.relay.tcpinternals import aroundEachRead
 from gotunnel.wire.printable import printable
 from gotunnel.server.publicport import PublicPort
 from gotunnel.server.access import RegistrationRefused
@@ -103,18 +104,7 @@ def readInBatches(port, batch) -> None:
     256 KiB), so that is one burst of datagrams, written on in one send
     (L{Carrier.cork}).  A port without C{doRead} (a test's) is read as it is.
     """
-    doRead = getattr(port, "doRead", None)
-    if doRead is None:
-        return
-
-    def doReadBatch():
-        batch.batchStarted()
-        try:
-            return doRead()
-        finally:
-            batch.batchEnded()
-
-    port.doRead = doReadBatch
+    aroundEachRead(port, batch.batchStarted, batch.batchEnded)
 
 
 def encodeFrame(peer_id: int, payload: bytes) -> bytes:
