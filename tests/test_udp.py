@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import struct
 
 from twisted.internet import defer, reactor
@@ -24,6 +25,7 @@ from gotunnel.udp import tunnels as udp
 from gotunnel.client.service import TunnelClientService
 from gotunnel.config.settings import ClientSettings, Mapping, ServerSettings, parseMapping
 from gotunnel.wire.framing import MessageReceiver
+from gotunnel.relay.tcpinternals import twistedBuffered
 from gotunnel.server.service import ServerChannelFactory, TunnelRegistry
 
 from .support import (
@@ -707,7 +709,6 @@ def listenUdp(testCase, protocol) -> int:
 
 def freeUdpPort() -> int:
     """A port free for both TCP and UDP on 127.0.0.1 now."""
-    import socket
     while True:
         port = freePort()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -1121,8 +1122,6 @@ class CarrierBufferTests(unittest.TestCase):
 
     def carrierOnSocket(self):
         """A carrier on a real TCP connection (one end of a socket pair), and the other end."""
-        import socket
-
         from twisted.internet import tcp as tcpModule
 
         left, right = socket.socketpair()
@@ -1169,6 +1168,28 @@ class CarrierBufferTests(unittest.TestCase):
         carrier.uncork()
         self.assertRaises(BlockingIOError, right.recv, 100)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_batchStopsAtTheBound(self):
+        """
+        A batch read while the transport's buffer is near its bound is
+        written as soon as it would cross it, so Twisted pauses us there:
+        the buffer grows at most one frame over the bound, however many
+        datagrams the batch brings, and the rest of them are dropped.
+        """
+        carrier, right, clock = self.carrierOnSocket()
+        connection = carrier.transport
+        connection.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        while connection.writeSomeData(b"k" * 65536):
+            pass
+        connection.write(b"w" * (connection.bufferSize - 10000))
+        self.assertFalse(carrier.paused)
+        carrier.cork()
+        taken = [carrier.send(4, b"d" * 1400) for _ in range(200)]
+        carrier.uncork()
+        frame = udp.HEADER.size + 1400
+        self.assertTrue(carrier.paused)
+        self.assertEqual(taken, [True] * (10000 // frame + 1) + [False] * (200 - 10000 // frame - 1))
+        self.assertLessEqual(twistedBuffered(connection), connection.bufferSize + frame)
 
     def test_readsInBatches(self):
         """
@@ -1229,7 +1250,6 @@ class CarrierBufferTests(unittest.TestCase):
 
 
 def ipv6Loopback() -> bool:
-    import socket
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
             s.bind(("::1", 0))

@@ -172,6 +172,9 @@ class Carrier:
     paused = False
     corked: Optional[list[bytes]] = None
     """The frames of the batch being read (see L{cork}), or None between batches."""
+    room = 0
+    """While corked: what the transport's buffer takes, less the frames held,
+    before it is over its bound (see L{send})."""
 
     def __init__(self, transport, deliver: Callable[[int, bytes], None]) -> None:
         self.transport = transport
@@ -190,10 +193,17 @@ class Carrier:
         if self.paused:
             return False
         frame = HEADER.pack(len(payload), peer_id) + payload
-        if self.corked is not None:
-            self.corked.append(frame)
-        else:
+        if self.corked is None:
             self._write(frame)
+            return True
+        self.corked.append(frame)
+        self.room -= len(frame)
+        if self.room < 0:
+            # Twisted pauses us only on a write: a batch held whole would
+            # land on a buffer near its bound in one piece, as much as a
+            # read takes (256 KiB) over it.  Written now, the frame that
+            # crosses the bound is the last one taken.
+            self._flush()
         return True
 
     def cork(self) -> None:
@@ -205,12 +215,25 @@ class Carrier:
         """
         if self.corked is None:
             self.corked = []
+            self.room = self._room()
 
     def uncork(self) -> None:
         """Write the frames held since L{cork}, in one send."""
         frames, self.corked = self.corked, None
         if frames:
             self._write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def _flush(self) -> None:
+        """Write the frames held so far, and go on holding the batch's next ones."""
+        self.uncork()
+        self.cork()
+
+    def _room(self) -> int:
+        """What the buffer that fills takes before it is over its bound."""
+        connection = self.tcp
+        if connection is None:
+            return CARRIER_BUFFER
+        return connection.bufferSize - twistedBuffered(connection)
 
     def _write(self, data: bytes) -> None:
         # To the kernel now, not at the reactor's next turn (a lone datagram,
