@@ -352,7 +352,13 @@ def main(argv: list[str]) -> int:
             for name in profiles if "rtt" in workloads else ():
                 results.setdefault(("rtt", name), []).append(
                     roundTrips(relays[name], args.rtt_count))
-            print(f"repeat {repeat + 1} of {args.repeat} done", file=sys.stderr)
+            # Each repeat's own figures, for the raw numbers behind the medians.
+            raw = [f"{name} paced {size}: {results[('paced', size, name)][-1][1] * 100:.2f}%"
+                   for size in sizes for name in profiles if ("paced", size, name) in results]
+            raw += [f"{name} rtt p50 {results[('rtt', name)][-1][0]:.0f} us"
+                    for name in profiles if ("rtt", name) in results]
+            print(f"repeat {repeat + 1} of {args.repeat} done: " + "; ".join(raw),
+                  file=sys.stderr)
     finally:
         for relay in relays.values():
             relay.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import struct
 
 from twisted.internet import defer, reactor
@@ -19,14 +20,19 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from gotunnel.wire import messages
-from gotunnel.udp import tunnels as udp
 from gotunnel.client.service import TunnelClientService
 from gotunnel.config.mappings import Mapping, parseMapping
 from gotunnel.config.settings import ClientSettings, ServerSettings
-from gotunnel.wire.framing import MessageReceiver
+from gotunnel.relay.tcpinternals import twistedBuffered
 from gotunnel.server.channel import ServerChannelFactory
 from gotunnel.server.registry import TunnelRegistry
+from gotunnel.udp.carrier import CARRIER_BUFFER, Carrier
+from gotunnel.udp.client import CarrierChannel, UdpTunnelService
+from gotunnel.udp.framing import HEADER, MAX_DATAGRAM, FrameDecoder, encodeFrame
+from gotunnel.udp.server import PublicDatagrams, UdpTunnel
+from gotunnel.udp.sockets import READ_SIZE, readInBatches
+from gotunnel.wire import messages
+from gotunnel.wire.framing import MessageReceiver
 
 from .support import (
     HOST, TOKEN, LogWatcher, Tunnel, freePort, retryUntil, waitUntil, within,
@@ -67,19 +73,19 @@ UDP_OK = frame(b'{"type":"register_resp","status":"ok","protocol":"udp",'
 class FrameDecoderTests(unittest.TestCase):
     def setUp(self):
         self.frames = []
-        self.decoder = udp.FrameDecoder(lambda peer, payload: self.frames.append((peer, payload)))
+        self.decoder = FrameDecoder(lambda peer, payload: self.frames.append((peer, payload)))
 
     def test_roundTrip(self):
         """A frame is the payload's 2-byte length, the 4-byte peer id, the payload."""
-        data = udp.encodeFrame(7, b"hello")
+        data = encodeFrame(7, b"hello")
         self.assertEqual(data, b"\x00\x05\x00\x00\x00\x07hello")
         self.assertIsNone(self.decoder.feed(data))
         self.assertEqual(self.frames, [(7, b"hello")])
 
     def test_splitByteByByte(self):
         """Frames cut anywhere, even one byte at a time, come out whole and in order."""
-        data = (udp.encodeFrame(1, b"a" * 300) + udp.encodeFrame(2, b"")
-                + udp.encodeFrame(0xFFFFFFFF, b"xyz"))
+        data = (encodeFrame(1, b"a" * 300) + encodeFrame(2, b"")
+                + encodeFrame(0xFFFFFFFF, b"xyz"))
         for i in range(len(data)):
             self.assertIsNone(self.decoder.feed(data[i:i + 1]))
         self.assertEqual(self.frames, [(1, b"a" * 300), (2, b""), (0xFFFFFFFF, b"xyz")])
@@ -87,8 +93,8 @@ class FrameDecoderTests(unittest.TestCase):
 
     def test_coalesced(self):
         """Many frames in one read are all delivered; a partial tail waits."""
-        data = b"".join(udp.encodeFrame(i, bytes([i]) * i) for i in range(1, 50))
-        tail = udp.encodeFrame(99, b"tail")
+        data = b"".join(encodeFrame(i, bytes([i]) * i) for i in range(1, 50))
+        tail = encodeFrame(99, b"tail")
         self.assertIsNone(self.decoder.feed(data + tail[:5]))
         self.assertEqual(len(self.frames), 49)
         self.assertEqual(self.decoder.buffered, 5)
@@ -97,19 +103,19 @@ class FrameDecoderTests(unittest.TestCase):
 
     def test_largestDatagram(self):
         """65,527 bytes (the largest UDP payload) is a valid frame."""
-        payload = bytes(range(256)) * 255 + b"x" * (udp.MAX_DATAGRAM - 256 * 255)
-        self.assertIsNone(self.decoder.feed(udp.encodeFrame(3, payload)))
+        payload = bytes(range(256)) * 255 + b"x" * (MAX_DATAGRAM - 256 * 255)
+        self.assertIsNone(self.decoder.feed(encodeFrame(3, payload)))
         self.assertEqual(self.frames, [(3, payload)])
 
     def test_overLongFrame(self):
         """A length over the largest datagram is an error, and nothing is delivered."""
-        why = self.decoder.feed(struct.pack(">HI", udp.MAX_DATAGRAM + 1, 1))
+        why = self.decoder.feed(struct.pack(">HI", MAX_DATAGRAM + 1, 1))
         self.assertIn("over the limit", why)
         self.assertEqual(self.frames, [])
 
     def test_peerIdZero(self):
         """Peer id 0 is never given: a frame naming it is an error."""
-        self.assertIn("peer id 0", self.decoder.feed(udp.encodeFrame(0, b"x")))
+        self.assertIn("peer id 0", self.decoder.feed(encodeFrame(0, b"x")))
 
 
 class CarrierTests(unittest.TestCase):
@@ -119,7 +125,7 @@ class CarrierTests(unittest.TestCase):
         bound), send writes nothing and says so.
         """
         transport = StringTransport()
-        carrier = udp.Carrier(transport, lambda *a: None)
+        carrier = Carrier(transport, lambda *a: None)
         self.assertIs(transport.producer, carrier)
         self.assertTrue(transport.streaming)
         self.assertTrue(carrier.send(1, b"a"))
@@ -127,7 +133,7 @@ class CarrierTests(unittest.TestCase):
         self.assertFalse(carrier.send(1, b"b"))
         carrier.resumeProducing()
         self.assertTrue(carrier.send(2, b"c"))
-        self.assertEqual(transport.value(), udp.encodeFrame(1, b"a") + udp.encodeFrame(2, b"c"))
+        self.assertEqual(transport.value(), encodeFrame(1, b"a") + encodeFrame(2, b"c"))
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +236,7 @@ class ServerTests(ServerTestCase):
         self.assertEqual(transport.value(), UDP_OK)
         [port] = self.reactor.udpPorts
         self.assertEqual((port.port, port.interface), (10053, "203.0.113.5"))
-        self.assertEqual(self.reactor.maxPacketSize, udp.READ_SIZE)
+        self.assertEqual(self.reactor.maxPacketSize, READ_SIZE)
         self.assertEqual(self.reactor.tcpServers, [])
 
     def test_udpTurnedOff(self):
@@ -260,9 +266,9 @@ class ServerTests(ServerTestCase):
         port.protocol.datagramReceived(b"query-a", ("198.51.100.1", 5000))
         port.protocol.datagramReceived(b"query-b", ("198.51.100.2", 5000))
         port.protocol.datagramReceived(b"query-a2", ("198.51.100.1", 5000))
-        self.assertEqual(carrierTransport.value(), udp.encodeFrame(1, b"query-a")
-                         + udp.encodeFrame(2, b"query-b") + udp.encodeFrame(1, b"query-a2"))
-        carrier.dataReceived(udp.encodeFrame(2, b"answer-b") + udp.encodeFrame(1, b"answer-a"))
+        self.assertEqual(carrierTransport.value(), encodeFrame(1, b"query-a")
+                         + encodeFrame(2, b"query-b") + encodeFrame(1, b"query-a2"))
+        carrier.dataReceived(encodeFrame(2, b"answer-b") + encodeFrame(1, b"answer-a"))
         self.assertEqual(port.written, [(b"answer-b", ("198.51.100.2", 5000)),
                                         (b"answer-a", ("198.51.100.1", 5000))])
 
@@ -272,7 +278,7 @@ class ServerTests(ServerTestCase):
         port, carrier, carrierTransport = self.registered()
         port.protocol.datagramReceived(b"query-a", ("198.51.100.1", 5000))
         port.protocol.datagramReceived(b"query-b", ("192.0.2.7", 5000))
-        self.assertEqual(carrierTransport.value(), udp.encodeFrame(1, b"query-b"))
+        self.assertEqual(carrierTransport.value(), encodeFrame(1, b"query-b"))
         tunnel = self.registry.tunnels[("udp", 10053)]
         self.assertEqual((tunnel.refusals.total, tunnel.stats.refused),
                          (1, {"source_address": 1}))
@@ -303,7 +309,7 @@ class ServerTests(ServerTestCase):
         self.assertEqual(list(tunnel.byId), [1])
         port.protocol.datagramReceived(b"z", ("198.51.100.1", 5003))
         self.assertEqual(sorted(tunnel.byId), [1, 4])
-        carrier.dataReceived(udp.encodeFrame(2, b"late"))
+        carrier.dataReceived(encodeFrame(2, b"late"))
         self.assertEqual(port.written, [])
         self.assertEqual(tunnel.counters.dropped_unknown, 1)
 
@@ -321,7 +327,7 @@ class ServerTests(ServerTestCase):
         self.assertEqual(tunnel.counters.dropped_backed_up, 1000)
         carrierTransport.producer.resumeProducing()
         port.protocol.datagramReceived(b"after", ("198.51.100.1", 5000))
-        self.assertEqual(carrierTransport.value(), udp.encodeFrame(1, b"after"))
+        self.assertEqual(carrierTransport.value(), encodeFrame(1, b"after"))
 
     def test_dropsLogged(self):
         """
@@ -359,12 +365,12 @@ class ServerTests(ServerTestCase):
         newer, newerTransport = self.connect()
         newer.dataReceived(carrierHandshake())
         self.assertTrue(carrierTransport.disconnecting)
-        carrier.dataReceived(udp.encodeFrame(1, b"from the old one"))
-        newer.dataReceived(udp.encodeFrame(1, b"from the new one"))
+        carrier.dataReceived(encodeFrame(1, b"from the old one"))
+        newer.dataReceived(encodeFrame(1, b"from the new one"))
         self.assertEqual(port.written, [(b"from the new one", ("198.51.100.1", 5000))])
         carrier.connectionLost(None)
         port.protocol.datagramReceived(b"q2", ("198.51.100.1", 5000))
-        self.assertEqual(newerTransport.value(), OK + udp.encodeFrame(1, b"q2"))
+        self.assertEqual(newerTransport.value(), OK + encodeFrame(1, b"q2"))
 
     def test_noPoolNorUsersForUdp(self):
         """
@@ -574,7 +580,7 @@ class UdpAccountingTests(ServerTestCase):
         port.protocol.datagramReceived(b"q1", ("198.51.100.1", 5000))
         port.protocol.datagramReceived(b"q2", ("198.51.100.2", 5000))
         port.protocol.datagramReceived(b"q3", ("198.51.100.2", 5000))
-        carrier.dataReceived(udp.encodeFrame(1, b"a1") + udp.encodeFrame(9, b"lost"))
+        carrier.dataReceived(encodeFrame(1, b"a1") + encodeFrame(9, b"lost"))
         for i in range(3):
             port.protocol.datagramReceived(b"new", ("198.51.100.3", 6000 + i))
         carrierTransport.producer.pauseProducing()
@@ -702,14 +708,13 @@ class UdpPeer(DatagramProtocol):
 
 
 def listenUdp(testCase, protocol) -> int:
-    port = reactor.listenUDP(0, protocol, interface=HOST, maxPacketSize=udp.READ_SIZE)
+    port = reactor.listenUDP(0, protocol, interface=HOST, maxPacketSize=READ_SIZE)
     testCase.addCleanup(port.stopListening)
     return port.getHost().port
 
 
 def freeUdpPort() -> int:
     """A port free for both TCP and UDP on 127.0.0.1 now."""
-    import socket
     while True:
         port = freePort()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -788,7 +793,7 @@ class UdpTunnelTests(UdpTunnelTestCase):
         answer = yield exchange(peer, public, b"\x12\x34example.com")
         self.assertEqual(answer, b"\x12\x34example.com=A:192.0.2.13")
         tunnel = self.tunnel.server.registry.tunnels[("udp", public)]
-        self.assertIsInstance(tunnel, udp.UdpTunnel)
+        self.assertIsInstance(tunnel, UdpTunnel)
         self.assertEqual(len(responder.sources), 1)
 
     @defer.inlineCallbacks
@@ -848,7 +853,7 @@ class UdpTunnelTests(UdpTunnelTestCase):
         server = self.tunnel.server.registry.tunnels[("udp", public)]
         client.tunnels[0].carrierChannel.transport.pauseProducing()
         transport = server.carrierChannel.transport
-        bound = transport.bufferSize + udp.HEADER.size + udp.MAX_DATAGRAM
+        bound = transport.bufferSize + HEADER.size + MAX_DATAGRAM
         largest = 0
 
         def flood():
@@ -955,7 +960,7 @@ class ClientSessionTests(unittest.TestCase):
         self.reactor = UDPReactor()
         settings = ClientSettings(token=TOKEN, name="c", udp_session_timeout=60,
                                   udp_max_sessions=2)
-        self.tunnel = udp.UdpTunnelService(settings, Mapping("10.0.0.2", 53, 10053, "udp"),
+        self.tunnel = UdpTunnelService(settings, Mapping("10.0.0.2", 53, 10053, "udp"),
                                            None, self.reactor)
         self.tunnel.sweeper.startService()
         self.addCleanup(self.tunnel.sweeper.stopService)
@@ -972,7 +977,7 @@ class ClientSessionTests(unittest.TestCase):
         self.assertEqual(first.connected, ("10.0.0.2", 53))
         self.assertEqual(first.written, [(b"a", ("10.0.0.2", 53)), (b"c", ("10.0.0.2", 53))])
         self.assertEqual(second.written, [(b"b", ("10.0.0.2", 53))])
-        self.assertEqual(self.reactor.maxPacketSize, udp.READ_SIZE)
+        self.assertEqual(self.reactor.maxPacketSize, READ_SIZE)
 
     def test_sessionsCapped(self):
         """Beyond udp_max_sessions, a new peer's datagrams are dropped and counted."""
@@ -1007,7 +1012,7 @@ class ClientSessionTests(unittest.TestCase):
 
     def test_badFrameClosesCarrier(self):
         """On the client too, a frame longer than any datagram closes the carrying channel."""
-        channel = udp.CarrierChannel(self.tunnel)
+        channel = CarrierChannel(self.tunnel)
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(OK + struct.pack(">HI", 65534, 9) + b"x" * 10)
@@ -1118,13 +1123,11 @@ class CarrierBufferTests(unittest.TestCase):
         class TLSLike(StringTransport):
             transport = tcpTransport
 
-        udp.Carrier(TLSLike(), lambda *a: None)
-        self.assertEqual(tcpTransport.bufferSize, udp.CARRIER_BUFFER)
+        Carrier(TLSLike(), lambda *a: None)
+        self.assertEqual(tcpTransport.bufferSize, CARRIER_BUFFER)
 
     def carrierOnSocket(self):
         """A carrier on a real TCP connection (one end of a socket pair), and the other end."""
-        import socket
-
         from twisted.internet import tcp as tcpModule
 
         left, right = socket.socketpair()
@@ -1143,7 +1146,7 @@ class CarrierBufferTests(unittest.TestCase):
         right.setblocking(False)
         connection = Connection(left, None, reactor=clock)
         connection.connected = True
-        return udp.Carrier(connection, lambda *a: None), right, clock
+        return Carrier(connection, lambda *a: None), right, clock
 
     def test_loneFrameAtOnce(self):
         """
@@ -1152,7 +1155,7 @@ class CarrierBufferTests(unittest.TestCase):
         """
         carrier, right, clock = self.carrierOnSocket()
         carrier.send(1, b"one")
-        self.assertEqual(right.recv(100), udp.encodeFrame(1, b"one"))
+        self.assertEqual(right.recv(100), encodeFrame(1, b"one"))
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_oneSendPerBatch(self):
@@ -1166,11 +1169,33 @@ class CarrierBufferTests(unittest.TestCase):
         carrier.send(3, b"three")
         self.assertRaises(BlockingIOError, right.recv, 100)
         carrier.uncork()
-        self.assertEqual(right.recv(100), udp.encodeFrame(2, b"two")
-                         + udp.encodeFrame(3, b"three"))
+        self.assertEqual(right.recv(100), encodeFrame(2, b"two")
+                         + encodeFrame(3, b"three"))
         carrier.uncork()
         self.assertRaises(BlockingIOError, right.recv, 100)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_batchStopsAtTheBound(self):
+        """
+        A batch read while the transport's buffer is near its bound is
+        written as soon as it would cross it, so Twisted pauses us there:
+        the buffer grows at most one frame over the bound, however many
+        datagrams the batch brings, and the rest of them are dropped.
+        """
+        carrier, right, clock = self.carrierOnSocket()
+        connection = carrier.transport
+        connection.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        while connection.writeSomeData(b"k" * 65536):
+            pass
+        connection.write(b"w" * (connection.bufferSize - 10000))
+        self.assertFalse(carrier.paused)
+        carrier.cork()
+        taken = [carrier.send(4, b"d" * 1400) for _ in range(200)]
+        carrier.uncork()
+        frame = HEADER.size + 1400
+        self.assertTrue(carrier.paused)
+        self.assertEqual(taken, [True] * (10000 // frame + 1) + [False] * (200 - 10000 // frame - 1))
+        self.assertLessEqual(twistedBuffered(connection), connection.bufferSize + frame)
 
     def test_readsInBatches(self):
         """
@@ -1194,7 +1219,7 @@ class CarrierBufferTests(unittest.TestCase):
                 events.append("ended")
 
         port = Port()
-        udp.readInBatches(port, Batch())
+        readInBatches(port, Batch())
         port.doRead()
         self.assertRaises(OSError, port.doRead)
         self.assertEqual(events, ["started", "read", "ended", "started", "read", "ended"])
@@ -1212,12 +1237,12 @@ class CarrierBufferTests(unittest.TestCase):
                 super().write(data)
 
         class Tunnel:
-            carrier = udp.Carrier(Transport(), lambda *a: None)
+            carrier = Carrier(Transport(), lambda *a: None)
 
             def fromPeer(self, data, addr):
                 self.carrier.send(1, data)
 
-        protocol = udp.PublicDatagrams(Tunnel())
+        protocol = PublicDatagrams(Tunnel())
 
         class Port:
             def doRead(self):
@@ -1225,13 +1250,12 @@ class CarrierBufferTests(unittest.TestCase):
                     protocol.datagramReceived(b"d%d" % i, ("198.51.100.1", 5000))
 
         port = Port()
-        udp.readInBatches(port, protocol)
+        readInBatches(port, protocol)
         port.doRead()
-        self.assertEqual(writes, [b"".join(udp.encodeFrame(1, b"d%d" % i) for i in range(3))])
+        self.assertEqual(writes, [b"".join(encodeFrame(1, b"d%d" % i) for i in range(3))])
 
 
 def ipv6Loopback() -> bool:
-    import socket
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
             s.bind(("::1", 0))

@@ -17,7 +17,8 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
-from gotunnel.config.settings import ClientSettings, clientEndpointString
+from gotunnel.config.mappings import clientEndpointString
+from gotunnel.config.settings import ClientSettings
 from gotunnel.report import SERVER_UNREACHABLE, reportError
 from gotunnel.relay.tcpinternals import (
     endpointAddress, endpointBindAddress, endpointHost, endpointPort, endpointTimeout,

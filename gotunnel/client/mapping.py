@@ -24,7 +24,8 @@ from gotunnel.client.datachannelrequests import DataChannelRequests
 from gotunnel.client.endpoints import ReportingEndpoint, localEndpoint
 from gotunnel.client.pool import DataChannelPool
 from gotunnel.wire import messages
-from gotunnel.config.settings import ClientSettings, Mapping
+from gotunnel.config.mappings import Mapping
+from gotunnel.config.settings import ClientSettings
 from gotunnel.server.refusals import lastingRefusal
 from gotunnel.relay.splice import ConnectionSet
 from gotunnel.report import AUTHENTICATION_FAILED, SERVER_UNREACHABLE, reportError

@@ -18,7 +18,7 @@ from gotunnel.server import channelstates
 from gotunnel.wire import messages
 from gotunnel.server.access import RegistrationRefused
 from gotunnel.wire.framing import MessageReceiver
-from gotunnel.mux.streams import MuxSession
+from gotunnel.mux.session import MuxSession
 from gotunnel.relay.splice import RelayEnd, setNoDelay
 from gotunnel.relay.eagerio import readWaiting
 

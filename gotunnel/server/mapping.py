@@ -21,7 +21,8 @@ from gotunnel.server.accounting import (
     REFUSED_TIMEOUT, REFUSED_WAITING_USERS,
 )
 from gotunnel.server.groups import Group
-from gotunnel.mux.streams import MuxSession, StreamEnd
+from gotunnel.mux.session import MuxSession
+from gotunnel.mux.stream import StreamEnd
 from gotunnel.server.portpolicy import RefusalLog, SourcePolicy, SourceRate, permitted
 from gotunnel.wire.printable import printable
 from gotunnel.server.publicusers import PublicUser, PublicUserFactory

@@ -27,7 +27,7 @@ from gotunnel.config.settings import ServerSettings
 from gotunnel.server.groups import Group
 from gotunnel.server.leases import PortLeases
 from gotunnel.server.mapping import _whenFired
-from gotunnel.mux.streams import MuxSession
+from gotunnel.mux.session import MuxSession
 from gotunnel.server.portpolicy import SourcePolicy
 from gotunnel.wire.printable import printable
 from gotunnel.server.publicport import PublicPort
