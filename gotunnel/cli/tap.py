@@ -18,14 +18,12 @@ from typing import Any, Callable, Optional
 
 import twisted
 from twisted.application.service import IService
-from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
 from gotunnel import __version__, logs
-from gotunnel.cli import rlimits
-from gotunnel.client.service import TunnelClientService
+from gotunnel.cli import footprint, rlimits
 from gotunnel.config.settings import (
     ClientSettings, ConfigError, ConfigFile, ServerSettings, clientEndpointString,
     findConfigFile, parseMapping, parseVirtualHost, readConfigFile,
@@ -70,6 +68,7 @@ def checkEndpoint(description: str, kind: str, where: str) -> None:
     starts.  C{kind} is "server" (listen) or "client" (connect).
     """
     from twisted.internet import reactor
+    from twisted.internet.endpoints import clientFromString, serverFromString
 
     parse = serverFromString if kind == "server" else clientFromString
     try:
@@ -108,6 +107,10 @@ class _SettingsOptions(usage.Options):
     """Command lines --help ends with, after the program's name."""
     prog: Optional[str] = None
     """The console script's name, for the usage line; None: gotunnel-ROLE."""
+    ownsProcess = False
+    """Whether these options start the process's one server or client (the
+    console scripts set it; under twistd, options with a parent do), so that
+    a plain run may leave pyOpenSSL out of it (L{gotunnel.cli.footprint})."""
 
     def getSynopsis(self) -> str:
         if self.parent is not None:
@@ -165,6 +168,16 @@ class _SettingsOptions(usage.Options):
     def tokenRequired(self, values: dict[str, Any]) -> bool:
         return True
 
+    def needsOpenSSL(self, values: dict[str, Any]) -> bool:
+        """Whether settings C{values} may need pyOpenSSL in this process."""
+        return footprint.usesTLS(values, (self.endpointOption[0],))
+
+    def _leaveOutUnusedOpenSSL(self, values: dict[str, Any]) -> None:
+        # Before anything imports the reactor or the endpoints: both load
+        # pyOpenSSL if they can.
+        if (self.ownsProcess or self.parent is not None) and not self.needsOpenSSL(values):
+            footprint.leaveOutOpenSSL()
+
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
         """Raise L{gotunnel.tls.contexts.TLSSettingsError} if the TLS settings cannot be used."""
 
@@ -199,6 +212,7 @@ class _SettingsOptions(usage.Options):
                 raise ConfigError(f"{source}: {self.role}.token is missing "
                                   f"(set it there or give --token TOKEN)")
             raise usage.UsageError("a token is required: --token TOKEN")
+        self._leaveOutUnusedOpenSSL(values)
         self.check(values, source)
         self._settings = self.settingsType(**values)
         option, kind = self.endpointOption
@@ -238,6 +252,12 @@ class ServerOptions(_SettingsOptions):
         # With server.clients, only listed clients may register unless a
         # shared token is set too.
         return not values.get("clients")
+
+    def needsOpenSSL(self, values: dict[str, Any]) -> bool:
+        # The admin API and virtual hosts read the certificate names of TLS
+        # peers: their code imports the TLS code, a plain run's or not.
+        return super().needsOpenSSL(values) or any(
+            values.get(field) for field in ("admin", "vhost_http", "vhost_https", "subdomain_host"))
 
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
         for option, field in (("http", "vhost_http"), ("https", "vhost_https")):
@@ -356,6 +376,11 @@ class ClientOptions(_SettingsOptions):
 
         tls.checkClientSettings(settings, names, where, names["tls"])
 
+    def needsOpenSSL(self, values: dict[str, Any]) -> bool:
+        # A virtual host's mapping imports the server's vhost code (names).
+        return (super().needsOpenSSL(values) or bool(self["vhosts"])
+                or any(mapping.vhost for mapping in values.get("mappings", ())))
+
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
         if values.get("server"):
             values["server"] = clientEndpointString(values["server"])
@@ -447,6 +472,8 @@ def _exitStatusAfterTwistd(status: int) -> None:
 
 
 def makeClientService(options: ClientOptions, reactor=None) -> IService:
+    from gotunnel.client.service import TunnelClientService
+
     _raiseOpenFileLimit()
     service = TunnelClientService(options.settings(), reactor=reactor)
     if getattr(options, "parent", None) is not None:

@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Any, Callable, NoReturn, Optional
 
-from twisted.internet.endpoints import quoteStringArgument
 from twisted.python import usage
 
 from gotunnel.config.kinds import (
     BANDWIDTH, BUSY_POLL, CONNECTION_LOG, COUNT, COUNT_OR_ZERO, DOMAIN, DOMAINS, FLAG,
     IPV6_PREFIX, LISTEN_ADDRESS, LOG_LANG, LOG_LEVEL, NETWORKS, PORT, PORT_RANGES,
     PROTOCOL, PROXY_PROTOCOL, RATE, REMOTE_PORT, REQUESTED_NETWORKS, SECONDS,
-    SECONDS_OR_ZERO, SERVER_ADDRESS, SUBDOMAIN, TEXT, VHOST_TYPE, Kind, listOf, parsePort,
+    SECONDS_OR_ZERO, SERVER_ADDRESS, SUBDOMAIN, TEXT, VHOST_TYPE, Kind, listOf, parsePort, quoteEndpointArgument,
 )
 from gotunnel.config.spec import setting, yamlKeys
 
@@ -547,7 +546,7 @@ def clientEndpointString(description: str) -> str:
     end = rest.find("]")
     if scheme != "tcp" or not rest.startswith("[") or rest[end + 1:end + 2] not in ("", ":"):
         return description
-    return f"tcp:{quoteStringArgument(rest[1:end])}{rest[end + 1:]}"
+    return f"tcp:{quoteEndpointArgument(rest[1:end])}{rest[end + 1:]}"
 
 
 

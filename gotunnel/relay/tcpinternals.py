@@ -11,8 +11,6 @@ from __future__ import annotations
 import socket
 from typing import Optional
 
-from twisted.internet import tcp
-
 ZERO_COPY_NEEDS = ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting",
                    "_writeDisconnected", "doRead", "doWrite", "fileno", "reactor")
 """What zero copy (and writing through in the same turn) reads or replaces
@@ -28,6 +26,11 @@ def missingForZeroCopy(connection: Optional[object] = None) -> list[str]:
     """
     if connection is not None:
         return [name for name in ZERO_COPY_NEEDS if not hasattr(connection, name)]
+    # Here, not at the top: gotunnel.logs imports this module while the
+    # options are parsed, before a plain run leaves pyOpenSSL out, and
+    # twisted.internet.tcp loads it if it can.
+    from twisted.internet import tcp
+
     ours, theirs = socket.socketpair()
     try:
         return missingForZeroCopy(tcp.Connection(ours, None, reactor=object()))
