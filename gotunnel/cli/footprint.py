@@ -67,3 +67,20 @@ def leaveOutOpenSSL() -> bool:
 def openSSLLeftOut() -> bool:
     """Whether L{leaveOutOpenSSL} has left pyOpenSSL out of this process."""
     return TLS_LIBRARY in sys.modules and sys.modules[TLS_LIBRARY] is None
+
+
+def giveBackFreeHeap() -> bool:
+    """
+    Ask the C library's malloc to give the free pages of its heap back to
+    the system (glibc's C{malloc_trim}): the imports of start-up leave a
+    few MB there, freed but resident.  False where there is no
+    C{malloc_trim} (another C library); nothing is lost then.
+    """
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL(None).malloc_trim
+    except (ImportError, OSError, AttributeError):
+        return False
+    trim(0)
+    return True

@@ -172,10 +172,14 @@ class _SettingsOptions(usage.Options):
         """Whether settings C{values} may need pyOpenSSL in this process."""
         return footprint.usesTLS(values, (self.endpointOption[0],))
 
+    def startsProcess(self) -> bool:
+        """Whether these options start the process's server or client (see L{ownsProcess})."""
+        return self.ownsProcess or self.parent is not None
+
     def _leaveOutUnusedOpenSSL(self, values: dict[str, Any]) -> None:
         # Before anything imports the reactor or the endpoints: both load
         # pyOpenSSL if they can.
-        if (self.ownsProcess or self.parent is not None) and not self.needsOpenSSL(values):
+        if self.startsProcess() and not self.needsOpenSSL(values):
             footprint.leaveOutOpenSSL()
 
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
@@ -423,6 +427,15 @@ def _raiseOpenFileLimit() -> None:
         log.info("open-file limit raised from {before} to {after}", before=before, after=after)
 
 
+def _giveBackStartUpHeap(options: _SettingsOptions, reactor) -> None:
+    # Once the services have started (and imported what they use); the
+    # process is ours, not a program's that embeds the service.
+    if options.startsProcess():
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.callWhenRunning(footprint.giveBackFreeHeap)
+
+
 def _cannotListenOnOneLine(options: usage.Options) -> None:
     """
     Under twistd, a control port that cannot be listened on (busy, or not
@@ -449,6 +462,7 @@ def makeServerService(options: ServerOptions, reactor=None) -> IService:
 
     _raiseOpenFileLimit()
     _cannotListenOnOneLine(options)
+    _giveBackStartUpHeap(options, reactor)
     return TunnelServerService(options.settings(), reactor=reactor)
 
 
@@ -475,6 +489,7 @@ def makeClientService(options: ClientOptions, reactor=None) -> IService:
     from gotunnel.client.service import TunnelClientService
 
     _raiseOpenFileLimit()
+    _giveBackStartUpHeap(options, reactor)
     service = TunnelClientService(options.settings(), reactor=reactor)
     if getattr(options, "parent", None) is not None:
         service.whenExiting = _exitStatusAfterTwistd
