@@ -20,7 +20,8 @@ from gotunnel.config.kinds import (
     BANDWIDTH, BUSY_POLL, CONNECTION_LOG, COUNT, COUNT_OR_ZERO, DOMAIN, DOMAINS, FLAG,
     IPV6_PREFIX, LISTEN_ADDRESS, LOG_LANG, LOG_LEVEL, NETWORKS, PORT, PORT_RANGES,
     PROTOCOL, PROXY_PROTOCOL, RATE, REMOTE_PORT, REQUESTED_NETWORKS, SECONDS,
-    SECONDS_OR_ZERO, SERVER_ADDRESS, SUBDOMAIN, TEXT, VHOST_TYPE, Kind, listOf, parsePort, quoteEndpointArgument,
+    SECONDS_OR_ZERO, SERVER_ADDRESS, SUBDOMAIN, TEXT, VHOST_TYPE, Kind, listOf, parsePort,
+    quoteEndpointArgument,
 )
 from gotunnel.config.spec import setting, yamlKeys
 
