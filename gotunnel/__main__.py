@@ -40,6 +40,7 @@ def run(role: str, argv: Sequence[str], prog: str, usageName: Optional[str] = No
     optionsType, makeService = ROLES[role]
     options = optionsType()
     options.prog = usageName or prog
+    options.ownsProcess = True
     try:
         options.parseOptions(list(argv))
     except ConfigError as e:

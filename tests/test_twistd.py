@@ -97,7 +97,8 @@ class TwistdPluginTests(ProcessTestCase):
         """
         A server and a client run by twistd carry 256 KiB both ways to a
         service in this process, stop cleanly on SIGTERM, never print the
-        token, and leave no files behind.
+        token, and leave no files behind.  Plain, they never load
+        cryptography (pyOpenSSL is left out, see gotunnel.cli.footprint).
         """
         token = newToken("secret")
         server, controlPort = yield self.startServer(token)
@@ -119,6 +120,9 @@ class TwistdPluginTests(ProcessTestCase):
         user.transport.loseConnection()
         yield within(user.closed, 15, "the user's connection to close")
 
+        for child in (server, client):
+            with open(f"/proc/{child.transport.pid}/maps") as maps:
+                self.assertNotIn("/cryptography/", maps.read(), child.describe())
         yield self.terminate(client, server)
         self.assertTrue((yield connectionRefused(public)))
         self.assertNoSecret(token, server, client)

@@ -18,14 +18,12 @@ from typing import Any, Callable, Optional
 
 import twisted
 from twisted.application.service import IService
-from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
 from gotunnel import __version__, logs
-from gotunnel.cli import rlimits
-from gotunnel.client.service import TunnelClientService
+from gotunnel.cli import footprint, rlimits
 from gotunnel.config.mappings import clientEndpointString, parseMapping, parseVirtualHost
 from gotunnel.config.settings import ClientSettings, ServerSettings
 from gotunnel.config.yamlfile import ConfigError, ConfigFile, findConfigFile, readConfigFile
@@ -60,6 +58,7 @@ def checkEndpoint(description: str, kind: str, where: str) -> None:
     starts.  C{kind} is "server" (listen) or "client" (connect).
     """
     from twisted.internet import reactor
+    from twisted.internet.endpoints import clientFromString, serverFromString
 
     parse = serverFromString if kind == "server" else clientFromString
     try:
@@ -99,6 +98,10 @@ class _SettingsOptions(usage.Options):
     """Command lines --help ends with, after the program's name."""
     prog: Optional[str] = None
     """The console script's name, for the usage line; None: gotunnel-ROLE."""
+    ownsProcess = False
+    """Whether these options start the process's one server or client (the
+    console scripts set it; under twistd, options with a parent do), so that
+    a plain run may leave pyOpenSSL out of it (L{gotunnel.cli.footprint})."""
 
     def getSynopsis(self) -> str:
         if self.parent is not None:
@@ -156,6 +159,20 @@ class _SettingsOptions(usage.Options):
     def tokenRequired(self, values: dict[str, Any]) -> bool:
         return True
 
+    def needsOpenSSL(self, values: dict[str, Any]) -> bool:
+        """Whether settings C{values} may need pyOpenSSL in this process."""
+        return footprint.usesTLS(values, (self.endpointOption[0],))
+
+    def startsProcess(self) -> bool:
+        """Whether these options start the process's server or client (see L{ownsProcess})."""
+        return self.ownsProcess or self.parent is not None
+
+    def _leaveOutUnusedOpenSSL(self, values: dict[str, Any]) -> None:
+        # Before anything imports the reactor or the endpoints: both load
+        # pyOpenSSL if they can.
+        if self.startsProcess() and not self.needsOpenSSL(values):
+            footprint.leaveOutOpenSSL()
+
     def checkTLS(self, settings: Any, names: dict[str, str], where: str) -> None:
         """Raise L{gotunnel.tls.contexts.TLSSettingsError} if the TLS settings cannot be used."""
 
@@ -190,6 +207,7 @@ class _SettingsOptions(usage.Options):
                 raise ConfigError(f"{source}: {self.role}.token is missing "
                                   f"(set it there or give --token TOKEN)")
             raise usage.UsageError("a token is required: --token TOKEN")
+        self._leaveOutUnusedOpenSSL(values)
         self.check(values, source)
         self._settings = self.settingsType(**values)
         option, kind = self.endpointOption
@@ -229,6 +247,12 @@ class ServerOptions(_SettingsOptions):
         # With server.clients, only listed clients may register unless a
         # shared token is set too.
         return not values.get("clients")
+
+    def needsOpenSSL(self, values: dict[str, Any]) -> bool:
+        # The admin API and virtual hosts read the certificate names of TLS
+        # peers: their code imports the TLS code, a plain run's or not.
+        return super().needsOpenSSL(values) or any(
+            values.get(field) for field in ("admin", "vhost_http", "vhost_https", "subdomain_host"))
 
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
         for option, field in (("http", "vhost_http"), ("https", "vhost_https")):
@@ -347,6 +371,11 @@ class ClientOptions(_SettingsOptions):
 
         tls.checkClientSettings(settings, names, where, names["tls"])
 
+    def needsOpenSSL(self, values: dict[str, Any]) -> bool:
+        # A virtual host's mapping imports the server's vhost code (names).
+        return (super().needsOpenSSL(values) or bool(self["vhosts"])
+                or any(mapping.vhost for mapping in values.get("mappings", ())))
+
     def check(self, values: dict[str, Any], source: Optional[str]) -> None:
         if values.get("server"):
             values["server"] = clientEndpointString(values["server"])
@@ -389,6 +418,15 @@ def _raiseOpenFileLimit() -> None:
         log.info("open-file limit raised from {before} to {after}", before=before, after=after)
 
 
+def _giveBackStartUpHeap(options: _SettingsOptions, reactor) -> None:
+    # Once the services have started (and imported what they use); the
+    # process is ours, not a program's that embeds the service.
+    if options.startsProcess():
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.callWhenRunning(footprint.giveBackFreeHeap)
+
+
 def _cannotListenOnOneLine(options: usage.Options) -> None:
     """
     Under twistd, a control port that cannot be listened on (busy, or not
@@ -415,6 +453,7 @@ def makeServerService(options: ServerOptions, reactor=None) -> IService:
 
     _raiseOpenFileLimit()
     _cannotListenOnOneLine(options)
+    _giveBackStartUpHeap(options, reactor)
     return TunnelServerService(options.settings(), reactor=reactor)
 
 
@@ -438,7 +477,10 @@ def _exitStatusAfterTwistd(status: int) -> None:
 
 
 def makeClientService(options: ClientOptions, reactor=None) -> IService:
+    from gotunnel.client.service import TunnelClientService
+
     _raiseOpenFileLimit()
+    _giveBackStartUpHeap(options, reactor)
     service = TunnelClientService(options.settings(), reactor=reactor)
     if getattr(options, "parent", None) is not None:
         service.whenExiting = _exitStatusAfterTwistd

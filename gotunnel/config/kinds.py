@@ -11,13 +11,25 @@ import math
 import re
 from typing import Any, Callable, Optional
 
-from twisted.internet.endpoints import quoteStringArgument
 
 from gotunnel.i18n import LANGUAGES
 from gotunnel.server.portpolicy import MAX_REQUESTED_SOURCES, parseNetwork
 from gotunnel.wire.proxyprotocol import parseVersion
 from gotunnel.relay.ratelimit import parseRate
 from gotunnel.config.spec import Kind
+
+
+def quoteEndpointArgument(argument: str) -> str:
+    """
+    C{argument} quoted for an endpoint string, as Twisted's
+    C{twisted.internet.endpoints.quoteStringArgument} does: reading settings
+    must not import that module, which loads pyOpenSSL before a plain run
+    has decided to leave it out (L{gotunnel.cli.footprint}).
+    """
+    for special in "\\:":
+        argument = argument.replace(special, "\\" + special)
+    return argument
+
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 CONNECTION_LOG_LEVELS = ("info", "debug", "off")
@@ -208,12 +220,12 @@ def _hostAndPort(value: Any, text: Any, name: str) -> tuple[str, int]:
 
 def _listenAddress(value: Any, text: Any, name: str) -> str:
     host, port = _hostAndPort(value, text, name)
-    return f"tcp:{port}:interface={quoteStringArgument(host)}" if host else f"tcp:{port}"
+    return f"tcp:{port}:interface={quoteEndpointArgument(host)}" if host else f"tcp:{port}"
 
 
 def _serverAddress(value: Any, text: Any, name: str) -> str:
     host, port = _hostAndPort(value, text, name)
-    return f"tcp:{quoteStringArgument(host or '127.0.0.1')}:{port}"
+    return f"tcp:{quoteEndpointArgument(host or '127.0.0.1')}:{port}"
 
 
 def _listOf(read: Callable) -> Callable:

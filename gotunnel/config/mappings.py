@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from twisted.internet.endpoints import quoteStringArgument
-
 from gotunnel.config.kinds import (
     BANDWIDTH, COUNT_OR_ZERO, DOMAINS, PORT, PROTOCOL, PROXY_PROTOCOL, RATE, REMOTE_PORT,
-    REQUESTED_NETWORKS, SUBDOMAIN, TEXT, VHOST_TYPE, parsePort,
+    REQUESTED_NETWORKS, SUBDOMAIN, TEXT, VHOST_TYPE, parsePort, quoteEndpointArgument,
 )
 
 
@@ -205,4 +203,4 @@ def clientEndpointString(description: str) -> str:
     end = rest.find("]")
     if scheme != "tcp" or not rest.startswith("[") or rest[end + 1:end + 2] not in ("", ":"):
         return description
-    return f"tcp:{quoteStringArgument(rest[1:end])}{rest[end + 1:]}"
+    return f"tcp:{quoteEndpointArgument(rest[1:end])}{rest[end + 1:]}"

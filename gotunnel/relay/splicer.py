@@ -7,6 +7,7 @@ own instead of patching module functions.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional
 
 import twisted
@@ -15,10 +16,19 @@ from twisted.logger import Logger
 from gotunnel.relay import splice as relay
 from gotunnel.relay.splicethread import SpliceThreadService
 from gotunnel.relay.tcpinternals import missingForZeroCopy
-from gotunnel.relay.tlspump import TLSPump
 from gotunnel.relay.zerocopy import HAND_OFF_AFTER
 
 log = Logger(namespace="gotunnel.splicer")
+
+
+def tlsLoaded() -> bool:
+    """
+    Whether this process can hold a TLS connection at all: only once
+    Twisted's TLS protocol is imported.  A plain run may leave it (and
+    pyOpenSSL) out; then the TLS pump is not imported either.
+    """
+    return sys.modules.get("twisted.protocols.tls") is not None
+
 
 class Splicer:
     """
@@ -28,7 +38,7 @@ class Splicer:
         child of the service that owns this splicer), or None.
     @ivar splices: ends spliced so far; C{pumped}: of those, how many with
         a zero-copy pump; C{handOffs}: times a pump went to the thread;
-        C{tlsPumped}: of those spliced, how many with a L{TLSPump}.
+        C{tlsPumped}: of those spliced, how many with a L{gotunnel.relay.tlspump.TLSPump}.
     @ivar tlsThread: whether a TLS data channel's bytes go to the splice
         thread too (see L{gotunnel.relay.tlspump}).
     """
@@ -76,7 +86,7 @@ class Splicer:
         Join C{a} and C{b} (see L{relay.splice}); C{zeroCopy} False keeps
         their bytes in Python (a capped mapping's, see L{gotunnel.relay.ratelimit}).
         Returns their pump (a L{gotunnel.relay.zerocopy.SplicePump} or a
-        L{TLSPump}), if they have one.
+        L{gotunnel.relay.tlspump.TLSPump}), if they have one.
         """
         relay.splice(a, b, self.zeroCopy and zeroCopy, self.spliceThread, self.busyPoll,
                      self.handOffAfter, self._handedOff)
@@ -84,7 +94,9 @@ class Splicer:
         if a.pump is not None:
             self.pumped += 1
             return a.pump
-        if self.tlsThread and self.zeroCopy and zeroCopy:
+        if self.tlsThread and self.zeroCopy and zeroCopy and tlsLoaded():
+            from gotunnel.relay.tlspump import TLSPump
+
             pump = TLSPump.forEnds(a, b, self.spliceThread, self.busyPoll,
                                    self.handOffAfter, self._handedOff)
             if pump is not None:

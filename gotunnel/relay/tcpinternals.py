@@ -12,8 +12,6 @@ from __future__ import annotations
 import socket
 from typing import Callable, Iterator, Optional
 
-from twisted.internet import tcp
-
 ZERO_COPY_READS = {
     "twistedBuffered": ("dataBuffer", "offset", "_tempDataLen"),
     "writeDisconnecting": ("_writeDisconnecting",),
@@ -42,6 +40,11 @@ def missingForZeroCopy(connection: Optional[object] = None) -> list[str]:
     if connection is not None:
         missing = [name for name in ZERO_COPY_NEEDS if not hasattr(connection, name)]
         return missing or _tryEach(connection)
+    # Here, not at the top: gotunnel.logs imports this module while the
+    # options are parsed, before a plain run leaves pyOpenSSL out, and
+    # twisted.internet.tcp loads it if it can.
+    from twisted.internet import tcp
+
     ours, theirs = socket.socketpair()
     try:
         return missingForZeroCopy(tcp.Connection(ours, None, reactor=object()))

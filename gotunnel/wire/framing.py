@@ -5,6 +5,7 @@ one JSON object per frame, dispatched to C{msg_<type>} methods.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from twisted.internet.interfaces import IPushProducer
@@ -92,7 +93,9 @@ def tlsFailure(reason: Optional[Failure], hints: tuple[tuple[str, str], ...] = T
     any other ending.  Given the connection's C{transport} and the time
     C{now}, a certificate refused for its dates is named, with the date.
     """
-    if reason is None:
+    if reason is None or sys.modules.get("OpenSSL.SSL") is None:
+        # Without pyOpenSSL loaded (a plain run may leave it out) there was
+        # no TLS to fail.
         return None
     from OpenSSL.SSL import Error as SSLError
     from service_identity import VerificationError
