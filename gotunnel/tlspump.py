@@ -32,8 +32,6 @@ import os
 import threading
 from typing import Callable, Optional
 
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 from OpenSSL.SSL import Connection as SSLConnection
 from OpenSSL.SSL import Error as SSLError
 from OpenSSL.SSL import WantReadError, ZeroReturnError
@@ -46,6 +44,13 @@ from gotunnel.sameturn import twistedBuffered
 from gotunnel.splicethread import HUNG_UP, READABLE, WRITABLE
 from gotunnel.tcpinternals import writeDisconnecting
 from gotunnel.zerocopy import GUARDED, HAND_OFF_AFTER, usable
+
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:
+    # A pyOpenSSL without its private bindings: TLS stays in the reactor (tlsUsable).
+    _ffi = _lib = None
 
 log = Logger()
 
