@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet._sslverify import ClientTLSOptions
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint, ISSLTransport
 from twisted.logger import Logger
@@ -44,6 +45,22 @@ SERVER_NAMES = {"tls_cert": "server.tls_cert", "tls_key": "server.tls_key",
 CLIENT_NAMES = {"tls_ca": "client.tls_ca", "tls_server_name": "client.tls_server_name",
                 "tls_client_cert": "client.tls_client_cert",
                 "tls_client_key": "client.tls_client_key"}
+
+
+TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+"""
+The TLS 1.3 suites both our ends offer, most preferred first: OpenSSL's
+three, with AES-128-GCM ahead of AES-256-GCM (OpenSSL's default order).
+On a CPU with AES instructions AES-128 costs about 15 % less per byte, and
+it is what C{ssh -R} with aes128-gcm pays; 256-bit keys are kept for the
+peers that offer nothing else.
+"""
+
+TLS12_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(
+    "ECDH+AES128+AESGCM:"
+    "ECDH+AESGCM:ECDH+CHACHA20:DH+AESGCM:DH+CHACHA20:ECDH+AES256:DH+AES256:"
+    "ECDH+AES128:DH+AES:RSA+AESGCM:RSA+AES:!aNULL:!MD5:!DSS")
+"""The TLS 1.2 ciphers: Twisted's default set, in its order but with ECDHE AES-128-GCM first."""
 
 
 class TLSSettingsError(ValueError):
@@ -156,6 +173,26 @@ def outOfDate(transport: object, now: float) -> Optional[str]:
     return None
 
 
+class PreferAES128Options(ssl.CertificateOptions):
+    """
+    L{ssl.CertificateOptions} whose contexts prefer AES-128-GCM, in TLS 1.3
+    (L{TLS13_SUITES}) and in TLS 1.2 (L{TLS12_CIPHERS}).  A server prefers
+    its own order (Twisted sets OpenSSL's C{OP_CIPHER_SERVER_PREFERENCE}); a
+    client offers its suites in this order.
+    """
+
+    def __init__(self, **options) -> None:
+        options.setdefault("acceptableCiphers", TLS12_CIPHERS)
+        super().__init__(**options)
+
+    def _makeContext(self, *args, **kwargs):
+        # CertificateOptions has no setting for the TLS 1.3 suites; its
+        # context takes them before its first connection, or never.
+        context = super()._makeContext(*args, **kwargs)
+        context.set_tls13_ciphersuites(TLS13_SUITES)
+        return context
+
+
 # ---------------------------------------------------------------------------
 # The server
 
@@ -174,7 +211,7 @@ def serverContextFactory(settings: ServerSettings,
         authorities = readCertificates(settings.tls_client_ca, names["tls_client_ca"])
         options.update(verify=True, requireCertificate=True,
                        caCerts=[crypto.X509.from_cryptography(c) for c in authorities])
-    return ssl.CertificateOptions(**options)
+    return PreferAES128Options(**options)
 
 
 def checkServerSettings(settings: ServerSettings, names: dict[str, str] = SERVER_NAMES,
@@ -276,8 +313,10 @@ def clientOptions(settings: ClientSettings, host: Optional[str],
     clientIdentity = _identity(settings.tls_client_cert, settings.tls_client_key,
                                names["tls_client_cert"], names["tls_client_key"]) \
         if given else None
-    return ssl.optionsForClientTLS(serverName, trustRoot=trustRoot,
-                                   extraCertificateOptions=clientIdentity)
+    # What ssl.optionsForClientTLS does (Twisted's own name and chain
+    # checks), with options that prefer AES-128-GCM.
+    options = PreferAES128Options(trustRoot=trustRoot, **(clientIdentity or {}))
+    return ClientTLSOptions(options._makeTLSConnection, serverName)
 
 
 def checkClientSettings(settings: ClientSettings, names: dict[str, str] = CLIENT_NAMES,
