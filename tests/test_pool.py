@@ -19,7 +19,9 @@ from twisted.trial import unittest
 import gotunnel.server.channel
 from gotunnel.wire import messages
 from gotunnel.client.datachannel import DataChannelClient, DataChannelFactory
-from gotunnel.client.pool import POOL_REFILL_DELAY, POOL_REFUSALS_IN_A_ROW
+from gotunnel.client.pool import (
+    POOL_REFILL_DELAY, POOL_REFUSALS_IN_A_ROW, POOL_REPLACE_DELAY,
+)
 from gotunnel.config.settings import ClientPolicy
 from gotunnel.relay.splice import IDLE_KEEPALIVE
 from tests import test_client as client
@@ -320,7 +322,8 @@ class ClientPoolTests(client.ClientTestCase):
         """
         The server's answer on a pooled channel hands it a user: the local
         service is connected to, the user's bytes wait for it, and once the
-        two are spliced a new pooled channel takes the used one's place.
+        two are spliced a new pooled channel takes the used one's place, at
+        once where it was the pool's last.
         """
         self.registeredWithPool(pool=1)
         [index] = self.serverAttempts(DataChannelFactory)
@@ -336,6 +339,82 @@ class ClientPoolTests(client.ClientTestCase):
 
     def pooledAttempts(self) -> list[int]:
         return self.serverAttempts(DataChannelFactory)
+
+    def handUser(self, index: int) -> None:
+        """Complete pooled channel C{index}, have the server hand it a user, splice it."""
+        protocol, _ = self.complete(index)
+        protocol.dataReceived(client.frame(client.OK) + b"GET /")
+        self.complete(self.localAttempts()[-1])
+
+    def test_usedChannelIsReplacedAfterItsFirstExchange(self):
+        """
+        While the pool holds other channels, the one in place of a channel
+        handed a user is opened POOL_REPLACE_DELAY after that user's local
+        connection, not in the same turn: its connect and TLS handshake
+        would delay the user's first answer.
+        """
+        self.registeredWithPool(pool=2)
+        first, _ = self.pooledAttempts()
+        self.handUser(first)
+        self.assertEqual(len(self.pooledAttempts()), 2)
+        self.reactor.advance(POOL_REPLACE_DELAY / 2)
+        self.assertEqual(len(self.pooledAttempts()), 2)
+        self.reactor.advance(POOL_REPLACE_DELAY / 2)
+        self.assertEqual(len(self.pooledAttempts()), 3)
+        self.assertEqual(len(self.service.pool), 2)
+
+    def test_oneReplacementPerChannelUsed(self):
+        """
+        Two channels handed users one after the other are replaced one by
+        one, each its delay after its user, not both at the first's time.
+        """
+        self.registeredWithPool(pool=3)
+        first, second, _ = self.pooledAttempts()
+        self.handUser(first)
+        self.reactor.advance(POOL_REPLACE_DELAY / 2)
+        self.handUser(second)
+        self.reactor.advance(POOL_REPLACE_DELAY / 2)
+        self.assertEqual(len(self.pooledAttempts()), 4)
+        self.reactor.advance(POOL_REPLACE_DELAY / 2)
+        self.assertEqual(len(self.pooledAttempts()), 5)
+        self.reactor.advance(POOL_REPLACE_DELAY * 10)
+        self.assertEqual(len(self.pooledAttempts()), 5)
+        self.assertEqual(len(self.service.pool), 3)
+
+    def test_emptyPoolIsFilledAtOnce(self):
+        """
+        The pool's last channel handed a user while replacements wait: the
+        next user would have no channel, so the pool is filled at once, and
+        the waiting replacements open nothing more.
+        """
+        self.registeredWithPool(pool=2)
+        first, second = self.pooledAttempts()
+        self.handUser(first)
+        self.handUser(second)
+        self.assertEqual(len(self.pooledAttempts()), 4)
+        self.reactor.advance(POOL_REPLACE_DELAY * 10)
+        self.assertEqual(len(self.pooledAttempts()), 4)
+        self.assertEqual(self.service.replaceCalls, set())
+
+    def test_controlLostCancelsReplacements(self):
+        """A replacement waiting when the control channel goes is not opened."""
+        channel, _ = self.registeredWithPool(pool=2)
+        first, _ = self.pooledAttempts()
+        self.handUser(first)
+        channel.connectionLost(None)
+        self.reactor.advance(POOL_REPLACE_DELAY * 10)
+        self.assertEqual(len(self.pooledAttempts()), 2)
+
+    def test_stopCancelsReplacements(self):
+        """A replacement waiting when the service stops is not opened."""
+        self.service.startService()
+        self.registeredWithPool(pool=2)
+        first, _ = self.pooledAttempts()
+        self.handUser(first)
+        self.service.stopService()
+        self.reactor.advance(POOL_REPLACE_DELAY * 10)
+        self.assertEqual(len(self.pooledAttempts()), 2)
+
 
     def refusePooled(self, reason: str = "this server keeps no pooled data channels"):
         """Complete the latest pooled channel, and have the server refuse it."""

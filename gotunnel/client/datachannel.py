@@ -106,11 +106,11 @@ class DataChannelClient(MessageReceiver, RelayEnd):
         self.localConnecting.addErrback(self._localUnreachable)
 
     def replaceInPool(self) -> None:
-        # The replacement is opened once the user's connection is set up, not
-        # when the server hands this channel a user: its connect would go
-        # ahead of the local connection's.
+        # The replacement is asked for once the user's connection is set up,
+        # not when the server hands this channel a user: its connect would
+        # go ahead of the local connection's.
         if self.pooled:
-            self.tunnel.fillPool()
+            self.tunnel.replacePooled()
 
     def earlyDone(self) -> None:
         if self.early:

@@ -86,6 +86,8 @@ class ClientMappingService(DataChannelRequests, DataChannelPool, MultiService):
         self.connections = ConnectionSet()
         self.pool: set[DataChannelClient] = set()
         """Pooled data channels opened or opening, not yet handed a user."""
+        self.replaceCalls: set = set()
+        """The openings of channels in place of pooled ones handed users, a moment away."""
         self._connecting: set[defer.Deferred] = set()
         self._registrationWaiters: list[defer.Deferred] = []
         self.opening: set[DataChannelClient] = set()

@@ -23,6 +23,15 @@ server closed it or could not be reached, and asking again at once would
 only repeat that.
 """
 
+POOL_REPLACE_DELAY = 0.005
+"""
+Seconds between a pooled data channel being handed a user and the opening
+of its replacement, while the pool still holds a channel: opened at once,
+the replacement's connect and TLS handshake (about a millisecond of CPU in
+each process) fall in the same turns of both reactors as that user's first
+exchange, and delay it (see bench/README.md, "Connection setup").
+"""
+
 POOL_REFUSALS_IN_A_ROW = 3
 """
 Pooled data channels the server refuses in a row (none handed a user in
@@ -107,6 +116,29 @@ class DataChannelPool:
         if self.refillCall is not None and self.refillCall.active():
             self.refillCall.cancel()
         self.refillCall = None
+        replacing, self.replaceCalls = self.replaceCalls, set()
+        for call in replacing:
+            call.cancel()
+
+    def replacePooled(self) -> None:
+        """
+        A pooled channel was handed a user: open one in its place after
+        L{POOL_REPLACE_DELAY}, once that user's first exchange is through;
+        at once (with any other replacement waiting) if the pool is empty,
+        where the next user would wait for a channel.
+        """
+        if not self.pool:
+            self.fillPool()
+            return
+        call = self.reactor.callLater(POOL_REPLACE_DELAY, lambda: self._replaceOne(call))
+        self.replaceCalls.add(call)
+
+    def _replaceOne(self, call) -> None:
+        self.replaceCalls.discard(call)
+        if self.channel is not None and not self.stopping and len(self.pool) < self.poolSize:
+            channel = DataChannelClient(self, None)
+            self.pool.add(channel)
+            self._connectDataChannel(channel)
 
     def fillPool(self) -> None:
         """Open pooled data channels until the pool holds L{poolSize}."""
