@@ -1,5 +1,5 @@
 """
-A TLS data channel's bytes moved by the splice thread (gotunnel/tlspump.py),
+A TLS data channel's bytes moved by the splice thread (gotunnel/relay/tlspump.py),
 over real loopback TLS: the hand-off once the connections are steady, and
 the hand-back to the reactor at an end-of-stream, a reset, a TLS alert and
 a close_notify, with the bytes checked end to end.  Then the tunnel's

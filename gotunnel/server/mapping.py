@@ -125,7 +125,7 @@ class PublishedMapping:
 
     @property
     def key(self) -> object:
-        """What the registry knows this mapping by: its port (see L{gotunnel.server.vhost})."""
+        """What the registry knows this mapping by: its port (see L{gotunnel.server.vhostroutes})."""
         return self.portKey(self.remote_port)
 
     @staticmethod
@@ -143,7 +143,7 @@ class PublishedMapping:
 
     @property
     def statsPort(self) -> object:
-        """The port its totals and metrics are labelled with (see L{gotunnel.server.vhost})."""
+        """The port its totals and metrics are labelled with (see L{gotunnel.server.vhostroutes})."""
         return self.remote_port
 
     def checkAllowed(self, name: str) -> None:

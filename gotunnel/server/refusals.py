@@ -24,7 +24,7 @@ class LastingRefusal:
     until: str
 
 
-# The reasons our server sends (gotunnel/server.py), and the Go server's
+# The reasons our server sends (gotunnel/server/), and the Go server's
 # "authentication failed".
 _LASTING = [
     (re.compile(r"authentication failed$"),

@@ -73,7 +73,7 @@ class TunnelRegistry(MappingRegistration):
         """Users public ports refused (source policy, limits), since the start."""
         self._sourcePolicies: dict[Optional[str], tuple[SourcePolicy, ...]] = {}
         self.virtualHosts = None
-        """The L{gotunnel.server.vhost.VirtualHosts}, on a server with virtual-host ports."""
+        """The L{gotunnel.server.vhostroutes.VirtualHosts}, on a server with virtual-host ports."""
         self.udpPorts: dict[int, PublicPort] = {}
         """The public UDP ports of UDP mappings (L{gotunnel.udp.tunnels}), apart: a
         port number's UDP socket is not its TCP socket."""

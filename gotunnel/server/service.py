@@ -56,7 +56,7 @@ class TunnelServerService(MultiService):
     controlPort: Optional[IListeningPort] = None
     _listenOutcome = None
     virtualHostService = None
-    """The L{gotunnel.server.vhost.VirtualHostService}, with --http or --https."""
+    """The L{gotunnel.server.vhostports.VirtualHostService}, with --http or --https."""
 
     def __init__(self, settings: ServerSettings, reactor=None,
                  splicer: Optional[Splicer] = None) -> None:
