@@ -15,7 +15,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 from gotunnel import logs
-from gotunnel.cli import tap
+from gotunnel.cli import options, tap
 from gotunnel.config.yamlfile import ConfigError
 
 def _notOnStderr(event: dict) -> PredicateResult:
@@ -126,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write(HELP.format(prog=prog, commands=COMMANDS))
         return 0
     if args and args[0] == "--version":
-        sys.stdout.write(tap.versionText() + "\n")
+        sys.stdout.write(options.versionText() + "\n")
         return 0
     if not args or args[0] not in ROLES:
         sys.stderr.write(f"Usage: {prog} {COMMANDS} [options]\ntry '{prog} --help'\n")

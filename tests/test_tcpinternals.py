@@ -159,11 +159,10 @@ ALLOWED = {
     # Another change is moving these into tcpinternals (issue 17 step 5).
     "relay/tlspump.py": {"_tlsConnection", "_handshakeDone", "_lostTLSConnection",
                          "_aborted", "_appSendBuffer", "_producerPaused", "_aggregator",
-                         "_flushReceiveBIO", "_tlsShutdownFinished", "__dict__",
-                         # pyOpenSSL's, not Twisted's: the Connection's SSL and
-                         # BIO pointers that the direct SSL_read/SSL_write use
-                         # (tlspump.tlsUsable checks they are there).
-                         "_ssl", "_from_ssl", "_raise_ssl_error"},
+                         "_flushReceiveBIO", "_tlsShutdownFinished", "__dict__"},
+    # pyOpenSSL's, not Twisted's: the Connection's SSL and BIO pointers that
+    # the direct SSL_read/SSL_write use (recordsUsable checks they are there).
+    "relay/tlsrecords.py": {"_ssl", "_from_ssl", "_raise_ssl_error"},
 }
 """Files that may still read Twisted's private names: all of them (None),
 or these."""

@@ -41,15 +41,26 @@ class TunnelCollector:
         self.registry = registry
 
     def collect(self):
-        registry = self.registry
-        stats = registry.stats
+        opened, closed, refused, carried, active, setup, datagrams, dropped = self._perPort()
+        clients, ports, pool, sessions = self._published()
+        authFailures, admission = self._refusals()
+        return [opened, closed, refused, carried, active, setup, clients, ports, pool,
+                authFailures, admission, datagrams, dropped, sessions]
+
+    def _liveUsers(self) -> dict[int, list[int]]:
+        """Per port's stats (by id): users open now, and their bytes in and out so far."""
         live: dict[int, list[int]] = {}
-        for user in list(stats.users.values()):
+        for user in list(self.registry.stats.users.values()):
             bytesIn, bytesOut = userBytes(user)
             counts = live.setdefault(id(user.tunnel.stats), [0, 0, 0])
             counts[0] += 1
             counts[1] += bytesIn
             counts[2] += bytesOut
+        return live
+
+    def _perPort(self) -> tuple:
+        """The families labelled by public port and client, from their totals."""
+        live = self._liveUsers()
         opened = CounterMetricFamily(
             "gotunnel_connections_opened", "User connections accepted on a public port",
             labels=PORT_LABELS)
@@ -77,7 +88,7 @@ class TunnelCollector:
             "gotunnel_udp_dropped",
             "Datagrams a UDP port dropped, by why: backed_up, sessions, unknown_peer",
             labels=PORT_LABELS + ["reason"])
-        for portStats in stats.allPortStats():
+        for portStats in self.registry.stats.allPortStats():
             labels = [portStats.remote_port, portStats.client]
             counters = portStats.datagrams
             if counters is not None:
@@ -95,6 +106,11 @@ class TunnelCollector:
             carried.add_metric(labels + ["out"], portStats.bytesOut + liveOut)
             active.add_metric(labels, users)
             setup.add_metric(labels, portStats.setup.cumulative(), portStats.setup.sum)
+        return opened, closed, refused, carried, active, setup, datagrams, dropped
+
+    def _published(self) -> tuple:
+        """The families of what is published now: clients, ports, pools, UDP peers."""
+        registry = self.registry
         tunnels = [t for t in registry.allTunnels() if not t.closed]
         clients = GaugeMetricFamily(
             "gotunnel_clients", "Control channels registered now (one per client mapping)")
@@ -114,6 +130,11 @@ class TunnelCollector:
             peers = getattr(tunnel, "peers", None)
             if peers is not None:
                 sessions.add_metric(labels, len(peers))
+        return clients, ports, pool, sessions
+
+    def _refusals(self) -> tuple:
+        """The families of connections refused before they were anyone's."""
+        stats = self.registry.stats
         authFailures = CounterMetricFamily(
             "gotunnel_auth_failures",
             "Wrong credentials: endpoint=control (a client's token), admin (this endpoint)",
@@ -126,8 +147,7 @@ class TunnelCollector:
             "a frame), waiting_users (users waiting for a data channel)", labels=["cap"])
         for cap, count in sorted(stats.admissionRefusals.items()):
             admission.add_metric([cap], count)
-        return [opened, closed, refused, carried, active, setup, clients, ports, pool,
-                authFailures, admission, datagrams, dropped, sessions]
+        return authFailures, admission
 
 
 class MetricsPage(Resource):

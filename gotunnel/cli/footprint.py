@@ -11,7 +11,7 @@ unimportable for the rest of the process: Twisted then runs as it does
 where pyOpenSSL is not installed, without TLS.
 
 Only the process's own entry points decide (see
-L{gotunnel.cli.tap._SettingsOptions.ownsProcess}): a program that embeds
+L{gotunnel.cli.options._SettingsOptions.ownsProcess}): a program that embeds
 the services, or a test run, keeps pyOpenSSL.
 """
 

@@ -10,10 +10,7 @@ In the reactor each 64 KiB read costs a dozen Python calls through Twisted's
 TLS layer and the relay, one C{send} per 16 KiB record; the thread reads
 256 KiB at a time, encrypts record after record into the memory BIO (cffi
 releases the GIL while OpenSSL works), and writes them in one C{send}.
-The thread calls OpenSSL through pyOpenSSL's own cffi bindings rather than
-its methods: each of those makes a new buffer and copies every byte once
-more (C{bio_read}, C{recv_into}), which cost as much CPU as the encryption
-itself (see bench/README.md, "TLS").
+L{gotunnel.relay.tlsrecords} makes and reads the records.
 
 The hand-off follows L{gotunnel.relay.zerocopy.SplicePump}: the pump counts the
 reads its transports make in the reactor and, after C{handOffAfter} of them,
@@ -32,7 +29,6 @@ import os
 import threading
 from typing import Callable, Optional
 
-from OpenSSL.SSL import Connection as SSLConnection
 from OpenSSL.SSL import Error as SSLError
 from OpenSSL.SSL import WantReadError, ZeroReturnError
 from twisted.logger import Logger
@@ -43,26 +39,13 @@ from gotunnel.relay import splicethread
 from gotunnel.relay.eagerio import twistedBuffered
 from gotunnel.relay.splicethread import HUNG_UP, READABLE, WRITABLE
 from gotunnel.relay.tcpinternals import GUARDED, writeDisconnecting
+from gotunnel.relay.tlsrecords import RECORD, Records, recordsUsable
 from gotunnel.relay.zerocopy import HAND_OFF_AFTER, usable
-
-try:
-    from OpenSSL._util import ffi as _ffi
-    from OpenSSL._util import lib as _lib
-except ImportError:
-    # A pyOpenSSL without its private bindings: TLS stays in the reactor (tlsUsable).
-    _ffi = _lib = None
 
 log = Logger(namespace="gotunnel.tlspump")
 
 READ_SIZE = 1 << 18
 """The most one read of either socket takes in the thread."""
-
-RECORD = 1 << 14
-"""The most plaintext one TLS record carries: what one C{send} of the TLS
-connection encrypts."""
-
-RECORD_OVERHEAD = 64
-"""More than a TLS record adds to its plaintext (header, tag, padding)."""
 
 TLS_GUARDED = ("write", "writeSequence", "loseConnection", "abortConnection",
                "registerProducer", "unregisterProducer",
@@ -76,14 +59,6 @@ TLS_NEEDS = ("_tlsConnection", "_handshakeDone", "_lostTLSConnection", "_aborted
 without one of them keeps every TLS connection in the reactor."""
 
 
-OPENSSL_NEEDS = ("_ssl", "_from_ssl", "_raise_ssl_error")
-"""What the thread reads or calls of pyOpenSSL's private C{Connection}: a
-pyOpenSSL without one of them keeps every TLS connection in the reactor."""
-
-OPENSSL_CALLS = ("SSL_write", "SSL_read", "BIO_read")
-"""The OpenSSL functions the thread calls through pyOpenSSL's bindings."""
-
-
 def tlsUsable(transport: object) -> bool:
     """
     Whether C{transport} is Twisted's TLS over a plain TCP connection, its
@@ -91,9 +66,7 @@ def tlsUsable(transport: object) -> bool:
     """
     return (isinstance(transport, TLSMemoryBIOProtocol)
             and all(hasattr(transport, name) for name in TLS_NEEDS)
-            and isinstance(transport._tlsConnection, SSLConnection)
-            and all(hasattr(transport._tlsConnection, name) for name in OPENSSL_NEEDS)
-            and all(hasattr(_lib, name) for name in OPENSSL_CALLS)
+            and recordsUsable(transport._tlsConnection)
             and transport._handshakeDone
             and not transport._lostTLSConnection
             and not transport._aborted
@@ -206,18 +179,8 @@ class PlainEnd(End):
     """The plain connection: what it sends is encrypted for the TLS one."""
 
     def move(self, data: memoryview) -> bool:
-        pump = self.pump
-        n = len(data)
-        source = _ffi.from_buffer(data)
-        offset = 0
-        while offset < n:
-            # Twisted's connections write partially: a record per call.
-            written = _lib.SSL_write(pump.ssl, source + offset, n - offset)
-            if written <= 0:
-                pump.raiseFor(written)
-            offset += written
-        self.outgoing.moved += n
-        self.outgoing.held = pump.records()
+        self.outgoing.moved += len(data)
+        self.outgoing.held = self.pump.records.encrypt(data)
         return True
 
 
@@ -229,9 +192,10 @@ class TLSEnd(End):
 
     def move(self, data: memoryview) -> bool:
         pump = self.pump
-        tls = pump.tlsConnection
+        records = pump.records
+        tls = records.connection
         tls.bio_write(data)
-        view = pump.plainView
+        view = records.plainView
         room = len(view) - RECORD
         size = 0
         extra = []
@@ -239,7 +203,7 @@ class TLSEnd(End):
         while True:
             try:
                 if size <= room:
-                    size += pump.decryptInto(size)
+                    size += records.decryptInto(size)
                 else:
                     extra.append(tls.recv(RECORD))
             except WantReadError:
@@ -255,7 +219,7 @@ class TLSEnd(End):
         self.outgoing.held = held
         # Reading can make OpenSSL answer (a key update): that goes out
         # after what was encrypted before.
-        answer = pump.encrypted(RECORD)
+        answer = records.encrypted(RECORD)
         if answer:
             self.incoming.held = bytes(self.incoming.held) + answer
             pump.eventsChanged = True
@@ -276,19 +240,12 @@ class TLSPump:
     handOffs = 0
     reactorReads = 0
     eventsChanged = False
-    plainView: memoryview
-    """Where the thread decrypts to: made at the first hand-off, as the
-    sockets' read buffers are, so that connections that never go to the
-    thread hold none of them."""
-    recordView: memoryview
-    """Where the thread reads the records it encrypted out of the memory BIO."""
 
     def __init__(self, plain: object, tls: object, thread: object,
                  busyPoll: float = 0.0, handOffAfter: int = HAND_OFF_AFTER,
                  onHandOff: Optional[Callable[[], None]] = None) -> None:
         self.tlsTransport = tls.transport
-        self.tlsConnection = tls.transport._tlsConnection
-        self.ssl = self.tlsConnection._ssl
+        self.records = Records(tls.transport._tlsConnection)
         self.plain = PlainEnd(self, plain, plain.transport)
         self.tls = TLSEnd(self, tls, tls.transport.transport)
         self.plain.outgoing = self.tls.incoming = Flow(self.plain, self.tls)
@@ -320,45 +277,6 @@ class TLSPump:
         else:
             return None
         return cls(plain, tls, threads.thread(), busyPoll, handOffAfter, onHandOff)
-
-    def records(self) -> bytes | memoryview:
-        """
-        The records OpenSSL has encrypted into the memory BIO, to send: a
-        view of L{recordView}, which holds the records of one full read.
-        """
-        size = _lib.BIO_read(self.tlsConnection._from_ssl, self.recordsAt,
-                             len(self.recordView))
-        if size <= 0:
-            return b""
-        if size < len(self.recordView):
-            return self.recordView[:size]
-        return bytes(self.recordView) + self.encrypted(RECORD)
-
-    def decryptInto(self, offset: int) -> int:
-        """Decrypt a record's bytes into L{plainView} at C{offset}: how many."""
-        got = _lib.SSL_read(self.ssl, self.plainAt + offset, RECORD)
-        if got <= 0:
-            self.raiseFor(got)
-        return got
-
-    def raiseFor(self, result: int) -> None:
-        """Raise pyOpenSSL's exception for what an OpenSSL call returned, C{result}."""
-        self.tlsConnection._raise_ssl_error(self.ssl, result)
-        raise SSLError(f"OpenSSL returned {result} and no error")
-
-    def encrypted(self, expected: int) -> bytes:
-        """What OpenSSL has written to the memory BIO: the records to send."""
-        chunks = []
-        size = expected
-        while True:
-            try:
-                data = self.tlsConnection.bio_read(size)
-            except WantReadError:
-                break
-            chunks.append(data)
-            if len(data) < size:
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     @property
     def moved(self) -> int:
@@ -439,11 +357,9 @@ class TLSPump:
         transport (or on the TLS layer) takes them back first.
         """
         if not self.handOffs:
-            self.plainView = memoryview(bytearray(READ_SIZE + 4 * RECORD))
-            self.plainAt = _ffi.from_buffer(self.plainView)
-            self.recordView = memoryview(bytearray(
-                READ_SIZE + RECORD_OVERHEAD * (READ_SIZE // RECORD + 2)))
-            self.recordsAt = _ffi.from_buffer(self.recordView)
+            # At the first hand-off, as the sockets' read buffers: a
+            # connection that never goes to the thread holds none of them.
+            self.records.allocate(READ_SIZE)
             for end in self.sides.values():
                 end.buffer = bytearray(READ_SIZE)
         for end in self.sides.values():

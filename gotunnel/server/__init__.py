@@ -1,7 +1,8 @@
 """
 The tunnel server: control port, published ports, admission and access.
 
-C{TunnelServerService} is the embedding API (docs/embedding.md).
+C{TunnelServerService} is the embedding API (docs/deployment.md, "Inside your
+own Twisted application").
 """
 
 import importlib
