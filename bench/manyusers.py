@@ -37,12 +37,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from muxbench import HOST, SELF as TARGET, Profile, descriptors, freePort, rssKiB  # noqa: E402
+from muxbench import (  # noqa: E402
+    HOST, SELF as TARGET, Profile, descriptors, freePort, makeCertificates, rssKiB,
+)
 
 SIZE = 16 * 1024
 CONNECTING_AT_ONCE = 1000
@@ -223,12 +224,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     limit = raiseFileLimit(args.nofile)
     print(f"open-file limit {limit}; load average {os.getloadavg()}", file=sys.stderr, flush=True)
-    certs = tempfile.mkdtemp(prefix="manyusers-")
+    certs = makeCertificates("manyusers-")
     python = sys.executable
-    subprocess.run([python, "-m", "gotunnel", "certs", "ca", "--out", certs], check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run([python, "-m", "gotunnel", "certs", "server", "--out", certs,
-                    "--ip", HOST], check=True, stdout=subprocess.DEVNULL)
     target = subprocess.Popen([python, TARGET, "_target"], stdout=subprocess.PIPE, text=True,
                               preexec_fn=raiseFileLimit)
     targetPort = int(target.stdout.readline())

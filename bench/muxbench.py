@@ -45,6 +45,17 @@ def raiseFileLimit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def makeCertificates(prefix: str) -> str:
+    """A CA and a server certificate for 127.0.0.1, made by this checkout, in a new directory."""
+    certs = tempfile.mkdtemp(prefix=prefix)
+    python = sys.executable
+    subprocess.run([python, "-m", "gotunnel", "certs", "ca", "--out", certs], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run([python, "-m", "gotunnel", "certs", "server", "--out", certs,
+                    "--ip", HOST], check=True, stdout=subprocess.DEVNULL)
+    return certs
+
+
 def freePort() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -243,12 +254,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     raiseFileLimit()
     counts = [int(c) for c in args.conns.split(",")]
-    certs = tempfile.mkdtemp(prefix="muxbench-")
+    certs = makeCertificates("muxbench-")
     python = sys.executable
-    subprocess.run([python, "-m", "gotunnel", "certs", "ca", "--out", certs], check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run([python, "-m", "gotunnel", "certs", "server", "--out", certs,
-                    "--ip", HOST], check=True, stdout=subprocess.DEVNULL)
     target = subprocess.Popen([python, SELF, "_target"], stdout=subprocess.PIPE, text=True)
     targetPort = int(target.stdout.readline())
     rows = []

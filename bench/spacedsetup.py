@@ -28,12 +28,11 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from muxbench import HOST, Profile  # noqa: E402
+from muxbench import HOST, Profile, makeCertificates  # noqa: E402
 
 WARMUP = 5
 ECHO_SIZE = 32
@@ -76,12 +75,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     pauses = [float(p) for p in args.pauses.split(",")]
-    certs = tempfile.mkdtemp(prefix="spacedsetup-")
+    certs = makeCertificates("spacedsetup-")
     python = sys.executable
-    subprocess.run([python, "-m", "gotunnel", "certs", "ca", "--out", certs], check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run([python, "-m", "gotunnel", "certs", "server", "--out", certs,
-                    "--ip", HOST], check=True, stdout=subprocess.DEVNULL)
     target = subprocess.Popen([python, os.path.join(os.path.dirname(__file__), "muxbench.py"),
                                "_target"], stdout=subprocess.PIPE, text=True)
     results: dict[tuple[str, float], list[tuple[float, float]]] = {}
