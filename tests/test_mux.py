@@ -367,6 +367,19 @@ class EndingTests(SynchronousTestCase):
         self.assertTrue(pair.serverWire.disconnecting)
 
 
+    def test_closeLetsGoOfTheTransportFirst(self) -> None:
+        """
+        Closing unregisters the session as its transport's producer, then
+        loses the connection: Twisted's TLS sends its close_notify, and so
+        closes, only once no producer is registered.
+        """
+        pair = Pair()
+        self.assertIs(pair.serverWire.producer, pair.server)
+        pair.server.close()
+        self.assertIsNone(pair.serverWire.producer)
+        self.assertTrue(pair.serverWire.disconnecting)
+
+
 class KeepaliveTests(SynchronousTestCase):
 
     def test_pingAnswered(self) -> None:

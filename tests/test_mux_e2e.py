@@ -28,13 +28,15 @@ MiB = 1024 * 1024
 class MultiplexedOverTLS:
     """A server listening with TLS, clients that verify it and multiplex."""
 
+    serverOverrides: dict = {}
+
     @defer.inlineCallbacks
     def setUp(self):
         certificates = temporaryDirectory(self)
         makeCertificates(certificates, "--name", SERVER_NAME, "--ip", HOST)
         trust = trustDirectory(self, certificates)
         self.tunnel = Tunnel(self, zeroCopy=False, mux=True)
-        yield self.tunnel.startServer(listen=sslListen(certificates))
+        yield self.tunnel.startServer(listen=sslListen(certificates), **self.serverOverrides)
         startClient = self.tunnel.startClient
 
         def tlsClient(targetPort, **overrides):
@@ -58,6 +60,37 @@ class TransferTestsMultiplexedOverTLS(MultiplexedOverTLS, e2e.TransferTests):
 
 class ClosingTestsMultiplexedOverTLS(MultiplexedOverTLS, e2e.ClosingTests):
     pass
+
+
+class StoppingOverTLSTests(MultiplexedOverTLS, unittest.TestCase):
+    """
+    Stopping either end closes a multiplexed TLS connection at once, not
+    after shutdown_timeout: its session is the TLS transport's producer, and
+    Twisted's TLS closes only once none is registered.
+    """
+
+    NEVER = 3 * WAIT
+    serverOverrides = {"shutdown_timeout": NEVER}
+
+    @defer.inlineCallbacks
+    def carryOneUser(self):
+        target = listenTarget(self)
+        client, public = yield self.tunnel.publish(target, shutdown_timeout=self.NEVER)
+        user = yield connectUser(self, public)
+        user.transport.write(b"ping")
+        self.assertEqual((yield user.whenReceived(4)), b"ping")
+        user.transport.loseConnection()
+        return client
+
+    @defer.inlineCallbacks
+    def test_clientStops(self):
+        client = yield self.carryOneUser()
+        yield within(client.stopService(), WAIT, "the client to stop")
+
+    @defer.inlineCallbacks
+    def test_serverStops(self):
+        yield self.carryOneUser()
+        yield within(self.tunnel.server.stopService(), WAIT, "the server to stop")
 
 
 class WindowTests(unittest.TestCase):

@@ -1021,6 +1021,24 @@ class ClientSessionTests(unittest.TestCase):
 
 
 class UdpOverTLSTests(UdpTunnelTestCase):
+    STOP_WAIT = 30
+    """Seconds a stop may take; the services' shutdown_timeout is three times that."""
+
+    @defer.inlineCallbacks
+    def publishOverTLS(self, **serverOverrides):
+        """A TLS server and a client publishing a UDP echo through it; (client, public port)."""
+        from .support import temporaryDirectory
+        from .test_tls import makeCertificates, sslListen, tlsServer, trustDirectory
+
+        certificates = temporaryDirectory(self)
+        makeCertificates(certificates, "--ip", HOST)
+        trust = trustDirectory(self, certificates)
+        yield self.tunnel.startServer(listen=sslListen(certificates), **serverOverrides)
+        client, public = yield self.publish(
+            UdpEcho(), server=tlsServer(HOST, self.tunnel.controlPort, trust),
+            shutdown_timeout=3 * self.STOP_WAIT)
+        return client, public
+
     @defer.inlineCallbacks
     def test_carryingChannelIsTLS(self):
         """
@@ -1029,15 +1047,7 @@ class UdpOverTLSTests(UdpTunnelTestCase):
         """
         from twisted.internet.interfaces import ISSLTransport
 
-        from .support import temporaryDirectory
-        from .test_tls import makeCertificates, sslListen, tlsServer, trustDirectory
-
-        certificates = temporaryDirectory(self)
-        makeCertificates(certificates, "--ip", HOST)
-        trust = trustDirectory(self, certificates)
-        yield self.tunnel.startServer(listen=sslListen(certificates))
-        client, public = yield self.publish(
-            UdpEcho(), server=tlsServer(HOST, self.tunnel.controlPort, trust))
+        client, public = yield self.publishOverTLS()
         peer = self.peer()
         self.assertEqual((yield exchange(peer, public, b"over tls")), b"over tls")
         for size in (0, 1400, 65507):
@@ -1049,6 +1059,24 @@ class UdpOverTLSTests(UdpTunnelTestCase):
         self.assertTrue(ISSLTransport.providedBy(client.tunnels[0].carrierChannel.transport))
         server = self.tunnel.server.registry.tunnels[("udp", public)]
         self.assertTrue(ISSLTransport.providedBy(server.carrierChannel.transport))
+
+    @defer.inlineCallbacks
+    def test_clientStopClosesTheTLSCarryingChannelAtOnce(self):
+        """
+        Stopping the client closes its TLS carrying channel at once, not after
+        shutdown_timeout: the carrier is the TLS transport's producer, and
+        Twisted's TLS closes only once none is registered.
+        """
+        client, public = yield self.publishOverTLS()
+        self.assertEqual((yield exchange(self.peer(), public, b"over tls")), b"over tls")
+        yield within(client.stopService(), self.STOP_WAIT, "the client to stop")
+
+    @defer.inlineCallbacks
+    def test_serverStopClosesTheTLSCarryingChannelAtOnce(self):
+        """The same for the server's end of the carrying channel."""
+        client, public = yield self.publishOverTLS(shutdown_timeout=3 * self.STOP_WAIT)
+        self.assertEqual((yield exchange(self.peer(), public, b"over tls")), b"over tls")
+        yield within(self.tunnel.server.stopService(), self.STOP_WAIT, "the server to stop")
 
 
 class SettingsTests(unittest.TestCase):

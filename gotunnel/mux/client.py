@@ -172,6 +172,15 @@ class MuxDataChannel(MessageReceiver):
     def readConnectionLost(self) -> None:
         self.transport.loseConnection()
 
+    def closeConnection(self, abort: bool = False) -> None:
+        """Close the connection (its streams are reset), as L{closeConnectionOf} asks."""
+        if self.session is not None:
+            self.session.close(abort)
+        elif abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
     def connectionLost(self, reason=None) -> None:
         self.tunnel.connections.discard(self)
         if self._refusedLogCall is not None and self._refusedLogCall.active():

@@ -274,6 +274,9 @@ class MuxSession:
     def close(self, abort: bool = False) -> None:
         """Close the connection; its streams are reset."""
         if self.transport is not None and not self.closed:
+            # Twisted's TLS sends its close_notify, and so closes, only once
+            # no producer is registered: the session is one for its whole life.
+            self.transport.unregisterProducer()
             if abort:
                 self.transport.abortConnection()
             else:

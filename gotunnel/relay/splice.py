@@ -323,12 +323,15 @@ def splice(a: RelayEnd, b: RelayEnd, zeroCopy: bool = False, spliceThread: objec
 
 def closeConnectionOf(protocol: object, abort: bool = False) -> None:
     """
-    Close C{protocol}'s connection (at once, with C{abort}): through its
-    L{RelayEnd}, if it is one, which may have to take its socket back from
-    a splice thread first.
+    Close C{protocol}'s connection (at once, with C{abort}): through its own
+    C{closeConnection} where it has one (a L{RelayEnd}, which may have to take
+    its socket back from a splice thread first; a connection whose protocol
+    is its transport's producer for life, which must let go of it before
+    Twisted's TLS will close); else through its transport.
     """
-    if isinstance(protocol, RelayEnd):
-        protocol.closeConnection(abort)
+    closeConnection = getattr(protocol, "closeConnection", None)
+    if closeConnection is not None:
+        closeConnection(abort)
     elif abort:
         protocol.transport.abortConnection()
     else:

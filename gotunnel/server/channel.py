@@ -241,6 +241,9 @@ class ServerChannel(MessageReceiver, RelayEnd):
     def readConnectionLost(self) -> None:
         self.state.readConnectionLost()
 
+    def closeConnection(self, abort: bool = False) -> None:
+        self.state.closeConnection(abort)
+
     def stringReceived(self, body: bytes) -> None:
         self.state.frameReceived(body)
 

@@ -80,6 +80,10 @@ class ChannelState:
     def readConnectionLost(self) -> None:
         self.channel.transport.loseConnection()
 
+    def closeConnection(self, abort: bool) -> None:
+        """Close the connection, as L{RelayEnd.closeConnection} does."""
+        RelayEnd.closeConnection(self.channel, abort)
+
     def connectionLost(self, reason) -> None:
         """The connection ended in this role; the channel has let go of its own part."""
 
@@ -332,6 +336,9 @@ class Mux(ChannelState):
     def rawDataReceived(self, data: bytes) -> None:
         self.channel.mux.dataReceived(data)
 
+    def closeConnection(self, abort: bool) -> None:
+        self.channel.mux.close(abort)
+
     def connectionLost(self, reason) -> None:
         self.channel.mux.connectionLost()
 
@@ -350,6 +357,11 @@ class Udp(ChannelState):
 
     def rawDataReceived(self, data: bytes) -> None:
         self.channel.tunnel.carrierData(self.channel, data)
+
+    def closeConnection(self, abort: bool) -> None:
+        # The carrier is the transport's producer for life (see Carrier.close).
+        self.channel.transport.unregisterProducer()
+        RelayEnd.closeConnection(self.channel, abort)
 
     def connectionLost(self, reason) -> None:
         self.channel.tunnel.carrierLost(self.channel)

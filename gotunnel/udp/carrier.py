@@ -111,6 +111,17 @@ class Carrier:
     def stop(self) -> None:
         self.corked = None
 
+    def close(self, abort: bool = False) -> None:
+        """Stop, and close the carrying channel (once what it holds is written, unless C{abort})."""
+        self.stop()
+        # Twisted's TLS sends its close_notify, and so closes, only once no
+        # producer is registered: the carrier is one for its whole life.
+        self.transport.unregisterProducer()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
     def feed(self, data: bytes) -> Optional[str]:
         return self.decoder.feed(data)
 

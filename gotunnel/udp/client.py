@@ -99,6 +99,15 @@ class CarrierChannel(MessageReceiver):
         self.switchToRaw()
         self.carrier = Carrier(self.transport, self.tunnel.fromServer)
 
+    def closeConnection(self, abort: bool = False) -> None:
+        """Close the carrying channel, as L{closeConnectionOf} asks."""
+        if self.carrier is not None:
+            self.carrier.close(abort)
+        elif abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
     def rawDataReceived(self, data: bytes) -> None:
         why = self.carrier.feed(data)
         if why is not None:
@@ -224,7 +233,7 @@ class UdpTunnelService(ClientMappingService):
             self._cancelReopen()
             carrier, self.carrierChannel = self.carrierChannel, None
             if carrier is not None and carrier.transport is not None:
-                carrier.transport.loseConnection()
+                carrier.closeConnection()
             self.closeSessions()
 
     def fromServer(self, peer_id: int, payload: bytes) -> None:

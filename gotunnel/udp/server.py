@@ -254,8 +254,7 @@ class UdpTunnel(PublishedMapping):
         self.carrierChannel = channel
         self.carrier = Carrier(channel.transport, self.fromClient)
         if previous is not None:
-            previousCarrier.stop()
-            previous.transport.loseConnection()
+            previousCarrier.close()
         log.info("datagrams of UDP port {remote_port} carried for {name}",
                  remote_port=self.remote_port, name=self.name)
 
@@ -288,8 +287,8 @@ class UdpTunnel(PublishedMapping):
         channel, carrier = self.carrierChannel, self.carrier
         self.carrierChannel = self.carrier = None
         if carrier is not None:
-            carrier.stop()
-        if channel is not None:
+            carrier.close()
+        elif channel is not None:
             channel.transport.loseConnection()
         self.peers.clear()
         self.byId.clear()
