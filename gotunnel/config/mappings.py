@@ -14,6 +14,7 @@ from gotunnel.config.kinds import (
     BANDWIDTH, COUNT_OR_ZERO, DOMAINS, PORT, PROTOCOL, PROXY_PROTOCOL, RATE, REMOTE_PORT,
     REQUESTED_NETWORKS, SUBDOMAIN, TEXT, VHOST_TYPE, parsePort, quoteEndpointArgument,
 )
+from gotunnel.config.spec import readEntry
 
 
 @dataclass(frozen=True)
@@ -109,14 +110,7 @@ def readTunnelEntry(value: Any, text: Any, name: str) -> Mapping:
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a mapping with local_port and remote_port, "
                          f"got {value!r}")
-    texts = text if isinstance(text, dict) else {}
-    fields = {"local_host": "127.0.0.1"}
-    for key, item in value.items():
-        if key not in _TUNNEL_KEYS:
-            raise ValueError(f"{name}.{key} is not a known key "
-                             f"(expected {', '.join(_TUNNEL_KEYS)})")
-        if item is not None:
-            fields[key] = _TUNNEL_KEYS[key](item, texts.get(key), f"{name}.{key}")
+    fields = {"local_host": "127.0.0.1", **readEntry(value, text, _TUNNEL_KEYS, name)}
     kind = fields.pop("type", "tcp")
     user, password = fields.pop("http_user", None), fields.pop("http_password", None)
     if kind != "tcp":

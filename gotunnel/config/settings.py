@@ -18,7 +18,7 @@ from gotunnel.config.kinds import (
     SECONDS, SECONDS_OR_ZERO, SERVER_ADDRESS, TEXT, Kind, listOf,
 )
 from gotunnel.config.mappings import Mapping, readTunnelEntry
-from gotunnel.config.spec import setting, yamlKeys
+from gotunnel.config.spec import readEntry, setting, yamlKeys
 
 DEFAULT_CONTROL_PORT = 17000
 DEFAULT_BUSY_POLL = 250
@@ -112,15 +112,7 @@ def _clients(value: Any, text: Any, name: str) -> dict[str, ClientPolicy]:
         where = f"{name}.{clientName}"
         if not isinstance(entry, dict):
             raise ValueError(f"{where} must be a mapping with a token, got {entry!r}")
-        entryTexts = texts.get(clientText)
-        entryTexts = entryTexts if isinstance(entryTexts, dict) else {}
-        fields = {}
-        for key, item in entry.items():
-            if key not in _CLIENT_POLICY_KEYS:
-                raise ValueError(f"{where}.{key} is not a known key "
-                                 f"(expected {', '.join(_CLIENT_POLICY_KEYS)})")
-            if item is not None:
-                fields[key] = _CLIENT_POLICY_KEYS[key](item, entryTexts.get(key), f"{where}.{key}")
+        fields = readEntry(entry, texts.get(clientText), _CLIENT_POLICY_KEYS, where)
         if not fields.get("token"):
             raise ValueError(f"{where}.token is missing: every listed client needs its own token")
         clients[clientName] = ClientPolicy(**fields)

@@ -83,6 +83,25 @@ def keysOf(f: dataclasses.Field, declaration: Setting) -> dict[str, Kind]:
     return {**own, **declaration.aliases}
 
 
+def readEntry(entry: dict, texts: Any, keys: dict[str, Callable[[Any, Any, str], Any]],
+              where: str) -> dict[str, Any]:
+    """
+    The values of one entry of a config file's list or table (a client of
+    server.clients, a tunnel of client.tunnels), each read by its key's
+    reader in C{keys}; a key left empty is left out.  ValueError for a key
+    that is not in C{keys}.
+    """
+    texts = texts if isinstance(texts, dict) else {}
+    values = {}
+    for key, item in entry.items():
+        if key not in keys:
+            raise ValueError(f"{where}.{key} is not a known key "
+                             f"(expected {', '.join(keys)})")
+        if item is not None:
+            values[key] = keys[key](item, texts.get(key), f"{where}.{key}")
+    return values
+
+
 def yamlKeys(settingsType: type) -> dict[str, Callable[[Any, Any, str], Any]]:
     """Every config.yaml key of C{settingsType}'s section -> its reader."""
     return {key: kind.read for f, declaration in declared(settingsType)
