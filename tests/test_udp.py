@@ -838,20 +838,34 @@ class UdpTunnelTests(UdpTunnelTestCase):
         self.assertEqual(client.tunnels[0].counters.dropped, 0)
         self.assertEqual(self.tunnel.server.registry.tunnels[("udp", public)].counters.dropped, 0)
 
-    @defer.inlineCallbacks
     def test_floodDropsInsteadOfBuffering(self):
         """
         With the client not reading its carrying channel, a flood of
         datagrams fills the kernel's buffers, then is dropped and counted at
-        the server: the carrying channel's user-space buffer stays within
-        Twisted's bound plus one frame.  Once the client reads again, the
-        tunnel answers.
+        the server's splice thread: what waits in user space for the
+        carrying channel stays within the bound plus one frame.  Once the
+        client reads again, the tunnel answers.
         """
+        return self.flood(serverThread=True)
+
+    def test_floodDropsInsteadOfBufferingInTheReactor(self):
+        """The same, with the server's datagrams moved by its reactor."""
+        return self.flood(serverThread=False)
+
+    @defer.inlineCallbacks
+    def flood(self, serverThread: bool):
         client, public = yield self.publish(UdpEcho())
         peer = self.peer()
         yield exchange(peer, public, b"warm-up")
         server = self.tunnel.server.registry.tunnels[("udp", public)]
-        client.tunnels[0].carrierChannel.transport.pauseProducing()
+        yield waitUntil(lambda: server.carrier.pump.handedOff, 10, "the server's pump in its thread")
+        if not serverThread:
+            server.carrier.pump.stop()
+        clientChannel = client.tunnels[0].carrierChannel
+        # The client's reactor reads the channel from now on, so that
+        # pausing its transport stops the reads.
+        clientChannel.carrier.pump.stop()
+        clientChannel.transport.pauseProducing()
         transport = server.carrierChannel.transport
         bound = transport.bufferSize + HEADER.size + MAX_DATAGRAM
         largest = 0
@@ -860,14 +874,16 @@ class UdpTunnelTests(UdpTunnelTestCase):
             nonlocal largest
             for _ in range(200):
                 peer.transport.write(b"f" * 1400, (HOST, public))
-            buffered = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            with server.carrier.pump.lock:
+                buffered = twistedBuffered(transport) + len(server.carrier.pump.pending)
             largest = max(largest, buffered)
             return server.counters.dropped_backed_up > 1000
 
         yield retryUntil(flood, 30, "the server to drop datagrams", interval=0.002)
+        self.assertEqual(server.carrier.pump.handedOff, serverThread)
         self.assertLessEqual(largest, bound)
         self.assertGreater(server.counters.forwarded, 0)
-        client.tunnels[0].carrierChannel.transport.resumeProducing()
+        clientChannel.transport.resumeProducing()
         answer = yield exchange(peer, public, b"after the flood", timeout=20)
         self.assertIn(answer, (b"f" * 1400, b"after the flood"))
 

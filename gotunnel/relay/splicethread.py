@@ -154,13 +154,38 @@ class SpliceThread:
 
         @raise OSError: the kernel refuses a watch, or the thread has ended.
         """
+        for side in pump.sides.values():
+            self.watch(side)
+
+    def watch(self, side) -> None:
+        """
+        Watch one more descriptor of a pump the thread holds (its lock held
+        by the caller): a pump whose sockets come and go (a UDP mapping's
+        sessions, L{gotunnel.udp.threadpump}).
+
+        @raise OSError: the kernel refuses the watch, or the thread has ended.
+        """
         with self._lock:
             if self._closed:
                 raise OSError(errno.ESRCH, "the splice thread has ended")
-            for side in pump.sides.values():
-                side.mask = side.wantedEvents()
-                self.sides[side.fd] = side
-                self.epoll.register(side.fd, side.mask)
+            side.mask = side.wantedEvents()
+            self.sides[side.fd] = side
+            self.epoll.register(side.fd, side.mask)
+
+    def rewatch(self, side) -> None:
+        """
+        Watch a descriptor the thread holds for the events it wants now
+        (its pump's lock held by the caller): for a pump whose wants change
+        outside the thread's own steps.
+        """
+        wanted = side.wantedEvents()
+        if wanted != side.mask:
+            side.mask = wanted
+            try:
+                self.epoll.modify(side.fd, wanted)
+            except (OSError, ValueError):
+                # The thread has ended, or is about to hand the pump back.
+                pass
 
     def release(self, pump) -> None:
         """
@@ -168,13 +193,17 @@ class SpliceThread:
         once the thread has closed its epoll, there is nothing to undo.
         """
         for side in pump.sides.values():
-            if self.sides.get(side.fd) is side:
-                del self.sides[side.fd]
-            try:
-                self.epoll.unregister(side.fd)
-            except (OSError, ValueError):
-                # ValueError: the epoll is closed (the thread has ended).
-                pass
+            self.unwatch(side)
+
+    def unwatch(self, side) -> None:
+        """Watch one descriptor no more (its pump's lock held by the caller)."""
+        if self.sides.get(side.fd) is side:
+            del self.sides[side.fd]
+        try:
+            self.epoll.unregister(side.fd)
+        except (OSError, ValueError):
+            # ValueError: the epoll is closed (the thread has ended).
+            pass
 
     def stop(self) -> None:
         """Let the thread end (the reactor has stopped: nobody hands it pumps)."""

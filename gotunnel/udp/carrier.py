@@ -33,6 +33,9 @@ class Carrier:
     paused = False
     corked: Optional[list[bytes]] = None
     """The frames of the batch being read (see L{cork}), or None between batches."""
+    pump = None
+    """The L{gotunnel.udp.threadpump.DatagramPump} that moves this channel's
+    datagrams in the splice thread, if any."""
     room = 0
     """While corked: what the transport's buffer takes, less the frames held,
     before it is over its bound (see L{send})."""
@@ -51,9 +54,14 @@ class Carrier:
 
     def send(self, peer_id: int, payload: bytes) -> bool:
         """Write one datagram's frame; False (nothing written) while backed up."""
+        frame = HEADER.pack(len(payload), peer_id) + payload
+        pump = self.pump
+        if pump is not None and pump.handedOff:
+            taken = pump.send(frame)
+            if taken is not None:
+                return taken
         if self.paused:
             return False
-        frame = HEADER.pack(len(payload), peer_id) + payload
         if self.corked is None:
             self._write(frame)
             return True
@@ -110,6 +118,9 @@ class Carrier:
 
     def stop(self) -> None:
         self.corked = None
+        if self.pump is not None:
+            # The reactor's again, before its transport closes.
+            self.pump.stop()
 
     def close(self, abort: bool = False) -> None:
         """Stop, and close the carrying channel (once what it holds is written, unless C{abort})."""

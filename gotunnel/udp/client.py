@@ -25,6 +25,7 @@ from gotunnel.server.accounting import DatagramCounters
 from gotunnel.udp.carrier import Carrier
 from gotunnel.udp.drops import SWEEPS_PER_TIMEOUT, reportDrops
 from gotunnel.udp.sockets import READ_SIZE, SESSION_SOCKET_BUFFER, enlargeBuffers, readInBatches
+from gotunnel.udp.pumpends import ClientDatagramPump
 from gotunnel.wire import messages
 from gotunnel.wire.framing import MessageReceiver
 
@@ -98,6 +99,12 @@ class CarrierChannel(MessageReceiver):
             return
         self.switchToRaw()
         self.carrier = Carrier(self.transport, self.tunnel.fromServer)
+        splicer = self.tunnel.splicer
+        if ClientDatagramPump.usable(self.carrier, splicer.spliceThread):
+            self.carrier.pump = ClientDatagramPump(
+                self.tunnel, self.carrier, splicer.spliceThread, self.tunnel.reactor,
+                splicer.busyPoll, self.tunnel.counters)
+            self.carrier.pump.begin()
 
     def closeConnection(self, abort: bool = False) -> None:
         """Close the carrying channel, as L{closeConnectionOf} asks."""
@@ -258,6 +265,9 @@ class UdpTunnelService(ClientMappingService):
                 self.counters.dropped_sessions += 1
                 return
             self.sessions[peer_id] = session
+            carrier = self.carrier()
+            if carrier is not None and carrier.pump is not None:
+                carrier.pump.watch(udpPort, session)
         session.lastSeen = now
         if session.send(payload):
             self.counters.forwarded_in += 1
@@ -290,6 +300,9 @@ class UdpTunnelService(ClientMappingService):
     def _endSession(self, peer_id: int) -> None:
         session = self.sessions.pop(peer_id)
         if session.transport is not None:
+            carrier = self.carrier()
+            if carrier is not None and carrier.pump is not None:
+                carrier.pump.unwatch(session.transport)
             session.transport.stopListening()
 
     def closeSessions(self) -> None:

@@ -34,15 +34,18 @@ class FrameDecoder:
         self.deliver = deliver
         self._buffer = b""
 
-    def feed(self, data: bytes) -> Optional[str]:
+    def feed(self, data: bytes,
+             deliver: Optional[Callable[[int, bytes], None]] = None) -> Optional[str]:
         """
-        Deliver every whole frame in what has come so far; a sentence saying
-        what is wrong if a frame breaks the protocol (the channel must close).
+        Deliver every whole frame in what has come so far (to C{deliver},
+        if given, instead of the decoder's own); a sentence saying what is
+        wrong if a frame breaks the protocol (the channel must close).
         """
         buffer = self._buffer + data if self._buffer else data
         size = len(buffer)
         offset = 0
-        deliver = self.deliver
+        if deliver is None:
+            deliver = self.deliver
         while size - offset >= HEADER.size:
             length, peer_id = HEADER.unpack_from(buffer, offset)
             if length > MAX_DATAGRAM:

@@ -28,6 +28,7 @@ from gotunnel.udp.carrier import Carrier
 from gotunnel.udp.drops import SWEEPS_PER_TIMEOUT, reportDrops
 from gotunnel.udp.framing import MAX_PEER_ID
 from gotunnel.udp.sockets import PUBLIC_SOCKET_BUFFER, READ_SIZE, enlargeBuffers, readInBatches
+from gotunnel.udp.pumpends import ServerDatagramPump
 from gotunnel.wire import messages
 from gotunnel.wire.printable import printable
 
@@ -188,6 +189,9 @@ class UdpTunnel(PublishedMapping):
             if listens:
                 log.info("public UDP port {remote_port} listening for {name}",
                          remote_port=self.remote_port, name=printable(self.name))
+                carrier = self.carrier
+                if carrier is not None and carrier.pump is not None:
+                    carrier.pump.begin()
             return listens
 
         return self.publicPort().listen(self, PublicDatagrams(self)).addCallback(listening)
@@ -198,6 +202,10 @@ class UdpTunnel(PublishedMapping):
         if self._retryCall is not None:
             self._retryCall.cancel()
             self._retryCall = None
+        carrier = self.carrier
+        if carrier is not None and carrier.pump is not None:
+            # The thread lets go of the port before it closes.
+            carrier.pump.reclaim()
         self._stopping = self.publicPort().stop(self)
         return _whenFired(self._stopping)
 
@@ -255,6 +263,12 @@ class UdpTunnel(PublishedMapping):
         self.carrier = Carrier(channel.transport, self.fromClient)
         if previous is not None:
             previousCarrier.close()
+        threads = self.registry.splicer.spliceThread
+        if ServerDatagramPump.usable(self.carrier, threads):
+            self.carrier.pump = ServerDatagramPump(
+                self, self.carrier, threads, self.registry.reactor,
+                self.registry.splicer.busyPoll, self.counters)
+            self.carrier.pump.begin()
         log.info("datagrams of UDP port {remote_port} carried for {name}",
                  remote_port=self.remote_port, name=self.name)
 
