@@ -779,6 +779,17 @@ class UdpTunnelTestCase(unittest.TestCase):
         listenUdp(self, peer)
         return peer
 
+    @defer.inlineCallbacks
+    def echoLargest(self, peer: UdpPeer, public: int, count: int = 10):
+        """Datagrams of 65,507 bytes, one at a time: each must come back whole."""
+        for i in range(count):
+            payload = bytes([i]) * 65507
+            before = len(peer.received)
+            peer.transport.write(payload, (HOST, public))
+            yield waitUntil(lambda: len(peer.received) > before, 10,
+                            f"the echo of datagram {i} of 65,507 bytes")
+            self.assertEqual(peer.received[-1], payload)
+
 
 class UdpTunnelTests(UdpTunnelTestCase):
     @defer.inlineCallbacks
@@ -828,13 +839,7 @@ class UdpTunnelTests(UdpTunnelTestCase):
         client, public = yield self.publish(UdpEcho())
         peer = self.peer()
         yield exchange(peer, public, b"warm-up")
-        for i in range(10):
-            payload = bytes([i]) * 65507
-            count = len(peer.received)
-            peer.transport.write(payload, (HOST, public))
-            yield waitUntil(lambda: len(peer.received) > count, 10,
-                            f"the echo of datagram {i} of 65,507 bytes")
-            self.assertEqual(peer.received[-1], payload)
+        yield self.echoLargest(peer, public)
         self.assertEqual(client.tunnels[0].counters.dropped, 0)
         self.assertEqual(self.tunnel.server.registry.tunnels[("udp", public)].counters.dropped, 0)
 

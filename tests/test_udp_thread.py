@@ -8,6 +8,7 @@ channel breaks.
 
 from __future__ import annotations
 
+import select
 import socket
 
 from twisted.internet import defer
@@ -390,8 +391,6 @@ class ClientPumpTests(unittest.TestCase):
 
 def waitReadable(sock: socket.socket) -> None:
     """Until C{sock} has something to read (loopback: at once; bounded)."""
-    import select
-
     readable, _, _ = select.select([sock], [], [], 5)
     assert readable, "nothing to read within 5 s"
 
@@ -479,14 +478,7 @@ class ThreadedTunnelTests(UdpTunnelTestCase):
         every one, none resent, none dropped.
         """
         client, public, server, clientTunnel = yield self.inThreads()
-        peer = self.peer()
-        for i in range(10):
-            payload = bytes([i]) * 65507
-            count = len(peer.received)
-            peer.transport.write(payload, (HOST, public))
-            yield waitUntil(lambda: len(peer.received) > count, 10,
-                            f"the echo of datagram {i} of 65,507 bytes")
-            self.assertEqual(peer.received[-1], payload)
+        yield self.echoLargest(self.peer(), public)
         self.assertEqual(clientTunnel.counters.dropped, 0)
         self.assertEqual(server.counters.dropped, 0)
         self.assertTrue(server.carrier.pump.handedOff)

@@ -54,14 +54,15 @@ class Carrier:
 
     def send(self, peer_id: int, payload: bytes) -> bool:
         """Write one datagram's frame; False (nothing written) while backed up."""
-        frame = HEADER.pack(len(payload), peer_id) + payload
         pump = self.pump
         if pump is not None and pump.handedOff:
-            taken = pump.send(frame)
+            taken = pump.send(HEADER.pack(len(payload), peer_id) + payload)
             if taken is not None:
                 return taken
         if self.paused:
+            # Dropped before any work: a flood meets this line once per datagram.
             return False
+        frame = HEADER.pack(len(payload), peer_id) + payload
         if self.corked is None:
             self._write(frame)
             return True
