@@ -161,8 +161,9 @@ ALLOWED = {
                          "_aborted", "_appSendBuffer", "_producerPaused", "_aggregator",
                          "_flushReceiveBIO", "_tlsShutdownFinished", "__dict__"},
     # pyOpenSSL's, not Twisted's: the Connection's SSL and BIO pointers that
-    # the direct SSL_read/SSL_write use (recordsUsable checks they are there).
-    "relay/tlsrecords.py": {"_ssl", "_from_ssl", "_raise_ssl_error"},
+    # the direct SSL_read/SSL_write use (recordsUsable checks they are there),
+    # and the memory BIOs a socket BIO stands in for (Records.attach).
+    "relay/tlsrecords.py": {"_ssl", "_from_ssl", "_into_ssl", "_raise_ssl_error"},
 }
 """Files that may still read Twisted's private names: all of them (None),
 or these."""

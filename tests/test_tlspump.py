@@ -58,6 +58,9 @@ class HandOffTests(InTheThread, test_e2e_tls.OverTLS, test_e2e_tunnel.ServiceTes
         serverPump, clientPump = serverPumps[0], clientPumps[0]
         yield waitUntil(lambda: serverPump.inThread and clientPump.inThread, WAIT,
                         "both TLS pumps to go to their splice thread")
+        self.assertEqual((serverPump.tls.onSocket, clientPump.tls.onSocket),
+                         (TLSPump.useSocket, TLSPump.useSocket),
+                         "OpenSSL holds the TLS sockets while the threads do")
         return user, target.factory.tracker, serverPump, clientPump
 
     @defer.inlineCallbacks
@@ -143,6 +146,15 @@ class HandOffTests(InTheThread, test_e2e_tls.OverTLS, test_e2e_tunnel.ServiceTes
         got = yield within(user.closed, WAIT, "the user's connection to close")
         self.assertEqual(len(got), echoed)
         self.assertFalse(serverPump.inThread)
+
+
+class HandOffOnMemoryBIOsTests(HandOffTests):
+    """The same, OpenSSL kept on pyOpenSSL's memory BIOs (what a build without
+    the calls Records.attach needs does)."""
+
+    def setUp(self):
+        self.patch(TLSPump, "useSocket", False)
+        return super().setUp()
 
 
 class TunnelDataTestsOverTLSInThread(InTheThread, test_e2e_tls.TunnelDataTestsOverTLS):

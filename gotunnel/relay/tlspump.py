@@ -10,6 +10,8 @@ In the reactor each 64 KiB read costs a dozen Python calls through Twisted's
 TLS layer and the relay, one C{send} per 16 KiB record; the thread reads
 256 KiB at a time, encrypts record after record into the memory BIO (cffi
 releases the GIL while OpenSSL works), and writes them in one C{send}.
+L{gotunnel.relay.tlsends} is the thread's side of the pump; while the thread
+holds it, OpenSSL reads and writes the TLS socket itself.
 L{gotunnel.relay.tlsrecords} makes and reads the records.
 
 The hand-off follows L{gotunnel.relay.zerocopy.SplicePump}: the pump counts the
@@ -29,17 +31,16 @@ import os
 import threading
 from typing import Callable, Optional
 
-from OpenSSL.SSL import Error as SSLError
-from OpenSSL.SSL import WantReadError, ZeroReturnError
+from OpenSSL.SSL import ZeroReturnError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from gotunnel.relay import splicethread
 from gotunnel.relay.eagerio import twistedBuffered
-from gotunnel.relay.splicethread import HUNG_UP, READABLE, WRITABLE
 from gotunnel.relay.tcpinternals import GUARDED, writeDisconnecting
-from gotunnel.relay.tlsrecords import RECORD, Records, recordsUsable
+from gotunnel.relay.tlsends import Flow, PlainEnd, TLSEnd
+from gotunnel.relay.tlsrecords import Records, recordsUsable
 from gotunnel.relay.zerocopy import HAND_OFF_AFTER, usable
 
 log = Logger(namespace="gotunnel.tlspump")
@@ -74,158 +75,6 @@ def tlsUsable(transport: object) -> bool:
             and usable(transport.transport))
 
 
-class Flow:
-    """
-    Bytes one way through the thread: read from C{source}, passed on to
-    C{sink}'s socket.
-
-    @ivar held: bytes waiting for the sink's socket to take them.
-    @ivar moved: bytes of plaintext passed on so far (for the relay's counts).
-    """
-
-    held: bytes | memoryview = b""
-    moved = 0
-
-    def __init__(self, source: "End", sink: "End") -> None:
-        self.source = source
-        self.sink = sink
-
-    @property
-    def pending(self) -> int:
-        """How many bytes wait for the sink's socket."""
-        return len(self.held)
-
-    def flush(self) -> None:
-        """
-        Write what is held to the sink's socket, until it is written or
-        the socket is full; OSError if it is broken.
-        """
-        sock = self.sink.socket
-        while self.held:
-            try:
-                n = sock.send(self.held)
-            except BlockingIOError:
-                return
-            self.held = self.held[n:]
-        # Not an empty view: the buffer it looks at is read into again.
-        self.held = b""
-
-    def take(self) -> bytes:
-        """What is held, for Twisted's transport to write instead."""
-        held, self.held = self.held, b""
-        return bytes(held)
-
-
-class End:
-    """
-    One of the pump's two connections as the splice thread sees it: its
-    socket, the flows to and from it, and the attributes
-    L{splicethread.SpliceThread} and L{splicethread.pollBudget} use.
-    """
-
-    mask = 0
-    writtenAt = 0.0
-    answerGap = float("inf")
-    outgoing: Flow
-    incoming: Flow
-    buffer: bytearray
-    """What the thread reads the socket into."""
-
-    def __init__(self, pump: "TLSPump", relayEnd: object, transport: object) -> None:
-        self.pump = pump
-        self.relayEnd = relayEnd
-        self.transport = transport
-        self.socket = transport.socket
-        self.fd = transport.fileno()
-
-    def wantedEvents(self) -> int:
-        """Readable while what it read last has gone on; writable while bytes wait for it."""
-        return ((0 if self.outgoing.pending else READABLE)
-                | (WRITABLE if self.incoming.pending else 0))
-
-    def moveInThread(self, events: int) -> bool:
-        """
-        In the splice thread, for C{events} on this socket: write what waits
-        for it, read what it has on to the other; False if anything but
-        bytes came, for the reactor to handle.
-        """
-        if events & HUNG_UP:
-            return False
-        try:
-            if events & WRITABLE and self.incoming.pending:
-                self.incoming.flush()
-                self.pump.eventsChanged = True
-            if events & READABLE and not self.outgoing.pending:
-                n = self.socket.recv_into(self.buffer)
-                if not n:
-                    # The end-of-stream stays in the socket for the
-                    # reactor's own doRead.
-                    return False
-                if not self.move(memoryview(self.buffer)[:n]):
-                    return False
-                self.outgoing.flush()
-                if self.outgoing.pending:
-                    self.pump.eventsChanged = True
-        except BlockingIOError:
-            return True
-        except OSError:
-            # The reactor reads or writes the broken socket again, and
-            # closes the connection as it always does.
-            return False
-        return True
-
-
-class PlainEnd(End):
-    """The plain connection: what it sends is encrypted for the TLS one."""
-
-    def move(self, data: memoryview) -> bool:
-        self.outgoing.moved += len(data)
-        self.outgoing.held = self.pump.records.encrypt(data)
-        return True
-
-
-class TLSEnd(End):
-    """The TLS connection: what it sends is decrypted for the plain one."""
-
-    ended: Optional[BaseException] = None
-    """The close_notify or alert the thread met, for the reactor to handle."""
-
-    def move(self, data: memoryview) -> bool:
-        pump = self.pump
-        records = pump.records
-        tls = records.connection
-        tls.bio_write(data)
-        view = records.plainView
-        room = len(view) - RECORD
-        size = 0
-        extra = []
-        carryOn = True
-        while True:
-            try:
-                if size <= room:
-                    size += records.decryptInto(size)
-                else:
-                    extra.append(tls.recv(RECORD))
-            except WantReadError:
-                break
-            except (ZeroReturnError, SSLError) as e:
-                self.ended = e
-                carryOn = False
-                break
-        held = view[:size]
-        if extra:
-            held = bytes(held) + b"".join(extra)
-        self.outgoing.moved += len(held)
-        self.outgoing.held = held
-        # Reading can make OpenSSL answer (a key update): that goes out
-        # after what was encrypted before.
-        answer = records.encrypted(RECORD)
-        if answer:
-            self.incoming.held = bytes(self.incoming.held) + answer
-            pump.eventsChanged = True
-        return carryOn
-
-
 class TLSPump:
     """
     Moves the bytes between a plain and a TLS L{RelayEnd} in the splice
@@ -237,6 +86,9 @@ class TLSPump:
     """
 
     inThread = False
+    useSocket = True
+    """OpenSSL reads and writes the TLS socket while the thread holds it
+    (L{Records.attach}); False keeps pyOpenSSL's memory BIOs."""
     handOffs = 0
     reactorReads = 0
     eventsChanged = False
@@ -372,6 +224,7 @@ class TLSPump:
         with self.lock:
             try:
                 self.inThread = True
+                self.tls.onSocket = self.useSocket and self.records.attach(self.tls.fd)
                 self.thread.adopt(self)
             except OSError as e:
                 self.leaveThread()
@@ -400,6 +253,12 @@ class TLSPump:
         if self.inThread:
             self.inThread = False
             self.thread.release(self)
+            if self.tls.onSocket:
+                # pyOpenSSL's memory BIOs back, with the records of a write
+                # the socket had no room for.
+                self.tls.onSocket = False
+                flow = self.tls.incoming
+                flow.held = self.records.detach(flow.held)
 
     def _resume(self) -> None:
         """
