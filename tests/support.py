@@ -42,6 +42,19 @@ def freePort() -> int:
         return s.getsockname()[1]
 
 
+def freeUdpPort(tries: int = 100) -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 now."""
+    for _ in range(tries):
+        port = freePort()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no port free for both TCP and UDP in {tries} tries")
+
+
 def randomBytes(size: int) -> bytes:
     return os.urandom(size)
 

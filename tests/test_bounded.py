@@ -14,12 +14,13 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from tests.support import (
-    HOST, TOKEN, freePort, jsonFrame, registerMessage, spawn, temporaryDirectory, venvScript,
-    within,
+    HOST, TOKEN, freePort, freeUdpPort, jsonFrame, registerMessage, spawn, temporaryDirectory,
+    venvScript, within,
 )
 
 SERVER_SCRIPT = venvScript("gotunnel-server")
 LISTENING = re.compile(r"control channel listening on 127\.0\.0\.1:(\d+)")
+UDP_DROPS = re.compile(r"UDP port (\d+): dropped (\d+) datagrams with the tunnel backed up")
 MiB = 1024 * 1024
 
 
@@ -58,6 +59,45 @@ def registeredSocket(controlPort: int, name: str) -> socket.socket:
     if answer.get("status") != "ok":
         raise AssertionError(f"registration refused: {answer}")
     return sock
+
+
+def stalledCarrier(controlPort: int, publicPort: int) -> tuple[socket.socket, socket.socket]:
+    """
+    A UDP mapping of C{publicPort} registered (its control channel) and its
+    carrying channel opened, with a small receive buffer that nobody reads.
+    """
+    control = socket.create_connection((HOST, controlPort), timeout=10)
+    control.sendall(jsonFrame(registerMessage(publicPort, "stalled", local_port=53,
+                                              protocol="udp")))
+    answer = readFrame(control)
+    if answer.get("status") != "ok" or answer.get("protocol") != "udp":
+        raise AssertionError(f"UDP registration refused: {answer}")
+    carrier = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    carrier.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    carrier.settimeout(10)
+    carrier.connect((HOST, controlPort))
+    carrier.sendall(jsonFrame({"type": "data_channel", "local_port": 53,
+                               "remote_port": publicPort, "protocol": "udp", "token": TOKEN,
+                               "name": "stalled", "conn_id": answer["conn_id"]}))
+    accepted = readFrame(carrier)
+    if accepted.get("status") != "ok":
+        raise AssertionError(f"carrying channel refused: {accepted}")
+    return control, carrier
+
+
+def udpFlood(port: int, total: int, seconds: float, size: int = 1400) -> int:
+    """Send up to C{total} bytes of C{size}-byte datagrams to C{port}, for at most C{seconds}."""
+    payload = b"u" * size
+    sent = 0
+    deadline = time.monotonic() + seconds
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.connect((HOST, port))
+        while sent < total and time.monotonic() < deadline:
+            try:
+                sent += peer.send(payload)
+            except (BlockingIOError, ConnectionRefusedError):
+                pass
+    return sent
 
 
 def pingFlood(sock: socket.socket, total: int, seconds: float, stall: float) -> int:
@@ -103,5 +143,43 @@ class PingFloodTests(unittest.TestCase):
         grown = residentBytes(pid) - before
         self.assertLessEqual(grown, 16 * MiB,
                              f"{grown / MiB:.1f} MiB more after {sent / MiB:.1f} MiB of pings")
+        other = yield threads.deferToThread(registeredSocket, controlPort, "other")
+        other.close()
+
+
+class UdpFloodTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_floodOnAStalledCarrierKeepsMemoryBounded(self):
+        """
+        A client with a valid token registers a UDP mapping, opens its
+        carrying channel and reads nothing from it; 100 MB of datagrams
+        flooded at the public port are dropped once that channel's bound is
+        reached (and the server says so), its resident memory grows by at
+        most 16 MiB, and it goes on registering other clients.
+        """
+        server = spawn(self, [SERVER_SCRIPT, "--listen", f"tcp:0:interface={HOST}",
+                              "--public-interface", HOST, "--token", TOKEN,
+                              # A drop report every second, not every 15.
+                              "--udp-session-timeout", "4"],
+                       temporaryDirectory(self))
+        found = yield within(server.whenOutput(LISTENING, (1,)), 60,
+                             "the server's 'listening' line")
+        controlPort = int(found.group(1))
+        pid = server.transport.pid
+        publicPort = freeUdpPort()
+        control, carrier = yield threads.deferToThread(stalledCarrier, controlPort, publicPort)
+        self.addCleanup(control.close)
+        self.addCleanup(carrier.close)
+        before = residentBytes(pid)
+        sent = yield threads.deferToThread(udpFlood, publicPort, 100 * 1000 * 1000, 20)
+        grown = residentBytes(pid) - before
+        self.assertLessEqual(grown, 16 * MiB,
+                             f"{grown / MiB:.1f} MiB more after {sent / MiB:.1f} MiB of datagrams")
+        dropped = yield within(server.whenOutput(UDP_DROPS, (1, 2)), 30,
+                               "the server's report of datagrams dropped")
+        self.assertEqual(int(dropped.group(1)), publicPort)
+        self.assertGreater(int(dropped.group(2)), 0)
         other = yield threads.deferToThread(registeredSocket, controlPort, "other")
         other.close()

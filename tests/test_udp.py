@@ -35,7 +35,7 @@ from gotunnel.wire import messages
 from gotunnel.wire.framing import MessageReceiver
 
 from .support import (
-    HOST, TOKEN, LogWatcher, Tunnel, freePort, retryUntil, waitUntil, within,
+    HOST, TOKEN, LogWatcher, Tunnel, freeUdpPort, retryUntil, waitUntil, within,
 )
 
 
@@ -711,18 +711,6 @@ def listenUdp(testCase, protocol) -> int:
     port = reactor.listenUDP(0, protocol, interface=HOST, maxPacketSize=READ_SIZE)
     testCase.addCleanup(port.stopListening)
     return port.getHost().port
-
-
-def freeUdpPort() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1 now."""
-    while True:
-        port = freePort()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-        return port
 
 
 @defer.inlineCallbacks
