@@ -791,7 +791,8 @@ class Ipv6PrefixOptionTests(ConfigTestCase):
                                "server.ipv6_prefix must be a whole number from 1 to 128")
         with self.assertRaises(usage.UsageError) as caught:
             self.server("server:\n  token: t\n", "--ipv6-prefix", "129")
-        self.assertIn("must be from 1 to 128", str(caught.exception))
+        self.assertIn("--ipv6-prefix must be a whole number from 1 to 128, got '129'",
+                      str(caught.exception))
 
 
 class PoolOptionTests(ConfigTestCase):
@@ -812,15 +813,29 @@ class PoolOptionTests(ConfigTestCase):
         self.assertEqual(self.client("client:\n  token: t\n  local_ports: [22]\n  pool_count: 2\n",
                                      "--pool-count", "0").pool_count, 0)
 
-    def test_negativeRefused(self):
-        self.assertConfigError("server", "server:\n  token: t\n  max_pool_count: -1\n",
-                               "server.max_pool_count must be a whole number of at least 0")
+    def test_outOfRangeRefused(self):
+        """
+        From 0 to 1024, what a client accepts in register_resp.pool: a server
+        allowed more would answer every registration with a pool its
+        clients refuse.
+        """
+        for value in ("-1", "1025"):
+            self.assertConfigError("server", f"server:\n  token: t\n  max_pool_count: {value}\n",
+                                   "server.max_pool_count must be a whole number from 0 to 1024")
         self.assertConfigError("client", "client:\n  token: t\n  local_ports: [22]\n"
                                "  pool_count: 'four'\n",
-                               "client.pool_count must be a whole number of at least 0")
+                               "client.pool_count must be a whole number from 0 to 1024")
+        for value in ("-1", "1025", "four"):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.client("client:\n  token: t\n  local_ports: [22]\n", "--pool-count", value)
+            self.assertIn(f"--pool-count must be a whole number from 0 to 1024, got '{value}'",
+                          str(caught.exception))
         with self.assertRaises(usage.UsageError) as caught:
-            self.client("client:\n  token: t\n  local_ports: [22]\n", "--pool-count", "-1")
-        self.assertIn("must be at least 0", str(caught.exception))
+            self.server("server:\n  token: t\n", "--max-pool-count", "2000")
+        self.assertIn("--max-pool-count must be a whole number from 0 to 1024",
+                      str(caught.exception))
+        self.assertEqual(self.server("server:\n  token: t\n",
+                                     "--max-pool-count", "1024").max_pool_count, 1024)
 
 
 class BusyPollOptionTests(ConfigTestCase):
@@ -851,7 +866,8 @@ class BusyPollOptionTests(ConfigTestCase):
         for value in ("-1", "10001"):
             with self.assertRaises(usage.UsageError) as caught:
                 self.client(self.CLIENT, "--busy-poll", value)
-            self.assertIn("must be from 0 to 10000", str(caught.exception))
+            self.assertIn(f"--busy-poll must be a whole number from 0 to 10000, got '{value}'",
+                          str(caught.exception))
 
 
 class RegisterTimeoutOptionTests(ConfigTestCase):

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from gotunnel.i18n import LANGUAGES
 from gotunnel.server.portpolicy import MAX_REQUESTED_SOURCES, parseNetwork
+from gotunnel.wire.messages import MAX_POOL
 from gotunnel.wire.proxyprotocol import parseVersion
 from gotunnel.relay.ratelimit import parseRate
 from gotunnel.config.spec import Kind
@@ -165,19 +166,22 @@ FLAG = Kind(_flag, flag=True)
 def wholeNumber(minimum: int, maximum: Optional[int] = None) -> Kind:
     """A whole number of at least C{minimum} (and at most C{maximum})."""
     bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+    wanted = f"a whole number {'of ' if maximum is None else ''}{bounds}"
 
     def read(value: Any, text: Any, name: str) -> int:
         value = _number(value)
         if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
                 or (maximum is not None and value > maximum)):
-            of = "of " if maximum is None else ""
-            raise ValueError(f"{name} must be a whole number {of}{bounds}, got {value!r}")
+            raise ValueError(f"{name} must be {wanted}, got {value!r}")
         return value
 
     def coerce(text: str, option: str) -> int:
-        value = int(text)
-        if value < minimum or (maximum is not None and value > maximum):
-            raise ValueError(f"must be {bounds}")
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise ValueError(f"{option} must be {wanted}, got {text!r}")
         return value
 
     return Kind(read, coerce, f"A whole number, {bounds}.")
@@ -185,6 +189,9 @@ def wholeNumber(minimum: int, maximum: Optional[int] = None) -> Kind:
 
 COUNT = wholeNumber(1)
 COUNT_OR_ZERO = wholeNumber(0)
+POOL_COUNT = wholeNumber(0, MAX_POOL)
+"""Pooled data channels per mapping: a server offering more than a client
+accepts in C{register_resp.pool} would have every registration refused."""
 BUSY_POLL = wholeNumber(0, MAX_BUSY_POLL)
 IPV6_PREFIX = wholeNumber(1, 128)
 

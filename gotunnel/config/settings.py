@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from gotunnel.config.kinds import (
     BANDWIDTH, BUSY_POLL, CONNECTION_LOG, COUNT, COUNT_OR_ZERO, DOMAIN, DOMAINS, FLAG,
-    IPV6_PREFIX, LISTEN_ADDRESS, LOG_LANG, LOG_LEVEL, NETWORKS, PORT, PORT_RANGES, RATE,
+    IPV6_PREFIX, LISTEN_ADDRESS, LOG_LANG, LOG_LEVEL, NETWORKS, POOL_COUNT, PORT, PORT_RANGES, RATE,
     SECONDS, SECONDS_OR_ZERO, SERVER_ADDRESS, TEXT, Kind, listOf,
 )
 from gotunnel.config.mappings import Mapping, readTunnelEntry
@@ -181,7 +181,7 @@ class ServerSettings:
     max_mappings_per_client: int = setting(16, COUNT, option="max-mappings-per-client",
                                            help="Mappings one client name may hold at once")
     """Mappings one client name may hold at once."""
-    max_pool_count: int = setting(8, COUNT_OR_ZERO, option="max-pool-count",
+    max_pool_count: int = setting(8, POOL_COUNT, option="max-pool-count",
                                   help="Data channels a client may open ahead of its users, "
                                        "per mapping; 0 turns pooling off")
     """Data channels a mapping's client may open ahead of its users (0: none)."""
@@ -323,7 +323,7 @@ class ClientSettings:
     busy_poll: int = _busyPoll()
     """Microseconds that thread polls for a socket's answer before it sleeps
     (0: never)."""
-    pool_count: int = setting(4, COUNT_OR_ZERO, option="pool-count",
+    pool_count: int = setting(4, POOL_COUNT, option="pool-count",
                               help="Data channels per mapping kept open ahead of users, so "
                                    "that a new connection does not wait for one; at most what "
                                    "the server allows, 0 for none")
