@@ -14,8 +14,8 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from tests.support import (
-    HOST, TOKEN, freePort, freeUdpPort, jsonFrame, registerMessage, spawn, temporaryDirectory,
-    venvScript, within,
+    HOST, TOKEN, dataChannelMessage, freePort, freeUdpPort, jsonFrame, registerMessage, spawn,
+    temporaryDirectory, venvScript, within,
 )
 
 SERVER_SCRIPT = venvScript("gotunnel-server")
@@ -76,9 +76,8 @@ def stalledCarrier(controlPort: int, publicPort: int) -> tuple[socket.socket, so
     carrier.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     carrier.settimeout(10)
     carrier.connect((HOST, controlPort))
-    carrier.sendall(jsonFrame({"type": "data_channel", "local_port": 53,
-                               "remote_port": publicPort, "protocol": "udp", "token": TOKEN,
-                               "name": "stalled", "conn_id": answer["conn_id"]}))
+    carrier.sendall(jsonFrame(dataChannelMessage(publicPort, answer["conn_id"], name="stalled",
+                                                 local_port=53) | {"protocol": "udp"}))
     accepted = readFrame(carrier)
     if accepted.get("status") != "ok":
         raise AssertionError(f"carrying channel refused: {accepted}")

@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 from gotunnel.config.kinds import (
     BANDWIDTH, BUSY_POLL, CONNECTION_LOG, COUNT, COUNT_OR_ZERO, DOMAIN, DOMAINS, FLAG,
-    IPV6_PREFIX, LISTEN_ADDRESS, LOG_LANG, LOG_LEVEL, NETWORKS, POOL_COUNT, PORT, PORT_RANGES, RATE,
-    SECONDS, SECONDS_OR_ZERO, SERVER_ADDRESS, TEXT, Kind, listOf,
+    IPV6_PREFIX, LISTEN_ADDRESS, LOG_LANG, LOG_LEVEL, NETWORKS, POOL_COUNT, PORT, PORT_RANGES,
+    RATE, SECONDS, SECONDS_OR_ZERO, SERVER_ADDRESS, TEXT, Kind, listOf,
 )
 from gotunnel.config.mappings import Mapping, readTunnelEntry
 from gotunnel.config.spec import readEntry, setting, yamlKeys
